@@ -1,0 +1,130 @@
+"""The agent's HTTP API: health, readiness, status, metrics and admin actions.
+
+One aiohttp application on the agent's port; the OpenAI-compatible proxy mounts its routes on
+the same app. Admin routes need ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.supervisor import UnknownInstance
+
+from .errors import error_response, json_response
+from .metrics import make_registry
+
+if TYPE_CHECKING:
+    from agent.daemon import AgentRuntime
+
+log = structlog.get_logger("agent.api")
+ACTIONS = ("start", "stop", "restart")
+
+
+class GpuChange(msgspec.Struct, forbid_unknown_fields=True):
+    temperature_c: float | None = None
+    utilization_percent: float | None = None
+    power_w: float | None = None
+    memory_used_gib: float | None = None
+    lost: bool | None = None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":
+            return error_response(e.status, e.reason, "invalid_request_error" if e.status < 500 else "server_error")
+        raise
+    except Exception as e:  # one bad request must never take the server down
+        log.exception("unhandled error in API handler", path=request.path, error=str(e))
+        return error_response(500, "internal error", "server_error")
+
+
+def build_app(rt: AgentRuntime) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    registry = make_registry(rt.node_record)
+
+    async def healthz(_: web.Request) -> web.Response:
+        # Answering proves the loop runs; a stale tick means supervision itself is stuck.
+        age = rt.tick_age()
+        limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.probe_timeout_s
+        if age is not None and age > limit:
+            return json_response({"status": "stalled", "last_tick_age_s": round(age, 1)}, 503)
+        return json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        rec = rt.node_record()
+        if rec.ready:
+            return json_response({"status": "ready"})
+        waiting = {i.name: i.state for i in rec.instances if i.state != "READY"}
+        reason = "agent is not serving yet" if not rt.serving else "instances not ready"
+        return json_response({"status": "not ready", "reason": reason, "instances": waiting}, 503)
+
+    async def status(_: web.Request) -> web.Response:
+        return json_response(rt.node_record())
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def require_admin(request: web.Request) -> web.Response | None:
+        if not rt.admin_token.configured:
+            return error_response(403, "admin API disabled: set agent.admin_token_file", "permission_error", "admin_disabled")
+        if not rt.admin_token.check(request.headers.get("Authorization")):
+            log.warning("admin request refused", path=request.path, remote=request.remote)
+            return error_response(
+                401, "missing or wrong bearer token", "authentication_error", "unauthorized",
+                headers={"WWW-Authenticate": 'Bearer realm="gpu-agent"'},
+            )
+        return None
+
+    async def instance_action(request: web.Request) -> web.Response:
+        if (denied := require_admin(request)) is not None:
+            return denied
+        name, action = request.match_info["name"], request.match_info["action"]
+        if action not in ACTIONS:
+            return error_response(404, f"unknown action {action!r}; use one of {', '.join(ACTIONS)}", "invalid_request_error")
+        try:
+            inst = rt.supervisor.command(name, action)  # type: ignore[arg-type]
+        except UnknownInstance:
+            return error_response(404, f"no instance named {name!r}", "invalid_request_error", "unknown_instance")
+        return json_response({"accepted": action, "instance": inst.record()}, 202)
+
+    async def set_gpu(request: web.Request) -> web.Response:
+        if (denied := require_admin(request)) is not None:
+            return denied
+        if rt.gpu_source.kind != "simulated":
+            return error_response(409, "GPU state can only be changed for simulated GPUs", "invalid_request_error")
+        try:
+            change = msgspec.json.decode(await request.read(), type=GpuChange)
+            index = int(request.match_info["index"])
+            rt.gpu_source.set_state(index, **msgspec.structs.asdict(change))  # type: ignore[attr-defined]
+        except (msgspec.DecodeError, ValueError) as e:
+            return error_response(400, f"invalid request: {e}", "invalid_request_error")
+        except IndexError:
+            return error_response(404, f"no GPU {request.match_info['index']}", "invalid_request_error")
+        await rt.supervisor.tick()
+        rt.changed()
+        return json_response({g.index: g for g in rt.supervisor.gpus}.get(index))
+
+    async def reload(request: web.Request) -> web.Response:
+        if (denied := require_admin(request)) is not None:
+            return denied
+        result = await rt.reload()
+        if "error" in result:
+            return json_response(result, 422)
+        return json_response(result)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/instances/{name}/{action}", instance_action)
+    app.router.add_post("/admin/gpus/{index}", set_gpu)
+    app.router.add_post("/admin/reload", reload)
+    return app

@@ -1,0 +1,54 @@
+"""``gpu-agent`` command line: run the daemon, or check a config file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from agent.config import DEFAULT_CONFIG_PATH, load_config
+from gpufleet.tomlconfig import EX_CONFIG, ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpu-agent", description="Supervise GPU model servers on this host.")
+    p.add_argument("--config", default=DEFAULT_CONFIG_PATH, help=f"TOML config (default {DEFAULT_CONFIG_PATH})")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("run", help="run the daemon (the default)")
+    chk = sub.add_parser("check-config", help="validate a config file and exit (78 on problems)")
+    chk.add_argument("file", nargs="?", help="config file (default: --config)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "check-config":
+        path = args.file or args.config
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            return EX_CONFIG
+        print(f"{path}: ok ({len(cfg.instances)} instances, gpu source {cfg.gpu.source})")
+        return 0
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EX_CONFIG
+
+    from gpufleet.logsetup import configure_logging
+
+    configure_logging(cfg.agent.log_format, cfg.agent.log_level)
+    import structlog
+
+    structlog.contextvars.bind_contextvars(node=cfg.node_id)
+
+    import uvloop
+
+    from agent.daemon import AgentRuntime
+
+    return uvloop.run(AgentRuntime(cfg).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""gpu-agent configuration: TOML -> msgspec Structs, with every problem reported by path.
+
+The daemon and ``gpu-agent check-config`` share :func:`load_config`; both exit 78 (EX_CONFIG) on
+any problem so systemd's ``RestartPreventExitStatus=78`` stops a restart loop on a bad file.
+Relative paths in the file are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from gpufleet.tomlconfig import ConfigError, ConfigProblem, convert_sections, read_toml
+
+DEFAULT_CONFIG_PATH = "/etc/gpu-agent/agent.toml"
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Fraction = Annotated[float, Meta(gt=0, le=1)]
+Percent = Annotated[float, Meta(ge=0, le=100)]
+# Instance names become log file names, cgroup names and URL path segments: no slashes, no dots first.
+InstanceName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+BackendName = Literal["vllm", "ollama", "llamacpp", "koboldcpp", "command"]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class AgentSection(_Strict):
+    node_id: str | None = None  # default: the host name
+    listen_host: str = "127.0.0.1"
+    listen_port: Port = 8080
+    # URL other hosts use to reach this agent; default http://<node_id>:<listen_port>
+    advertise_url: str | None = None
+    state_dir: str = "/var/lib/gpu-agent"
+    log_dir: str = "/var/log/gpu-agent"
+    # Admin endpoints are refused (403) unless a token file is configured.
+    admin_token_file: str | None = None
+    # Create the token file with a random token (mode 0600) if it does not exist. For demos and
+    # first boots; production installs write the file themselves (the Ansible role does).
+    admin_token_generate: bool = False
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class GpuScriptStep(_Strict):
+    """A scheduled change of a simulated GPU, ``at_s`` seconds after the agent starts."""
+
+    at_s: NonNegFloat
+    temperature_c: float | None = None
+    utilization_percent: Percent | None = None
+    power_w: NonNegFloat | None = None
+    memory_used_gib: NonNegFloat | None = None
+    lost: bool | None = None
+
+
+class SimulatedGpu(_Strict):
+    name: str = "NVIDIA A100-SXM4-80GB"
+    memory_total_gib: PositiveFloat = 80.0
+    memory_used_gib: NonNegFloat = 0.0  # used by something other than our instances
+    temperature_c: float = 40.0
+    utilization_percent: Percent = 0.0
+    power_w: NonNegFloat = 60.0
+    uuid: str | None = None
+    script: list[GpuScriptStep] = []
+
+
+class GpuSection(_Strict):
+    # "nvml" reads real GPUs; "simulated" serves the declared GPUs below. Never switched silently.
+    source: Literal["nvml", "simulated"] = "nvml"
+    # Sum of gpu_memory_fraction of the instances on one GPU must stay at or under this.
+    memory_budget: Fraction = 0.95
+    # Extra name-substring -> class rules, checked before the built-in table (first match wins).
+    classes: dict[str, str] = {}
+    simulated: list[SimulatedGpu] = []
+    probe_timeout_s: PositiveFloat = 5.0
+
+
+class SupervisorSection(_Strict):
+    probe_interval_s: PositiveFloat = 5.0
+    probe_timeout_s: PositiveFloat = 3.0
+    failure_threshold: Annotated[int, Meta(ge=1)] = 3
+    recovery_window: Annotated[int, Meta(ge=1)] = 20  # probes kept for health_ratio
+    backoff_initial_s: PositiveFloat = 1.0
+    backoff_max_s: PositiveFloat = 60.0
+    crash_loop_restarts: Annotated[int, Meta(ge=1)] = 5
+    crash_loop_window_s: PositiveFloat = 600.0
+    stop_grace_s: NonNegFloat = 30.0
+    startup_timeout_s: PositiveFloat = 600.0
+    # Ports for instances without an explicit one are taken from [port_base, port_base + port_span).
+    port_base: Port = 8100
+    port_span: Annotated[int, Meta(ge=1, le=10000)] = 200
+    log_max_bytes: Annotated[int, Meta(ge=4096)] = 10 * 1024 * 1024
+    log_backups: Annotated[int, Meta(ge=0, le=100)] = 5
+
+
+class Warmup(_Strict):
+    enabled: bool = True
+    kind: Literal["chat", "completion", "embedding"] = "chat"
+    prompt: str = "Hello"
+    max_tokens: Annotated[int, Meta(ge=1)] = 8
+    timeout_s: PositiveFloat = 120.0
+    attempts: Annotated[int, Meta(ge=1)] = 3
+
+
+class InstanceConfig(_Strict):
+    name: InstanceName
+    backend: BackendName
+    # What the server loads: a path on (shared) storage or a model id.
+    model: str = ""
+    # The name clients ask for in the request's "model" field; default: ``model``.
+    served_model_name: str | None = None
+    gpus: list[Annotated[int, Meta(ge=0)]] = []  # [] = CPU only
+    gpu_memory_fraction: Fraction | None = None
+    port: Port | None = None
+    host: str = "127.0.0.1"
+    # Replaces the backend's executable (e.g. a venv path, or the simulated server); the backend
+    # still appends its own arguments. "{python}" stands for the interpreter running the agent.
+    launcher: list[str] | None = None
+    args: list[str] = []
+    env: dict[str, str] = {}
+    # backend = "command": the whole argv, with {port}, {host}, {model}, {served_model_name},
+    # {gpu_memory_fraction} and {python} placeholders.
+    command: list[str] | None = None
+    health_path: str = "/health"
+    metrics_path: str | None = None
+    # llama.cpp -ngl / KoboldCPP --gpulayers; default: all layers on GPU when gpus is set, else 0.
+    gpu_layers: Annotated[int, Meta(ge=0)] | None = None
+    cpu_quota: PositiveFloat | None = None  # CPU cores (cgroup v2 cpu.max)
+    startup_timeout_s: PositiveFloat | None = None
+    warmup: Warmup = msgspec.field(default_factory=Warmup)
+    autostart: bool = True
+
+    @property
+    def client_model(self) -> str:
+        return self.served_model_name or self.model
+
+
+class AgentConfig(msgspec.Struct, kw_only=True):
+    agent: AgentSection
+    gpu: GpuSection
+    supervisor: SupervisorSection
+    instances: list[InstanceConfig]
+    source_path: str = ""
+
+    @property
+    def node_id(self) -> str:
+        return self.agent.node_id or socket.gethostname()
+
+    @property
+    def advertise_url(self) -> str:
+        return self.agent.advertise_url or f"http://{self.node_id}:{self.agent.listen_port}"
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Parse and validate; raises :class:`ConfigError` listing every problem found."""
+    path = Path(path)
+    data = read_toml(path)
+    problems: list[ConfigProblem] = []
+    parts = convert_sections(
+        data,
+        sections={"agent": AgentSection, "gpu": GpuSection, "supervisor": SupervisorSection},
+        lists={"instances": InstanceConfig},
+        problems=problems,
+    )
+    if problems:
+        raise ConfigError(str(path), problems)
+    cfg = AgentConfig(
+        agent=parts["agent"],
+        gpu=parts["gpu"],
+        supervisor=parts["supervisor"],
+        instances=parts["instances"],
+        source_path=str(path),
+    )
+    _resolve_paths(cfg, path.parent)
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(str(path), problems)
+    return cfg
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
+    def resolve(p: str) -> str:
+        return str((base / p).resolve()) if not Path(p).is_absolute() else p
+
+    a = cfg.agent
+    a.state_dir = resolve(a.state_dir)
+    a.log_dir = resolve(a.log_dir)
+    if a.admin_token_file:
+        a.admin_token_file = resolve(a.admin_token_file)
+
+
+def validate(cfg: AgentConfig) -> list[ConfigProblem]:
+    """Cross-field rules that a type cannot express. Pure: no I/O."""
+    out: list[ConfigProblem] = []
+    sup = cfg.supervisor
+    if sup.backoff_max_s < sup.backoff_initial_s:
+        out.append(ConfigProblem("$.supervisor.backoff_max_s", "must be >= backoff_initial_s"))
+    if sup.probe_timeout_s >= sup.probe_interval_s:
+        out.append(ConfigProblem("$.supervisor.probe_timeout_s", "must be shorter than probe_interval_s"))
+    if cfg.gpu.source == "simulated" and not cfg.gpu.simulated:
+        out.append(ConfigProblem("$.gpu.simulated", 'source = "simulated" needs at least one [[gpu.simulated]]'))
+    if cfg.gpu.source == "nvml" and cfg.gpu.simulated:
+        out.append(ConfigProblem("$.gpu.simulated", 'simulated GPUs are declared but source = "nvml"'))
+    n_sim = len(cfg.gpu.simulated) if cfg.gpu.source == "simulated" else None
+    if cfg.agent.admin_token_generate and not cfg.agent.admin_token_file:
+        out.append(ConfigProblem("$.agent.admin_token_generate", "needs admin_token_file"))
+
+    seen_names: dict[str, int] = {}
+    seen_ports: dict[int, int] = {cfg.agent.listen_port: -1}
+    for i, inst in enumerate(cfg.instances):
+        at = f"$.instances[{i}]"
+        if inst.name in seen_names:
+            out.append(ConfigProblem(f"{at}.name", f"duplicate name {inst.name!r} (also instances[{seen_names[inst.name]}])"))
+        seen_names.setdefault(inst.name, i)
+        if inst.port is not None:
+            other = seen_ports.get(inst.port)
+            if other == -1:
+                out.append(ConfigProblem(f"{at}.port", f"{inst.port} is the agent's own listen_port"))
+            elif other is not None:
+                out.append(ConfigProblem(f"{at}.port", f"{inst.port} is also used by instances[{other}]"))
+            else:
+                seen_ports[inst.port] = i
+        if inst.backend == "command":
+            if not inst.command:
+                out.append(ConfigProblem(f"{at}.command", 'required when backend = "command"'))
+            elif not any("{port}" in a for a in inst.command):
+                out.append(ConfigProblem(f"{at}.command", "must contain {port} so the server listens where we probe"))
+        else:
+            if inst.command is not None:
+                out.append(ConfigProblem(f"{at}.command", f'only for backend = "command" (use launcher/args with {inst.backend})'))
+            if not inst.model:
+                out.append(ConfigProblem(f"{at}.model", "required"))
+        if not inst.client_model:
+            out.append(ConfigProblem(f"{at}.served_model_name", "required when model is empty"))
+        if inst.gpus:
+            if inst.gpu_memory_fraction is None:
+                out.append(ConfigProblem(f"{at}.gpu_memory_fraction", "required when gpus is set (share of each GPU's memory)"))
+            if len(set(inst.gpus)) != len(inst.gpus):
+                out.append(ConfigProblem(f"{at}.gpus", "lists a GPU twice"))
+            if n_sim is not None:
+                for g in inst.gpus:
+                    if g >= n_sim:
+                        out.append(ConfigProblem(f"{at}.gpus", f"GPU {g} does not exist ({n_sim} simulated GPUs declared)"))
+        elif inst.gpu_memory_fraction is not None:
+            out.append(ConfigProblem(f"{at}.gpu_memory_fraction", "set but gpus is empty (CPU-only instance)"))
+        if not inst.health_path.startswith("/"):
+            out.append(ConfigProblem(f"{at}.health_path", "must start with /"))
+        if inst.metrics_path is not None and not inst.metrics_path.startswith("/"):
+            out.append(ConfigProblem(f"{at}.metrics_path", "must start with /"))
+
+    out.extend(memory_budget_problems(cfg))
+    return out
+
+
+def memory_budget_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    """The fractions planned on one GPU must fit the budget; name every instance involved."""
+    per_gpu: dict[int, list[tuple[int, InstanceConfig]]] = {}
+    for i, inst in enumerate(cfg.instances):
+        if inst.gpu_memory_fraction is None:
+            continue
+        for g in inst.gpus:
+            per_gpu.setdefault(g, []).append((i, inst))
+    out = []
+    for g, members in sorted(per_gpu.items()):
+        total = sum(inst.gpu_memory_fraction or 0 for _, inst in members)
+        if total > cfg.gpu.memory_budget + 1e-9:
+            names = ", ".join(f"{inst.name} ({inst.gpu_memory_fraction:g})" for _, inst in members)
+            out.append(
+                ConfigProblem(
+                    f"$.instances[{members[-1][0]}].gpu_memory_fraction",
+                    f"GPU {g} over-committed: {names} sum to {total:.2f} > memory_budget {cfg.gpu.memory_budget:g}",
+                )
+            )
+    return out
+
+
+__all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "ConfigError", "InstanceConfig", "load_config"]

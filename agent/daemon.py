@@ -1,0 +1,183 @@
+"""The gpu-agent process: wires config, GPU source, supervisor and HTTP API; handles signals.
+
+SIGTERM/SIGINT stop the instances (grace, then kill) and exit 0. SIGHUP re-reads the config and
+applies only what changed; a bad new config is logged and the running one kept. systemd hears
+READY=1 once the API serves, STATUS= after every supervision tick, WATCHDOG=1 after each
+completed tick, and STOPPING=1 at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from agent.api.auth import AdminToken, TokenError
+from agent.api.server import build_app
+from agent.config import AgentConfig, load_config
+from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
+from agent.supervisor import Supervisor
+from gpufleet import __version__
+from gpufleet.records import NodeRecord
+from gpufleet.sdnotify import SystemdNotifier
+from gpufleet.tomlconfig import EX_CONFIG, ConfigError
+
+log = structlog.get_logger("agent")
+
+EX_UNAVAILABLE = 69  # sysexits.h: a required service (NVML) is unavailable
+EX_OSERR = 71  # cannot bind the API port
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class AgentRuntime:
+    def __init__(self, cfg: AgentConfig, notifier: SystemdNotifier | None = None) -> None:
+        self.cfg = cfg
+        self.notifier = notifier or SystemdNotifier()
+        self.admin_token = AdminToken(cfg.agent.admin_token_file)
+        self.started_at = time.time()
+        self.serving = False
+        self.gpu_source: GpuSource
+        self.supervisor: Supervisor
+        self._stop = asyncio.Event()
+        self._tick_now = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    # --- what the API reads ---------------------------------------------------------------
+
+    def node_record(self) -> NodeRecord:
+        instances = self.supervisor.records()
+        gpus = self.supervisor.gpus
+        return NodeRecord(
+            node=self.cfg.node_id,
+            address=self.cfg.advertise_url,
+            agent_version=__version__,
+            started_at=self.started_at,
+            updated_at=time.time(),
+            gpu_source=self.gpu_source.kind,
+            gpu_classes=sorted({g.gpu_class for g in gpus}),
+            gpus=gpus,
+            instances=instances,
+            ready=self.serving and self.supervisor.all_ready(),
+        )
+
+    def tick_age(self) -> float | None:
+        last = self.supervisor.last_tick
+        return None if last is None else time.time() - last
+
+    def changed(self) -> None:
+        """Something visible changed; cluster mode publishes on this (the tick loop wakes)."""
+        self._tick_now.set()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        log.info("gpu-agent starting", version=__version__, node=self.cfg.node_id, config=self.cfg.source_path)
+        try:
+            await self._start()
+        except StartupError as e:
+            log.error("cannot start", error=str(e))
+            await self._cleanup()
+            return e.exit_code
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        self.serving = True
+        status = await self.supervisor.tick()
+        self.notifier.ready(status)
+        log.info("gpu-agent serving", listen=f"{self.cfg.agent.listen_host}:{self.cfg.agent.listen_port}")
+        await self._tick_loop()
+        log.info("gpu-agent stopping")
+        self.serving = False
+        self.notifier.stopping()
+        await self._cleanup()
+        log.info("gpu-agent stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _start(self) -> None:
+        try:
+            self.gpu_source = open_gpu_source(self.cfg.gpu)
+        except GpuSourceUnavailable as e:
+            raise StartupError(str(e), EX_UNAVAILABLE) from None
+        try:
+            self.admin_token.ensure(self.cfg.agent.admin_token_generate)
+        except (TokenError, OSError) as e:
+            raise StartupError(str(e), EX_CONFIG) from None
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False), auto_decompress=False
+        )
+        self.supervisor = Supervisor(self.cfg, self.gpu_source, self._http, on_change=self.changed)
+        # Bind the API before starting model servers: if the port is taken we fail fast and
+        # leave no processes behind.
+        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.agent.listen_host, self.cfg.agent.listen_port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(
+                f"cannot listen on {self.cfg.agent.listen_host}:{self.cfg.agent.listen_port}: {e.strerror or e}",
+                EX_OSERR,
+            ) from None
+        await self.supervisor.start()
+
+    async def _tick_loop(self) -> None:
+        interval = self.cfg.supervisor.probe_interval_s
+        if self.notifier.watchdog_usec:
+            # Tick at least twice per watchdog period so one slow tick does not trip it.
+            interval = min(interval, self.notifier.watchdog_usec / 2e6)
+        while not self._stop.is_set():
+            waiters = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._tick_now.wait())]
+            await asyncio.wait(waiters, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            self._tick_now.clear()
+            if self._stop.is_set():
+                break
+            status = await self.supervisor.tick()
+            self.notifier.status(status)
+            self.notifier.watchdog()
+
+    async def _cleanup(self) -> None:
+        if hasattr(self, "supervisor"):
+            await self.supervisor.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+        if hasattr(self, "gpu_source"):
+            self.gpu_source.close()
+
+    async def reload(self) -> dict[str, Any]:
+        """SIGHUP: re-read the config file and apply the difference."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                new = load_config(self.cfg.source_path)
+            except ConfigError as e:
+                for line in str(e).splitlines():
+                    log.error("reload refused, keeping the running config", problem=line)
+                self.notifier.ready("reload refused: config has errors")
+                return {"error": "config has errors", "problems": str(e).splitlines()}
+            result = await self.supervisor.reload(new)
+            self.cfg = AgentConfig(
+                agent=self.cfg.agent, gpu=self.cfg.gpu, supervisor=new.supervisor,
+                instances=new.instances, source_path=self.cfg.source_path,
+            )
+            self.notifier.ready(self.supervisor.summary())
+            return result

@@ -1,0 +1,325 @@
+"""One supervised model-server instance and its lifecycle loop.
+
+    STARTING --health ok--> WARMING --warm-up ok--> READY
+        |                      |                      | 3 failed probes / process exit
+        +----- failure --------+----------------------+--> UNHEALTHY --> RESTARTING (back-off)
+                                                                            | crash loop
+                                                                            v
+                                                                          FAILED
+
+Operator commands (start/stop/restart) wake the loop wherever it waits. Every wait in the loop
+is bounded, and a failure of one instance never touches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from agent.backends import Backend, get_backend
+from agent.config import InstanceConfig, SupervisorSection
+from gpufleet.records import InstanceLoad, InstanceRecord
+
+from .policy import HealthWindow, InstanceState, RestartPolicy
+from .ports import port_is_free
+from .process import ChildProcess, RotatingLog, spawn
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+Command = Literal["start", "stop", "restart"]
+
+
+class _Interrupted(Exception):
+    """An operator command arrived; unwind to the top of the loop."""
+
+
+class Instance:
+    def __init__(self, cfg: InstanceConfig, port: int, host: Supervisor) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.port = port
+        self.host = host
+        self.backend: Backend = get_backend(cfg.backend)
+        self.log = structlog.get_logger("agent.instance").bind(instance=cfg.name, model=cfg.client_model)
+        self.state = InstanceState.STOPPED
+        self.state_since = time.time()
+        self._ready_since: float | None = None
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.load: InstanceLoad | None = None
+        self.child: ChildProcess | None = None
+        self.health = HealthWindow(self.sup.failure_threshold, self.sup.recovery_window)
+        self.policy = self._new_policy()
+        self._want: Command = "start" if cfg.autostart else "stop"
+        self._pending: Command | None = None
+        self._wake = asyncio.Event()
+        self._probe_now = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.output = RotatingLog(host.log_dir / f"{cfg.name}.log", self.sup.log_max_bytes, self.sup.log_backups)
+
+    # --- public -------------------------------------------------------------------------
+
+    @property
+    def wanted_running(self) -> bool:
+        return self._want == "start"
+
+    @property
+    def sup(self) -> SupervisorSection:
+        return self.host.cfg.supervisor
+
+    @property
+    def base_url(self) -> str:
+        host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+    def start_task(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"instance:{self.name}")
+
+    def command(self, cmd: Command) -> None:
+        """start / stop / restart, as an operator asked. Returns at once; the loop acts."""
+        if cmd in ("start", "restart"):
+            self.policy.reset()
+        self._want = "stop" if cmd == "stop" else "start"
+        self._pending = cmd
+        self._wake.set()
+
+    def request_probe(self) -> None:
+        """Passive health: a caller saw this instance fail; probe it now, not at the next tick."""
+        self._probe_now.set()
+
+    async def shutdown(self) -> None:
+        """Stop the process and end the loop (agent exit or instance removed by a reload)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._stop_process("agent shutdown")
+        self._set_state(InstanceState.STOPPED)
+        self.output.close()
+
+    def record(self) -> InstanceRecord:
+        return InstanceRecord(
+            name=self.name,
+            model=self.cfg.client_model,
+            backend=self.cfg.backend,
+            state=self.state.value,
+            state_since=self.state_since,
+            port=self.port,
+            gpus=list(self.cfg.gpus),
+            gpu_memory_fraction=self.cfg.gpu_memory_fraction,
+            pid=self.child.pid if self.child and self.child.returncode is None else None,
+            restarts=self.restarts,
+            last_error=self.last_error,
+            health_ratio=round(self.health.ratio, 3),
+            load=self.load,
+        )
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._cycle()
+            except _Interrupted:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug here must not kill supervision of this instance
+                self.log.exception("instance loop error", error=str(e))
+                await self._stop_process("internal error")
+                self._set_state(InstanceState.RESTARTING, f"internal error: {e}")
+                await self._sleep(self.sup.backoff_max_s)
+
+    async def _cycle(self) -> None:
+        cmd, self._pending = self._pending, None
+        self._wake.clear()
+        if self._want == "stop":
+            await self._stop_process(f"operator {cmd or 'stop'}")
+            self._set_state(InstanceState.STOPPED)
+            await self._wait_for_command()
+            return
+        if cmd == "restart" and self.child is not None:
+            await self._stop_process("operator restart")
+        if self.state is InstanceState.FAILED and cmd is None:
+            await self._wait_for_command()
+            return
+
+        failure = await self._start_and_serve()
+        # Only failures reach here; commands unwind through _Interrupted.
+        ready_for = time.monotonic() - self._ready_since if self._ready_since else 0.0
+        self._ready_since = None
+        self._set_state(InstanceState.UNHEALTHY, failure)
+        self.log.warning("instance unhealthy", reason=failure)
+        await self._stop_process(failure)
+        decision = self.policy.on_failure(time.monotonic(), ready_for)
+        if decision.give_up:
+            self._set_state(InstanceState.FAILED, f"{decision.reason}; last failure: {failure}")
+            self.log.error("instance failed", reason=decision.reason)
+            await self._wait_for_command()
+            return
+        self._set_state(InstanceState.RESTARTING, failure)
+        self.log.info("restarting after back-off", delay_s=decision.delay_s)
+        await self._sleep(decision.delay_s)
+        self.restarts += 1
+
+    async def _start_and_serve(self) -> str:
+        """Start, gate readiness on health + warm-up, then monitor. Returns the failure reason."""
+        refusal = self.host.admit(self)
+        if refusal is None and not port_is_free(self.port, self.cfg.host):
+            refusal = f"port {self.port} is already in use by another process"
+        if refusal is not None:
+            self._set_state(InstanceState.FAILED, f"refused: {refusal}")
+            self.log.error("instance refused", reason=refusal)
+            await self._wait_for_command()
+            raise _Interrupted
+
+        self.health.reset()
+        self.load = None
+        self._set_state(InstanceState.STARTING)
+        spec = self.backend.launch(self.cfg, self.port)
+        env = self.host.child_env(self.cfg, spec.env)
+        self.output.mark(f"starting: {' '.join(spec.argv)}")
+        try:
+            self.child = await spawn(spec.argv, env, self.output, self.host.cgroup_for(self))
+        except OSError as e:
+            return f"cannot start {spec.argv[0]!r}: {e.strerror or e}"
+        self.host.registry.add(self.name, self.child.pid)
+        self.log.info("instance started", pid=self.child.pid, port=self.port, argv=spec.argv)
+
+        if (failure := await self._await_healthy()) is not None:
+            return failure
+        self._set_state(InstanceState.WARMING)
+        self.host.memory_attach(self)
+        if (failure := await self._warm_up()) is not None:
+            return failure
+        self._ready_since = time.monotonic()
+        self._set_state(InstanceState.READY)
+        self.log.info("instance ready", startup_s=round(time.time() - self._started_wall, 2))
+        return await self._monitor()
+
+    async def _await_healthy(self) -> str | None:
+        timeout = self.cfg.startup_timeout_s or self.sup.startup_timeout_s
+        deadline = time.monotonic() + timeout
+        self._started_wall = time.time()
+        interval = 0.1  # loading servers are polled fast at first, then every second
+        last = ""
+        while True:
+            if (exited := self._exit_reason()) is not None:
+                return f"exited during start-up: {exited}"
+            result = await self.backend.probe(self.host.http, self.base_url, self.cfg, self.sup.probe_timeout_s)
+            if result.ok:
+                return None
+            last = result.detail
+            if time.monotonic() >= deadline:
+                return f"not ready after {timeout:g}s (last: {last})"
+            await self._sleep_or_exit(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 2, 1.0)
+
+    async def _warm_up(self) -> str | None:
+        w = self.cfg.warmup
+        if not w.enabled:
+            return None
+        detail = ""
+        for attempt in range(1, w.attempts + 1):
+            if (exited := self._exit_reason()) is not None:
+                return f"exited during warm-up: {exited}"
+            result = await self.backend.warm_up(self.host.http, self.base_url, self.cfg)
+            if result.ok:
+                return None
+            detail = result.detail
+            self.log.warning("warm-up failed", attempt=attempt, detail=detail)
+            await self._sleep_or_exit(min(2.0 * attempt, 10.0))
+        return f"warm-up failed {w.attempts} times (last: {detail})"
+
+    async def _monitor(self) -> str:
+        """Probe every interval (or at once when asked); return when the instance must restart."""
+        while True:
+            if (exited := self._exit_reason()) is not None:
+                return exited
+            ok_result = await self.backend.probe(self.host.http, self.base_url, self.cfg, self.sup.probe_timeout_s)
+            if (exited := self._exit_reason()) is not None:
+                return exited
+            if ok_result.ok:
+                self.health.record(True)
+                self.load = await self.backend.read_load(
+                    self.host.http, self.base_url, self.cfg, self.sup.probe_timeout_s
+                )
+            elif self.health.record(False):
+                return f"{self.health.consecutive_failures} consecutive failed probes (last: {ok_result.detail})"
+            else:
+                self.log.warning("probe failed", detail=ok_result.detail, consecutive=self.health.consecutive_failures)
+            self._probe_now.clear()
+            await self._sleep_or_exit(self.sup.probe_interval_s, probe_event=True)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _exit_reason(self) -> str | None:
+        if self.child is None:
+            return "process is gone"
+        if self.child.returncode is None:
+            return None
+        return self.child.describe_exit()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake for an operator command."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            return
+        raise _Interrupted
+
+    async def _sleep_or_exit(self, seconds: float, probe_event: bool = False) -> None:
+        """Sleep until the timeout, a command, the process exiting, or (optionally) a probe request."""
+        waits = [asyncio.ensure_future(self._wake.wait())]
+        if self.child is not None and self.child.returncode is None:
+            waits.append(asyncio.ensure_future(self.child.proc.wait()))
+        if probe_event:
+            waits.append(asyncio.ensure_future(self._probe_now.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self._wake.is_set():
+            raise _Interrupted
+
+    async def _wait_for_command(self) -> None:
+        await self._wake.wait()
+
+    async def _stop_process(self, why: str) -> None:
+        child, self.child = self.child, None
+        if child is None:
+            return
+        self.host.memory_detach(self)
+        if child.returncode is None:
+            self.log.info("stopping instance", pid=child.pid, reason=why, grace_s=self.sup.stop_grace_s)
+        await child.stop(self.sup.stop_grace_s)
+        self.output.mark(f"stopped ({why}): {child.describe_exit()}")
+        self.host.registry.remove(self.name)
+        self.load = None
+
+    def _set_state(self, state: InstanceState, error: str | None = None) -> None:
+        if error is not None:
+            self.last_error = error
+        if state is self.state:
+            return
+        self.log.info("state change", state=state.value, previous=self.state.value, **({"error": error} if error else {}))
+        self.state = state
+        self.state_since = time.time()
+        self.host.on_state_change(self)
+
+    def _new_policy(self) -> RestartPolicy:
+        s = self.sup
+        return RestartPolicy(
+            initial_s=s.backoff_initial_s,
+            max_s=s.backoff_max_s,
+            crash_loop_restarts=s.crash_loop_restarts,
+            crash_loop_window_s=s.crash_loop_window_s,
+            stable_after_s=s.backoff_max_s,
+        )

@@ -1,0 +1,200 @@
+"""The supervisor: owns the instances, the port plan, GPU admission and config reloads.
+
+Each instance runs its own lifecycle task (instance.py); the supervisor gives them what is
+shared (HTTP session, GPU facts, cgroups, the process-group registry) and answers the API.
+``tick()`` is the agent's heartbeat: one GPU sample and a summary line per probe interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from agent.config import AgentConfig, InstanceConfig
+from agent.gpu import GpuSource
+from gpufleet.records import GpuRecord, InstanceRecord
+
+from .admission import Claim, check_admission
+from .cgroups import CgroupManager
+from .instance import Command, Instance
+from .policy import InstanceState
+from .ports import plan_ports
+from .process import GroupRegistry
+
+log = structlog.get_logger("agent.supervisor")
+
+# Instances promised memory they may not hold yet (their allocation may not show in NVML).
+_LOADING = frozenset({InstanceState.STARTING})
+
+
+class UnknownInstance(KeyError):
+    pass
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        gpu_source: GpuSource,
+        http: aiohttp.ClientSession,
+        cgroups: CgroupManager | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.gpu_source = gpu_source
+        self.http = http
+        self.cgroups = cgroups or CgroupManager()
+        self.on_change = on_change or (lambda: None)
+        self.log_dir = Path(cfg.agent.log_dir)
+        self.registry = GroupRegistry(Path(cfg.agent.state_dir) / "process-groups.json")
+        self.instances: dict[str, Instance] = {}
+        self.gpus: list[GpuRecord] = []
+        self.last_tick: float | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for name, pids in self.registry.reap_leftovers():
+            log.warning("killed model-server processes left by a previous agent", instance=name, pids=pids)
+        if self.cgroups.setup():
+            log.info("cpu quotas enabled", cgroup=str(self.cgroups.base))
+        elif any(i.cpu_quota for i in self.cfg.instances):
+            log.warning("cpu_quota is configured but cannot be applied", reason=self.cgroups.unavailable_reason)
+        self.gpus = await self.gpu_source.sample()
+        self._add_instances(self.cfg.instances, keep_ports={})
+
+    def _add_instances(self, configs: list[InstanceConfig], keep_ports: dict[str, int]) -> None:
+        existing = {n: i.port for n, i in self.instances.items()}
+        plan = plan_ports(
+            [(c.name, c.port) for c in configs],
+            base=self.cfg.supervisor.port_base,
+            span=self.cfg.supervisor.port_span,
+            reserved={self.cfg.agent.listen_port, *existing.values()},
+            keep=keep_ports,
+        )
+        for c in configs:
+            inst = Instance(c, plan[c.name], self)
+            self.instances[c.name] = inst
+            inst.start_task()
+
+    async def stop(self) -> None:
+        """Stop every instance, concurrently: the slowest grace period bounds the agent's exit."""
+        await asyncio.gather(*(i.shutdown() for i in self.instances.values()), return_exceptions=True)
+
+    async def tick(self) -> str:
+        """Sample the GPUs; returns a one-line summary (systemd STATUS=)."""
+        try:
+            self.gpus = await self.gpu_source.sample()
+        except Exception as e:  # a probe bug must not stop supervision
+            log.exception("gpu sample failed", error=str(e))
+        self.last_tick = time.time()
+        return self.summary()
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for i in self.instances.values():
+            counts[i.state.value] = counts.get(i.state.value, 0) + 1
+        states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no instances"
+        hot = max((g.temperature_celsius or 0 for g in self.gpus), default=0)
+        return f"{len(self.instances)} instances: {states}; {len(self.gpus)} GPUs, hottest {hot:.0f}°C"
+
+    # --- operator actions --------------------------------------------------------------------
+
+    def get(self, name: str) -> Instance:
+        try:
+            return self.instances[name]
+        except KeyError:
+            raise UnknownInstance(name) from None
+
+    def command(self, name: str, cmd: Command) -> Instance:
+        inst = self.get(name)
+        log.info("operator command", instance=name, command=cmd)
+        inst.command(cmd)
+        return inst
+
+    async def reload(self, new: AgentConfig) -> dict[str, list[str]]:
+        """Apply a new config: only added, removed and changed instances are touched."""
+        old_by_name = {i.name: i for i in self.instances.values()}
+        new_by_name = {c.name: c for c in new.instances}
+        removed = [n for n in old_by_name if n not in new_by_name]
+        changed = [n for n in old_by_name if n in new_by_name and new_by_name[n] != old_by_name[n].cfg]
+        added = [n for n in new_by_name if n not in old_by_name]
+        for section in ("gpu", "agent"):
+            if getattr(new, section) != getattr(self.cfg, section):
+                log.warning("config section changed; takes effect after a restart", section=section)
+        # Supervisor settings apply live: instances read them through self.cfg.
+        self.cfg = AgentConfig(
+            agent=self.cfg.agent, gpu=self.cfg.gpu, supervisor=new.supervisor,
+            instances=new.instances, source_path=new.source_path,
+        )
+        gone = [old_by_name[n] for n in removed + changed]
+        keep_ports = {n: old_by_name[n].port for n in changed if new_by_name[n].port is None}
+        for inst in gone:
+            del self.instances[inst.name]
+        await asyncio.gather(*(i.shutdown() for i in gone))
+        for inst in gone:
+            self.cgroups.remove_instance(inst.name)
+        self._add_instances([new_by_name[n] for n in changed + added], keep_ports=keep_ports)
+        result = {"added": added, "removed": removed, "changed": changed,
+                  "unchanged": [n for n in old_by_name if n not in removed and n not in changed]}
+        log.info("config reloaded", **result)
+        self.on_change()
+        return result
+
+    # --- what instances ask of their host ------------------------------------------------------
+
+    def admit(self, inst: Instance) -> str | None:
+        if not inst.cfg.gpus:
+            return None
+        claim = Claim(inst.name, tuple(inst.cfg.gpus), inst.cfg.gpu_memory_fraction or 0.0)
+        others = [i for i in self.instances.values() if i is not inst and i.cfg.gpus and i.child is not None]
+        as_claim = lambda i: Claim(i.name, tuple(i.cfg.gpus), i.cfg.gpu_memory_fraction or 0.0)  # noqa: E731
+        return check_admission(
+            claim,
+            {g.index: g for g in self.gpus},
+            pending=[as_claim(i) for i in others if i.state in _LOADING],
+            holding=[as_claim(i) for i in others if i.state not in _LOADING],
+            budget=self.cfg.gpu.memory_budget,
+        )
+
+    def child_env(self, cfg: InstanceConfig, backend_env: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        # Empty for CPU-only instances: a CPU instance must not grab a GPU by default.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in cfg.gpus)
+        env.update(backend_env)
+        env.update(cfg.env)
+        return env
+
+    def cgroup_for(self, inst: Instance) -> str | None:
+        try:
+            return self.cgroups.prepare_instance(inst.name, inst.cfg.cpu_quota)
+        except OSError as e:
+            log.warning("cannot apply cpu quota", instance=inst.name, error=str(e))
+            return None
+
+    def memory_attach(self, inst: Instance) -> None:
+        totals = {g.index: g.memory_total_bytes or 0 for g in self.gpus}
+        frac = inst.cfg.gpu_memory_fraction or 0.0
+        if inst.cfg.gpus:
+            self.gpu_source.set_process_memory(inst.name, {g: int(frac * totals.get(g, 0)) for g in inst.cfg.gpus})
+
+    def memory_detach(self, inst: Instance) -> None:
+        self.gpu_source.clear_process_memory(inst.name)
+
+    def on_state_change(self, inst: Instance) -> None:
+        self.on_change()
+
+    # --- views ----------------------------------------------------------------------------------
+
+    def records(self) -> list[InstanceRecord]:
+        return [i.record() for i in self.instances.values()]
+
+    def all_ready(self) -> bool:
+        wanted = [i for i in self.instances.values() if i.wanted_running]
+        return all(i.state is InstanceState.READY for i in wanted)

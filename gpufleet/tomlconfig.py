@@ -1,0 +1,99 @@
+"""Load a TOML file into msgspec Structs and report *every* problem with its path.
+
+msgspec stops at the first validation error, which makes an operator fix a config one line per
+restart. We decode each top-level section, and each element of array-of-tables sections, on its
+own, so one run lists all problems found at that depth, each as ``FILE: $.path: message``.
+Semantic checks (cross-field rules) append to the same list.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use RestartPreventExitStatus=78
+
+_AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    path: str  # JSONPath-like, "$.instances[1].port"
+    message: str
+
+    def format(self, file: str | Path) -> str:
+        return f"{file}: {self.path}: {self.message}"
+
+
+@dataclass
+class ConfigError(Exception):
+    file: str
+    problems: list[ConfigProblem] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return "\n".join(p.format(self.file) for p in self.problems)
+
+
+def problem_from_validation(err: msgspec.ValidationError, prefix: str) -> ConfigProblem:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.port`" into a path + message."""
+    m = _AT_RE.match(str(err))
+    assert m is not None
+    sub = m.group("path") or "$"
+    return ConfigProblem(prefix + sub[1:], m.group("msg").strip())
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read and parse; raises ConfigError with a line-level message on bad TOML."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(p), [ConfigProblem("$", f"cannot read file: {e.strerror or e}")]) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), [ConfigProblem("$", f"not UTF-8: {e}")]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), [ConfigProblem("$", f"invalid TOML: {e}")]) from None
+
+
+def convert_sections(
+    data: dict[str, Any],
+    sections: dict[str, type],
+    lists: dict[str, type],
+    problems: list[ConfigProblem],
+) -> dict[str, Any]:
+    """Convert each section separately, collecting problems instead of stopping at the first.
+
+    ``sections`` maps table names to Struct types; ``lists`` maps array-of-tables names to the
+    Struct type of one element. Unknown top-level keys are reported. Returns the converted values
+    for the sections that converted cleanly (missing sections get the type's defaults).
+    """
+    out: dict[str, Any] = {}
+    for key in data:
+        if key not in sections and key not in lists:
+            problems.append(ConfigProblem(f"$.{key}", "unknown section"))
+    for key, typ in sections.items():
+        try:
+            out[key] = msgspec.convert(data.get(key, {}), typ, strict=True)
+        except msgspec.ValidationError as e:
+            problems.append(problem_from_validation(e, f"$.{key}"))
+    for key, typ in lists.items():
+        items = data.get(key, [])
+        if not isinstance(items, list):
+            problems.append(ConfigProblem(f"$.{key}", "expected an array of tables ([[" + key + "]])"))
+            continue
+        converted = []
+        for i, item in enumerate(items):
+            try:
+                converted.append(msgspec.convert(item, typ, strict=True))
+            except msgspec.ValidationError as e:
+                problems.append(problem_from_validation(e, f"$.{key}[{i}]"))
+                converted.append(None)
+        out[key] = converted
+    return out
