@@ -166,10 +166,11 @@ class Simulator:
         if self.settings.error_rate > 0 and self.rng.random() < self.settings.error_rate:
             raise ApiError(500, "Simulated engine failure (error_rate).", "InternalServerError")
 
-    def max_tokens(self, body: dict[str, Any], prompt_tokens: int, keys: tuple[str, ...]) -> int:
-        value = next((body[k] for k in keys if body.get(k) is not None), 16)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ApiError(400, f"{keys[0]} must be an integer of at least 1, got {value!r}.")
+    def max_tokens(self, body: dict[str, Any], prompt_tokens: int, key: str) -> int:
+        # Chat takes the newer max_completion_tokens and the older max_tokens; the first one set wins.
+        value = next((body[k] for k in (key, "max_tokens") if body.get(k) is not None), 16)
+        if type(value) is not int or value < 1:
+            raise ApiError(400, f"{key} must be an integer of at least 1, got {value!r}.")
         if body.get("n", 1) != 1:
             raise ApiError(400, "The simulated server supports only n=1.")
         room = self.args.max_model_len - prompt_tokens
@@ -184,7 +185,7 @@ class Simulator:
         body, model = await self.read_request(request)
         seed_text, prompt_text = chat_prompt(body) if chat else completion_prompt(body)
         prompt_tokens = max(1, len(prompt_text.split()))
-        n = self.max_tokens(body, prompt_tokens, ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",))
+        n = self.max_tokens(body, prompt_tokens, "max_completion_tokens" if chat else "max_tokens")
         self.maybe_fail()
         start = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "big")
         tokens = [WORDS[(start + i) % len(WORDS)] + " " for i in range(n)]
@@ -318,7 +319,7 @@ def check_controls(body: Any) -> None:
             if not isinstance(value, bool):
                 raise ApiError(400, f"{key} must be true or false")
         else:
-            raise ApiError(400, f"unknown setting {key!r}; known: {', '.join([*NUMERIC_CONTROLS, *BOOL_CONTROLS])}")
+            raise ApiError(400, f"unknown setting {key!r}; known: {[*NUMERIC_CONTROLS, *BOOL_CONTROLS]}")
 
 
 def is_token_ids(value: Any) -> bool:
@@ -374,9 +375,9 @@ def build_app(sim: Simulator) -> web.Application:
             await asyncio.get_running_loop().create_future()  # never resolves
         try:
             resp = await handler(request)
-        except ApiError as exc:
-            err = {"object": "error", "message": str(exc), "type": exc.kind, "param": None, "code": exc.status}
-            resp = json_response(err, exc.status)
+        except ApiError as e:
+            resp = json_response({"object": "error", "message": str(e), "type": e.kind, "param": None,
+                                  "code": e.status}, e.status)
         except web.HTTPException as exc:  # unknown route or method: FastAPI's JSON shape, as vLLM
             resp = json_response({"detail": exc.reason}, exc.status)
         if not sim.args.disable_uvicorn_access_log:

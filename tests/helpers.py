@@ -1,0 +1,214 @@
+"""Shared test helpers: free ports, waiting on conditions with deadlines, running a real agent.
+
+No fixed sleeps: every wait is "until this condition holds, or fail after a deadline", with a
+short poll interval, so tests are as fast as the machine allows and still pass when it is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+TOKEN = "test-admin-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_until(
+    cond: Callable[[], Awaitable[Any] | Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail with the last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = cond()
+            if asyncio.iscoroutine(last) or isinstance(last, Awaitable):
+                last = await last
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            last = e  # not there yet (connection refused, ...): keep waiting
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}; last: {last!r}")
+        await asyncio.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (it holds no GPU memory); it waits for its reaper.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+SIM_LAUNCHER = '["{python}", "-m", "gpufleet.simulated_server", "serve"]'
+
+
+def instance_toml(name: str, *, gpus: str = "[]", fraction: float | None = None, args: str = "[]",
+                  extra: str = "", model: str | None = None) -> str:
+    frac = f"gpu_memory_fraction = {fraction}\n" if fraction is not None else ""
+    return f"""
+[[instances]]
+name = "{name}"
+backend = "vllm"
+launcher = {SIM_LAUNCHER}
+model = "{model or name + '-model'}"
+gpus = {gpus}
+{frac}args = {args}
+{extra}
+"""
+
+
+def agent_toml(tmp: Path, port: int, instances: str, *, token: bool = True, supervisor: str = "",
+               gpus: str | None = None) -> str:
+    token_file = tmp / "admin-token"
+    if token:
+        token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
+    gpus = gpus if gpus is not None else """
+[[gpu.simulated]]
+name = "NVIDIA A100-SXM4-80GB"
+memory_total_gib = 80
+"""
+    return f"""
+[agent]
+node_id = "test-node"
+listen_port = {port}
+state_dir = "{tmp / 'state'}"
+log_dir = "{tmp / 'logs'}"
+{'admin_token_file = "' + str(token_file) + '"' if token else ''}
+log_format = "json"
+log_level = "debug"
+
+[gpu]
+source = "simulated"
+{gpus}
+
+[supervisor]
+probe_interval_s = 0.5
+probe_timeout_s = 0.4
+failure_threshold = 3
+backoff_initial_s = 0.2
+backoff_max_s = 2.0
+stop_grace_s = 5
+startup_timeout_s = 30
+port_base = {free_port_block()}
+{supervisor}
+{instances}
+"""
+
+
+def free_port_block(span: int = 20) -> int:
+    """A base port whose next ``span`` ports are free now (tests run agents side by side)."""
+    for _ in range(200):
+        base = free_port()
+        if base + span > 65000:
+            continue
+        ok = True
+        for p in range(base, base + span):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port block")
+
+
+class AgentProcess:
+    """A real ``gpu-agent`` subprocess with a JSON log file and an HTTP client."""
+
+    def __init__(self, tmp: Path, config_text: str, port: int, env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        self.port = port
+        self.config = tmp / "agent.toml"
+        self.config.write_text(config_text)
+        self.log_path = tmp / "agent.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base = f"http://127.0.0.1:{port}"
+        self.http: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--config", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        )
+
+    async def __aenter__(self) -> AgentProcess:
+        self.start()
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        await wait_until(self._healthy, timeout=30, what="agent /healthz")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.http is not None:
+            await self.http.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    async def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        assert self.http is not None
+        async with self.http.get(self.base + "/healthz") as r:
+            return r.status == 200
+
+    async def status(self) -> dict[str, Any]:
+        assert self.http is not None
+        async with self.http.get(self.base + "/v1/status") as r:
+            assert r.status == 200
+            return await r.json()
+
+    async def instance(self, name: str) -> dict[str, Any]:
+        """The instance's record; {} while it does not exist (e.g. before a reload lands)."""
+        st = await self.status()
+        return next((i for i in st["instances"] if i["name"] == name), {})
+
+    async def wait_state(self, name: str, state: str, timeout: float = 30, **match: Any) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            i = await self.instance(name)
+            if i.get("state") == state and all(i.get(k) == v for k, v in match.items()):
+                return i
+            return None
+
+        return await wait_until(check, timeout=timeout, what=f"{name} {state} {match or ''}")
+
+    async def admin(self, path: str, token: str | None = TOKEN, body: Any = None) -> tuple[int, dict[str, Any]]:
+        assert self.http is not None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.http.post(self.base + path, headers=headers, json=body) as r:
+            return r.status, await r.json()
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines()
