@@ -429,7 +429,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     sim = Simulator(args)
     # handler_cancellation: a client that disconnects aborts its request, as vLLM aborts the sequence.
-    runner = web.AppRunner(build_app(sim), access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+    # shutdown_timeout: aiohttp may wait it twice (let requests finish, then let cancelled ones end),
+    # so a stuck request still lets SIGTERM finish in well under a second.
+    runner = web.AppRunner(build_app(sim), access_log=None, handler_cancellation=True, shutdown_timeout=0.3)
     await runner.setup()
     try:
         await web.TCPSite(runner, args.host, args.port, reuse_address=True).start()
@@ -444,7 +446,7 @@ async def serve(args: argparse.Namespace) -> int:
     uvicorn_log(f"Uvicorn running on http://{args.host}:{args.port} (Press CTRL+C to quit)")
     await stop.wait()
     uvicorn_log("Shutting down")
-    await runner.cleanup()  # stop listening, give requests shutdown_timeout to finish, cancel the rest
+    await runner.cleanup()  # stop listening, let requests finish briefly, cancel the rest
     uvicorn_log(f"Finished server process [{os.getpid()}]")
     return 0
 

@@ -8,6 +8,7 @@ supervisor drives it. All OpenAI-compatible servers take the same warm-up reques
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -52,7 +53,8 @@ async def http_get(http: aiohttp.ClientSession, url: str, timeout: float) -> Htt
     except TimeoutError:
         raise ProbeError(f"GET {url}: no answer within {timeout:g}s") from None
     except aiohttp.ClientConnectorError as e:
-        raise ProbeError(f"GET {url}: {e.os_error.strerror if e.os_error else e}") from None
+        err = e.os_error
+        raise ProbeError(f"GET {url}: {os.strerror(err.errno) if err and err.errno else e}") from None
     except (aiohttp.ClientError, OSError) as e:
         raise ProbeError(f"GET {url}: {type(e).__name__}: {e}") from None
 

@@ -1,0 +1,114 @@
+"""Pure supervision policy: health window, back-off and crash loops, ports, GPU admission."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from agent.supervisor.admission import GIB, Claim, check_admission
+from agent.supervisor.policy import HealthWindow, RestartPolicy
+from agent.supervisor.ports import PortPlanError, plan_ports, port_is_free
+from gpufleet.records import GpuRecord
+
+
+def test_health_window_threshold_and_ratio() -> None:
+    h = HealthWindow(threshold=3, window=4)
+    assert h.ratio == 1.0
+    assert [h.record(ok) for ok in (False, False, True, False, False)] == [False, False, False, False, False]
+    assert h.record(False) is True  # third consecutive failure
+    assert h.ratio == 0.25  # window of 4: T F F F
+    h.record(True)
+    assert h.consecutive_failures == 0
+
+
+def test_backoff_doubles_and_caps() -> None:
+    p = RestartPolicy(initial_s=1, max_s=60, crash_loop_restarts=100, crash_loop_window_s=600)
+    delays = [p.on_failure(now=t * 1000.0).delay_s for t in range(9)]  # far apart: no crash loop
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_crash_loop_after_five_restarts_in_ten_minutes() -> None:
+    p = RestartPolicy(initial_s=1, max_s=60, crash_loop_restarts=5, crash_loop_window_s=600)
+    decisions = [p.on_failure(now=t * 10.0) for t in range(6)]
+    assert [d.give_up for d in decisions] == [False] * 5 + [True]
+    assert "6 failures within 600s" in decisions[-1].reason
+
+
+def test_failures_outside_the_window_are_forgotten() -> None:
+    p = RestartPolicy(crash_loop_restarts=2, crash_loop_window_s=100)
+    assert not p.on_failure(0).give_up
+    assert not p.on_failure(50).give_up
+    assert not p.on_failure(160).give_up  # 0 and 50 are older than 100 s: one failure in the window
+    assert not p.on_failure(170).give_up  # two: 2 restarts are allowed
+    assert p.on_failure(180).give_up  # three within 100 s
+
+
+def test_backoff_resets_after_a_stable_run_and_on_operator_reset() -> None:
+    p = RestartPolicy(initial_s=1, max_s=60, crash_loop_restarts=100, stable_after_s=60)
+    assert [p.on_failure(i * 1000.0).delay_s for i in range(3)] == [1, 2, 4]
+    assert p.on_failure(5000, ready_for_s=3600).delay_s == 1
+    p.on_failure(6000)
+    p.reset()
+    assert p.on_failure(7000).delay_s == 1
+
+
+def test_port_plan_explicit_allocated_and_kept() -> None:
+    taken_by_others = {8101}
+    plan = plan_ports(
+        [("a", None), ("b", 8100), ("c", None), ("d", None)],
+        base=8100, span=10, reserved={8103}, keep={"d": 8108},
+        is_free=lambda p: p not in taken_by_others,
+    )
+    assert plan == {"b": 8100, "a": 8102, "c": 8104, "d": 8108}
+
+
+def test_port_plan_exhausted() -> None:
+    with pytest.raises(PortPlanError, match="no free port left in 9000..9001 for instance 'c'"):
+        plan_ports([("a", None), ("b", None), ("c", None)], base=9000, span=2, is_free=lambda p: True)
+
+
+def test_port_is_free_sees_a_bound_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert not port_is_free(s.getsockname()[1])
+
+
+def gpu(index: int = 0, total_gib: float = 80, free_gib: float = 80, lost: bool = False) -> GpuRecord:
+    return GpuRecord(
+        index=index, uuid=f"GPU-{index}", name="NVIDIA A100", gpu_class="A100",
+        memory_total_bytes=int(total_gib * GIB), memory_free_bytes=int(free_gib * GIB),
+        memory_used_bytes=int((total_gib - free_gib) * GIB), lost=lost,
+    )
+
+
+def test_admission_fits_and_budget() -> None:
+    gpus = {0: gpu()}
+    assert check_admission(Claim("a", (0,), 0.4), gpus) is None
+    msg = check_admission(Claim("c", (0,), 0.3), gpus, holding=[Claim("a", (0,), 0.4), Claim("b", (0,), 0.3)])
+    assert msg == "GPU 0 over-committed: c (0.3) with a (0.4), b (0.3) sums to 1.00 > budget 0.95"
+
+
+def test_admission_counts_instances_still_loading() -> None:
+    # NVML shows 60 GiB free but "a" (0.4 = 32 GiB) is still loading: only 28 GiB are really free.
+    gpus = {0: gpu(free_gib=60)}
+    msg = check_admission(Claim("b", (0,), 0.4), gpus, pending=[Claim("a", (0,), 0.4)])
+    assert msg is not None and msg.startswith("GPU 0 has 28.0 GiB free (after instances still loading: a)")
+    assert "b needs 32.0 GiB (0.4 of 80.0 GiB)" in msg
+    assert check_admission(Claim("b", (0,), 0.3), gpus, pending=[Claim("a", (0,), 0.4)]) is None
+
+
+def test_admission_missing_lost_and_unreadable_gpus() -> None:
+    assert check_admission(Claim("a", (1,), 0.1), {0: gpu()}) == "GPU 1 does not exist on this host (found [0])"
+    assert "is lost" in (check_admission(Claim("a", (0,), 0.1), {0: gpu(lost=True)}) or "")
+    unreadable = gpu()
+    unreadable.memory_free_bytes = None
+    unreadable.errors = {"memory": "Not Supported"}
+    assert check_admission(Claim("a", (0,), 0.1), {0: unreadable}) == "GPU 0: memory could not be read (Not Supported)"
+
+
+def test_admission_multi_gpu_checks_every_gpu() -> None:
+    gpus = {0: gpu(0), 1: gpu(1, free_gib=10)}
+    msg = check_admission(Claim("tp", (0, 1), 0.5), gpus)
+    assert msg is not None and msg.startswith("GPU 1 has 10.0 GiB free")
