@@ -217,7 +217,9 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
     for i, inst in enumerate(cfg.instances):
         at = f"$.instances[{i}]"
         if inst.name in seen_names:
-            out.append(ConfigProblem(f"{at}.name", f"duplicate name {inst.name!r} (also instances[{seen_names[inst.name]}])"))
+            out.append(
+                ConfigProblem(f"{at}.name", f"duplicate name {inst.name!r} (also instances[{seen_names[inst.name]}])")
+            )
         seen_names.setdefault(inst.name, i)
         if inst.port is not None:
             other = seen_ports.get(inst.port)
@@ -234,20 +236,28 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
                 out.append(ConfigProblem(f"{at}.command", "must contain {port} so the server listens where we probe"))
         else:
             if inst.command is not None:
-                out.append(ConfigProblem(f"{at}.command", f'only for backend = "command" (use launcher/args with {inst.backend})'))
+                out.append(
+                    ConfigProblem(
+                        f"{at}.command", f'only for backend = "command" (use launcher/args with {inst.backend})'
+                    )
+                )
             if not inst.model:
                 out.append(ConfigProblem(f"{at}.model", "required"))
         if not inst.client_model:
             out.append(ConfigProblem(f"{at}.served_model_name", "required when model is empty"))
         if inst.gpus:
             if inst.gpu_memory_fraction is None:
-                out.append(ConfigProblem(f"{at}.gpu_memory_fraction", "required when gpus is set (share of each GPU's memory)"))
+                out.append(
+                    ConfigProblem(f"{at}.gpu_memory_fraction", "required when gpus is set (share of each GPU's memory)")
+                )
             if len(set(inst.gpus)) != len(inst.gpus):
                 out.append(ConfigProblem(f"{at}.gpus", "lists a GPU twice"))
             if n_sim is not None:
                 for g in inst.gpus:
                     if g >= n_sim:
-                        out.append(ConfigProblem(f"{at}.gpus", f"GPU {g} does not exist ({n_sim} simulated GPUs declared)"))
+                        out.append(
+                            ConfigProblem(f"{at}.gpus", f"GPU {g} does not exist ({n_sim} simulated GPUs declared)")
+                        )
         elif inst.gpu_memory_fraction is not None:
             out.append(ConfigProblem(f"{at}.gpu_memory_fraction", "set but gpus is empty (CPU-only instance)"))
         if not inst.health_path.startswith("/"):

@@ -176,8 +176,11 @@ class AgentRuntime:
                 return {"error": "config has errors", "problems": str(e).splitlines()}
             result = await self.supervisor.reload(new)
             self.cfg = AgentConfig(
-                agent=self.cfg.agent, gpu=self.cfg.gpu, supervisor=new.supervisor,
-                instances=new.instances, source_path=self.cfg.source_path,
+                agent=self.cfg.agent,
+                gpu=self.cfg.gpu,
+                supervisor=new.supervisor,
+                instances=new.instances,
+                source_path=self.cfg.source_path,
             )
             self.notifier.ready(self.supervisor.summary())
             return result

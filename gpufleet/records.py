@@ -14,9 +14,7 @@ import msgspec
 
 NODE_SCHEMA_VERSION = 1
 
-InstanceStateName = Literal[
-    "STARTING", "WARMING", "READY", "UNHEALTHY", "RESTARTING", "FAILED", "STOPPED"
-]
+InstanceStateName = Literal["STARTING", "WARMING", "READY", "UNHEALTHY", "RESTARTING", "FAILED", "STOPPED"]
 
 
 class GpuRecord(msgspec.Struct, kw_only=True):

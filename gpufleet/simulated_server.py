@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -171,12 +172,15 @@ class Simulator:
         value = next((body[k] for k in (key, "max_tokens") if body.get(k) is not None), 16)
         if type(value) is not int or value < 1:
             raise ApiError(400, f"{key} must be an integer of at least 1, got {value!r}.")
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise ApiError(400, "The simulated server supports only n=1.")
         room = self.args.max_model_len - prompt_tokens
         if room < 1:  # vLLM refuses a prompt that leaves no room rather than truncating it
-            raise ApiError(400, f"This model's maximum context length is {self.args.max_model_len} tokens. "
-                                f"However, your request has {prompt_tokens} input tokens.")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {self.args.max_model_len} tokens. "
+                f"However, your request has {prompt_tokens} input tokens.",
+            )
         return min(value, room)
 
     async def generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
@@ -202,8 +206,15 @@ class Simulator:
             message = {"role": "assistant", "content": text, "tool_calls": []}
             out = {"message": message} if chat else {"text": text}
             choice = {"index": 0, **out, "logprobs": None, "finish_reason": "length", "stop_reason": None}
-            return json_response({**head, "object": "chat.completion" if chat else "text_completion",
-                                  "choices": [choice], "usage": usage, "prompt_logprobs": None})
+            return json_response(
+                {
+                    **head,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "choices": [choice],
+                    "usage": usage,
+                    "prompt_logprobs": None,
+                }
+            )
 
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
@@ -222,7 +233,7 @@ class Simulator:
                 async for token in self.decode(tokens, started):
                     await resp.write(chunk({"delta": {"content": token}} if chat else {"text": token}))
                 await resp.write(chunk({"delta": {}} if chat else {"text": ""}, "length"))
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if isinstance(options := body.get("stream_options"), dict) and options.get("include_usage"):
                 await resp.write(sse({**head, "choices": [], "usage": usage}))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -252,13 +263,27 @@ class Simulator:
                 value = base64.b64encode(packed).decode() if fmt == "base64" else as_float
                 data.append({"object": "embedding", "embedding": value, "index": i})
         self.successes += 1
-        return json_response({"id": "embd-" + uuid.uuid4().hex, "object": "list",
-                              "created": int(time.time()), "model": model, "data": data,
-                              "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+        return json_response(
+            {
+                "id": "embd-" + uuid.uuid4().hex,
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": data,
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            }
+        )
 
     async def models(self, request: web.Request) -> web.Response:
-        card = {"object": "model", "created": self.created, "owned_by": "vllm", "root": self.args.model,
-                "parent": None, "max_model_len": self.args.max_model_len, "permission": []}
+        card = {
+            "object": "model",
+            "created": self.created,
+            "owned_by": "vllm",
+            "root": self.args.model,
+            "parent": None,
+            "max_model_len": self.args.max_model_len,
+            "permission": [],
+        }
         return json_response({"object": "list", "data": [{"id": name, **card} for name in self.names]})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -269,29 +294,57 @@ class Simulator:
             lines.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}"))
             lines.extend(f"{name}{suffix}{{{labels}}} {float(v)!r}" for suffix, labels, v in samples)
 
-        metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
-               ("", label, self.running))
-        metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-               ("", label, self.waiting))
-        metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
-               ("", label, self.running / self.args.max_num_seqs))
-        metric("vllm:prompt_tokens", "counter", "Number of prefill tokens processed.",
-               ("_total", label, self.prompt_tokens))
-        metric("vllm:generation_tokens", "counter", "Number of generation tokens processed.",
-               ("_total", label, self.generation_tokens))
-        metric("vllm:request_success", "counter", "Count of successfully processed requests.",
-               ("_total", f'finished_reason="length",{label}', self.successes))
+        metric(
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            ("", label, self.running),
+        )
+        metric(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            ("", label, self.waiting),
+        )
+        metric(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            ("", label, self.running / self.args.max_num_seqs),
+        )
+        metric(
+            "vllm:prompt_tokens",
+            "counter",
+            "Number of prefill tokens processed.",
+            ("_total", label, self.prompt_tokens),
+        )
+        metric(
+            "vllm:generation_tokens",
+            "counter",
+            "Number of generation tokens processed.",
+            ("_total", label, self.generation_tokens),
+        )
+        metric(
+            "vllm:request_success",
+            "counter",
+            "Count of successfully processed requests.",
+            ("_total", f'finished_reason="length",{label}', self.successes),
+        )
         le_n = [*zip(TTFT_BUCKETS, self.ttft_buckets, strict=True), ("+Inf", self.ttft_count)]
-        metric("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token (seconds).",
-               *[("_bucket", f'le="{le}",{label}', n) for le, n in le_n],
-               ("_sum", label, self.ttft_sum), ("_count", label, self.ttft_count))
+        metric(
+            "vllm:time_to_first_token_seconds",
+            "histogram",
+            "Histogram of time to first token (seconds).",
+            *[("_bucket", f'le="{le}",{label}', n) for le, n in le_n],
+            ("_sum", label, self.ttft_sum),
+            ("_count", label, self.ttft_count),
+        )
         resp = web.Response(text="\n".join(lines) + "\n")
         resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
         return resp
 
     async def control(self, request: web.Request) -> web.Response:
-        names = ("inference_requests", "running", "waiting", "prompt_tokens", "generation_tokens",
-                 "successes")
+        names = ("inference_requests", "running", "waiting", "prompt_tokens", "generation_tokens", "successes")
         counters = {n: getattr(self, n) for n in names}
         status = {"settings": dataclasses.asdict(self.settings), "counters": counters}
         if request.method == "GET":
@@ -376,8 +429,9 @@ def build_app(sim: Simulator) -> web.Application:
         try:
             resp = await handler(request)
         except ApiError as e:
-            resp = json_response({"object": "error", "message": str(e), "type": e.kind, "param": None,
-                                  "code": e.status}, e.status)
+            resp = json_response(
+                {"object": "error", "message": str(e), "type": e.kind, "param": None, "code": e.status}, e.status
+            )
         except web.HTTPException as exc:  # unknown route or method: FastAPI's JSON shape, as vLLM
             resp = json_response({"detail": exc.reason}, exc.status)
         if not sim.args.disable_uvicorn_access_log:
@@ -392,19 +446,13 @@ def build_app(sim: Simulator) -> web.Application:
     async def version(request: web.Request) -> web.Response:
         return json_response({"version": VERSION})
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await sim.generate(request, chat=True)
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        return await sim.generate(request, chat=False)
-
     app = web.Application(middlewares=[middleware])
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
     app.router.add_get("/v1/models", sim.models)
     app.router.add_get("/metrics", sim.metrics)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", functools.partial(sim.generate, chat=True))
+    app.router.add_post("/v1/completions", functools.partial(sim.generate, chat=False))
     app.router.add_post("/v1/embeddings", sim.embeddings)
     app.router.add_route("*", "/sim/control", sim.control)
     return app
@@ -415,9 +463,11 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     log(f"vLLM API server version {VERSION}")
-    log(f"args: model={args.model!r} served_model_name={args.served_model_name} max_model_len="
+    log(
+        f"args: model={args.model!r} served_model_name={args.served_model_name} max_model_len="
         f"{args.max_model_len} max_num_seqs={args.max_num_seqs} dtype={args.dtype} "
-        f"gpu_memory_utilization={args.gpu_memory_utilization} tp={args.tensor_parallel_size}")
+        f"gpu_memory_utilization={args.gpu_memory_utilization} tp={args.tensor_parallel_size}"
+    )
     # As with vLLM, nothing listens while the weights load: probes meet "connection refused".
     log(f"Starting to load model {args.model} (simulated: {args.startup_delay:g} s)...")
     with contextlib.suppress(TimeoutError):
@@ -436,8 +486,11 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         await web.TCPSite(runner, args.host, args.port, reuse_address=True).start()
     except OSError as exc:
-        uvicorn_log(f"[Errno {exc.errno}] error while attempting to bind on address "
-                    f"({args.host!r}, {args.port}): {exc.strerror}", "ERROR")
+        uvicorn_log(
+            f"[Errno {exc.errno}] error while attempting to bind on address "
+            f"({args.host!r}, {args.port}): {exc.strerror}",
+            "ERROR",
+        )
         await runner.cleanup()
         return 1
     uvicorn_log(f"Started server process [{os.getpid()}]")
@@ -481,14 +534,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = p.add_argument_group("simulation (each also settable as $SIM_<NAME>, e.g. SIM_STARTUP_DELAY)")
     s.add_argument("--startup-delay", type=float, default=_env("startup_delay", float, 0.0), metavar="S")
     s.add_argument("--latency-ms", type=float, default=_env("latency_ms", float, 0.0), metavar="MS")
-    s.add_argument("--tokens-per-second", type=float, default=_env("tokens_per_second", float, 200.0),
-                   metavar="TPS", help="0: no per-token delay")
+    s.add_argument(
+        "--tokens-per-second",
+        type=float,
+        default=_env("tokens_per_second", float, 200.0),
+        metavar="TPS",
+        help="0: no per-token delay",
+    )
     s.add_argument("--error-rate", type=float, default=_env("error_rate", float, 0.0), metavar="P")
     s.add_argument("--crash-after", type=int, default=_env("crash_after", int, 0), metavar="N")
     s.add_argument("--hang-after", type=int, default=_env("hang_after", int, 0), metavar="N")
     s.add_argument("--embedding-dim", type=int, default=_env("embedding_dim", int, 384), metavar="D")
-    s.add_argument("--fail-health", action="store_true",
-                   default=_env("fail_health", lambda r: r.lower() in ("1", "true", "yes", "on"), False))
+    s.add_argument(
+        "--fail-health",
+        action="store_true",
+        default=_env("fail_health", lambda r: r.lower() in ("1", "true", "yes", "on"), False),
+    )
     # Intermixed, so options may come before MODEL; known-args, so vLLM options we lack do not
     # stop a launch (their values may land in words, and are reported with them).
     args, unknown = p.parse_known_intermixed_args(argv)
@@ -497,8 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("MODEL is required")
     args.model = words[0]
     if unknown or words[1:]:
-        log(f"ignoring arguments the simulated server has no use for: {' '.join(unknown + words[1:])}",
-            "WARNING")
+        log(f"ignoring arguments the simulated server has no use for: {' '.join(unknown + words[1:])}", "WARNING")
     for name in ("startup_delay", "latency_ms", "tokens_per_second", "crash_after", "hang_after"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")

@@ -40,7 +40,7 @@ async def wait_until(
             last = cond()
             if asyncio.iscoroutine(last) or isinstance(last, Awaitable):
                 last = await last
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             last = e  # not there yet (connection refused, ...): keep waiting
         else:
             if last:
@@ -65,39 +65,51 @@ def pid_alive(pid: int) -> bool:
 SIM_LAUNCHER = '["{python}", "-m", "gpufleet.simulated_server", "serve"]'
 
 
-def instance_toml(name: str, *, gpus: str = "[]", fraction: float | None = None, args: str = "[]",
-                  extra: str = "", model: str | None = None) -> str:
+def instance_toml(
+    name: str,
+    *,
+    gpus: str = "[]",
+    fraction: float | None = None,
+    args: str = "[]",
+    extra: str = "",
+    model: str | None = None,
+) -> str:
     frac = f"gpu_memory_fraction = {fraction}\n" if fraction is not None else ""
     return f"""
 [[instances]]
 name = "{name}"
 backend = "vllm"
 launcher = {SIM_LAUNCHER}
-model = "{model or name + '-model'}"
+model = "{model or name + "-model"}"
 gpus = {gpus}
 {frac}args = {args}
 {extra}
 """
 
 
-def agent_toml(tmp: Path, port: int, instances: str, *, token: bool = True, supervisor: str = "",
-               gpus: str | None = None) -> str:
+def agent_toml(
+    tmp: Path, port: int, instances: str, *, token: bool = True, supervisor: str = "", gpus: str | None = None
+) -> str:
     token_file = tmp / "admin-token"
     if token:
         token_file.write_text(TOKEN + "\n")
         token_file.chmod(0o600)
-    gpus = gpus if gpus is not None else """
+    gpus = (
+        gpus
+        if gpus is not None
+        else """
 [[gpu.simulated]]
 name = "NVIDIA A100-SXM4-80GB"
 memory_total_gib = 80
 """
+    )
     return f"""
 [agent]
 node_id = "test-node"
 listen_port = {port}
-state_dir = "{tmp / 'state'}"
-log_dir = "{tmp / 'logs'}"
-{'admin_token_file = "' + str(token_file) + '"' if token else ''}
+state_dir = "{tmp / "state"}"
+log_dir = "{tmp / "logs"}"
+{'admin_token_file = "' + str(token_file) + '"' if token else ""}
 log_format = "json"
 log_level = "debug"
 
@@ -153,10 +165,12 @@ class AgentProcess:
         self.http: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "--config", str(self.config)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
 
     async def __aenter__(self) -> AgentProcess:

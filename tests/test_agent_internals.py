@@ -14,7 +14,9 @@ from agent.supervisor.process import RotatingLog
 from gpufleet.sdnotify import SystemdNotifier
 
 
-def fake_cgroup_tree(tmp_path: Path, controllers: str = "cpu memory pids", procs: str = "0::/system.slice/gpu-agent.service\n") -> CgroupManager:
+def fake_cgroup_tree(
+    tmp_path: Path, controllers: str = "cpu memory pids", procs: str = "0::/system.slice/gpu-agent.service\n"
+) -> CgroupManager:
     """A directory laid out like a delegated cgroup v2 subtree. It cannot move processes, but it
     shows which files the manager writes and what it writes into them."""
     base = tmp_path / "cg" / "system.slice" / "gpu-agent.service"

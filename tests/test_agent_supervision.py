@@ -14,7 +14,8 @@ from helpers import AgentProcess, agent_toml, free_port, instance_toml, pid_aliv
 async def test_instances_reach_ready_and_report_status(tmp_path: Path) -> None:
     port = free_port()
     cfg = agent_toml(
-        tmp_path, port,
+        tmp_path,
+        port,
         instance_toml("a", gpus="[0]", fraction=0.4, args='["--startup-delay", "0.5"]')
         + instance_toml("b", gpus="[0]", fraction=0.3)
         + instance_toml("cpu", extra='warmup = { kind = "embedding" }'),
@@ -146,8 +147,12 @@ async def test_over_committed_gpu_memory_is_refused(tmp_path: Path) -> None:
     """NVML (here the simulated GPU) says 70 of 80 GiB are in use: a 0.4 instance cannot fit."""
     port = free_port()
     gpus = '\n[[gpu.simulated]]\nname = "NVIDIA A10"\nmemory_total_gib = 80\nmemory_used_gib = 70\n'
-    cfg = agent_toml(tmp_path, port, instance_toml("big", gpus="[0]", fraction=0.4)
-                     + instance_toml("small", gpus="[0]", fraction=0.1), gpus=gpus)
+    cfg = agent_toml(
+        tmp_path,
+        port,
+        instance_toml("big", gpus="[0]", fraction=0.4) + instance_toml("small", gpus="[0]", fraction=0.1),
+        gpus=gpus,
+    )
     async with AgentProcess(tmp_path, cfg, port) as agent:
         big = await agent.wait_state("big", "FAILED")
         assert big["last_error"].startswith("refused: GPU 0 has")
@@ -276,14 +281,17 @@ async def test_healthz_and_unknown_route_errors_are_json(tmp_path: Path) -> None
         assert agent.http is not None
         async with agent.http.get(agent.base + "/nope") as r:
             assert r.status == 404 and (await r.json())["error"]["type"] == "invalid_request_error"
-        status, body = await agent.admin("/admin/gpus/0", body=None)
+        status, _ = await agent.admin("/admin/gpus/0", body=None)
         assert status == 400
         async with agent.http.post(
-            agent.base + "/admin/gpus/0", data=b"{not json", headers={"Authorization": "Bearer test-admin-token-0123456789abcdef"}
+            agent.base + "/admin/gpus/0",
+            data=b"{not json",
+            headers={"Authorization": "Bearer test-admin-token-0123456789abcdef"},
         ) as r:
             assert r.status == 400 and "invalid request" in (await r.json())["error"]["message"]
         async with agent.http.post(
-            agent.base + "/admin/gpus/7", json={"temperature_c": 90},
+            agent.base + "/admin/gpus/7",
+            json={"temperature_c": 90},
             headers={"Authorization": "Bearer test-admin-token-0123456789abcdef"},
         ) as r:
             assert r.status == 404
@@ -299,8 +307,10 @@ async def test_heating_a_simulated_gpu_shows_in_status_and_metrics(tmp_path: Pat
         async with agent.http.get(agent.base + "/metrics") as r:
             text = await r.text()
         assert 'gpu_agent_gpu_utilization_ratio{gpu="0",gpu_class="A100"' in text
-        assert any(line.startswith("gpu_agent_gpu_temperature_celsius{") and line.endswith(" 91.0")
-                   for line in text.splitlines())
+        assert any(
+            line.startswith("gpu_agent_gpu_temperature_celsius{") and line.endswith(" 91.0")
+            for line in text.splitlines()
+        )
 
 
 _ = aiohttp  # used through helpers' sessions

@@ -26,10 +26,22 @@ def inst(**kw: object) -> InstanceConfig:
 
 
 def test_vllm_argv() -> None:
-    spec = get_backend("vllm").launch(inst(gpus=[0], gpu_memory_fraction=0.4, served_model_name="qwen", args=["--x"]), 8001)
+    spec = get_backend("vllm").launch(
+        inst(gpus=[0], gpu_memory_fraction=0.4, served_model_name="qwen", args=["--x"]), 8001
+    )
     assert spec.argv == [
-        "vllm", "serve", "/m/qwen", "--host", "127.0.0.1", "--port", "8001",
-        "--served-model-name", "qwen", "--gpu-memory-utilization", "0.4", "--x",
+        "vllm",
+        "serve",
+        "/m/qwen",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8001",
+        "--served-model-name",
+        "qwen",
+        "--gpu-memory-utilization",
+        "0.4",
+        "--x",
     ]
     tp = get_backend("vllm").launch(inst(gpus=[0, 1], gpu_memory_fraction=0.9), 1)
     assert tp.argv[-2:] == ["--tensor-parallel-size", "2"]
@@ -42,9 +54,23 @@ def test_launcher_replaces_executable_and_python_placeholder() -> None:
 
 def test_llamacpp_argv_gpu_and_cpu() -> None:
     b = get_backend("llamacpp")
-    gpu = b.launch(inst(backend="llamacpp", model="/m/q.gguf", gpus=[1], gpu_memory_fraction=0.5, served_model_name="q"), 9)
-    assert gpu.argv == ["llama-server", "-m", "/m/q.gguf", "--host", "127.0.0.1", "--port", "9",
-                        "-ngl", "999", "--alias", "q", "--metrics"]
+    gpu = b.launch(
+        inst(backend="llamacpp", model="/m/q.gguf", gpus=[1], gpu_memory_fraction=0.5, served_model_name="q"), 9
+    )
+    assert gpu.argv == [
+        "llama-server",
+        "-m",
+        "/m/q.gguf",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9",
+        "-ngl",
+        "999",
+        "--alias",
+        "q",
+        "--metrics",
+    ]
     cpu = b.launch(inst(backend="llamacpp", model="/m/q.gguf"), 9)
     assert cpu.argv[cpu.argv.index("-ngl") + 1] == "0"
     some = b.launch(inst(backend="llamacpp", model="/m/q.gguf", gpus=[0], gpu_memory_fraction=0.5, gpu_layers=20), 9)
@@ -54,8 +80,18 @@ def test_llamacpp_argv_gpu_and_cpu() -> None:
 def test_koboldcpp_argv_gpu_and_cpu() -> None:
     b = get_backend("koboldcpp")
     gpu = b.launch(inst(backend="koboldcpp", model="/m/k.gguf", gpus=[0], gpu_memory_fraction=0.5, gpu_layers=35), 5001)
-    assert gpu.argv == ["koboldcpp", "--model", "/m/k.gguf", "--host", "127.0.0.1", "--port", "5001",
-                        "--usecublas", "--gpulayers", "35"]
+    assert gpu.argv == [
+        "koboldcpp",
+        "--model",
+        "/m/k.gguf",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5001",
+        "--usecublas",
+        "--gpulayers",
+        "35",
+    ]
     cpu = b.launch(inst(backend="koboldcpp", model="/m/k.gguf"), 5002)
     assert "--usecublas" not in cpu.argv and cpu.argv[-2:] == ["--gpulayers", "0"]
 
@@ -68,7 +104,9 @@ def test_ollama_env() -> None:
 
 def test_command_placeholders_keep_json_braces() -> None:
     spec = get_backend("command").launch(
-        inst(backend="command", model="m", command=["srv", "--port={port}", "--cfg", '{"a": 1}', "{served_model_name}"]),
+        inst(
+            backend="command", model="m", command=["srv", "--port={port}", "--cfg", '{"a": 1}', "{served_model_name}"]
+        ),
         7000,
     )
     assert spec.argv == ["srv", "--port=7000", "--cfg", '{"a": 1}', "m"]

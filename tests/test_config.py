@@ -46,7 +46,10 @@ def test_koboldcpp_example_has_gpu_and_cpu_instance() -> None:
 
 
 def test_every_problem_is_reported_with_its_path(tmp_path: Path) -> None:
-    lines = problems(tmp_path, BASE + """
+    lines = problems(
+        tmp_path,
+        BASE
+        + """
 [agent]
 listen_port = "eighty"
 
@@ -71,7 +74,8 @@ name = "typo"
 backend = "vllm"
 model = "m"
 gpu_memroy_fraction = 0.5
-""")
+""",
+    )
     f = tmp_path / "agent.toml"
     assert lines == [
         f"{f}: $.agent.listen_port: Expected `int`, got `str`",
@@ -82,7 +86,10 @@ gpu_memroy_fraction = 0.5
 
 
 def test_semantic_problems(tmp_path: Path) -> None:
-    lines = problems(tmp_path, BASE + """
+    lines = problems(
+        tmp_path,
+        BASE
+        + """
 [agent]
 listen_port = 8080
 
@@ -112,7 +119,8 @@ name = "d"
 backend = "llamacpp"
 model = "m.gguf"
 gpu_memory_fraction = 0.2
-""")
+""",
+    )
     text = "\n".join(lines)
     assert "$.instances[0].port: 8080 is the agent's own listen_port" in text
     assert "$.instances[1].name: duplicate name 'a' (also instances[0])" in text
@@ -120,11 +128,17 @@ gpu_memory_fraction = 0.2
     assert "$.instances[2].command: must contain {port}" in text
     assert "$.instances[3].gpu_memory_fraction: set but gpus is empty (CPU-only instance)" in text
     # Over-commitment names every instance on the GPU.
-    assert "$.instances[1].gpu_memory_fraction: GPU 0 over-committed: a (0.6), a (0.5) sum to 1.10 > memory_budget 0.95" in text
+    assert (
+        "$.instances[1].gpu_memory_fraction: GPU 0 over-committed: a (0.6), a (0.5) sum to 1.10 > memory_budget 0.95"
+        in text
+    )
 
 
 def test_missing_fraction_and_unknown_section(tmp_path: Path) -> None:
-    lines = problems(tmp_path, BASE + """
+    lines = problems(
+        tmp_path,
+        BASE
+        + """
 [supervisr]
 x = 1
 [[instances]]
@@ -132,7 +146,8 @@ name = "a"
 backend = "vllm"
 model = "m"
 gpus = [0]
-""")
+""",
+    )
     assert any(line.endswith("$.supervisr: unknown section") for line in lines)
 
 
@@ -145,7 +160,9 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_simulated_without_gpus_and_nvml_with_simulated(tmp_path: Path) -> None:
-    assert any("needs at least one [[gpu.simulated]]" in ln for ln in problems(tmp_path, '[gpu]\nsource = "simulated"\n'))
+    assert any(
+        "needs at least one [[gpu.simulated]]" in ln for ln in problems(tmp_path, '[gpu]\nsource = "simulated"\n')
+    )
     text = '[gpu]\nsource = "nvml"\n[[gpu.simulated]]\nname = "x"\n'
     assert any('simulated GPUs are declared but source = "nvml"' in ln for ln in problems(tmp_path, text))
 
@@ -194,7 +211,9 @@ def test_nvml_absent_is_a_clear_startup_error(tmp_path: Path) -> None:
         pynvml.nvmlShutdown()
         pytest.skip("NVML works on this host")
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[agent]\nlisten_port = 1\nstate_dir = "{tmp_path}"\nlog_dir = "{tmp_path}"\n[gpu]\nsource = "nvml"\n')
+    cfg.write_text(
+        f'[agent]\nlisten_port = 1\nstate_dir = "{tmp_path}"\nlog_dir = "{tmp_path}"\n[gpu]\nsource = "nvml"\n'
+    )
     res = run_agent("--config", str(cfg))
     assert res.returncode == 69
     assert "NVML is not available" in res.stderr and 'source = \\"simulated\\"' in res.stderr

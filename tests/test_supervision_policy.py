@@ -57,14 +57,17 @@ def test_port_plan_explicit_allocated_and_kept() -> None:
     taken_by_others = {8101}
     plan = plan_ports(
         [("a", None), ("b", 8100), ("c", None), ("d", None)],
-        base=8100, span=10, reserved={8103}, keep={"d": 8108},
+        base=8100,
+        span=10,
+        reserved={8103},
+        keep={"d": 8108},
         is_free=lambda p: p not in taken_by_others,
     )
     assert plan == {"b": 8100, "a": 8102, "c": 8104, "d": 8108}
 
 
 def test_port_plan_exhausted() -> None:
-    with pytest.raises(PortPlanError, match="no free port left in 9000..9001 for instance 'c'"):
+    with pytest.raises(PortPlanError, match=r"no free port left in 9000\.\.9001 for instance 'c'"):
         plan_ports([("a", None), ("b", None), ("c", None)], base=9000, span=2, is_free=lambda p: True)
 
 
@@ -77,9 +80,14 @@ def test_port_is_free_sees_a_bound_port() -> None:
 
 def gpu(index: int = 0, total_gib: float = 80, free_gib: float = 80, lost: bool = False) -> GpuRecord:
     return GpuRecord(
-        index=index, uuid=f"GPU-{index}", name="NVIDIA A100", gpu_class="A100",
-        memory_total_bytes=int(total_gib * GIB), memory_free_bytes=int(free_gib * GIB),
-        memory_used_bytes=int((total_gib - free_gib) * GIB), lost=lost,
+        index=index,
+        uuid=f"GPU-{index}",
+        name="NVIDIA A100",
+        gpu_class="A100",
+        memory_total_bytes=int(total_gib * GIB),
+        memory_free_bytes=int(free_gib * GIB),
+        memory_used_bytes=int((total_gib - free_gib) * GIB),
+        lost=lost,
     )
 
 

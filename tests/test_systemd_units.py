@@ -31,6 +31,14 @@ def test_unit_verifies_cleanly(unit: Path, tmp_path: Path) -> None:
 
 def test_agent_unit_essentials() -> None:
     text = (ROOT / "systemd" / "gpu-agent.service").read_text()
-    for line in ("Type=notify", "KillMode=mixed", "RestartPreventExitStatus=78", "NoNewPrivileges=yes",
-                 "ProtectSystem=strict", "Delegate=cpu", "User=gpu-agent", "DeviceAllow=/dev/nvidiactl rw"):
+    for line in (
+        "Type=notify",
+        "KillMode=mixed",
+        "RestartPreventExitStatus=78",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "Delegate=cpu",
+        "User=gpu-agent",
+        "DeviceAllow=/dev/nvidiactl rw",
+    ):
         assert line in text.splitlines(), line

@@ -49,11 +49,15 @@ class NodeCollector(Collector):
         yield from (temp, util, mem_total, mem_used, power, lost, errs)
 
         il = ["instance", "model", "backend"]
-        state = GaugeMetricFamily("gpu_agent_instance_state", "1 for the instance's current state.", labels=[*il, "state"])
+        state = GaugeMetricFamily(
+            "gpu_agent_instance_state", "1 for the instance's current state.", labels=[*il, "state"]
+        )
         ready = GaugeMetricFamily("gpu_agent_instance_ready", "1 when the instance serves traffic.", labels=il)
         restarts = CounterMetricFamily("gpu_agent_instance_restarts", "Restarts after failures.", labels=il)
         health = GaugeMetricFamily("gpu_agent_instance_health_ratio", "Share of recent probes that passed.", labels=il)
-        running = GaugeMetricFamily("gpu_agent_instance_requests_running", "Requests the backend is running.", labels=il)
+        running = GaugeMetricFamily(
+            "gpu_agent_instance_requests_running", "Requests the backend is running.", labels=il
+        )
         waiting = GaugeMetricFamily("gpu_agent_instance_requests_waiting", "Requests queued in the backend.", labels=il)
         kv = GaugeMetricFamily("gpu_agent_instance_kv_cache_usage_ratio", "Backend KV-cache usage, 0..1.", labels=il)
         since = GaugeMetricFamily(
@@ -81,7 +85,9 @@ class NodeCollector(Collector):
         up.add_metric([], 1.0 if rec.ready else 0.0)
         start = GaugeMetricFamily("gpu_agent_start_time_seconds", "Unix time the agent started.")
         start.add_metric([], rec.started_at)
-        info = GaugeMetricFamily("gpu_agent_build_info", "Agent version and mode.", labels=["version", "mode", "gpu_source"])
+        info = GaugeMetricFamily(
+            "gpu_agent_build_info", "Agent version and mode.", labels=["version", "mode", "gpu_source"]
+        )
         info.add_metric([rec.agent_version, rec.mode, rec.gpu_source], 1.0)
         yield from (up, start, info)
 

@@ -74,11 +74,16 @@ def build_app(rt: AgentRuntime) -> web.Application:
 
     def require_admin(request: web.Request) -> web.Response | None:
         if not rt.admin_token.configured:
-            return error_response(403, "admin API disabled: set agent.admin_token_file", "permission_error", "admin_disabled")
+            return error_response(
+                403, "admin API disabled: set agent.admin_token_file", "permission_error", "admin_disabled"
+            )
         if not rt.admin_token.check(request.headers.get("Authorization")):
             log.warning("admin request refused", path=request.path, remote=request.remote)
             return error_response(
-                401, "missing or wrong bearer token", "authentication_error", "unauthorized",
+                401,
+                "missing or wrong bearer token",
+                "authentication_error",
+                "unauthorized",
                 headers={"WWW-Authenticate": 'Bearer realm="gpu-agent"'},
             )
         return None
@@ -88,7 +93,9 @@ def build_app(rt: AgentRuntime) -> web.Application:
             return denied
         name, action = request.match_info["name"], request.match_info["action"]
         if action not in ACTIONS:
-            return error_response(404, f"unknown action {action!r}; use one of {', '.join(ACTIONS)}", "invalid_request_error")
+            return error_response(
+                404, f"unknown action {action!r}; use one of {', '.join(ACTIONS)}", "invalid_request_error"
+            )
         try:
             inst = rt.supervisor.command(name, action)  # type: ignore[arg-type]
         except UnknownInstance:

@@ -90,7 +90,9 @@ class Backend:
     def launch(self, inst: InstanceConfig, port: int) -> LaunchSpec:
         raise NotImplementedError
 
-    async def probe(self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float) -> ProbeResult:
+    async def probe(
+        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+    ) -> ProbeResult:
         raise NotImplementedError
 
     async def read_load(
@@ -109,7 +111,11 @@ class Backend:
         model = inst.client_model
         if w.kind == "chat":
             path = "/v1/chat/completions"
-            body: dict = {"model": model, "messages": [{"role": "user", "content": w.prompt}], "max_tokens": w.max_tokens}
+            body: dict = {
+                "model": model,
+                "messages": [{"role": "user", "content": w.prompt}],
+                "max_tokens": w.max_tokens,
+            }
         elif w.kind == "completion":
             path, body = "/v1/completions", {"model": model, "prompt": w.prompt, "max_tokens": w.max_tokens}
         else:

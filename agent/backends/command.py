@@ -32,13 +32,17 @@ class CommandBackend(Backend):
         argv = [fill_placeholders(a, values) for a in (inst.command or [])]
         return LaunchSpec(argv + list(inst.args))
 
-    async def probe(self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float) -> ProbeResult:
+    async def probe(
+        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+    ) -> ProbeResult:
         try:
             ans = await http_get(http, base_url + inst.health_path, timeout)
         except ProbeError as e:
             return ProbeResult(False, str(e))
         if not 200 <= ans.status < 300:
-            return ProbeResult(False, f"{inst.health_path}: HTTP {ans.status} {short(ans.body)}", loading=ans.status == 503)
+            return ProbeResult(
+                False, f"{inst.health_path}: HTTP {ans.status} {short(ans.body)}", loading=ans.status == 503
+            )
         return ProbeResult(True)
 
     async def read_load(

@@ -30,7 +30,9 @@ class KoboldCppBackend(Backend):
             argv += ["--gpulayers", "0"]
         return LaunchSpec(argv + list(inst.args))
 
-    async def probe(self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float) -> ProbeResult:
+    async def probe(
+        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+    ) -> ProbeResult:
         try:
             ans = await http_get(http, base_url + "/api/v1/model", timeout)
         except ProbeError as e:

@@ -28,7 +28,9 @@ class LlamaCppBackend(Backend):
         argv += ["-ngl", str(layers), "--alias", inst.client_model, "--metrics"]
         return LaunchSpec(argv + list(inst.args))
 
-    async def probe(self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float) -> ProbeResult:
+    async def probe(
+        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+    ) -> ProbeResult:
         try:
             health = await http_get(http, base_url + "/health", timeout)
         except ProbeError as e:

@@ -28,7 +28,9 @@ class OllamaBackend(Backend):
         env = {"OLLAMA_HOST": f"{inst.host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
         return LaunchSpec([*self.base_argv(inst), *inst.args], env)
 
-    async def probe(self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float) -> ProbeResult:
+    async def probe(
+        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+    ) -> ProbeResult:
         try:
             tags = await http_get(http, base_url + "/api/tags", timeout)
         except ProbeError as e:

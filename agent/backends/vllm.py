@@ -34,7 +34,9 @@ class VllmBackend(Backend):
                 argv += ["--tensor-parallel-size", str(len(inst.gpus))]
         return LaunchSpec(argv + list(inst.args))
 
-    async def probe(self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float) -> ProbeResult:
+    async def probe(
+        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+    ) -> ProbeResult:
         try:
             health = await http_get(http, base_url + "/health", timeout)
             if health.status != 200:

@@ -111,9 +111,7 @@ class SimulatedSource:
             raise ValueError(f"power_w must be >= 0, not {power_w}")
         if memory_used_gib is not None and not 0 <= memory_used_gib * GIB <= gpu.total_bytes:
             limit = gpu.total_bytes / GIB
-            raise ValueError(
-                f"memory_used_gib must be within 0..{limit:g} on GPU {index}, not {memory_used_gib}"
-            )
+            raise ValueError(f"memory_used_gib must be within 0..{limit:g} on GPU {index}, not {memory_used_gib}")
         self._apply(
             gpu,
             temperature_c=temperature_c,

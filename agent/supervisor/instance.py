@@ -309,7 +309,9 @@ class Instance:
             self.last_error = error
         if state is self.state:
             return
-        self.log.info("state change", state=state.value, previous=self.state.value, **({"error": error} if error else {}))
+        self.log.info(
+            "state change", state=state.value, previous=self.state.value, **({"error": error} if error else {})
+        )
         self.state = state
         self.state_since = time.time()
         self.host.on_state_change(self)

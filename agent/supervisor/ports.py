@@ -56,7 +56,7 @@ def plan_ports(
             plan[name] = keep[name]
             taken.add(keep[name])
     candidate = base
-    for name, explicit in wanted:
+    for name, _ in wanted:
         if name in plan:
             continue
         while candidate < base + span and (candidate in taken or not is_free(candidate)):

@@ -55,7 +55,7 @@ class RotatingLog:
         self.backups = backups
         self.tail: deque[str] = deque(maxlen=tail_lines)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "ab")  # noqa: SIM115 - lives as long as the instance
+        self._f = open(path, "ab")
         self._size = self._f.tell()
 
     def write(self, data: bytes) -> None:
@@ -76,9 +76,9 @@ class RotatingLog:
                 if src.exists():
                     src.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
             self.path.replace(self.path.with_name(self.path.name + ".1"))
-            self._f = open(self.path, "wb")  # noqa: SIM115
+            self._f = open(self.path, "wb")
         else:
-            self._f = open(self.path, "wb")  # noqa: SIM115
+            self._f = open(self.path, "wb")
         self._size = 0
 
     def mark(self, text: str) -> None:

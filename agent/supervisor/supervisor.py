@@ -130,8 +130,11 @@ class Supervisor:
                 log.warning("config section changed; takes effect after a restart", section=section)
         # Supervisor settings apply live: instances read them through self.cfg.
         self.cfg = AgentConfig(
-            agent=self.cfg.agent, gpu=self.cfg.gpu, supervisor=new.supervisor,
-            instances=new.instances, source_path=new.source_path,
+            agent=self.cfg.agent,
+            gpu=self.cfg.gpu,
+            supervisor=new.supervisor,
+            instances=new.instances,
+            source_path=new.source_path,
         )
         gone = [old_by_name[n] for n in removed + changed]
         keep_ports = {n: old_by_name[n].port for n in changed if new_by_name[n].port is None}
@@ -141,8 +144,12 @@ class Supervisor:
         for inst in gone:
             self.cgroups.remove_instance(inst.name)
         self._add_instances([new_by_name[n] for n in changed + added], keep_ports=keep_ports)
-        result = {"added": added, "removed": removed, "changed": changed,
-                  "unchanged": [n for n in old_by_name if n not in removed and n not in changed]}
+        result = {
+            "added": added,
+            "removed": removed,
+            "changed": changed,
+            "unchanged": [n for n in old_by_name if n not in removed and n not in changed],
+        }
         log.info("config reloaded", **result)
         self.on_change()
         return result

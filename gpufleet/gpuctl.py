@@ -1,0 +1,220 @@
+"""``gpuctl``: the operator's command line.
+
+Today it talks to one agent (``--agent URL``); cluster commands that read etcd arrive with
+cluster mode. Output is a table by default and JSON with ``-o json``. Exit codes follow
+etcdctl's spirit: 0 ok, 1 error, 2 cannot reach the agent, 64 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2, 64
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "examples" / "standalone-demo.toml"
+
+
+class Unreachable(Exception):
+    pass
+
+
+def _request(url: str, method: str = "GET", token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except ValueError:
+            return e.code, {"error": {"message": body.decode(errors="replace")}}
+    except (urllib.error.URLError, OSError) as e:
+        raise Unreachable(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+
+
+def render_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    out = [f"node {st['node']}  {st['address']}  mode={st['mode']}  ready={'yes' if st['ready'] else 'no'}", ""]
+    gpu_rows = [
+        [
+            str(g["index"]),
+            g["gpu_class"],
+            g["name"],
+            f"{_gib(g['memory_used_bytes'])}/{_gib(g['memory_total_bytes'])}",
+            "-" if g["utilization_percent"] is None else f"{g['utilization_percent']:.0f}%",
+            "-" if g["temperature_celsius"] is None else f"{g['temperature_celsius']:.0f}°C",
+            "LOST" if g["lost"] else (", ".join(g["errors"]) or "ok"),
+        ]
+        for g in st["gpus"]
+    ]
+    out.append(render_table(gpu_rows, ["GPU", "CLASS", "NAME", "MEM GiB", "UTIL", "TEMP", "STATUS"]))
+    out.append("")
+    inst_rows = [
+        [
+            i["name"],
+            i["model"],
+            i["backend"],
+            i["state"],
+            str(i["port"]),
+            ",".join(map(str, i["gpus"])) or "cpu",
+            str(i["pid"] or "-"),
+            str(i["restarts"]),
+            (i["last_error"] or "")[:60],
+        ]
+        for i in st["instances"]
+    ]
+    out.append(
+        render_table(
+            inst_rows, ["INSTANCE", "MODEL", "BACKEND", "STATE", "PORT", "GPUS", "PID", "RESTARTS", "LAST ERROR"]
+        )
+    )
+    return "\n".join(out)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    code, st = _request(args.agent.rstrip("/") + "/v1/status")
+    if code != 200:
+        print(f"error: agent answered HTTP {code}: {st}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(st, indent=2) if args.output == "json" else format_status(st))
+    return EXIT_OK
+
+
+def cmd_instance(args: argparse.Namespace) -> int:
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("GPUFLEET_ADMIN_TOKEN")
+    if not token:
+        print("error: give --token-file or set GPUFLEET_ADMIN_TOKEN", file=sys.stderr)
+        return EXIT_USAGE
+    code, body = _request(f"{args.agent.rstrip('/')}/admin/instances/{args.name}/{args.action}", "POST", token)
+    if code != 202:
+        print(f"error: HTTP {code}: {body.get('error', {}).get('message', body)}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(body, indent=2) if args.output == "json" else f"{args.action} {args.name}: accepted")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run a standalone agent with simulated GPUs and model servers until Ctrl-C."""
+    config = Path(args.config)
+    if not config.exists():
+        print(f"error: demo config {config} not found (run from a checkout of the repository)", file=sys.stderr)
+        return EXIT_USAGE
+    from agent.config import load_config
+    from gpufleet.tomlconfig import ConfigError
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    agent_log = Path(cfg.agent.log_dir) / "agent.log"
+    agent_log.parent.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{cfg.agent.listen_port}"
+    print(f"starting gpu-agent with {config} (log: {agent_log})", flush=True)
+    with open(agent_log, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--config", str(config)], stdout=logf, stderr=subprocess.STDOUT
+        )
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        deadline = time.monotonic() + 90
+        while not stop and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if _request(url + "/readyz", timeout=1)[0] == 200:
+                    break
+            except Unreachable:
+                pass
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            print(f"error: gpu-agent exited with {proc.returncode}; see {agent_log}", file=sys.stderr)
+            return EXIT_ERROR
+        st = _request(url + "/v1/status")[1]
+        print(format_status(st))
+        print(
+            f"""
+Agent API:   {url}/v1/status   {url}/metrics   {url}/readyz
+Instances:   """
+            + "  ".join(f"{i['model']} http://127.0.0.1:{i['port']}/v1" for i in st["instances"])
+            + f"""
+Admin token: {cfg.agent.admin_token_file}
+Try:         curl -s {url}/v1/status | python3 -m json.tool
+             kill -9 <a PID above>   # and watch it come back: gpuctl status --agent {url}
+Ctrl-C stops the agent and every model server it started.""",
+            flush=True,
+        )
+        end = time.monotonic() + args.duration if args.duration else None
+        while not stop and proc.poll() is None and (end is None or time.monotonic() < end):
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print(f"gpu-agent stopped (exit {proc.returncode})")
+    return EXIT_OK if proc.returncode == 0 else EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpuctl", description="Inspect and operate gpufleet.")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("--agent", default=os.environ.get("GPUFLEET_AGENT", "http://127.0.0.1:8080"), help="agent base URL")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("status", help="GPUs and instances of one agent").set_defaults(func=cmd_status)
+    inst = sub.add_parser("instance", help="start/stop/restart an instance (admin token needed)")
+    inst.add_argument("action", choices=["start", "stop", "restart"])
+    inst.add_argument("name")
+    inst.add_argument("--token-file", help="file holding the admin token (or $GPUFLEET_ADMIN_TOKEN)")
+    inst.set_defaults(func=cmd_instance)
+    demo = sub.add_parser("demo", help="run a standalone agent with simulated GPUs and model servers")
+    demo.add_argument("--config", default=str(DEMO_CONFIG))
+    demo.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0 = until Ctrl-C)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code not in (0, None) else EXIT_OK
+    try:
+        return args.func(args)
+    except Unreachable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
