@@ -100,6 +100,43 @@ class SupervisorSection(_Strict):
     log_backups: Annotated[int, Meta(ge=0, le=100)] = 5
 
 
+class ModelLimit(_Strict):
+    """Per-model admission at the proxy: at most ``max_concurrency`` requests upstream at once,
+    ``max_queue`` more waiting for a slot; beyond that, 429."""
+
+    max_concurrency: Annotated[int, Meta(ge=1)]
+    max_queue: Annotated[int, Meta(ge=0)] = 0
+
+
+class TaskRoute(_Strict):
+    """Route one kind of request for a model to a group of its instances (article 000: images to
+    one instance, documents to another, the rest to a third)."""
+
+    model: str
+    task: Literal["image", "document", "text"]
+    instances: list[str]
+
+
+class ProxySection(_Strict):
+    enabled: bool = True
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024  # base64 images are large
+    connect_timeout_s: PositiveFloat = 2.0
+    # Until the upstream's response headers arrive (prefill of a long prompt can take a while).
+    ttfb_timeout_s: PositiveFloat = 120.0
+    total_timeout_s: PositiveFloat = 900.0
+    # Attempts on distinct instances when a failure happens before the first response byte.
+    max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
+    retry_budget_s: PositiveFloat = 15.0
+    retry_after_s: Annotated[int, Meta(ge=1)] = 2
+    # Keep-alive connections kept per upstream instance.
+    upstream_keepalive: Annotated[int, Meta(ge=0)] = 64
+    limits: dict[str, ModelLimit] = {}
+    routes: list[TaskRoute] = []
+    # When the instances a task route names are not READY, use any READY instance of the model.
+    route_fallback: bool = True
+    access_log: bool = True
+
+
 class Warmup(_Strict):
     enabled: bool = True
     kind: Literal["chat", "completion", "embedding"] = "chat"
@@ -147,6 +184,7 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     gpu: GpuSection
     supervisor: SupervisorSection
     instances: list[InstanceConfig]
+    proxy: ProxySection = msgspec.field(default_factory=ProxySection)
     source_path: str = ""
 
     @property
@@ -158,6 +196,12 @@ class AgentConfig(msgspec.Struct, kw_only=True):
         return self.agent.advertise_url or f"http://{self.node_id}:{self.agent.listen_port}"
 
 
+def live_reloadable(running: AgentConfig, new: AgentConfig) -> AgentConfig:
+    """The config a reload applies: instances, supervision and proxy settings take effect live;
+    [agent] and [gpu] (listen address, GPU source, paths) need a restart."""
+    return msgspec.structs.replace(running, supervisor=new.supervisor, instances=new.instances, proxy=new.proxy)
+
+
 def load_config(path: str | Path) -> AgentConfig:
     """Parse and validate; raises :class:`ConfigError` listing every problem found."""
     path = Path(path)
@@ -165,7 +209,7 @@ def load_config(path: str | Path) -> AgentConfig:
     problems: list[ConfigProblem] = []
     parts = convert_sections(
         data,
-        sections={"agent": AgentSection, "gpu": GpuSection, "supervisor": SupervisorSection},
+        sections={"agent": AgentSection, "gpu": GpuSection, "supervisor": SupervisorSection, "proxy": ProxySection},
         lists={"instances": InstanceConfig},
         problems=problems,
     )
@@ -176,6 +220,7 @@ def load_config(path: str | Path) -> AgentConfig:
         gpu=parts["gpu"],
         supervisor=parts["supervisor"],
         instances=parts["instances"],
+        proxy=parts["proxy"],
         source_path=str(path),
     )
     _resolve_paths(cfg, path.parent)
@@ -266,6 +311,27 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
             out.append(ConfigProblem(f"{at}.metrics_path", "must start with /"))
 
     out.extend(memory_budget_problems(cfg))
+    out.extend(proxy_problems(cfg))
+    return out
+
+
+def proxy_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    out = []
+    by_name = {i.name: i for i in cfg.instances}
+    for j, route in enumerate(cfg.proxy.routes):
+        for name in route.instances:
+            inst = by_name.get(name)
+            if inst is None:
+                out.append(ConfigProblem(f"$.proxy.routes[{j}].instances", f"no instance named {name!r}"))
+            elif inst.client_model != route.model:
+                out.append(
+                    ConfigProblem(
+                        f"$.proxy.routes[{j}].instances",
+                        f"{name!r} serves {inst.client_model!r}, not {route.model!r}",
+                    )
+                )
+    if cfg.proxy.ttfb_timeout_s > cfg.proxy.total_timeout_s:
+        out.append(ConfigProblem("$.proxy.ttfb_timeout_s", "must not exceed total_timeout_s"))
     return out
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agent.api.auth import AdminToken, TokenError
 from agent.api.server import build_app
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, live_reloadable, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
 from agent.supervisor import Supervisor
 from gpufleet import __version__
@@ -124,7 +124,9 @@ class AgentRuntime:
         self.supervisor = Supervisor(self.cfg, self.gpu_source, self._http, on_change=self.changed)
         # Bind the API before starting model servers: if the port is taken we fail fast and
         # leave no processes behind.
-        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        # handler_cancellation: a client that disconnects cancels its handler, and with it the
+        # upstream request, so a model server stops generating for nobody.
+        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.agent.listen_host, self.cfg.agent.listen_port, reuse_address=True)
         try:
@@ -175,12 +177,6 @@ class AgentRuntime:
                 self.notifier.ready("reload refused: config has errors")
                 return {"error": "config has errors", "problems": str(e).splitlines()}
             result = await self.supervisor.reload(new)
-            self.cfg = AgentConfig(
-                agent=self.cfg.agent,
-                gpu=self.cfg.gpu,
-                supervisor=new.supervisor,
-                instances=new.instances,
-                source_path=self.cfg.source_path,
-            )
+            self.cfg = live_reloadable(self.cfg, new)
             self.notifier.ready(self.supervisor.summary())
             return result

@@ -226,3 +226,39 @@ class AgentProcess:
 
     def log_lines(self) -> list[str]:
         return self.log_path.read_text().splitlines()
+
+
+def start_agent_sync(tmp: Path, config_text: str, port: int, ready_instances: int, timeout: float = 60) -> AgentProcess:
+    """Start an agent from synchronous (module-scoped) fixtures and wait until ``ready_instances``
+    instances are READY."""
+    import json
+    import urllib.request
+
+    agent = AgentProcess(tmp, config_text, port)
+    agent.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        assert agent.proc is not None
+        if agent.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {agent.proc.returncode}:\n{agent.log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(agent.base + "/v1/status", timeout=2) as r:
+                st = json.loads(r.read())
+            if sum(i["state"] == "READY" for i in st["instances"]) >= ready_instances:
+                return agent
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"agent not ready after {timeout}s")
+        time.sleep(0.05)
+
+
+def stop_agent_sync(agent: AgentProcess) -> None:
+    if agent.proc is not None and agent.proc.poll() is None:
+        agent.proc.send_signal(signal.SIGTERM)
+        try:
+            agent.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.proc.kill()
+            agent.proc.wait()
+    agent._log.close()

@@ -1,7 +1,7 @@
 """The agent's HTTP API: health, readiness, status, metrics and admin actions.
 
-One aiohttp application on the agent's port; the OpenAI-compatible proxy mounts its routes on
-the same app. Admin routes need ``Authorization: Bearer <token>``.
+One aiohttp application on the agent's port, shared with the OpenAI-compatible proxy
+(agent/proxy). Admin routes need ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent.proxy import Proxy, add_proxy_routes
+from agent.proxy.metrics import ProxyMetrics
 from agent.supervisor import UnknownInstance
 
 from .errors import error_response, json_response
@@ -47,8 +49,20 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 
 def build_app(rt: AgentRuntime) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=rt.cfg.proxy.max_body_bytes)
     registry = make_registry(rt.node_record)
+    if rt.cfg.proxy.enabled:
+        proxy = Proxy(rt, ProxyMetrics(registry))
+
+        async def start_proxy(_: web.Application) -> None:
+            await proxy.start()
+
+        async def stop_proxy(_: web.Application) -> None:
+            await proxy.close()
+
+        app.on_startup.append(start_proxy)
+        app.on_cleanup.append(stop_proxy)
+        add_proxy_routes(app, proxy)
 
     async def healthz(_: web.Request) -> web.Response:
         # Answering proves the loop runs; a stale tick means supervision itself is stuck.

@@ -52,6 +52,10 @@ class Instance:
         self.restarts = 0
         self.load: InstanceLoad | None = None
         self.child: ChildProcess | None = None
+        # Maintained by the proxy: requests now upstream, and counters for the node record.
+        self.in_flight = 0
+        self.requests_total = 0
+        self.errors_total = 0
         self.health = HealthWindow(self.sup.failure_threshold, self.sup.recovery_window)
         self.policy = self._new_policy()
         self._want: Command = "start" if cfg.autostart else "stop"
@@ -118,6 +122,8 @@ class Instance:
             last_error=self.last_error,
             health_ratio=round(self.health.ratio, 3),
             load=self.load,
+            requests_total=self.requests_total,
+            errors_total=self.errors_total,
         )
 
     # --- the loop -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from agent.config import AgentConfig, InstanceConfig
+from agent.config import AgentConfig, InstanceConfig, live_reloadable
 from agent.gpu import GpuSource
 from gpufleet.records import GpuRecord, InstanceRecord
 
@@ -129,13 +129,7 @@ class Supervisor:
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("config section changed; takes effect after a restart", section=section)
         # Supervisor settings apply live: instances read them through self.cfg.
-        self.cfg = AgentConfig(
-            agent=self.cfg.agent,
-            gpu=self.cfg.gpu,
-            supervisor=new.supervisor,
-            instances=new.instances,
-            source_path=new.source_path,
-        )
+        self.cfg = live_reloadable(self.cfg, new)
         gone = [old_by_name[n] for n in removed + changed]
         keep_ports = {n: old_by_name[n].port for n in changed if new_by_name[n].port is None}
         for inst in gone:

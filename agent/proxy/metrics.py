@@ -1,0 +1,54 @@
+"""Proxy metrics, registered in the agent's own registry (not prometheus_client's global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets from 1 ms to 10 min: LLM requests span five orders of magnitude.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "gpu_agent_proxy_requests",
+            "Proxied requests by model and HTTP status.",
+            ["model", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "gpu_agent_proxy_request_duration_seconds",
+            "Time from request received to response complete.",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.ttfb = Histogram(
+            "gpu_agent_proxy_time_to_first_byte_seconds",
+            "Time from request received to the upstream's response headers.",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "gpu_agent_proxy_in_flight_requests", "Requests being proxied.", ["model"], registry=registry
+        )
+        self.retries = Counter(
+            "gpu_agent_proxy_retries",
+            "Retries on another instance before the first byte.",
+            ["model"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "gpu_agent_proxy_upstream_errors",
+            "Failed upstream attempts by kind (connect, status_5xx, status_429, timeout, midstream).",
+            ["model", "instance", "kind"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "gpu_agent_proxy_rejected",
+            "Requests refused before any upstream (by reason).",
+            ["reason"],
+            registry=registry,
+        )

@@ -1,0 +1,80 @@
+"""Which instance serves a request: pure functions over the instances' current state.
+
+Least in-flight first among READY instances; ties rotate so equal instances share the load
+(a plain "min" would pile every idle-time request onto the first one). Optional task routes send
+requests with images or documents to their own instance groups (article 000).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal, Protocol
+
+import msgspec
+
+from agent.config import TaskRoute
+
+Task = Literal["image", "document", "text"]
+
+
+class Candidate(Protocol):
+    name: str
+    in_flight: int
+
+
+class _Part(msgspec.Struct):
+    type: str = ""
+
+
+class _Message(msgspec.Struct):
+    content: str | list[_Part] | None = None
+
+
+class _Messages(msgspec.Struct):
+    messages: list[_Message] = []
+
+
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+_DOCUMENT_PARTS = frozenset({"file", "input_file", "document"})
+
+
+def classify_task(body: bytes) -> Task:
+    """'image' if any message has an image part, 'document' for a file part, else 'text'.
+
+    Only the message part types are decoded; a body this cannot read is 'text' (the upstream
+    will judge it)."""
+    try:
+        msgs = msgspec.json.decode(body, type=_Messages).messages
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "text"
+    kinds = {p.type for m in msgs if isinstance(m.content, list) for p in m.content}
+    if kinds & _IMAGE_PARTS:
+        return "image"
+    if kinds & _DOCUMENT_PARTS:
+        return "document"
+    return "text"
+
+
+def route_group(routes: Iterable[TaskRoute], model: str, task: Task) -> list[str] | None:
+    for r in routes:
+        if r.model == model and r.task == task:
+            return r.instances
+    return None
+
+
+class Picker:
+    """Least in-flight with rotating tie-break; one cursor per model."""
+
+    def __init__(self) -> None:
+        self._cursor: dict[str, int] = {}
+
+    def pick(self, model: str, ready: Sequence[Candidate]) -> Candidate | None:
+        if not ready:
+            return None
+        if len(ready) == 1:
+            return ready[0]
+        least = min(c.in_flight for c in ready)
+        tied = [c for c in ready if c.in_flight == least]
+        n = self._cursor.get(model, 0)
+        self._cursor[model] = n + 1
+        return tied[n % len(tied)]

@@ -1,0 +1,430 @@
+"""The OpenAI-compatible proxy on the agent's port.
+
+Bytes go through untouched: the request body is forwarded as received (we decode only
+``model`` and ``stream``), SSE chunks are written to the client as they arrive, each in its own
+write, never re-serialised (LiteLLM's re-serialisation is where its 3–12 ms go). A failure
+before the first response byte (connect error, 5xx, 429) is retried on another READY instance
+of the model within a bounded number of attempts and time; after the first byte nothing is
+retried (the client has part of an answer), and a dying upstream ends an SSE stream with an
+error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from agent.api.errors import error_response, json_response
+from agent.config import ProxySection
+from agent.supervisor.policy import InstanceState
+
+from .limits import ModelGate, QueueFull
+from .metrics import ProxyMetrics
+from .routing import Picker, classify_task, route_group
+
+if TYPE_CHECKING:
+    from agent.daemon import AgentRuntime
+    from agent.supervisor import Instance
+
+log = structlog.get_logger("agent.proxy")
+access = structlog.get_logger("agent.access")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# RFC 9110 §7.6.1 hop-by-hop headers, plus those aiohttp sets itself.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+UNKNOWN_MODEL_LABEL = "_unknown"  # keeps a client's random model names out of metric labels
+
+
+class _Head(msgspec.Struct):
+    model: str
+    stream: bool = False
+
+
+class _Failure(Exception):
+    """An attempt failed before the first byte; ``response`` is what the client gets if no
+    retry is left."""
+
+    def __init__(self, kind: str, response: web.StreamResponse | None, detail: str) -> None:
+        super().__init__(detail)
+        self.kind, self.response, self.detail = kind, response, detail
+
+
+def _bad_request(message: str, code: str = "invalid_request") -> web.Response:
+    return error_response(400, message, "invalid_request_error", code)
+
+
+def parse_head(body: bytes) -> _Head | web.Response:
+    try:
+        head = msgspec.json.decode(body, type=_Head)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        if "missing required field `model`" in text:
+            return _bad_request("you must provide a model parameter", "missing_model")
+        if "Expected `object`" in text and "- at" not in text:
+            return _bad_request("the request body must be a JSON object")
+        return _bad_request(f"invalid request: {text}")
+    except msgspec.DecodeError as e:
+        return _bad_request(f"the request body is not valid JSON: {e}", "invalid_json")
+    if not head.model:
+        return _bad_request("you must provide a model parameter", "missing_model")
+    return head
+
+
+class Proxy:
+    def __init__(self, rt: AgentRuntime, metrics: ProxyMetrics) -> None:
+        self.rt = rt
+        self.metrics = metrics
+        self.picker = Picker()
+        self.gates: dict[str, ModelGate] = {}
+        self.session: aiohttp.ClientSession | None = None
+
+    @property
+    def cfg(self) -> ProxySection:
+        return self.rt.cfg.proxy  # read live, so a reload applies
+
+    async def start(self) -> None:
+        c = self.cfg
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s),
+            auto_decompress=False,  # pass compressed bodies through as they are
+            cookie_jar=aiohttp.DummyCookieJar(),
+            read_bufsize=2**16,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def gate(self, model: str) -> ModelGate | None:
+        limit = self.cfg.limits.get(model)
+        if limit is None:
+            return None
+        g = self.gates.get(model)
+        if g is None or (g.max_concurrency, g.max_queue) != (limit.max_concurrency, limit.max_queue):
+            g = self.gates[model] = ModelGate(limit.max_concurrency, limit.max_queue)
+        return g
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def models(self, _: web.Request) -> web.Response:
+        seen: dict[str, Instance] = {}
+        for inst in self.rt.supervisor.instances.values():
+            if inst.state is InstanceState.READY:
+                seen.setdefault(inst.cfg.client_model, inst)
+        data = [
+            {"id": m, "object": "model", "created": int(i.state_since), "owned_by": "gpufleet", "root": i.cfg.model}
+            for m, i in sorted(seen.items())
+        ]
+        return json_response({"object": "list", "data": data})
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        ctx = _Ctx(rid=rid, started=started)
+        try:
+            resp = await self._forward(request, ctx)
+        except asyncio.CancelledError:
+            ctx.status = 499  # client went away (nginx's code); upstream was cancelled with us
+            raise
+        finally:
+            self._account(request, ctx)
+        return resp
+
+    async def _forward(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self.metrics.rejected.labels("too_large").inc()
+            return ctx.done(
+                error_response(
+                    413,
+                    f"request body larger than {self.cfg.max_body_bytes} bytes",
+                    "invalid_request_error",
+                    "body_too_large",
+                    {"X-Request-ID": ctx.rid},
+                )
+            )
+        head = parse_head(body)
+        if isinstance(head, web.Response):
+            self.metrics.rejected.labels("bad_request").inc()
+            head.headers["X-Request-ID"] = ctx.rid
+            return ctx.done(head)
+        ctx.model, ctx.stream = head.model, head.stream
+        sup = self.rt.supervisor
+        serving = [i for i in sup.instances.values() if i.cfg.client_model == head.model]
+        if not serving:
+            ctx.model_label = UNKNOWN_MODEL_LABEL
+            return ctx.done(
+                error_response(
+                    404,
+                    f"The model `{head.model}` does not exist.",
+                    "invalid_request_error",
+                    "model_not_found",
+                    {"X-Request-ID": ctx.rid},
+                )
+            )
+        ctx.model_label = head.model
+        group = route_group(self.cfg.routes, head.model, classify_task(body)) if self.cfg.routes else None
+        gate = self.gate(head.model)
+        if gate is not None:
+            try:
+                async with asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
+                    await gate.acquire()
+            except QueueFull as e:
+                self.metrics.rejected.labels("queue_full").inc()
+                return ctx.done(
+                    error_response(
+                        429,
+                        f"too many requests for {head.model}: {e}",
+                        "rate_limit_error",
+                        "queue_full",
+                        {"Retry-After": str(self.cfg.retry_after_s), "X-Request-ID": ctx.rid},
+                    )
+                )
+            except TimeoutError:
+                return ctx.done(self._timeout_response(ctx, "waiting for a free slot"))
+        self.metrics.in_flight.labels(head.model).inc()
+        try:
+            return await self._attempts(request, body, serving, group, ctx)
+        finally:
+            self.metrics.in_flight.labels(head.model).dec()
+            if gate is not None:
+                gate.release()
+
+    def _loop_deadline(self, ctx: _Ctx, phase_s: float | None = None) -> float:
+        """Event-loop time at which the current phase must end: the phase's own limit, capped by
+        the request's total deadline."""
+        end = ctx.loop_started + self.cfg.total_timeout_s
+        if phase_s is not None:
+            end = min(end, asyncio.get_running_loop().time() + phase_s)
+        return end
+
+    async def _attempts(
+        self, request: web.Request, body: bytes, serving: list[Instance], group: list[str] | None, ctx: _Ctx
+    ) -> web.StreamResponse:
+        retry_deadline = ctx.started + self.cfg.retry_budget_s
+        tried: set[str] = set()
+        last: _Failure | None = None
+        while True:
+            ready = [i for i in serving if i.state is InstanceState.READY and i.name not in tried]
+            if group is not None:
+                grouped = [i for i in ready if i.name in group]
+                ready = grouped if grouped or not self.cfg.route_fallback else ready
+            inst = self.picker.pick(ctx.model, ready)
+            if inst is None:
+                if last is not None and last.response is not None:
+                    return ctx.done(last.response)
+                states = ", ".join(f"{i.name} {i.state.value}" for i in serving)
+                return ctx.done(
+                    error_response(
+                        503,
+                        f"no instance of {ctx.model} is ready ({states})",
+                        "service_unavailable",
+                        "model_not_ready",
+                        {"Retry-After": str(self.cfg.retry_after_s), "X-Request-ID": ctx.rid},
+                    )
+                )
+            tried.add(inst.name)
+            ctx.instance = inst.name
+            try:
+                return await self._try(request, body, inst, ctx)
+            except _Failure as f:
+                last = f
+                self.metrics.upstream_errors.labels(ctx.model, inst.name, f.kind).inc()
+                log.warning(
+                    "upstream attempt failed", request_id=ctx.rid, instance=inst.name, kind=f.kind, detail=f.detail
+                )
+                if f.kind != "status_429":
+                    inst.request_probe()  # passive health: let the supervisor look now
+                if len(tried) >= self.cfg.max_attempts or time.monotonic() >= retry_deadline or f.kind == "timeout":
+                    if f.response is not None:
+                        return ctx.done(f.response)
+                    return ctx.done(
+                        error_response(
+                            502,
+                            f"upstream failed: {f.detail}",
+                            "server_error",
+                            "upstream_error",
+                            {"X-Request-ID": ctx.rid},
+                        )
+                    )
+                ctx.retries += 1
+                self.metrics.retries.labels(ctx.model).inc()
+
+    async def _try(self, request: web.Request, body: bytes, inst: Instance, ctx: _Ctx) -> web.StreamResponse:
+        assert self.session is not None
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
+        headers["X-Request-ID"] = ctx.rid
+        headers["X-Forwarded-For"] = request.remote or ""
+        url = inst.base_url + request.path_qs
+        inst.in_flight += 1
+        inst.requests_total += 1
+        try:
+            try:
+                async with asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
+                    upstream = await self.session.post(url, data=body, headers=headers)
+            except TimeoutError:
+                inst.errors_total += 1
+                raise _Failure(
+                    "timeout",
+                    self._timeout_response(ctx, "no response headers in time"),
+                    f"{inst.name}: no response headers within the time-to-first-byte or total timeout",
+                ) from None
+            except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
+                inst.errors_total += 1
+                raise _Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
+            ctx.ttfb = time.monotonic() - ctx.started
+            async with upstream:
+                if upstream.status >= 500 or upstream.status == 429:
+                    inst.errors_total += 1
+                    payload = await upstream.read()
+                    kind = "status_429" if upstream.status == 429 else "status_5xx"
+                    resp = web.Response(
+                        status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx)
+                    )
+                    raise _Failure(kind, resp, f"{inst.name}: HTTP {upstream.status}")
+                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    return await self._stream(request, upstream, inst, ctx)
+                try:
+                    async with asyncio.timeout_at(self._loop_deadline(ctx)):
+                        payload = await upstream.read()
+                except TimeoutError:
+                    inst.errors_total += 1
+                    raise _Failure(
+                        "timeout", self._timeout_response(ctx, "body not complete in time"), "total timeout"
+                    ) from None
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                    inst.errors_total += 1
+                    raise _Failure("midstream", None, f"{inst.name}: body cut off: {e}") from None
+                return ctx.done(
+                    web.Response(status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx))
+                )
+        finally:
+            inst.in_flight -= 1
+
+    async def _stream(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, inst: Instance, ctx: _Ctx
+    ) -> web.StreamResponse:
+        headers = self._response_headers(upstream, ctx)
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"  # tells nginx in front of us not to buffer either
+        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        ctx.done(resp)
+        try:
+            async with asyncio.timeout_at(self._loop_deadline(ctx)):
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
+            inst.errors_total += 1
+            timed_out = isinstance(e, TimeoutError)
+            self.metrics.upstream_errors.labels(ctx.model, inst.name, "timeout" if timed_out else "midstream").inc()
+            if not timed_out:
+                inst.request_probe()
+            log.warning("upstream stream ended early", request_id=ctx.rid, instance=inst.name, error=str(e))
+            message = "total timeout exceeded" if timed_out else f"upstream instance {inst.name} failed mid-stream"
+            err = {"error": {"message": message, "type": "server_error", "code": "upstream_stream_error"}}
+            await resp.write(b"data: " + msgspec.json.encode(err) + b"\n\n")
+            ctx.stream_error = True
+        await resp.write_eof()
+        return resp
+
+    def _response_headers(self, upstream: aiohttp.ClientResponse, ctx: _Ctx) -> CIMultiDict[str]:
+        h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
+        h.popall("Date", None)
+        h.popall("Server", None)
+        h["X-Request-ID"] = ctx.rid
+        return h
+
+    def _timeout_response(self, ctx: _Ctx, what: str) -> web.Response:
+        return error_response(
+            504, f"upstream timeout: {what}", "timeout_error", "upstream_timeout", {"X-Request-ID": ctx.rid}
+        )
+
+    def _account(self, request: web.Request, ctx: _Ctx) -> None:
+        duration = time.monotonic() - ctx.started
+        label = ctx.model_label
+        self.metrics.requests.labels(label, str(ctx.status)).inc()
+        self.metrics.duration.labels(label).observe(duration)
+        if ctx.ttfb is not None:
+            self.metrics.ttfb.labels(label).observe(ctx.ttfb)
+        if self.cfg.access_log:
+            access.info(
+                "request",
+                request_id=ctx.rid,
+                method=request.method,
+                path=request.path,
+                model=ctx.model,
+                instance=ctx.instance,
+                status=ctx.status,
+                stream=ctx.stream,
+                ttfb_ms=None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
+                duration_ms=round(duration * 1000, 2),
+                retries=ctx.retries,
+                **({"stream_error": True} if ctx.stream_error else {}),
+            )
+
+
+class _Ctx:
+    """What the access log and metrics need to know about one request."""
+
+    __slots__ = (
+        "instance",
+        "loop_started",
+        "model",
+        "model_label",
+        "retries",
+        "rid",
+        "started",
+        "status",
+        "stream",
+        "stream_error",
+        "ttfb",
+    )
+
+    def __init__(self, rid: str, started: float) -> None:
+        self.rid = rid
+        self.started = started
+        self.model: str | None = None
+        self.model_label = UNKNOWN_MODEL_LABEL
+        self.instance: str | None = None
+        self.status = 0
+        self.stream = False
+        self.stream_error = False
+        self.retries = 0
+        self.ttfb: float | None = None
+        self.loop_started = asyncio.get_running_loop().time()
+
+    def done(self, resp: web.StreamResponse) -> web.StreamResponse:
+        self.status = resp.status
+        return resp
+
+
+def add_proxy_routes(app: web.Application, proxy: Proxy) -> None:
+    app.router.add_get("/v1/models", proxy.models)
+    for path in ROUTES:
+        app.router.add_post(path, proxy.forward)
