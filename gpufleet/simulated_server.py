@@ -227,11 +227,17 @@ class Simulator:
         await resp.prepare(request)
         try:
             async with self.slot(prompt_tokens):
-                if chat:
-                    await resp.write(chunk({"delta": {"role": "assistant", "content": ""}}))
-                # One awaited write per token: each goes to the socket as it is made, not in a batch.
+                # Like vLLM, the role chunk goes out with the first engine output (after prefill),
+                # not as soon as the request is accepted. One awaited write per token: each goes
+                # to the socket as it is made, not in a batch.
+                role_sent = not chat
                 async for token in self.decode(tokens, started):
+                    if not role_sent:
+                        await resp.write(chunk({"delta": {"role": "assistant", "content": ""}}))
+                        role_sent = True
                     await resp.write(chunk({"delta": {"content": token}} if chat else {"text": token}))
+                if not role_sent:
+                    await resp.write(chunk({"delta": {"role": "assistant", "content": ""}}))
                 await resp.write(chunk({"delta": {}} if chat else {"text": ""}, "length"))
             if isinstance(options := body.get("stream_options"), dict) and options.get("include_usage"):
                 await resp.write(sse({**head, "choices": [], "usage": usage}))

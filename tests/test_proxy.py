@@ -210,10 +210,10 @@ async def test_ttfb_timeout_gives_504(agent: AgentProcess) -> None:
         async with http.post(f"http://127.0.0.1:{laggy['port']}/sim/control", json={"latency_ms": 3000}) as r:
             assert r.status == 200
         t0 = time.monotonic()
-        async with http.post(
-            agent.base + CHAT, json={"model": "laggy", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
-        ) as r:
-            assert r.status == 504 and (await r.json())["error"]["code"] == "upstream_timeout"
+        body = {"model": "laggy", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "stream": True}
+        async with http.post(agent.base + CHAT, json=body) as r:
+            assert r.status == 504
+            assert (await r.json())["error"]["message"] == "upstream timeout: no first chunk within 1s"
         assert time.monotonic() - t0 < 3.0
         async with http.post(f"http://127.0.0.1:{laggy['port']}/sim/control", json={"latency_ms": 0}) as r:
             assert r.status == 200
@@ -335,9 +335,64 @@ instances = ["vl-any"]
         def routed() -> dict[str, str] | None:
             got = {}
             for line in agent.log_lines():
-                if '"event": "request"' in line:
-                    e = json.loads(line)
+                e = json.loads(line)
+                if e["event"] == "request":
                     got[e["request_id"]] = e["instance"]
             return got if len(got) >= 4 else None
 
         assert await wait_until(routed) == {"r-img": "vl-img", "r-doc": "vl-doc", "r-any": "vl-any", "r-img2": "vl-img"}
+
+
+async def test_total_timeout_mid_stream_and_non_stream(tmp_path: Path) -> None:
+    port = free_port()
+    inst = instance_toml("a", model="m", args='["--tokens-per-second", "10"]')
+    proxy = "\n[proxy]\nttfb_timeout_s = 0.5\ntotal_timeout_s = 1.0\n"
+    async with AgentProcess(tmp_path, agent_toml(tmp_path, port, inst + proxy), port) as agent:
+        await agent.wait_state("a", "READY")
+        assert agent.http is not None
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100, "stream": True}
+        t0 = time.monotonic()
+        async with agent.http.post(agent.base + CHAT, json=body) as r:
+            assert r.status == 200
+            text = await r.read()
+        assert time.monotonic() - t0 < 5
+        last = json.loads(text.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
+        assert last["error"]["message"] == "total timeout exceeded mid-stream"
+        async with agent.http.post(agent.base + CHAT, json={**body, "stream": False}) as r:
+            assert r.status == 504
+            assert (await r.json())["error"]["message"] == "upstream timeout: no complete answer within 1s"
+
+
+async def test_stream_whose_upstream_dies_before_the_first_chunk_is_retried(tmp_path: Path) -> None:
+    """Servers send SSE headers at once; until the first chunk nothing has reached the client,
+    so an upstream dying in prefill is retried on another instance, invisibly."""
+    port = free_port()
+    inst = instance_toml("a", model="m") + instance_toml("b", model="m")
+    async with AgentProcess(tmp_path, agent_toml(tmp_path, port, inst), port) as agent:
+        insts = {n: await agent.wait_state(n, "READY") for n in ("a", "b")}
+        assert agent.http is not None
+        for i in insts.values():  # a long "prefill" on both, so whichever is picked first is mid-prefill
+            async with agent.http.post(f"http://127.0.0.1:{i['port']}/sim/control", json={"latency_ms": 1500}) as r:
+                assert r.status == 200
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True}
+
+        async def kill_busy_one() -> str:
+            async def busy() -> str | None:
+                for name, i in insts.items():
+                    if await _running(agent.http, f"http://127.0.0.1:{i['port']}/metrics") == 1.0:  # type: ignore[arg-type]
+                        return name
+                return None
+
+            name = await wait_until(busy, timeout=10, interval=0.02, what="a request in prefill")
+            os.kill(insts[name]["pid"], signal.SIGKILL)
+            return name
+
+        async def request() -> bytes:
+            async with agent.http.post(agent.base + CHAT, json=body) as r:  # type: ignore[union-attr]
+                assert r.status == 200
+                return await r.read()
+
+        killed, text = await asyncio.gather(kill_busy_one(), request())
+        assert text.endswith(b"data: [DONE]\n\n") and b'"error"' not in text
+        entry = next(json.loads(ln) for ln in agent.log_lines() if '"event":"request"' in ln)
+        assert entry["retries"] == 1 and entry["instance"] != killed

@@ -52,3 +52,20 @@ class ProxyMetrics:
             ["reason"],
             registry=registry,
         )
+        # labels() takes a lock and hashes the label tuple; the proxy calls these per request,
+        # so the children are cached (label sets are bounded: known models × status codes).
+        self._done: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
+
+    def observe(self, model: str, code: int, duration_s: float, ttfb_s: float | None) -> None:
+        children = self._done.get((model, code))
+        if children is None:
+            children = self._done[(model, code)] = (
+                self.requests.labels(model, str(code)),
+                self.duration.labels(model),
+                self.ttfb.labels(model),
+            )
+        requests, duration, ttfb = children
+        requests.inc()
+        duration.observe(duration_s)
+        if ttfb_s is not None:
+            ttfb.observe(ttfb_s)

@@ -275,6 +275,7 @@ class Proxy:
                 self.metrics.retries.labels(ctx.model).inc()
 
     async def _try(self, request: web.Request, body: bytes, inst: Instance, ctx: _Ctx) -> web.StreamResponse:
+        """One attempt on one instance. Raises _Failure while nothing has reached the client."""
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
         headers["X-Request-ID"] = ctx.rid
@@ -282,51 +283,64 @@ class Proxy:
         url = inst.base_url + request.path_qs
         inst.in_flight += 1
         inst.requests_total += 1
+        # One timeout scope per attempt. A stream must show its first body chunk (the first
+        # token: servers send headers at once) within ttfb_timeout_s; then the scope moves out
+        # to the total deadline. A non-streaming answer arrives whole at the end, so for it the
+        # first byte is the answer and only the total deadline applies.
+        scope = asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s if ctx.stream else None))
         try:
-            try:
-                async with asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
-                    upstream = await self.session.post(url, data=body, headers=headers)
-            except TimeoutError:
-                inst.errors_total += 1
-                raise _Failure(
-                    "timeout",
-                    self._timeout_response(ctx, "no response headers in time"),
-                    f"{inst.name}: no response headers within the time-to-first-byte or total timeout",
-                ) from None
-            except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
-                inst.errors_total += 1
-                raise _Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
-            ctx.ttfb = time.monotonic() - ctx.started
-            async with upstream:
-                if upstream.status >= 500 or upstream.status == 429:
-                    inst.errors_total += 1
-                    payload = await upstream.read()
-                    kind = "status_429" if upstream.status == 429 else "status_5xx"
-                    resp = web.Response(
-                        status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx)
-                    )
-                    raise _Failure(kind, resp, f"{inst.name}: HTTP {upstream.status}")
-                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    return await self._stream(request, upstream, inst, ctx)
+            async with scope:
                 try:
-                    async with asyncio.timeout_at(self._loop_deadline(ctx)):
+                    upstream = await self.session.post(url, data=body, headers=headers)
+                except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
+                    raise _Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
+                async with upstream:
+                    if upstream.status >= 500 or upstream.status == 429:
                         payload = await upstream.read()
-                except TimeoutError:
-                    inst.errors_total += 1
-                    raise _Failure(
-                        "timeout", self._timeout_response(ctx, "body not complete in time"), "total timeout"
-                    ) from None
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-                    inst.errors_total += 1
-                    raise _Failure("midstream", None, f"{inst.name}: body cut off: {e}") from None
-                return ctx.done(
-                    web.Response(status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx))
-                )
+                        kind = "status_429" if upstream.status == 429 else "status_5xx"
+                        resp = web.Response(
+                            status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx)
+                        )
+                        raise _Failure(kind, resp, f"{inst.name}: HTTP {upstream.status}")
+                    try:
+                        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                            # Hold the client's headers back until the first chunk is here: until
+                            # then a dead upstream can still be retried elsewhere.
+                            first = await upstream.content.readany()
+                            if not first:
+                                raise aiohttp.ClientPayloadError("stream closed before its first chunk")
+                            ctx.ttfb = time.monotonic() - ctx.started
+                            scope.reschedule(self._loop_deadline(ctx))
+                            return await self._stream(request, upstream, first, inst, ctx, scope)
+                        payload = await upstream.read()
+                    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                        raise _Failure("midstream", None, f"{inst.name}: answer cut off: {e}") from None
+                    ctx.ttfb = time.monotonic() - ctx.started
+                    return ctx.done(
+                        web.Response(
+                            status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx)
+                        )
+                    )
+        except TimeoutError:
+            if ctx.stream:
+                what = f"no first chunk within {self.cfg.ttfb_timeout_s:g}s"
+            else:
+                what = f"no complete answer within {self.cfg.total_timeout_s:g}s"
+            raise _Failure("timeout", self._timeout_response(ctx, what), f"{inst.name}: {what}") from None
+        except _Failure:
+            inst.errors_total += 1
+            raise
         finally:
             inst.in_flight -= 1
 
     async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, inst: Instance, ctx: _Ctx
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        inst: Instance,
+        ctx: _Ctx,
+        scope: asyncio.Timeout,
     ) -> web.StreamResponse:
         headers = self._response_headers(upstream, ctx)
         headers["Cache-Control"] = "no-cache"
@@ -336,22 +350,28 @@ class Proxy:
         await resp.prepare(request)
         ctx.done(resp)
         try:
-            async with asyncio.timeout_at(self._loop_deadline(ctx)):
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
-            inst.errors_total += 1
-            timed_out = isinstance(e, TimeoutError)
-            self.metrics.upstream_errors.labels(ctx.model, inst.name, "timeout" if timed_out else "midstream").inc()
-            if not timed_out:
-                inst.request_probe()
+            await resp.write(first)
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
+        except asyncio.CancelledError:
+            if not scope.expired():
+                raise  # the client went away: nobody to tell
+            # The total deadline passed mid-stream. Swallowing the cancellation is how an
+            # asyncio.Timeout scope is told we handled it; the client gets an error event.
+            await self._stream_error(resp, inst, ctx, "timeout", "total timeout exceeded mid-stream")
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            inst.request_probe()
             log.warning("upstream stream ended early", request_id=ctx.rid, instance=inst.name, error=str(e))
-            message = "total timeout exceeded" if timed_out else f"upstream instance {inst.name} failed mid-stream"
-            err = {"error": {"message": message, "type": "server_error", "code": "upstream_stream_error"}}
-            await resp.write(b"data: " + msgspec.json.encode(err) + b"\n\n")
-            ctx.stream_error = True
+            await self._stream_error(resp, inst, ctx, "midstream", f"upstream instance {inst.name} failed mid-stream")
         await resp.write_eof()
         return resp
+
+    async def _stream_error(self, resp: web.StreamResponse, inst: Instance, ctx: _Ctx, kind: str, message: str) -> None:
+        inst.errors_total += 1
+        ctx.stream_error = True
+        self.metrics.upstream_errors.labels(ctx.model, inst.name, kind).inc()
+        err = {"error": {"message": message, "type": "server_error", "code": "upstream_stream_error"}}
+        await resp.write(b"data: " + msgspec.json.encode(err) + b"\n\n")
 
     def _response_headers(self, upstream: aiohttp.ClientResponse, ctx: _Ctx) -> CIMultiDict[str]:
         h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
@@ -367,11 +387,7 @@ class Proxy:
 
     def _account(self, request: web.Request, ctx: _Ctx) -> None:
         duration = time.monotonic() - ctx.started
-        label = ctx.model_label
-        self.metrics.requests.labels(label, str(ctx.status)).inc()
-        self.metrics.duration.labels(label).observe(duration)
-        if ctx.ttfb is not None:
-            self.metrics.ttfb.labels(label).observe(ctx.ttfb)
+        self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if self.cfg.access_log:
             access.info(
                 "request",

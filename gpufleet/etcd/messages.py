@@ -230,6 +230,9 @@ class Compare:
         return {"key": b64(self.key), "target": self.target, "result": _CMP_RESULT[self.op], field_name: operand}
 
 
+_OP_FIELD = {"put": "request_put", "range": "request_range", "delete": "request_delete_range"}
+
+
 @dataclass(frozen=True, slots=True)
 class Op:
     """One txn operation. Build with ``Op.put``, ``Op.get``, ``Op.delete``."""
@@ -253,7 +256,9 @@ class Op:
         return cls("delete", req)
 
     def to_json(self) -> dict[str, Any]:
-        return {{"put": "request_put", "range": "request_range", "delete": "request_delete_range"}[self.kind]: self.request}
+        return {
+            {"put": "request_put", "range": "request_range", "delete": "request_delete_range"}[self.kind]: self.request
+        }
 
 
 TxnResponse = RangeResult | PutResult | DeleteResult
