@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from gpufleet.etcdconfig import EtcdSettings
+from gpufleet.keyspace import InvalidName, check_name
 from gpufleet.tomlconfig import ConfigError, ConfigProblem, convert_sections, read_toml
 
 DEFAULT_CONFIG_PATH = "/etc/gpu-agent/agent.toml"
@@ -137,6 +139,27 @@ class ProxySection(_Strict):
     access_log: bool = True
 
 
+class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
+    """Cluster mode: set ``endpoints`` and the agent registers in etcd; leave it empty for a
+    standalone host."""
+
+    lease_ttl_s: Annotated[int, Meta(ge=3, le=300)] = 10
+    keepalive_interval_s: PositiveFloat | None = None  # default: lease_ttl_s / 3
+    # Publish the node record on a meaningful change, and at least this often.
+    publish_interval_s: PositiveFloat = 30.0
+    publish_min_gap_s: NonNegFloat = 1.0  # at most one change-triggered write per gap
+    temperature_delta_c: PositiveFloat = 2.0
+    utilization_delta_percent: PositiveFloat = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoints)
+
+    @property
+    def keepalive_s(self) -> float:
+        return self.keepalive_interval_s or self.lease_ttl_s / 3
+
+
 class Warmup(_Strict):
     enabled: bool = True
     kind: Literal["chat", "completion", "embedding"] = "chat"
@@ -185,6 +208,7 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     supervisor: SupervisorSection
     instances: list[InstanceConfig]
     proxy: ProxySection = msgspec.field(default_factory=ProxySection)
+    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
     source_path: str = ""
 
     @property
@@ -209,7 +233,13 @@ def load_config(path: str | Path) -> AgentConfig:
     problems: list[ConfigProblem] = []
     parts = convert_sections(
         data,
-        sections={"agent": AgentSection, "gpu": GpuSection, "supervisor": SupervisorSection, "proxy": ProxySection},
+        sections={
+            "agent": AgentSection,
+            "gpu": GpuSection,
+            "supervisor": SupervisorSection,
+            "proxy": ProxySection,
+            "cluster": ClusterSection,
+        },
         lists={"instances": InstanceConfig},
         problems=problems,
     )
@@ -221,6 +251,7 @@ def load_config(path: str | Path) -> AgentConfig:
         supervisor=parts["supervisor"],
         instances=parts["instances"],
         proxy=parts["proxy"],
+        cluster=parts["cluster"],
         source_path=str(path),
     )
     _resolve_paths(cfg, path.parent)
@@ -239,6 +270,7 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
     a.log_dir = resolve(a.log_dir)
     if a.admin_token_file:
         a.admin_token_file = resolve(a.admin_token_file)
+    cfg.cluster.resolve(base)
 
 
 def validate(cfg: AgentConfig) -> list[ConfigProblem]:
@@ -312,6 +344,33 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
 
     out.extend(memory_budget_problems(cfg))
     out.extend(proxy_problems(cfg))
+    out.extend(cluster_problems(cfg))
+    return out
+
+
+def cluster_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    c = cfg.cluster
+    out = c.problems("$.cluster")
+    if not c.enabled:
+        return out
+    try:
+        check_name("cluster", c.cluster)
+    except InvalidName as e:
+        out.append(ConfigProblem("$.cluster.cluster", str(e)))
+    try:
+        check_name("node", cfg.node_id)
+    except InvalidName as e:
+        out.append(ConfigProblem("$.agent.node_id", str(e)))
+    # A keep-alive that fails must get two retries in before the lease runs out.
+    budget = c.keepalive_s + 2 * c.timeout_s
+    if budget > c.lease_ttl_s:
+        out.append(
+            ConfigProblem(
+                "$.cluster.lease_ttl_s",
+                f"keepalive interval {c.keepalive_s:g}s + 2 × timeout_s {c.timeout_s:g}s = {budget:g}s "
+                f"exceeds the lease TTL {c.lease_ttl_s}s",
+            )
+        )
     return out
 
 

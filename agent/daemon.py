@@ -19,11 +19,12 @@ from aiohttp import web
 
 from agent.api.auth import AdminToken, TokenError
 from agent.api.server import build_app
+from agent.cluster import ClusterPublisher
 from agent.config import AgentConfig, live_reloadable, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
 from agent.supervisor import Supervisor
 from gpufleet import __version__
-from gpufleet.records import NodeRecord
+from gpufleet.keyspace.records import NodeRecord
 from gpufleet.sdnotify import SystemdNotifier
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
 
@@ -53,6 +54,7 @@ class AgentRuntime:
         self._reload_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
+        self.publisher: ClusterPublisher | None = None
 
     # --- what the API reads ---------------------------------------------------------------
 
@@ -62,6 +64,7 @@ class AgentRuntime:
         return NodeRecord(
             node=self.cfg.node_id,
             address=self.cfg.advertise_url,
+            mode="cluster" if self.cfg.cluster.enabled else "standalone",
             agent_version=__version__,
             started_at=self.started_at,
             updated_at=time.time(),
@@ -77,8 +80,10 @@ class AgentRuntime:
         return None if last is None else time.time() - last
 
     def changed(self) -> None:
-        """Something visible changed; cluster mode publishes on this (the tick loop wakes)."""
+        """Something visible changed: the tick loop wakes, cluster mode checks whether to publish."""
         self._tick_now.set()
+        if self.publisher is not None:
+            self.publisher.poke()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -137,6 +142,13 @@ class AgentRuntime:
                 EX_OSERR,
             ) from None
         await self.supervisor.start()
+        if self.cfg.cluster.enabled:
+            try:
+                self.publisher = ClusterPublisher(self.cfg.cluster, self.cfg.node_id, self.node_record)
+                await self.publisher.start()
+            except OSError as e:  # unreadable TLS or password file
+                self.publisher = None
+                raise StartupError(str(e), EX_CONFIG) from None
 
     async def _tick_loop(self) -> None:
         interval = self.cfg.supervisor.probe_interval_s
@@ -152,10 +164,16 @@ class AgentRuntime:
             if self._stop.is_set():
                 break
             status = await self.supervisor.tick()
+            if self.publisher is not None:
+                self.publisher.poke()
+                status += f"; etcd {self.publisher.state}"
             self.notifier.status(status)
             self.notifier.watchdog()
 
     async def _cleanup(self) -> None:
+        # Deregister first: the cluster moves traffic away before the instances go down.
+        if self.publisher is not None:
+            await self.publisher.stop()
         if hasattr(self, "supervisor"):
             await self.supervisor.stop()
         if self._runner is not None:

@@ -1,13 +1,15 @@
 """``gpuctl``: the operator's command line.
 
-Today it talks to one agent (``--agent URL``); cluster commands that read etcd arrive with
-cluster mode. Output is a table by default and JSON with ``-o json``. Exit codes follow
-etcdctl's spirit: 0 ok, 1 error, 2 cannot reach the agent, 64 usage error.
+Cluster commands (``nodes``) read etcd (``--etcd URLS --cluster NAME`` plus TLS and auth
+flags, or $GPUFLEET_ETCD / $GPUFLEET_CLUSTER); agent commands (``status``, ``instance``) talk
+to one agent (``--agent URL``). Output is a table by default and JSON with ``-o json``. Exit
+codes follow etcdctl's spirit: 0 ok, 1 error, 2 etcd or the agent unreachable, 64 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -19,12 +21,23 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from gpufleet.etcd import EtcdError, EtcdNoLeader, EtcdTimeout, EtcdUnavailable
+from gpufleet.etcdconfig import EtcdSettings
+from gpufleet.keyspace import InvalidName, Keyspace, decode_or_skip
+from gpufleet.keyspace.records import NodeRecord
+
 EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2, 64
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "examples" / "standalone-demo.toml"
 
 
 class Unreachable(Exception):
+    pass
+
+
+class UsageError(Exception):
     pass
 
 
@@ -185,11 +198,104 @@ Ctrl-C stops the agent and every model server it started.""",
     return EXIT_OK if proc.returncode == 0 else EXIT_ERROR
 
 
+def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
+    endpoints = [e.strip() for e in (args.etcd or "").split(",") if e.strip()]
+    if not endpoints:
+        raise UsageError("give --etcd URLS (or set GPUFLEET_ETCD)")
+    try:
+        settings = msgspec.convert(
+            {
+                "endpoints": endpoints,
+                "cluster": args.cluster,
+                "ca_file": args.cacert,
+                "cert_file": args.cert,
+                "key_file": args.key,
+                "username": args.user,
+                "password_file": args.password_file,
+                "timeout_s": args.timeout,
+            },
+            EtcdSettings,
+        )
+        Keyspace(settings.cluster)
+    except (msgspec.ValidationError, InvalidName) as e:
+        raise UsageError(str(e)) from None
+    if problems := settings.problems("$"):
+        raise UsageError("; ".join(p.message for p in problems))
+    return settings
+
+
+def _age(ts: float) -> str:
+    s = max(0, int(time.time() - ts))
+    return f"{s}s" if s < 120 else f"{s // 60}m"
+
+
+def format_nodes(nodes: list[NodeRecord]) -> str:
+    rows = []
+    for n in nodes:
+        ready = sum(i.state == "READY" for i in n.instances)
+        hottest = max((g.temperature_celsius or 0 for g in n.gpus), default=0)
+        rows.append(
+            [
+                n.node,
+                n.address,
+                "yes" if n.ready else "no",
+                ",".join(n.gpu_classes) or "-",
+                str(len(n.gpus)),
+                f"{ready}/{len(n.instances)}",
+                f"{hottest:.0f}°C" if n.gpus else "-",
+                _age(n.updated_at),
+            ]
+        )
+    return render_table(rows, ["NODE", "ADDRESS", "READY", "CLASSES", "GPUS", "INSTANCES", "HOTTEST", "UPDATED"])
+
+
+async def _read_nodes(settings: EtcdSettings) -> list[NodeRecord]:
+    keys = Keyspace(settings.cluster)
+    async with settings.client() as etcd:
+        listing = await etcd.get_prefix(keys.nodes)
+    nodes = []
+    for kv in listing.kvs:
+        rec = decode_or_skip(kv.key_str, kv.value, NodeRecord, kv.mod_revision)
+        if rec is None:
+            print(f"warning: skipped invalid record at {kv.key_str}", file=sys.stderr)
+        else:
+            nodes.append(rec)
+    return sorted(nodes, key=lambda n: n.node)
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    settings = etcd_settings(args)
+    try:
+        nodes = asyncio.run(_read_nodes(settings))
+    except (EtcdUnavailable, EtcdTimeout, EtcdNoLeader) as e:
+        print(f"error: etcd unreachable: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (EtcdError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.output == "json":
+        print(msgspec.json.format(msgspec.json.encode(nodes), indent=2).decode())
+    else:
+        print(format_nodes(nodes) if nodes else f"no nodes registered in cluster {settings.cluster!r}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpuctl", description="Inspect and operate gpufleet.")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.add_argument("--agent", default=os.environ.get("GPUFLEET_AGENT", "http://127.0.0.1:8080"), help="agent base URL")
+    e = p.add_argument_group("etcd (cluster commands)")
+    e.add_argument("--etcd", default=os.environ.get("GPUFLEET_ETCD"), help="comma-separated endpoint URLs")
+    e.add_argument("--cluster", default=os.environ.get("GPUFLEET_CLUSTER", "default"))
+    e.add_argument("--cacert", help="CA bundle for https endpoints")
+    e.add_argument("--cert", help="client certificate")
+    e.add_argument("--key", help="client certificate key")
+    e.add_argument("--user", help="etcd user")
+    e.add_argument("--password-file", help="file holding the etcd user's password")
+    e.add_argument("--timeout", type=float, default=5.0, help="deadline of each etcd call in seconds")
     sub = p.add_subparsers(dest="cmd", required=True)
+    nodes = sub.add_parser("nodes", help="nodes registered in etcd")
+    nodes.set_defaults(func=cmd_nodes)
     sub.add_parser("status", help="GPUs and instances of one agent").set_defaults(func=cmd_status)
     inst = sub.add_parser("instance", help="start/stop/restart an instance (admin token needed)")
     inst.add_argument("action", choices=["start", "stop", "restart"])
@@ -204,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gpufleet.logsetup import configure_logging
+
+    configure_logging("console", "warning")  # library chatter (endpoint switches) stays quiet
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -214,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except Unreachable as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -414,7 +414,9 @@ async def test_calls_to_a_hung_member_fail_within_the_deadline(etcd_own: EtcdClu
             assert time.monotonic() - started < 1
         finally:
             member.sigcont()
-        assert (await client.get("/k")).value == b"v"  # type: ignore[union-attr]
+        # The timed-out put sat in the stopped member's socket buffer and is usually applied now:
+        # "outcome unknown" is meant literally, and is why such writes are not repeated.
+        assert (await client.get("/k")).value in (b"v", b"w")  # type: ignore[union-attr]
 
 
 async def test_unreachable_endpoint_fails_with_reasons() -> None:

@@ -9,7 +9,7 @@ import pytest
 from agent.supervisor.admission import GIB, Claim, check_admission
 from agent.supervisor.policy import HealthWindow, RestartPolicy
 from agent.supervisor.ports import PortPlanError, plan_ports, port_is_free
-from gpufleet.records import GpuRecord
+from gpufleet.keyspace.records import GpuRecord
 
 
 def test_health_window_threshold_and_ratio() -> None:

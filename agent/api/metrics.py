@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.supervisor.policy import InstanceState
-from gpufleet.records import NodeRecord
+from gpufleet.keyspace.records import NodeRecord
 
 
 class NodeCollector(Collector):

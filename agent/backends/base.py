@@ -16,7 +16,7 @@ import aiohttp
 import msgspec
 
 from agent.config import InstanceConfig
-from gpufleet.records import InstanceLoad
+from gpufleet.keyspace.records import InstanceLoad
 
 from .prometheus_text import parse_samples
 

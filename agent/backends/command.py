@@ -11,7 +11,7 @@ import sys
 import aiohttp
 
 from agent.config import InstanceConfig
-from gpufleet.records import InstanceLoad
+from gpufleet.keyspace.records import InstanceLoad
 
 from . import llamacpp, vllm
 from .base import Backend, LaunchSpec, ProbeError, ProbeResult, fill_placeholders, http_get, load_from_metrics, short

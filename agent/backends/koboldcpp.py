@@ -10,7 +10,7 @@ import aiohttp
 import msgspec
 
 from agent.config import InstanceConfig
-from gpufleet.records import InstanceLoad
+from gpufleet.keyspace.records import InstanceLoad
 
 from .base import Backend, LaunchSpec, ProbeError, ProbeResult, http_get
 

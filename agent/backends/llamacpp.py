@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from agent.config import InstanceConfig
-from gpufleet.records import InstanceLoad
+from gpufleet.keyspace.records import InstanceLoad
 
 from .base import Backend, LaunchSpec, ProbeError, ProbeResult, http_get, load_from_metrics, short
 

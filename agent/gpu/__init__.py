@@ -15,7 +15,7 @@ from agent.config import GpuSection
 from agent.gpu.classes import UNKNOWN, classify_gpu
 from agent.gpu.nvml import GpuSourceUnavailable, NvmlSource
 from agent.gpu.simulated import SimulatedSource
-from gpufleet.records import GpuRecord
+from gpufleet.keyspace.records import GpuRecord
 
 
 @runtime_checkable

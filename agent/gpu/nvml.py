@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.gpu.classes import classify_gpu
-from gpufleet.records import GpuRecord
+from gpufleet.keyspace.records import GpuRecord
 
 
 class GpuSourceUnavailable(RuntimeError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from agent.config import GpuScriptStep, SimulatedGpu
 from agent.gpu.classes import classify_gpu
-from gpufleet.records import GpuRecord
+from gpufleet.keyspace.records import GpuRecord
 
 GIB = 1024**3
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from gpufleet.records import GpuRecord
+from gpufleet.keyspace.records import GpuRecord
 
 GIB = 1024**3
 

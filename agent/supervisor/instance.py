@@ -21,7 +21,7 @@ import structlog
 
 from agent.backends import Backend, get_backend
 from agent.config import InstanceConfig, SupervisorSection
-from gpufleet.records import InstanceLoad, InstanceRecord
+from gpufleet.keyspace.records import InstanceLoad, InstanceRecord
 
 from .policy import HealthWindow, InstanceState, RestartPolicy
 from .ports import port_is_free

@@ -18,7 +18,7 @@ import structlog
 
 from agent.config import AgentConfig, InstanceConfig, live_reloadable
 from agent.gpu import GpuSource
-from gpufleet.records import GpuRecord, InstanceRecord
+from gpufleet.keyspace.records import GpuRecord, InstanceRecord
 
 from .admission import Claim, check_admission
 from .cgroups import CgroupManager
@@ -35,6 +35,10 @@ _LOADING = frozenset({InstanceState.STARTING})
 
 class UnknownInstance(KeyError):
     pass
+
+
+def _claim(inst: Instance) -> Claim:
+    return Claim(inst.name, tuple(inst.cfg.gpus), inst.cfg.gpu_memory_fraction or 0.0)
 
 
 class Supervisor:
@@ -153,14 +157,12 @@ class Supervisor:
     def admit(self, inst: Instance) -> str | None:
         if not inst.cfg.gpus:
             return None
-        claim = Claim(inst.name, tuple(inst.cfg.gpus), inst.cfg.gpu_memory_fraction or 0.0)
         others = [i for i in self.instances.values() if i is not inst and i.cfg.gpus and i.child is not None]
-        as_claim = lambda i: Claim(i.name, tuple(i.cfg.gpus), i.cfg.gpu_memory_fraction or 0.0)  # noqa: E731
         return check_admission(
-            claim,
+            _claim(inst),
             {g.index: g for g in self.gpus},
-            pending=[as_claim(i) for i in others if i.state in _LOADING],
-            holding=[as_claim(i) for i in others if i.state not in _LOADING],
+            pending=[_claim(i) for i in others if i.state in _LOADING],
+            holding=[_claim(i) for i in others if i.state not in _LOADING],
             budget=self.cfg.gpu.memory_budget,
         )
 

@@ -257,6 +257,7 @@ class Transport:
         pause = _ROUND_PAUSE_MIN
         while True:
             order = [normalize_endpoint(endpoint)] if endpoint else self.order()
+            round_failures: list[_Failure] = []
             for i, ep in enumerate(order):
                 left = deadline - loop.time()
                 if left <= 0:
@@ -276,16 +277,24 @@ class Transport:
                 except _Failure as f:
                     reasons[ep] = f.reason
                     failures.append(f)
+                    round_failures.append(f)
                     self.report_failure(ep, f.reason)
                     if f.applied_maybe and not idempotent:
                         raise self._give_up(what, budget, reasons, [f], maybe_applied=True) from f.error
                     continue
-                self.report_success(ep)
+                if endpoint is None:  # a question to one member (a health check) moves nothing
+                    self.report_success(ep)
                 return result
-            if failures and all(isinstance(f.error, EtcdTLSError) for f in failures):
-                raise failures[-1].error  # type: ignore[misc]
+            # TLS problems do not go away by retrying: once a whole round failed with them, say so.
+            # (A refused client certificate sometimes shows as a plain reset instead of the TLS
+            # alert, hence per round; and at the deadline any TLS error is the one worth raising.)
+            tls = [f.error for f in failures if isinstance(f.error, EtcdTLSError)]
+            if round_failures and all(isinstance(f.error, EtcdTLSError) for f in round_failures):
+                raise round_failures[-1].error  # type: ignore[misc]
             left = deadline - loop.time()
             if left <= 0:
+                if tls:
+                    raise tls[-1]
                 raise self._give_up(what, budget, reasons, failures)
             await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, _ROUND_PAUSE_MAX)

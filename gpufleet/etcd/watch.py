@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .errors import EtcdCompacted, EtcdError, EtcdUnavailable, classify, error_from_body
+from .errors import EtcdCompacted, EtcdError, EtcdNoLeader, EtcdUnavailable, classify, error_from_body
 from .messages import Key, WatchResponse, range_fields
 
 if TYPE_CHECKING:
@@ -161,7 +161,9 @@ class Watch:
                 pass
             check = min(self._client.timeout, max(self.idle_timeout, 1.0))
             try:
-                await self._client.status(endpoint=stream.endpoint, timeout=check)
+                status = await self._client.status(endpoint=stream.endpoint, timeout=check)
+                if not status.leader:  # only seen with require_leader=False; hasleader fails the call
+                    raise EtcdNoLeader("etcdserver: no leader", endpoint=stream.endpoint)
             except EtcdError as e:
                 raise EtcdUnavailable(
                     f"etcd watch on {stream.endpoint} silent for {self.idle_timeout:.0f}s and the member "

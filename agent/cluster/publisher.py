@@ -1,0 +1,175 @@
+"""Cluster mode: keep this node's record in etcd under a lease.
+
+    register: grant lease -> put record (taking over a previous registration of this node)
+    maintain: keep-alive every TTL/3; publish on meaningful change or every 30 s
+    lease lost (expired while we were frozen or cut off): register again
+    etcd unreachable: keep serving locally, retry with back-off, log each state change once
+    stop (SIGTERM): revoke the lease, so the cluster fails over at once instead of after a TTL
+
+The agent's data plane never waits on any of this: the publisher runs beside it and a failure
+here changes nothing about local serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+
+import structlog
+
+from agent.config import ClusterSection
+from gpufleet.etcd import EtcdClient, EtcdError, EtcdLeaseNotFound
+from gpufleet.keyspace import Keyspace, encode
+from gpufleet.keyspace.records import NodeRecord
+
+from .policy import PublishPolicy, publish_reason
+
+log = structlog.get_logger("agent.cluster")
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+class ClusterPublisher:
+    def __init__(
+        self,
+        cfg: ClusterSection,
+        node_id: str,
+        snapshot: Callable[[], NodeRecord],
+        client: EtcdClient | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        self.snapshot = snapshot
+        self.keys = Keyspace(cfg.cluster)
+        self.key = self.keys.node(node_id)
+        self.policy = PublishPolicy(
+            interval_s=cfg.publish_interval_s,
+            min_gap_s=cfg.publish_min_gap_s,
+            temperature_delta_c=cfg.temperature_delta_c,
+            utilization_delta_percent=cfg.utilization_delta_percent,
+        )
+        self._client = client
+        self.state = "starting"
+        self.lease_id: int | None = None
+        self.writes = 0
+        self._published: NodeRecord | None = None
+        self._published_at = 0.0
+        self._poke = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def etcd(self) -> EtcdClient:
+        assert self._client is not None
+        return self._client
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = self.cfg.client()
+        await self._client.__aenter__()
+        self._task = asyncio.create_task(self._run(), name="cluster-publisher")
+
+    def poke(self) -> None:
+        """Something may have changed: check the publish policy now."""
+        self._poke.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.lease_id is not None:
+            try:
+                await self.etcd.lease_revoke(self.lease_id, timeout=min(2.0, self.cfg.timeout_s))
+                log.info("lease revoked; node deregistered", lease=self.lease_id)
+            except EtcdError as e:
+                log.warning("could not revoke lease; the node key expires with it", error=str(e))
+            self.lease_id = None
+        if self._client is not None:
+            await self._client.close()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._register()
+                failures = 0
+                await self._maintain()
+            except _LeaseLost as e:
+                self._set_state("re-registering", reason=str(e))
+            except EtcdError as e:
+                failures += 1
+                self._set_state("unreachable", error=str(e))
+                # Back off (capped, jittered) so 1,000 agents do not stampede a recovering etcd.
+                delay = min(10.0, 0.5 * 2 ** min(failures, 5)) * random.uniform(0.5, 1.0)
+                await asyncio.sleep(delay)
+            except Exception as e:  # a bug must not end cluster membership for good
+                log.exception("cluster publisher error", error=str(e))
+                await asyncio.sleep(5.0)
+
+    async def _register(self) -> None:
+        lease = await self.etcd.lease_grant(self.cfg.lease_ttl_s)
+        self.lease_id = lease.id
+        previous = await self.etcd.get(self.key)
+        await self._publish(self.snapshot(), "register")
+        if previous is not None and previous.lease and previous.lease != lease.id:
+            # Our own earlier registration (agent restarted, or we lost contact): revoke its lease
+            # now rather than let it linger until its TTL runs out.
+            with contextlib.suppress(EtcdLeaseNotFound):
+                await self.etcd.lease_revoke(previous.lease)
+            log.info("took over the registration of a previous lease", old_lease=previous.lease)
+        self._set_state("registered", lease=lease.id, ttl=lease.ttl)
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        ttl = self.cfg.lease_ttl_s
+        lease_deadline = loop.time() + ttl
+        next_keepalive = loop.time() + self.cfg.keepalive_s
+        while True:
+            wait = max(0.0, min(next_keepalive, self._published_at_loop() + self.policy.interval_s) - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), wait)
+            self._poke.clear()
+            if loop.time() >= next_keepalive:
+                try:
+                    remaining = await self.etcd.lease_keepalive_once(self.lease_id or 0)
+                except EtcdLeaseNotFound:
+                    raise _LeaseLost("lease expired") from None
+                except EtcdError as e:
+                    if loop.time() >= lease_deadline:
+                        raise _LeaseLost(f"no keep-alive for a whole TTL: {e}") from None
+                    self._set_state("keepalive failing", error=str(e))
+                    next_keepalive = loop.time() + min(1.0, self.cfg.keepalive_s / 2)
+                    continue
+                if remaining <= 0:
+                    raise _LeaseLost("lease expired")
+                lease_deadline = loop.time() + remaining
+                next_keepalive = loop.time() + self.cfg.keepalive_s
+                self._set_state("registered", lease=self.lease_id, ttl=remaining)
+            cur = self.snapshot()
+            why = publish_reason(self._published, cur, time.monotonic() - self._published_at, self.policy)
+            if why is not None:
+                await self._publish(cur, why)
+
+    async def _publish(self, rec: NodeRecord, why: str) -> None:
+        await self.etcd.put(self.key, encode(rec), lease=self.lease_id)
+        self.writes += 1
+        self._published, self._published_at = rec, time.monotonic()
+        log.debug("node record published", reason=why, writes=self.writes)
+
+    def _published_at_loop(self) -> float:
+        # time.monotonic and the loop clock may differ; convert the publish time to loop time.
+        loop = asyncio.get_running_loop()
+        return loop.time() - (time.monotonic() - self._published_at)
+
+    def _set_state(self, state: str, **kw: object) -> None:
+        if state != self.state:
+            level = log.warning if state in ("unreachable", "keepalive failing", "re-registering") else log.info
+            level("etcd membership " + state, previous=self.state, key=self.key, **kw)
+            self.state = state

@@ -1,0 +1,91 @@
+"""The etcd keyspace: the only place that spells ``/gpufleet/<cluster>/…`` paths.
+
+    /gpufleet/<cluster>/nodes/<node>          NodeRecord          (agent, under its lease)
+    /gpufleet/<cluster>/leader                LeaderRecord        (coordinator, under its lease)
+    /gpufleet/<cluster>/routes/<model>        RouteRecord         (leader, epoch-guarded)
+    /gpufleet/<cluster>/models/<model>        ModelRecord         (operator via gpuctl)
+    /gpufleet/<cluster>/assignments/<node>    AssignmentRecord    (leader, epoch-guarded)
+    /gpufleet/<cluster>/drain/<node>          DrainRecord         (operator via gpuctl)
+    /gpufleet/<cluster>/state/degradation     DegradationRecord   (leader, epoch-guarded)
+
+Names that become path segments are validated: a node or model name can never climb out of
+its folder or collide with another kind of key.
+"""
+
+from __future__ import annotations
+
+import re
+
+ROOT = "/gpufleet"
+# Model names are OpenAI model ids ("qwen2.5-7b", "Qwen/Qwen3-32B", "qwen3:32b"): allow those,
+# but no "..", no leading or doubled "/", nothing that is not printable ASCII.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}$")
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127}(/[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,127})?$")
+
+
+class InvalidName(ValueError):
+    pass
+
+
+def check_name(kind: str, name: str, pattern: re.Pattern[str] = _NAME) -> str:
+    if not pattern.match(name) or ".." in name:
+        raise InvalidName(f"invalid {kind} name {name!r}: use letters, digits and . _ : @ + - (max 128)")
+    return name
+
+
+class Keyspace:
+    def __init__(self, cluster: str, root: str = ROOT) -> None:
+        self.cluster = check_name("cluster", cluster)
+        self.prefix = f"{root}/{cluster}/"
+
+    # prefixes (for listing and watching)
+    @property
+    def nodes(self) -> str:
+        return self.prefix + "nodes/"
+
+    @property
+    def routes(self) -> str:
+        return self.prefix + "routes/"
+
+    @property
+    def models(self) -> str:
+        return self.prefix + "models/"
+
+    @property
+    def assignments(self) -> str:
+        return self.prefix + "assignments/"
+
+    @property
+    def drains(self) -> str:
+        return self.prefix + "drain/"
+
+    # single keys
+    def node(self, node: str) -> str:
+        return self.nodes + check_name("node", node)
+
+    @property
+    def leader(self) -> str:
+        return self.prefix + "leader"
+
+    def route(self, model: str) -> str:
+        return self.routes + check_name("model", model, _MODEL)
+
+    def model(self, model: str) -> str:
+        return self.models + check_name("model", model, _MODEL)
+
+    def assignment(self, node: str) -> str:
+        return self.assignments + check_name("node", node)
+
+    def drain(self, node: str) -> str:
+        return self.drains + check_name("node", node)
+
+    @property
+    def degradation(self) -> str:
+        return self.prefix + "state/degradation"
+
+    @staticmethod
+    def name_in(prefix: str, key: str) -> str:
+        """The last path part of ``key`` under ``prefix`` (e.g. the node of a node key)."""
+        if not key.startswith(prefix):
+            raise ValueError(f"{key!r} is not under {prefix!r}")
+        return key[len(prefix) :]
