@@ -82,6 +82,8 @@ class GpuSection(_Strict):
     classes: dict[str, str] = {}
     simulated: list[SimulatedGpu] = []
     probe_timeout_s: PositiveFloat = 5.0
+    # EWMA weight of a new utilization sample in what the agent reports (1 = raw NVML values).
+    utilization_smoothing: Fraction = 0.3
 
 
 class SupervisorSection(_Strict):
@@ -147,7 +149,8 @@ class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
     keepalive_interval_s: PositiveFloat | None = None  # default: lease_ttl_s / 3
     # Publish the node record on a meaningful change, and at least this often.
     publish_interval_s: PositiveFloat = 30.0
-    publish_min_gap_s: NonNegFloat = 1.0  # at most one change-triggered write per gap
+    publish_min_gap_s: NonNegFloat = 1.0  # state changes (failover-relevant): merged within this gap
+    telemetry_min_gap_s: NonNegFloat = 15.0  # temperature/utilization changes: at most one write per gap
     temperature_delta_c: PositiveFloat = 2.0
     utilization_delta_percent: PositiveFloat = 10.0
 

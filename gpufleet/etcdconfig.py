@@ -41,7 +41,8 @@ class EtcdSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             out.append(ConfigProblem(f"{at}.cert_file", "cert_file and key_file go together"))
         if (self.username is None) != (self.password_file is None):
             out.append(ConfigProblem(f"{at}.password_file", "username and password_file go together"))
-        if any(e.startswith("https://") for e in self.endpoints) and any(e.startswith("http://") for e in self.endpoints):
+        schemes = {e.split("://", 1)[0] for e in self.endpoints}
+        if len(schemes) > 1:
             out.append(ConfigProblem(f"{at}.endpoints", "mixes http:// and https:// endpoints"))
         return out
 

@@ -1,15 +1,17 @@
 """Real etcd processes for tests: single members and 3-member clusters, optionally with TLS and auth.
 
-Import the fixtures into a test module (``from etcd_fixtures import etcd, etcd_cluster3  # noqa: F401``)
-or use the classes directly. Members run on free loopback ports with their data in a temporary
-directory, with fast raft timings (heartbeat 50 ms, election 500 ms) so elections and leader
-loss happen in about a second, and with watch progress notifications every second. Start-up
-waits on ``/health`` (which also needs a leader) with a deadline; teardown SIGKILLs whatever is
-left and removes the data directories.
+tests/conftest.py registers this module as a pytest plugin, so the fixtures (``etcd``,
+``etcd_cluster3``, ``etcd_tls``, ``etcd_auth``) are available to every test module; the classes
+can be used directly for members of a test's own. Set ``GPUFLEET_ETCD_BIN`` to test another build.
 
-The fixtures are synchronous so they can be module-scoped (one etcd for many tests: starting
-one takes about a second); tests use unique key prefixes so they do not see each other's keys.
-Tests that stop or kill members restore them before they finish.
+Members run on free loopback ports with their data in a temporary directory, with fast raft
+timings (heartbeat 50 ms, election 500 ms) so elections and leader loss take about a second, and
+with watch progress notifications every second. Start-up waits on ``/health`` (which also needs a
+leader) with a deadline; teardown SIGKILLs whatever is left and removes the data directories.
+
+The fixtures are synchronous so they can be module-scoped (one etcd for many tests; a single
+member starts in well under a second); tests use unique key prefixes so they do not see each
+other's keys. Tests that stop or kill members restore them before they finish.
 """
 
 from __future__ import annotations

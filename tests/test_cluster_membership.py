@@ -21,7 +21,7 @@ import pytest
 from etcd_fixtures import USER, USER_PASSWORD, EtcdCluster
 from helpers import AgentProcess, agent_toml, free_port, instance_toml, wait_until
 
-from agent.cluster.policy import PublishPolicy, change_reason, publish_reason
+from agent.cluster.policy import Change, PublishPolicy, change_reason, publish_reason
 from gpufleet.etcd import EtcdClient, EtcdLeaseNotFound, Event
 from gpufleet.keyspace import Keyspace, decode
 from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
@@ -37,6 +37,7 @@ cluster = "{cluster}"
 lease_ttl_s = {TTL}
 keepalive_interval_s = 1.0
 timeout_s = 1.0
+telemetry_min_gap_s = 0.5
 {extra}
 """
 
@@ -84,7 +85,9 @@ async def registered(etcd: EtcdClient, key: str) -> NodeRecord | None:
     return decode(kv.value, NodeRecord) if kv is not None else None
 
 
-async def test_register_publish_and_deregister_on_sigterm(tmp_path: Path, etcd: EtcdCluster, etcd_client: EtcdClient) -> None:
+async def test_register_publish_and_deregister_on_sigterm(
+    tmp_path: Path, etcd: EtcdCluster, etcd_client: EtcdClient
+) -> None:
     key = Keyspace("reg").node("n1")
     async with node_agent(tmp_path, etcd.endpoints, "reg", "n1") as agent:
         rec = await wait_until(lambda: registered(etcd_client, key), what="node registered")
@@ -136,7 +139,9 @@ async def _absent(etcd: EtcdClient, key: str) -> bool:
     return await etcd.get(key) is None
 
 
-async def test_sigstop_shorter_than_ttl_does_not_flap(tmp_path: Path, etcd: EtcdCluster, etcd_client: EtcdClient) -> None:
+async def test_sigstop_shorter_than_ttl_does_not_flap(
+    tmp_path: Path, etcd: EtcdCluster, etcd_client: EtcdClient
+) -> None:
     key = Keyspace("stop").node("n1")
     async with node_agent(tmp_path, etcd.endpoints, "stop", "n1") as agent:
         await wait_until(lambda: registered(etcd_client, key), what="registered")
@@ -217,13 +222,18 @@ async def test_etcd_restart_agent_reregisters(tmp_path: Path) -> None:
         async with etcd.client() as c, node_agent(tmp_path, etcd.endpoints, "restart", "n1") as agent:
             await wait_until(lambda: registered(c, key), what="registered")
             etcd.members[0].kill()
-            await wait_until(lambda: any("etcd membership" in ln and "failing" in ln or "unreachable" in ln
-                                         for ln in agent.log_lines()), timeout=10, what="agent noticed")
+            await wait_until(
+                lambda: any("keepalive failing" in ln or "membership unreachable" in ln for ln in agent.log_lines()),
+                timeout=10,
+                what="agent noticed",
+            )
             # The agent keeps serving locally meanwhile.
             assert (await agent.status())["instances"][0]["name"] == "a"
             etcd.members[0].restart()
             await wait_until(lambda: registered(c, key), timeout=TTL + 15, what="registered after restart")
-            await wait_until(lambda: any("etcd membership registered" in ln for ln in agent.log_lines()[-50:]), timeout=15)
+            await wait_until(
+                lambda: any("etcd membership registered" in ln for ln in agent.log_lines()[-50:]), timeout=15
+            )
     finally:
         etcd.destroy()
 
@@ -261,7 +271,7 @@ async def test_tls_and_prefix_limited_user(tmp_path: Path) -> None:
 cert_file = "{etcd.tls.client_cert}"
 key_file = "{etcd.tls.client_key}"
 username = "{USER}"
-password_file = "{tmp_path / 'pw'}"
+password_file = "{tmp_path / "pw"}"
 """
         key = Keyspace("secure").node("n1")
         async with etcd.client() as root, node_agent(tmp_path, etcd.endpoints, "secure", "n1", tls) as agent:
@@ -274,14 +284,27 @@ password_file = "{tmp_path / 'pw'}"
         async with node_agent(tmp_path / "bad", etcd.endpoints, "secure", "n2", bad) as agent:
             line = await wait_until(
                 lambda: next((ln for ln in agent.log_lines() if "etcd membership unreachable" in ln), None),
-                timeout=15, what="auth failure logged",
+                timeout=15,
+                what="auth failure logged",
             )
             assert "authentication failed" in line.lower() or "invalid" in line.lower(), line
             assert "wrong-password" not in "".join(agent.log_lines())
         # A client certificate from another CA is refused with a clear error (gpuctl, exit 1).
-        res = gpuctl("--etcd", etcd.endpoints[0], "--cluster", "secure", "--cacert", etcd.tls.ca,
-                     "--cert", etcd.tls.other_client_cert, "--key", etcd.tls.other_client_key, "nodes")
-        assert res.returncode in (1, 2) and "tls" in res.stderr.lower() or "certificate" in res.stderr.lower()
+        res = gpuctl(
+            "--etcd",
+            etcd.endpoints[0],
+            "--cluster",
+            "secure",
+            "--cacert",
+            etcd.tls.ca,
+            "--cert",
+            etcd.tls.other_client_cert,
+            "--key",
+            etcd.tls.other_client_key,
+            "nodes",
+        )
+        assert res.returncode in (1, 2), res.stderr
+        assert "tls" in res.stderr.lower() or "certificate" in res.stderr.lower(), res.stderr
     finally:
         etcd.destroy()
 
@@ -313,47 +336,67 @@ def test_config_enforces_keepalive_budget(tmp_path: Path) -> None:
     from gpufleet.tomlconfig import ConfigError
 
     f = tmp_path / "a.toml"
-    f.write_text('[gpu]\nsource = "simulated"\n[[gpu.simulated]]\n[cluster]\nendpoints = ["http://127.0.0.1:2379"]\n'
-                 "lease_ttl_s = 5\nkeepalive_interval_s = 2\ntimeout_s = 2\n")
+    f.write_text(
+        '[gpu]\nsource = "simulated"\n[[gpu.simulated]]\n[cluster]\nendpoints = ["http://127.0.0.1:2379"]\n'
+        "lease_ttl_s = 5\nkeepalive_interval_s = 2\ntimeout_s = 2\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_config(f)
-    assert "$.cluster.lease_ttl_s: keepalive interval 2s + 2 × timeout_s 2s = 6s exceeds the lease TTL 5s" in str(e.value)
+    assert "$.cluster.lease_ttl_s: keepalive interval 2s + 2 × timeout_s 2s = 6s exceeds the lease TTL 5s" in str(
+        e.value
+    )
 
 
 # --- publish policy: pure ------------------------------------------------------------------
 
 
 def _node(temp: float = 50, util: float = 20, state: str = "READY", ready: bool = True) -> NodeRecord:
-    gpu = GpuRecord(index=0, uuid="u", name="A100", gpu_class="A100", temperature_celsius=temp, utilization_percent=util)
-    inst = InstanceRecord(name="a", model="m", backend="vllm", state=state, state_since=0, port=1, gpus=[0],
-                          gpu_memory_fraction=0.5)  # type: ignore[arg-type]
-    return NodeRecord(node="n", address="http://n", agent_version="0", started_at=0, updated_at=0, gpu_source="sim",
-                      gpu_classes=["A100"], gpus=[gpu], instances=[inst], ready=ready)
+    gpu = GpuRecord(
+        index=0, uuid="u", name="A100", gpu_class="A100", temperature_celsius=temp, utilization_percent=util
+    )
+    inst = InstanceRecord(
+        name="a", model="m", backend="vllm", state=state, state_since=0, port=1, gpus=[0], gpu_memory_fraction=0.5
+    )  # type: ignore[arg-type]
+    return NodeRecord(
+        node="n",
+        address="http://n",
+        agent_version="0",
+        started_at=0,
+        updated_at=0,
+        gpu_source="sim",
+        gpu_classes=["A100"],
+        gpus=[gpu],
+        instances=[inst],
+        ready=ready,
+    )
 
 
 @pytest.mark.parametrize(
-    ("prev", "cur", "reason"),
+    ("prev", "cur", "change"),
     [
-        (None, _node(), "first record"),
+        (None, _node(), Change("first record", urgent=True)),
         (_node(), _node(temp=51.9), None),
-        (_node(), _node(temp=52), "gpu 0 temperature 50 -> 52"),
-        (_node(), _node(temp=48), "gpu 0 temperature 50 -> 48"),
+        (_node(), _node(temp=52), Change("gpu 0 temperature 50 -> 52", urgent=False)),
+        (_node(), _node(temp=48), Change("gpu 0 temperature 50 -> 48", urgent=False)),
         (_node(), _node(util=29), None),
-        (_node(), _node(util=30), "gpu 0 utilization 20 -> 30"),
-        (_node(), _node(state="UNHEALTHY", ready=True), "instance a READY -> UNHEALTHY"),
-        (_node(), _node(ready=False), "ready True -> False"),
+        (_node(), _node(util=30), Change("gpu 0 utilization 20 -> 30", urgent=False)),
+        (_node(), _node(state="UNHEALTHY", ready=True), Change("instance a READY -> UNHEALTHY", urgent=True)),
+        (_node(), _node(ready=False, temp=80), Change("ready True -> False", urgent=True)),
     ],
 )
-def test_change_reason_table(prev: NodeRecord | None, cur: NodeRecord, reason: str | None) -> None:
-    assert change_reason(prev, cur, PublishPolicy()) == reason
+def test_change_reason_table(prev: NodeRecord | None, cur: NodeRecord, change: Change | None) -> None:
+    assert change_reason(prev, cur, PublishPolicy()) == change
 
 
-def test_publish_reason_rate_limit_and_refresh() -> None:
-    p = PublishPolicy(interval_s=30, min_gap_s=1)
+def test_publish_reason_rate_limits_and_refresh() -> None:
+    p = PublishPolicy(interval_s=30, min_gap_s=1, telemetry_gap_s=15)
     assert publish_reason(_node(), _node(), 5, p) is None
     assert publish_reason(_node(), _node(), 30, p) == "periodic refresh"
-    assert publish_reason(_node(), _node(temp=70), 0.5, p) is None  # within the gap: next check
-    assert publish_reason(_node(), _node(temp=70), 1.0, p) == "gpu 0 temperature 50 -> 70"
+    # State changes go out at once (after the 1 s burst gap); telemetry waits its 15 s gap.
+    assert publish_reason(_node(), _node(ready=False), 0.5, p) is None
+    assert publish_reason(_node(), _node(ready=False), 1.0, p) == "ready True -> False"
+    assert publish_reason(_node(), _node(temp=70), 14.9, p) is None
+    assert publish_reason(_node(), _node(temp=70), 15.0, p) == "gpu 0 temperature 50 -> 70"
 
 
 _ = (os, msgspec)

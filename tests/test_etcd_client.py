@@ -146,6 +146,14 @@ async def test_paginated_listing_is_one_consistent_snapshot(client: EtcdClient) 
     assert [kv.value_str for kv in first.kvs + rest.kvs] == [str(i) for i in range(7)]
 
 
+async def test_status(etcd: EtcdCluster, client: EtcdClient) -> None:  # noqa: F811
+    st = await client.status()
+    assert st.version.startswith("3.") and st.leader == st.member_id != 0
+    assert st.raft_term >= 1 and st.raft_index > 0 and st.db_size > 0 and st.errors == []
+    assert st.endpoint == etcd.endpoints[0]
+    assert (await client.status(endpoint=etcd.endpoints[0] + "/")).member_id == st.member_id
+
+
 async def test_delete_prefix(client: EtcdClient) -> None:
     p = unique("del")
     for i in range(3):
@@ -397,6 +405,23 @@ async def test_watch_on_hung_member_raises_instead_of_waiting_forever(etcd_own: 
                 member.sigcont()
 
 
+async def test_watch_on_killed_member_raises_etcd_unavailable(etcd_own: EtcdCluster) -> None:
+    member = etcd_own.members[0]
+    async with etcd_own.client(timeout=1) as client:
+        w = await client.watch("/gone/").open()
+        member.kill()
+        try:
+            with pytest.raises(EtcdUnavailable):
+                async with asyncio.timeout(10):
+                    async for _ in w:
+                        pass
+            with pytest.raises(EtcdUnavailable):
+                await client.watch("/gone/").open()
+        finally:
+            member.start()
+            await member.wait_healthy()
+
+
 async def test_calls_to_a_hung_member_fail_within_the_deadline(etcd_own: EtcdCluster) -> None:
     member = etcd_own.members[0]
     async with etcd_own.client(timeout=1) as client:
@@ -429,6 +454,24 @@ async def test_unreachable_endpoint_fails_with_reasons() -> None:
             await client.get("/k")
         assert time.monotonic() - started < 1.5
         assert ep in exc.value.reasons and "connect" in exc.value.reasons[ep]
+
+
+async def test_mirror_survives_a_failing_callback(client: EtcdClient) -> None:
+    p = unique("callback")
+    calls: list[object] = []
+
+    def on_change(change: object) -> None:
+        calls.append(change)
+        if len(calls) == 2:
+            raise RuntimeError("a consumer bug")
+
+    async with KeyMirror(client, p, on_change=on_change) as mirror:
+        await mirror.wait_ready(10)
+        await client.put(p + "a", "1")  # the callback raises on this one
+        await client.put(p + "b", "2")
+        await mirror.wait_for(lambda d: set(d) == {p + "a", p + "b"}, 10)
+        await wait_until(lambda: len(calls) == 3, timeout=10, what="the callback for every change")
+        assert mirror.revision == (await client.get(p + "b")).mod_revision  # type: ignore[union-attr]
 
 
 # --- clusters ----------------------------------------------------------------------------------
@@ -608,7 +651,11 @@ async def test_auth_token_expiry_reauthenticates(etcd_auth: EtcdCluster) -> None
         assert first
         # The member forgets a simple token after --auth-token-ttl (2 s) without use; its log says when.
         await wait_until(lambda: f'"token":"{first}"' in member.log_path.read_text(), timeout=15, what="token expiry")
-        assert (await client.get("/gpufleet/t")).value == b"1"  # type: ignore[union-attr]
+        # Many callers find the token stale at once; they share one re-authentication.
+        with structlog.testing.capture_logs() as logs:
+            got = await asyncio.gather(*(client.get("/gpufleet/t") for _ in range(10)))
+        assert all(kv is not None and kv.value == b"1" for kv in got)
+        assert sum(e["event"] == "etcd authenticated" for e in logs) == 1
         second = client.transport._token
         assert second and second != first
         # Across a member restart calls go on working (etcd 3.4 replays the token's grant from its

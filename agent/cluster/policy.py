@@ -1,10 +1,14 @@
 """When is a node record worth writing to etcd? A pure function, so it is tested with tables.
 
 Every write is replicated to every etcd member and wakes every watcher, and 1,000 agents
-probing every 5 s would make 200 writes/s of noise. We write on *meaningful* change only (any
-state change, a GPU heating or cooling by 2 °C, utilization moving 10 points, an instance
-appearing or going), rate-limited, and at least every ``publish_interval_s`` so the record's
-``updated_at`` shows the agent is alive even when nothing changes.
+probing every 5 s would make 200 writes/s of noise. We write on *meaningful* change only, and
+at least every ``interval_s`` so ``updated_at`` shows the agent is alive when nothing changes.
+
+Two kinds of change. *State* changes (an instance's state, readiness, a GPU lost, instances
+added or removed) decide failover: they go out at once (``min_gap_s`` only merges a burst).
+*Telemetry* changes (a GPU 2 °C warmer or cooler, utilization 10 points off) only shift
+weights: at most one such write per ``telemetry_gap_s`` per node, so 1,000 busy nodes stay
+under 1000 / 15 ≈ 67 writes/s however noisy their sensors are.
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
 class PublishPolicy:
     interval_s: float = 30.0
     min_gap_s: float = 1.0
+    telemetry_gap_s: float = 15.0
     temperature_delta_c: float = 2.0
     utilization_delta_percent: float = 10.0
 
 
-def _gpu_change(a: GpuRecord, b: GpuRecord, p: PublishPolicy) -> str | None:
-    if a.lost != b.lost:
-        return f"gpu {b.index} {'lost' if b.lost else 'back'}"
+@dataclass(frozen=True)
+class Change:
+    reason: str
+    urgent: bool  # state (failover-relevant) rather than telemetry
+
+
+def _gpu_telemetry(a: GpuRecord, b: GpuRecord, p: PublishPolicy) -> str | None:
     if (a.temperature_celsius is None) != (b.temperature_celsius is None) or (
         a.temperature_celsius is not None
         and b.temperature_celsius is not None
@@ -48,10 +57,7 @@ def _instance_change(a: InstanceRecord, b: InstanceRecord) -> str | None:
     return None
 
 
-def change_reason(prev: NodeRecord | None, cur: NodeRecord, p: PublishPolicy) -> str | None:
-    """Why ``cur`` differs meaningfully from the last published ``prev`` (None: it does not)."""
-    if prev is None:
-        return "first record"
+def _state_change(prev: NodeRecord, cur: NodeRecord) -> str | None:
     if prev.ready != cur.ready:
         return f"ready {prev.ready} -> {cur.ready}"
     if prev.address != cur.address:
@@ -59,8 +65,8 @@ def change_reason(prev: NodeRecord | None, cur: NodeRecord, p: PublishPolicy) ->
     if [g.index for g in prev.gpus] != [g.index for g in cur.gpus]:
         return "gpu set changed"
     for a, b in zip(prev.gpus, cur.gpus, strict=True):
-        if (why := _gpu_change(a, b, p)) is not None:
-            return why
+        if a.lost != b.lost:
+            return f"gpu {b.index} {'lost' if b.lost else 'back'}"
     before = {i.name: i for i in prev.instances}
     after = {i.name: i for i in cur.instances}
     if before.keys() != after.keys():
@@ -71,15 +77,25 @@ def change_reason(prev: NodeRecord | None, cur: NodeRecord, p: PublishPolicy) ->
     return None
 
 
-def publish_reason(
-    prev: NodeRecord | None, cur: NodeRecord, since_last_s: float, p: PublishPolicy
-) -> str | None:
-    """Publish now? A reason string, or None to wait."""
+def change_reason(prev: NodeRecord | None, cur: NodeRecord, p: PublishPolicy) -> Change | None:
+    """How ``cur`` differs meaningfully from the last published ``prev`` (None: it does not)."""
+    if prev is None:
+        return Change("first record", urgent=True)
+    if (why := _state_change(prev, cur)) is not None:
+        return Change(why, urgent=True)
+    for a, b in zip(prev.gpus, cur.gpus, strict=True):
+        if (why := _gpu_telemetry(a, b, p)) is not None:
+            return Change(why, urgent=False)
+    return None
+
+
+def publish_reason(prev: NodeRecord | None, cur: NodeRecord, since_last_s: float, p: PublishPolicy) -> str | None:
+    """Publish now? A reason string, or None to wait (a later check picks the change up)."""
     if prev is not None and since_last_s >= p.interval_s:
         return "periodic refresh"
-    why = change_reason(prev, cur, p)
-    if why is None:
+    change = change_reason(prev, cur, p)
+    if change is None:
         return None
-    if prev is not None and since_last_s < p.min_gap_s:
-        return None  # a change within the gap is picked up by the next check
-    return why
+    if prev is not None and since_last_s < (p.min_gap_s if change.urgent else p.telemetry_gap_s):
+        return None
+    return change.reason

@@ -50,6 +50,7 @@ class ClusterPublisher:
         self.policy = PublishPolicy(
             interval_s=cfg.publish_interval_s,
             min_gap_s=cfg.publish_min_gap_s,
+            telemetry_gap_s=cfg.telemetry_min_gap_s,
             temperature_delta_c=cfg.temperature_delta_c,
             utilization_delta_percent=cfg.utilization_delta_percent,
         )

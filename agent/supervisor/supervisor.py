@@ -18,6 +18,7 @@ import structlog
 
 from agent.config import AgentConfig, InstanceConfig, live_reloadable
 from agent.gpu import GpuSource
+from agent.gpu.smoothing import UtilizationSmoother
 from gpufleet.keyspace.records import GpuRecord, InstanceRecord
 
 from .admission import Claim, check_admission
@@ -59,6 +60,7 @@ class Supervisor:
         self.registry = GroupRegistry(Path(cfg.agent.state_dir) / "process-groups.json")
         self.instances: dict[str, Instance] = {}
         self.gpus: list[GpuRecord] = []
+        self.smoother = UtilizationSmoother(cfg.gpu.utilization_smoothing)
         self.last_tick: float | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -70,7 +72,7 @@ class Supervisor:
             log.info("cpu quotas enabled", cgroup=str(self.cgroups.base))
         elif any(i.cpu_quota for i in self.cfg.instances):
             log.warning("cpu_quota is configured but cannot be applied", reason=self.cgroups.unavailable_reason)
-        self.gpus = await self.gpu_source.sample()
+        self.gpus = self.smoother.apply(await self.gpu_source.sample())
         self._add_instances(self.cfg.instances, keep_ports={})
 
     def _add_instances(self, configs: list[InstanceConfig], keep_ports: dict[str, int]) -> None:
@@ -94,7 +96,7 @@ class Supervisor:
     async def tick(self) -> str:
         """Sample the GPUs; returns a one-line summary (systemd STATUS=)."""
         try:
-            self.gpus = await self.gpu_source.sample()
+            self.gpus = self.smoother.apply(await self.gpu_source.sample())
         except Exception as e:  # a probe bug must not stop supervision
             log.exception("gpu sample failed", error=str(e))
         self.last_tick = time.time()

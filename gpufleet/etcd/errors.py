@@ -118,7 +118,7 @@ _INVALID_TOKEN = ("invalid auth token",)
 _COMPACTED = ("required revision has been compacted",)
 _LEASE_NOT_FOUND = ("requested lease not found",)
 # Errors that mean "this member did not apply the request": safe to retry anywhere, even a write.
-_NOT_APPLIED = (*_NO_LEADER, "too many requests", "not capable", "etcdserver: leader changed")
+_NOT_APPLIED = (*_NO_LEADER, "too many requests", "not capable")
 
 
 def is_invalid_token(err: BaseException) -> bool:

@@ -16,8 +16,8 @@ What is retried on another endpoint:
   compare-and-swap can flip its outcome. The failing endpoint is rotated out for the next call.
 
 Answers that are etcd's final word (permission denied, compacted, lease not found, bad request)
-are raised at once. TLS problems are never fixed by retrying; once every endpoint has failed
-with one, the TLS error is raised with its explanation.
+are raised at once. TLS problems are never fixed by retrying; once a whole round of endpoints
+has failed with them, the TLS error is raised with its explanation.
 
 Auth: with a user name, the transport gets a token from ``/v3/auth/authenticate`` and sends it
 as the ``Authorization`` header, which the gateway forwards to etcd as gRPC metadata (verified
@@ -436,6 +436,8 @@ class Transport:
         except BaseException as e:
             if resp is not None:
                 resp.close()
+            if isinstance(e, EtcdTLSError | EtcdUnavailable):  # from the stream: try elsewhere
+                raise _Failure(e.message, False, e, isinstance(e, EtcdTimeout)) from e
             if isinstance(e, _Failure | EtcdError | asyncio.CancelledError | TimeoutError):
                 raise
             if isinstance(e, Exception):
@@ -466,7 +468,7 @@ def _transport_failure(ep: str, e: Exception) -> _Failure:
         return _Failure(f"{type(e).__name__}: {e} (if this endpoint uses TLS, write it as https://)", True)
     if isinstance(e, aiohttp.ClientError | OSError):
         return _Failure(f"{type(e).__name__}: {e}", True)
-    raise e
+    raise e  # not a transport problem (a bug): let it surface as it is
 
 
 class Stream:
@@ -491,7 +493,14 @@ class Stream:
         while True:
             nl = self._buf.find(b"\n")
             if nl < 0 and not self._eof:
-                chunk = await self._resp.content.readany()
+                try:
+                    chunk = await self._resp.content.readany()
+                except (aiohttp.ClientError, OSError) as e:  # reset, payload cut short, TLS alert
+                    if _tls_cause(e) is not None:
+                        raise _tls_error(self.endpoint, e) from e
+                    raise EtcdUnavailable(
+                        f"etcd stream from {self.endpoint} broke: {type(e).__name__}: {e}", endpoint=self.endpoint
+                    ) from e
                 if not chunk:
                     self._eof = True
                 self._buf += chunk
@@ -505,7 +514,10 @@ class Stream:
                 del self._buf[: nl + 1]
                 if not line.strip():
                     continue
-            obj = msgspec.json.decode(line)
+            try:
+                obj = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                obj = None
             if not isinstance(obj, dict):
                 raise EtcdError(f"unexpected message on etcd stream from {self.endpoint}: {line[:200]!r}")
             return obj
