@@ -139,7 +139,7 @@ def make_tls(directory: Path) -> TlsFiles:
         k = key()
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []))
             .issuer_name(ca_cert.subject)
             .public_key(k.public_key())
             .serial_number(x509.random_serial_number())
@@ -164,9 +164,13 @@ def make_tls(directory: Path) -> TlsFiles:
     # etcd's gateway dials etcd's own gRPC server with the server certificate, so with
     # --client-cert-auth the server certificate must be valid for client auth too.
     s_key, s_cert = leaf(ca_key, ca_cert, "etcd", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
-    c_key, c_cert = leaf(ca_key, ca_cert, "gpufleet", [ExtendedKeyUsageOID.CLIENT_AUTH])
+    # Client certificates for the JSON gateway carry no Common Name: with auth enabled, etcd
+    # 3.4 answers any gateway request presenting one with HTTP 400 "CommonName of client sending
+    # a request against gateway will be ignored and not used as expected" (gRPC clients would
+    # be authenticated as that CN; the gateway cannot pass it on). SANs identify the client.
+    c_key, c_cert = leaf(ca_key, ca_cert, "", [ExtendedKeyUsageOID.CLIENT_AUTH])
     o_key, o_cert = ca("some other CA")
-    oc_key, oc_cert = leaf(o_key, o_cert, "gpufleet", [ExtendedKeyUsageOID.CLIENT_AUTH])
+    oc_key, oc_cert = leaf(o_key, o_cert, "", [ExtendedKeyUsageOID.CLIENT_AUTH])
     return TlsFiles(
         ca=write_cert(ca_cert, "ca.pem"),
         server_cert=write_cert(s_cert, "server.pem"),

@@ -50,6 +50,8 @@ from .errors import (
     is_invalid_token,
     was_not_applied,
 )
+from .stream import Stream
+from .tls import build_ssl_context, tls_cause, tls_error
 
 log = structlog.get_logger("gpufleet.etcd")
 
@@ -81,54 +83,6 @@ def normalize_endpoint(ep: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"etcd endpoint {ep!r} must look like http://host:port or https://host:port")
     return ep
-
-
-def build_ssl_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
-    """A client TLS context; the system CAs unless ``ca_file``; a client certificate if given."""
-    try:
-        ctx = ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as e:
-        raise EtcdTLSError(f"cannot load etcd CA file {ca_file!r}: {e}") from e
-    if cert_file or key_file:
-        if not cert_file:
-            raise EtcdTLSError("etcd key_file given without cert_file")
-        try:
-            ctx.load_cert_chain(cert_file, key_file)
-        except (OSError, ssl.SSLError) as e:
-            raise EtcdTLSError(f"cannot load etcd client certificate {cert_file!r} / key {key_file!r}: {e}") from e
-    return ctx
-
-
-def _tls_cause(e: BaseException) -> ssl.SSLError | None:
-    """The ssl.SSLError behind an aiohttp error, if any (aiohttp wraps it at varying depths)."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLError):
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _tls_error(ep: str, e: BaseException) -> EtcdTLSError:
-    """A TLS failure, explained in terms of what to check."""
-    cause = _tls_cause(e) or e
-    text = str(getattr(cause, "reason", None) or cause)
-    full = str(cause)
-    if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in full:
-        hint = "the server's certificate is not trusted by ca_file (or its name does not match the endpoint)"
-    elif "WRONG_VERSION_NUMBER" in full or "wrong version number" in full:
-        hint = "the endpoint does not speak TLS; use http:// for it"
-    elif "CERTIFICATE_REQUIRED" in full or "BAD_CERTIFICATE" in full or "UNKNOWN_CA" in full:
-        # Go answers a missing client certificate and one it does not trust alike ("bad certificate").
-        hint = (
-            "the server refused the client certificate: it requires one (cert_file/key_file) signed by a CA "
-            "in its --trusted-ca-file"
-        )
-    else:
-        hint = "TLS handshake failed"
-    return EtcdTLSError(f"TLS error talking to etcd at {ep}: {hint} [{text}]", endpoint=ep)
 
 
 class Transport:
@@ -360,6 +314,14 @@ class Transport:
             if "HTTP request to an HTTPS server" in text:
                 err = EtcdTLSError(f"etcd at {ep} speaks TLS; use an https:// endpoint", endpoint=ep)
                 raise _Failure("endpoint speaks TLS", False, err)
+            if "CommonName of client sending a request against gateway" in text:
+                # etcd 3.4 with auth on refuses gateway requests whose client certificate has a
+                # CN; every member would say the same, so this is a configuration error.
+                raise EtcdTLSError(
+                    f"etcd at {ep} refuses our client certificate because it has a Common Name: with etcd auth "
+                    "enabled, certificates used on the JSON gateway must have no CN (identify the client by SAN)",
+                    endpoint=ep,
+                )
             if status == 404:
                 raise PathNotFound(f"etcd at {ep} has no {path} ({text})", endpoint=ep)
             raise _Failure(f"HTTP {status}: {text}", True)
@@ -458,8 +420,8 @@ class Transport:
 
 def _transport_failure(ep: str, e: Exception) -> _Failure:
     """Classify an aiohttp/OS error from one request."""
-    if isinstance(e, aiohttp.ClientSSLError | ssl.SSLError) or _tls_cause(e) is not None:
-        return _Failure(f"TLS: {e}", False, _tls_error(ep, e))
+    if isinstance(e, aiohttp.ClientSSLError | ssl.SSLError) or tls_cause(e) is not None:
+        return _Failure(f"TLS: {e}", False, tls_error(ep, e))
     if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         # Never connected: the request did not reach etcd, so even a write may go elsewhere.
         return _Failure(f"connect: {e}", False, None, isinstance(e, TimeoutError))
@@ -469,55 +431,3 @@ def _transport_failure(ep: str, e: Exception) -> _Failure:
     if isinstance(e, aiohttp.ClientError | OSError):
         return _Failure(f"{type(e).__name__}: {e}", True)
     raise e  # not a transport problem (a bug): let it surface as it is
-
-
-class Stream:
-    """An open streaming response: newline-delimited JSON objects, without a line-length limit.
-
-    aiohttp's own readline() refuses lines over its buffer size, and one watch response with
-    many events (or big values) is a single line.
-    """
-
-    def __init__(self, endpoint: str, resp: aiohttp.ClientResponse) -> None:
-        self.endpoint = endpoint
-        self.first: dict[str, Any] = {}
-        self._resp = resp
-        self._buf = bytearray()
-        self._eof = False
-
-    def close(self) -> None:
-        self._resp.close()
-
-    async def next_json(self) -> dict[str, Any] | None:
-        """The next JSON object, or None at the end of the stream."""
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0 and not self._eof:
-                try:
-                    chunk = await self._resp.content.readany()
-                except (aiohttp.ClientError, OSError) as e:  # reset, payload cut short, TLS alert
-                    if _tls_cause(e) is not None:
-                        raise _tls_error(self.endpoint, e) from e
-                    raise EtcdUnavailable(
-                        f"etcd stream from {self.endpoint} broke: {type(e).__name__}: {e}", endpoint=self.endpoint
-                    ) from e
-                if not chunk:
-                    self._eof = True
-                self._buf += chunk
-                continue
-            if nl < 0:
-                line, self._buf = bytes(self._buf), bytearray()
-                if not line.strip():
-                    return None
-            else:
-                line = bytes(self._buf[:nl])
-                del self._buf[: nl + 1]
-                if not line.strip():
-                    continue
-            try:
-                obj = msgspec.json.decode(line)
-            except msgspec.DecodeError:
-                obj = None
-            if not isinstance(obj, dict):
-                raise EtcdError(f"unexpected message on etcd stream from {self.endpoint}: {line[:200]!r}")
-            return obj

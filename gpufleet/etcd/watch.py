@@ -35,7 +35,7 @@ from .messages import Key, WatchResponse, range_fields
 
 if TYPE_CHECKING:
     from .client import EtcdClient
-    from .transport import Stream
+    from .stream import Stream
 
 log = structlog.get_logger("gpufleet.etcd")
 
