@@ -20,6 +20,7 @@ from aiohttp import web
 from agent.api.auth import AdminToken, TokenError
 from agent.api.server import build_app
 from agent.cluster import ClusterPublisher
+from agent.cluster.routes import RouteTable
 from agent.config import AgentConfig, live_reloadable, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
 from agent.supervisor import Supervisor
@@ -55,6 +56,7 @@ class AgentRuntime:
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self.publisher: ClusterPublisher | None = None
+        self.routes: RouteTable | None = None
 
     # --- what the API reads ---------------------------------------------------------------
 
@@ -149,6 +151,8 @@ class AgentRuntime:
             except OSError as e:  # unreadable TLS or password file
                 self.publisher = None
                 raise StartupError(str(e), EX_CONFIG) from None
+            self.routes = RouteTable(self.publisher.etcd, self.publisher.keys, self.cfg.node_id)
+            self.routes.start()
 
     async def _tick_loop(self) -> None:
         interval = self.cfg.supervisor.probe_interval_s
@@ -172,6 +176,8 @@ class AgentRuntime:
 
     async def _cleanup(self) -> None:
         # Deregister first: the cluster moves traffic away before the instances go down.
+        if self.routes is not None:
+            await self.routes.stop()
         if self.publisher is not None:
             await self.publisher.stop()
         if hasattr(self, "supervisor"):

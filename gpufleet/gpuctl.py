@@ -13,20 +13,24 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
-from gpufleet.etcd import EtcdError, EtcdNoLeader, EtcdTimeout, EtcdUnavailable
+from gpufleet.etcd import EtcdClient, EtcdError, EtcdNoLeader, EtcdTimeout, EtcdUnavailable, KeyValue
 from gpufleet.etcdconfig import EtcdSettings
-from gpufleet.keyspace import InvalidName, Keyspace, decode_or_skip
-from gpufleet.keyspace.records import NodeRecord
+from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
+from gpufleet.keyspace.records import DrainRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2, 64
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +111,8 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.etcd:
+        return _run_etcd(cmd_cluster_status, args)
     code, st = _request(args.agent.rstrip("/") + "/v1/status")
     if code != 200:
         print(f"error: agent answered HTTP {code}: {st}", file=sys.stderr)
@@ -249,35 +255,151 @@ def format_nodes(nodes: list[NodeRecord]) -> str:
     return render_table(rows, ["NODE", "ADDRESS", "READY", "CLASSES", "GPUS", "INSTANCES", "HOTTEST", "UPDATED"])
 
 
-async def _read_nodes(settings: EtcdSettings) -> list[NodeRecord]:
-    keys = Keyspace(settings.cluster)
-    async with settings.client() as etcd:
-        listing = await etcd.get_prefix(keys.nodes)
-    nodes = []
-    for kv in listing.kvs:
-        rec = decode_or_skip(kv.key_str, kv.value, NodeRecord, kv.mod_revision)
+def _decode_all(kvs: list[KeyValue], typ: type[T]) -> list[T]:
+    out = []
+    for kv in kvs:
+        rec = decode_or_skip(kv.key_str, kv.value, typ, kv.mod_revision)
         if rec is None:
             print(f"warning: skipped invalid record at {kv.key_str}", file=sys.stderr)
         else:
-            nodes.append(rec)
-    return sorted(nodes, key=lambda n: n.node)
+            out.append(rec)
+    return out
 
 
-def cmd_nodes(args: argparse.Namespace) -> int:
+def _run_etcd(
+    fn: Callable[[EtcdClient, Keyspace, argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
+    """Run one etcd-backed command with etcdctl-style exit codes."""
     settings = etcd_settings(args)
+
+    async def go() -> int:
+        async with settings.client() as etcd:
+            return await fn(etcd, Keyspace(settings.cluster), args)
+
     try:
-        nodes = asyncio.run(_read_nodes(settings))
+        return asyncio.run(go())
     except (EtcdUnavailable, EtcdTimeout, EtcdNoLeader) as e:
         print(f"error: etcd unreachable: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except (EtcdError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    if args.output == "json":
-        print(msgspec.json.format(msgspec.json.encode(nodes), indent=2).decode())
-    else:
-        print(format_nodes(nodes) if nodes else f"no nodes registered in cluster {settings.cluster!r}")
+
+
+def _emit(args: argparse.Namespace, obj: object, table: str) -> None:
+    print(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode() if args.output == "json" else table)
+
+
+async def cmd_nodes_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
+    nodes = sorted(_decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord), key=lambda n: n.node)
+    _emit(args, nodes, format_nodes(nodes) if nodes else f"no nodes registered in cluster {keys.cluster!r}")
     return EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    return _run_etcd(cmd_nodes_etcd, args)
+
+
+def format_routes(routes: list[RouteRecord]) -> str:
+    rows = [
+        [r.model, e.node, e.instance, e.gpu_class, str(e.weight), e.state, e.address, str(r.epoch)]
+        for r in routes
+        for e in r.endpoints
+    ]
+    return render_table(rows, ["MODEL", "NODE", "INSTANCE", "CLASS", "WEIGHT", "STATE", "ADDRESS", "EPOCH"])
+
+
+async def cmd_routes_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
+    routes = sorted(_decode_all((await etcd.get_prefix(keys.routes)).kvs, RouteRecord), key=lambda r: r.model)
+    _emit(args, routes, format_routes(routes) if routes else "no routes (is a coordinator leading?)")
+    return EXIT_OK
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    return _run_etcd(cmd_routes_etcd, args)
+
+
+async def cmd_cluster_status(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
+    leader_kv = await etcd.get(keys.leader)
+    leader = decode_or_skip(keys.leader, leader_kv.value, LeaderRecord) if leader_kv else None
+    nodes = sorted(_decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord), key=lambda n: n.node)
+    routes = sorted(_decode_all((await etcd.get_prefix(keys.routes)).kvs, RouteRecord), key=lambda r: r.model)
+    drained = {Keyspace.name_in(keys.drains, kv.key_str) for kv in (await etcd.get_prefix(keys.drains)).kvs}
+    per_node: dict[str, list[RouteEndpoint]] = {}
+    for r in routes:
+        for e in r.endpoints:
+            per_node.setdefault(e.node, []).append(e)
+    node_rows = []
+    for n in nodes:
+        eps = per_node.get(n.node, [])
+        states = sorted({e.state for e in eps})
+        temps = [g.temperature_celsius for g in n.gpus if g.temperature_celsius is not None]
+        utils = [g.utilization_percent for g in n.gpus if g.utilization_percent is not None]
+        node_rows.append(
+            {
+                "node": n.node,
+                "classes": n.gpu_classes,
+                "temperature_celsius": max(temps) if temps else None,
+                "utilization_percent": round(sum(utils) / len(utils), 1) if utils else None,
+                "state": "DRAINED" if n.node in drained else ("/".join(states) if states else "-"),
+                "weight": sum(e.weight for e in eps),
+                "ready": n.ready,
+            }
+        )
+    doc = {
+        "cluster": keys.cluster,
+        "leader": None
+        if leader is None
+        else {
+            "coordinator": leader.coordinator,
+            "address": leader.address,
+            "epoch": leader_kv.create_revision if leader_kv else None,
+        },
+        "nodes": node_rows,
+        "routes": routes,
+    }
+    lead = (
+        "none (no coordinator is leading)"
+        if leader is None
+        else (f"{leader.coordinator} epoch {leader_kv.create_revision if leader_kv else '?'} ({leader.address})")
+    )
+    table = render_table(
+        [
+            [
+                r["node"],
+                ",".join(r["classes"]) or "-",
+                "-" if r["temperature_celsius"] is None else f"{r['temperature_celsius']:.0f}°C",
+                "-" if r["utilization_percent"] is None else f"{r['utilization_percent']:.0f}%",
+                r["state"],
+                str(r["weight"]),
+            ]
+            for r in node_rows
+        ],
+        ["NODE", "CLASSES", "TEMP", "UTIL", "STATE", "WEIGHT"],
+    )
+    text = f"cluster {keys.cluster}  leader: {lead}\n\n{table}\n\n" + (format_routes(routes) if routes else "no routes")
+    _emit(args, doc, text)
+    return EXIT_OK if leader is not None else EXIT_ERROR
+
+
+async def cmd_drain_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
+    if args.cmd == "drain":
+        who = f"{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
+        rec = DrainRecord(node=args.node, reason=args.reason or "", by=who, at=time.time())
+        await etcd.put(keys.drain(args.node), encode(rec))
+        print(f"node {args.node} drained: it gets no new requests; requests in flight finish")
+    else:
+        res = await etcd.delete(keys.drain(args.node))
+        print(f"node {args.node} undrained" if res.deleted else f"node {args.node} was not drained")
+    return EXIT_OK
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    try:
+        check_name("node", args.node)
+    except InvalidName as e:
+        raise UsageError(str(e)) from None
+    return _run_etcd(cmd_drain_etcd, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,7 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     nodes = sub.add_parser("nodes", help="nodes registered in etcd")
     nodes.set_defaults(func=cmd_nodes)
-    sub.add_parser("status", help="GPUs and instances of one agent").set_defaults(func=cmd_status)
+    sub.add_parser("routes", help="the coordinator's route table").set_defaults(func=cmd_routes)
+    drain = sub.add_parser("drain", help="take a node out of rotation (no new requests)")
+    drain.add_argument("node")
+    drain.add_argument("--reason", help="why (shown in the drain record)")
+    drain.set_defaults(func=cmd_drain)
+    undrain = sub.add_parser("undrain", help="put a drained node back into rotation")
+    undrain.add_argument("node")
+    undrain.set_defaults(func=cmd_drain)
+    sub.add_parser(
+        "status", help="with --etcd: leader, nodes and routes of the cluster; otherwise one agent's GPUs and instances"
+    ).set_defaults(func=cmd_status)
     inst = sub.add_parser("instance", help="start/stop/restart an instance (admin token needed)")
     inst.add_argument("action", choices=["start", "stop", "restart"])
     inst.add_argument("name")

@@ -262,3 +262,69 @@ def stop_agent_sync(agent: AgentProcess) -> None:
             agent.proc.kill()
             agent.proc.wait()
     agent._log.close()
+
+
+class CoordinatorProcess:
+    """A real ``gpu-coordinator`` subprocess (sync start/stop, for module-scoped fixtures)."""
+
+    def __init__(self, tmp: Path, ident: str, endpoints: list[str], cluster: str, extra: str = "") -> None:
+        import json as _json
+
+        self.tmp = tmp
+        self.ident = ident
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.config = tmp / f"{ident}.toml"
+        self.config.write_text(f"""
+[coordinator]
+id = "{ident}"
+listen_port = {self.port}
+advertise_url = "{self.base}"
+log_format = "json"
+log_level = "debug"
+sample_interval_s = 0.5
+[etcd]
+endpoints = {_json.dumps(endpoints)}
+cluster = "{cluster}"
+timeout_s = 1.0
+[election]
+lease_ttl_s = 3
+renew_deadline_s = 2.0
+retry_period_s = 0.5
+grace_s = 1.0
+{extra}
+""")
+        self.log_path = tmp / f"{ident}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CoordinatorProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "--config", str(self.config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self._log.close()
+
+    def status(self) -> dict[str, Any]:
+        import json as _json
+        import urllib.request
+
+        with urllib.request.urlopen(self.base + "/v1/status", timeout=5) as r:
+            return _json.loads(r.read())
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines() if self.log_path.exists() else []

@@ -78,3 +78,31 @@ class Picker:
         n = self._cursor.get(model, 0)
         self._cursor[model] = n + 1
         return tied[n % len(tied)]
+
+
+class SmoothWeighted:
+    """nginx's smooth weighted round-robin: over any window, each key is picked in proportion
+    to its weight, and picks of one key are spread out rather than bunched (5,1,1 gives
+    a a b a c a a, not a a a a a b c)."""
+
+    def __init__(self) -> None:
+        self._current: dict[object, float] = {}
+
+    def pick(self, weighted: Sequence[tuple[object, int]]) -> object | None:
+        if not weighted:
+            return None
+        total = 0
+        best: object | None = None
+        best_cur = float("-inf")
+        live = set()
+        for key, weight in weighted:
+            live.add(key)
+            cur = self._current.get(key, 0.0) + weight
+            self._current[key] = cur
+            total += weight
+            if cur > best_cur:
+                best, best_cur = key, cur
+        self._current[best] -= total
+        if len(self._current) > 2 * len(live):  # forget endpoints that left the route
+            self._current = {k: v for k, v in self._current.items() if k in live}
+        return best

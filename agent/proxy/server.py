@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -25,9 +26,11 @@ from multidict import CIMultiDict
 from agent.api.errors import error_response, json_response
 from agent.config import ProxySection
 from agent.supervisor.policy import InstanceState
+from gpufleet.keyspace.records import RouteRecord
 
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
+from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of
 from .routing import Picker, classify_task, route_group
 
 if TYPE_CHECKING:
@@ -97,6 +100,7 @@ class Proxy:
         self.rt = rt
         self.metrics = metrics
         self.picker = Picker()
+        self.remote = RemotePicker(rt.cfg.node_id)
         self.gates: dict[str, ModelGate] = {}
         self.session: aiohttp.ClientSession | None = None
 
@@ -138,6 +142,10 @@ class Proxy:
             {"id": m, "object": "model", "created": int(i.state_since), "owned_by": "gpufleet", "root": i.cfg.model}
             for m, i in sorted(seen.items())
         ]
+        if self.rt.routes is not None:  # models served elsewhere in the cluster, reachable through us
+            for m, route in sorted(self.rt.routes.routes.items()):
+                if m not in seen and any(e.state == "READY" and e.weight > 0 for e in route.endpoints):
+                    data.append({"id": m, "object": "model", "created": int(route.updated_at), "owned_by": "gpufleet"})
         return json_response({"object": "list", "data": data})
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
@@ -175,7 +183,8 @@ class Proxy:
         ctx.model, ctx.stream = head.model, head.stream
         sup = self.rt.supervisor
         serving = [i for i in sup.instances.values() if i.cfg.client_model == head.model]
-        if not serving:
+        route = self.rt.routes.route(head.model) if self.rt.routes is not None else None
+        if not serving and route is None:
             ctx.model_label = UNKNOWN_MODEL_LABEL
             return ctx.done(
                 error_response(
@@ -187,8 +196,22 @@ class Proxy:
                 )
             )
         ctx.model_label = head.model
-        group = route_group(self.cfg.routes, head.model, classify_task(body)) if self.cfg.routes else None
-        gate = self.gate(head.model)
+        plan = _Plan(serving=serving, route=None)
+        if route is not None and hops_of(request.headers.get(HOPS_HEADER)) < MAX_HOPS:
+            plan.route = route
+        plan.group = route_group(self.cfg.routes, head.model, classify_task(body)) if self.cfg.routes else None
+        gate = self.gate(head.model) if serving else None
+        local_first = True
+        if plan.route is not None and self.remote.candidates(plan.route, self._own_classes(), set()):
+            # Remote capacity exists: a drained node sends new work away, and a saturated
+            # model overflows to other nodes instead of queueing here.
+            if self.rt.routes is not None and self.rt.routes.drained:
+                local_first = False
+            elif gate is not None and gate.active >= gate.max_concurrency:
+                local_first = False
+        if not local_first:
+            gate = None
+            plan.serving = []
         if gate is not None:
             try:
                 async with asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
@@ -208,11 +231,25 @@ class Proxy:
                 return ctx.done(self._timeout_response(ctx, "waiting for a free slot"))
         self.metrics.in_flight.labels(head.model).inc()
         try:
-            return await self._attempts(request, body, serving, group, ctx)
+            return await self._attempts(request, body, plan, ctx)
         finally:
             self.metrics.in_flight.labels(head.model).dec()
             if gate is not None:
                 gate.release()
+
+    def _own_classes(self) -> set[str]:
+        return {g.gpu_class for g in self.rt.supervisor.gpus}
+
+    def _next_target(self, plan: _Plan, tried: set[str], ctx: _Ctx) -> Instance | RemoteTarget | None:
+        """Local READY instances first (least in-flight); then other nodes by route weight."""
+        ready = [i for i in plan.serving if i.state is InstanceState.READY and i.name not in tried]
+        if plan.group is not None:
+            grouped = [i for i in ready if i.name in plan.group]
+            ready = grouped if grouped or not self.cfg.route_fallback else ready
+        local = self.picker.pick(ctx.model or "", ready)
+        if local is not None or plan.route is None:
+            return local
+        return self.remote.pick(ctx.model or "", self.remote.candidates(plan.route, self._own_classes(), tried))
 
     def _loop_deadline(self, ctx: _Ctx, phase_s: float | None = None) -> float:
         """Event-loop time at which the current phase must end: the phase's own limit, capped by
@@ -222,43 +259,38 @@ class Proxy:
             end = min(end, asyncio.get_running_loop().time() + phase_s)
         return end
 
-    async def _attempts(
-        self, request: web.Request, body: bytes, serving: list[Instance], group: list[str] | None, ctx: _Ctx
-    ) -> web.StreamResponse:
+    async def _attempts(self, request: web.Request, body: bytes, plan: _Plan, ctx: _Ctx) -> web.StreamResponse:
         retry_deadline = ctx.started + self.cfg.retry_budget_s
         tried: set[str] = set()
         last: _Failure | None = None
         while True:
-            ready = [i for i in serving if i.state is InstanceState.READY and i.name not in tried]
-            if group is not None:
-                grouped = [i for i in ready if i.name in group]
-                ready = grouped if grouped or not self.cfg.route_fallback else ready
-            inst = self.picker.pick(ctx.model, ready)
-            if inst is None:
+            target = self._next_target(plan, tried, ctx)
+            if target is None:
                 if last is not None and last.response is not None:
                     return ctx.done(last.response)
-                states = ", ".join(f"{i.name} {i.state.value}" for i in serving)
+                states = ", ".join(f"{i.name} {i.state.value}" for i in plan.serving) or "no local instance"
+                remote = " and no eligible remote endpoint" if plan.route is not None else ""
                 return ctx.done(
                     error_response(
                         503,
-                        f"no instance of {ctx.model} is ready ({states})",
+                        f"no instance of {ctx.model} is ready ({states}){remote}",
                         "service_unavailable",
                         "model_not_ready",
                         {"Retry-After": str(self.cfg.retry_after_s), "X-Request-ID": ctx.rid},
                     )
                 )
-            tried.add(inst.name)
-            ctx.instance = inst.name
+            tried.add(target.name)
+            ctx.instance = target.name
             try:
-                return await self._try(request, body, inst, ctx)
+                return await self._try(request, body, target, ctx)
             except _Failure as f:
                 last = f
-                self.metrics.upstream_errors.labels(ctx.model, inst.name, f.kind).inc()
+                self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
                 log.warning(
-                    "upstream attempt failed", request_id=ctx.rid, instance=inst.name, kind=f.kind, detail=f.detail
+                    "upstream attempt failed", request_id=ctx.rid, instance=target.name, kind=f.kind, detail=f.detail
                 )
                 if f.kind != "status_429":
-                    inst.request_probe()  # passive health: let the supervisor look now
+                    target.request_probe()  # passive health: look at it now / steer away from it
                 if len(tried) >= self.cfg.max_attempts or time.monotonic() >= retry_deadline or f.kind == "timeout":
                     if f.response is not None:
                         return ctx.done(f.response)
@@ -274,12 +306,17 @@ class Proxy:
                 ctx.retries += 1
                 self.metrics.retries.labels(ctx.model).inc()
 
-    async def _try(self, request: web.Request, body: bytes, inst: Instance, ctx: _Ctx) -> web.StreamResponse:
-        """One attempt on one instance. Raises _Failure while nothing has reached the client."""
+    async def _try(
+        self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: _Ctx
+    ) -> web.StreamResponse:
+        """One attempt on one instance (local or on another node). Raises _Failure while nothing
+        has reached the client."""
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
         headers["X-Request-ID"] = ctx.rid
         headers["X-Forwarded-For"] = request.remote or ""
+        if isinstance(inst, RemoteTarget):
+            headers[HOPS_HEADER] = str(hops_of(request.headers.get(HOPS_HEADER)) + 1)
         url = inst.base_url + request.path_qs
         inst.in_flight += 1
         inst.requests_total += 1
@@ -338,7 +375,7 @@ class Proxy:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         first: bytes,
-        inst: Instance,
+        inst: Instance | RemoteTarget,
         ctx: _Ctx,
         scope: asyncio.Timeout,
     ) -> web.StreamResponse:
@@ -366,7 +403,9 @@ class Proxy:
         await resp.write_eof()
         return resp
 
-    async def _stream_error(self, resp: web.StreamResponse, inst: Instance, ctx: _Ctx, kind: str, message: str) -> None:
+    async def _stream_error(
+        self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: _Ctx, kind: str, message: str
+    ) -> None:
         inst.errors_total += 1
         ctx.stream_error = True
         self.metrics.upstream_errors.labels(ctx.model, inst.name, kind).inc()
@@ -403,6 +442,15 @@ class Proxy:
                 retries=ctx.retries,
                 **({"stream_error": True} if ctx.stream_error else {}),
             )
+
+
+@dataclass
+class _Plan:
+    """Where one request may go: local instances, and the route table when forwarding is allowed."""
+
+    serving: list[Instance]
+    route: RouteRecord | None
+    group: list[str] | None = None
 
 
 class _Ctx:

@@ -87,7 +87,9 @@ ASSIGNMENT_SCHEMA_VERSION = 1
 DRAIN_SCHEMA_VERSION = 1
 DEGRADATION_SCHEMA_VERSION = 1
 
-HealthState = Literal["READY", "DEGRADED", "DOWN"]
+# READY: routable. DEGRADED: the leader's view says no (bad samples, stale telemetry, too hot,
+# ejected). DOWN: the node's lease is gone. DRAINED: an operator took the node out.
+HealthState = Literal["READY", "DEGRADED", "DOWN", "DRAINED"]
 
 
 class LeaderRecord(msgspec.Struct, kw_only=True):
@@ -101,7 +103,7 @@ class LeaderRecord(msgspec.Struct, kw_only=True):
     elected_at: float
 
 
-class RouteEndpoint(msgspec.Struct, kw_only=True):
+class RouteEndpoint(msgspec.Struct, kw_only=True, gc=False):  # scalars only: no cycles, skip the GC
     node: str
     address: str  # the node's agent/proxy base URL
     instance: str
@@ -118,6 +120,10 @@ class RouteRecord(msgspec.Struct, kw_only=True):
     epoch: int  # the leader epoch that wrote it: a reader can ignore a stale leader's table
     updated_at: float
     endpoints: list[RouteEndpoint] = []
+    # Proxies fail over across GPU classes only when the operator's policy allows it.
+    cross_class: bool = False
+    # Panic mode for these classes: more than half unhealthy, so ejection is suspended.
+    panic_classes: list[str] = []
 
 
 class ModelRecord(msgspec.Struct, kw_only=True):

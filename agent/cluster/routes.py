@@ -1,0 +1,65 @@
+"""The agent's copy of the cluster's route table (and of its own drain flag).
+
+Mirrored from etcd with list-then-watch, decoded once per change. When etcd or the
+coordinator goes away the mirror keeps the last table: the data plane outlives the control
+plane. A record that fails to decode is skipped (and logged once) and the previous good one
+for that model is kept.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from gpufleet.etcd import Change, Delete, EtcdClient, KeyMirror, Put, Snapshot
+from gpufleet.keyspace import Keyspace, decode_or_skip
+from gpufleet.keyspace.records import DrainRecord, RouteRecord
+
+log = structlog.get_logger("agent.routes")
+
+
+class RouteTable:
+    def __init__(self, etcd: EtcdClient, keys: Keyspace, node_id: str) -> None:
+        self.keys = keys
+        self.node_id = node_id
+        self.routes: dict[str, RouteRecord] = {}
+        self.drained = False
+        self._routes = KeyMirror(etcd, keys.routes, on_change=self._on_route)
+        self._drain_key = keys.drain(node_id)
+        self._drains = KeyMirror(etcd, keys.drains, on_change=self._on_drain)
+
+    def start(self) -> None:
+        self._routes.start()
+        self._drains.start()
+
+    async def stop(self) -> None:
+        await self._routes.stop()
+        await self._drains.stop()
+
+    def route(self, model: str) -> RouteRecord | None:
+        return self.routes.get(model)
+
+    def _on_route(self, change: Change) -> None:
+        if isinstance(change, Snapshot):
+            fresh = {}
+            for kv in change.kvs:
+                rec = decode_or_skip(kv.key_str, kv.value, RouteRecord, kv.mod_revision)
+                model = Keyspace.name_in(self.keys.routes, kv.key_str)
+                if rec is not None:
+                    fresh[model] = rec
+                elif model in self.routes:
+                    fresh[model] = self.routes[model]
+            self.routes = fresh
+        elif isinstance(change, Put):
+            rec = decode_or_skip(change.kv.key_str, change.kv.value, RouteRecord, change.kv.mod_revision)
+            if rec is not None:
+                self.routes[Keyspace.name_in(self.keys.routes, change.kv.key_str)] = rec
+        elif isinstance(change, Delete):
+            self.routes.pop(Keyspace.name_in(self.keys.routes, change.key_str), None)
+
+    def _on_drain(self, change: Change) -> None:
+        kvs = self._drains.data
+        kv = kvs.get(self._drain_key)
+        drained = kv is not None and decode_or_skip(kv.key_str, kv.value, DrainRecord, kv.mod_revision) is not None
+        if drained != self.drained:
+            log.warning("node drained by an operator" if drained else "node undrained", node=self.node_id)
+            self.drained = drained

@@ -1,0 +1,74 @@
+"""Forwarding to other nodes by the coordinator's route table.
+
+Used when a model has no READY local instance, when the local ones are saturated, or when
+this node is drained. Candidates are the route's READY endpoints on *other* nodes; if this
+node's GPU class serves the model anywhere in the cluster, only that class is eligible
+(failover never crosses GPU generations unless the route says ``cross_class``). Among them,
+smooth weighted round-robin by the coordinator's weights. A request that already hopped once
+is never forwarded again (``X-GPUFleet-Hops``), so two nodes cannot bounce it between them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gpufleet.keyspace.records import RouteRecord
+
+from .routing import SmoothWeighted
+
+HOPS_HEADER = "X-GPUFleet-Hops"
+MAX_HOPS = 1
+SUSPECT_S = 10.0  # an endpoint that just failed is tried last for this long
+
+
+class RemoteTarget:
+    """A remote endpoint, with the attributes the proxy's attempt loop uses on a local instance."""
+
+    __slots__ = ("base_url", "errors_total", "in_flight", "instance", "name", "node", "requests_total", "suspect_until")
+
+    def __init__(self, node: str, instance: str, address: str) -> None:
+        self.node, self.instance = node, instance
+        self.name = f"{node}/{instance}"
+        self.base_url = address.rstrip("/")
+        self.in_flight = self.requests_total = self.errors_total = 0
+        self.suspect_until = 0.0
+
+    def request_probe(self) -> None:
+        # Passive health for a node we do not supervise: steer away until the coordinator's
+        # route (or time) says otherwise.
+        self.suspect_until = time.monotonic() + SUSPECT_S
+
+
+def hops_of(value: str | None) -> int:
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return MAX_HOPS  # unreadable: treat as exhausted rather than risk a loop
+
+
+class RemotePicker:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._targets: dict[tuple[str, str], RemoteTarget] = {}
+        self._rr: dict[str, SmoothWeighted] = {}
+
+    def candidates(self, route: RouteRecord, own_classes: set[str], tried: set[str]) -> list[tuple[RemoteTarget, int]]:
+        eps = [e for e in route.endpoints if e.state == "READY" and e.weight > 0 and e.node != self.node_id]
+        preferred = own_classes & {e.gpu_class for e in route.endpoints}
+        if preferred:
+            same = [e for e in eps if e.gpu_class in preferred]
+            eps = same if same or not route.cross_class else eps
+        out = []
+        for e in eps:
+            t = self._targets.get((e.node, e.instance))
+            if t is None or t.base_url != e.address.rstrip("/"):
+                t = self._targets[(e.node, e.instance)] = RemoteTarget(e.node, e.instance, e.address)
+            if t.name not in tried:
+                out.append((t, e.weight))
+        now = time.monotonic()
+        healthy = [(t, w) for t, w in out if t.suspect_until <= now]
+        return healthy or out
+
+    def pick(self, model: str, weighted: list[tuple[RemoteTarget, int]]) -> RemoteTarget | None:
+        rr = self._rr.setdefault(model, SmoothWeighted())
+        return rr.pick(weighted)  # type: ignore[return-value]

@@ -1,0 +1,73 @@
+"""The coordinator's HTTP API: /healthz, /readyz, /v1/status, /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.api.errors import json_response
+from agent.api.server import error_middleware
+
+if TYPE_CHECKING:
+    from .daemon import CoordinatorRuntime
+
+
+def status_doc(rt: CoordinatorRuntime) -> dict[str, Any]:
+    el, leader = rt.election, rt.leader
+    d = leader.decision
+    nodes = [
+        {"node": n, "state": str(h.state), "reason": h.reason, "since": h.since}
+        for n, h in sorted(leader.node_health.items())
+    ]
+    return {
+        "id": rt.cfg.id,
+        "cluster": rt.cfg.etcd.cluster,
+        "is_leader": el.is_leader,
+        "leader": el.leader,
+        "epoch": el.epoch if el.is_leader else el.leader_epoch,
+        "elected_at": el.elected_at if el.is_leader else None,
+        "last_decision": {
+            "at": d.at,
+            "epoch": d.epoch,
+            "summary": d.summary,
+            "route_writes": d.route_writes,
+            "route_deletes": d.route_deletes,
+            "changes": d.changes[:50],
+        },
+        "nodes": nodes if el.is_leader else [],
+        "panic": dict(leader.plan.panic) if leader.plan and el.is_leader else {},
+        "guard_rejections": el.guard_rejections,
+    }
+
+
+def build_app(rt: CoordinatorRuntime) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+
+    async def healthz(_: web.Request) -> web.Response:
+        age = time.monotonic() - rt.last_tick
+        if age > 3 * rt.tick_interval + 5:
+            return json_response({"status": "stalled", "last_tick_age_s": round(age, 1)}, 503)
+        return json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        synced = rt.leader.nodes.ready.is_set() and rt.leader.routes.ready.is_set()
+        knows_leader = rt.election.is_leader or rt.election.leader is not None
+        if synced and knows_leader:
+            return json_response({"status": "ready", "role": "leader" if rt.election.is_leader else "standby"})
+        reason = "state not synced from etcd" if not synced else "no leader known"
+        return json_response({"status": "not ready", "reason": reason}, 503)
+
+    async def status(_: web.Request) -> web.Response:
+        return json_response(status_doc(rt))
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(rt.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/metrics", metrics)
+    return app

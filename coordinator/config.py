@@ -1,0 +1,153 @@
+"""gpu-coordinator configuration: TOML -> msgspec Structs; every problem reported by path.
+
+[coordinator]  id, listen address, logging
+[etcd]         endpoints, cluster, TLS, auth (shared EtcdSettings)
+[election]     lease TTL, renew deadline, retry period, grace period of a new leader
+[health]       samples, staleness, temperature limit, ejection
+[weights]      base weight per GPU class, default for unknown classes
+[failover]     cross-class failover, panic threshold
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from gpufleet.etcdconfig import EtcdSettings
+from gpufleet.keyspace import InvalidName, check_name
+from gpufleet.tomlconfig import ConfigError, ConfigProblem, convert_sections, read_toml
+
+DEFAULT_CONFIG_PATH = "/etc/gpu-coordinator/coordinator.toml"
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class CoordinatorSection(_Strict):
+    id: str | None = None  # default: the host name
+    listen_host: str = "127.0.0.1"
+    listen_port: Port = 8090
+    advertise_url: str | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # How often the leader samples node health (stale telemetry, temperature); changes in node
+    # records (instance states, nodes gone) are acted on as they arrive.
+    sample_interval_s: PositiveFloat = 5.0
+
+
+class ElectionSection(_Strict):
+    # Kubernetes' leader election: 15 s lease, 10 s renew deadline, 2 s retry period. The leader
+    # stops acting as leader when it could not renew for renew_deadline_s, before anyone else can
+    # take over (only after lease_ttl_s).
+    lease_ttl_s: Annotated[int, Meta(ge=2, le=300)] = 15
+    renew_deadline_s: PositiveFloat = 10.0
+    retry_period_s: PositiveFloat = 2.0
+    # A new leader syncs all state, then waits this long before failover decisions, so agents
+    # that were mid-re-registration are not declared DOWN by a leader that just woke up.
+    grace_s: NonNegFloat = 10.0
+
+
+class HealthSection(_Strict):
+    bad_samples: Annotated[int, Meta(ge=1)] = 3
+    good_samples: Annotated[int, Meta(ge=1)] = 3
+    stale_after_s: PositiveFloat = 90.0
+    temp_limit_c: float = 90.0
+    eject_base_s: NonNegFloat = 30.0
+    eject_max_s: NonNegFloat = 300.0
+    eject_forget_after_s: NonNegFloat = 300.0
+
+
+class WeightsSection(_Strict):
+    base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(
+        default_factory=lambda: {"A10": 100, "A100": 220, "H100": 380}
+    )
+    default_base: Annotated[int, Meta(ge=0)] = 100
+
+
+class FailoverSection(_Strict):
+    cross_class: bool = False
+    panic_threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
+
+
+class CoordinatorConfig(msgspec.Struct, kw_only=True):
+    coordinator: CoordinatorSection
+    etcd: EtcdSettings
+    election: ElectionSection
+    health: HealthSection
+    weights: WeightsSection
+    failover: FailoverSection
+    source_path: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.coordinator.id or socket.gethostname()
+
+    @property
+    def advertise_url(self) -> str:
+        c = self.coordinator
+        return c.advertise_url or f"http://{self.id}:{c.listen_port}"
+
+
+def load_config(path: str | Path) -> CoordinatorConfig:
+    path = Path(path)
+    data = read_toml(path)
+    problems: list[ConfigProblem] = []
+    parts = convert_sections(
+        data,
+        sections={
+            "coordinator": CoordinatorSection,
+            "etcd": EtcdSettings,
+            "election": ElectionSection,
+            "health": HealthSection,
+            "weights": WeightsSection,
+            "failover": FailoverSection,
+        },
+        lists={},
+        problems=problems,
+    )
+    if problems:
+        raise ConfigError(str(path), problems)
+    cfg = CoordinatorConfig(**parts, source_path=str(path))
+    cfg.etcd.resolve(path.parent)
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(str(path), problems)
+    return cfg
+
+
+def validate(cfg: CoordinatorConfig) -> list[ConfigProblem]:
+    out = cfg.etcd.problems("$.etcd")
+    if not cfg.etcd.endpoints:
+        out.append(ConfigProblem("$.etcd.endpoints", "required: the coordinator lives in etcd"))
+    names = (("$.etcd.cluster", "cluster", cfg.etcd.cluster), ("$.coordinator.id", "coordinator", cfg.id))
+    for at, kind, name in names:
+        try:
+            check_name(kind, name)
+        except InvalidName as e:
+            out.append(ConfigProblem(at, str(e)))
+    e = cfg.election
+    if e.renew_deadline_s >= e.lease_ttl_s:
+        out.append(
+            ConfigProblem(
+                "$.election.renew_deadline_s",
+                f"must be shorter than lease_ttl_s ({e.lease_ttl_s}s): a leader must step down before its lease "
+                "can expire and another take over",
+            )
+        )
+    if e.retry_period_s + cfg.etcd.timeout_s > e.renew_deadline_s:
+        out.append(
+            ConfigProblem(
+                "$.election.retry_period_s",
+                "retry_period_s + etcd.timeout_s must fit in renew_deadline_s (at least one renewal attempt)",
+            )
+        )
+    return out

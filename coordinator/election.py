@@ -1,0 +1,228 @@
+"""Leader election on etcd with fencing, the way Patroni and Kubernetes do it.
+
+- Campaign: one transaction creates ``/leader`` under our lease *only if absent*
+  (``create_revision == 0``). The key's create revision is the **epoch**: a fencing token that
+  grows with every new leader.
+- Lead: renew the lease every ``retry_period_s``. If no renewal succeeded for
+  ``renew_deadline_s`` (< TTL), stop acting as leader *before* the lease can expire and someone
+  else take over. Also step down if the key goes away or stops being ours.
+- Fence: every write the leader makes is a transaction guarded by "``/leader`` still exists with
+  my create revision" (:meth:`guarded_txn`); a deposed leader that wakes from a freeze cannot
+  write, whatever it believes.
+- Stand by: watch the key and campaign when it is deleted (lease expired or revoked).
+
+``is_leader`` is the one question the leader loop asks before deciding anything; it is true only
+while the renew deadline holds, so a frozen process that resumes sees False at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import structlog
+
+from gpufleet.etcd import Compare, EtcdClient, EtcdError, EtcdLeaseNotFound, Op, TxnResult
+from gpufleet.keyspace import Keyspace, decode_or_skip, encode
+from gpufleet.keyspace.records import LeaderRecord
+
+log = structlog.get_logger("coordinator.election")
+
+
+class NotLeader(Exception):
+    """A guarded write was refused: our leader key is gone or belongs to a newer epoch."""
+
+
+class Election:
+    def __init__(
+        self,
+        etcd: EtcdClient,
+        keys: Keyspace,
+        me: str,
+        address: str,
+        *,
+        ttl: int = 15,
+        renew_deadline: float = 10.0,
+        retry_period: float = 2.0,
+        on_change: Callable[[], None] | None = None,
+        on_rejected: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.me = me
+        self.address = address
+        self.ttl = ttl
+        self.renew_deadline = renew_deadline
+        self.retry_period = retry_period
+        self.on_change = on_change or (lambda: None)
+        self.on_rejected = on_rejected or (lambda: None)
+        self.clock = clock
+        self.epoch: int | None = None
+        self.lease_id: int | None = None
+        self.leader: str | None = None  # who leads, as far as we know
+        self.leader_epoch: int | None = None
+        self.elected_at: float | None = None
+        self.transitions = 0
+        self.guard_rejections = 0
+        self._renewed_at = 0.0
+        self._deposed = asyncio.Event()
+
+    # --- what the rest of the coordinator asks ------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.epoch is not None and self.clock() - self._renewed_at < self.renew_deadline
+
+    async def guarded_txn(self, ops: list[Op], *, extra: list[Compare] | None = None) -> TxnResult:
+        """Run ``ops`` only if we still hold the leader key at our epoch; else NotLeader."""
+        epoch = self.epoch
+        if epoch is None or not self.is_leader:
+            raise NotLeader("not the leader")
+        compares = [Compare.create_revision(self.keys.leader, "==", epoch), *(extra or [])]
+        res = await self.etcd.txn(compares, ops, [Op.get(self.keys.leader)])
+        if not res.succeeded:
+            # Either our key is gone (someone leads at a higher epoch) or an extra compare failed.
+            current = await self.etcd.get(self.keys.leader)
+            if current is None or current.create_revision != epoch:
+                self.guard_rejections += 1
+                self.on_rejected()
+                log.error(
+                    "write rejected by the epoch guard; stepping down",
+                    epoch=epoch,
+                    current_epoch=current.create_revision if current else None,
+                )
+                self._step_down("epoch guard rejected a write")
+                raise NotLeader(f"epoch {epoch} is no longer the leader")
+        return res
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Campaign, lead, stand by, forever (until cancelled)."""
+        while True:
+            try:
+                if await self._campaign():
+                    await self._lead()
+                else:
+                    await self._stand_by()
+            except asyncio.CancelledError:
+                raise
+            except EtcdError as e:
+                if self.epoch is not None and not self.is_leader:
+                    self._step_down(f"etcd unreachable past the renew deadline: {e}")
+                log.warning("election: etcd error, retrying", error=str(e))
+                await asyncio.sleep(self.retry_period)
+            except Exception as e:  # never let a bug end the election loop
+                log.exception("election loop error", error=str(e))
+                await asyncio.sleep(self.retry_period)
+
+    async def resign(self) -> None:
+        """Graceful stop: revoke our lease so a standby takes over at once."""
+        lease, self.lease_id = self.lease_id, None
+        if self.epoch is not None:
+            self._step_down("resigned")
+        if lease is not None:
+            with contextlib.suppress(EtcdError):
+                await self.etcd.lease_revoke(lease, timeout=2.0)
+
+    async def _campaign(self) -> bool:
+        lease = await self.etcd.lease_grant(self.ttl)
+        record = LeaderRecord(coordinator=self.me, address=self.address, elected_at=time.time())
+        res = await self.etcd.txn(
+            [Compare.create_revision(self.keys.leader, "==", 0)],
+            [Op.put(self.keys.leader, encode(record), lease=lease.id)],
+            [Op.get(self.keys.leader)],
+        )
+        if not res.succeeded:
+            with contextlib.suppress(EtcdError):
+                await self.etcd.lease_revoke(lease.id)
+            return False
+        self.lease_id = lease.id
+        self.epoch = res.revision  # the put created the key: its create revision is this txn's revision
+        self._renewed_at = self.clock()
+        self.elected_at = time.time()
+        self.leader, self.leader_epoch = self.me, self.epoch
+        self.transitions += 1
+        self._deposed.clear()
+        log.info("elected leader", epoch=self.epoch, lease=lease.id, ttl=self.ttl)
+        self.on_change()
+        return True
+
+    async def _lead(self) -> None:
+        """Renew until we cannot; return after stepping down."""
+        watcher = asyncio.create_task(self._watch_own_key())
+        try:
+            while self.epoch is not None:
+                try:
+                    ttl = await self.etcd.lease_keepalive_once(self.lease_id or 0, timeout=self.retry_period)
+                    if ttl <= 0:
+                        raise EtcdLeaseNotFound("lease expired")
+                    self._renewed_at = self.clock()
+                except EtcdLeaseNotFound:
+                    self._step_down("lease expired")
+                    break
+                except EtcdError as e:
+                    if not self.is_leader:
+                        self._step_down(f"could not renew within {self.renew_deadline:g}s: {e}")
+                        break
+                    log.warning("lease renewal failed; retrying", error=str(e))
+                if not self.is_leader:  # e.g. the process was frozen past the deadline
+                    self._step_down("renew deadline passed")
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._deposed.wait(), self.retry_period)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        # Give up the old lease (if it still exists) so it cannot hold a key we no longer own.
+        lease, self.lease_id = self.lease_id, None
+        if lease is not None:
+            with contextlib.suppress(EtcdError):
+                await self.etcd.lease_revoke(lease, timeout=2.0)
+
+    async def _watch_own_key(self) -> None:
+        """Step down at once if the leader key is deleted or replaced (an operator, a bug)."""
+        epoch = self.epoch
+        while self.epoch == epoch:
+            try:
+                async with self.etcd.watch(self.keys.leader, prefix=False, start_revision=(epoch or 0) + 1) as w:
+                    async for resp in w:
+                        for ev in resp.events:
+                            if ev.type == "DELETE" or ev.kv.create_revision != epoch:
+                                self._step_down("leader key deleted or replaced")
+                                return
+            except asyncio.CancelledError:
+                raise
+            except EtcdError:
+                await asyncio.sleep(self.retry_period)
+
+    def _step_down(self, why: str) -> None:
+        if self.epoch is None:
+            return
+        log.warning("stepping down", epoch=self.epoch, reason=why)
+        self.epoch = None
+        self.leader = None
+        self.transitions += 1
+        self._deposed.set()
+        self.on_change()
+
+    async def _stand_by(self) -> None:
+        """Wait until the leader key is gone, then return to campaign."""
+        kv = await self.etcd.get(self.keys.leader)
+        if kv is None:
+            return
+        rec = decode_or_skip(kv.key_str, kv.value, LeaderRecord, kv.mod_revision)
+        if (self.leader, self.leader_epoch) != (rec.coordinator if rec else "?", kv.create_revision):
+            self.leader, self.leader_epoch = (rec.coordinator if rec else "?"), kv.create_revision
+            log.info("standing by", leader=self.leader, epoch=self.leader_epoch)
+            self.on_change()
+        async with self.etcd.watch(self.keys.leader, prefix=False, start_revision=kv.mod_revision + 1) as w:
+            async for resp in w:
+                if any(ev.type == "DELETE" for ev in resp.events):
+                    log.info("leader key gone; campaigning", previous=self.leader, epoch=self.leader_epoch)
+                    self.leader, self.leader_epoch = None, None
+                    return

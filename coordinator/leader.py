@@ -1,0 +1,254 @@
+"""The leader's loop: mirror the cluster, judge health, compute routes, write what changed.
+
+Thin I/O around pure policy (coordinator/policy). Every replica mirrors the keyspace all the
+time, so a replica that becomes leader starts from a complete, current picture; it then waits
+``grace_s`` before its first failover decision. Instance state changes and nodes coming and
+going are acted on as etcd reports them; health *samples* (stale telemetry, temperature) are
+taken every ``sample_interval_s``. Every write is a transaction fenced by the leader's epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from gpufleet.etcd import EtcdClient, EtcdError, KeyMirror, Op
+from gpufleet.keyspace import Keyspace, decode_or_skip, encode
+from gpufleet.keyspace.records import DrainRecord, NodeRecord, RouteRecord
+
+from .config import CoordinatorConfig
+from .election import Election, NotLeader
+from .metrics import CoordinatorMetrics
+from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, step_instance, step_node
+from .policy.routes import FailoverPolicy, RoutePlan, compute_routes, routes_differ
+from .policy.weights import WeightPolicy
+
+log = structlog.get_logger("coordinator.leader")
+
+FORGET_DOWN_AFTER_S = 600.0  # a node gone this long leaves the routes entirely
+MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
+
+
+@dataclass
+class Decision:
+    at: float = 0.0
+    epoch: int | None = None
+    summary: str = "none yet"
+    route_writes: int = 0
+    route_deletes: int = 0
+    changes: list[str] = field(default_factory=list)
+
+
+class Leader:
+    def __init__(
+        self, cfg: CoordinatorConfig, etcd: EtcdClient, election: Election, keys: Keyspace, metrics: CoordinatorMetrics
+    ) -> None:
+        self.cfg = cfg
+        self.etcd = etcd
+        self.election = election
+        self.keys = keys
+        self.metrics = metrics
+        h = cfg.health
+        self.health_policy = HealthPolicy(
+            bad_samples=h.bad_samples,
+            good_samples=h.good_samples,
+            stale_after_s=h.stale_after_s,
+            temp_limit_c=h.temp_limit_c,
+            eject_base_s=h.eject_base_s,
+            eject_max_s=h.eject_max_s,
+            eject_forget_after_s=h.eject_forget_after_s,
+        )
+        self.weight_policy = WeightPolicy(base=dict(cfg.weights.base), default_base=cfg.weights.default_base)
+        self.failover_policy = FailoverPolicy(
+            cross_class=cfg.failover.cross_class, panic_threshold=cfg.failover.panic_threshold
+        )
+        self._changed = asyncio.Event()
+        self.nodes = KeyMirror(etcd, keys.nodes, on_change=lambda _: self._changed.set())
+        self.drains = KeyMirror(etcd, keys.drains, on_change=lambda _: self._changed.set())
+        self.routes = KeyMirror(etcd, keys.routes)
+        # Leadership-scoped state: rebuilt from scratch by every new leader term.
+        self.node_health: dict[str, NodeHealth] = {}
+        self.inst_health: dict[tuple[str, str], InstanceHealth] = {}
+        self.last_seen: dict[str, tuple[NodeRecord, float]] = {}
+        self.plan: RoutePlan | None = None
+        self.decision = Decision()
+        self._term: int | None = None
+        self._grace_until = 0.0
+        # What this term wrote, compared before the mirror catches up with our own writes.
+        self._written: dict[str, RouteRecord | None] = {}
+
+    def poke(self) -> None:
+        self._changed.set()
+
+    async def run(self) -> None:
+        async with self.nodes, self.drains, self.routes:
+            next_sample = 0.0
+            while True:
+                timeout = max(0.0, next_sample - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                self._changed.clear()
+                now = time.monotonic()
+                sample = now >= next_sample
+                if sample:
+                    next_sample = now + self.cfg.coordinator.sample_interval_s
+                try:
+                    await self._step(sample)
+                except NotLeader:
+                    pass  # the election has stepped down; the next pass starts over as standby
+                except EtcdError as e:
+                    log.warning("leader pass failed on etcd; retrying", error=str(e))
+                    await asyncio.sleep(1.0)
+                except Exception as e:  # a bug must not stop the leader loop
+                    log.exception("leader pass failed", error=str(e))
+                    await asyncio.sleep(1.0)
+
+    async def _step(self, sample: bool) -> None:
+        epoch = self.election.epoch
+        if epoch is None or not self.election.is_leader:
+            if self._term is not None:
+                log.info("no longer leading; dropping leadership state", epoch=self._term)
+                self._term = None
+            return
+        if self._term != epoch:
+            await self._start_term(epoch)
+        t0 = time.perf_counter()
+        now_wall = time.time()
+        records = self._records(now_wall)
+        drained = self._drained()
+        changes = self._judge(records, now_wall, sample)
+        plan = compute_routes(
+            {n: r for n, (r, _) in self.last_seen.items()},
+            self.node_health,
+            self.inst_health,
+            drained,
+            epoch,
+            now_wall,
+            self.weight_policy,
+            self.failover_policy,
+        )
+        self.plan = plan
+        self.metrics.compute_seconds.observe(time.perf_counter() - t0)
+        self.metrics.observe_plan(plan, self.node_health)
+        for cls, text in plan.panic.items():
+            log.error("panic threshold reached: ejection suspended", gpu_class=cls, detail=text)
+        if time.monotonic() < self._grace_until:
+            self.decision = Decision(now_wall, epoch, "grace period: observing, no decisions yet", changes=changes)
+            return
+        writes, deletes = await self._write_routes(plan, epoch)
+        if writes or deletes or changes:
+            self.decision = Decision(
+                now_wall, epoch, f"{writes} routes written, {deletes} removed", writes, deletes, changes
+            )
+            log.info("routes updated", epoch=epoch, written=writes, removed=deletes, changes=changes[:10])
+
+    async def _start_term(self, epoch: int) -> None:
+        """A new term: start from the mirrors' complete picture, then a grace period."""
+        await asyncio.gather(self.nodes.wait_ready(), self.drains.wait_ready(), self.routes.wait_ready())
+        self.node_health.clear()
+        self.inst_health.clear()
+        self.last_seen.clear()
+        self._written.clear()
+        self._term = epoch
+        self._grace_until = time.monotonic() + self.cfg.election.grace_s
+        log.info(
+            "leading: state synced, grace period started",
+            epoch=epoch,
+            grace_s=self.cfg.election.grace_s,
+            nodes=len(self.nodes.data),
+        )
+
+    def _records(self, now: float) -> dict[str, NodeRecord]:
+        out = {}
+        for key, kv in self.nodes.data.items():
+            rec = decode_or_skip(key, kv.value, NodeRecord, kv.mod_revision)
+            if rec is None:
+                continue
+            if Keyspace.name_in(self.keys.nodes, key) != rec.node:
+                log.warning("node record's name does not match its key; skipped", key=key, node=rec.node)
+                continue
+            out[rec.node] = rec
+            self.last_seen[rec.node] = (rec, now)
+        return out
+
+    def _drained(self) -> set[str]:
+        out = set()
+        for key, kv in self.drains.data.items():
+            if decode_or_skip(key, kv.value, DrainRecord, kv.mod_revision) is not None:
+                out.add(Keyspace.name_in(self.keys.drains, key))
+        return out
+
+    def _judge(self, records: dict[str, NodeRecord], now: float, sample: bool) -> list[str]:
+        """Advance node and instance health; returns human-readable transitions."""
+        changes: list[str] = []
+        for node in list(self.last_seen):
+            rec = records.get(node)
+            prev = self.node_health.get(node)
+            if rec is None:
+                last_at = self.last_seen[node][1]
+                if now - last_at > FORGET_DOWN_AFTER_S:
+                    self._forget(node)
+                    continue
+                if prev is not None and prev.state is Health.DOWN:
+                    continue
+                new = step_node(prev, None, now, self.health_policy)
+            elif prev is None or prev.state is Health.DOWN or sample:
+                new = step_node(prev, rec, now, self.health_policy)
+            else:
+                new = prev
+            if prev is None or new.state is not prev.state:
+                changes.append(f"node {node}: {prev.state if prev else 'new'} -> {new.state} ({new.reason})")
+                self.metrics.transitions.labels("node", str(new.state)).inc()
+            self.node_health[node] = new
+            if rec is None:
+                continue
+            for inst in rec.instances:
+                k = (node, inst.name)
+                iprev = self.inst_health.get(k)
+                inew = step_instance(iprev, inst.state, now, self.health_policy)
+                if iprev is not None and inew.state is not iprev.state:
+                    changes.append(f"instance {node}/{inst.name}: {iprev.state} -> {inew.state}")
+                    self.metrics.transitions.labels("instance", str(inew.state)).inc()
+                self.inst_health[k] = inew
+        for line in changes:
+            log.info("health transition", change=line)
+        return changes
+
+    def _forget(self, node: str) -> None:
+        self.last_seen.pop(node, None)
+        self.node_health.pop(node, None)
+        for k in [k for k in self.inst_health if k[0] == node]:
+            del self.inst_health[k]
+
+    async def _write_routes(self, plan: RoutePlan, epoch: int) -> tuple[int, int]:
+        current: dict[str, RouteRecord] = {}
+        for key, kv in self.routes.data.items():
+            rec = decode_or_skip(key, kv.value, RouteRecord, kv.mod_revision)
+            current[Keyspace.name_in(self.keys.routes, key)] = rec  # type: ignore[assignment]
+        for model, rec in self._written.items():
+            if rec is None:
+                current.pop(model, None)
+            else:
+                current[model] = rec
+        ops: list[Op] = []
+        writes = deletes = 0
+        for model, rec in plan.routes.items():
+            if routes_differ(current.get(model), rec):
+                ops.append(Op.put(self.keys.route(model), encode(rec)))
+                writes += 1
+        for model in set(current) - set(plan.routes):
+            ops.append(Op.delete(self.keys.route(model)))
+            deletes += 1
+        for i in range(0, len(ops), MAX_TXN_OPS):
+            await self.election.guarded_txn(ops[i : i + MAX_TXN_OPS])
+        for model, rec in plan.routes.items():
+            self._written[model] = rec
+        for model in set(current) - set(plan.routes):
+            self._written[model] = None
+        if ops:
+            self.metrics.route_writes.inc(writes + deletes)
+        return writes, deletes

@@ -1,0 +1,56 @@
+"""gpu_coordinator_* metrics, in the coordinator's own registry."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from .policy.health import NodeHealth
+    from .policy.routes import RoutePlan
+
+
+class CoordinatorMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=False)
+        self.is_leader = Gauge("gpu_coordinator_is_leader", "1 while this replica leads.", registry=r)
+        self.epoch = Gauge("gpu_coordinator_epoch", "Epoch (fencing token) of the current leader term.", registry=r)
+        self.elections = Counter(
+            "gpu_coordinator_leadership_changes", "Times this replica became or stopped being leader.", registry=r
+        )
+        self.guard_rejections = Counter(
+            "gpu_coordinator_guard_rejections", "Writes refused by the epoch guard (a deposed leader).", registry=r
+        )
+        self.transitions = Counter(
+            "gpu_coordinator_health_transitions", "Health state changes.", ["kind", "state"], registry=r
+        )
+        self.route_writes = Counter("gpu_coordinator_route_writes", "Route records written or removed.", registry=r)
+        self.compute_seconds = Histogram(
+            "gpu_coordinator_route_compute_seconds",
+            "Time to judge health and compute every route.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
+            registry=r,
+        )
+        self.weight = Gauge(
+            "gpu_coordinator_endpoint_weight",
+            "Routing weight per endpoint.",
+            ["model", "node", "instance", "gpu_class"],
+            registry=r,
+        )
+        self.nodes = Gauge("gpu_coordinator_nodes", "Nodes by health state.", ["state"], registry=r)
+        self.panic = Gauge("gpu_coordinator_panic", "1 while a GPU class is in panic mode.", ["gpu_class"], registry=r)
+
+    def observe_plan(self, plan: RoutePlan, node_health: dict[str, NodeHealth]) -> None:
+        self.weight.clear()
+        for model, route in plan.routes.items():
+            for ep in route.endpoints:
+                self.weight.labels(model, ep.node, ep.instance, ep.gpu_class).set(ep.weight)
+        counts: dict[str, int] = {"READY": 0, "DEGRADED": 0, "DOWN": 0}
+        for h in node_health.values():
+            counts[str(h.state)] = counts.get(str(h.state), 0) + 1
+        for state, n in counts.items():
+            self.nodes.labels(state).set(n)
+        self.panic.clear()
+        for cls in plan.panic:
+            self.panic.labels(cls).set(1)
