@@ -307,6 +307,27 @@ grace_s = 1.0
         )
         return self
 
+    def wait_ready_sync(self, timeout: float = 30) -> CoordinatorProcess:
+        """Until /readyz says 200: state synced from etcd and a leader known (itself or another)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"coordinator exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(self.base + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"coordinator {self.ident} not ready after {timeout}s")
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
