@@ -29,10 +29,29 @@ def problems(tmp_path: Path, text: str) -> list[str]:
     return str(e.value).splitlines()
 
 
-@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+AGENT_EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.toml") if p.name != "coordinator.toml")
+
+
+@pytest.mark.parametrize("example", AGENT_EXAMPLES, ids=lambda p: p.name)
 def test_shipped_examples_are_valid(example: Path) -> None:
     cfg = load_config(example)
     assert cfg.instances
+
+
+def test_coordinator_example_and_rules(tmp_path: Path) -> None:
+    from coordinator.config import load_config as load_coordinator
+
+    cfg = load_coordinator(ROOT / "examples" / "coordinator.toml")
+    assert cfg.election.renew_deadline_s < cfg.election.lease_ttl_s
+    bad = tmp_path / "c.toml"
+    bad.write_text('[etcd]\nendpoints = ["ftp://x"]\n[election]\nlease_ttl_s = 10\nrenew_deadline_s = 12\n')
+    with pytest.raises(ConfigError) as e:
+        load_coordinator(bad)
+    assert "$.etcd.endpoints[0]: Expected `str` matching regex" in str(e.value)
+    bad.write_text('[etcd]\nendpoints = ["http://x:2379"]\n[election]\nlease_ttl_s = 10\nrenew_deadline_s = 12\n')
+    with pytest.raises(ConfigError) as e:
+        load_coordinator(bad)
+    assert "$.election.renew_deadline_s: must be shorter than lease_ttl_s (10s)" in str(e.value)
 
 
 def test_vllm_example_splits_one_gpu_04_03() -> None:
