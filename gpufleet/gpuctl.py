@@ -135,6 +135,18 @@ def cmd_instance(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.standalone:
+        return cmd_demo_standalone(args)
+    from gpufleet.demo import CLUSTER, run_cluster_demo
+
+    def show_status(etcd: str) -> None:
+        ns = argparse.Namespace(**{**vars(args), "etcd": etcd, "cluster": CLUSTER, "output": "table"})
+        _run_etcd(cmd_cluster_status, ns)
+
+    return run_cluster_demo(args.base_port, args.duration, args.chaos, show_status)
+
+
+def cmd_demo_standalone(args: argparse.Namespace) -> int:
     """Run a standalone agent with simulated GPUs and model servers until Ctrl-C."""
     config = Path(args.config)
     if not config.exists():
@@ -434,8 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("name")
     inst.add_argument("--token-file", help="file holding the admin token (or $GPUFLEET_ADMIN_TOKEN)")
     inst.set_defaults(func=cmd_instance)
-    demo = sub.add_parser("demo", help="run a standalone agent with simulated GPUs and model servers")
-    demo.add_argument("--config", default=str(DEMO_CONFIG))
+    demo = sub.add_parser(
+        "demo", help="a whole local cluster (etcd, 2 coordinators, 3 agents) with simulated GPUs and model servers"
+    )
+    demo.add_argument("--standalone", action="store_true", help="one agent, no etcd (uses --config)")
+    demo.add_argument("--config", default=str(DEMO_CONFIG), help="standalone demo config")
+    demo.add_argument("--base-port", type=int, default=12379, help="etcd port; agents at +10.., coordinators +20..")
+    demo.add_argument("--chaos", type=float, metavar="SECONDS", help="SIGKILL an A100 agent after this long")
     demo.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0 = until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
     return p

@@ -25,7 +25,7 @@ def test_demo_starts_everything_and_stops_everything(tmp_path: Path) -> None:
     text = text.replace("port_base = 8100", f"port_base = {port + 1}")
     cfg = tmp_path / "demo.toml"
     cfg.write_text(text)
-    res = gpuctl("demo", "--config", str(cfg), "--duration", "0.5", timeout=120)
+    res = gpuctl("demo", "--standalone", "--config", str(cfg), "--duration", "0.5", timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ready=yes" in res.stdout
     for name in ("qwen-a", "qwen-b", "llama-70b", "embed"):
@@ -33,6 +33,22 @@ def test_demo_starts_everything_and_stops_everything(tmp_path: Path) -> None:
     assert "gpu-agent stopped (exit 0)" in res.stdout
     pids = [int(line.split()[6]) for line in res.stdout.splitlines() if line.split()[:1] in (["qwen-a"], ["embed"])]
     assert pids and not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
+def test_cluster_demo_with_chaos() -> None:
+    """The README's first command: etcd, two coordinators, three agents; a node killed, its
+    routes marked DOWN; every process stopped at the end."""
+    from helpers import free_port_block
+
+    base = free_port_block(span=260)
+    res = gpuctl("demo", "--base-port", str(base), "--duration", "3", "--chaos", "0.5", timeout=240)
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-2000:]
+    assert "leader: c" in out and "gpu-h100-1" in out and "qwen2.5-7b" in out
+    assert "chaos: gpu-a100-1 DOWN in the routes" in out
+    assert "all demo processes stopped" in out
+    left = subprocess.run(["pgrep", "-f", f"demo/cluster|127.0.0.1:{base}"], capture_output=True, text=True).stdout
+    assert left.strip() == ""
 
 
 async def test_status_and_instance_commands(tmp_path: Path) -> None:
