@@ -16,25 +16,29 @@ from msgspec import Meta
 
 from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.keyspace import InvalidName, check_name
-from gpufleet.tomlconfig import ConfigError, ConfigProblem, convert_sections, read_toml
+from gpufleet.tomlconfig import (
+    ConfigError,
+    ConfigProblem,
+    Fraction,
+    LogFormat,
+    LogLevel,
+    NonNegFloat,
+    Percent,
+    Port,
+    PositiveFloat,
+    StrictSection,
+    convert_sections,
+    read_toml,
+)
 
 DEFAULT_CONFIG_PATH = "/etc/gpu-agent/agent.toml"
 
-Port = Annotated[int, Meta(ge=1, le=65535)]
-PositiveFloat = Annotated[float, Meta(gt=0)]
-NonNegFloat = Annotated[float, Meta(ge=0)]
-Fraction = Annotated[float, Meta(gt=0, le=1)]
-Percent = Annotated[float, Meta(ge=0, le=100)]
 # Instance names become log file names, cgroup names and URL path segments: no slashes, no dots first.
 InstanceName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 BackendName = Literal["vllm", "ollama", "llamacpp", "koboldcpp", "command"]
 
 
-class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class AgentSection(_Strict):
+class AgentSection(StrictSection):
     node_id: str | None = None  # default: the host name
     listen_host: str = "127.0.0.1"
     listen_port: Port = 8080
@@ -47,11 +51,11 @@ class AgentSection(_Strict):
     # Create the token file with a random token (mode 0600) if it does not exist. For demos and
     # first boots; production installs write the file themselves (the Ansible role does).
     admin_token_generate: bool = False
-    log_format: Literal["auto", "json", "console"] = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "info"
 
 
-class GpuScriptStep(_Strict):
+class GpuScriptStep(StrictSection):
     """A scheduled change of a simulated GPU, ``at_s`` seconds after the agent starts."""
 
     at_s: NonNegFloat
@@ -62,7 +66,7 @@ class GpuScriptStep(_Strict):
     lost: bool | None = None
 
 
-class SimulatedGpu(_Strict):
+class SimulatedGpu(StrictSection):
     name: str = "NVIDIA A100-SXM4-80GB"
     memory_total_gib: PositiveFloat = 80.0
     memory_used_gib: NonNegFloat = 0.0  # used by something other than our instances
@@ -73,7 +77,7 @@ class SimulatedGpu(_Strict):
     script: list[GpuScriptStep] = []
 
 
-class GpuSection(_Strict):
+class GpuSection(StrictSection):
     # "nvml" reads real GPUs; "simulated" serves the declared GPUs below. Never switched silently.
     source: Literal["nvml", "simulated"] = "nvml"
     # Sum of gpu_memory_fraction of the instances on one GPU must stay at or under this.
@@ -86,7 +90,7 @@ class GpuSection(_Strict):
     utilization_smoothing: Fraction = 0.3
 
 
-class SupervisorSection(_Strict):
+class SupervisorSection(StrictSection):
     probe_interval_s: PositiveFloat = 5.0
     probe_timeout_s: PositiveFloat = 3.0
     failure_threshold: Annotated[int, Meta(ge=1)] = 3
@@ -104,7 +108,7 @@ class SupervisorSection(_Strict):
     log_backups: Annotated[int, Meta(ge=0, le=100)] = 5
 
 
-class ModelLimit(_Strict):
+class ModelLimit(StrictSection):
     """Per-model admission at the proxy: at most ``max_concurrency`` requests upstream at once,
     ``max_queue`` more waiting for a slot; beyond that, 429."""
 
@@ -112,7 +116,7 @@ class ModelLimit(_Strict):
     max_queue: Annotated[int, Meta(ge=0)] = 0
 
 
-class TaskRoute(_Strict):
+class TaskRoute(StrictSection):
     """Route one kind of request for a model to a group of its instances (article 000: images to
     one instance, documents to another, the rest to a third)."""
 
@@ -121,7 +125,7 @@ class TaskRoute(_Strict):
     instances: list[str]
 
 
-class ProxySection(_Strict):
+class ProxySection(StrictSection):
     enabled: bool = True
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024  # base64 images are large
     connect_timeout_s: PositiveFloat = 2.0
@@ -163,7 +167,7 @@ class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
         return self.keepalive_interval_s or self.lease_ttl_s / 3
 
 
-class Warmup(_Strict):
+class Warmup(StrictSection):
     enabled: bool = True
     kind: Literal["chat", "completion", "embedding"] = "chat"
     prompt: str = "Hello"
@@ -172,7 +176,7 @@ class Warmup(_Strict):
     attempts: Annotated[int, Meta(ge=1)] = 3
 
 
-class InstanceConfig(_Strict):
+class InstanceConfig(StrictSection):
     name: InstanceName
     backend: BackendName
     # What the server loads: a path on (shared) storage or a model id.

@@ -34,15 +34,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
 import aiohttp
+from _common import free_port, pct
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pin(pid: int, cpu: int) -> None:
@@ -52,11 +48,6 @@ def pin(pid: int, cpu: int) -> None:
             os.sched_setaffinity(int(tid), {cpu})
         except OSError:
             pass
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def get_json(url: str) -> dict:

@@ -12,39 +12,42 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.keyspace import InvalidName, check_name
-from gpufleet.tomlconfig import ConfigError, ConfigProblem, convert_sections, read_toml
+from gpufleet.tomlconfig import (
+    ConfigError,
+    ConfigProblem,
+    LogFormat,
+    LogLevel,
+    NonNegFloat,
+    Port,
+    PositiveFloat,
+    StrictSection,
+    convert_sections,
+    read_toml,
+)
 
 DEFAULT_CONFIG_PATH = "/etc/gpu-coordinator/coordinator.toml"
 
-PositiveFloat = Annotated[float, Meta(gt=0)]
-NonNegFloat = Annotated[float, Meta(ge=0)]
-Port = Annotated[int, Meta(ge=1, le=65535)]
 
-
-class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class CoordinatorSection(_Strict):
+class CoordinatorSection(StrictSection):
     id: str | None = None  # default: the host name
     listen_host: str = "127.0.0.1"
     listen_port: Port = 8090
     advertise_url: str | None = None
-    log_format: Literal["auto", "json", "console"] = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "info"
     # How often the leader samples node health (stale telemetry, temperature); changes in node
     # records (instance states, nodes gone) are acted on as they arrive.
     sample_interval_s: PositiveFloat = 5.0
 
 
-class ElectionSection(_Strict):
+class ElectionSection(StrictSection):
     # Kubernetes' leader election: 15 s lease, 10 s renew deadline, 2 s retry period. The leader
     # stops acting as leader when it could not renew for renew_deadline_s, before anyone else can
     # take over (only after lease_ttl_s).
@@ -56,7 +59,7 @@ class ElectionSection(_Strict):
     grace_s: NonNegFloat = 10.0
 
 
-class HealthSection(_Strict):
+class HealthSection(StrictSection):
     bad_samples: Annotated[int, Meta(ge=1)] = 3
     good_samples: Annotated[int, Meta(ge=1)] = 3
     stale_after_s: PositiveFloat = 90.0
@@ -66,14 +69,14 @@ class HealthSection(_Strict):
     eject_forget_after_s: NonNegFloat = 300.0
 
 
-class WeightsSection(_Strict):
+class WeightsSection(StrictSection):
     base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(
         default_factory=lambda: {"A10": 100, "A100": 220, "H100": 380}
     )
     default_base: Annotated[int, Meta(ge=0)] = 100
 
 
-class FailoverSection(_Strict):
+class FailoverSection(StrictSection):
     cross_class: bool = False
     panic_threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
 

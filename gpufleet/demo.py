@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,68 @@ class Processes:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the demo to stop; the demo then stops what it started."""
+
+    def __init__(self) -> None:
+        self.set = False
+        signal.signal(signal.SIGINT, self._on)
+        signal.signal(signal.SIGTERM, self._on)
+
+    def _on(self, *_: object) -> None:
+        self.set = True
+
+    def serve(self, procs: Processes, duration: float, every: Callable[[float], None] | None = None) -> None:
+        """Until stopped, ``duration`` passes (0 = forever) or a process dies."""
+        started = time.monotonic()
+        while not self.set and (not duration or time.monotonic() - started < duration):
+            if any(p.poll() is not None for _, p in procs.procs):
+                break
+            if every is not None:
+                every(time.monotonic() - started)
+            time.sleep(0.2)
+
+
+def run_standalone_demo(config: Path, duration: float, show_status: Callable[[str], None]) -> int:
+    """One agent, no etcd: examples/standalone-demo.toml."""
+    from agent.config import load_config
+    from gpufleet.tomlconfig import ConfigError
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 64
+    logs = Path(cfg.agent.log_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{cfg.agent.listen_port}"
+    procs = Processes(logs)
+    stop = StopFlag()
+    print(f"starting gpu-agent with {config} (log: {logs / 'agent.log'})", flush=True)
+    try:
+        procs.start("agent", [sys.executable, "-m", "agent", "--config", str(config)])
+        _wait("the agent ready", lambda: stop.set or _get(url + "/readyz")[0] == 200, 90, procs)
+        show_status(url)
+        print(
+            f"""
+Agent API:   {url}/v1/status   {url}/metrics   {url}/readyz      Proxy: {url}/v1
+Admin token: {cfg.agent.admin_token_file}
+Try:         curl -s {url}/v1/models
+             kill -9 <a PID above>   # and watch it come back: gpuctl status --agent {url}
+Ctrl-C stops the agent and every model server it started.""",
+            flush=True,
+        )
+        stop.serve(procs, duration)
+        return 0
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        procs.stop_all()
+        code = procs.procs[0][1].returncode if procs.procs else None
+        print(f"gpu-agent stopped (exit {code})", flush=True)
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, dict]:
@@ -160,14 +223,7 @@ def run_cluster_demo(base_port: int, duration: float, chaos: float | None, statu
         f.write(os.urandom(24).hex() + "\n")
     procs = Processes(DEMO_DIR / "logs")
     etcd = f"http://127.0.0.1:{base_port}"
-    stop = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopFlag()
     try:
         print(f"starting etcd on {etcd}", flush=True)
         procs.start(
@@ -230,23 +286,29 @@ Admin token:        {token}      Logs: {procs.logs}/
 Ctrl-C stops every process the demo started.""",
             flush=True,
         )
-        started = time.monotonic()
         chaos_done = chaos is None
-        while not stop and (not duration or time.monotonic() - started < duration):
-            if not chaos_done and time.monotonic() - started >= chaos:  # type: ignore[operator]
-                chaos_done = True
-                victim = next(p for n, p in procs.procs if n == "gpu-a100-1")
-                print("\nchaos: SIGKILL gpu-a100-1 (its model servers die with it)", flush=True)
-                os.killpg(victim.pid, signal.SIGKILL)
-                t0 = time.monotonic()
-                _wait_route_down(etcd, "gpu-a100-1", 30)
-                print(
-                    f"chaos: gpu-a100-1 DOWN in the routes after {time.monotonic() - t0:.1f}s; "
-                    "its traffic goes to gpu-a100-2 (same class), never to the H100\n",
-                    flush=True,
-                )
-                status_fn(etcd)
-            time.sleep(0.2)
+
+        def maybe_chaos(elapsed: float) -> None:
+            nonlocal chaos_done
+            if chaos_done or elapsed < chaos:  # type: ignore[operator]
+                return
+            chaos_done = True
+            victim = next(p for n, p in procs.procs if n == "gpu-a100-1")
+            print("\nchaos: SIGKILL gpu-a100-1 (its model servers die with it)", flush=True)
+            os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait()
+            procs.procs = [(n, p) for n, p in procs.procs if p is not victim]
+            t0 = time.monotonic()
+            _wait_route_down(etcd, "gpu-a100-1", 30)
+            took = time.monotonic() - t0
+            print(
+                f"chaos: gpu-a100-1 DOWN in the routes after {took:.1f}s; its traffic goes to "
+                "gpu-a100-2 (same class), never to the H100\n",
+                flush=True,
+            )
+            status_fn(etcd)
+
+        stop.serve(procs, duration, maybe_chaos)
         return 0
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)

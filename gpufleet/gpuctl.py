@@ -12,9 +12,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -147,73 +145,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_standalone(args: argparse.Namespace) -> int:
-    """Run a standalone agent with simulated GPUs and model servers until Ctrl-C."""
+    from gpufleet.demo import run_standalone_demo
+
     config = Path(args.config)
     if not config.exists():
         print(f"error: demo config {config} not found (run from a checkout of the repository)", file=sys.stderr)
         return EXIT_USAGE
-    from agent.config import load_config
-    from gpufleet.tomlconfig import ConfigError
-
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return EXIT_USAGE
-    agent_log = Path(cfg.agent.log_dir) / "agent.log"
-    agent_log.parent.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{cfg.agent.listen_port}"
-    print(f"starting gpu-agent with {config} (log: {agent_log})", flush=True)
-    with open(agent_log, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--config", str(config)], stdout=logf, stderr=subprocess.STDOUT
-        )
-    stop = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        deadline = time.monotonic() + 90
-        while not stop and proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if _request(url + "/readyz", timeout=1)[0] == 200:
-                    break
-            except Unreachable:
-                pass
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            print(f"error: gpu-agent exited with {proc.returncode}; see {agent_log}", file=sys.stderr)
-            return EXIT_ERROR
-        st = _request(url + "/v1/status")[1]
-        print(format_status(st))
-        print(
-            f"""
-Agent API:   {url}/v1/status   {url}/metrics   {url}/readyz
-Instances:   """
-            + "  ".join(f"{i['model']} http://127.0.0.1:{i['port']}/v1" for i in st["instances"])
-            + f"""
-Admin token: {cfg.agent.admin_token_file}
-Try:         curl -s {url}/v1/status | python3 -m json.tool
-             kill -9 <a PID above>   # and watch it come back: gpuctl status --agent {url}
-Ctrl-C stops the agent and every model server it started.""",
-            flush=True,
-        )
-        end = time.monotonic() + args.duration if args.duration else None
-        while not stop and proc.poll() is None and (end is None or time.monotonic() < end):
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        print(f"gpu-agent stopped (exit {proc.returncode})")
-    return EXIT_OK if proc.returncode == 0 else EXIT_ERROR
+    return run_standalone_demo(config, args.duration, lambda url: print(format_status(_request(url + "/v1/status")[1])))
 
 
 def etcd_settings(args: argparse.Namespace) -> EtcdSettings:

@@ -12,9 +12,24 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
+
+# Field types shared by the daemons' configs.
+Port = Annotated[int, Meta(ge=1, le=65535)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Fraction = Annotated[float, Meta(gt=0, le=1)]
+Percent = Annotated[float, Meta(ge=0, le=100)]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class StrictSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A config section: unknown keys are errors (a typo must not be silently ignored)."""
+
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use RestartPreventExitStatus=78
 
