@@ -80,6 +80,7 @@ class Leader:
         self._grace_until = 0.0
         # What this term wrote, compared before the mirror catches up with our own writes.
         self._written: dict[str, RouteRecord | None] = {}
+        self._decoded: dict[str, tuple[int, NodeRecord | None]] = {}
 
     def poke(self) -> None:
         self._changed.set()
@@ -88,7 +89,10 @@ class Leader:
         async with self.nodes, self.drains, self.routes:
             next_sample = 0.0
             while True:
-                timeout = max(0.0, next_sample - time.monotonic())
+                wake = next_sample
+                if self._term is not None and time.monotonic() < self._grace_until:
+                    wake = min(wake, self._grace_until)  # decide as soon as the grace period ends
+                timeout = max(0.0, wake - time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout)
                 self._changed.clear()
@@ -164,8 +168,19 @@ class Leader:
 
     def _records(self, now: float) -> dict[str, NodeRecord]:
         out = {}
+        cache = self._decoded
+        if len(cache) > 2 * len(self.nodes.data) + 100:
+            live = self.nodes.data
+            self._decoded = cache = {k: v for k, v in cache.items() if k in live}
         for key, kv in self.nodes.data.items():
-            rec = decode_or_skip(key, kv.value, NodeRecord, kv.mod_revision)
+            # Decoding every record on every pass dominates at 10,000 nodes; a record only
+            # changes with its mod revision.
+            hit = cache.get(key)
+            if hit is not None and hit[0] == kv.mod_revision:
+                rec = hit[1]
+            else:
+                rec = decode_or_skip(key, kv.value, NodeRecord, kv.mod_revision)
+                cache[key] = (kv.mod_revision, rec)
             if rec is None:
                 continue
             if Keyspace.name_in(self.keys.nodes, key) != rec.node:
@@ -196,6 +211,10 @@ class Leader:
                 if prev is not None and prev.state is Health.DOWN:
                     continue
                 new = step_node(prev, None, now, self.health_policy)
+                # The node's processes are gone: when it comes back its instances start over,
+                # and a clean restart must not count as an instance flapping (ejection).
+                for k in [k for k in self.inst_health if k[0] == node]:
+                    del self.inst_health[k]
             elif prev is None or prev.state is Health.DOWN or sample:
                 new = step_node(prev, rec, now, self.health_policy)
             else:
