@@ -394,5 +394,9 @@ async def test_stream_whose_upstream_dies_before_the_first_chunk_is_retried(tmp_
 
         killed, text = await asyncio.gather(kill_busy_one(), request())
         assert text.endswith(b"data: [DONE]\n\n") and b'"error"' not in text
-        entry = next(json.loads(ln) for ln in agent.log_lines() if '"event":"request"' in ln)
+        # The access-log line is written just after the response ends: wait for it.
+        entry = await wait_until(
+            lambda: next((json.loads(ln) for ln in agent.log_lines() if '"event":"request"' in ln), None),
+            what="access log line",
+        )
         assert entry["retries"] == 1 and entry["instance"] != killed

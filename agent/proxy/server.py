@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -26,8 +25,8 @@ from multidict import CIMultiDict
 from agent.api.errors import error_response, json_response
 from agent.config import ProxySection
 from agent.supervisor.policy import InstanceState
-from gpufleet.keyspace.records import RouteRecord
 
+from .context import HOP_BY_HOP, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Plan, parse_head
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
 from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of
@@ -39,60 +38,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("agent.proxy")
 access = structlog.get_logger("agent.access")
-
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-# RFC 9110 §7.6.1 hop-by-hop headers, plus those aiohttp sets itself.
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Host",
-        "Content-Length",
-    )
-)
-UNKNOWN_MODEL_LABEL = "_unknown"  # keeps a client's random model names out of metric labels
-
-
-class _Head(msgspec.Struct):
-    model: str
-    stream: bool = False
-
-
-class _Failure(Exception):
-    """An attempt failed before the first byte; ``response`` is what the client gets if no
-    retry is left."""
-
-    def __init__(self, kind: str, response: web.StreamResponse | None, detail: str) -> None:
-        super().__init__(detail)
-        self.kind, self.response, self.detail = kind, response, detail
-
-
-def _bad_request(message: str, code: str = "invalid_request") -> web.Response:
-    return error_response(400, message, "invalid_request_error", code)
-
-
-def parse_head(body: bytes) -> _Head | web.Response:
-    try:
-        head = msgspec.json.decode(body, type=_Head)
-    except msgspec.ValidationError as e:
-        text = str(e)
-        if "missing required field `model`" in text:
-            return _bad_request("you must provide a model parameter", "missing_model")
-        if "Expected `object`" in text and "- at" not in text:
-            return _bad_request("the request body must be a JSON object")
-        return _bad_request(f"invalid request: {text}")
-    except msgspec.DecodeError as e:
-        return _bad_request(f"the request body is not valid JSON: {e}", "invalid_json")
-    if not head.model:
-        return _bad_request("you must provide a model parameter", "missing_model")
-    return head
 
 
 class Proxy:
@@ -151,7 +96,7 @@ class Proxy:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        ctx = _Ctx(rid=rid, started=started)
+        ctx = Ctx(rid=rid, started=started)
         try:
             resp = await self._forward(request, ctx)
         except asyncio.CancelledError:
@@ -161,7 +106,7 @@ class Proxy:
             self._account(request, ctx)
         return resp
 
-    async def _forward(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -196,7 +141,7 @@ class Proxy:
                 )
             )
         ctx.model_label = head.model
-        plan = _Plan(serving=serving, route=None)
+        plan = Plan(serving=serving, route=None)
         if route is not None and hops_of(request.headers.get(HOPS_HEADER)) < MAX_HOPS:
             plan.route = route
         plan.group = route_group(self.cfg.routes, head.model, classify_task(body)) if self.cfg.routes else None
@@ -240,7 +185,7 @@ class Proxy:
     def _own_classes(self) -> set[str]:
         return {g.gpu_class for g in self.rt.supervisor.gpus}
 
-    def _next_target(self, plan: _Plan, tried: set[str], ctx: _Ctx) -> Instance | RemoteTarget | None:
+    def _next_target(self, plan: Plan, tried: set[str], ctx: Ctx) -> Instance | RemoteTarget | None:
         """Local READY instances first (least in-flight); then other nodes by route weight."""
         ready = [i for i in plan.serving if i.state is InstanceState.READY and i.name not in tried]
         if plan.group is not None:
@@ -251,7 +196,7 @@ class Proxy:
             return local
         return self.remote.pick(ctx.model or "", self.remote.candidates(plan.route, self._own_classes(), tried))
 
-    def _loop_deadline(self, ctx: _Ctx, phase_s: float | None = None) -> float:
+    def _loop_deadline(self, ctx: Ctx, phase_s: float | None = None) -> float:
         """Event-loop time at which the current phase must end: the phase's own limit, capped by
         the request's total deadline."""
         end = ctx.loop_started + self.cfg.total_timeout_s
@@ -259,10 +204,10 @@ class Proxy:
             end = min(end, asyncio.get_running_loop().time() + phase_s)
         return end
 
-    async def _attempts(self, request: web.Request, body: bytes, plan: _Plan, ctx: _Ctx) -> web.StreamResponse:
+    async def _attempts(self, request: web.Request, body: bytes, plan: Plan, ctx: Ctx) -> web.StreamResponse:
         retry_deadline = ctx.started + self.cfg.retry_budget_s
         tried: set[str] = set()
-        last: _Failure | None = None
+        last: Failure | None = None
         while True:
             target = self._next_target(plan, tried, ctx)
             if target is None:
@@ -283,7 +228,7 @@ class Proxy:
             ctx.instance = target.name
             try:
                 return await self._try(request, body, target, ctx)
-            except _Failure as f:
+            except Failure as f:
                 last = f
                 self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
                 log.warning(
@@ -307,9 +252,9 @@ class Proxy:
                 self.metrics.retries.labels(ctx.model).inc()
 
     async def _try(
-        self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: _Ctx
+        self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx
     ) -> web.StreamResponse:
-        """One attempt on one instance (local or on another node). Raises _Failure while nothing
+        """One attempt on one instance (local or on another node). Raises Failure while nothing
         has reached the client."""
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
@@ -330,7 +275,7 @@ class Proxy:
                 try:
                     upstream = await self.session.post(url, data=body, headers=headers)
                 except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
-                    raise _Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
+                    raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
                 async with upstream:
                     if upstream.status >= 500 or upstream.status == 429:
                         payload = await upstream.read()
@@ -338,7 +283,7 @@ class Proxy:
                         resp = web.Response(
                             status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx)
                         )
-                        raise _Failure(kind, resp, f"{inst.name}: HTTP {upstream.status}")
+                        raise Failure(kind, resp, f"{inst.name}: HTTP {upstream.status}")
                     try:
                         if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                             # Hold the client's headers back until the first chunk is here: until
@@ -351,7 +296,7 @@ class Proxy:
                             return await self._stream(request, upstream, first, inst, ctx, scope)
                         payload = await upstream.read()
                     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-                        raise _Failure("midstream", None, f"{inst.name}: answer cut off: {e}") from None
+                        raise Failure("midstream", None, f"{inst.name}: answer cut off: {e}") from None
                     ctx.ttfb = time.monotonic() - ctx.started
                     return ctx.done(
                         web.Response(
@@ -363,8 +308,8 @@ class Proxy:
                 what = f"no first chunk within {self.cfg.ttfb_timeout_s:g}s"
             else:
                 what = f"no complete answer within {self.cfg.total_timeout_s:g}s"
-            raise _Failure("timeout", self._timeout_response(ctx, what), f"{inst.name}: {what}") from None
-        except _Failure:
+            raise Failure("timeout", self._timeout_response(ctx, what), f"{inst.name}: {what}") from None
+        except Failure:
             inst.errors_total += 1
             raise
         finally:
@@ -376,7 +321,7 @@ class Proxy:
         upstream: aiohttp.ClientResponse,
         first: bytes,
         inst: Instance | RemoteTarget,
-        ctx: _Ctx,
+        ctx: Ctx,
         scope: asyncio.Timeout,
     ) -> web.StreamResponse:
         headers = self._response_headers(upstream, ctx)
@@ -404,7 +349,7 @@ class Proxy:
         return resp
 
     async def _stream_error(
-        self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: _Ctx, kind: str, message: str
+        self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: Ctx, kind: str, message: str
     ) -> None:
         inst.errors_total += 1
         ctx.stream_error = True
@@ -412,19 +357,19 @@ class Proxy:
         err = {"error": {"message": message, "type": "server_error", "code": "upstream_stream_error"}}
         await resp.write(b"data: " + msgspec.json.encode(err) + b"\n\n")
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse, ctx: _Ctx) -> CIMultiDict[str]:
+    def _response_headers(self, upstream: aiohttp.ClientResponse, ctx: Ctx) -> CIMultiDict[str]:
         h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
         h.popall("Date", None)
         h.popall("Server", None)
         h["X-Request-ID"] = ctx.rid
         return h
 
-    def _timeout_response(self, ctx: _Ctx, what: str) -> web.Response:
+    def _timeout_response(self, ctx: Ctx, what: str) -> web.Response:
         return error_response(
             504, f"upstream timeout: {what}", "timeout_error", "upstream_timeout", {"X-Request-ID": ctx.rid}
         )
 
-    def _account(self, request: web.Request, ctx: _Ctx) -> None:
+    def _account(self, request: web.Request, ctx: Ctx) -> None:
         duration = time.monotonic() - ctx.started
         self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if self.cfg.access_log:
@@ -442,50 +387,6 @@ class Proxy:
                 retries=ctx.retries,
                 **({"stream_error": True} if ctx.stream_error else {}),
             )
-
-
-@dataclass
-class _Plan:
-    """Where one request may go: local instances, and the route table when forwarding is allowed."""
-
-    serving: list[Instance]
-    route: RouteRecord | None
-    group: list[str] | None = None
-
-
-class _Ctx:
-    """What the access log and metrics need to know about one request."""
-
-    __slots__ = (
-        "instance",
-        "loop_started",
-        "model",
-        "model_label",
-        "retries",
-        "rid",
-        "started",
-        "status",
-        "stream",
-        "stream_error",
-        "ttfb",
-    )
-
-    def __init__(self, rid: str, started: float) -> None:
-        self.rid = rid
-        self.started = started
-        self.model: str | None = None
-        self.model_label = UNKNOWN_MODEL_LABEL
-        self.instance: str | None = None
-        self.status = 0
-        self.stream = False
-        self.stream_error = False
-        self.retries = 0
-        self.ttfb: float | None = None
-        self.loop_started = asyncio.get_running_loop().time()
-
-    def done(self, resp: web.StreamResponse) -> web.StreamResponse:
-        self.status = resp.status
-        return resp
 
 
 def add_proxy_routes(app: web.Application, proxy: Proxy) -> None:

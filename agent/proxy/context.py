@@ -1,0 +1,117 @@
+"""What the proxy knows about one request: its parsed head, where it may go, what happened.
+
+Kept apart from the forwarding code in server.py so each reads top-down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+
+from agent.api.errors import error_response
+from gpufleet.keyspace.records import RouteRecord
+
+if TYPE_CHECKING:
+    from agent.supervisor import Instance
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# RFC 9110 §7.6.1 hop-by-hop headers, plus those aiohttp sets itself.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+UNKNOWN_MODEL_LABEL = "_unknown"  # keeps a client's random model names out of metric labels
+
+
+class Head(msgspec.Struct):
+    model: str
+    stream: bool = False
+
+
+class Failure(Exception):
+    """An attempt failed before the first byte; ``response`` is what the client gets if no
+    retry is left."""
+
+    def __init__(self, kind: str, response: web.StreamResponse | None, detail: str) -> None:
+        super().__init__(detail)
+        self.kind, self.response, self.detail = kind, response, detail
+
+
+def bad_request(message: str, code: str = "invalid_request") -> web.Response:
+    return error_response(400, message, "invalid_request_error", code)
+
+
+def parse_head(body: bytes) -> Head | web.Response:
+    try:
+        head = msgspec.json.decode(body, type=Head)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        if "missing required field `model`" in text:
+            return bad_request("you must provide a model parameter", "missing_model")
+        if "Expected `object`" in text and "- at" not in text:
+            return bad_request("the request body must be a JSON object")
+        return bad_request(f"invalid request: {text}")
+    except msgspec.DecodeError as e:
+        return bad_request(f"the request body is not valid JSON: {e}", "invalid_json")
+    if not head.model:
+        return bad_request("you must provide a model parameter", "missing_model")
+    return head
+
+
+@dataclass
+class Plan:
+    """Where one request may go: local instances, and the route table when forwarding is allowed."""
+
+    serving: list[Instance]
+    route: RouteRecord | None
+    group: list[str] | None = None
+
+
+class Ctx:
+    """What the access log and metrics need to know about one request."""
+
+    __slots__ = (
+        "instance",
+        "loop_started",
+        "model",
+        "model_label",
+        "retries",
+        "rid",
+        "started",
+        "status",
+        "stream",
+        "stream_error",
+        "ttfb",
+    )
+
+    def __init__(self, rid: str, started: float) -> None:
+        self.rid = rid
+        self.started = started
+        self.model: str | None = None
+        self.model_label = UNKNOWN_MODEL_LABEL
+        self.instance: str | None = None
+        self.status = 0
+        self.stream = False
+        self.stream_error = False
+        self.retries = 0
+        self.ttfb: float | None = None
+        self.loop_started = asyncio.get_running_loop().time()
+
+    def done(self, resp: web.StreamResponse) -> web.StreamResponse:
+        self.status = resp.status
+        return resp
