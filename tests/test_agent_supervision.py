@@ -139,7 +139,7 @@ command = ["sh", "-c", "sleep 600 & echo worker=$! ; exec {python} -m gpufleet.s
         assert pid_alive(worker)  # the gap that the registry closes
     async with AgentProcess(tmp_path, cfg, port) as agent2:
         await wait_until(lambda: not pid_alive(worker), timeout=10, what="worker reaped")
-        assert any("previous agent" in line and "forker" in line for line in agent2.log_lines())
+        await wait_until(lambda: any("previous agent" in ln and "forker" in ln for ln in agent2.log_lines()))
         await agent2.wait_state("forker", "READY")
 
 

@@ -195,7 +195,7 @@ async def test_same_node_id_restart_takes_over_the_old_lease(
         async with KeyEvents(etcd_client, key) as seen:
             await wait_until(lambda: _ttl_above(etcd_client, kv.lease, TTL - 1.5), timeout=5)
             assert seen.deletes() == 0
-        assert any("took over the registration" in ln for ln in again.log_lines())
+        await wait_until(lambda: any("took over the registration" in ln for ln in again.log_lines()))
 
 
 async def test_idle_agent_does_not_write_per_probe(tmp_path: Path, etcd: EtcdCluster, etcd_client: EtcdClient) -> None:

@@ -153,6 +153,11 @@ def routed_to(agent: AgentProcess, since: int) -> list[str]:
     return out
 
 
+def routed_at_least(agent: AgentProcess, since: int, n: int) -> list[str] | None:
+    got = routed_to(agent, since)
+    return got if len(got) >= n else None
+
+
 async def admin(agent: AgentProcess, path: str, body: object = None) -> int:
     async with (
         aiohttp.ClientSession() as http,
@@ -222,7 +227,8 @@ async def test_failover_goes_to_the_same_class_only(fleet: Fleet) -> None:
         await route_where(etcd, lambda r: ep(r, "a100-2").state != "READY", what="a100-2 out of the route")
         mark = len(entry.log_lines())
         assert await post_many(entry.base, 30) == [200] * 30
-        targets = routed_to(entry, mark)
+        # Access-log lines are written just after each response ends: wait for all 30.
+        targets = await wait_until(lambda: routed_at_least(entry, mark, 30), what="30 access-log lines")
         assert len(targets) == 30 and all(t.startswith("a100-1/") for t in targets), set(targets)
         assert await admin(entry, "/admin/instances/m/start") == 202
         await route_where(etcd, all_ready, what="a100-2 back")
@@ -315,7 +321,8 @@ async def test_agents_keep_routing_with_etcd_stopped(fleet: Fleet) -> None:
     try:
         mark = len(entry.log_lines())
         assert await post_many(entry.base, 10) == [200] * 10
-        assert all(t.startswith("a100-1/") for t in routed_to(entry, mark))
+        targets = await wait_until(lambda: routed_at_least(entry, mark, 10), what="10 access-log lines")
+        assert all(t.startswith("a100-1/") for t in targets)
     finally:
         fleet.etcd.members[0].restart()
     assert await admin(entry, "/admin/instances/m/start") == 202
