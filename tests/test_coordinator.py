@@ -87,6 +87,10 @@ lease_ttl_s = 3
 keepalive_interval_s = 1.0
 timeout_s = 1.0
 telemetry_min_gap_s = 0.2
+
+[proxy.limits.m]
+max_concurrency = 2
+max_queue = 64
 """
     return start_agent_sync(tmp, text, port, ready_instances=1)
 
@@ -232,6 +236,19 @@ async def test_failover_goes_to_the_same_class_only(fleet: Fleet) -> None:
         assert len(targets) == 30 and all(t.startswith("a100-1/") for t in targets), set(targets)
         assert await admin(entry, "/admin/instances/m/start") == 202
         await route_where(etcd, all_ready, what="a100-2 back")
+
+
+async def test_saturated_model_overflows_to_the_same_class(fleet: Fleet) -> None:
+    """a100-2 serves at most 2 requests of m at once; the overflow goes to the other A100 rather
+    than queueing, never to the H100, and nothing is refused."""
+    entry = fleet.agents["a100-2"]
+    async with fleet.client() as etcd:
+        await route_where(etcd, all_ready)
+    mark = len(entry.log_lines())
+    assert await post_many(entry.base, 48, concurrency=12) == [200] * 48
+    targets = await wait_until(lambda: routed_at_least(entry, mark, 48), what="48 access-log lines")
+    assert "m" in targets and "a100-1/m" in targets, set(targets)
+    assert not any(t.startswith("h100") for t in targets)
 
 
 async def test_guarded_write_of_a_deposed_leader_is_rejected(fleet: Fleet) -> None:

@@ -6,7 +6,7 @@ Kept apart from the forwarding code in server.py so each reads top-down.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -17,6 +17,8 @@ from gpufleet.keyspace.records import RouteRecord
 
 if TYPE_CHECKING:
     from agent.supervisor import Instance
+
+    from .limits import ModelGate
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those aiohttp sets itself.
@@ -80,6 +82,10 @@ class Plan:
     serving: list[Instance]
     route: RouteRecord | None
     group: list[str] | None = None
+    # Local instances set aside (saturated or drained) in favour of other nodes: they serve
+    # after all if no other node can, so a request is never refused while a local one is READY.
+    deferred: list[Instance] = field(default_factory=list)
+    gate: ModelGate | None = None  # the local concurrency gate, once acquired
 
 
 class Ctx:

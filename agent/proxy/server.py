@@ -146,41 +146,42 @@ class Proxy:
             plan.route = route
         plan.group = route_group(self.cfg.routes, head.model, classify_task(body)) if self.cfg.routes else None
         gate = self.gate(head.model) if serving else None
-        local_first = True
         if plan.route is not None and self.remote.candidates(plan.route, self._own_classes(), set()):
             # Remote capacity exists: a drained node sends new work away, and a saturated
             # model overflows to other nodes instead of queueing here.
-            if self.rt.routes is not None and self.rt.routes.drained:
-                local_first = False
-            elif gate is not None and gate.active >= gate.max_concurrency:
-                local_first = False
-        if not local_first:
-            gate = None
-            plan.serving = []
-        if gate is not None:
-            try:
-                async with asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
-                    await gate.acquire()
-            except QueueFull as e:
-                self.metrics.rejected.labels("queue_full").inc()
-                return ctx.done(
-                    error_response(
-                        429,
-                        f"too many requests for {head.model}: {e}",
-                        "rate_limit_error",
-                        "queue_full",
-                        {"Retry-After": str(self.cfg.retry_after_s), "X-Request-ID": ctx.rid},
-                    )
-                )
-            except TimeoutError:
-                return ctx.done(self._timeout_response(ctx, "waiting for a free slot"))
+            drained = self.rt.routes is not None and self.rt.routes.drained
+            if drained or (gate is not None and gate.active >= gate.max_concurrency):
+                plan.deferred, plan.serving = plan.serving, []
         self.metrics.in_flight.labels(head.model).inc()
         try:
+            if plan.serving and gate is not None and (refused := await self._enter_gate(gate, plan, ctx)):
+                return refused
             return await self._attempts(request, body, plan, ctx)
         finally:
             self.metrics.in_flight.labels(head.model).dec()
-            if gate is not None:
-                gate.release()
+            if plan.gate is not None:
+                plan.gate.release()
+
+    async def _enter_gate(self, gate: ModelGate, plan: Plan, ctx: Ctx) -> web.Response | None:
+        """Wait for a local slot (bounded queue); a response if refused, None once admitted."""
+        try:
+            async with asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
+                await gate.acquire()
+        except QueueFull as e:
+            self.metrics.rejected.labels("queue_full").inc()
+            return ctx.done(
+                error_response(
+                    429,
+                    f"too many requests for {ctx.model}: {e}",
+                    "rate_limit_error",
+                    "queue_full",
+                    {"Retry-After": str(self.cfg.retry_after_s), "X-Request-ID": ctx.rid},
+                )
+            )
+        except TimeoutError:
+            return ctx.done(self._timeout_response(ctx, "waiting for a free slot"))
+        plan.gate = gate
+        return None
 
     def _own_classes(self) -> set[str]:
         return {g.gpu_class for g in self.rt.supervisor.gpus}
@@ -210,6 +211,13 @@ class Proxy:
         last: Failure | None = None
         while True:
             target = self._next_target(plan, tried, ctx)
+            if target is None and plan.deferred:
+                # No other node could take it: the local instances we set aside serve after all.
+                plan.serving, plan.deferred = plan.deferred, []
+                gate = self.gate(ctx.model or "")
+                if gate is not None and (refused := await self._enter_gate(gate, plan, ctx)):
+                    return refused
+                continue
             if target is None:
                 if last is not None and last.response is not None:
                     return ctx.done(last.response)
