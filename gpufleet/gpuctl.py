@@ -352,6 +352,20 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return _run_etcd(cmd_drain_etcd, args)
 
 
+async def cmd_check_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
+    from gpufleet.check import gather, judge
+
+    results = judge(await gather(etcd, keys, list(etcd.endpoints)))
+    table = "\n".join(f"{r.status:<4}  {r.name}: {r.detail}" for r in results)
+    failed = sum(r.status == "FAIL" for r in results)
+    _emit(args, results, table + f"\n\n{len(results) - failed} of {len(results)} checks passed or skipped")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    return _run_etcd(cmd_check_etcd, args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpuctl", description="Inspect and operate gpufleet.")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
@@ -369,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="nodes registered in etcd")
     nodes.set_defaults(func=cmd_nodes)
     sub.add_parser("routes", help="the coordinator's route table").set_defaults(func=cmd_routes)
+    sub.add_parser("check", help="production-readiness checklist (exit 1 on any failure)").set_defaults(func=cmd_check)
     drain = sub.add_parser("drain", help="take a node out of rotation (no new requests)")
     drain.add_argument("node")
     drain.add_argument("--reason", help="why (shown in the drain record)")

@@ -222,6 +222,28 @@ async def test_drain_and_undrain(fleet: Fleet) -> None:
         assert "a100-1" in text and "READY" in text
 
 
+async def test_gpuctl_check_on_a_live_cluster(fleet: Fleet) -> None:
+    async with fleet.client() as etcd:
+        await route_where(etcd, all_ready)
+    res = gpuctl("--etcd", ",".join(fleet.etcd.endpoints), "--cluster", CLUSTER, "-o", "json", "check")
+    results = {r["name"]: r for r in json.loads(res.stdout)}
+    # The test etcd speaks plain http: that one check fails, so the command exits 1.
+    assert res.returncode == 1
+    assert results["etcd spoken to over TLS"]["status"] == "FAIL"
+    for name in (
+        "etcd endpoints healthy, with a raft leader, no alarms",
+        "a coordinator leads",
+        "the leader's /readyz and /metrics answer",
+        "every instance READY",
+        "GPU memory at or below 85%",
+        "every model has 2+ READY endpoints (failover possible)",
+        "agents' /metrics answer",
+        "agents' admin API protected by a token",
+    ):
+        assert results[name]["status"] == "PASS", results[name]
+    assert results["gpu-agent.service watchdog active"]["status"] in ("SKIP", "PASS")
+
+
 async def test_failover_goes_to_the_same_class_only(fleet: Fleet) -> None:
     """a100-2's own instance is down: requests entering there go to the other A100, never the H100."""
     entry = fleet.agents["a100-2"]

@@ -1,0 +1,192 @@
+"""``gpuctl check``: article 001's production-readiness checklist, adapted to gpufleet.
+
+Each check is one PASS / FAIL / SKIP line (SKIP: not applicable here, e.g. no systemd on the
+machine running gpuctl); the command exits 1 on any FAIL. Gathering (etcd, HTTP, systemctl)
+is separate from judging (``judge``, pure), so the rules are tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+import aiohttp
+import msgspec
+
+from gpufleet.etcd import EtcdClient, EtcdError, Status
+from gpufleet.keyspace import Keyspace, decode_or_skip
+from gpufleet.keyspace.records import LeaderRecord, NodeRecord, RouteRecord
+
+GPU_MEMORY_LIMIT = 0.85  # article 001: nvidia-smi memory use <= 85 %
+GPU_TEMPERATURE_LIMIT_C = 85.0  # above this the weight is capped at 30 %
+
+
+class CheckResult(msgspec.Struct):
+    name: str
+    status: str  # PASS | FAIL | SKIP
+    detail: str
+
+
+@dataclass
+class Facts:
+    endpoints: list[str]
+    statuses: dict[str, Status | str]  # endpoint -> Status or error text
+    leader: LeaderRecord | None = None
+    leader_epoch: int | None = None
+    coordinator_ready: bool | None = None
+    coordinator_metrics: bool | None = None
+    nodes: list[NodeRecord] = field(default_factory=list)
+    invalid_node_records: list[str] = field(default_factory=list)
+    routes: list[RouteRecord] = field(default_factory=list)
+    agent_metrics: dict[str, bool] = field(default_factory=dict)  # node -> /metrics answered with gpu_agent_*
+    admin_protected: dict[str, bool | None] = field(default_factory=dict)  # node -> 401 (True), 403 (False)
+    watchdogs: dict[str, str | None] = field(default_factory=dict)  # unit -> WatchdogUSec, None: not installed
+
+
+def judge(f: Facts) -> list[CheckResult]:
+    out: list[CheckResult] = []
+
+    def add(name: str, ok: bool | None, detail: str) -> None:
+        out.append(CheckResult(name, "SKIP" if ok is None else ("PASS" if ok else "FAIL"), detail))
+
+    bad = {ep: s for ep, s in f.statuses.items() if isinstance(s, str) or s.leader == 0 or s.errors}
+    add(
+        "etcd endpoints healthy, with a raft leader, no alarms",
+        not bad and bool(f.statuses),
+        "; ".join(
+            f"{ep}: {s if isinstance(s, str) else ('no leader' if s.leader == 0 else ','.join(s.errors))}"
+            for ep, s in bad.items()
+        )
+        or f"{len(f.statuses)} endpoints ok",
+    )
+    plain = [e for e in f.endpoints if not e.startswith("https://")]
+    add("etcd spoken to over TLS", not plain, f"plain http: {', '.join(plain)}" if plain else "all https")
+    add(
+        "a coordinator leads",
+        f.leader is not None,
+        f"{f.leader.coordinator} epoch {f.leader_epoch}" if f.leader else "no /leader key: no coordinator is leading",
+    )
+    if f.leader is not None:
+        add(
+            "the leader's /readyz and /metrics answer",
+            bool(f.coordinator_ready and f.coordinator_metrics),
+            f"{f.leader.address}: readyz {'ok' if f.coordinator_ready else 'failed'}, "
+            f"metrics {'ok' if f.coordinator_metrics else 'failed'}",
+        )
+    add("agents registered", bool(f.nodes), f"{len(f.nodes)} nodes" if f.nodes else "no node records")
+    add("node records valid", not f.invalid_node_records, ", ".join(f.invalid_node_records) or "all decode")
+    not_ready = [
+        f"{n.node}: " + ", ".join(f"{i.name} {i.state}" for i in n.instances if i.state != "READY")
+        for n in f.nodes
+        if not n.ready
+    ]
+    add("every instance READY", not not_ready and bool(f.nodes), "; ".join(not_ready) or "all READY")
+    full = [
+        f"{n.node} gpu {g.index} {g.memory_used_bytes / g.memory_total_bytes:.0%}"
+        for n in f.nodes
+        for g in n.gpus
+        if g.memory_total_bytes
+        and g.memory_used_bytes is not None
+        and g.memory_used_bytes / g.memory_total_bytes > GPU_MEMORY_LIMIT
+    ]
+    add(f"GPU memory at or below {GPU_MEMORY_LIMIT:.0%}", not full, "; ".join(full) or "ok")
+    hot = [
+        f"{n.node} gpu {g.index} {g.temperature_celsius:.0f}°C"
+        for n in f.nodes
+        for g in n.gpus
+        if g.temperature_celsius is not None and g.temperature_celsius > GPU_TEMPERATURE_LIMIT_C
+    ]
+    lost = [f"{n.node} gpu {g.index}" for n in f.nodes for g in n.gpus if g.lost]
+    add(f"no GPU lost or over {GPU_TEMPERATURE_LIMIT_C:.0f} °C", not hot and not lost, "; ".join(hot + lost) or "ok")
+    single = [r.model for r in f.routes if sum(e.state == "READY" and e.weight > 0 for e in r.endpoints) < 2]
+    add(
+        "every model has 2+ READY endpoints (failover possible)",
+        bool(f.routes) and not single,
+        ("models with fewer: " + ", ".join(single))
+        if single
+        else (f"{len(f.routes)} models" if f.routes else "no routes"),
+    )
+    silent = sorted(n for n, ok in f.agent_metrics.items() if not ok)
+    add("agents' /metrics answer", bool(f.agent_metrics) and not silent, ", ".join(silent) or "all answer")
+    open_admin = sorted(n for n, p in f.admin_protected.items() if p is not True)
+    add(
+        "agents' admin API protected by a token",
+        bool(f.admin_protected) and not open_admin,
+        ("no token file (admin disabled) or unreachable: " + ", ".join(open_admin))
+        if open_admin
+        else "401 without token",
+    )
+    for unit, usec in sorted(f.watchdogs.items()):
+        if usec is None:
+            add(f"{unit} watchdog active", None, "unit not installed on this machine")
+        else:
+            add(f"{unit} watchdog active", usec not in ("0", "infinity", ""), f"WatchdogUSec={usec}")
+    return out
+
+
+async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Facts:
+    f = Facts(endpoints=endpoints, statuses={})
+    for ep in endpoints:
+        try:
+            f.statuses[ep] = await etcd.status(endpoint=ep, timeout=3)
+        except EtcdError as e:
+            f.statuses[ep] = str(e)
+    kv = await etcd.get(keys.leader)
+    if kv is not None:
+        f.leader = decode_or_skip(kv.key_str, kv.value, LeaderRecord, kv.mod_revision)
+        f.leader_epoch = kv.create_revision
+    for kv in (await etcd.get_prefix(keys.nodes)).kvs:
+        rec = decode_or_skip(kv.key_str, kv.value, NodeRecord, kv.mod_revision)
+        if rec is None:
+            f.invalid_node_records.append(kv.key_str)
+        else:
+            f.nodes.append(rec)
+    f.routes = [
+        r
+        for kv in (await etcd.get_prefix(keys.routes)).kvs
+        if (r := decode_or_skip(kv.key_str, kv.value, RouteRecord, kv.mod_revision)) is not None
+    ]
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+
+        async def status_of(method: str, url: str, needle: str = "") -> int:
+            try:
+                async with http.request(method, url) as r:
+                    text = await r.text()
+                    return r.status if needle in text else -1
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                return 0
+
+        if f.leader is not None and f.leader.address:
+            base = f.leader.address.rstrip("/")
+            f.coordinator_ready = await status_of("GET", base + "/readyz") == 200
+            f.coordinator_metrics = await status_of("GET", base + "/metrics", "gpu_coordinator_is_leader") == 200
+
+        async def probe_agent(n: NodeRecord) -> None:
+            base = n.address.rstrip("/")
+            f.agent_metrics[n.node] = await status_of("GET", base + "/metrics", "gpu_agent_") == 200
+            code = await status_of("POST", base + "/admin/reload")
+            f.admin_protected[n.node] = True if code == 401 else (False if code == 403 else None)
+
+        await asyncio.gather(*(probe_agent(n) for n in f.nodes))
+    for unit in ("gpu-agent.service", "gpu-coordinator.service"):
+        f.watchdogs[unit] = _watchdog_usec(unit)
+    return f
+
+
+def _watchdog_usec(unit: str) -> str | None:
+    """WatchdogUSec of an installed unit on this machine; None when systemd or the unit is absent."""
+    if shutil.which("systemctl") is None:
+        return None
+    try:
+        res = subprocess.run(
+            ["systemctl", "show", unit, "-p", "LoadState,WatchdogUSec"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    props = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    if res.returncode != 0 or props.get("LoadState") != "loaded":
+        return None
+    return props.get("WatchdogUSec", "")

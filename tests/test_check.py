@@ -1,0 +1,105 @@
+"""gpuctl check's rules, judged from gathered facts (no cluster needed)."""
+
+from __future__ import annotations
+
+from gpufleet.check import Facts, judge
+from gpufleet.etcd import Status
+from gpufleet.keyspace.records import GpuRecord, InstanceRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord
+
+GIB = 2**30
+
+
+def node(name: str, used_gib: float = 40, temp: float = 60, ready: bool = True, state: str = "READY") -> NodeRecord:
+    gpu = GpuRecord(
+        index=0,
+        uuid="u",
+        name="A100",
+        gpu_class="A100",
+        memory_total_bytes=80 * GIB,
+        memory_used_bytes=int(used_gib * GIB),
+        temperature_celsius=temp,
+    )
+    inst = InstanceRecord(
+        name="m",
+        model="m",
+        backend="vllm",
+        state=state,
+        state_since=0,
+        port=1,
+        gpus=[0],  # type: ignore[arg-type]
+        gpu_memory_fraction=0.5,
+    )
+    return NodeRecord(
+        node=name,
+        address=f"http://{name}",
+        agent_version="0",
+        started_at=0,
+        updated_at=0,
+        gpu_source="nvml",
+        gpu_classes=["A100"],
+        gpus=[gpu],
+        instances=[inst],
+        ready=ready,
+    )
+
+
+def healthy() -> Facts:
+    st = Status(
+        endpoint="https://e1", version="3.4", member_id=1, leader=1, raft_term=2, raft_index=3, revision=4, db_size=5
+    )
+    eps = [
+        RouteEndpoint(node=n, address=f"http://{n}", instance="m", gpu_class="A100", weight=190, state="READY")
+        for n in ("a", "b")
+    ]
+    return Facts(
+        endpoints=["https://e1"],
+        statuses={"https://e1": st},
+        leader=LeaderRecord(coordinator="c1", address="http://c1", elected_at=0),
+        leader_epoch=7,
+        coordinator_ready=True,
+        coordinator_metrics=True,
+        nodes=[node("a"), node("b")],
+        routes=[RouteRecord(model="m", epoch=7, updated_at=0, endpoints=eps)],
+        agent_metrics={"a": True, "b": True},
+        admin_protected={"a": True, "b": True},
+        watchdogs={"gpu-agent.service": "30s", "gpu-coordinator.service": None},
+    )
+
+
+def statuses(f: Facts) -> dict[str, str]:
+    return {r.name: r.status for r in judge(f)}
+
+
+def test_healthy_cluster_passes() -> None:
+    res = statuses(healthy())
+    assert res.pop("gpu-coordinator.service watchdog active") == "SKIP"  # not installed here
+    assert set(res.values()) == {"PASS"}, res
+
+
+def test_each_failure_is_reported() -> None:
+    f = healthy()
+    f.endpoints = ["http://e1"]
+    f.statuses["http://e1"] = "no answer within 3s"
+    f.leader = None
+    f.nodes = [node("a", used_gib=72, temp=88, ready=False, state="FAILED")]
+    f.routes[0].endpoints[1].state = "DOWN"
+    f.agent_metrics["a"] = False
+    f.admin_protected["a"] = False
+    f.watchdogs["gpu-agent.service"] = "0"
+    res = statuses(f)
+    for name in (
+        "etcd endpoints healthy, with a raft leader, no alarms",
+        "etcd spoken to over TLS",
+        "a coordinator leads",
+        "every instance READY",
+        "GPU memory at or below 85%",
+        "no GPU lost or over 85 °C",
+        "every model has 2+ READY endpoints (failover possible)",
+        "agents' /metrics answer",
+        "agents' admin API protected by a token",
+        "gpu-agent.service watchdog active",
+    ):
+        assert res[name] == "FAIL", name
+    detail = {r.name: r.detail for r in judge(f)}
+    assert detail["GPU memory at or below 85%"] == "a gpu 0 90%"
+    assert detail["every instance READY"] == "a: m FAILED"
