@@ -27,8 +27,7 @@ from gpufleet.tomlconfig import (
     Port,
     PositiveFloat,
     StrictSection,
-    convert_sections,
-    read_toml,
+    load_sections,
 )
 
 DEFAULT_CONFIG_PATH = "/etc/gpu-agent/agent.toml"
@@ -236,10 +235,8 @@ def live_reloadable(running: AgentConfig, new: AgentConfig) -> AgentConfig:
 def load_config(path: str | Path) -> AgentConfig:
     """Parse and validate; raises :class:`ConfigError` listing every problem found."""
     path = Path(path)
-    data = read_toml(path)
-    problems: list[ConfigProblem] = []
-    parts = convert_sections(
-        data,
+    parts = load_sections(
+        path,
         sections={
             "agent": AgentSection,
             "gpu": GpuSection,
@@ -248,10 +245,7 @@ def load_config(path: str | Path) -> AgentConfig:
             "cluster": ClusterSection,
         },
         lists={"instances": InstanceConfig},
-        problems=problems,
     )
-    if problems:
-        raise ConfigError(str(path), problems)
     cfg = AgentConfig(
         agent=parts["agent"],
         gpu=parts["gpu"],
@@ -262,7 +256,7 @@ def load_config(path: str | Path) -> AgentConfig:
         source_path=str(path),
     )
     _resolve_paths(cfg, path.parent)
-    problems.extend(validate(cfg))
+    problems = validate(cfg)
     if problems:
         raise ConfigError(str(path), problems)
     return cfg

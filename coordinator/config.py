@@ -28,8 +28,7 @@ from gpufleet.tomlconfig import (
     Port,
     PositiveFloat,
     StrictSection,
-    convert_sections,
-    read_toml,
+    load_sections,
 )
 
 DEFAULT_CONFIG_PATH = "/etc/gpu-coordinator/coordinator.toml"
@@ -102,10 +101,8 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True):
 
 def load_config(path: str | Path) -> CoordinatorConfig:
     path = Path(path)
-    data = read_toml(path)
-    problems: list[ConfigProblem] = []
-    parts = convert_sections(
-        data,
+    parts = load_sections(
+        path,
         sections={
             "coordinator": CoordinatorSection,
             "etcd": EtcdSettings,
@@ -115,13 +112,10 @@ def load_config(path: str | Path) -> CoordinatorConfig:
             "failover": FailoverSection,
         },
         lists={},
-        problems=problems,
     )
-    if problems:
-        raise ConfigError(str(path), problems)
     cfg = CoordinatorConfig(**parts, source_path=str(path))
     cfg.etcd.resolve(path.parent)
-    problems.extend(validate(cfg))
+    problems = validate(cfg)
     if problems:
         raise ConfigError(str(path), problems)
     return cfg

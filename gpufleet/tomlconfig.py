@@ -112,3 +112,12 @@ def convert_sections(
                 converted.append(None)
         out[key] = converted
     return out
+
+
+def load_sections(path: Path, sections: dict[str, type], lists: dict[str, type]) -> dict[str, Any]:
+    """Read ``path`` and convert its sections; raises ConfigError listing every problem."""
+    problems: list[ConfigProblem] = []
+    parts = convert_sections(read_toml(path), sections, lists, problems)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return parts
