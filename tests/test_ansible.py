@@ -1,0 +1,247 @@
+"""The Ansible deployment (ansible/) run for real against this machine, into a temporary root.
+
+Everything lands under a temporary ``gpufleet_root``: no systemctl (``gpufleet_manage_services``
+false), no users or chown (``gpufleet_manage_users`` false), no apt (``gpufleet_etcd_install_package``
+false). The package is installed from a wheel of this checkout into the temporary venv.
+
+When an etcd binary is available, the etcd the role configured is started from the environment
+file the role wrote (TLS, client certificate auth), the playbook runs again to create the
+``gpufleet`` user and role and enable auth with etcdctl, and the agent's rendered config is used
+to write under ``/gpufleet/`` through gpufleet's own client (the client certificate has no CN).
+
+Then: a second run changes nothing, a ``--check`` run passes and changes nothing, and
+``ansible-lint --profile production`` passes when installed (``pip install -e '.[deploy]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSIBLE_DIR = ROOT / "ansible"
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str | None:
+    local = BIN / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+PLAYBOOK = _tool("ansible-playbook")
+LINT = _tool("ansible-lint")
+ETCD = os.environ.get("GPUFLEET_ETCD_BIN") or shutil.which("etcd")
+ETCDCTL = shutil.which("etcdctl", path=str(Path(ETCD).parent)) if ETCD else None
+
+pytestmark = [
+    pytest.mark.skipif(PLAYBOOK is None, reason="ansible-playbook not installed (pip install -e '.[deploy]')"),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed"),
+    pytest.mark.timeout(900),
+]
+
+RECAP = re.compile(r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    def __init__(self, base: Path):
+        self.base = base
+        self.root = base / "root"
+        self.pki = base / "pki"
+        self.inventory = base / "inventory.ini"
+        self.vars_file = base / "vars.json"
+        self.etcd_proc: subprocess.Popen | None = None
+        self.client_port = _free_port()
+        self.peer_port = _free_port()
+        self.timings: dict[str, float] = {}
+
+    def write(self, wheel: Path, configure_auth: bool) -> None:
+        host = f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}"
+        self.inventory.write_text("".join(f"[{group}]\n{host}\n" for group in ("etcd", "coordinators", "gpu_nodes")))
+        variables = {
+            "gpufleet_root": str(self.root),
+            "gpufleet_manage_services": False,
+            "gpufleet_manage_users": False,
+            "gpufleet_become": False,
+            "gpufleet_etcd_install_package": False,
+            "gpufleet_etcd_configure_auth": configure_auth,
+            "gpufleet_etcd_listen_address": "127.0.0.1",
+            "gpufleet_etcd_client_port": self.client_port,
+            "gpufleet_etcd_peer_port": self.peer_port,
+            "gpufleet_etcd_heartbeat_interval_ms": 50,
+            "gpufleet_etcd_election_timeout_ms": 500,
+            "gpufleet_pki_dir": str(self.pki),
+            "gpufleet_package_wheel": str(wheel),
+            "gpufleet_cluster": "ci",
+            "gpufleet_etcd_password": "gpufleet-secret",
+            "gpufleet_etcd_root_password": "root-secret",
+            "gpufleet_gpu_source": "simulated",
+            "gpufleet_agent_simulated_gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_total_gib": 80}],
+            "gpufleet_agent_instances": [
+                {
+                    "name": "qwen-a",
+                    "backend": "vllm",
+                    "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+                    "model": "/mnt/models/Qwen2.5-7B-Instruct",
+                    "served_model_name": "qwen2.5-7b",
+                    "gpus": [0],
+                    "gpu_memory_fraction": 0.4,
+                    "warmup": {"prompt": 'Say "hi"', "max_tokens": 2},
+                },
+                {"name": "embed", "backend": "vllm", "model": "/mnt/models/bge-m3", "warmup": {"kind": "embedding"}},
+            ],
+            "gpufleet_agent_settings": {
+                "supervisor": {"startup_timeout_s": 120},
+                "proxy": {"limits": {"qwen2.5-7b": {"max_concurrency": 4, "max_queue": 8}}},
+            },
+            "gpufleet_coordinator_settings": {"weights": {"base": {"A100": 220, "H100": 380}}},
+        }
+        self.vars_file.write_text(json.dumps(variables))
+
+    def play(self, *extra: str, label: str) -> tuple[dict[str, int], str]:
+        env = dict(os.environ)
+        env.update(
+            ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
+            ANSIBLE_LOCAL_TEMP=str(self.base / "ansible-tmp"),
+            ANSIBLE_REMOTE_TEMP=str(self.base / "ansible-tmp"),
+            ANSIBLE_NOCOLOR="1",
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        )
+        argv = [PLAYBOOK, "-i", str(self.inventory), "deploy.yml", "-e", f"@{self.vars_file}", *extra]
+        t0 = time.monotonic()
+        res = subprocess.run(argv, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=600)
+        self.timings[label] = time.monotonic() - t0
+        out = res.stdout + res.stderr
+        m = RECAP.search(res.stdout)
+        assert res.returncode == 0 and m, f"{label}: ansible-playbook exited {res.returncode}\n{out[-8000:]}"
+        ok, changed, unreachable, failed = map(int, m.groups())
+        return {"ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed}, out
+
+    def start_etcd(self) -> None:
+        env = {"PATH": os.environ.get("PATH", "")}
+        for line in (self.root / "etc/default/etcd").read_text().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                env[key] = value.strip('"')
+        with open(self.base / "etcd.log", "wb") as log:
+            self.etcd_proc = subprocess.Popen([ETCD], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop_etcd(self) -> None:
+        if self.etcd_proc is not None and self.etcd_proc.poll() is None:
+            self.etcd_proc.kill()
+            self.etcd_proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("ansible")
+    d = Deployment(base)
+    t0 = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(base / "dist")],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    d.timings["wheel"] = time.monotonic() - t0
+    wheel = next((base / "dist").glob("gpufleet-*.whl"))
+    d.write(wheel, configure_auth=False)
+    d.first, d.first_out = d.play(label="first run")
+    d.with_auth = None
+    if ETCD and ETCDCTL:
+        d.start_etcd()
+        d.write(wheel, configure_auth=True)
+        d.with_auth, d.with_auth_out = d.play(label="auth run")
+    try:
+        yield d
+    finally:
+        d.stop_etcd()
+        print("ansible timings:", {k: round(v, 1) for k, v in d.timings.items()})
+
+
+def test_first_run_installs_everything(deployment: Deployment) -> None:
+    r = deployment.root
+    assert deployment.first["failed"] == 0 and deployment.first["changed"] > 0
+    venv = r / "opt/gpufleet/venv/bin"
+    for name in ("agent.toml", "admin-token", "etcd-ca.pem", "etcd-client.pem", "etcd-client-key.pem", "etcd-password"):
+        assert (r / "etc/gpu-agent" / name).is_file(), name
+    assert stat.S_IMODE((r / "etc/gpu-agent/admin-token").stat().st_mode) == 0o600
+    assert len((r / "etc/gpu-agent/admin-token").read_text().strip()) >= 40
+    for cmd, cfg in (
+        ("gpu-agent", "etc/gpu-agent/agent.toml"),
+        ("gpu-coordinator", "etc/gpu-coordinator/coordinator.toml"),
+    ):
+        res = subprocess.run([venv / cmd, "check-config", r / cfg], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+    unit = (r / "etc/systemd/system/gpu-agent.service").read_text()
+    assert unit == (ROOT / "systemd/gpu-agent.service").read_text()
+    assert (r / "etc/systemd/system/gpu-coordinator.service").is_file()
+    etcd_env = (r / "etc/default/etcd").read_text()
+    assert 'ETCD_CLIENT_CERT_AUTH="true"' in etcd_env
+    assert stat.S_IMODE((r / "etc/etcd/pki/server-key.pem").stat().st_mode) == 0o600
+
+
+def test_client_certificate_has_no_common_name(deployment: Deployment) -> None:
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    cert = x509.load_pem_x509_certificate((deployment.root / "etc/gpu-agent/etcd-client.pem").read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) == []
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    server = x509.load_pem_x509_certificate((deployment.root / "etc/etcd/pki/server.pem").read_bytes())
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku
+
+
+@pytest.mark.skipif(not (ETCD and ETCDCTL), reason="etcd/etcdctl not installed")
+async def test_auth_limits_the_gpufleet_user_to_its_prefix(deployment: Deployment) -> None:
+    from agent.config import load_config
+    from gpufleet.etcd import EtcdAuthError
+
+    assert deployment.with_auth is not None and deployment.with_auth["changed"] > 0
+    cfg = load_config(deployment.root / "etc/gpu-agent/agent.toml")
+    async with cfg.cluster.client() as etcd:
+        await etcd.put("/gpufleet/ci/probe", "ok")
+        kv = await etcd.get("/gpufleet/ci/probe")
+        assert kv is not None and kv.value == b"ok"
+        with pytest.raises(EtcdAuthError):
+            await etcd.put("/elsewhere", "no")
+
+
+def test_second_run_changes_nothing(deployment: Deployment) -> None:
+    recap, out = deployment.play(label="second run")
+    assert recap["changed"] == 0, out[-8000:]
+
+
+def test_check_mode_passes(deployment: Deployment) -> None:
+    recap, out = deployment.play("--check", "--diff", label="check run")
+    assert recap["failed"] == 0 and recap["changed"] == 0, out[-8000:]
+
+
+@pytest.mark.skipif(LINT is None, reason="ansible-lint not installed (pip install -e '.[deploy]')")
+def test_ansible_lint_production_profile() -> None:
+    res = subprocess.run(
+        [LINT, "-c", str(ANSIBLE_DIR / ".ansible-lint"), "--profile", "production", "--nocolor", str(ANSIBLE_DIR)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-4000:]
