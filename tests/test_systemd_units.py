@@ -42,3 +42,21 @@ def test_agent_unit_essentials() -> None:
         "DeviceAllow=/dev/nvidiactl rw",
     ):
         assert line in text.splitlines(), line
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize(("unit", "limit"), [("gpu-coordinator.service", 5.0), ("gpu-agent.service", 5.0)])
+def test_security_exposure(unit: str, limit: float, tmp_path: Path) -> None:
+    """`systemd-analyze security --offline=yes` exposure (docs/architecture.md records the values).
+    The agent needs the NVIDIA devices, its model servers' memory mappings and a delegated cgroup,
+    so it cannot be sandboxed as tightly as the coordinator."""
+    import re
+
+    bindir = Path(sys.executable).parent
+    copy = tmp_path / unit
+    copy.write_text((ROOT / "systemd" / unit).read_text().replace("/opt/gpufleet/venv/bin/", f"{bindir}/"))
+    res = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(copy)], capture_output=True,
+                         text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", res.stdout + res.stderr)
+    assert m is not None, res.stdout[-500:] + res.stderr[-500:]
+    assert float(m.group(1)) <= limit
