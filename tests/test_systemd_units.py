@@ -55,8 +55,9 @@ def test_security_exposure(unit: str, limit: float, tmp_path: Path) -> None:
     bindir = Path(sys.executable).parent
     copy = tmp_path / unit
     copy.write_text((ROOT / "systemd" / unit).read_text().replace("/opt/gpufleet/venv/bin/", f"{bindir}/"))
-    res = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(copy)], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(copy)], capture_output=True, text=True, timeout=60
+    )
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", res.stdout + res.stderr)
     assert m is not None, res.stdout[-500:] + res.stderr[-500:]
     assert float(m.group(1)) <= limit
