@@ -21,7 +21,7 @@ from agent.api.auth import AdminToken, TokenError
 from agent.api.server import build_app
 from agent.cluster import ClusterPublisher
 from agent.cluster.routes import RouteTable
-from agent.config import AgentConfig, live_reloadable, load_config
+from agent.config import AgentConfig, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
 from agent.supervisor import Supervisor
 from gpufleet import __version__
@@ -201,6 +201,6 @@ class AgentRuntime:
                 self.notifier.ready("reload refused: config has errors")
                 return {"error": "config has errors", "problems": str(e).splitlines()}
             result = await self.supervisor.reload(new)
-            self.cfg = live_reloadable(self.cfg, new)
+            self.cfg = self.supervisor.cfg  # the supervisor applied the reloadable part already
             self.notifier.ready(self.supervisor.summary())
             return result

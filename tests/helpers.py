@@ -182,6 +182,10 @@ class AgentProcess:
     async def __aexit__(self, *exc: object) -> None:
         if self.http is not None:
             await self.http.close()
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM (the graceful path under test), SIGKILL only if it hangs; close the log."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -251,17 +255,6 @@ def start_agent_sync(tmp: Path, config_text: str, port: int, ready_instances: in
         if time.monotonic() > deadline:
             raise AssertionError(f"agent not ready after {timeout}s")
         time.sleep(0.05)
-
-
-def stop_agent_sync(agent: AgentProcess) -> None:
-    if agent.proc is not None and agent.proc.poll() is None:
-        agent.proc.send_signal(signal.SIGTERM)
-        try:
-            agent.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            agent.proc.kill()
-            agent.proc.wait()
-    agent._log.close()
 
 
 class CoordinatorProcess:

@@ -30,7 +30,6 @@ from helpers import (
     free_port,
     instance_toml,
     start_agent_sync,
-    stop_agent_sync,
     wait_until,
 )
 
@@ -111,7 +110,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             c.stop()
         for a in f.agents.values():
             a.proc.send_signal(signal.SIGCONT) if a.proc else None
-            stop_agent_sync(a)
+            a.stop()
         f.etcd.destroy()
 
 

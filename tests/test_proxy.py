@@ -24,7 +24,6 @@ from helpers import (
     free_port,
     instance_toml,
     start_agent_sync,
-    stop_agent_sync,
     wait_until,
 )
 
@@ -54,7 +53,7 @@ max_queue = 1
 """
     a = start_agent_sync(tmp, agent_toml(tmp, port, instances + proxy), port, ready_instances=5)
     yield a
-    stop_agent_sync(a)
+    a.stop()
 
 
 @pytest.fixture
