@@ -166,6 +166,42 @@ class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
         return self.keepalive_interval_s or self.lease_ttl_s / 3
 
 
+class ModelsSection(StrictSection):
+    """Registered models the coordinator's leader assigns to this node (cluster mode).
+
+    The agent checks each registered model's path on this host (present, readable; size and
+    sha256 once, when registered), starts the replicas assigned to it beside the instances of
+    this file, and stops them when the assignment goes away."""
+
+    enabled: bool = True  # accept assignments (false: report path checks only, start nothing)
+    # backend -> argv that replaces the backend's executable on this host, e.g.
+    # vllm = ["/opt/vllm/bin/vllm", "serve"]; "{python}" is the agent's interpreter.
+    launchers: dict[str, list[str]] = {}
+    # Model paths must lie under one of these directories ([] = any absolute path). A registry
+    # entry is written by whoever can write etcd; this keeps it to the shared model store.
+    allowed_roots: list[str] = []
+    recheck_interval_s: PositiveFloat = 30.0  # presence/readability re-check (mounts go away)
+    check_timeout_s: PositiveFloat = 10.0  # a hung network file system is reported, not waited on
+    checksum_timeout_s: PositiveFloat = 3600.0  # sha256 of a large model takes a while
+    verify_checksums: bool = True
+
+
+class DegradationSection(StrictSection):
+    """How the proxy applies the cluster's degradation level (set by the coordinator's leader):
+    1 = identical requests answered from a response cache, 2 = the model's fallback serves,
+    3 = a static JSON answer."""
+
+    enabled: bool = True
+    cache_ttl_s: PositiveFloat = 60.0
+    cache_max_entries: Annotated[int, Meta(ge=1)] = 1024
+    cache_max_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+    cache_max_entry_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    # Share of requests that bypass degradation and go to the model servers, so the error rate
+    # keeps being measured and the cluster can recover from level 3.
+    probe_share: Fraction = 0.05
+    static_status: Annotated[int, Meta(ge=200, le=599)] = 200
+
+
 class Warmup(StrictSection):
     enabled: bool = True
     kind: Literal["chat", "completion", "embedding"] = "chat"
@@ -215,6 +251,8 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     instances: list[InstanceConfig]
     proxy: ProxySection = msgspec.field(default_factory=ProxySection)
     cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
+    models: ModelsSection = msgspec.field(default_factory=ModelsSection)
+    degradation: DegradationSection = msgspec.field(default_factory=DegradationSection)
     source_path: str = ""
 
     @property
@@ -229,7 +267,14 @@ class AgentConfig(msgspec.Struct, kw_only=True):
 def live_reloadable(running: AgentConfig, new: AgentConfig) -> AgentConfig:
     """The config a reload applies: instances, supervision and proxy settings take effect live;
     [agent] and [gpu] (listen address, GPU source, paths) need a restart."""
-    return msgspec.structs.replace(running, supervisor=new.supervisor, instances=new.instances, proxy=new.proxy)
+    return msgspec.structs.replace(
+        running,
+        supervisor=new.supervisor,
+        instances=new.instances,
+        proxy=new.proxy,
+        models=new.models,
+        degradation=new.degradation,
+    )
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -243,6 +288,8 @@ def load_config(path: str | Path) -> AgentConfig:
             "supervisor": SupervisorSection,
             "proxy": ProxySection,
             "cluster": ClusterSection,
+            "models": ModelsSection,
+            "degradation": DegradationSection,
         },
         lists={"instances": InstanceConfig},
     )
@@ -253,6 +300,8 @@ def load_config(path: str | Path) -> AgentConfig:
         instances=parts["instances"],
         proxy=parts["proxy"],
         cluster=parts["cluster"],
+        models=parts["models"],
+        degradation=parts["degradation"],
         source_path=str(path),
     )
     _resolve_paths(cfg, path.parent)
@@ -346,6 +395,24 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
     out.extend(memory_budget_problems(cfg))
     out.extend(proxy_problems(cfg))
     out.extend(cluster_problems(cfg))
+    out.extend(models_problems(cfg))
+    return out
+
+
+def models_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    from gpufleet.models import path_problems
+
+    out = []
+    backends = ("vllm", "ollama", "llamacpp", "koboldcpp")
+    for backend, argv in cfg.models.launchers.items():
+        if backend not in backends:
+            known = ", ".join(backends)
+            out.append(ConfigProblem(f"$.models.launchers.{backend}", f"unknown backend (one of {known})"))
+        elif not argv:
+            out.append(ConfigProblem(f"$.models.launchers.{backend}", "must not be empty"))
+    for i, root in enumerate(cfg.models.allowed_roots):
+        for problem in path_problems(root):
+            out.append(ConfigProblem(f"$.models.allowed_roots[{i}]", problem))
     return out
 
 

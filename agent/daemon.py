@@ -14,18 +14,20 @@ import time
 from typing import Any
 
 import aiohttp
+import msgspec
 import structlog
 from aiohttp import web
 
 from agent.api.auth import AdminToken, TokenError
 from agent.api.server import build_app
 from agent.cluster import ClusterPublisher
+from agent.cluster.assignments import ModelFollower
 from agent.cluster.routes import RouteTable
 from agent.config import AgentConfig, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
 from agent.supervisor import Supervisor
 from gpufleet import __version__
-from gpufleet.keyspace.records import NodeRecord
+from gpufleet.keyspace.records import NodeRecord, ProxyCounters
 from gpufleet.sdnotify import SystemdNotifier
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
 
@@ -57,6 +59,8 @@ class AgentRuntime:
         self._http: aiohttp.ClientSession | None = None
         self.publisher: ClusterPublisher | None = None
         self.routes: RouteTable | None = None
+        self.models: ModelFollower | None = None
+        self.proxy_counters = ProxyCounters()  # the proxy counts; the node record carries them
 
     # --- what the API reads ---------------------------------------------------------------
 
@@ -75,6 +79,8 @@ class AgentRuntime:
             gpus=gpus,
             instances=instances,
             ready=self.serving and self.supervisor.all_ready(),
+            models=self.models.availability() if self.models is not None else [],
+            proxy=msgspec.structs.replace(self.proxy_counters),
         )
 
     def tick_age(self) -> float | None:
@@ -153,6 +159,16 @@ class AgentRuntime:
                 raise StartupError(str(e), EX_CONFIG) from None
             self.routes = RouteTable(self.publisher.etcd, self.publisher.keys, self.cfg.node_id)
             self.routes.start()
+            self.models = ModelFollower(
+                self.publisher.etcd,
+                self.publisher.keys,
+                self.cfg.node_id,
+                settings=lambda: self.cfg.models,
+                apply=self.supervisor.set_assigned,
+                running=lambda: {i.name for i in self.supervisor.instances.values() if i.assigned},
+                on_change=self.changed,
+            )
+            self.models.start()
 
     async def _tick_loop(self) -> None:
         interval = self.cfg.supervisor.probe_interval_s
@@ -176,6 +192,8 @@ class AgentRuntime:
 
     async def _cleanup(self) -> None:
         # Deregister first: the cluster moves traffic away before the instances go down.
+        if self.models is not None:
+            await self.models.stop()
         if self.routes is not None:
             await self.routes.stop()
         if self.publisher is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -40,6 +41,17 @@ def status_doc(rt: CoordinatorRuntime) -> dict[str, Any]:
         "nodes": nodes if el.is_leader else [],
         "panic": dict(leader.plan.panic) if leader.plan and el.is_leader else {},
         "guard_rejections": el.guard_rejections,
+        "degradation": {
+            "level": leader.degradation.state.level,
+            "error_rate": leader.degradation.state.rate,
+            "samples": leader.degradation.state.samples,
+            "reason": leader.degradation.state.reason,
+        }
+        if el.is_leader
+        else None,
+        "placement": [msgspec.to_builtins(s) for s in leader.placer.plan.status.values()]
+        if el.is_leader and leader.placer.plan
+        else [],
     }
 
 

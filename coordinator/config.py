@@ -6,6 +6,8 @@
 [health]       samples, staleness, temperature limit, ejection
 [weights]      base weight per GPU class, default for unknown classes
 [failover]     cross-class failover, panic threshold
+[placement]    rescheduling of replicas of registered models
+[degradation]  error-rate window and thresholds of the 3 degradation levels
 """
 
 from __future__ import annotations
@@ -80,6 +82,28 @@ class FailoverSection(StrictSection):
     panic_threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
 
 
+class PlacementSection(StrictSection):
+    enabled: bool = True
+    # Replicas on a node that went DOWN are placed elsewhere after this long: a node that
+    # restarts (agent upgrade, reboot of the agent) gets them back without a reload elsewhere.
+    reschedule_after_s: NonNegFloat = 30.0
+    # Sum of gpu_memory_fraction on one GPU may not exceed this (same as the agent's budget).
+    memory_budget: Annotated[float, Meta(gt=0, le=1)] = 0.95
+
+
+class DegradationSection(StrictSection):
+    enabled: bool = True
+    # Error rates at which levels 1 (response cache), 2 (fallback model), 3 (static answer) start.
+    thresholds: list[Annotated[float, Meta(gt=0, le=1)]] = msgspec.field(default_factory=lambda: [0.05, 0.15, 0.30])
+    window_s: PositiveFloat = 60.0
+    min_samples: Annotated[int, Meta(ge=1)] = 50
+    hysteresis: Annotated[float, Meta(ge=0, lt=1)] = 0.02
+    min_hold_s: NonNegFloat = 30.0
+    # The record is rewritten at least this often, so agents can tell a live level from the
+    # last word of a coordinator that is gone (they ignore one older than 90 s).
+    refresh_s: Annotated[float, Meta(gt=0, le=60)] = 30.0
+
+
 class CoordinatorConfig(msgspec.Struct, kw_only=True):
     coordinator: CoordinatorSection
     etcd: EtcdSettings
@@ -87,6 +111,8 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True):
     health: HealthSection
     weights: WeightsSection
     failover: FailoverSection
+    placement: PlacementSection = msgspec.field(default_factory=PlacementSection)
+    degradation: DegradationSection = msgspec.field(default_factory=DegradationSection)
     source_path: str = ""
 
     @property
@@ -110,6 +136,8 @@ def load_config(path: str | Path) -> CoordinatorConfig:
             "health": HealthSection,
             "weights": WeightsSection,
             "failover": FailoverSection,
+            "placement": PlacementSection,
+            "degradation": DegradationSection,
         },
         lists={},
     )
@@ -131,6 +159,12 @@ def validate(cfg: CoordinatorConfig) -> list[ConfigProblem]:
             check_name(kind, name)
         except InvalidName as e:
             out.append(ConfigProblem(at, str(e)))
+    d = cfg.degradation
+    t = d.thresholds
+    if len(t) != 3 or not t[0] < t[1] < t[2]:
+        out.append(ConfigProblem("$.degradation.thresholds", "must be 3 rates, strictly increasing (levels 1, 2, 3)"))
+    elif d.hysteresis >= t[0]:
+        out.append(ConfigProblem("$.degradation.hysteresis", f"must be below the first threshold ({t[0]:g})"))
     e = cfg.election
     if e.renew_deadline_s >= e.lease_ttl_s:
         out.append(

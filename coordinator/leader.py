@@ -21,9 +21,12 @@ from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import DrainRecord, NodeRecord, RouteRecord
 
 from .config import CoordinatorConfig
+from .degradation import DegradationController
 from .election import Election, NotLeader
 from .metrics import CoordinatorMetrics
+from .placement import Placer
 from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, step_instance, step_node
+from .policy.placement import NodeView
 from .policy.routes import FailoverPolicy, RoutePlan, compute_routes, routes_differ
 from .policy.weights import WeightPolicy
 
@@ -70,6 +73,8 @@ class Leader:
         self.nodes = KeyMirror(etcd, keys.nodes, on_change=lambda _: self._changed.set())
         self.drains = KeyMirror(etcd, keys.drains, on_change=lambda _: self._changed.set())
         self.routes = KeyMirror(etcd, keys.routes)
+        self.placer = Placer(cfg.placement, etcd, keys, election, metrics, on_change=lambda _: self._changed.set())
+        self.degradation = DegradationController(cfg.degradation, keys, election, metrics)
         # Leadership-scoped state: rebuilt from scratch by every new leader term.
         self.node_health: dict[str, NodeHealth] = {}
         self.inst_health: dict[tuple[str, str], InstanceHealth] = {}
@@ -86,7 +91,8 @@ class Leader:
         self._changed.set()
 
     async def run(self) -> None:
-        async with self.nodes, self.drains, self.routes:
+        models, assignments = self.placer.mirrors()
+        async with self.nodes, self.drains, self.routes, models, assignments:
             next_sample = 0.0
             while True:
                 wake = next_sample
@@ -125,6 +131,7 @@ class Leader:
         records = self._records(now_wall)
         drained = self._drained()
         changes = self._judge(records, now_wall, sample)
+        self.degradation.observe(records, time.monotonic())
         plan = compute_routes(
             {n: r for n, (r, _) in self.last_seen.items()},
             self.node_health,
@@ -144,6 +151,8 @@ class Leader:
             self.decision = Decision(now_wall, epoch, "grace period: observing, no decisions yet", changes=changes)
             return
         writes, deletes = await self._write_routes(plan, epoch)
+        changes += await self.placer.step(self._views(records, drained), epoch, now_wall)
+        await self.degradation.step(epoch, time.monotonic())
         if writes or deletes or changes:
             self.decision = Decision(
                 now_wall, epoch, f"{writes} routes written, {deletes} removed", writes, deletes, changes
@@ -152,7 +161,9 @@ class Leader:
 
     async def _start_term(self, epoch: int) -> None:
         """A new term: start from the mirrors' complete picture, then a grace period."""
-        await asyncio.gather(self.nodes.wait_ready(), self.drains.wait_ready(), self.routes.wait_ready())
+        await asyncio.gather(*(m.wait_ready() for m in (self.nodes, self.drains, self.routes, *self.placer.mirrors())))
+        self.degradation.start_term(await self.etcd.get(self.keys.degradation), time.monotonic())
+        self.placer.start_term()
         self.node_health.clear()
         self.inst_health.clear()
         self.last_seen.clear()
@@ -237,7 +248,20 @@ class Leader:
             log.info("health transition", change=line)
         return changes
 
+    def _views(self, records: dict[str, NodeRecord], drained: set[str]) -> dict[str, NodeView]:
+        """What placement needs to know of each node the leader knows."""
+        return {
+            node: NodeView(
+                record=records.get(node),
+                state=str(h.state),
+                down_since=h.since if h.state is Health.DOWN else None,
+                drained=node in drained,
+            )
+            for node, h in self.node_health.items()
+        }
+
     def _forget(self, node: str) -> None:
+        self.degradation.forget(node)
         self.last_seen.pop(node, None)
         self.node_health.pop(node, None)
         for k in [k for k in self.inst_health if k[0] == node]:

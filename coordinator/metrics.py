@@ -40,6 +40,21 @@ class CoordinatorMetrics:
         )
         self.nodes = Gauge("gpu_coordinator_nodes", "Nodes by health state.", ["state"], registry=r)
         self.panic = Gauge("gpu_coordinator_panic", "1 while a GPU class is in panic mode.", ["gpu_class"], registry=r)
+        self.unplaced_replicas = Gauge(
+            "gpu_coordinator_unplaced_replicas", "Replicas of registered models that fit nowhere.", registry=r
+        )
+        self.assignment_writes = Counter(
+            "gpu_coordinator_assignment_writes", "Assignment and placement records written or removed.", registry=r
+        )
+        self.degradation_level = Gauge(
+            "gpu_coordinator_degradation_level", "Cluster degradation level (0 normal .. 3 static).", registry=r
+        )
+        self.error_rate = Gauge(
+            "gpu_coordinator_cluster_error_rate", "Upstream error rate over the degradation window.", registry=r
+        )
+        self.degradation_changes = Counter(
+            "gpu_coordinator_degradation_changes", "Degradation level changes.", registry=r
+        )
 
     def observe_plan(self, plan: RoutePlan, node_health: dict[str, NodeHealth]) -> None:
         self.weight.clear()

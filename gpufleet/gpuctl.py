@@ -1,9 +1,10 @@
 """``gpuctl``: the operator's command line.
 
-Cluster commands (``nodes``) read etcd (``--etcd URLS --cluster NAME`` plus TLS and auth
-flags, or $GPUFLEET_ETCD / $GPUFLEET_CLUSTER); agent commands (``status``, ``instance``) talk
-to one agent (``--agent URL``). Output is a table by default and JSON with ``-o json``. Exit
-codes follow etcdctl's spirit: 0 ok, 1 error, 2 etcd or the agent unreachable, 64 usage error.
+Cluster commands (``nodes``, ``routes``, ``models``, ``drain``) read etcd (``--etcd URLS
+--cluster NAME`` plus TLS and auth flags, or $GPUFLEET_ETCD / $GPUFLEET_CLUSTER); agent
+commands (``status``, ``instance``) talk to one agent (``--agent URL``). Output is a table by
+default and JSON with ``-o json``. Exit codes follow etcdctl's spirit: 0 ok, 1 error, 2 etcd or
+the agent unreachable, 64 usage error.
 """
 
 from __future__ import annotations
@@ -383,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="nodes registered in etcd")
     nodes.set_defaults(func=cmd_nodes)
     sub.add_parser("routes", help="the coordinator's route table").set_defaults(func=cmd_routes)
+    from gpufleet.gpuctl_models import add_model_commands
+
+    add_model_commands(sub)
     sub.add_parser("check", help="production-readiness checklist (exit 1 on any failure)").set_defaults(func=cmd_check)
     drain = sub.add_parser("drain", help="take a node out of rotation (no new requests)")
     drain.add_argument("node")
@@ -431,4 +435,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the canonical module, so ``python -m gpufleet.gpuctl`` and gpuctl_models share
+    # one set of classes (UsageError) instead of __main__'s copies.
+    from gpufleet.gpuctl import main as canonical_main
+
+    sys.exit(canonical_main())

@@ -153,8 +153,16 @@ def free_port_block(span: int = 20) -> int:
 class AgentProcess:
     """A real ``gpu-agent`` subprocess with a JSON log file and an HTTP client."""
 
-    def __init__(self, tmp: Path, config_text: str, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config_text: str,
+        port: int,
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
+    ) -> None:
         self.tmp = tmp
+        self.wrapper = wrapper or []  # e.g. unshare(1): run the agent in its own mount namespace
         self.port = port
         self.config = tmp / "agent.toml"
         self.config.write_text(config_text)
@@ -167,7 +175,7 @@ class AgentProcess:
     def start(self) -> None:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--config", str(self.config)],
+            [*self.wrapper, sys.executable, "-m", "agent", "--config", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -232,13 +240,20 @@ class AgentProcess:
         return self.log_path.read_text().splitlines()
 
 
-def start_agent_sync(tmp: Path, config_text: str, port: int, ready_instances: int, timeout: float = 60) -> AgentProcess:
+def start_agent_sync(
+    tmp: Path,
+    config_text: str,
+    port: int,
+    ready_instances: int,
+    timeout: float = 60,
+    wrapper: list[str] | None = None,
+) -> AgentProcess:
     """Start an agent from synchronous (module-scoped) fixtures and wait until ``ready_instances``
     instances are READY."""
     import json
     import urllib.request
 
-    agent = AgentProcess(tmp, config_text, port)
+    agent = AgentProcess(tmp, config_text, port, wrapper=wrapper)
     agent.start()
     deadline = time.monotonic() + timeout
     while True:

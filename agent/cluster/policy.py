@@ -5,10 +5,11 @@ probing every 5 s would make 200 writes/s of noise. We write on *meaningful* cha
 at least every ``interval_s`` so ``updated_at`` shows the agent is alive when nothing changes.
 
 Two kinds of change. *State* changes (an instance's state, readiness, a GPU lost, instances
-added or removed) decide failover: they go out at once (``min_gap_s`` only merges a burst).
-*Telemetry* changes (a GPU 2 °C warmer or cooler, utilization 10 points off) only shift
-weights: at most one such write per ``telemetry_gap_s`` per node, so 1,000 busy nodes stay
-under 1000 / 15 ≈ 67 writes/s however noisy their sensors are.
+added or removed, a model path becoming (un)available) decide failover and placement: they go
+out at once (``min_gap_s`` only merges a burst). *Telemetry* changes (a GPU 2 °C warmer or
+cooler, utilization 10 points off, the proxy's counters that feed the degradation level) only
+shift weights and rates: at most one such write per ``telemetry_gap_s`` per node, so 1,000
+busy nodes stay under 1000 / 15 ≈ 67 writes/s however noisy their sensors are.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def _state_change(prev: NodeRecord, cur: NodeRecord) -> str | None:
     for a, b in zip(prev.gpus, cur.gpus, strict=True):
         if a.lost != b.lost:
             return f"gpu {b.index} {'lost' if b.lost else 'back'}"
+    if [(m.model, m.path, m.available, m.error) for m in prev.models] != [
+        (m.model, m.path, m.available, m.error) for m in cur.models
+    ]:
+        return "model path availability changed"  # placement depends on it
     before = {i.name: i for i in prev.instances}
     after = {i.name: i for i in cur.instances}
     if before.keys() != after.keys():
@@ -86,6 +91,8 @@ def change_reason(prev: NodeRecord | None, cur: NodeRecord, p: PublishPolicy) ->
     for a, b in zip(prev.gpus, cur.gpus, strict=True):
         if (why := _gpu_telemetry(a, b, p)) is not None:
             return Change(why, urgent=False)
+    if cur.proxy is not None and (prev.proxy is None or prev.proxy.attempts != cur.proxy.attempts):
+        return Change("proxy counters", urgent=False)
     return None
 
 

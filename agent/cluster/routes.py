@@ -1,4 +1,4 @@
-"""The agent's copy of the cluster's route table (and of its own drain flag).
+"""The agent's copy of the cluster's route table (and of its drain flag and the degradation level).
 
 Mirrored from etcd with list-then-watch, decoded once per change. When etcd or the
 coordinator goes away the mirror keeps the last table: the data plane outlives the control
@@ -12,7 +12,7 @@ import structlog
 
 from gpufleet.etcd import Change, Delete, EtcdClient, KeyMirror, Put, Snapshot
 from gpufleet.keyspace import Keyspace, decode_or_skip
-from gpufleet.keyspace.records import DrainRecord, RouteRecord
+from gpufleet.keyspace.records import DegradationRecord, DrainRecord, RouteRecord
 
 log = structlog.get_logger("agent.routes")
 
@@ -26,14 +26,18 @@ class RouteTable:
         self._routes = KeyMirror(etcd, keys.routes, on_change=self._on_route)
         self._drain_key = keys.drain(node_id)
         self._drains = KeyMirror(etcd, keys.drains, on_change=self._on_drain)
+        self.degradation: DegradationRecord | None = None
+        self._degradation = KeyMirror(etcd, keys.degradation, on_change=self._on_degradation)
 
     def start(self) -> None:
         self._routes.start()
         self._drains.start()
+        self._degradation.start()
 
     async def stop(self) -> None:
         await self._routes.stop()
         await self._drains.stop()
+        await self._degradation.stop()
 
     def route(self, model: str) -> RouteRecord | None:
         return self.routes.get(model)
@@ -63,3 +67,24 @@ class RouteTable:
         if drained != self.drained:
             log.warning("node drained by an operator" if drained else "node undrained", node=self.node_id)
             self.drained = drained
+
+    def _on_degradation(self, change: Change) -> None:
+        key = self.keys.degradation
+        kv = self._degradation.data.get(key)
+        if kv is None:
+            rec = None
+        else:
+            rec = decode_or_skip(key, kv.value, DegradationRecord, kv.mod_revision)
+            if rec is None:
+                return  # keep the last good level
+        before = self.degradation.level if self.degradation else 0
+        after = rec.level if rec else 0
+        self.degradation = rec
+        if before != after:
+            log.warning(
+                "degradation level changed",
+                level_from=before,
+                level_to=after,
+                error_rate=rec.error_rate if rec else None,
+                samples=rec.samples if rec else None,
+            )

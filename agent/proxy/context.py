@@ -92,6 +92,10 @@ class Ctx:
     """What the access log and metrics need to know about one request."""
 
     __slots__ = (
+        "cache_key",
+        "counted",
+        "degraded",
+        "downgraded",
         "instance",
         "loop_started",
         "model",
@@ -116,6 +120,14 @@ class Ctx:
         self.stream_error = False
         self.retries = 0
         self.ttfb: float | None = None
+        # Degradation: where to store the answer, the fallback serving instead, how it was degraded.
+        self.cache_key: bytes | None = None
+        self.downgraded: str | None = None
+        self.degraded: str | None = None
+        # Attempts count toward the cluster error rate, except those made for a fallback: the
+        # rate must keep measuring the primary models, or degrading would hide the failure that
+        # caused it and the level would flap.
+        self.counted = True
         self.loop_started = asyncio.get_running_loop().time()
 
     def done(self, resp: web.StreamResponse) -> web.StreamResponse:

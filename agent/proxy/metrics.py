@@ -52,6 +52,17 @@ class ProxyMetrics:
             ["reason"],
             registry=registry,
         )
+        self.degraded = Counter(
+            "gpu_agent_proxy_degraded",
+            "Requests answered by degradation: cache (level 1+), fallback (level 2), static (level 3).",
+            ["kind"],
+            registry=registry,
+        )
+        self.degradation_level = Gauge(
+            "gpu_agent_degradation_level",
+            "Degradation level this proxy applies (0 normal, 1 cache, 2 fallback model, 3 static answer).",
+            registry=registry,
+        )
         # labels() takes a lock and hashes the label tuple; the proxy calls these per request,
         # so the children are cached (label sets are bounded: known models × status codes).
         self._done: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}

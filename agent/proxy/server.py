@@ -25,8 +25,10 @@ from multidict import CIMultiDict
 from agent.api.errors import error_response, json_response
 from agent.config import ProxySection
 from agent.supervisor.policy import InstanceState
+from gpufleet.keyspace.records import RouteRecord
 
-from .context import HOP_BY_HOP, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Plan, parse_head
+from .context import HOP_BY_HOP, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, parse_head
+from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
 from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of
@@ -46,6 +48,8 @@ class Proxy:
         self.metrics = metrics
         self.picker = Picker()
         self.remote = RemotePicker(rt.cfg.node_id)
+        self.degrader = Degrader(rt)
+        metrics.degradation_level.set_function(self.degrader.level)
         self.gates: dict[str, ModelGate] = {}
         self.session: aiohttp.ClientSession | None = None
 
@@ -126,9 +130,12 @@ class Proxy:
             head.headers["X-Request-ID"] = ctx.rid
             return ctx.done(head)
         ctx.model, ctx.stream = head.model, head.stream
-        sup = self.rt.supervisor
-        serving = [i for i in sup.instances.values() if i.cfg.client_model == head.model]
-        route = self.rt.routes.route(head.model) if self.rt.routes is not None else None
+        forwarded = HOPS_HEADER in request.headers
+        if not forwarded:
+            self.rt.proxy_counters.requests += 1
+        elif FALLBACK_REQUEST_HEADER in request.headers:
+            ctx.counted = False
+        serving, route = self._serving(head.model)
         if not serving and route is None:
             ctx.model_label = UNKNOWN_MODEL_LABEL
             return ctx.done(
@@ -141,6 +148,19 @@ class Proxy:
                 )
             )
         ctx.model_label = head.model
+        applied = self.degrader.plan(request, body, head.model, forwarded)
+        if applied.level:
+            if applied.level >= 3:
+                return self._degraded(ctx, "static", self.degrader.static_response(ctx.rid))
+            hit = self.degrader.cached(applied.cache_key)
+            if hit is not None:
+                return self._degraded(ctx, "cache", await self.degrader.replay(request, hit, ctx.rid))
+            ctx.cache_key = applied.cache_key
+            if applied.fallback is not None and applied.body is not None:
+                self._count_degraded(ctx, "fallback")
+                ctx.downgraded, ctx.counted = applied.fallback, False
+                body, head = applied.body, Head(applied.fallback, head.stream)
+                serving, route = self._serving(head.model)
         plan = Plan(serving=serving, route=None)
         if route is not None and hops_of(request.headers.get(HOPS_HEADER)) < MAX_HOPS:
             plan.route = route
@@ -161,6 +181,20 @@ class Proxy:
             self.metrics.in_flight.labels(head.model).dec()
             if plan.gate is not None:
                 plan.gate.release()
+
+    def _serving(self, model: str) -> tuple[list[Instance], RouteRecord | None]:
+        """Local instances of ``model``, and its cluster route (None in standalone mode)."""
+        serving = [i for i in self.rt.supervisor.instances.values() if i.cfg.client_model == model]
+        return serving, self.rt.routes.route(model) if self.rt.routes is not None else None
+
+    def _count_degraded(self, ctx: Ctx, kind: str) -> None:
+        ctx.degraded = kind
+        self.rt.proxy_counters.degraded += 1
+        self.metrics.degraded.labels(kind).inc()
+
+    def _degraded(self, ctx: Ctx, kind: str, resp: web.StreamResponse) -> web.StreamResponse:
+        self._count_degraded(ctx, kind)
+        return ctx.done(resp)
 
     async def _enter_gate(self, gate: ModelGate, plan: Plan, ctx: Ctx) -> web.Response | None:
         """Wait for a local slot (bounded queue); a response if refused, None once admitted."""
@@ -238,6 +272,8 @@ class Proxy:
                 return await self._try(request, body, target, ctx)
             except Failure as f:
                 last = f
+                if ctx.counted and not isinstance(target, RemoteTarget):
+                    self.rt.proxy_counters.attempt_errors += 1
                 self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
                 log.warning(
                     "upstream attempt failed", request_id=ctx.rid, instance=target.name, kind=f.kind, detail=f.detail
@@ -270,9 +306,13 @@ class Proxy:
         headers["X-Forwarded-For"] = request.remote or ""
         if isinstance(inst, RemoteTarget):
             headers[HOPS_HEADER] = str(hops_of(request.headers.get(HOPS_HEADER)) + 1)
+            if ctx.downgraded is not None:
+                headers[FALLBACK_REQUEST_HEADER] = ctx.model or ""
         url = inst.base_url + request.path_qs
         inst.in_flight += 1
         inst.requests_total += 1
+        if ctx.counted and not isinstance(inst, RemoteTarget):  # each node counts its own instances
+            self.rt.proxy_counters.attempts += 1
         # One timeout scope per attempt. A stream must show its first body chunk (the first
         # token: servers send headers at once) within ttfb_timeout_s; then the scope moves out
         # to the total deadline. A non-streaming answer arrives whole at the end, so for it the
@@ -306,11 +346,10 @@ class Proxy:
                     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                         raise Failure("midstream", None, f"{inst.name}: answer cut off: {e}") from None
                     ctx.ttfb = time.monotonic() - ctx.started
-                    return ctx.done(
-                        web.Response(
-                            status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx)
-                        )
-                    )
+                    headers = self._response_headers(upstream, ctx)
+                    if ctx.cache_key is not None and upstream.status == 200:
+                        self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
+                    return ctx.done(web.Response(status=upstream.status, body=payload, headers=headers))
         except TimeoutError:
             if ctx.stream:
                 what = f"no first chunk within {self.cfg.ttfb_timeout_s:g}s"
@@ -339,10 +378,17 @@ class Proxy:
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         ctx.done(resp)
+        recorder = self.degrader.recorder() if ctx.cache_key is not None else None
         try:
             await resp.write(first)
-            async for chunk in upstream.content.iter_any():
-                await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
+            if recorder is None:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
+            else:
+                recorder.add(first)
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+                    recorder.add(chunk)
         except asyncio.CancelledError:
             if not scope.expired():
                 raise  # the client went away: nobody to tell
@@ -353,6 +399,8 @@ class Proxy:
             inst.request_probe()
             log.warning("upstream stream ended early", request_id=ctx.rid, instance=inst.name, error=str(e))
             await self._stream_error(resp, inst, ctx, "midstream", f"upstream instance {inst.name} failed mid-stream")
+        if recorder is not None and ctx.cache_key is not None and not ctx.stream_error and upstream.status == 200:
+            self.degrader.store_stream(ctx.cache_key, upstream.status, headers, recorder)
         await resp.write_eof()
         return resp
 
@@ -360,6 +408,8 @@ class Proxy:
         self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: Ctx, kind: str, message: str
     ) -> None:
         inst.errors_total += 1
+        if ctx.counted and not isinstance(inst, RemoteTarget):
+            self.rt.proxy_counters.attempt_errors += 1
         ctx.stream_error = True
         self.metrics.upstream_errors.labels(ctx.model, inst.name, kind).inc()
         err = {"error": {"message": message, "type": "server_error", "code": "upstream_stream_error"}}
@@ -370,6 +420,9 @@ class Proxy:
         h.popall("Date", None)
         h.popall("Server", None)
         h["X-Request-ID"] = ctx.rid
+        if ctx.downgraded is not None:
+            h[DOWNGRADED_HEADER] = ctx.downgraded
+            h[DEGRADED_HEADER] = "fallback"
         return h
 
     def _timeout_response(self, ctx: Ctx, what: str) -> web.Response:
@@ -394,6 +447,7 @@ class Proxy:
                 duration_ms=round(duration * 1000, 2),
                 retries=ctx.retries,
                 **({"stream_error": True} if ctx.stream_error else {}),
+                **({"degraded": ctx.degraded} if ctx.degraded else {}),
             )
 
 

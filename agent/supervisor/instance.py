@@ -38,9 +38,10 @@ class _Interrupted(Exception):
 
 
 class Instance:
-    def __init__(self, cfg: InstanceConfig, port: int, host: Supervisor) -> None:
+    def __init__(self, cfg: InstanceConfig, port: int, host: Supervisor, *, assigned: bool = False) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.assigned = assigned  # started for the leader's assignment, not from the config file
         self.port = port
         self.host = host
         self.backend: Backend = get_backend(cfg.backend)
@@ -124,6 +125,7 @@ class Instance:
             load=self.load,
             requests_total=self.requests_total,
             errors_total=self.errors_total,
+            assigned=self.assigned,
         )
 
     # --- the loop -----------------------------------------------------------------------

@@ -62,6 +62,8 @@ class Supervisor:
         self.gpus: list[GpuRecord] = []
         self.smoother = UtilizationSmoother(cfg.gpu.utilization_smoothing)
         self.last_tick: float | None = None
+        # Reloads and assignment changes both stop and start instances: one at a time.
+        self._reconfiguring = asyncio.Lock()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -75,7 +77,7 @@ class Supervisor:
         self.gpus = self.smoother.apply(await self.gpu_source.sample())
         self._add_instances(self.cfg.instances, keep_ports={})
 
-    def _add_instances(self, configs: list[InstanceConfig], keep_ports: dict[str, int]) -> None:
+    def _add_instances(self, configs: list[InstanceConfig], keep_ports: dict[str, int], assigned: bool = False) -> None:
         existing = {n: i.port for n, i in self.instances.items()}
         plan = plan_ports(
             [(c.name, c.port) for c in configs],
@@ -85,7 +87,7 @@ class Supervisor:
             keep=keep_ports,
         )
         for c in configs:
-            inst = Instance(c, plan[c.name], self)
+            inst = Instance(c, plan[c.name], self, assigned=assigned)
             self.instances[c.name] = inst
             inst.start_task()
 
@@ -126,33 +128,58 @@ class Supervisor:
 
     async def reload(self, new: AgentConfig) -> dict[str, list[str]]:
         """Apply a new config: only added, removed and changed instances are touched."""
-        old_by_name = {i.name: i for i in self.instances.values()}
-        new_by_name = {c.name: c for c in new.instances}
-        removed = [n for n in old_by_name if n not in new_by_name]
-        changed = [n for n in old_by_name if n in new_by_name and new_by_name[n] != old_by_name[n].cfg]
-        added = [n for n in new_by_name if n not in old_by_name]
         for section in ("gpu", "agent"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("config section changed; takes effect after a restart", section=section)
         # Supervisor settings apply live: instances read them through self.cfg.
         self.cfg = live_reloadable(self.cfg, new)
-        gone = [old_by_name[n] for n in removed + changed]
+        # A static instance now named like an assigned one takes its place (the file wins).
+        async with self._reconfiguring:
+            clash = [i for i in self.instances.values() if i.assigned and i.name in {c.name for c in new.instances}]
+            await self._remove(clash)
+            result = await self._reconcile(new.instances, assigned=False)
+        log.info("config reloaded", **result)
+        self.on_change()
+        return result
+
+    async def set_assigned(self, configs: list[InstanceConfig]) -> dict[str, list[str]]:
+        """Make the assigned instances exactly ``configs`` (the leader's assignment for this
+        node, minus what cannot run here); idempotent. Static instances are never touched: an
+        assigned one whose name a static instance already has is skipped."""
+        async with self._reconfiguring:
+            static = {i.name for i in self.instances.values() if not i.assigned}
+            for c in configs:
+                if c.name in static:
+                    log.error("assigned instance has the name of a configured instance; not started", instance=c.name)
+            result = await self._reconcile([c for c in configs if c.name not in static], assigned=True)
+        if result["added"] or result["removed"] or result["changed"]:
+            log.info("assignments applied", **result)
+            self.on_change()
+        return result
+
+    async def _reconcile(self, configs: list[InstanceConfig], *, assigned: bool) -> dict[str, list[str]]:
+        """Bring the instances of one origin (config file or assignments) to ``configs``."""
+        old_by_name = {i.name: i for i in self.instances.values() if i.assigned == assigned}
+        new_by_name = {c.name: c for c in configs}
+        removed = [n for n in old_by_name if n not in new_by_name]
+        changed = [n for n in old_by_name if n in new_by_name and new_by_name[n] != old_by_name[n].cfg]
+        added = [n for n in new_by_name if n not in old_by_name]
         keep_ports = {n: old_by_name[n].port for n in changed if new_by_name[n].port is None}
-        for inst in gone:
-            del self.instances[inst.name]
-        await asyncio.gather(*(i.shutdown() for i in gone))
-        for inst in gone:
-            self.cgroups.remove_instance(inst.name)
-        self._add_instances([new_by_name[n] for n in changed + added], keep_ports=keep_ports)
-        result = {
+        await self._remove([old_by_name[n] for n in removed + changed])
+        self._add_instances([new_by_name[n] for n in changed + added], keep_ports=keep_ports, assigned=assigned)
+        return {
             "added": added,
             "removed": removed,
             "changed": changed,
             "unchanged": [n for n in old_by_name if n not in removed and n not in changed],
         }
-        log.info("config reloaded", **result)
-        self.on_change()
-        return result
+
+    async def _remove(self, gone: list[Instance]) -> None:
+        for inst in gone:
+            del self.instances[inst.name]
+        await asyncio.gather(*(i.shutdown() for i in gone))
+        for inst in gone:
+            self.cgroups.remove_instance(inst.name)
 
     # --- what instances ask of their host ------------------------------------------------------
 

@@ -7,6 +7,7 @@
     /gpufleet/<cluster>/assignments/<node>    AssignmentRecord    (leader, epoch-guarded)
     /gpufleet/<cluster>/drain/<node>          DrainRecord         (operator via gpuctl)
     /gpufleet/<cluster>/state/degradation     DegradationRecord   (leader, epoch-guarded)
+    /gpufleet/<cluster>/state/placement       PlacementRecord     (leader, epoch-guarded)
 
 Names that become path segments are validated: a node or model name can never climb out of
 its folder or collide with another kind of key.
@@ -14,6 +15,7 @@ its folder or collide with another kind of key.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 ROOT = "/gpufleet"
@@ -31,6 +33,23 @@ def check_name(kind: str, name: str, pattern: re.Pattern[str] = _NAME) -> str:
     if not pattern.match(name) or ".." in name:
         raise InvalidName(f"invalid {kind} name {name!r}: use letters, digits and . _ : @ + - (max 128)")
     return name
+
+
+def check_model(model: str) -> str:
+    return check_name("model", model, _MODEL)
+
+
+_NOT_IN_INSTANCE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def assigned_instance_name(model: str) -> str:
+    """The instance name an assigned replica of ``model`` gets on a node.
+
+    Instance names become file and cgroup names, so the model id is reduced to safe characters;
+    the hash keeps "a/b" and "a:b" apart, and the "m-" prefix keeps clear of names operators
+    give static instances in their config."""
+    slug = _NOT_IN_INSTANCE_NAME.sub("-", model).strip("-._")[:40] or "model"
+    return f"m-{slug}-{hashlib.sha256(model.encode()).hexdigest()[:6]}"
 
 
 class Keyspace:
@@ -82,6 +101,10 @@ class Keyspace:
     @property
     def degradation(self) -> str:
         return self.prefix + "state/degradation"
+
+    @property
+    def placement(self) -> str:
+        return self.prefix + "state/placement"
 
     @staticmethod
     def name_in(prefix: str, key: str) -> str:

@@ -61,6 +61,34 @@ class InstanceRecord(msgspec.Struct, kw_only=True):
     load: InstanceLoad | None = None
     requests_total: int = 0
     errors_total: int = 0
+    # Started because the leader assigned it (a registered model), not from the agent's config.
+    assigned: bool = False
+
+
+class ModelAvailability(msgspec.Struct, kw_only=True):
+    """Whether a registered model's path is usable on this host (checked by the agent)."""
+
+    model: str
+    path: str
+    available: bool | None  # None: not checked yet
+    # size_bytes / sha256 from the registry matched (False when none were given)
+    verified: bool = False
+    error: str | None = None
+    checked_at: float | None = None
+
+
+class ProxyCounters(msgspec.Struct, kw_only=True, gc=False):
+    """Cumulative since the agent started (``NodeRecord.started_at`` tells a restart apart).
+
+    ``attempts`` are upstream attempts on this node's own instances (each node counts only its
+    own, so a request forwarded between nodes is not counted twice); ``attempt_errors`` are those
+    that failed (connect error, 5xx, 429, timeout, cut off). The leader's cluster error rate for
+    degradation is attempt_errors / attempts over a sliding window."""
+
+    attempts: int = 0
+    attempt_errors: int = 0
+    requests: int = 0  # client requests that entered the cluster here
+    degraded: int = 0  # of those, answered by degradation (cache, fallback, static)
 
 
 class NodeRecord(msgspec.Struct, kw_only=True):
@@ -76,6 +104,8 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     gpus: list[GpuRecord]
     instances: list[InstanceRecord]
     ready: bool = False  # serving, and every autostart instance READY
+    models: list[ModelAvailability] = []  # one per registered model (cluster mode)
+    proxy: ProxyCounters | None = None
 
 
 # --- written by the coordinator's leader ---------------------------------------------------------
@@ -86,6 +116,7 @@ MODEL_SCHEMA_VERSION = 1
 ASSIGNMENT_SCHEMA_VERSION = 1
 DRAIN_SCHEMA_VERSION = 1
 DEGRADATION_SCHEMA_VERSION = 1
+PLACEMENT_SCHEMA_VERSION = 1
 
 # READY: routable. DEGRADED: the leader's view says no (bad samples, stale telemetry, too hot,
 # ejected). DOWN: the node's lease is gone. DRAINED: an operator took the node out.
@@ -126,27 +157,38 @@ class RouteRecord(msgspec.Struct, kw_only=True):
     panic_classes: list[str] = []
 
 
+ModelBackend = Literal["vllm", "ollama", "llamacpp", "koboldcpp"]
+
+
 class ModelRecord(msgspec.Struct, kw_only=True):
-    """``/models/<name>``: a model registered by an operator, on shared storage."""
+    """``/models/<name>``: a model registered by an operator, on shared storage.
+
+    Validated by ``gpufleet.models.validate_model`` (gpuctl refuses a bad one; the leader skips
+    one that is bad in etcd)."""
 
     schema: int = MODEL_SCHEMA_VERSION
     name: str
-    path: str
-    backend: str = "vllm"
+    path: str  # absolute path on shared storage, the same on every host
+    backend: ModelBackend = "vllm"
     replicas: int = 1
+    # GPU memory one replica needs; None: a whole GPU (vLLM's default share, 0.9).
     min_vram_gib: float | None = None
     classes: list[str] = []  # allowed GPU classes; [] = any
-    size_bytes: int | None = None
-    sha256: str | None = None
+    size_bytes: int | None = None  # file size, or the sum of the files under a directory
+    sha256: str | None = None  # of the file, or of a directory's manifest (see gpufleet.models)
     fallback: str | None = None  # model answering in degradation level 2
-    args: list[str] = []
-    gpu_memory_fraction: float | None = None
+    args: list[str] = []  # extra backend arguments
+    gpu_memory_fraction: float | None = None  # overrides the share computed from min_vram_gib
+    created_at: float = 0.0
 
 
 class AssignedInstance(msgspec.Struct, kw_only=True):
+    """One replica the leader placed: what the agent needs to start it, nothing it must look up."""
+
+    name: str  # instance name on the node (``assigned_instance_name(model)``)
     model: str
     path: str
-    backend: str
+    backend: ModelBackend
     gpus: list[int]
     gpu_memory_fraction: float | None = None
     args: list[str] = []
@@ -160,6 +202,25 @@ class AssignmentRecord(msgspec.Struct, kw_only=True):
     epoch: int
     updated_at: float
     instances: list[AssignedInstance] = []
+
+
+class ModelPlacement(msgspec.Struct, kw_only=True):
+    """How one model's replicas were placed; ``reasons`` say why some could not be."""
+
+    model: str
+    desired: int
+    nodes: list[str] = []  # where its replicas are assigned
+    unplaced: int = 0
+    reasons: list[str] = []
+
+
+class PlacementRecord(msgspec.Struct, kw_only=True):
+    """``/state/placement``: the leader's placement result, for operators (``gpuctl models list``)."""
+
+    schema: int = PLACEMENT_SCHEMA_VERSION
+    epoch: int
+    updated_at: float
+    models: list[ModelPlacement] = []
 
 
 class DrainRecord(msgspec.Struct, kw_only=True):

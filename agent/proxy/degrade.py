@@ -1,0 +1,166 @@
+"""Applying the cluster's degradation level to one request (article 001 §4.2).
+
+The coordinator's leader sets the level from the cluster's error rate; every agent's proxy
+applies it to the requests that enter the cluster through it:
+
+    level 1  an identical request (same path, model, messages, parameters, caller) answered in
+             the last ``cache_ttl_s`` is answered again from the response cache
+    level 2  as 1, and a model with a registered fallback is served by the fallback, the
+             response saying so in ``X-Model-Downgraded: <fallback>``
+    level 3  the static JSON {"status":"degraded","message":"High load, using fallback response"}
+
+Every answer given this way carries ``X-Gpufleet-Degraded: cache|fallback|static``. A request
+forwarded from another node is never degraded again (the entry node decided). A share of the
+requests (``probe_share``) bypasses degradation: without traffic reaching the model servers the
+error rate could never be measured again and level 3 would never end. A level record that
+the leader stopped refreshing (coordinator gone) is ignored after ``STALE_AFTER_S``: degradation
+fails open, to normal serving, not to static answers forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from agent.config import DegradationSection
+
+from .cache import CachedResponse, ResponseCache, StreamRecorder, cache_key
+
+if TYPE_CHECKING:
+    from agent.daemon import AgentRuntime
+
+log = structlog.get_logger("agent.degradation")
+
+STATIC_BODY = msgspec.json.encode({"status": "degraded", "message": "High load, using fallback response"})
+DEGRADED_HEADER = "X-Gpufleet-Degraded"
+DOWNGRADED_HEADER = "X-Model-Downgraded"
+# On a downgraded request forwarded to another node: "not counted in the error rate there either".
+FALLBACK_REQUEST_HEADER = "X-Gpufleet-Fallback-For"
+# The leader refreshes a non-zero level at least every 30 s; three missed refreshes = gone.
+STALE_AFTER_S = 90.0
+
+
+@dataclass
+class Applied:
+    """What degradation does to one request."""
+
+    level: int
+    cache_key: bytes | None = None  # where to store the answer (level >= 1)
+    fallback: str | None = None  # the model that serves instead (level 2)
+    body: bytes | None = None  # the request body rewritten for the fallback
+
+
+class Degrader:
+    def __init__(self, rt: AgentRuntime) -> None:
+        self.rt = rt
+        self._cache: ResponseCache | None = None
+        self._cache_cfg: DegradationSection | None = None
+        self._rng = random.Random()
+
+    @property
+    def cfg(self) -> DegradationSection:
+        return self.rt.cfg.degradation
+
+    @property
+    def cache(self) -> ResponseCache:
+        c = self.cfg
+        if self._cache is None or self._cache_cfg != c:  # (re)built when a reload changes the bounds
+            self._cache = ResponseCache(c.cache_ttl_s, c.cache_max_entries, c.cache_max_bytes, c.cache_max_entry_bytes)
+            self._cache_cfg = c
+        return self._cache
+
+    def level(self) -> int:
+        routes = self.rt.routes
+        if routes is None or not self.cfg.enabled or routes.degradation is None:
+            return 0
+        rec = routes.degradation
+        if rec.level and time.time() - rec.updated_at > STALE_AFTER_S:
+            return 0
+        return rec.level
+
+    def plan(self, request: web.Request, body: bytes, model: str, forwarded: bool) -> Applied:
+        level = 0 if forwarded else self.level()
+        if level == 0 or self._rng.random() < self.cfg.probe_share:
+            return Applied(0)
+        if level >= 3:
+            return Applied(3)
+        # The caller is part of the key: two tenants asking the same question do not share answers.
+        caller = hashlib.sha256(request.headers.get("Authorization", "").encode()).hexdigest()[:16]
+        applied = Applied(level, cache_key(f"{request.path}\0{caller}", body) if len(body) <= 1 << 20 else None)
+        if level >= 2 and (fallback := self._fallback(model)) is not None:
+            rewritten = _with_model(body, fallback)
+            if rewritten is not None:
+                applied.fallback, applied.body = fallback, rewritten
+        return applied
+
+    def _fallback(self, model: str) -> str | None:
+        """The registered fallback of ``model``, if something can serve it."""
+        follower = self.rt.models
+        rec = follower.registry.get(model) if follower is not None else None
+        if rec is None or rec.fallback is None:
+            return None
+        local = any(i.cfg.client_model == rec.fallback for i in self.rt.supervisor.instances.values())
+        if local or (self.rt.routes is not None and self.rt.routes.route(rec.fallback) is not None):
+            return rec.fallback
+        return None
+
+    # --- answers ---------------------------------------------------------------------------
+
+    def static_response(self, rid: str) -> web.Response:
+        return web.Response(
+            status=self.cfg.static_status,
+            body=STATIC_BODY,
+            content_type="application/json",
+            headers={DEGRADED_HEADER: "static", "X-Request-ID": rid},
+        )
+
+    def cached(self, key: bytes | None) -> CachedResponse | None:
+        return self.cache.get(key) if key is not None else None
+
+    async def replay(self, request: web.Request, hit: CachedResponse, rid: str) -> web.StreamResponse:
+        headers = CIMultiDict(hit.headers)
+        headers[DEGRADED_HEADER] = "cache"
+        headers["X-Request-ID"] = rid
+        if hit.body is not None:
+            return web.Response(status=hit.status, body=hit.body, headers=headers)
+        resp = web.StreamResponse(status=hit.status, headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for chunk in hit.chunks or ():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    def store(self, key: bytes, status: int, headers: CIMultiDict[str], body: bytes) -> None:
+        self.cache.put(key, CachedResponse(status, _replayable(headers), body, None))
+
+    def recorder(self) -> StreamRecorder:
+        return StreamRecorder(self.cfg.cache_max_entry_bytes)
+
+    def store_stream(self, key: bytes, status: int, headers: CIMultiDict[str], rec: StreamRecorder) -> None:
+        entry = rec.response(status, _replayable(headers))
+        if entry is not None:
+            self.cache.put(key, entry)
+
+
+def _replayable(headers: CIMultiDict[str]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers.items() if k.lower() != "x-request-id"]
+
+
+def _with_model(body: bytes, model: str) -> bytes | None:
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    obj["model"] = model
+    return msgspec.json.encode(obj)

@@ -1,0 +1,357 @@
+"""Model placement: which node and GPU runs each replica of each registered model.
+
+The leader runs ``place`` every tick on (registered models, its view of the nodes, the current
+assignments) and writes the assignment records that changed. The rules, in the order applied:
+
+1. One replica per (model, node): replicas are spread so that losing a node costs one replica.
+   A replica uses exactly one GPU; multi-GPU (tensor-parallel) replicas are out of scope.
+2. A node is eligible for model M when it has a record, is not DOWN, not drained, has a GPU
+   that is not lost and whose class M allows (no classes = any), M's path is not known to be
+   unusable there (availability ``False``: missing, unreadable, wrong size or checksum), and M's
+   replica there is not FAILED (otherwise it would be placed straight back where it fails).
+3. A GPU fits a new replica when its free memory, less what replicas already placed there will
+   take once started ("pending"), covers the replica's need, and the memory fractions promised
+   on it stay within ``memory_budget``. Instances WARMING/READY/UNHEALTHY already hold their
+   memory, so the measured free memory counts them; STARTING/RESTARTING/FAILED/STOPPED ones and
+   replicas without an instance yet do not, so the plan charges them itself.
+4. Stability first: a current assignment is kept unless it has a cause to move (model removed,
+   node unknown, DOWN for ``reschedule_after_s`` or longer, drained, GPU gone/lost/of a class
+   no longer allowed, path unavailable, instance FAILED). A kept replica is refreshed from the
+   model record but stays on its node and GPU even when memory got tight: restarting a working
+   replica elsewhere costs more than a fuller GPU. A DOWN node's replica counts within the grace
+   time, so a short lease blip does not start a second copy (DOWN with no ``down_since``: moved
+   at once, as nothing here can remember since when). DEGRADED is not a cause to move.
+   More kept than wanted: drop instances not READY first, then those on nodes not READY, then
+   by node name descending.
+5. Missing replicas go to the best eligible node without one: path verified (True) before not
+   yet checked (None), READY before DEGRADED, fewer replicas in this plan, more free memory on
+   the chosen GPU, node name. On the node, the fitting GPU with most free memory (then lowest
+   index). Larger models are placed first (first-fit decreasing packs better); a model with no
+   size wants a whole GPU, so it counts as the largest.
+6. What cannot be placed is counted in ``unplaced`` with one reason line per distinct cause.
+
+Pure: no I/O, no clock, no logging; the same input (in any dict order) gives the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gpufleet.keyspace import assigned_instance_name
+from gpufleet.keyspace.records import (
+    AssignedInstance,
+    GpuRecord,
+    InstanceRecord,
+    ModelAvailability,
+    ModelPlacement,
+    ModelRecord,
+    NodeRecord,
+)
+from gpufleet.models import GIB, memory_share
+
+# Instance states whose memory is not (or no longer) in the GPU's measured free memory.
+_NOT_HOLDING = frozenset({"STARTING", "RESTARTING", "FAILED", "STOPPED"})
+_SIZE_REF_BYTES = 80 * GIB  # a reference GPU, only to order models by size
+_MAX_NAMES = 5  # node names listed in one reason line
+
+
+@dataclass(frozen=True)
+class PlacementPolicy:
+    reschedule_after_s: float = 30.0  # replicas of a DOWN node move after this long
+    memory_budget: float = 0.95  # sum of gpu_memory_fraction on one GPU may not exceed this
+
+    def __post_init__(self) -> None:
+        if self.reschedule_after_s < 0:
+            raise ValueError("reschedule_after_s must not be negative")
+        if not 0 < self.memory_budget <= 1:
+            raise ValueError(f"memory_budget must be within (0, 1], not {self.memory_budget}")
+
+
+DEFAULT_PLACEMENT = PlacementPolicy()
+
+
+@dataclass(frozen=True)
+class NodeView:
+    record: NodeRecord | None  # None: the node's key is gone (lease expired)
+    state: str  # "READY" | "DEGRADED" | "DOWN" (the leader's health view)
+    down_since: float | None = None  # when it went DOWN / was first noticed missing; None: unknown
+    drained: bool = False
+
+
+@dataclass
+class PlacementPlan:
+    assignments: dict[str, list[AssignedInstance]] = field(default_factory=dict)  # node -> sorted by name
+    status: dict[str, ModelPlacement] = field(default_factory=dict)  # every registered model
+    moved: list[str] = field(default_factory=list)  # what changed, for the log
+
+
+def _instance(rec: NodeRecord, name: str) -> InstanceRecord | None:
+    return next((i for i in rec.instances if i.name == name), None)
+
+
+def _availability(rec: NodeRecord, model: str) -> ModelAvailability | None:
+    return next((a for a in rec.models if a.model == model), None)
+
+
+def _class_ok(m: ModelRecord, g: GpuRecord) -> bool:
+    return not m.classes or g.gpu_class in m.classes
+
+
+def _names(nodes: list[str]) -> str:
+    nodes = sorted(set(nodes))
+    more = f" and {len(nodes) - _MAX_NAMES} more" if len(nodes) > _MAX_NAMES else ""
+    return ", ".join(nodes[:_MAX_NAMES]) + more
+
+
+class _Ledger:
+    """Per (node, GPU index): memory fractions promised, and bytes promised but not yet in use."""
+
+    def __init__(self, nodes: dict[str, NodeView]) -> None:
+        self.frac: dict[tuple[str, int], float] = {}
+        self.pending: dict[tuple[str, int], int] = {}
+        for node, view in nodes.items():
+            for inst in view.record.instances if view.record else ():
+                for i in inst.gpus:  # static and assigned instances alike
+                    self.frac[(node, i)] = self.frac.get((node, i), 0.0) + (inst.gpu_memory_fraction or 0.0)
+
+    def charge(self, node: str, rec: NodeRecord | None, inst: AssignedInstance, need: int) -> None:
+        if rec is None:
+            return
+        key = (node, inst.gpus[0])
+        existing = _instance(rec, inst.name)
+        if existing is None:  # with a record, its fraction is counted already
+            self.frac[key] = self.frac.get(key, 0.0) + (inst.gpu_memory_fraction or 0.0)
+        if existing is None or existing.state in _NOT_HOLDING:
+            self.pending[key] = self.pending.get(key, 0) + need
+
+
+def _keep_cause(
+    m: ModelRecord | None, view: NodeView | None, a: AssignedInstance, now: float, policy: PlacementPolicy
+) -> str | None:
+    """Why the current assignment ``a`` must go; None: keep it."""
+    if m is None:
+        return "model no longer registered"
+    if view is None:
+        return "node unknown"
+    if len(a.gpus) != 1:
+        return "not a single-GPU replica"
+    if view.state == "DOWN" or view.record is None:
+        if view.down_since is None:  # the caller cannot say since when: do not wait forever
+            return "node DOWN"
+        if (down_for := now - view.down_since) >= policy.reschedule_after_s:
+            return f"node DOWN for {down_for:.0f} s"
+    if view.drained:
+        return "node drained"
+    rec = view.record
+    if rec is None:  # DOWN within the grace time: nothing more to check against
+        return None
+    g = next((g for g in rec.gpus if g.index == a.gpus[0]), None)
+    if g is None or g.lost:
+        return f"GPU {a.gpus[0]} {'lost' if g else 'gone'}"
+    if not _class_ok(m, g):
+        return f"GPU {g.index} is {g.gpu_class}, model allows {' or '.join(m.classes)}"
+    av = _availability(rec, m.name)
+    if av is not None and av.available is False:
+        return f"path unavailable: {av.error or 'check failed'}"
+    inst = _instance(rec, a.name)
+    if inst is not None and inst.state == "FAILED":
+        return f"instance FAILED: {inst.last_error or 'no error recorded'}"
+    return None
+
+
+def _keep_rank(nodes: dict[str, NodeView], entry: tuple[str, AssignedInstance]) -> tuple[bool, bool, str]:
+    """Kept replicas beyond ``replicas`` are dropped from the end of this order."""
+    view = nodes[entry[0]]
+    inst = _instance(view.record, entry[1].name) if view.record else None
+    return (inst is None or inst.state != "READY", view.state != "READY", entry[0])
+
+
+def _replica(m: ModelRecord, gpu: int, frac: float | None) -> AssignedInstance:
+    return AssignedInstance(
+        name=assigned_instance_name(m.name),
+        model=m.name,
+        path=m.path,
+        backend=m.backend,
+        gpus=[gpu],
+        gpu_memory_fraction=frac,
+        args=list(m.args),
+    )
+
+
+# Per-node causes in _Why, in the order their lines are listed: {n} node names, {d} detail.
+_CAUSE_TEXT = {
+    "down": "{n} DOWN",
+    "drained": "{n} drained",
+    "lost": "GPU lost on {n}",
+    "path": "path unavailable on {n}: {d}",
+    "failed": "replica FAILED on {n}: {d}",
+    "unknown": "GPU memory unknown on {n}",
+}
+_CAUSE_ORDER = list(_CAUSE_TEXT)
+
+
+class _Why:
+    """Why the last placement attempt of a model found no slot, gathered during the scan."""
+
+    def __init__(self) -> None:
+        self.causes: dict[tuple[str, str], list[str]] = {}  # (kind, detail) -> nodes
+        self.class_seen = False
+        self.eligible = 0  # nodes eligible (rule 2), holders included
+        self.short: tuple[int, int, str, int] | None = None  # (free, need, node, GPU) most free, too small
+        self.budget: tuple[float, float, str, int] | None = None  # (left, frac, node, GPU) most left, too small
+
+    def add(self, kind: str, node: str, detail: str = "") -> None:  # returns None for _eligible's sake
+        self.causes.setdefault((kind, detail), []).append(node)
+
+    def reasons(self, m: ModelRecord, policy: PlacementPolicy) -> list[str]:
+        out = []
+        if not self.class_seen:
+            out.append("no node has a GPU" + (f" of class {' or '.join(m.classes)}" if m.classes else ""))
+        for (kind, detail), nodes in sorted(self.causes.items(), key=lambda c: (_CAUSE_ORDER.index(c[0][0]), c[0])):
+            out.append(_CAUSE_TEXT[kind].format(n=_names(nodes), d=detail))
+        if self.short:
+            free, need, node, gpu = self.short
+            out.append(
+                f"insufficient GPU memory: needs {need / GIB:.1f} GiB, "
+                f"most free is {max(free, 0) / GIB:.1f} GiB on {node} GPU {gpu}"
+            )
+        if self.budget:
+            left, frac, node, gpu = self.budget
+            out.append(
+                f"GPU memory budget exceeded: needs a {frac:.2f} share, "
+                f"at most {max(left, 0):.2f} left (budget {policy.memory_budget:.2f}) on {node} GPU {gpu}"
+            )
+        if 0 < self.eligible < m.replicas:  # with none eligible, the lines above say it all
+            n = self.eligible
+            out.append(
+                f"only {n} eligible node{'' if n == 1 else 's'} for {m.replicas} replicas (one replica per node)"
+            )
+        return out
+
+
+def _eligible(m: ModelRecord, node: str, view: NodeView, why: _Why) -> NodeRecord | None:
+    """Rule 2: the node's record when it may take a replica of ``m``; else None, noting why."""
+    rec = view.record
+    if rec is None:
+        return why.add("down", node)
+    matching = [g for g in rec.gpus if _class_ok(m, g)]
+    if not matching:
+        return None  # no line per node: "no node has a GPU of class" covers the case that matters
+    why.class_seen = True
+    if view.state == "DOWN":
+        return why.add("down", node)
+    if view.drained:
+        return why.add("drained", node)
+    if all(g.lost for g in matching):
+        return why.add("lost", node)
+    av = _availability(rec, m.name)
+    if av is not None and av.available is False:
+        return why.add("path", node, av.error or "check failed")
+    inst = _instance(rec, assigned_instance_name(m.name))
+    if inst is not None and inst.state == "FAILED":  # else it would be placed straight back
+        return why.add("failed", node, inst.last_error or "no error recorded")
+    return rec
+
+
+def _best_gpu(
+    m: ModelRecord, node: str, rec: NodeRecord, ledger: _Ledger, policy: PlacementPolicy, why: _Why
+) -> tuple[int, int, float, int] | None:
+    """(free after pending, GPU index, fraction, need) of the fitting GPU with most free memory, or None."""
+    best = None
+    for g in sorted(rec.gpus, key=lambda g: g.index):
+        if g.lost or not _class_ok(m, g):
+            continue
+        if g.memory_total_bytes is None or g.memory_free_bytes is None:
+            why.add("unknown", node)
+            continue
+        frac, need = memory_share(m, g.memory_total_bytes)
+        free = g.memory_free_bytes - ledger.pending.get((node, g.index), 0)
+        left = policy.memory_budget - ledger.frac.get((node, g.index), 0.0)
+        if free < need:
+            if why.short is None or free > why.short[0]:
+                why.short = (free, need, node, g.index)
+        elif frac > left + 1e-9:
+            if why.budget is None or left > why.budget[0]:
+                why.budget = (left, frac, node, g.index)
+        elif best is None or free > best[0]:
+            best = (free, g.index, frac, need)
+    return best
+
+
+def place(
+    models: dict[str, ModelRecord],
+    nodes: dict[str, NodeView],
+    current: dict[str, list[AssignedInstance]],
+    now: float,
+    policy: PlacementPolicy = DEFAULT_PLACEMENT,
+) -> PlacementPlan:
+    """The assignments for every registered model (see the module docstring for the rules)."""
+    plan: dict[str, dict[str, AssignedInstance]] = {}  # node -> model -> replica
+    moved: list[str] = []
+    ledger = _Ledger(nodes)
+
+    # Keep phase: current assignments without a cause to move stay where they are.
+    kept: dict[str, list[tuple[str, AssignedInstance]]] = {}
+    for node in sorted(current):
+        for a in sorted(current[node], key=lambda a: (a.name, a.model, a.gpus)):
+            if any(n == node for n, _ in kept.get(a.model, ())):
+                moved.append(f"removed {a.model} from {node}: duplicate assignment")
+            elif cause := _keep_cause(models.get(a.model), nodes.get(node), a, now, policy):
+                moved.append(f"removed {a.model} from {node}: {cause}")
+            else:
+                kept.setdefault(a.model, []).append((node, a))
+    for name in sorted(kept):
+        m = models[name]
+        entries = sorted(kept[name], key=lambda e: _keep_rank(nodes, e))
+        for node, _ in entries[max(m.replicas, 0) :]:
+            moved.append(f"removed {name} from {node}: replicas reduced to {m.replicas}")
+        for node, a in entries[: max(m.replicas, 0)]:
+            rec = nodes[node].record
+            g = next((g for g in rec.gpus if g.index == a.gpus[0]), None) if rec else None
+            frac, need = a.gpu_memory_fraction, 0  # memory unknown: keep what the replica was given
+            if g is not None and g.memory_total_bytes:
+                frac, need = memory_share(m, g.memory_total_bytes)
+            plan.setdefault(node, {})[name] = inst = _replica(m, a.gpus[0], frac)
+            ledger.charge(node, rec, inst, need)
+
+    # Place phase: largest models first, each missing replica to the best eligible node.
+    status: dict[str, ModelPlacement] = {}
+    for name in sorted(models, key=lambda n: (-memory_share(models[n], _SIZE_REF_BYTES)[1], n)):
+        m = models[name]
+        holders = {node for node, reps in plan.items() if name in reps}
+        why = _Why()
+        while len(holders) < m.replicas:
+            why = _Why()
+            why.eligible = len(holders)  # a holder is (or, DOWN within the grace time, was) eligible
+            why.class_seen = bool(holders)
+            best = None
+            for node in sorted(nodes):
+                view = nodes[node]
+                if node in holders or (rec := _eligible(m, node, view, why)) is None:
+                    continue
+                why.eligible += 1
+                if (slot := _best_gpu(m, node, rec, ledger, policy, why)) is None:
+                    continue
+                av = _availability(rec, name)
+                verified = av is not None and av.available is True
+                key = (not verified, view.state != "READY", len(plan.get(node, {})), -slot[0], node)
+                if best is None or key < best[0]:
+                    best = (key, node, slot)
+            if best is None:
+                break
+            _, node, (_, gpu, frac, need) = best
+            plan.setdefault(node, {})[name] = inst = _replica(m, gpu, frac)
+            ledger.charge(node, nodes[node].record, inst, need)
+            holders.add(node)
+            moved.append(f"placed {name} on {node} GPU {gpu}")
+        unplaced = max(m.replicas - len(holders), 0)
+        status[name] = ModelPlacement(
+            model=name,
+            desired=m.replicas,
+            nodes=sorted(holders),
+            unplaced=unplaced,
+            reasons=why.reasons(m, policy) if unplaced else [],
+        )
+
+    assignments = {node: sorted(reps.values(), key=lambda a: a.name) for node, reps in sorted(plan.items()) if reps}
+    return PlacementPlan(assignments=assignments, status=dict(sorted(status.items())), moved=moved)

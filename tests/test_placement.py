@@ -1,0 +1,525 @@
+"""Model placement (coordinator/policy/placement.py): pure, so every test builds records and calls place()."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.policy.placement import NodeView, PlacementPlan, PlacementPolicy, place
+from gpufleet.keyspace import assigned_instance_name
+from gpufleet.keyspace.records import (
+    AssignedInstance,
+    GpuRecord,
+    InstanceRecord,
+    ModelAvailability,
+    ModelRecord,
+    NodeRecord,
+)
+
+GIB = 1024**3
+NOW = 10_000.0
+
+# --- builders ------------------------------------------------------------------------------------
+
+
+def gpu(
+    index: int = 0, cls: str = "A100", total: float | None = 80, free: float | None = 80, lost: bool = False
+) -> GpuRecord:
+    """A GPU with ``total`` and ``free`` in GiB (None: unreadable)."""
+    return GpuRecord(
+        index=index,
+        uuid=f"GPU-{index}",
+        name=f"NVIDIA {cls}",
+        gpu_class=cls,
+        memory_total_bytes=None if total is None else int(total * GIB),
+        memory_free_bytes=None if free is None else int(free * GIB),
+        lost=lost,
+    )
+
+
+def rinst(
+    model: str, gpus: list[int] | None = None, state: str = "READY", frac: float | None = 0.5, name: str | None = None
+) -> InstanceRecord:
+    """An instance as the agent reports it; named like an assigned replica unless ``name`` is given."""
+    return InstanceRecord(
+        name=name or assigned_instance_name(model),
+        model=model,
+        backend="vllm",
+        state=state,  # type: ignore[arg-type]
+        state_since=0.0,
+        port=8000,
+        gpus=[0] if gpus is None else gpus,
+        gpu_memory_fraction=frac,
+        last_error="CUDA error: out of memory" if state == "FAILED" else None,
+        assigned=name is None,
+    )
+
+
+def avail(model: str, ok: bool | None, error: str | None = None) -> ModelAvailability:
+    return ModelAvailability(model=model, path=f"/models/{model}", available=ok, error=error)
+
+
+def node(
+    name: str,
+    gpus: list[GpuRecord] | None = None,
+    instances: list[InstanceRecord] | None = None,
+    models: list[ModelAvailability] | None = None,
+) -> NodeRecord:
+    gpus = [gpu(0)] if gpus is None else gpus
+    return NodeRecord(
+        node=name,
+        address=f"http://{name}:8080",
+        mode="cluster",
+        agent_version="0.1.0",
+        started_at=0.0,
+        updated_at=NOW,
+        gpu_source="simulated",
+        gpu_classes=sorted({g.gpu_class for g in gpus}),
+        gpus=gpus,
+        instances=instances or [],
+        models=models or [],
+    )
+
+
+def view(rec: NodeRecord | None, state: str = "READY", down_since: float | None = None, drained: bool = False):
+    return NodeView(record=rec, state=state, down_since=down_since, drained=drained)
+
+
+def views(*recs: NodeRecord, **overrides: NodeView) -> dict[str, NodeView]:
+    out = {r.node: view(r) for r in recs}
+    out.update(overrides)
+    return out
+
+
+def model(
+    name: str = "qwen",
+    replicas: int = 1,
+    vram: float | None = 40,
+    classes: list[str] | None = None,
+    frac: float | None = None,
+    path: str | None = None,
+    args: list[str] | None = None,
+) -> ModelRecord:
+    return ModelRecord(
+        name=name,
+        path=path or f"/models/{name}",
+        replicas=replicas,
+        min_vram_gib=vram,
+        classes=classes or [],
+        gpu_memory_fraction=frac,
+        args=args or [],
+    )
+
+
+def models(*recs: ModelRecord) -> dict[str, ModelRecord]:
+    return {m.name: m for m in recs}
+
+
+def assigned(
+    m: str = "qwen", gpu_index: int = 0, frac: float | None = 0.5, path: str | None = None
+) -> AssignedInstance:
+    """A replica as the current assignment record holds it."""
+    name, path = assigned_instance_name(m), path or f"/models/{m}"
+    return AssignedInstance(name=name, model=m, path=path, backend="vllm", gpus=[gpu_index], gpu_memory_fraction=frac)
+
+
+def where(plan: PlacementPlan, m: str = "qwen") -> dict[str, list[int]]:
+    """node -> GPUs of ``m``'s replicas in the plan."""
+    return {n: a.gpus for n, insts in plan.assignments.items() for a in insts if a.model == m}
+
+
+# --- class filtering -----------------------------------------------------------------------------
+
+
+def test_placed_replica_is_complete_and_on_an_allowed_class() -> None:
+    # The H100 node has more free memory and sorts first: the class filter must still win.
+    m = model(classes=["A100"], args=["--max-model-len", "8192"])
+    nodes = views(node("gpu-a100-1", [gpu(0, "A100", free=60)]), node("gpu-h100-1", [gpu(0, "H100", free=80)]))
+    plan = place(models(m), nodes, {}, NOW)
+    assert plan.assignments == {
+        "gpu-a100-1": [
+            AssignedInstance(
+                name=assigned_instance_name("qwen"),
+                model="qwen",
+                path="/models/qwen",
+                backend="vllm",
+                gpus=[0],
+                gpu_memory_fraction=0.5,
+                args=["--max-model-len", "8192"],
+            )
+        ]
+    }
+    assert plan.status["qwen"].nodes == ["gpu-a100-1"]
+    assert plan.status["qwen"].desired == 1 and plan.status["qwen"].unplaced == 0 and not plan.status["qwen"].reasons
+    assert plan.moved == ["placed qwen on gpu-a100-1 GPU 0"]
+
+
+def test_no_gpu_of_the_class_is_a_reason() -> None:
+    nodes = views(node("gpu-a100-1", [gpu(0, "A100")]), node("gpu-a100-2", [gpu(0, "A100")]))
+    plan = place(models(model(classes=["H100"])), nodes, {}, NOW)
+    assert plan.assignments == {}
+    assert plan.status["qwen"].unplaced == 1
+    assert plan.status["qwen"].reasons == ["no node has a GPU of class H100"]
+
+
+def test_mixed_node_uses_only_the_allowed_gpu() -> None:
+    rec = node("mixed", [gpu(0, "H100", free=80), gpu(1, "A100", free=50)])
+    plan = place(models(model(classes=["A100"])), views(rec), {}, NOW)
+    assert where(plan) == {"mixed": [1]}
+
+
+# --- memory fit ----------------------------------------------------------------------------------
+
+
+def test_need_above_free_memory_is_a_reason_with_numbers() -> None:
+    nodes = views(node("gpu-a100-1", [gpu(0, free=20), gpu(1, free=10)]), node("gpu-a100-2", [gpu(0, free=15)]))
+    plan = place(models(model(vram=40)), nodes, {}, NOW)
+    assert plan.assignments == {}
+    assert plan.status["qwen"].reasons == [
+        "insufficient GPU memory: needs 40.0 GiB, most free is 20.0 GiB on gpu-a100-1 GPU 0"
+    ]
+
+
+def test_pending_replicas_consume_the_ledger() -> None:
+    # Nothing is running yet, so free memory says 80 GiB twice; the second model must see the first.
+    one = views(node("n1", [gpu(0, free=80)]))
+    plan = place(models(model("a", vram=50), model("b", vram=50)), one, {}, NOW)
+    assert where(plan, "a") == {"n1": [0]} and where(plan, "b") == {}
+    # 50 GiB of 80 is a 0.63 share (rounded up to whole percents), so 50.4 GiB are reserved.
+    assert plan.status["b"].reasons == ["insufficient GPU memory: needs 50.4 GiB, most free is 29.6 GiB on n1 GPU 0"]
+
+    two_gpus = views(node("n1", [gpu(0), gpu(1)]))
+    plan = place(models(model("a", vram=50), model("b", vram=50)), two_gpus, {}, NOW)
+    assert where(plan, "a") == {"n1": [0]} and where(plan, "b") == {"n1": [1]}
+
+
+def test_kept_replica_still_starting_is_pending() -> None:
+    # "a" is STARTING on GPU 0: its 50 GiB are not in the measured free memory yet.
+    rec = node("n1", [gpu(0, free=80)], [rinst("a", state="STARTING", frac=0.63)])
+    plan = place(models(model("a", vram=50), model("b", vram=50)), views(rec), {"n1": [assigned("a", frac=0.63)]}, NOW)
+    assert where(plan, "a") == {"n1": [0]} and where(plan, "b") == {}
+    assert plan.status["b"].unplaced == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "holds_memory"),
+    [("STARTING", False), ("RESTARTING", False), ("STOPPED", False), ("WARMING", True), ("READY", True),
+     ("UNHEALTHY", True)],
+)  # fmt: skip
+def test_kept_replica_is_pending_until_it_holds_memory(state: str, holds_memory: bool) -> None:
+    # "a" (30.4 GiB, 0.38) is kept on GPU 0; 10 GiB are used by something else, so 70 GiB are measured free.
+    # Once "a" holds its memory the 70 GiB already exclude it; before that, the plan must charge it.
+    rec = node("n1", [gpu(0, free=70)], [rinst("a", state=state, frac=0.38)])
+    plan = place(models(model("a", vram=30), model("b", vram=45)), views(rec), {"n1": [assigned("a")]}, NOW)
+    assert where(plan, "a") == {"n1": [0]}
+    if holds_memory:
+        assert where(plan, "b") == {"n1": [0]}
+    else:
+        assert plan.status["b"].reasons == [
+            "insufficient GPU memory: needs 45.6 GiB, most free is 39.6 GiB on n1 GPU 0"
+        ]
+
+
+def test_placed_replicas_count_toward_the_fraction_budget() -> None:
+    # Bytes would fit twice (40 + 40 of 80 GiB free), but 0.5 + 0.5 is over the 0.95 budget.
+    plan = place(models(model("a", vram=None, frac=0.5), model("b", vram=None, frac=0.5)), views(node("n1")), {}, NOW)
+    assert where(plan, "a") == {"n1": [0]} and where(plan, "b") == {}
+    assert plan.status["b"].reasons == [
+        "GPU memory budget exceeded: needs a 0.50 share, at most 0.45 left (budget 0.95) on n1 GPU 0"
+    ]
+
+
+def test_more_free_memory_wins_between_equal_nodes() -> None:
+    nodes = views(node("n1", [gpu(0, free=50)]), node("n2", [gpu(0, free=70)]), node("n3", [gpu(0, free=70)]))
+    assert where(place(models(model()), nodes, {}, NOW)) == {"n2": [0]}
+
+
+def test_fraction_budget_counts_static_instances() -> None:
+    # A static instance (from the agent's config) promised 0.6 of GPU 0 but holds little memory yet.
+    rec = node("n1", [gpu(0, free=79)], [rinst("llama", frac=0.6, state="STARTING", name="static-llama")])
+    plan = place(models(model(vram=None, frac=0.4)), views(rec), {}, NOW)
+    assert plan.assignments == {}
+    assert plan.status["qwen"].reasons == [
+        "GPU memory budget exceeded: needs a 0.40 share, at most 0.35 left (budget 0.95) on n1 GPU 0"
+    ]
+    plan = place(models(model(vram=None, frac=0.35)), views(rec), {}, NOW)
+    assert where(plan) == {"n1": [0]}
+    plan = place(models(model(vram=None, frac=0.4)), views(rec), {}, NOW, PlacementPolicy(memory_budget=1.0))
+    assert where(plan) == {"n1": [0]}
+
+
+def test_unsized_model_takes_a_whole_gpu() -> None:
+    plan = place(models(model("a", vram=None), model("b", vram=None)), views(node("n1", [gpu(0)])), {}, NOW)
+    assert [a.gpu_memory_fraction for a in plan.assignments["n1"]] == [0.9]
+    assert plan.status["b"].unplaced == 1
+
+
+def test_larger_models_are_placed_first() -> None:
+    # Smallest-first would put "a-small" on the 80 GiB GPU (most free) and leave "b-big" nowhere.
+    nodes = views(node("n1", [gpu(0, total=40, free=40)]), node("n2", [gpu(0, total=80, free=80)]))
+    plan = place(models(model("a-small", vram=30), model("b-big", vram=70)), nodes, {}, NOW)
+    assert where(plan, "b-big") == {"n2": [0]} and where(plan, "a-small") == {"n1": [0]}
+    assert plan.moved == ["placed b-big on n2 GPU 0", "placed a-small on n1 GPU 0"]
+
+
+def test_gpu_with_most_free_memory_then_lowest_index() -> None:
+    plan = place(models(model()), views(node("n1", [gpu(0, free=50), gpu(1, free=70), gpu(2, free=70)])), {}, NOW)
+    assert where(plan) == {"n1": [1]}
+
+
+def test_lost_gpu_is_not_used() -> None:
+    plan = place(models(model()), views(node("n1", [gpu(0, free=80, lost=True), gpu(1, free=45)])), {}, NOW)
+    assert where(plan) == {"n1": [1]}
+    plan = place(models(model()), views(node("n1", [gpu(0, lost=True)])), {}, NOW)
+    assert plan.status["qwen"].reasons == ["GPU lost on n1"]
+
+
+def test_unknown_gpu_memory_is_not_used() -> None:
+    plan = place(models(model()), views(node("n1", [gpu(0, total=None, free=None)])), {}, NOW)
+    assert plan.assignments == {}
+    assert plan.status["qwen"].reasons == ["GPU memory unknown on n1"]
+
+
+# --- spread --------------------------------------------------------------------------------------
+
+
+def test_three_replicas_go_to_three_nodes() -> None:
+    nodes = views(*(node(f"n{i}", [gpu(0), gpu(1)]) for i in (1, 2, 3)))
+    plan = place(models(model(replicas=3, vram=10)), nodes, {}, NOW)
+    assert where(plan) == {"n1": [0], "n2": [0], "n3": [0]}
+    assert plan.status["qwen"].nodes == ["n1", "n2", "n3"]
+
+
+def test_fewer_eligible_nodes_than_replicas() -> None:
+    # Plenty of room for two replicas on one node, but never two of a model on one node.
+    nodes = views(node("n1", [gpu(0), gpu(1)]), node("n2", [gpu(0), gpu(1)]))
+    plan = place(models(model(replicas=3, vram=10)), nodes, {}, NOW)
+    assert sorted(where(plan)) == ["n1", "n2"]
+    st = plan.status["qwen"]
+    assert (st.desired, st.nodes, st.unplaced) == (3, ["n1", "n2"], 1)
+    assert st.reasons == ["only 2 eligible nodes for 3 replicas (one replica per node)"]
+
+
+def test_new_replica_prefers_the_node_with_fewer_replicas() -> None:
+    # "a" is on n1 already; "b" would fit on either and n1 has more free memory, but n2 is emptier.
+    nodes = views(node("n1", [gpu(0), gpu(1)], [rinst("a")]), node("n2", [gpu(0, free=40)]))
+    plan = place(models(model("a", vram=10), model("b", vram=10)), nodes, {"n1": [assigned("a")]}, NOW)
+    assert where(plan, "b") == {"n2": [0]}
+
+
+# --- availability --------------------------------------------------------------------------------
+
+
+def test_verified_path_ranks_above_not_checked() -> None:
+    # n1 sorts first and has more free memory, but only n2 has checked the path.
+    nodes = views(
+        node("n1", [gpu(0, free=80)], models=[avail("qwen", None)]),
+        node("n2", [gpu(0, free=50)], models=[avail("qwen", True)]),
+    )
+    assert where(place(models(model()), nodes, {}, NOW)) == {"n2": [0]}
+
+
+def test_unavailable_path_is_excluded_with_its_error() -> None:
+    err = "/models/qwen: No such file or directory"
+    nodes = views(node("gpu-a100-1", models=[avail("qwen", False, err)]), node("gpu-a100-2"))
+    plan = place(models(model(replicas=2)), nodes, {}, NOW)
+    assert where(plan) == {"gpu-a100-2": [0]}
+    assert plan.status["qwen"].reasons == [
+        f"path unavailable on gpu-a100-1: {err}",
+        "only 1 eligible node for 2 replicas (one replica per node)",
+    ]
+
+
+# --- stability -----------------------------------------------------------------------------------
+
+
+def test_existing_assignment_stays_when_another_node_has_more_room() -> None:
+    nodes = views(node("n1", [gpu(0, free=41)], [rinst("qwen")]), node("n2", [gpu(0, free=80)]))
+    plan = place(models(model()), nodes, {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n1": [0]}
+    assert plan.moved == []
+
+
+def test_existing_assignment_stays_when_memory_is_tight() -> None:
+    # Another tenant took the memory; the running replica is not restarted elsewhere.
+    nodes = views(node("n1", [gpu(0, free=1)], [rinst("qwen", state="READY")]), node("n2"))
+    plan = place(models(model()), nodes, {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n1": [0]} and plan.moved == []
+
+
+def test_kept_replica_is_refreshed_in_place() -> None:
+    rec = node("n1", [gpu(0, free=30), gpu(1, free=80)], [rinst("qwen")])
+    m = model(vram=60, path="/models/qwen-v2", args=["--enforce-eager"])
+    plan = place(models(m), views(rec, n2=view(node("n2"))), {"n1": [assigned(path="/models/qwen-v1")]}, NOW)
+    [a] = plan.assignments["n1"]
+    assert (a.gpus, a.path, a.args, a.gpu_memory_fraction) == ([0], "/models/qwen-v2", ["--enforce-eager"], 0.75)
+    assert sorted(plan.assignments) == ["n1"] and plan.moved == []
+
+
+def test_down_node_is_kept_within_the_grace_time() -> None:
+    nodes = views(node("n2"), n1=view(node("n1"), "DOWN", down_since=NOW - 10))
+    plan = place(models(model()), nodes, {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n1": [0]}
+    assert plan.status["qwen"].nodes == ["n1"] and plan.status["qwen"].unplaced == 0
+    assert plan.moved == []
+
+
+def test_down_node_is_moved_after_the_grace_time() -> None:
+    nodes = views(node("n2"), n1=view(node("n1"), "DOWN", down_since=NOW - 31))
+    plan = place(models(model()), nodes, {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n2": [0]}
+    assert plan.moved == ["removed qwen from n1: node DOWN for 31 s", "placed qwen on n2 GPU 0"]
+
+
+def test_node_key_gone_counts_as_down() -> None:
+    current = {"n1": [assigned()]}
+    early = views(node("n2"), n1=view(None, "DOWN", down_since=NOW - 5))
+    assert where(place(models(model()), early, current, NOW)) == {"n1": [0]}
+    late = views(node("n2"), n1=view(None, "DOWN", down_since=NOW - 60))
+    plan = place(models(model()), late, current, NOW, PlacementPolicy(reschedule_after_s=45))
+    assert where(plan) == {"n2": [0]}
+    assert plan.moved[0] == "removed qwen from n1: node DOWN for 60 s"
+
+
+def test_unknown_node_is_moved_at_once() -> None:
+    plan = place(models(model()), views(node("n2")), {"gone": [assigned()]}, NOW)
+    assert where(plan) == {"n2": [0]}
+    assert plan.moved == ["removed qwen from gone: node unknown", "placed qwen on n2 GPU 0"]
+
+
+def test_drained_node_is_moved() -> None:
+    nodes = views(node("n2"), n1=view(node("n1", instances=[rinst("qwen")]), drained=True))
+    plan = place(models(model(replicas=2)), nodes, {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n2": [0]}
+    assert plan.moved == ["removed qwen from n1: node drained", "placed qwen on n2 GPU 0"]
+    assert plan.status["qwen"].reasons == [
+        "n1 drained",
+        "only 1 eligible node for 2 replicas (one replica per node)",
+    ]
+
+
+def test_failed_instance_moves_to_another_node() -> None:
+    # n1 has the most free memory, but the replica failed there: it must not be placed straight back.
+    nodes = views(node("n1", [gpu(0, free=80)], [rinst("qwen", state="FAILED")]), node("n2", [gpu(0, free=50)]))
+    plan = place(models(model()), nodes, {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n2": [0]}
+    assert plan.moved == [
+        "removed qwen from n1: instance FAILED: CUDA error: out of memory",
+        "placed qwen on n2 GPU 0",
+    ]
+
+
+def test_failed_instance_with_nowhere_to_go() -> None:
+    nodes = views(node("n1", [gpu(0)], [rinst("qwen", state="FAILED")]))
+    plan = place(models(model()), nodes, {"n1": [assigned()]}, NOW)
+    assert plan.assignments == {}
+    assert plan.status["qwen"].reasons == ["replica FAILED on n1: CUDA error: out of memory"]
+
+
+@pytest.mark.parametrize(
+    ("m", "gpus", "avail_ok", "cause", "now_on"),
+    [
+        (model(classes=["H100"]), [gpu(0, "A100"), gpu(1, "H100")], None, "GPU 0 is A100, model allows H100", [1]),
+        (model(), [gpu(0, lost=True), gpu(1)], None, "GPU 0 lost", [1]),
+        (model(), [gpu(1)], None, "GPU 0 gone", [1]),  # e.g. the node came back with other GPUs
+        (model(), [gpu(0)], False, "path unavailable: checksum mismatch", None),
+    ],
+)
+def test_kept_assignment_causes(
+    m: ModelRecord, gpus: list[GpuRecord], avail_ok: bool | None, cause: str, now_on: list[int] | None
+) -> None:
+    rec = node("n1", gpus, models=[avail("qwen", avail_ok, "checksum mismatch")])
+    plan = place(models(m), views(rec), {"n1": [assigned()]}, NOW)
+    assert plan.moved[0] == f"removed qwen from n1: {cause}"
+    # The node itself may still take the replica on another GPU (it is a new placement, not a keep).
+    assert where(plan) == ({"n1": now_on} if now_on else {})
+    assert plan.moved[1:] == ([f"placed qwen on n1 GPU {now_on[0]}"] if now_on else [])
+
+
+def test_degraded_node_keeps_its_replica() -> None:
+    nodes = views(node("n2"), n1=view(node("n1", instances=[rinst("qwen")]), "DEGRADED"))
+    plan = place(models(model()), nodes, {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n1": [0]} and plan.moved == []
+
+
+def test_degraded_node_ranks_after_ready_for_new_replicas() -> None:
+    nodes = views(node("n2", [gpu(0, free=45)]), n1=view(node("n1", [gpu(0, free=80)]), "DEGRADED"))
+    assert where(place(models(model()), nodes, {}, NOW)) == {"n2": [0]}
+    # ... but it is eligible when a READY node cannot take one.
+    assert sorted(where(place(models(model(replicas=2)), nodes, {}, NOW))) == ["n1", "n2"]
+
+
+def test_down_and_drained_nodes_are_reasons_with_capped_names() -> None:
+    nodes = views(node("gpu-a100-1", [gpu(0, free=10)]))
+    nodes.update({f"gpu-a100-{i}": view(node(f"gpu-a100-{i}"), "DOWN", down_since=NOW) for i in range(2, 9)})
+    nodes["gpu-a100-9"] = view(node("gpu-a100-9"), drained=True)
+    plan = place(models(model()), nodes, {}, NOW)
+    assert plan.status["qwen"].reasons == [
+        "gpu-a100-2, gpu-a100-3, gpu-a100-4, gpu-a100-5, gpu-a100-6 and 2 more DOWN",
+        "gpu-a100-9 drained",
+        "insufficient GPU memory: needs 40.0 GiB, most free is 10.0 GiB on gpu-a100-1 GPU 0",
+    ]
+
+
+# --- replica count -------------------------------------------------------------------------------
+
+
+def test_fewer_replicas_keep_the_ready_ones() -> None:
+    nodes = views(
+        node("n1", instances=[rinst("qwen", state="STARTING")]),
+        node("n2", instances=[rinst("qwen", state="READY")]),
+        node("n3", instances=[rinst("qwen", state="WARMING")]),
+    )
+    current = {n: [assigned()] for n in ("n1", "n2", "n3")}
+    plan = place(models(model(replicas=1)), nodes, current, NOW)
+    assert where(plan) == {"n2": [0]}
+    assert plan.moved == ["removed qwen from n1: replicas reduced to 1", "removed qwen from n3: replicas reduced to 1"]
+
+
+def test_fewer_replicas_then_ready_nodes_then_name() -> None:
+    ready = [rinst("qwen")]
+    nodes = views(node("n1", instances=ready), node("n2", instances=ready), node("n3", instances=ready))
+    current = {n: [assigned()] for n in ("n1", "n2", "n3")}
+    assert sorted(where(place(models(model(replicas=2)), nodes, current, NOW))) == ["n1", "n2"]
+    nodes["n1"] = view(nodes["n1"].record, "DEGRADED")
+    assert sorted(where(place(models(model(replicas=2)), nodes, current, NOW))) == ["n2", "n3"]
+
+
+def test_zero_replicas_removes_every_assignment() -> None:
+    plan = place(models(model(replicas=0)), views(node("n1")), {"n1": [assigned()]}, NOW)
+    assert plan.assignments == {}
+    st = plan.status["qwen"]
+    assert (st.desired, st.nodes, st.unplaced, st.reasons) == (0, [], 0, [])
+    assert plan.moved == ["removed qwen from n1: replicas reduced to 0"]
+
+
+def test_removed_model_loses_its_assignments() -> None:
+    current = {"n1": [assigned("old"), assigned("qwen")]}
+    nodes = views(node("n1", [gpu(0), gpu(1)], [rinst("old"), rinst("qwen")]))
+    plan = place(models(model()), nodes, current, NOW)
+    assert [a.model for a in plan.assignments["n1"]] == ["qwen"]
+    assert set(plan.status) == {"qwen"}
+    assert plan.moved == ["removed old from n1: model no longer registered"]
+
+
+# --- determinism ---------------------------------------------------------------------------------
+
+
+def test_same_input_same_plan_in_any_dict_order() -> None:
+    recs = [node(f"n{i}", [gpu(0), gpu(1, free=70)]) for i in range(1, 5)]
+    ms = [model("a", replicas=2, vram=20), model("b", replicas=3, vram=20), model("c", replicas=2, vram=None)]
+    current = {"n2": [assigned("a")], "n3": [assigned("b")]}
+    plan = place(models(*ms), views(*recs), current, NOW)
+    assert place(models(*ms), views(*recs), current, NOW) == plan
+    backwards = place(models(*ms[::-1]), views(*recs[::-1]), dict(reversed(current.items())), NOW)
+    assert backwards == plan
+    assert list(plan.assignments) == sorted(plan.assignments)
+    assert all(sum(a.model == m.name for a in insts) <= 1 for insts in plan.assignments.values() for m in ms)
+    assert [plan.status[m.name].unplaced for m in ms] == [0, 0, 0]
+    # Kept where they were; "c" (a whole GPU each) first, on the emptiest nodes; then one per node.
+    layout = {n: [(a.model, a.gpus[0]) for a in insts] for n, insts in plan.assignments.items()}
+    assert layout == {
+        "n1": [("a", 1), ("c", 0)],
+        "n2": [("a", 0), ("b", 1)],
+        "n3": [("b", 0)],
+        "n4": [("b", 1), ("c", 0)],
+    }
