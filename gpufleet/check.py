@@ -17,7 +17,7 @@ import msgspec
 
 from gpufleet.etcd import EtcdClient, EtcdError, Status
 from gpufleet.keyspace import Keyspace, decode_or_skip
-from gpufleet.keyspace.records import LeaderRecord, NodeRecord, RouteRecord
+from gpufleet.keyspace.records import DegradationRecord, LeaderRecord, NodeRecord, RouteRecord
 
 GPU_MEMORY_LIMIT = 0.85  # article 001: nvidia-smi memory use <= 85 %
 GPU_TEMPERATURE_LIMIT_C = 85.0  # above this the weight is capped at 30 %
@@ -43,6 +43,7 @@ class Facts:
     agent_metrics: dict[str, bool] = field(default_factory=dict)  # node -> /metrics answered with gpu_agent_*
     admin_protected: dict[str, bool | None] = field(default_factory=dict)  # node -> 401 (True), 403 (False)
     watchdogs: dict[str, str | None] = field(default_factory=dict)  # unit -> WatchdogUSec, None: not installed
+    degradation: DegradationRecord | None = None
 
 
 def judge(f: Facts) -> list[CheckResult]:
@@ -108,6 +109,21 @@ def judge(f: Facts) -> list[CheckResult]:
         if single
         else (f"{len(f.routes)} models" if f.routes else "no routes"),
     )
+    registered = {m.model for n in f.nodes for m in n.models}
+    unreadable = [f"{m.model} on {n.node}: {m.error}" for n in f.nodes for m in n.models if m.available is False]
+    add(
+        "registered model paths readable on every node",
+        None if not registered else not unreadable,
+        "; ".join(unreadable) or (f"{len(registered)} models" if registered else "no models registered"),
+    )
+    d = f.degradation
+    add(
+        "cluster not degraded",
+        d is None or d.level == 0,
+        "level 0"
+        if d is None or d.level == 0
+        else f"level {d.level}: error rate {d.error_rate:.1%} ({d.samples} attempts)",
+    )
     silent = sorted(n for n, ok in f.agent_metrics.items() if not ok)
     add("agents' /metrics answer", bool(f.agent_metrics) and not silent, ", ".join(silent) or "all answer")
     open_admin = sorted(n for n, p in f.admin_protected.items() if p is not True)
@@ -143,6 +159,9 @@ async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Fact
             f.invalid_node_records.append(kv.key_str)
         else:
             f.nodes.append(rec)
+    kv = await etcd.get(keys.degradation)
+    if kv is not None:
+        f.degradation = decode_or_skip(kv.key_str, kv.value, DegradationRecord, kv.mod_revision)
     f.routes = [
         r
         for kv in (await etcd.get_prefix(keys.routes)).kvs

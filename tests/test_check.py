@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from gpufleet.check import Facts, judge
 from gpufleet.etcd import Status
-from gpufleet.keyspace.records import GpuRecord, InstanceRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord
+from gpufleet.keyspace.records import (
+    DegradationRecord,
+    GpuRecord,
+    InstanceRecord,
+    LeaderRecord,
+    ModelAvailability,
+    NodeRecord,
+    RouteEndpoint,
+    RouteRecord,
+)
 
 GIB = 2**30
 
@@ -73,6 +82,7 @@ def statuses(f: Facts) -> dict[str, str]:
 def test_healthy_cluster_passes() -> None:
     res = statuses(healthy())
     assert res.pop("gpu-coordinator.service watchdog active") == "SKIP"  # not installed here
+    assert res.pop("registered model paths readable on every node") == "SKIP"  # no models registered
     assert set(res.values()) == {"PASS"}, res
 
 
@@ -86,6 +96,8 @@ def test_each_failure_is_reported() -> None:
     f.agent_metrics["a"] = False
     f.admin_protected["a"] = False
     f.watchdogs["gpu-agent.service"] = "0"
+    f.nodes[0].models = [ModelAvailability(model="qwen", path="/mnt/q", available=False, error="/mnt/q: gone")]
+    f.degradation = DegradationRecord(level=2, error_rate=0.2, samples=500, window_s=60, epoch=7, updated_at=0)
     res = statuses(f)
     for name in (
         "etcd endpoints healthy, with a raft leader, no alarms",
@@ -98,8 +110,12 @@ def test_each_failure_is_reported() -> None:
         "agents' /metrics answer",
         "agents' admin API protected by a token",
         "gpu-agent.service watchdog active",
+        "registered model paths readable on every node",
+        "cluster not degraded",
     ):
         assert res[name] == "FAIL", name
     detail = {r.name: r.detail for r in judge(f)}
     assert detail["GPU memory at or below 85%"] == "a gpu 0 90%"
     assert detail["every instance READY"] == "a: m FAILED"
+    assert detail["registered model paths readable on every node"] == "qwen on a: /mnt/q: gone"
+    assert detail["cluster not degraded"] == "level 2: error rate 20.0% (500 attempts)"
