@@ -87,6 +87,10 @@ class PlacementSection(StrictSection):
     # Replicas on a node that went DOWN are placed elsewhere after this long: a node that
     # restarts (agent upgrade, reboot of the agent) gets them back without a reload elsewhere.
     reschedule_after_s: NonNegFloat = 30.0
+    # Placement runs at most this often (at once when the registry changes): a pass over 10,000
+    # nodes with many models costs seconds of CPU (docs/benchmarks.md), the route table must
+    # not wait for it, and nothing in placement needs sub-second reactions.
+    interval_s: PositiveFloat = 2.0
     # Sum of gpu_memory_fraction on one GPU may not exceed this (same as the agent's budget).
     memory_budget: Annotated[float, Meta(gt=0, le=1)] = 0.95
 

@@ -40,6 +40,12 @@ class CoordinatorMetrics:
         )
         self.nodes = Gauge("gpu_coordinator_nodes", "Nodes by health state.", ["state"], registry=r)
         self.panic = Gauge("gpu_coordinator_panic", "1 while a GPU class is in panic mode.", ["gpu_class"], registry=r)
+        self.placement_seconds = Histogram(
+            "gpu_coordinator_placement_seconds",
+            "Time to compute the placement of every registered model.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.unplaced_replicas = Gauge(
             "gpu_coordinator_unplaced_replicas", "Replicas of registered models that fit nowhere.", registry=r
         )

@@ -85,12 +85,34 @@ class PlacementPlan:
     moved: list[str] = field(default_factory=list)  # what changed, for the log
 
 
-def _instance(rec: NodeRecord, name: str) -> InstanceRecord | None:
-    return next((i for i in rec.instances if i.name == name), None)
+class _Lookup:
+    """Per-call indexes: a node's instances and path reports by name, memory shares by GPU size.
+    place() asks these for every (model, node) pair; scanning lists each time made a pass over
+    1,000 nodes take seconds."""
 
+    def __init__(self) -> None:
+        self._insts: dict[int, dict[str, InstanceRecord]] = {}
+        self._avail: dict[int, dict[str, ModelAvailability]] = {}
+        self._shares: dict[tuple[str, int], tuple[float, int]] = {}
 
-def _availability(rec: NodeRecord, model: str) -> ModelAvailability | None:
-    return next((a for a in rec.models if a.model == model), None)
+    def instance(self, rec: NodeRecord, name: str) -> InstanceRecord | None:
+        index = self._insts.get(id(rec))
+        if index is None:
+            index = self._insts[id(rec)] = {i.name: i for i in rec.instances}
+        return index.get(name)
+
+    def availability(self, rec: NodeRecord, model: str) -> ModelAvailability | None:
+        index = self._avail.get(id(rec))
+        if index is None:
+            index = self._avail[id(rec)] = {a.model: a for a in rec.models}
+        return index.get(model)
+
+    def share(self, m: ModelRecord, total: int) -> tuple[float, int]:
+        key = (m.name, total)
+        hit = self._shares.get(key)
+        if hit is None:
+            hit = self._shares[key] = memory_share(m, total)
+        return hit
 
 
 def _class_ok(m: ModelRecord, g: GpuRecord) -> bool:
@@ -106,7 +128,8 @@ def _names(nodes: list[str]) -> str:
 class _Ledger:
     """Per (node, GPU index): memory fractions promised, and bytes promised but not yet in use."""
 
-    def __init__(self, nodes: dict[str, NodeView]) -> None:
+    def __init__(self, nodes: dict[str, NodeView], look: _Lookup) -> None:
+        self.look = look
         self.frac: dict[tuple[str, int], float] = {}
         self.pending: dict[tuple[str, int], int] = {}
         for node, view in nodes.items():
@@ -118,7 +141,7 @@ class _Ledger:
         if rec is None:
             return
         key = (node, inst.gpus[0])
-        existing = _instance(rec, inst.name)
+        existing = self.look.instance(rec, inst.name)
         if existing is None:  # with a record, its fraction is counted already
             self.frac[key] = self.frac.get(key, 0.0) + (inst.gpu_memory_fraction or 0.0)
         if existing is None or existing.state in _NOT_HOLDING:
@@ -126,7 +149,12 @@ class _Ledger:
 
 
 def _keep_cause(
-    m: ModelRecord | None, view: NodeView | None, a: AssignedInstance, now: float, policy: PlacementPolicy
+    m: ModelRecord | None,
+    view: NodeView | None,
+    a: AssignedInstance,
+    now: float,
+    policy: PlacementPolicy,
+    look: _Lookup,
 ) -> str | None:
     """Why the current assignment ``a`` must go; None: keep it."""
     if m is None:
@@ -150,19 +178,21 @@ def _keep_cause(
         return f"GPU {a.gpus[0]} {'lost' if g else 'gone'}"
     if not _class_ok(m, g):
         return f"GPU {g.index} is {g.gpu_class}, model allows {' or '.join(m.classes)}"
-    av = _availability(rec, m.name)
+    av = look.availability(rec, m.name)
     if av is not None and av.available is False:
         return f"path unavailable: {av.error or 'check failed'}"
-    inst = _instance(rec, a.name)
+    inst = look.instance(rec, a.name)
     if inst is not None and inst.state == "FAILED":
         return f"instance FAILED: {inst.last_error or 'no error recorded'}"
     return None
 
 
-def _keep_rank(nodes: dict[str, NodeView], entry: tuple[str, AssignedInstance]) -> tuple[bool, bool, str]:
+def _keep_rank(
+    nodes: dict[str, NodeView], entry: tuple[str, AssignedInstance], look: _Lookup
+) -> tuple[bool, bool, str]:
     """Kept replicas beyond ``replicas`` are dropped from the end of this order."""
     view = nodes[entry[0]]
-    inst = _instance(view.record, entry[1].name) if view.record else None
+    inst = look.instance(view.record, entry[1].name) if view.record else None
     return (inst is None or inst.state != "READY", view.state != "READY", entry[0])
 
 
@@ -229,7 +259,7 @@ class _Why:
         return out
 
 
-def _eligible(m: ModelRecord, node: str, view: NodeView, why: _Why) -> NodeRecord | None:
+def _eligible(m: ModelRecord, inst_name: str, node: str, view: NodeView, why: _Why, look: _Lookup) -> NodeRecord | None:
     """Rule 2: the node's record when it may take a replica of ``m``; else None, noting why."""
     rec = view.record
     if rec is None:
@@ -244,10 +274,10 @@ def _eligible(m: ModelRecord, node: str, view: NodeView, why: _Why) -> NodeRecor
         return why.add("drained", node)
     if all(g.lost for g in matching):
         return why.add("lost", node)
-    av = _availability(rec, m.name)
+    av = look.availability(rec, m.name)
     if av is not None and av.available is False:
         return why.add("path", node, av.error or "check failed")
-    inst = _instance(rec, assigned_instance_name(m.name))
+    inst = look.instance(rec, inst_name)
     if inst is not None and inst.state == "FAILED":  # else it would be placed straight back
         return why.add("failed", node, inst.last_error or "no error recorded")
     return rec
@@ -264,7 +294,7 @@ def _best_gpu(
         if g.memory_total_bytes is None or g.memory_free_bytes is None:
             why.add("unknown", node)
             continue
-        frac, need = memory_share(m, g.memory_total_bytes)
+        frac, need = ledger.look.share(m, g.memory_total_bytes)
         free = g.memory_free_bytes - ledger.pending.get((node, g.index), 0)
         left = policy.memory_budget - ledger.frac.get((node, g.index), 0.0)
         if free < need:
@@ -288,7 +318,8 @@ def place(
     """The assignments for every registered model (see the module docstring for the rules)."""
     plan: dict[str, dict[str, AssignedInstance]] = {}  # node -> model -> replica
     moved: list[str] = []
-    ledger = _Ledger(nodes)
+    look = _Lookup()
+    ledger = _Ledger(nodes, look)
 
     # Keep phase: current assignments without a cause to move stay where they are.
     kept: dict[str, list[tuple[str, AssignedInstance]]] = {}
@@ -296,13 +327,13 @@ def place(
         for a in sorted(current[node], key=lambda a: (a.name, a.model, a.gpus)):
             if any(n == node for n, _ in kept.get(a.model, ())):
                 moved.append(f"removed {a.model} from {node}: duplicate assignment")
-            elif cause := _keep_cause(models.get(a.model), nodes.get(node), a, now, policy):
+            elif cause := _keep_cause(models.get(a.model), nodes.get(node), a, now, policy, look):
                 moved.append(f"removed {a.model} from {node}: {cause}")
             else:
                 kept.setdefault(a.model, []).append((node, a))
     for name in sorted(kept):
         m = models[name]
-        entries = sorted(kept[name], key=lambda e: _keep_rank(nodes, e))
+        entries = sorted(kept[name], key=lambda e: _keep_rank(nodes, e, look))
         for node, _ in entries[max(m.replicas, 0) :]:
             moved.append(f"removed {name} from {node}: replicas reduced to {m.replicas}")
         for node, a in entries[: max(m.replicas, 0)]:
@@ -310,40 +341,42 @@ def place(
             g = next((g for g in rec.gpus if g.index == a.gpus[0]), None) if rec else None
             frac, need = a.gpu_memory_fraction, 0  # memory unknown: keep what the replica was given
             if g is not None and g.memory_total_bytes:
-                frac, need = memory_share(m, g.memory_total_bytes)
+                frac, need = look.share(m, g.memory_total_bytes)
             plan.setdefault(node, {})[name] = inst = _replica(m, a.gpus[0], frac)
             ledger.charge(node, rec, inst, need)
 
-    # Place phase: largest models first, each missing replica to the best eligible node.
+    # Place phase: largest models first. One scan of the nodes per model: placing a replica on
+    # a node changes only that node's ledger, and that node is then out (one replica per node),
+    # so the other candidates' slots stay valid for the model's next replica.
     status: dict[str, ModelPlacement] = {}
-    for name in sorted(models, key=lambda n: (-memory_share(models[n], _SIZE_REF_BYTES)[1], n)):
+    order = sorted(models, key=lambda n: (-look.share(models[n], _SIZE_REF_BYTES)[1], n))
+    for name in order:
         m = models[name]
         holders = {node for node, reps in plan.items() if name in reps}
         why = _Why()
-        while len(holders) < m.replicas:
-            why = _Why()
+        if len(holders) < m.replicas:
             why.eligible = len(holders)  # a holder is (or, DOWN within the grace time, was) eligible
             why.class_seen = bool(holders)
-            best = None
+            inst_name = assigned_instance_name(name)
+            candidates = []
             for node in sorted(nodes):
                 view = nodes[node]
-                if node in holders or (rec := _eligible(m, node, view, why)) is None:
+                if node in holders or (rec := _eligible(m, inst_name, node, view, why, look)) is None:
                     continue
                 why.eligible += 1
                 if (slot := _best_gpu(m, node, rec, ledger, policy, why)) is None:
                     continue
-                av = _availability(rec, name)
+                av = look.availability(rec, name)
                 verified = av is not None and av.available is True
-                key = (not verified, view.state != "READY", len(plan.get(node, {})), -slot[0], node)
-                if best is None or key < best[0]:
-                    best = (key, node, slot)
-            if best is None:
-                break
-            _, node, (_, gpu, frac, need) = best
-            plan.setdefault(node, {})[name] = inst = _replica(m, gpu, frac)
-            ledger.charge(node, nodes[node].record, inst, need)
-            holders.add(node)
-            moved.append(f"placed {name} on {node} GPU {gpu}")
+                candidates.append(
+                    ((not verified, view.state != "READY", len(plan.get(node, {})), -slot[0], node), slot)
+                )
+            candidates.sort()
+            for (*_, node), (_, gpu, frac, need) in candidates[: m.replicas - len(holders)]:
+                plan.setdefault(node, {})[name] = inst = _replica(m, gpu, frac)
+                ledger.charge(node, nodes[node].record, inst, need)
+                holders.add(node)
+                moved.append(f"placed {name} on {node} GPU {gpu}")
         unplaced = max(m.replicas - len(holders), 0)
         status[name] = ModelPlacement(
             model=name,
