@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,6 @@ from gpufleet.keyspace.records import RouteRecord
 
 CLUSTER = "faults"
 KEYS = Keyspace(CLUSTER)
-
-
-@pytest.fixture
-def etcd() -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(1).start()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def proxy_to(etcd: EtcdCluster) -> FaultProxy:
