@@ -19,16 +19,13 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import cpu_seconds, free_port, pct
+from _common import cpu_seconds, etcd_puts, pct, start_etcd
 
 from agent.cluster.policy import PublishPolicy
 from agent.cluster.publisher import ClusterPublisher
@@ -51,6 +48,7 @@ class FakeNode:
     def __init__(self, i: int, rng: random.Random) -> None:
         self.i, self.rng = i, rng
         self.load = [rng.uniform(10, 90) for _ in range(8)]
+        self.forced_temperature: float | None = None  # bench/scale.py heats a node up
         self.smoother = UtilizationSmoother()
         self.gpus: list[GpuRecord] = []
         self.step()
@@ -61,6 +59,8 @@ class FakeNode:
             self.load[g] = min(100.0, max(0.0, self.load[g] + self.rng.gauss(0, 3)))
             util = min(100.0, max(0.0, self.load[g] + self.rng.uniform(-30, 30)))
             temp = round(45 + 0.35 * self.load[g] + self.rng.gauss(0, 0.6))
+            if self.forced_temperature is not None:
+                temp = self.forced_temperature
             raw.append(
                 GpuRecord(
                     index=g,
@@ -106,14 +106,6 @@ class FakeNode:
             instances=insts,
             ready=True,
         )
-
-
-def etcd_puts(url: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("etcd_mvcc_put_total ") or line.startswith("etcd_debugging_mvcc_put_total "):
-                return float(line.split()[1])
-    return 0.0
 
 
 async def run(n: int, seconds: float, url: str, etcd_pid: int, every_probe: bool) -> dict:
@@ -179,37 +171,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args()
     configure_logging("console", "warning")
-    etcd_bin = shutil.which("etcd") or sys.exit("no etcd on PATH (run scripts/bootstrap)")
     with tempfile.TemporaryDirectory() as d:
-        cport, pport = free_port(), free_port()
-        url = f"http://127.0.0.1:{cport}"
-        proc = subprocess.Popen(
-            [
-                etcd_bin,
-                "--data-dir",
-                d,
-                "--listen-client-urls",
-                url,
-                "--advertise-client-urls",
-                url,
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{pport}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{pport}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{pport}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc, url = start_etcd(d)
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    etcd_puts(url)
-                    break
-                except OSError:
-                    time.sleep(0.1)
             results = []
             for n in args.agents:
                 for naive in (False, True):
