@@ -155,6 +155,9 @@ class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
     publish_min_gap_s: NonNegFloat = 1.0  # state changes (failover-relevant): merged within this gap
     telemetry_min_gap_s: NonNegFloat = 15.0  # temperature/utilization changes: at most one write per gap
     temperature_delta_c: PositiveFloat = 2.0
+    # Crossing this temperature (either way) is published at once, as a state change: the
+    # coordinator caps the weight of a GPU above 85 °C at 30 % of its base.
+    temperature_urgent_c: float = 85.0
     utilization_delta_percent: PositiveFloat = 10.0
 
     @property

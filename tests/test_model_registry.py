@@ -16,7 +16,14 @@ from agent.cluster.policy import PublishPolicy, change_reason
 from agent.config import ModelsSection, load_config
 from coordinator.config import load_config as load_coordinator_config
 from gpufleet.keyspace import assigned_instance_name
-from gpufleet.keyspace.records import AssignedInstance, ModelAvailability, ModelRecord, NodeRecord, ProxyCounters
+from gpufleet.keyspace.records import (
+    AssignedInstance,
+    GpuRecord,
+    ModelAvailability,
+    ModelRecord,
+    NodeRecord,
+    ProxyCounters,
+)
 from gpufleet.models import GIB, check_path, memory_share, model_digest, model_size, path_problems, validate_model
 from gpufleet.tomlconfig import ConfigError
 
@@ -180,3 +187,18 @@ def test_publish_policy_model_availability_is_urgent_counters_are_telemetry() ->
     change = change_reason(_node(proxy=ProxyCounters()), counted, p)
     assert change is not None and not change.urgent
     assert change_reason(counted, counted, p) is None
+
+
+def test_publish_policy_crossing_the_temperature_cap_is_urgent() -> None:
+    p = PublishPolicy()
+
+    def hot(temp: float) -> NodeRecord:
+        gpu = GpuRecord(index=0, uuid="u", name="A100", gpu_class="A100", temperature_celsius=temp)
+        return _node(gpus=[gpu])
+
+    change = change_reason(hot(84), hot(86), p)
+    assert change is not None and change.urgent and "over 85" in change.reason
+    change = change_reason(hot(88), hot(84), p)
+    assert change is not None and change.urgent and "back under 85" in change.reason
+    change = change_reason(hot(60), hot(63), p)
+    assert change is not None and not change.urgent  # an ordinary telemetry change

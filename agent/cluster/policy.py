@@ -4,8 +4,8 @@ Every write is replicated to every etcd member and wakes every watcher, and 1,00
 probing every 5 s would make 200 writes/s of noise. We write on *meaningful* change only, and
 at least every ``interval_s`` so ``updated_at`` shows the agent is alive when nothing changes.
 
-Two kinds of change. *State* changes (an instance's state, readiness, a GPU lost, instances
-added or removed, a model path becoming (un)available) decide failover and placement: they go
+Two kinds of change. *State* changes (an instance's state, readiness, a GPU lost or crossing
+85 °C, instances added or removed, a model path becoming (un)available) decide failover and placement: they go
 out at once (``min_gap_s`` only merges a burst). *Telemetry* changes (a GPU 2 °C warmer or
 cooler, utilization 10 points off, the proxy's counters that feed the degradation level) only
 shift weights and rates: at most one such write per ``telemetry_gap_s`` per node, so 1,000
@@ -25,6 +25,7 @@ class PublishPolicy:
     min_gap_s: float = 1.0
     telemetry_gap_s: float = 15.0
     temperature_delta_c: float = 2.0
+    temperature_urgent_c: float = 85.0  # crossing it is a state change (the weight cap)
     utilization_delta_percent: float = 10.0
 
 
@@ -58,7 +59,11 @@ def _instance_change(a: InstanceRecord, b: InstanceRecord) -> str | None:
     return None
 
 
-def _state_change(prev: NodeRecord, cur: NodeRecord) -> str | None:
+def _hot(g: GpuRecord, p: PublishPolicy) -> bool:
+    return g.temperature_celsius is not None and g.temperature_celsius > p.temperature_urgent_c
+
+
+def _state_change(prev: NodeRecord, cur: NodeRecord, p: PublishPolicy) -> str | None:
     if prev.ready != cur.ready:
         return f"ready {prev.ready} -> {cur.ready}"
     if prev.address != cur.address:
@@ -68,6 +73,8 @@ def _state_change(prev: NodeRecord, cur: NodeRecord) -> str | None:
     for a, b in zip(prev.gpus, cur.gpus, strict=True):
         if a.lost != b.lost:
             return f"gpu {b.index} {'lost' if b.lost else 'back'}"
+        if _hot(a, p) != _hot(b, p):
+            return f"gpu {b.index} {'over' if _hot(b, p) else 'back under'} {p.temperature_urgent_c:g} °C"
     if [(m.model, m.path, m.available, m.error) for m in prev.models] != [
         (m.model, m.path, m.available, m.error) for m in cur.models
     ]:
@@ -86,7 +93,7 @@ def change_reason(prev: NodeRecord | None, cur: NodeRecord, p: PublishPolicy) ->
     """How ``cur`` differs meaningfully from the last published ``prev`` (None: it does not)."""
     if prev is None:
         return Change("first record", urgent=True)
-    if (why := _state_change(prev, cur)) is not None:
+    if (why := _state_change(prev, cur, p)) is not None:
         return Change(why, urgent=True)
     for a, b in zip(prev.gpus, cur.gpus, strict=True):
         if (why := _gpu_telemetry(a, b, p)) is not None:

@@ -52,6 +52,7 @@ class ClusterPublisher:
             min_gap_s=cfg.publish_min_gap_s,
             telemetry_gap_s=cfg.telemetry_min_gap_s,
             temperature_delta_c=cfg.temperature_delta_c,
+            temperature_urgent_c=cfg.temperature_urgent_c,
             utilization_delta_percent=cfg.utilization_delta_percent,
         )
         self._client = client
