@@ -16,6 +16,7 @@ from msgspec import Meta
 
 from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.keyspace import InvalidName, check_name
+from gpufleet.models import path_problems
 from gpufleet.tomlconfig import (
     ConfigError,
     ConfigProblem,
@@ -403,8 +404,6 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
 
 
 def models_problems(cfg: AgentConfig) -> list[ConfigProblem]:
-    from gpufleet.models import path_problems
-
     out = []
     backends = ("vllm", "ollama", "llamacpp", "koboldcpp")
     for backend, argv in cfg.models.launchers.items():

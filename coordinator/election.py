@@ -30,6 +30,8 @@ from gpufleet.keyspace.records import LeaderRecord
 
 log = structlog.get_logger("coordinator.election")
 
+MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
+
 
 class NotLeader(Exception):
     """A guarded write was refused: our leader key is gone or belongs to a newer epoch."""
@@ -97,6 +99,11 @@ class Election:
                 self._step_down("epoch guard rejected a write")
                 raise NotLeader(f"epoch {epoch} is no longer the leader")
         return res
+
+    async def guarded_writes(self, ops: list[Op]) -> None:
+        """``ops`` through :meth:`guarded_txn`, in transactions small enough for etcd's limit."""
+        for i in range(0, len(ops), MAX_TXN_OPS):
+            await self.guarded_txn(ops[i : i + MAX_TXN_OPS])
 
     # --- the loop --------------------------------------------------------------------------------
 

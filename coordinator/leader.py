@@ -33,7 +33,6 @@ from .policy.weights import WeightPolicy
 log = structlog.get_logger("coordinator.leader")
 
 FORGET_DOWN_AFTER_S = 600.0  # a node gone this long leaves the routes entirely
-MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
 
 
 @dataclass
@@ -286,8 +285,7 @@ class Leader:
         for model in set(current) - set(plan.routes):
             ops.append(Op.delete(self.keys.route(model)))
             deletes += 1
-        for i in range(0, len(ops), MAX_TXN_OPS):
-            await self.election.guarded_txn(ops[i : i + MAX_TXN_OPS])
+        await self.election.guarded_writes(ops)
         for model, rec in plan.routes.items():
             self._written[model] = rec
         for model in set(current) - set(plan.routes):

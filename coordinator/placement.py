@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 
-from gpufleet.etcd import EtcdClient, KeyMirror, Op
+from gpufleet.etcd import Change, EtcdClient, KeyMirror, Op
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import AssignedInstance, AssignmentRecord, ModelRecord, PlacementRecord
 from gpufleet.models import validate_model
@@ -25,8 +26,6 @@ from .policy.placement import NodeView, PlacementPlan, PlacementPolicy, place
 
 log = structlog.get_logger("coordinator.placement")
 
-MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
-
 
 class Placer:
     def __init__(
@@ -36,14 +35,14 @@ class Placer:
         keys: Keyspace,
         election: Election,
         metrics: CoordinatorMetrics,
-        on_change: object,
+        on_change: Callable[[Change], None],
     ) -> None:
         self.cfg = cfg
         self.policy = PlacementPolicy(reschedule_after_s=cfg.reschedule_after_s, memory_budget=cfg.memory_budget)
         self.keys = keys
         self.election = election
         self.metrics = metrics
-        self.models = KeyMirror(etcd, keys.models, on_change=on_change)  # type: ignore[arg-type]
+        self.models = KeyMirror(etcd, keys.models, on_change=on_change)
         self.assignments = KeyMirror(etcd, keys.assignments)
         self.plan: PlacementPlan | None = None
         # This term's own writes, until the mirror shows them (as the leader does for routes).
@@ -137,8 +136,7 @@ class Placer:
         prev = self._status_written
         if prev is None or prev.models != status.models or prev.epoch != epoch:
             ops.append(Op.put(self.keys.placement, encode(status)))
-        for i in range(0, len(ops), MAX_TXN_OPS):
-            await self.election.guarded_txn(ops[i : i + MAX_TXN_OPS])
+        await self.election.guarded_writes(ops)
         for node in set(current) | set(plan.assignments):
             self._written[node] = plan.assignments.get(node, [])
         self._status_written = status

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class Wanted:
 class CheckState:
     result: PathCheck | None = None
     checked_at: float | None = None
-    full_done: bool = False  # size/sha256 verified (or nothing to verify)
+    full_done: bool = False  # size/sha256 verified (checked once, then only presence)
     full_failed_at: float | None = None
     running: bool = False
 
@@ -196,17 +197,14 @@ class ModelFollower:
             self._record(w, st, PathCheck(False, False, f"{w.path} is outside models.allowed_roots"), now)
             return
         verify = cfg.verify_checksums and (w.size_bytes is not None or w.sha256 is not None)
-        retry_full = st.full_failed_at is None or now - st.full_failed_at >= _FULL_RETRY_ROUNDS * cfg.recheck_interval_s
-        full = verify and not st.full_done and retry_full
-        if verify and not st.full_done and not retry_full:
+        full = verify and not st.full_done  # size/sha256 not verified yet: the full check
+        retry_s = _FULL_RETRY_ROUNDS * cfg.recheck_interval_s
+        if full and st.full_failed_at is not None and now - st.full_failed_at < retry_s:
             return  # keep reporting the checksum failure until the retry is due
         timeout = cfg.checksum_timeout_s if full else cfg.check_timeout_s
         st.running = True
-        loop = asyncio.get_running_loop()
-        if full:
-            fut = loop.run_in_executor(self._pool, check_path, w.path, w.size_bytes, w.sha256)
-        else:
-            fut = loop.run_in_executor(self._pool, _light_check, w.path)
+        check = functools.partial(check_path, w.path, w.size_bytes, w.sha256, full=full)
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, check)
         fut.add_done_callback(lambda _: setattr(st, "running", False))
         try:
             res = await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -219,10 +217,8 @@ class ModelFollower:
                 st.full_done, st.full_failed_at = True, None
             else:
                 st.full_failed_at = now
-        elif not verify:
-            st.full_done = True
-        if res.available and verify and st.full_done:
-            res = PathCheck(True, True)
+        elif res.available and verify:
+            res = PathCheck(True, True)  # verified once; present and readable now
         self._record(w, st, res, now)
 
     def _record(self, w: Wanted, st: CheckState, res: PathCheck, now: float) -> None:
@@ -252,7 +248,3 @@ class ModelFollower:
         if configs != self._applied:
             await self._apply(configs)
             self._applied = configs
-
-
-def _light_check(path: str) -> PathCheck:
-    return check_path(path, full=False)

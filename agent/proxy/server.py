@@ -272,7 +272,7 @@ class Proxy:
                 return await self._try(request, body, target, ctx)
             except Failure as f:
                 last = f
-                if ctx.counted and not isinstance(target, RemoteTarget):
+                if _counted(ctx, target):
                     self.rt.proxy_counters.attempt_errors += 1
                 self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
                 log.warning(
@@ -311,7 +311,7 @@ class Proxy:
         url = inst.base_url + request.path_qs
         inst.in_flight += 1
         inst.requests_total += 1
-        if ctx.counted and not isinstance(inst, RemoteTarget):  # each node counts its own instances
+        if _counted(ctx, inst):
             self.rt.proxy_counters.attempts += 1
         # One timeout scope per attempt. A stream must show its first body chunk (the first
         # token: servers send headers at once) within ttfb_timeout_s; then the scope moves out
@@ -381,13 +381,11 @@ class Proxy:
         recorder = self.degrader.recorder() if ctx.cache_key is not None else None
         try:
             await resp.write(first)
-            if recorder is None:
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
-            else:
+            if recorder is not None:
                 recorder.add(first)
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
+                if recorder is not None:
                     recorder.add(chunk)
         except asyncio.CancelledError:
             if not scope.expired():
@@ -408,7 +406,7 @@ class Proxy:
         self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: Ctx, kind: str, message: str
     ) -> None:
         inst.errors_total += 1
-        if ctx.counted and not isinstance(inst, RemoteTarget):
+        if _counted(ctx, inst):
             self.rt.proxy_counters.attempt_errors += 1
         ctx.stream_error = True
         self.metrics.upstream_errors.labels(ctx.model, inst.name, kind).inc()
@@ -449,6 +447,13 @@ class Proxy:
                 **({"stream_error": True} if ctx.stream_error else {}),
                 **({"degraded": ctx.degraded} if ctx.degraded else {}),
             )
+
+
+def _counted(ctx: Ctx, target: Instance | RemoteTarget) -> bool:
+    """Does this attempt count toward the cluster error rate? Each node counts attempts on its
+    own instances only (a forwarded request is counted once, where it ran), and not those made
+    for a fallback (``ctx.counted``)."""
+    return ctx.counted and not isinstance(target, RemoteTarget)
 
 
 def add_proxy_routes(app: web.Application, proxy: Proxy) -> None:

@@ -135,7 +135,8 @@ class Supervisor:
         self.cfg = live_reloadable(self.cfg, new)
         # A static instance now named like an assigned one takes its place (the file wins).
         async with self._reconfiguring:
-            clash = [i for i in self.instances.values() if i.assigned and i.name in {c.name for c in new.instances}]
+            names = {c.name for c in new.instances}
+            clash = [i for i in self.instances.values() if i.assigned and i.name in names]
             await self._remove(clash)
             result = await self._reconcile(new.instances, assigned=False)
         log.info("config reloaded", **result)
