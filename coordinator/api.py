@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 def status_doc(rt: CoordinatorRuntime) -> dict[str, Any]:
     el, leader = rt.election, rt.leader
     d = leader.decision
+    # The leader keeps health times on the monotonic clock; people read wall-clock times.
+    to_wall = time.time() - time.monotonic()
     nodes = [
-        {"node": n, "state": str(h.state), "reason": h.reason, "since": h.since}
+        {"node": n, "state": str(h.state), "reason": h.reason, "since": h.since + to_wall}
         for n, h in sorted(leader.node_health.items())
     ]
     return {

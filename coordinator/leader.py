@@ -77,7 +77,9 @@ class Leader:
         # Leadership-scoped state: rebuilt from scratch by every new leader term.
         self.node_health: dict[str, NodeHealth] = {}
         self.inst_health: dict[tuple[str, str], InstanceHealth] = {}
-        self.last_seen: dict[str, tuple[NodeRecord, float]] = {}
+        self.last_seen: dict[str, tuple[NodeRecord, float]] = {}  # (record, monotonic time seen)
+        # (mod revision, monotonic time first seen at it): a record's age without trusting clocks.
+        self._changed_at: dict[str, tuple[int, float]] = {}
         self.plan: RoutePlan | None = None
         self.decision = Decision()
         self._term: int | None = None
@@ -126,10 +128,12 @@ class Leader:
         if self._term != epoch:
             await self._start_term(epoch)
         t0 = time.perf_counter()
-        now_wall = time.time()
-        records = self._records(now_wall)
+        # Decisions run on the monotonic clock (see policy/health.py, "Clocks"); the wall clock
+        # only stamps what is written for people to read.
+        now, now_wall = time.monotonic(), time.time()
+        records = self._records(now)
         drained = self._drained()
-        changes = self._judge(records, now_wall, sample)
+        changes = self._judge(records, now, sample)
         self.degradation.observe(records, time.monotonic())
         plan = compute_routes(
             {n: r for n, (r, _) in self.last_seen.items()},
@@ -150,7 +154,7 @@ class Leader:
             self.decision = Decision(now_wall, epoch, "grace period: observing, no decisions yet", changes=changes)
             return
         writes, deletes = await self._write_routes(plan, epoch)
-        changes += await self.placer.step(self._views(records, drained), epoch, now_wall)
+        changes += await self.placer.step(self._views(records, drained), epoch, now)
         await self.degradation.step(epoch, time.monotonic())
         if writes or deletes or changes:
             self.decision = Decision(
@@ -166,6 +170,7 @@ class Leader:
         self.node_health.clear()
         self.inst_health.clear()
         self.last_seen.clear()
+        self._changed_at.clear()
         self._written.clear()
         self._term = epoch
         self._grace_until = time.monotonic() + self.cfg.election.grace_s
@@ -198,6 +203,9 @@ class Leader:
                 continue
             out[rec.node] = rec
             self.last_seen[rec.node] = (rec, now)
+            changed = self._changed_at.get(rec.node)
+            if changed is None or changed[0] != kv.mod_revision:
+                self._changed_at[rec.node] = (kv.mod_revision, now)
         return out
 
     def _drained(self) -> set[str]:
@@ -226,7 +234,8 @@ class Leader:
                 for k in [k for k in self.inst_health if k[0] == node]:
                     del self.inst_health[k]
             elif prev is None or prev.state is Health.DOWN or sample:
-                new = step_node(prev, rec, now, self.health_policy)
+                age = now - self._changed_at[node][1]
+                new = step_node(prev, rec, now, self.health_policy, age=age)
             else:
                 new = prev
             if prev is None or new.state is not prev.state:
@@ -262,6 +271,7 @@ class Leader:
     def _forget(self, node: str) -> None:
         self.degradation.forget(node)
         self.last_seen.pop(node, None)
+        self._changed_at.pop(node, None)
         self.node_health.pop(node, None)
         for k in [k for k in self.inst_health if k[0] == node]:
             del self.inst_health[k]

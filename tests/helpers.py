@@ -275,10 +275,19 @@ def start_agent_sync(
 class CoordinatorProcess:
     """A real ``gpu-coordinator`` subprocess (sync start/stop, for module-scoped fixtures)."""
 
-    def __init__(self, tmp: Path, ident: str, endpoints: list[str], cluster: str, extra: str = "") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        ident: str,
+        endpoints: list[str],
+        cluster: str,
+        extra: str = "",
+        wrapper: list[str] | None = None,
+    ) -> None:
         import json as _json
 
         self.tmp = tmp
+        self.wrapper = wrapper or []  # e.g. env(1) with libfaketime: a coordinator with its own wall clock
         self.ident = ident
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -309,7 +318,7 @@ grace_s = 1.0
     def start(self) -> CoordinatorProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "--config", str(self.config)],
+            [*self.wrapper, sys.executable, "-m", "coordinator", "--config", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -6,6 +6,7 @@ import pytest
 
 from coordinator.policy import (
     DEFAULT_FAILOVER,
+    DEFAULT_HEALTH,
     DEFAULT_WEIGHTS,
     FailoverPolicy,
     Health,
@@ -27,6 +28,14 @@ from coordinator.policy import (
 from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
 
 NOW = 10_000.0
+
+
+def step(
+    prev: NodeHealth | None, record: NodeRecord | None, now: float, policy: HealthPolicy = DEFAULT_HEALTH
+) -> NodeHealth:
+    """step_node, with the test records' ``updated_at`` standing for when the record last changed."""
+    return step_node(prev, record, now, policy, age=now - record.updated_at if record else 0.0)
+
 
 # --- builders ------------------------------------------------------------------------------------
 
@@ -200,13 +209,13 @@ HOT = node(gpus=[gpu(0, temp=91)])
     ],
 )
 def test_node_sample(record: NodeRecord, good: bool, reason_part: str) -> None:
-    ok, reason = node_sample(record, NOW)
+    ok, reason = node_sample(record, NOW - record.updated_at)
     assert ok is good
     assert reason_part in reason
 
 
 def test_node_sample_names_every_problem() -> None:
-    _, reason = node_sample(node(gpus=[gpu(0, temp=95), gpu(1, lost=True)], updated_at=0), NOW)
+    _, reason = node_sample(node(gpus=[gpu(0, temp=95), gpu(1, lost=True)]), age=NOW)
     assert reason.count(";") == 2 and "GPU 0 at 95 °C" in reason and "GPU 1 lost" in reason
 
 
@@ -235,37 +244,37 @@ def test_node_transitions(samples: list[NodeRecord | None], states: list[Health]
     h: NodeHealth | None = None
     seen = []
     for t, rec in enumerate(samples):
-        h = step_node(h, rec, NOW + t)
+        h = step(h, rec, NOW + t)
         seen.append(h.state)
     assert seen == states
 
 
 def test_node_health_since_and_reason() -> None:
-    h = step_node(None, G, NOW)
+    h = step(None, G, NOW)
     assert (h.state, h.since) == (R, NOW)
-    h = step_node(step_node(h, G, NOW), G, NOW)  # counters stop at the thresholds
-    assert step_node(h, G, NOW + 1) is h  # steady: the same value, nothing to log
+    h = step(step(h, G, NOW), G, NOW)  # counters stop at the thresholds
+    assert step(h, G, NOW + 1) is h  # steady: the same value, nothing to log
     for t in (1, 2, 3):
-        h = step_node(h, HOT, NOW + t)
+        h = step(h, HOT, NOW + t)
     assert (h.state, h.since) == (D, NOW + 3)
     assert "GPU 0 at 91 °C" in h.reason
-    h = step_node(h, STALE, NOW + 4)  # still DEGRADED: reason follows the latest problem
+    h = step(h, STALE, NOW + 4)  # still DEGRADED: reason follows the latest problem
     assert (h.state, h.since) == (D, NOW + 3)
     assert "stale" in h.reason
     for t in (5, 6, 7):
-        h = step_node(h, G, NOW + t)
+        h = step(h, G, NOW + t)
     assert (h.state, h.since, h.reason) == (R, NOW + 7, "3 consecutive good samples")
-    h = step_node(h, None, NOW + 8)
+    h = step(h, None, NOW + 8)
     assert (h.state, h.since) == (X, NOW + 8)
     assert "lease" in h.reason
-    assert step_node(h, None, NOW + 9) is h
+    assert step(h, None, NOW + 9) is h
 
 
 def test_node_thresholds_are_configurable() -> None:
     policy = HealthPolicy(bad_samples=1, good_samples=1, stale_after_s=10)
-    h = step_node(None, node(updated_at=NOW - 11), NOW, policy)
+    h = step(None, node(updated_at=NOW - 11), NOW, policy)
     assert h.state is D
-    assert step_node(h, G, NOW, policy).state is R
+    assert step(h, G, NOW, policy).state is R
 
 
 # --- instance health -----------------------------------------------------------------------------
@@ -338,7 +347,7 @@ def test_instance_steady_values_are_reused() -> None:
 
 
 def healthy_view(nodes: dict[str, NodeRecord]) -> tuple[dict[str, NodeHealth], dict[tuple[str, str], InstanceHealth]]:
-    node_health = {name: step_node(None, rec, NOW) for name, rec in nodes.items()}
+    node_health = {name: step(None, rec, NOW) for name, rec in nodes.items()}
     inst_health = {
         (name, i.name): step_instance(None, i.state, NOW) for name, rec in nodes.items() for i in rec.instances
     }

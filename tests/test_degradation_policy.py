@@ -306,3 +306,27 @@ def test_stream_recorder_replays_chunks_and_stops_on_overflow():
     assert r.overflow and r.chunks == [] and r.size == 0
     r.add(b"y")  # ignored after the overflow
     assert r.chunks == [] and r.response(200, []) is None
+
+
+# --- the agent's view of the level: fresh by what it saw, not by the leader's clock -----------
+
+
+def test_the_agent_ignores_a_level_it_has_not_seen_refreshed_for_90_s_whatever_the_leaders_clock() -> None:
+    import time
+    from types import SimpleNamespace
+
+    from agent.config import DegradationSection
+    from agent.proxy.degrade import STALE_AFTER_S, Degrader
+    from gpufleet.keyspace.records import DegradationRecord
+
+    def record(updated_at: float) -> DegradationRecord:
+        return DegradationRecord(level=2, error_rate=0.2, samples=500, window_s=60, epoch=7, updated_at=updated_at)
+
+    routes = SimpleNamespace(degradation=record(time.time() + 3600), degradation_seen_at=time.monotonic())
+    degrader = Degrader(SimpleNamespace(routes=routes, cfg=SimpleNamespace(degradation=DegradationSection())))
+    assert degrader.level() == 2  # the leader's clock an hour ahead: still applied
+    routes.degradation = record(time.time() - 3600)
+    assert degrader.level() == 2  # an hour behind: still applied (was: ignored as stale)
+    routes.degradation_seen_at = time.monotonic() - STALE_AFTER_S - 1
+    routes.degradation = record(time.time())
+    assert degrader.level() == 0  # not seen changing for 90 s: fail open, whatever the stamp says

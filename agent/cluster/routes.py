@@ -8,6 +8,8 @@ for that model is kept.
 
 from __future__ import annotations
 
+import time
+
 import structlog
 
 from gpufleet.etcd import Change, Delete, EtcdClient, KeyMirror, Put, Snapshot
@@ -27,6 +29,10 @@ class RouteTable:
         self._drain_key = keys.drain(node_id)
         self._drains = KeyMirror(etcd, keys.drains, on_change=self._on_drain)
         self.degradation: DegradationRecord | None = None
+        # When this agent last saw the degradation record change (monotonic): its freshness,
+        # measured without comparing the leader's clock with ours.
+        self.degradation_seen_at = 0.0
+        self._degradation_revision = 0
         self._degradation = KeyMirror(etcd, keys.degradation, on_change=self._on_degradation)
 
     def start(self) -> None:
@@ -80,6 +86,9 @@ class RouteTable:
         before = self.degradation.level if self.degradation else 0
         after = rec.level if rec else 0
         self.degradation = rec
+        if kv is not None and kv.mod_revision != self._degradation_revision:  # not a relist of the same
+            self._degradation_revision = kv.mod_revision
+            self.degradation_seen_at = time.monotonic()
         if before != after:
             log.warning(
                 "degradation level changed",

@@ -13,7 +13,9 @@ Every answer given this way carries ``X-Gpufleet-Degraded: cache|fallback|static
 forwarded from another node is never degraded again (the entry node decided). A share of the
 requests (``probe_share``) bypasses degradation: without traffic reaching the model servers the
 error rate could never be measured again and level 3 would never end. A level record that
-the leader stopped refreshing (coordinator gone) is ignored after ``STALE_AFTER_S``: degradation
+the leader stopped refreshing (coordinator gone, or this agent cut off from etcd) is ignored
+``STALE_AFTER_S`` after this agent last saw it change, on the agent's monotonic clock (the
+record's ``updated_at`` is the leader's wall clock, and hosts' clocks disagree): degradation
 fails open, to normal serving, not to static answers forever.
 """
 
@@ -82,7 +84,7 @@ class Degrader:
         if routes is None or not self.cfg.enabled or routes.degradation is None:
             return 0
         rec = routes.degradation
-        if rec.level and time.time() - rec.updated_at > STALE_AFTER_S:
+        if rec.level and time.monotonic() - routes.degradation_seen_at > STALE_AFTER_S:
             return 0
         return rec.level
 

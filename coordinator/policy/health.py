@@ -6,7 +6,15 @@ Nodes (DESIGN gpu-coordinator item 2)::
       any state --node key gone (lease expired/revoked)--> DOWN --key back--> DEGRADED
 
 A *sample* is one evaluation of the node's current record (one coordinator tick), so the
-thresholds count ticks, not agent writes. A sample is bad when the telemetry is stale, a GPU is
+thresholds count ticks, not agent writes.
+
+Clocks. ``now`` is the caller's clock and every time kept here (``since``, ``ejected_until``,
+``ready_since``) is on it; the leader passes ``time.monotonic()``, so an NTP step or a VM
+resumed with a stale clock neither ends ejections early nor keeps instances out for an hour.
+Staleness is ``age``: how long since the caller saw the record *change*, measured on its own
+clock (the leader: since the record's mod revision changed). Comparing the agent's
+``updated_at`` with the leader's wall clock would call a whole fleet stale because one host's
+clock is off. A sample is bad when the telemetry is stale, a GPU is
 lost or a GPU is over ``temp_limit_c``. A node first seen (also: every node, after a leader
 change) starts as READY with no history: a new leader must not eject the whole fleet while it
 collects samples; a bad node still reaches DEGRADED after ``bad_samples`` ticks.
@@ -66,10 +74,10 @@ class NodeHealth:
     since: float  # time of the last state change
 
 
-def node_sample(record: NodeRecord, now: float, policy: HealthPolicy = DEFAULT_HEALTH) -> tuple[bool, str]:
-    """(good, reason) for the node's current record; the reason names every problem found."""
+def node_sample(record: NodeRecord, age: float, policy: HealthPolicy = DEFAULT_HEALTH) -> tuple[bool, str]:
+    """(good, reason) for the node's current record, unchanged for ``age`` seconds; the reason
+    names every problem found."""
     problems = []
-    age = now - record.updated_at
     if age > policy.stale_after_s:
         problems.append(f"telemetry stale: last update {age:.0f} s ago (limit {policy.stale_after_s:.0f} s)")
     for g in record.gpus:
@@ -83,15 +91,21 @@ def node_sample(record: NodeRecord, now: float, policy: HealthPolicy = DEFAULT_H
 
 
 def step_node(
-    prev: NodeHealth | None, record: NodeRecord | None, now: float, policy: HealthPolicy = DEFAULT_HEALTH
+    prev: NodeHealth | None,
+    record: NodeRecord | None,
+    now: float,
+    policy: HealthPolicy = DEFAULT_HEALTH,
+    *,
+    age: float = 0.0,
 ) -> NodeHealth:
-    """The node's health after one sample; ``record is None`` means its key is gone."""
+    """The node's health after one sample; ``record is None`` means its key is gone, ``age`` is
+    how long the record has gone unchanged (see "Clocks" above)."""
     if record is None:
         if prev is not None and prev.state == Health.DOWN:
             return prev
         return NodeHealth(Health.DOWN, 0, 0, "node key gone (lease expired or revoked)", now)
 
-    good, why = node_sample(record, now, policy)
+    good, why = node_sample(record, age, policy)
     if prev is None:
         # First seen: READY with no history, then the ordinary READY rules for this sample.
         prev = NodeHealth(Health.READY, 0, 0, "first seen", now)

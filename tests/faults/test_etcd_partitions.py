@@ -8,66 +8,13 @@ and rejoins as a standby.
 
 from __future__ import annotations
 
-import json
-import urllib.request
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from etcd_fixtures import EtcdCluster
-from helpers import CoordinatorProcess, agent_toml, free_port, instance_toml, start_agent_sync, wait_until
+from helpers import CoordinatorProcess, wait_until
 
-from faults.tcpproxy import FaultProxy
-from gpufleet.keyspace import Keyspace, decode
-from gpufleet.keyspace.records import RouteRecord
-
-CLUSTER = "faults"
-KEYS = Keyspace(CLUSTER)
-
-
-def proxy_to(etcd: EtcdCluster) -> FaultProxy:
-    host, port = etcd.endpoints[0].removeprefix("http://").rsplit(":", 1)
-    return FaultProxy(host, int(port)).start()
-
-
-def cluster_agent(tmp: Path, node: str, endpoint: str, lease_ttl_s: int = 3, timeout_s: float = 1.0):  # type: ignore[no-untyped-def]
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    text = agent_toml(tmp, port, instance_toml("m", model="m", gpus="[0]", fraction=0.5))
-    text = text.replace('node_id = "test-node"', f'node_id = "{node}"\nadvertise_url = "http://127.0.0.1:{port}"')
-    text += f"""
-[cluster]
-endpoints = ["{endpoint}"]
-cluster = "{CLUSTER}"
-lease_ttl_s = {lease_ttl_s}
-keepalive_interval_s = 1.0
-timeout_s = {timeout_s}
-"""
-    return start_agent_sync(tmp, text, port, ready_instances=1)
-
-
-async def endpoint_state(etcd: EtcdCluster, node: str) -> str | None:
-    async with etcd.client() as c:
-        kv = await c.get(KEYS.route("m"))
-    if kv is None:
-        return None
-    return next((e.state for e in decode(kv.value, RouteRecord).endpoints if e.node == node), None)
-
-
-def chat(base: str) -> tuple[int, dict[str, Any]]:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
-    req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return r.status, json.loads(r.read())
-
-
-def log_time(path: Path, event: str) -> datetime:
-    for line in path.read_text().splitlines():
-        doc = json.loads(line)
-        if doc.get("event") == event:
-            return datetime.fromisoformat(doc["timestamp"].replace("Z", "+00:00"))
-    raise AssertionError(f"{event!r} not in {path}")
+from faults.fleet import CLUSTER, KEYS, chat, cluster_agent, endpoint_state, eq, log_time, proxy_to
 
 
 @pytest.mark.parametrize("fault", ["blackhole", "half-open", "reset"])
@@ -81,14 +28,14 @@ async def test_agent_cut_off_from_etcd_leaves_the_routes_keeps_serving_and_comes
     try:
         coord.wait_ready_sync()
         for node in ("cut", "other"):
-            await wait_until(lambda n=node: _eq(endpoint_state(etcd, n), "READY"), timeout=30, what=f"{node} READY")
+            await wait_until(lambda n=node: eq(endpoint_state(etcd, n), "READY"), timeout=30, what=f"{node} READY")
         proxy.set(fault)  # type: ignore[arg-type]
-        await wait_until(lambda: _eq(endpoint_state(etcd, "cut"), "DOWN"), timeout=20, what="cut node DOWN")
+        await wait_until(lambda: eq(endpoint_state(etcd, "cut"), "DOWN"), timeout=20, what="cut node DOWN")
         # The data plane does not depend on etcd: the node still answers what it serves itself.
         assert chat(cut.base)[0] == 200
         assert await endpoint_state(etcd, "other") == "READY"
         proxy.set("pass")
-        await wait_until(lambda: _eq(endpoint_state(etcd, "cut"), "READY"), timeout=30, what="cut node back")
+        await wait_until(lambda: eq(endpoint_state(etcd, "cut"), "READY"), timeout=30, what="cut node back")
         assert cut.proc is not None and cut.proc.poll() is None
         log = cut.log_path.read_text()
         assert ("Traceback" not in log and '"re-registering"' in log) or "registered" in log
@@ -105,7 +52,7 @@ async def test_moderate_etcd_latency_causes_no_failover(etcd: EtcdCluster, tmp_p
     slow = cluster_agent(tmp_path / "slow", "slow", proxy.url, lease_ttl_s=10, timeout_s=3.0)
     try:
         coord.wait_ready_sync()
-        await wait_until(lambda: _eq(endpoint_state(etcd, "slow"), "READY"), timeout=30, what="READY")
+        await wait_until(lambda: eq(endpoint_state(etcd, "slow"), "READY"), timeout=30, what="READY")
         proxy.set("delay", 0.4)  # each chunk, both ways: a keep-alive round trip takes ~1 s
         states: set[str | None] = set()
         async with etcd.client() as c:
@@ -153,7 +100,3 @@ async def test_a_leader_cut_off_steps_down_before_anyone_else_can_lead(etcd: Etc
             c2.stop()
         c1.stop()
         proxy.stop()
-
-
-async def _eq(value: Any, expected: Any) -> bool:
-    return await value == expected

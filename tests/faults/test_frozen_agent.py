@@ -14,7 +14,7 @@ from typing import Any
 from etcd_fixtures import EtcdCluster
 from helpers import AgentProcess, CoordinatorProcess, pid_alive, wait_until
 
-from faults.test_etcd_partitions import CLUSTER, _eq, cluster_agent, endpoint_state
+from faults.fleet import CLUSTER, cluster_agent, endpoint_state, eq
 
 
 def node_transitions(coord: CoordinatorProcess, node: str) -> list[str]:
@@ -32,7 +32,7 @@ async def test_agent_frozen_shorter_and_longer_than_its_lease(etcd: EtcdCluster,
     assert agent.proc is not None
     try:
         coord.wait_ready_sync()
-        await wait_until(lambda: _eq(endpoint_state(etcd, "frozen"), "READY"), timeout=30, what="READY")
+        await wait_until(lambda: eq(endpoint_state(etcd, "frozen"), "READY"), timeout=30, what="READY")
         before = node_transitions(coord, "frozen")
 
         # Shorter than the lease (4 s): the fault lasts 1.5 s, then the keep-alive catches up.
@@ -40,16 +40,16 @@ async def test_agent_frozen_shorter_and_longer_than_its_lease(etcd: EtcdCluster,
         await asyncio.sleep(1.5)  # the fault's duration, not a wait for a condition
         agent.proc.send_signal(signal.SIGCONT)
         await wait_until(
-            lambda: _eq(endpoint_state(etcd, "frozen"), "READY"), timeout=10, what="still READY after a short freeze"
+            lambda: eq(endpoint_state(etcd, "frozen"), "READY"), timeout=10, what="still READY after a short freeze"
         )
         assert node_transitions(coord, "frozen") == before, "a freeze shorter than the lease caused a failover"
 
         # Longer than the lease: DOWN while frozen, back after SIGCONT with the same process.
         server_pid = _status(agent)["instances"][0]["pid"]
         agent.proc.send_signal(signal.SIGSTOP)
-        await wait_until(lambda: _eq(endpoint_state(etcd, "frozen"), "DOWN"), timeout=20, what="DOWN while frozen")
+        await wait_until(lambda: eq(endpoint_state(etcd, "frozen"), "DOWN"), timeout=20, what="DOWN while frozen")
         agent.proc.send_signal(signal.SIGCONT)
-        await wait_until(lambda: _eq(endpoint_state(etcd, "frozen"), "READY"), timeout=30, what="READY again")
+        await wait_until(lambda: eq(endpoint_state(etcd, "frozen"), "READY"), timeout=30, what="READY again")
         assert agent.proc.poll() is None  # the same agent process, not a restart
         assert any("DOWN" in t for t in node_transitions(coord, "frozen"))
         # Its model server kept running through it: same process, READY, not restarted.
