@@ -12,10 +12,13 @@ notifications would tell the two apart, but they come every 10 minutes by defaul
 (``--experimental-watch-progress-notify-interval``). So after ``idle_timeout`` seconds of
 silence the watch asks the *same member* for its status (a cheap unary call, sent with
 ``hasleader`` so a member that lost its leader fails it too). If that fails, the watch raises
-EtcdUnavailable and the caller reconnects, possibly elsewhere; if it answers, silence was just
-quiet and the wait goes on. What this cannot see is a broken watch connection to a healthy
-member; TCP keepalive (on by default in aiohttp) and a shorter progress interval on the server
-are the answer there.
+EtcdUnavailable and the caller reconnects, possibly elsewhere. If it answers, the connection
+itself may still be dead (a load balancer or NAT table that forgot it, while the member is
+fine), so when the member's revision has moved past ``next_revision`` the watch asks again, with
+a short-lived probe watch from ``next_revision`` on the same keys: events there are events this
+stream should have delivered, so it raises EtcdUnavailable and the caller resumes from
+``next_revision`` (nothing lost; at worst a needless reconnect when an event was in flight).
+Otherwise silence was just quiet and the wait goes on.
 
 Resuming. ``next_revision`` is where a new watch must start so that nothing is missed or seen
 twice: the last event's ``mod_revision + 1``, or a progress notification's header revision + 1.
@@ -38,6 +41,10 @@ if TYPE_CHECKING:
     from .stream import Stream
 
 log = structlog.get_logger("gpufleet.etcd")
+
+# How long a probe watch waits for history it should find. etcd replays an unsynced watcher's
+# history in its sync loop, every 100 ms; this leaves room for a loaded member.
+PROBE_WAIT_S = 2.0
 
 
 class Watch:
@@ -170,4 +177,34 @@ class Watch:
                     f"does not answer: {e.message}",
                     endpoint=stream.endpoint,
                 ) from e
+            if status.revision >= self.next_revision and await self._missed_events():
+                raise EtcdUnavailable(
+                    f"etcd watch on {stream.endpoint} silent for {self.idle_timeout:.0f}s although there are "
+                    f"events from revision {self.next_revision}: the stream is hung",
+                    endpoint=stream.endpoint,
+                )
             log.debug("etcd watch idle, member alive", endpoint=stream.endpoint)
+
+    async def _missed_events(self) -> bool:
+        """Whether a fresh watch from ``next_revision`` on the same keys sees events at once."""
+        start = self.next_revision
+        for _ in range(2):  # a second try from the compaction point when ``start`` was compacted
+            create = {**self._create, "start_revision": str(start)}
+            create.pop("progress_notify", None)
+            try:
+                probe = await self._client.transport.open_stream("/v3/watch", {"create_request": create})
+            except EtcdError:
+                return False  # cannot tell; the member answered its status, so keep waiting
+            try:
+                async with asyncio.timeout(PROBE_WAIT_S):
+                    msg = WatchResponse.parse((await probe.next_json() or {}).get("result") or {})
+            except (TimeoutError, EtcdError):
+                return False  # nothing to catch up on (etcd sends history at once)
+            finally:
+                probe.close()
+            created = WatchResponse.parse(probe.first.get("result") or {})
+            compacted = created.compact_revision or msg.compact_revision
+            if not compacted:
+                return bool(msg.events)
+            start = compacted
+        return False

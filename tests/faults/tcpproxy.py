@@ -11,6 +11,11 @@ behaves badly.
     delay      every chunk waits ``delay_s`` before it is forwarded (a slow, congested link)
     reset      every connection is closed at once, new ones too (a peer that went away)
     half-open  client -> etcd still flows, etcd -> client is dropped (an asymmetric partition)
+
+``freeze_open_connections(match)`` is the one fault that is not a mode: the connections open at
+that moment (those whose latest request's first bytes contain ``match``) stop forwarding, silently and
+for good, while the others and new ones pass: a watch stream stuck in a load balancer or a NAT
+table that forgot it, while the member itself is fine.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
         self._conns: set[asyncio.StreamWriter] = set()
+        self._open: dict[object, bytes] = {}  # per proxied connection: its latest request's first bytes
+        self._frozen: set[object] = set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
 
@@ -54,6 +61,23 @@ class FaultProxy:
                     w.transport.abort()
 
         self._loop.call_soon_threadsafe(apply)
+
+    def freeze_open_connections(self, match: bytes = b"") -> int:
+        """Silence the connections open now whose latest request contains ``match`` (new ones pass);
+        returns how many were frozen."""
+        done = threading.Event()
+        count = [0]
+
+        def apply() -> None:
+            chosen = {t for t, first in self._open.items() if match in first}
+            self._frozen |= chosen
+            count[0] = len(chosen)
+            done.set()
+
+        self._loop.call_soon_threadsafe(apply)
+        if not done.wait(10):
+            raise RuntimeError("fault proxy did not answer")
+        return count[0]
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -84,20 +108,26 @@ class FaultProxy:
             writer.transport.abort()
             return
         self._conns.update((writer, up_writer))
+        token = object()
+        self._open[token] = b""
         try:
             await asyncio.gather(
-                self._pipe(reader, up_writer, upstream=True), self._pipe(up_reader, writer, upstream=False)
+                self._pipe(reader, up_writer, True, token), self._pipe(up_reader, writer, False, token)
             )
         finally:
+            self._open.pop(token, None)
+            self._frozen.discard(token)
             for w in (writer, up_writer):
                 self._conns.discard(w)
                 w.transport.abort()
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool, token: object) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while chunk := await src.read(65536):
+                if upstream and chunk.startswith((b"POST ", b"GET ", b"PUT ")):
+                    self._open[token] = chunk[:512]  # the latest request on a kept-alive connection
                 mode = self.mode
-                if mode == "blackhole" or (mode == "half-open" and not upstream):
+                if token in self._frozen or mode == "blackhole" or (mode == "half-open" and not upstream):
                     continue  # dropped on the floor; the connection stays up
                 if mode == "reset":
                     return
