@@ -32,6 +32,8 @@ def status_doc(rt: CoordinatorRuntime) -> dict[str, Any]:
         "leader": el.leader,
         "epoch": el.epoch if el.is_leader else el.leader_epoch,
         "elected_at": el.elected_at if el.is_leader else None,
+        # Passes past the new term's grace period, each with its routes written: 0 = observing.
+        "deciding_passes": leader.deciding_passes if el.is_leader else 0,
         "last_decision": {
             "at": d.at,
             "epoch": d.epoch,

@@ -83,6 +83,7 @@ class Leader:
         self.plan: RoutePlan | None = None
         self.decision = Decision()
         self._term: int | None = None
+        self.deciding_passes = 0  # complete passes after this term's grace period (routes written)
         self._grace_until = 0.0
         # What this term wrote, compared before the mirror catches up with our own writes.
         self._written: dict[str, RouteRecord | None] = {}
@@ -156,6 +157,7 @@ class Leader:
         writes, deletes = await self._write_routes(plan, epoch)
         changes += await self.placer.step(self._views(records, drained), epoch, now)
         await self.degradation.step(epoch, time.monotonic())
+        self.deciding_passes += 1
         if writes or deletes or changes:
             self.decision = Decision(
                 now_wall, epoch, f"{writes} routes written, {deletes} removed", writes, deletes, changes
@@ -173,6 +175,7 @@ class Leader:
         self._changed_at.clear()
         self._written.clear()
         self._term = epoch
+        self.deciding_passes = 0
         self._grace_until = time.monotonic() + self.cfg.election.grace_s
         log.info(
             "leading: state synced, grace period started",

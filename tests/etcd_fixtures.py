@@ -197,17 +197,22 @@ class EtcdMember:
         self.peer_port = free_port()
         self.tls = tls
         self.extra_args = list(extra_args or [])
+        # Where it listens, and a command prefix: a partition test puts a member in a network
+        # namespace (``ip netns exec NS``) with its client and peer traffic on separate links.
+        self.client_host = "127.0.0.1"
+        self.peer_host = "127.0.0.1"
+        self.prefix: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self._initial_cluster = ""
         self._log: Any = None
 
     @property
     def client_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.client_host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"http://{self.peer_host}:{self.peer_port}"
 
     @property
     def pid(self) -> int:
@@ -220,6 +225,7 @@ class EtcdMember:
     def argv(self) -> list[str]:
         assert ETCD_BIN is not None
         args = [
+            *self.prefix,
             ETCD_BIN,
             "--name", self.name,
             "--data-dir", str(self.data_dir),

@@ -2,8 +2,15 @@
 
     register: grant lease -> put record (taking over a previous registration of this node)
     maintain: keep-alive every TTL/3; publish on meaningful change or every 30 s
-    lease lost (expired while we were frozen or cut off): register again
-    etcd unreachable: keep serving locally, retry with back-off, log each state change once
+    lease lost (expired while we were frozen or cut off, or no keep-alive answered for a whole
+        TTL): register again, retrying at least every TTL/3 (jittered). After etcd loses quorum
+        and regains it, the old lease lives on for a TTL (a new raft leader extends every
+        lease), so registering within that window replaces the record's lease without the key
+        ever going away: the node is not failed over by the cluster's own recovery. A longer
+        back-off would race that expiry.
+    keep-alive or a write failing (for less than a TTL): keep serving locally and the lease, try
+        again in ~1 s
+    every state change is logged once
     stop (SIGTERM): revoke the lease, so the cluster fails over at once instead of after a TTL
 
 The agent's data plane never waits on any of this: the publisher runs beside it and a failure
@@ -108,8 +115,9 @@ class ClusterPublisher:
             except EtcdError as e:
                 failures += 1
                 self._set_state("unreachable", error=str(e))
-                # Back off (capped, jittered) so 1,000 agents do not stampede a recovering etcd.
-                delay = min(10.0, 0.5 * 2 ** min(failures, 5)) * random.uniform(0.5, 1.0)
+                # Back off, jittered so 1,000 agents do not arrive at a recovering etcd together,
+                # and capped at TTL/3 (see top).
+                delay = min(10.0, self.cfg.lease_ttl_s / 3, 0.5 * 2 ** min(failures, 5)) * random.uniform(0.5, 1.0)
                 await asyncio.sleep(delay)
             except Exception as e:  # a bug must not end cluster membership for good
                 log.exception("cluster publisher error", error=str(e))
@@ -130,11 +138,12 @@ class ClusterPublisher:
 
     async def _maintain(self) -> None:
         loop = asyncio.get_running_loop()
-        ttl = self.cfg.lease_ttl_s
-        lease_deadline = loop.time() + ttl
+        lease_deadline = loop.time() + self.cfg.lease_ttl_s
         next_keepalive = loop.time() + self.cfg.keepalive_s
+        publish_not_before = 0.0  # after a failed write: when to try again
         while True:
-            wait = max(0.0, min(next_keepalive, self._published_at_loop() + self.policy.interval_s) - loop.time())
+            due = max(self._published_at_loop() + self.policy.interval_s, publish_not_before)
+            wait = max(0.0, min(next_keepalive, due) - loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), wait)
             self._poke.clear()
@@ -144,20 +153,32 @@ class ClusterPublisher:
                 except EtcdLeaseNotFound:
                     raise _LeaseLost("lease expired") from None
                 except EtcdError as e:
+                    # Past a whole TTL the lease is given up even though etcd may have kept it
+                    # (no quorum, no expiry): a keep-alive that timed out may still have renewed
+                    # it, and a node whose renewals land but whose answers are lost (half-open)
+                    # must not stay in the routes forever. Nothing is published meanwhile.
                     if loop.time() >= lease_deadline:
                         raise _LeaseLost(f"no keep-alive for a whole TTL: {e}") from None
                     self._set_state("keepalive failing", error=str(e))
-                    next_keepalive = loop.time() + min(1.0, self.cfg.keepalive_s / 2)
+                    next_keepalive = loop.time() + min(1.0, self.cfg.keepalive_s / 2) * random.uniform(0.8, 1.2)
                     continue
                 if remaining <= 0:
                     raise _LeaseLost("lease expired")
                 lease_deadline = loop.time() + remaining
                 next_keepalive = loop.time() + self.cfg.keepalive_s
                 self._set_state("registered", lease=self.lease_id, ttl=remaining)
+            if loop.time() < publish_not_before:
+                continue
             cur = self.snapshot()
             why = publish_reason(self._published, cur, time.monotonic() - self._published_at, self.policy)
             if why is not None:
-                await self._publish(cur, why)
+                try:
+                    await self._publish(cur, why)
+                except EtcdLeaseNotFound:
+                    raise _LeaseLost("lease expired") from None
+                except EtcdError as e:
+                    self._set_state("keepalive failing", error=f"publishing: {e}")
+                    publish_not_before = loop.time() + random.uniform(0.8, 1.2)
 
     async def _publish(self, rec: NodeRecord, why: str) -> None:
         await self.etcd.put(self.key, encode(rec), lease=self.lease_id)

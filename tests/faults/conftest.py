@@ -17,3 +17,13 @@ def etcd() -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture
+def etcd3() -> Iterator[EtcdCluster]:
+    """Three members of its own for one scenario (scenarios kill, freeze and restart members)."""
+    cluster = EtcdCluster(3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()

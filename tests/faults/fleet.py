@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from datetime import datetime
@@ -9,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from etcd_fixtures import EtcdCluster
-from helpers import AgentProcess, agent_toml, free_port, instance_toml, start_agent_sync
+from helpers import AgentProcess, agent_toml, free_port, instance_toml, start_agent_sync, wait_until
 
 from faults.tcpproxy import FaultProxy
+from gpufleet.etcd import Delete, KeyValue, Put, Snapshot, list_watch
 from gpufleet.keyspace import Keyspace, decode
-from gpufleet.keyspace.records import RouteRecord
+from gpufleet.keyspace.records import LeaderRecord, RouteRecord
 
 CLUSTER = "faults"
 KEYS = Keyspace(CLUSTER)
@@ -73,3 +75,67 @@ def log_time(path: Path, event: str) -> datetime:
 
 async def eq(value: Any, expected: Any) -> bool:
     return await value == expected
+
+
+class Recorder:
+    """Every route state and every leader key version, from a watch on the cluster's keys: what the
+    agents and operators saw during a scenario. Use as ``async with Recorder(etcd) as seen``."""
+
+    def __init__(self, etcd: EtcdCluster) -> None:
+        self._etcd = etcd
+        self.states: dict[str, list[str]] = {}  # node -> route states of model m, in order, repeats collapsed
+        self.leaders: list[tuple[int, str] | None] = []  # (epoch, coordinator); None: no leader key
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Recorder:
+        self._client = await self._etcd.client().__aenter__()
+        self._task = asyncio.create_task(self._run())
+        await wait_until(lambda: self.leaders or self.states, timeout=10, what="the recorder's first listing")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._client.__aexit__(None, None, None)
+
+    def _route(self, kv: KeyValue) -> None:
+        now = {e.node: e.state for e in decode(kv.value, RouteRecord).endpoints}
+        for node in self.states.keys() - now.keys():
+            now[node] = "ABSENT"  # left the route altogether (e.g. a new leader never saw it)
+        for node, state in now.items():
+            seen = self.states.setdefault(node, [])
+            if not seen or seen[-1] != state:
+                seen.append(state)
+
+    def _leader(self, kv: KeyValue | None) -> None:
+        now = (kv.create_revision, decode(kv.value, LeaderRecord).coordinator) if kv else None
+        if not self.leaders or self.leaders[-1] != now:
+            self.leaders.append(now)
+
+    async def _run(self) -> None:
+        route_key, leader_key = KEYS.route("m").encode(), KEYS.leader.encode()
+        async for change in list_watch(self._client, KEYS.prefix, idle_timeout=2.0):
+            if isinstance(change, Snapshot):
+                kvs = {kv.key: kv for kv in change.kvs}
+                self._leader(kvs.get(leader_key))
+                for kv in change.kvs:
+                    if kv.key == route_key:
+                        self._route(kv)
+            elif isinstance(change, Put) and change.kv.key == route_key:
+                self._route(change.kv)
+            elif isinstance(change, Put) and change.kv.key == leader_key:
+                self._leader(change.kv)
+            elif isinstance(change, Delete) and change.key == leader_key:
+                self._leader(None)
+
+
+def endpoint_in_use(log_path: Path) -> str | None:
+    """The etcd endpoint a daemon's client last said it uses (its "etcd endpoint ..." log lines)."""
+    current = None
+    for line in log_path.read_text().splitlines():
+        if '"etcd endpoint' in line:
+            doc = json.loads(line)
+            if doc.get("event") in ("etcd endpoint in use", "etcd endpoint switched"):
+                current = doc["endpoint"]
+    return current

@@ -1,0 +1,173 @@
+"""Faults inside a 3-member etcd cluster, with two coordinators and two agents attached to it.
+
+What users must see:
+- the etcd leader killed, and later a member frozen with SIGSTOP: every client moves to a
+  member that answers, no node leaves the routes, the coordinator leader keeps its term;
+- quorum lost (two of three members killed): the coordinator leader steps down and nobody
+  leads, so no decision is taken on a view that cannot be checked; the agents keep answering
+  requests with what they have; when the members return, one coordinator leads again and every
+  node is READY without having been failed over (etcd extends every lease when a new raft
+  leader takes over, and the agents register again within that time).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from etcd_fixtures import EtcdCluster, EtcdMember
+from helpers import CoordinatorProcess, wait_until
+
+from faults.fleet import CLUSTER, KEYS, Recorder, chat, cluster_agent, endpoint_in_use, endpoint_state, eq
+
+LEASE_TTL_S = 3  # agents and coordinators alike, in these scenarios
+
+
+async def raft_leader(etcd: EtcdCluster) -> EtcdMember | None:
+    for m in etcd.members:
+        if not m.running():
+            continue
+        async with etcd.client(endpoints=[m.client_url], timeout=1.0) as c:
+            try:
+                st = await c.status(endpoint=m.client_url)
+            except Exception:
+                continue
+            if st.leader and st.leader == st.member_id:
+                return m
+    return None
+
+
+async def node_leases(etcd: EtcdCluster) -> dict[str, int]:
+    async with etcd.client() as c:
+        return {kv.key_str: kv.lease for kv in (await c.get_prefix(KEYS.nodes)).kvs}
+
+
+def leader_view(*coords: CoordinatorProcess) -> dict[str, str] | None:
+    """The leader's node states, once it has written routes in its term; None before."""
+    st = next((s for s in (c.status() for c in coords) if s["is_leader"]), None)
+    return {n["node"]: n["state"] for n in st["nodes"]} if st and st["deciding_passes"] >= 2 else None
+
+
+def registered_since(log_path: Path, offset: int) -> bool:
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        return b'"etcd membership registered"' in f.read()
+
+
+def ordered(etcd: EtcdCluster, *first: EtcdMember) -> list[str]:
+    return [m.client_url for m in first] + [m.client_url for m in etcd.members if m not in first]
+
+
+async def test_etcd_leader_killed_then_a_member_frozen_no_spurious_failover(etcd3: EtcdCluster, tmp_path: Path) -> None:
+    leader = await raft_leader(etcd3)
+    assert leader is not None
+    f1 = next(m for m in etcd3.members if m is not leader)
+    c1 = CoordinatorProcess(tmp_path, "c1", ordered(etcd3, leader, f1), CLUSTER).start()
+    c2: CoordinatorProcess | None = None
+    agents = []
+    try:
+        c1.wait_ready_sync()
+        await wait_until(lambda: c1.status()["is_leader"], timeout=20, what="c1 leads")
+        c2 = CoordinatorProcess(tmp_path, "c2", ordered(etcd3, f1), CLUSTER).start().wait_ready_sync()
+        agents.append(cluster_agent(tmp_path / "a", "a", ordered(etcd3, leader, f1)))
+        agents.append(cluster_agent(tmp_path / "b", "b", ordered(etcd3, f1, leader)))
+        for node in ("a", "b"):
+            await wait_until(lambda n=node: eq(endpoint_state(etcd3, n), "READY"), timeout=30, what=f"{node} READY")
+        epoch = c1.status()["epoch"]
+        logs = [c1.log_path, c2.log_path, *(a.log_path for a in agents)]
+
+        async with Recorder(etcd3) as seen:
+            for fault, member in (("kill", leader), ("sigstop", f1)):
+                users = [p for p in logs if endpoint_in_use(p) == member.client_url]
+                assert users, f"nobody attached to {member.name}: the fault would prove nothing"
+                t0 = time.monotonic()
+                member.kill() if fault == "kill" else member.sigstop()
+                # Held until every client of the member has moved on, and for two lease TTLs: had
+                # anyone not moved, a lease would have run out.
+                await wait_until(
+                    lambda m=member, u=users, t=t0: (
+                        all(endpoint_in_use(p) != m.client_url for p in u) and time.monotonic() - t > 2 * LEASE_TTL_S
+                    ),
+                    timeout=40,
+                    what=f"clients off {member.name} ({fault})",
+                )
+                if fault == "kill":
+                    member.start()
+                else:
+                    member.sigcont()
+                await member.wait_healthy()
+            for a in agents:
+                assert chat(a.base)[0] == 200
+        assert seen.states == {"a": ["READY"], "b": ["READY"]}, seen.states
+        assert seen.leaders == [(epoch, "c1")], seen.leaders
+        assert (c1.status()["is_leader"], c1.status()["epoch"]) == (True, epoch)
+    finally:
+        for a in agents:
+            a.stop()
+        if c2 is not None:
+            c2.stop()
+        c1.stop()
+
+
+async def test_quorum_lost_decisions_freeze_data_plane_serves_and_recovery_fails_nobody_over(
+    etcd3: EtcdCluster, tmp_path: Path
+) -> None:
+    c1 = CoordinatorProcess(tmp_path, "c1", etcd3.endpoints, CLUSTER).start()
+    c2: CoordinatorProcess | None = None
+    agents = []
+    try:
+        c1.wait_ready_sync()
+        await wait_until(lambda: c1.status()["is_leader"], timeout=20, what="c1 leads")
+        c2 = CoordinatorProcess(tmp_path, "c2", etcd3.endpoints[::-1], CLUSTER).start().wait_ready_sync()
+        agents.append(cluster_agent(tmp_path / "a", "a", etcd3.endpoints))
+        agents.append(cluster_agent(tmp_path / "b", "b", etcd3.endpoints[::-1]))
+        for node in ("a", "b"):
+            await wait_until(lambda n=node: eq(endpoint_state(etcd3, n), "READY"), timeout=30, what=f"{node} READY")
+        pids = {a.base: {i["name"]: i["pid"] for i in _status(a.base)["instances"]} for a in agents}
+
+        async with Recorder(etcd3) as seen:
+            lost = etcd3.members[1:]
+            marks = {a.log_path: a.log_path.stat().st_size for a in agents}
+            t0 = time.monotonic()
+            for m in lost:
+                m.kill()
+            # Decisions freeze: the leader cannot renew, so it steps down, and nobody can win.
+            await wait_until(lambda: not c1.status()["is_leader"], timeout=20, what="c1 steps down")
+            answered = 0
+            while time.monotonic() - t0 < 4 * LEASE_TTL_S:  # the outage outlasts every lease
+                for a in agents:
+                    assert chat(a.base)[0] == 200  # the data plane does not need etcd
+                    answered += 1
+                assert not c1.status()["is_leader"] and not c2.status()["is_leader"]
+            assert answered >= 2
+            for m in lost:
+                m.start()
+            for m in lost:
+                await m.wait_healthy()
+            await wait_until(
+                lambda: c1.status()["is_leader"] or c2.status()["is_leader"], timeout=30, what="a leader again"
+            )
+            for a in agents:
+                await wait_until(lambda a=a: registered_since(a.log_path, marks[a.log_path]), timeout=30, what="agent")
+            # The new term's own view, built from scratch, with its first routes written.
+            await wait_until(lambda: leader_view(c1, c2) == {"a": "READY", "b": "READY"}, timeout=30, what="view")
+        assert seen.states == {"a": ["READY"], "b": ["READY"]}, seen.states
+        assert not (c1.status()["is_leader"] and c2.status()["is_leader"])
+        assert set(await node_leases(etcd3)) == {KEYS.node("a"), KEYS.node("b")}
+        for a in agents:
+            assert {i["name"]: i["pid"] for i in _status(a.base)["instances"]} == pids[a.base]
+            assert "Traceback" not in a.log_path.read_text()
+    finally:
+        for a in agents:
+            a.stop()
+        if c2 is not None:
+            c2.stop()
+        c1.stop()
+
+
+def _status(base: str) -> dict:  # type: ignore[type-arg]
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/v1/status", timeout=5) as r:
+        return json.loads(r.read())
