@@ -5,8 +5,8 @@ tests/conftest.py registers this module as a pytest plugin, so the fixtures (``e
 can be used directly for members of a test's own. Set ``GPUFLEET_ETCD_BIN`` to test another build.
 
 Members run on free loopback ports with their data in a temporary directory, with fast raft
-timings (heartbeat 50 ms, election 500 ms) so elections and leader loss take about a second, and
-with watch progress notifications every second. Start-up waits on ``/health`` (which also needs a
+timings (heartbeat 50 ms, election 500 ms) so elections and leader loss take about a second,
+pre-vote on, and with watch progress notifications every second. Start-up waits on ``/health`` (which also needs a
 leader) with a deadline; teardown SIGKILLs whatever is left and removes the data directories.
 
 The fixtures are synchronous so they can be module-scoped (one etcd for many tests; a single
@@ -241,6 +241,10 @@ class EtcdMember:
             "--logger", "zap",
             "--log-outputs", "stderr",
         ]  # fmt: skip
+        if "--pre-vote" in _HELP:
+            # As ansible deploys it (and etcd 3.5+ defaults to): a member coming back from a
+            # partition does not force an election on the healthy majority.
+            args += ["--pre-vote=true"]
         if "--experimental-watch-progress-notify-interval" in _HELP:
             args += ["--experimental-watch-progress-notify-interval", "1s"]
         if self.tls:

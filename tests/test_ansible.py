@@ -193,6 +193,7 @@ def test_first_run_installs_everything(deployment: Deployment) -> None:
     assert (r / "etc/systemd/system/gpu-coordinator.service").is_file()
     etcd_env = (r / "etc/default/etcd").read_text()
     assert 'ETCD_CLIENT_CERT_AUTH="true"' in etcd_env
+    assert 'ETCD_PRE_VOTE="true"' in etcd_env
     assert stat.S_IMODE((r / "etc/etcd/pki/server-key.pem").stat().st_mode) == 0o600
 
 
