@@ -252,7 +252,7 @@ class Leader:
                 iprev = self.inst_health.get(k)
                 inew = step_instance(iprev, inst.state, now, self.health_policy)
                 if iprev is not None and inew.state is not iprev.state:
-                    changes.append(f"instance {node}/{inst.name}: {iprev.state} -> {inew.state}")
+                    changes.append(f"instance {node}/{inst.name}: {iprev.state} -> {inew.state} ({inew.reason})")
                     self.metrics.transitions.labels("instance", str(inew.state)).inc()
                 self.inst_health[k] = inew
         for line in changes:
