@@ -543,8 +543,8 @@ async def readmission(fleet: Fleet, etcd: EtcdClient) -> dict:
     """Restart the victim; when does each part of the leader's view let it back in?
 
     The node is DEGRADED from the moment its key is back until ``good_samples`` (3) good samples,
-    5 s apart; its instance, seen READY before and then not READY (STARTING in the restarted
-    agent's first record), counts as an outlier ejection and is held out ``eject_base_s`` (30 s)."""
+    5 s apart. Its instance starts over with no ejection history: the leader forgets a DOWN
+    node's instances, so a clean restart does not count as flapping."""
     t0 = time.monotonic()
     fleet.start_agent(VICTIM)
     fleet.wait_agent_ready(fleet.agents[VICTIM])
