@@ -316,6 +316,18 @@ cluster = "{CLUSTER}"
 
         wait_for(ready, timeout, f"coordinator {c.ident} ready", [c.proc])
 
+    def start_all(self) -> None:
+        """etcd, every agent (READY), then c1 and c2 (ready): the fleet the benchmarks run on."""
+        self.start_etcd()
+        for node in AGENTS:
+            self.start_agent(node)
+        for a in self.agents.values():
+            self.wait_agent_ready(a)
+        for ident in ("c1", "c2"):
+            self.start_coordinator(ident)
+        for c in self.coords.values():
+            self.wait_coordinator_ready(c)
+
     def leader(self) -> Coordinator | None:
         for c in self.coords.values():
             if c.proc.alive():
@@ -703,15 +715,7 @@ def route_compute(n: int, runs: int) -> dict:
 async def fleet_scenarios(fleet: Fleet, args: argparse.Namespace, out: dict) -> None:
     pre, post = (3.0, 3.0) if args.quick else (5.0, 5.0)
     t_start = time.monotonic()
-    fleet.start_etcd()
-    for node in AGENTS:
-        fleet.start_agent(node)
-    for a in fleet.agents.values():
-        fleet.wait_agent_ready(a)
-    for ident in ("c1", "c2"):
-        fleet.start_coordinator(ident)
-    for c in fleet.coords.values():
-        fleet.wait_coordinator_ready(c)
+    fleet.start_all()
     async with EtcdClient([fleet.etcd_url], timeout=2.0) as etcd:
         entry = fleet.agents[ENTRY]
         async with (

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from etcd_fixtures import EtcdCluster
-from helpers import SIM_LAUNCHER, CoordinatorProcess, agent_toml, free_port, start_agent_sync, wait_until
+from helpers import SIM_LAUNCHER, CoordinatorProcess, agent_toml, free_port, pid_alive, start_agent_sync, wait_until
 
 from faults.fleet import CLUSTER, KEYS, eq
 from gpufleet.keyspace import decode
@@ -105,8 +105,13 @@ async def test_leader_crash_mid_failover_the_next_leader_completes_it(etcd: Etcd
         c1.proc.send_signal(signal.SIGSTOP)
         agent = agents[victim]
         assert agent.proc is not None
+        async with etcd.client() as c:
+            rec = decode((await c.get(KEYS.node(victim))).value, NodeRecord)  # type: ignore[union-attr]
+        [server_pid] = [i.pid for i in rec.instances if i.model == "qwen"]
         agent.proc.send_signal(signal.SIGKILL)
         agent.proc.wait()
+        # No orphan: the model server dies with its agent (PDEATHSIG), it does not hold the GPU.
+        await wait_until(lambda: not pid_alive(server_pid), timeout=10, what="the model server gone")  # type: ignore[arg-type]
 
         async def victim_key_gone() -> bool:
             async with etcd.client() as c:
