@@ -160,6 +160,7 @@ class AgentProcess:
         port: int,
         env: dict[str, str] | None = None,
         wrapper: list[str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.tmp = tmp
         self.wrapper = wrapper or []  # e.g. unshare(1): run the agent in its own mount namespace
@@ -169,7 +170,7 @@ class AgentProcess:
         self.log_path = tmp / "agent.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = f"http://{host}:{port}"  # another host: an agent in its own network namespace
         self.http: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
@@ -247,13 +248,14 @@ def start_agent_sync(
     ready_instances: int,
     timeout: float = 60,
     wrapper: list[str] | None = None,
+    host: str = "127.0.0.1",
 ) -> AgentProcess:
     """Start an agent from synchronous (module-scoped) fixtures and wait until ``ready_instances``
     instances are READY."""
     import json
     import urllib.request
 
-    agent = AgentProcess(tmp, config_text, port, wrapper=wrapper)
+    agent = AgentProcess(tmp, config_text, port, wrapper=wrapper, host=host)
     agent.start()
     deadline = time.monotonic() + timeout
     while True:

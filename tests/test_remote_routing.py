@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from agent.proxy.remote import MAX_HOPS, RemotePicker, hops_of
 from agent.proxy.routing import Picker, SmoothWeighted
 from gpufleet.keyspace.records import RouteEndpoint, RouteRecord
@@ -71,3 +73,38 @@ def test_remote_candidates_skip_tried_drained_and_suspect() -> None:
 def test_hop_header_parsing() -> None:
     assert hops_of(None) == 0 and hops_of("1") == 1 and hops_of("-3") == 0
     assert hops_of("garbage") == MAX_HOPS  # unreadable: never forward again
+
+
+async def test_an_attempt_is_abandoned_when_its_node_goes_down_unless_it_has_answered() -> None:
+    import asyncio
+
+    from agent.proxy.context import Failure
+    from agent.proxy.remote import unless_node_leaves
+
+    gone, finish = asyncio.Event(), asyncio.Event()
+    cancelled = []
+
+    async def attempt() -> str:
+        try:
+            await finish.wait()  # a request stuck behind a silent partition
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "answer"
+
+    task = asyncio.ensure_future(unless_node_leaves(attempt(), gone, lambda: False, "n1/m"))
+    await asyncio.sleep(0)
+    gone.set()
+    with pytest.raises(Failure) as e:
+        await task
+    assert e.value.kind == "node_down" and cancelled == [True]
+
+    # Once something has reached the client (a stream under way), it runs to its end.
+    gone = asyncio.Event()
+    task = asyncio.ensure_future(unless_node_leaves(attempt(), gone, lambda: True, "n1/m"))
+    await asyncio.sleep(0)
+    gone.set()
+    await asyncio.sleep(0)
+    assert not task.done()
+    finish.set()
+    assert await task == "answer"

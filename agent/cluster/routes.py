@@ -8,6 +8,7 @@ for that model is kept.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -28,6 +29,8 @@ class RouteTable:
         self._routes = KeyMirror(etcd, keys.routes, on_change=self._on_route)
         self._drain_key = keys.drain(node_id)
         self._drains = KeyMirror(etcd, keys.drains, on_change=self._on_drain)
+        # node -> set when the node is DOWN in the routes or has left them (see node_gone)
+        self._gone: dict[str, asyncio.Event] = {}
         self.degradation: DegradationRecord | None = None
         # When this agent last saw the degradation record change (monotonic): its freshness,
         # measured without comparing the leader's clock with ours.
@@ -48,6 +51,35 @@ class RouteTable:
     def route(self, model: str) -> RouteRecord | None:
         return self.routes.get(model)
 
+    def node_gone(self, node: str) -> asyncio.Event:
+        """An event set once ``node`` is DOWN in the routes (its lease ran out) or has left them.
+
+        The proxy abandons an attempt on that node that has not answered yet and retries it
+        elsewhere: behind a silent partition nothing else would end it before the total deadline.
+        """
+        ev = self._gone.get(node)
+        if ev is None:
+            ev = self._gone[node] = asyncio.Event()
+        return ev
+
+    def _update_gone(self) -> None:
+        if not self._gone:
+            return
+        listed: set[str] = set()
+        down: set[str] = set()
+        for rec in self.routes.values():
+            for e in rec.endpoints:
+                listed.add(e.node)
+                if e.state == "DOWN":
+                    down.add(e.node)
+        for node, ev in list(self._gone.items()):
+            if node in down or node not in listed:
+                ev.set()
+                if node not in listed:
+                    del self._gone[node]  # waiters keep their reference; a later ask starts afresh
+            elif ev.is_set():
+                self._gone[node] = asyncio.Event()  # back: new attempts wait on a fresh one
+
     def _on_route(self, change: Change) -> None:
         if isinstance(change, Snapshot):
             fresh = {}
@@ -65,6 +97,7 @@ class RouteTable:
                 self.routes[Keyspace.name_in(self.keys.routes, change.kv.key_str)] = rec
         elif isinstance(change, Delete):
             self.routes.pop(Keyspace.name_in(self.keys.routes, change.key_str), None)
+        self._update_gone()
 
     def _on_drain(self, change: Change) -> None:
         kvs = self._drains.data

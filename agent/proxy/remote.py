@@ -6,15 +6,26 @@ node's GPU class serves the model anywhere in the cluster, only that class is el
 (failover never crosses GPU generations unless the route says ``cross_class``). Among them,
 smooth weighted round-robin by the coordinator's weights. A request that already hopped once
 is never forwarded again (``X-GPUFleet-Hops``), so two nodes cannot bounce it between them.
+
+An attempt on another node that has not answered when the route marks that node DOWN is
+abandoned and retried elsewhere (``unless_node_leaves``): behind a silent partition (packets
+dropped, no reset) the connection would otherwise wait for the total deadline, 15 minutes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from gpufleet.keyspace.records import RouteRecord
 
+from .context import Failure
 from .routing import SmoothWeighted
+
+T = TypeVar("T")
 
 HOPS_HEADER = "X-GPUFleet-Hops"
 MAX_HOPS = 1
@@ -72,3 +83,25 @@ class RemotePicker:
     def pick(self, model: str, weighted: list[tuple[RemoteTarget, int]]) -> RemoteTarget | None:
         rr = self._rr.setdefault(model, SmoothWeighted())
         return rr.pick(weighted)  # type: ignore[return-value]
+
+
+async def unless_node_leaves(
+    attempt: Coroutine[Any, Any, T], gone: asyncio.Event, answered: Callable[[], bool], name: str
+) -> T:
+    """Run ``attempt``; if ``gone`` is set before it has answered anything (``answered()``), cancel
+    it and raise Failure("node_down"), which the attempt loop retries on another endpoint. Once
+    something has been answered (a stream under way) the attempt runs to its end."""
+    task = asyncio.ensure_future(attempt)
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not answered():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Failure):
+                await task
+            raise Failure("node_down", None, f"{name}: its node went DOWN in the routes before it answered")
+        return await task
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()  # we were cancelled (the client left): the attempt goes with us

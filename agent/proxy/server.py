@@ -31,7 +31,7 @@ from .context import HOP_BY_HOP, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head
 from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
-from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of
+from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_node_leaves
 from .routing import Picker, classify_task, route_group
 
 if TYPE_CHECKING:
@@ -280,7 +280,10 @@ class Proxy:
                 )
                 if f.kind != "status_429":
                     target.request_probe()  # passive health: look at it now / steer away from it
-                if len(tried) >= self.cfg.max_attempts or time.monotonic() >= retry_deadline or f.kind == "timeout":
+                # A node that went DOWN under an attempt is retried even past the budget: the
+                # client has waited for an answer that the dead node will never give.
+                over_budget = time.monotonic() >= retry_deadline and f.kind != "node_down"
+                if len(tried) >= self.cfg.max_attempts or over_budget or f.kind == "timeout":
                     if f.response is not None:
                         return ctx.done(f.response)
                     return ctx.done(
@@ -300,6 +303,15 @@ class Proxy:
     ) -> web.StreamResponse:
         """One attempt on one instance (local or on another node). Raises Failure while nothing
         has reached the client."""
+        attempt = self._attempt(request, body, inst, ctx)
+        if not isinstance(inst, RemoteTarget) or self.rt.routes is None:
+            return await attempt
+        gone = self.rt.routes.node_gone(inst.node)
+        return await unless_node_leaves(attempt, gone, lambda: ctx.ttfb is not None, inst.name)
+
+    async def _attempt(
+        self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx
+    ) -> web.StreamResponse:
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
         headers["X-Request-ID"] = ctx.rid

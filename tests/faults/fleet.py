@@ -34,11 +34,16 @@ def cluster_agent(
     lease_ttl_s: int = 3,
     timeout_s: float = 1.0,
     wrapper: list[str] | None = None,
+    host: str = "127.0.0.1",
 ) -> AgentProcess:
+    """An agent serving model ``m``; ``host``: the address it listens and is reached at (an agent
+    in its own network namespace listens on its link's address)."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     text = agent_toml(tmp, port, instance_toml("m", model="m", gpus="[0]", fraction=0.5))
-    text = text.replace('node_id = "test-node"', f'node_id = "{node}"\nadvertise_url = "http://127.0.0.1:{port}"')
+    text = text.replace(
+        'node_id = "test-node"', f'node_id = "{node}"\nadvertise_url = "http://{host}:{port}"\nlisten_host = "{host}"'
+    )
     text += f"""
 [cluster]
 endpoints = {json.dumps([endpoint] if isinstance(endpoint, str) else endpoint)}
@@ -47,7 +52,7 @@ lease_ttl_s = {lease_ttl_s}
 keepalive_interval_s = 1.0
 timeout_s = {timeout_s}
 """
-    return start_agent_sync(tmp, text, port, ready_instances=1, wrapper=wrapper)
+    return start_agent_sync(tmp, text, port, ready_instances=1, wrapper=wrapper, host=host)
 
 
 async def endpoint_state(etcd: EtcdCluster, node: str) -> str | None:

@@ -12,17 +12,22 @@ it can no longer know:
   side is elected (no split brain), and follows it after the partition heals;
 - an agent that prefers m2 but lists the others moves to them and is never failed over;
 - agents keep answering requests throughout.
+
+And a node cut off by its own namespace: every request entering elsewhere is answered.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from etcd_fixtures import EtcdCluster
-from helpers import CoordinatorProcess, wait_until
+from helpers import TOKEN, AgentProcess, CoordinatorProcess, wait_until
 
 from faults.fleet import CLUSTER, Recorder, chat, cluster_agent, endpoint_state, eq, log_time
 from faults.netns import Host, Link, requires_netns
@@ -128,3 +133,95 @@ async def test_minority_member_clients_never_act_on_stale_reads(
         if c2 is not None:
             c2.stop()
         c1.stop()
+
+
+async def test_a_node_cut_off_by_its_network_namespace_loses_no_request(tmp_path: Path) -> None:
+    """Agent ``cut`` runs in its own namespace, reached (and reaching etcd) over one veth link.
+    Requests enter through ``entry`` (own instance stopped), which forwards by route weight to
+    ``cut`` and two others, over kept-alive connections. The link goes down: packets to ``cut``
+    vanish without a reset, so an attempt on a kept-alive connection would wait for the proxy's
+    total deadline (15 min). Users must see every request answered: attempts on ``cut`` that
+    have not answered are abandoned and retried elsewhere once the route marks it DOWN (its
+    lease ran out), and new ones go elsewhere. After the link is back, ``cut`` returns READY
+    with the same processes."""
+    host = Host("node")
+    etcd: EtcdCluster | None = None
+    agents: dict[str, AgentProcess] = {}
+    coord: CoordinatorProcess | None = None
+    stop = threading.Event()
+    results: list[tuple[float, int | str]] = []
+    try:
+        link = host.link()
+        etcd = EtcdCluster(1)
+        etcd.members[0].client_host = link.root_ip
+        etcd.start()
+        url = etcd.endpoints[0]
+        coord = CoordinatorProcess(tmp_path, "c1", [url], CLUSTER).start()
+        coord.wait_ready_sync()
+        agents["cut"] = cluster_agent(tmp_path / "cut", "cut", url, wrapper=host.prefix, host=link.host_ip)
+        for n in ("other1", "other2", "entry"):  # four A100 nodes: two out is not a panic
+            agents[n] = cluster_agent(tmp_path / n, n, url)
+        assert post_json(agents["entry"].base + "/admin/instances/m/stop", TOKEN) == 202
+        for n in ("cut", "other1", "other2"):
+            await wait_until(lambda n=n: eq(endpoint_state(etcd, n), "READY"), timeout=30, what=f"{n} READY")  # type: ignore[arg-type]
+        await wait_until(lambda: _state_not(etcd, "entry", "READY"), timeout=30, what="entry out")  # type: ignore[arg-type]
+        server_pid = _status(agents["cut"].base)["instances"][0]["pid"]
+
+        def traffic() -> None:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    results.append((t0, chat(agents["entry"].base)[0]))
+                except OSError as e:
+                    results.append((t0, repr(e)))
+
+        workers = [threading.Thread(target=traffic, daemon=True) for _ in range(4)]
+        for w in workers:
+            w.start()
+        await wait_until(lambda: len(results) > 40, timeout=30, what="traffic flowing")
+        host.cut(link)
+        cut_at = time.monotonic()
+        await wait_until(lambda: eq(endpoint_state(etcd, "cut"), "DOWN"), timeout=30, what="cut DOWN")  # type: ignore[arg-type]
+        n_after_down = len(results)
+        # Held longer than a client waits (10 s): an attempt left hanging on the dead link would
+        # not be rescued by TCP retransmitting it once the link is back.
+        await wait_until(
+            lambda: len(results) > n_after_down + 40 and time.monotonic() - cut_at > 12, timeout=40, what="partition"
+        )
+        host.heal(link)
+        await wait_until(lambda: eq(endpoint_state(etcd, "cut"), "READY"), timeout=60, what="cut back")  # type: ignore[arg-type]
+        stop.set()
+        for w in workers:
+            w.join(30)
+        failed = [r for r in results if r[1] != 200]
+        assert failed == [], failed[:5]
+        assert sum(1 for t, _ in results if t >= cut_at) > 40
+        # The same agent and model server came back: the partition was survived, not restarted.
+        assert agents["cut"].proc is not None and agents["cut"].proc.poll() is None
+        assert _status(agents["cut"].base)["instances"][0]["pid"] == server_pid
+        log = agents["entry"].log_path.read_text()
+        assert '"node_down"' in log or "went DOWN in the routes" in log or "connect" in log
+    finally:
+        stop.set()
+        for a in agents.values():
+            a.stop()
+        if coord is not None:
+            coord.stop()
+        if etcd is not None:
+            etcd.destroy()
+        host.destroy()
+
+
+def post_json(url: str, token: str) -> int:
+    req = urllib.request.Request(url, b"{}", {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status
+
+
+def _status(base: str) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(base + "/v1/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def _state_not(etcd: EtcdCluster, node: str, state: str) -> bool:
+    return await endpoint_state(etcd, node) != state
