@@ -46,7 +46,7 @@ async def test_agent_cut_off_from_etcd_leaves_the_routes_keeps_serving_and_comes
         proxy.stop()
 
 
-@pytest.mark.parametrize("delay_s", [0.5, 1.5])  # each way: round trips of about 1 s and 3 s
+@pytest.mark.parametrize("delay_s", [1.5])  # each way: round trips of about 3 s (the worst the issue names)
 async def test_etcd_latency_of_seconds_causes_no_failover(etcd: EtcdCluster, tmp_path: Path, delay_s: float) -> None:
     proxy = proxy_to(etcd)
     coord = CoordinatorProcess(tmp_path, "c1", etcd.endpoints, CLUSTER).start()
