@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -48,6 +49,15 @@ class CachedResponse:
             )
 
 
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """The request body as a JSON object; None when it is not valid JSON or not an object."""
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def cache_key(path: str, body: bytes) -> bytes | None:
     """sha256 of the path and the canonical request body; None when the body is not a JSON object.
 
@@ -55,11 +65,8 @@ def cache_key(path: str, body: bytes) -> bytes | None:
     and spacing do not make two identical requests different. Values are kept as they are (``1``
     and ``1.0`` differ): a miss costs an upstream call, a wrong hit a wrong answer.
     """
-    try:
-        obj = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(obj, dict):
+    obj = json_object(body)
+    if obj is None:
         return None
     canonical = msgspec.json.encode(obj, order="sorted")
     return hashlib.sha256(path.encode() + b"\0" + canonical).digest()

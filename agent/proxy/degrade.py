@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 
 from agent.config import DegradationSection
 
-from .cache import CachedResponse, ResponseCache, StreamRecorder, cache_key
+from .cache import CachedResponse, ResponseCache, StreamRecorder, cache_key, json_object
 
 if TYPE_CHECKING:
     from agent.daemon import AgentRuntime
@@ -158,11 +158,8 @@ def _replayable(headers: CIMultiDict[str]) -> list[tuple[str, str]]:
 
 
 def _with_model(body: bytes, model: str) -> bytes | None:
-    try:
-        obj = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(obj, dict):
+    obj = json_object(body)
+    if obj is None:
         return None
     obj["model"] = model
     return msgspec.json.encode(obj)
