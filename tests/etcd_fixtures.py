@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 from helpers import free_port, wait_until
 
-from gpufleet.etcd import EtcdClient
+from gpufleet.etcd import EtcdClient, EtcdError
 
 # GPUFLEET_ETCD_BIN picks another etcd build (e.g. a 3.5 release) to run the same tests against.
 ETCD_BIN = os.environ.get("GPUFLEET_ETCD_BIN") or shutil.which("etcd")
@@ -365,6 +365,20 @@ class EtcdCluster:
 
     def member_at(self, endpoint: str) -> EtcdMember:
         return next(m for m in self.members if m.client_url == endpoint.rstrip("/"))
+
+    async def raft_leader(self) -> EtcdMember | None:
+        """The member that says it leads (asked one by one); None while there is no leader."""
+        for m in self.members:
+            if not m.running():
+                continue
+            async with self.client(endpoints=[m.client_url], timeout=1.0) as c:
+                try:
+                    st = await c.status(endpoint=m.client_url)
+                except EtcdError:
+                    continue
+            if st.leader and st.leader == st.member_id:
+                return m
+        return None
 
     def start(self, timeout: float = 30.0) -> EtcdCluster:
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)

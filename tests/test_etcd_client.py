@@ -477,16 +477,15 @@ async def test_mirror_survives_a_failing_callback(client: EtcdClient) -> None:
 # --- clusters ----------------------------------------------------------------------------------
 
 
-async def _leader_and_followers(client: EtcdClient, cluster: EtcdCluster) -> tuple[str, list[str]]:
-    statuses = [await client.status(endpoint=ep) for ep in cluster.endpoints]
-    leader = next(s.endpoint for s in statuses if s.member_id == s.leader)
-    return leader, [ep for ep in cluster.endpoints if ep != leader]
+async def _leader_and_followers(cluster: EtcdCluster) -> tuple[str, list[str]]:
+    member = await cluster.raft_leader()
+    assert member is not None, "the cluster has no leader"
+    return member.client_url, [ep for ep in cluster.endpoints if ep != member.client_url]
 
 
 async def test_failover_when_current_member_is_killed(etcd_cluster3: EtcdCluster) -> None:  # noqa: F811
     cluster = etcd_cluster3
-    async with cluster.client(timeout=3) as probe:
-        leader, followers = await _leader_and_followers(probe, cluster)
+    leader, followers = await _leader_and_followers(cluster)
     # Put a follower first, so the killed member is the client's current one but not the leader
     # (killing the leader is the next test).
     async with cluster.client(endpoints=[followers[0], leader, followers[1]], timeout=3) as client:
@@ -514,8 +513,7 @@ async def test_failover_when_current_member_is_killed(etcd_cluster3: EtcdCluster
 
 async def test_reads_and_keepalives_survive_leader_loss(etcd_cluster3: EtcdCluster) -> None:  # noqa: F811
     cluster = etcd_cluster3
-    async with cluster.client(timeout=3) as probe:
-        leader, followers = await _leader_and_followers(probe, cluster)
+    leader, followers = await _leader_and_followers(cluster)
     async with cluster.client(endpoints=[leader, *followers], timeout=5) as client:
         p = unique("leaderloss")
         lease = await client.lease_grant(30)

@@ -55,19 +55,39 @@ timeout_s = {timeout_s}
     return start_agent_sync(tmp, text, port, ready_instances=1, wrapper=wrapper, host=host)
 
 
-async def endpoint_state(etcd: EtcdCluster, node: str) -> str | None:
+async def endpoint_state(etcd: EtcdCluster, node: str, model: str = "m") -> str | None:
+    """The node's state in ``model``'s route; None without a route or an endpoint there."""
     async with etcd.client() as c:
-        kv = await c.get(KEYS.route("m"))
+        kv = await c.get(KEYS.route(model))
     if kv is None:
         return None
     return next((e.state for e in decode(kv.value, RouteRecord).endpoints if e.node == node), None)
 
 
-def chat(base: str) -> tuple[int, dict[str, Any]]:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+def chat(base: str, model: str = "m") -> tuple[int, dict[str, Any]]:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
     req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return r.status, json.loads(r.read())
+
+
+def post_json(url: str, body: dict[str, Any] | None = None, token: str | None = None) -> int:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, json.dumps(body or {}).encode(), headers)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status
+
+
+def agent_status(base: str) -> dict[str, Any]:
+    with urllib.request.urlopen(base + "/v1/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def stop_all(*procs: Any) -> None:
+    """Stop agents, coordinators and proxies in the order given; None (never started) is skipped."""
+    for p in procs:
+        if p is not None:
+            p.stop()
 
 
 def log_time(path: Path, event: str) -> datetime:
@@ -80,6 +100,10 @@ def log_time(path: Path, event: str) -> datetime:
 
 async def eq(value: Any, expected: Any) -> bool:
     return await value == expected
+
+
+async def neq(value: Any, expected: Any) -> bool:
+    return await value != expected
 
 
 class Recorder:

@@ -19,7 +19,7 @@ from etcd_fixtures import EtcdCluster
 from helpers import CoordinatorProcess, wait_until
 
 from faults.clock import FakeClock, requires_libfaketime
-from faults.fleet import CLUSTER, chat, cluster_agent, endpoint_state, eq
+from faults.fleet import CLUSTER, chat, cluster_agent, endpoint_state, eq, stop_all
 
 pytestmark = requires_libfaketime
 
@@ -69,9 +69,5 @@ async def test_wall_clock_steps_and_skew_change_no_decision(etcd: EtcdCluster, t
         for a in agents:
             assert chat(a.base)[0] == 200
     finally:
-        for a in agents:
-            a.stop()
-        if c2 is not None:
-            c2.stop()
-        c1.stop()
+        stop_all(*agents, c2, c1)
     assert "Traceback" not in c1.log_path.read_text()

@@ -21,7 +21,7 @@ from pathlib import Path
 from etcd_fixtures import EtcdCluster
 from helpers import SIM_LAUNCHER, CoordinatorProcess, agent_toml, free_port, pid_alive, start_agent_sync, wait_until
 
-from faults.fleet import CLUSTER, KEYS, eq
+from faults.fleet import CLUSTER, KEYS, chat, endpoint_state, eq, neq, stop_all
 from gpufleet.keyspace import decode
 from gpufleet.keyspace.records import NodeRecord, PlacementRecord, RouteRecord
 
@@ -72,15 +72,6 @@ def state_of(r: RouteRecord | None, node: str) -> str | None:
     return next((e.state for e in r.endpoints if e.node == node), None) if r else None
 
 
-def chat(base: str) -> int:
-    import urllib.request
-
-    body = json.dumps({"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
-    req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return r.status
-
-
 async def test_leader_crash_mid_failover_the_next_leader_completes_it(etcd: EtcdCluster, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -98,7 +89,7 @@ async def test_leader_crash_mid_failover_the_next_leader_completes_it(etcd: Etcd
         assert r.returncode == 0, r.stderr
         [victim] = await wait_until(lambda: qwen_ready_on(etcd), timeout=60, what="qwen placed and READY")
         survivor = next(n for n in NODES if n != victim)
-        await wait_until(lambda: _state_is(etcd, victim, "READY"), timeout=30, what="qwen routed")
+        await wait_until(lambda: eq(endpoint_state(etcd, victim, "qwen"), "READY"), timeout=30, what="qwen routed")
         old_epoch = c1.status()["epoch"]
 
         assert c1.proc is not None
@@ -119,7 +110,7 @@ async def test_leader_crash_mid_failover_the_next_leader_completes_it(etcd: Etcd
 
         await wait_until(victim_key_gone, timeout=20, what="the victim's lease expired")
         # Mid-failover: the node is gone, the route still sends traffic there, nobody acted.
-        assert state_of(await route(etcd), victim) == "READY"
+        assert await endpoint_state(etcd, victim, "qwen") == "READY"
         c1.proc.send_signal(signal.SIGKILL)
         c1.proc.wait()
         crashed = time.monotonic()
@@ -129,14 +120,16 @@ async def test_leader_crash_mid_failover_the_next_leader_completes_it(etcd: Etcd
         assert new_epoch > old_epoch
         # No traffic to the victim: DOWN in the route, or (the new leader never saw it alive)
         # left out of it; with no other replica yet, the route goes until there is one.
-        await wait_until(lambda: _state_not(etcd, victim, "READY"), timeout=30, what="the route fails over")
+        await wait_until(
+            lambda: neq(endpoint_state(etcd, victim, "qwen"), "READY"), timeout=30, what="the route fails over"
+        )
         await wait_until(lambda: eq(qwen_ready_on(etcd), (survivor,)), timeout=60, what=f"qwen on {survivor}")
         # The new leader waited its own reschedule grace, counted from when it noticed the node
         # missing (it never saw it alive), before it moved the replica.
         assert time.monotonic() - crashed >= 2.0
         moves = [ln for ln in c2.log_lines() if '"placement"' in ln and f"removed qwen from {victim}" in ln]
         assert moves and "node DOWN for" in moves[0], moves
-        assert chat(agents[survivor].base) == 200
+        assert chat(agents[survivor].base, "qwen")[0] == 200
 
         async with etcd.client() as c:
             assert await c.get(KEYS.assignment(victim)) is None
@@ -148,16 +141,4 @@ async def test_leader_crash_mid_failover_the_next_leader_completes_it(etcd: Etcd
         assert r_now is not None and r_now.epoch == new_epoch
         assert state_of(r_now, survivor) == "READY" and state_of(r_now, victim) in (None, "DOWN")
     finally:
-        for a in agents.values():
-            a.stop()
-        if c2 is not None:
-            c2.stop()
-        c1.stop()
-
-
-async def _state_is(etcd: EtcdCluster, node: str, state: str) -> bool:
-    return state_of(await route(etcd), node) == state
-
-
-async def _state_not(etcd: EtcdCluster, node: str, state: str) -> bool:
-    return state_of(await route(etcd), node) != state
+        stop_all(*agents.values(), c2, c1)

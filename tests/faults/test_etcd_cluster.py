@@ -18,23 +18,20 @@ from pathlib import Path
 from etcd_fixtures import EtcdCluster, EtcdMember
 from helpers import CoordinatorProcess, wait_until
 
-from faults.fleet import CLUSTER, KEYS, Recorder, chat, cluster_agent, endpoint_in_use, endpoint_state, eq
+from faults.fleet import (
+    CLUSTER,
+    KEYS,
+    Recorder,
+    agent_status,
+    chat,
+    cluster_agent,
+    endpoint_in_use,
+    endpoint_state,
+    eq,
+    stop_all,
+)
 
 LEASE_TTL_S = 3  # agents and coordinators alike, in these scenarios
-
-
-async def raft_leader(etcd: EtcdCluster) -> EtcdMember | None:
-    for m in etcd.members:
-        if not m.running():
-            continue
-        async with etcd.client(endpoints=[m.client_url], timeout=1.0) as c:
-            try:
-                st = await c.status(endpoint=m.client_url)
-            except Exception:
-                continue
-            if st.leader and st.leader == st.member_id:
-                return m
-    return None
 
 
 async def node_leases(etcd: EtcdCluster) -> dict[str, int]:
@@ -59,7 +56,7 @@ def ordered(etcd: EtcdCluster, *first: EtcdMember) -> list[str]:
 
 
 async def test_etcd_leader_killed_then_a_member_frozen_no_spurious_failover(etcd3: EtcdCluster, tmp_path: Path) -> None:
-    leader = await raft_leader(etcd3)
+    leader = await etcd3.raft_leader()
     assert leader is not None
     f1 = next(m for m in etcd3.members if m is not leader)
     c1 = CoordinatorProcess(tmp_path, "c1", ordered(etcd3, leader, f1), CLUSTER).start()
@@ -102,11 +99,7 @@ async def test_etcd_leader_killed_then_a_member_frozen_no_spurious_failover(etcd
         assert seen.leaders == [(epoch, "c1")], seen.leaders
         assert (c1.status()["is_leader"], c1.status()["epoch"]) == (True, epoch)
     finally:
-        for a in agents:
-            a.stop()
-        if c2 is not None:
-            c2.stop()
-        c1.stop()
+        stop_all(*agents, c2, c1)
 
 
 async def test_quorum_lost_decisions_freeze_data_plane_serves_and_recovery_fails_nobody_over(
@@ -123,7 +116,7 @@ async def test_quorum_lost_decisions_freeze_data_plane_serves_and_recovery_fails
         agents.append(cluster_agent(tmp_path / "b", "b", etcd3.endpoints[::-1]))
         for node in ("a", "b"):
             await wait_until(lambda n=node: eq(endpoint_state(etcd3, n), "READY"), timeout=30, what=f"{node} READY")
-        pids = {a.base: {i["name"]: i["pid"] for i in _status(a.base)["instances"]} for a in agents}
+        pids = {a.base: {i["name"]: i["pid"] for i in agent_status(a.base)["instances"]} for a in agents}
 
         async with Recorder(etcd3) as seen:
             lost = etcd3.members[1:]
@@ -155,19 +148,7 @@ async def test_quorum_lost_decisions_freeze_data_plane_serves_and_recovery_fails
         assert not (c1.status()["is_leader"] and c2.status()["is_leader"])
         assert set(await node_leases(etcd3)) == {KEYS.node("a"), KEYS.node("b")}
         for a in agents:
-            assert {i["name"]: i["pid"] for i in _status(a.base)["instances"]} == pids[a.base]
+            assert {i["name"]: i["pid"] for i in agent_status(a.base)["instances"]} == pids[a.base]
             assert "Traceback" not in a.log_path.read_text()
     finally:
-        for a in agents:
-            a.stop()
-        if c2 is not None:
-            c2.stop()
-        c1.stop()
-
-
-def _status(base: str) -> dict:  # type: ignore[type-arg]
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(base + "/v1/status", timeout=5) as r:
-        return json.loads(r.read())
+        stop_all(*agents, c2, c1)

@@ -11,28 +11,19 @@ route: none may fail.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from etcd_fixtures import EtcdCluster
 from helpers import TOKEN, CoordinatorProcess, wait_until
 
-from faults.fleet import CLUSTER, KEYS, chat, cluster_agent, endpoint_state, eq
+from faults.fleet import CLUSTER, KEYS, chat, cluster_agent, endpoint_state, eq, neq, post_json, stop_all
 from gpufleet.keyspace import decode
 from gpufleet.keyspace.records import NodeRecord
 
 BASE_S = 2.0
 EXTRA = f"[health]\neject_base_s = {BASE_S}\neject_max_s = 30\neject_forget_after_s = 300\n"
-
-
-def post(url: str, body: dict[str, object], token: str | None = None) -> int:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(url, json.dumps(body).encode(), headers)
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return r.status
 
 
 async def agent_state(etcd: EtcdCluster, node: str) -> str | None:
@@ -71,16 +62,16 @@ async def test_a_flapping_instance_is_ejected_longer_each_time_and_no_request_fa
     loader = threading.Thread(target=traffic, daemon=True)
     try:
         coord.wait_ready_sync()
-        assert post(agents["entry"].base + "/admin/instances/m/stop", {}, TOKEN) == 202
+        assert post_json(agents["entry"].base + "/admin/instances/m/stop", token=TOKEN) == 202
         for node in ("flappy", "steady", "steady2"):
             await wait_until(lambda n=node: eq(endpoint_state(etcd, n), "READY"), timeout=30, what=f"{node} READY")
-        await wait_until(lambda: _not(endpoint_state(etcd, "entry"), "READY"), timeout=30, what="entry out")
+        await wait_until(lambda: neq(endpoint_state(etcd, "entry"), "READY"), timeout=30, what="entry out")
         loader.start()
         kept_out = []
         for n in (1, 2, 3):
             port = await instance_port(etcd, "flappy")
-            assert post(f"http://127.0.0.1:{port}/sim/control", {"fail_health": True}) == 200
-            await wait_until(lambda: _not(endpoint_state(etcd, "flappy"), "READY"), timeout=20, what=f"ejection {n}")
+            assert post_json(f"http://127.0.0.1:{port}/sim/control", {"fail_health": True}) == 200
+            await wait_until(lambda: neq(endpoint_state(etcd, "flappy"), "READY"), timeout=20, what=f"ejection {n}")
             out_at = time.monotonic()
             # The agent restarts the server (its health failed) and reports READY again...
             await wait_until(lambda: eq(agent_state(etcd, "flappy"), "READY"), timeout=30, what=f"restart {n}")
@@ -99,10 +90,4 @@ async def test_a_flapping_instance_is_ejected_longer_each_time_and_no_request_fa
         assert failures == [] and sent[0] > 10, (failures[:5], sent[0])
     finally:
         stop.set()
-        for a in agents.values():
-            a.stop()
-        coord.stop()
-
-
-async def _not(value, expected) -> bool:  # type: ignore[no-untyped-def]
-    return await value != expected
+        stop_all(*agents.values(), coord)

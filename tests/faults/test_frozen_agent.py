@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 from etcd_fixtures import EtcdCluster
-from helpers import AgentProcess, CoordinatorProcess, pid_alive, wait_until
+from helpers import CoordinatorProcess, pid_alive, wait_until
 
-from faults.fleet import CLUSTER, cluster_agent, endpoint_state, eq
+from faults.fleet import CLUSTER, agent_status, cluster_agent, endpoint_state, eq
 
 
 def node_transitions(coord: CoordinatorProcess, node: str) -> list[str]:
@@ -45,7 +43,7 @@ async def test_agent_frozen_shorter_and_longer_than_its_lease(etcd: EtcdCluster,
         assert node_transitions(coord, "frozen") == before, "a freeze shorter than the lease caused a failover"
 
         # Longer than the lease: DOWN while frozen, back after SIGCONT with the same process.
-        server_pid = _status(agent)["instances"][0]["pid"]
+        server_pid = agent_status(agent.base)["instances"][0]["pid"]
         agent.proc.send_signal(signal.SIGSTOP)
         await wait_until(lambda: eq(endpoint_state(etcd, "frozen"), "DOWN"), timeout=20, what="DOWN while frozen")
         agent.proc.send_signal(signal.SIGCONT)
@@ -53,15 +51,10 @@ async def test_agent_frozen_shorter_and_longer_than_its_lease(etcd: EtcdCluster,
         assert agent.proc.poll() is None  # the same agent process, not a restart
         assert any("DOWN" in t for t in node_transitions(coord, "frozen"))
         # Its model server kept running through it: same process, READY, not restarted.
-        inst = _status(agent)["instances"][0]
+        inst = agent_status(agent.base)["instances"][0]
         assert inst["pid"] == server_pid and pid_alive(server_pid) and inst["state"] == "READY"
     finally:
         agent.proc.send_signal(signal.SIGCONT)
         agent.stop()
         coord.stop()
     assert "Traceback" not in agent.log_path.read_text()
-
-
-def _status(agent: AgentProcess) -> dict[str, Any]:
-    with urllib.request.urlopen(agent.base + "/v1/status", timeout=5) as r:
-        return json.loads(r.read())

@@ -18,10 +18,8 @@ And a node cut off by its own namespace: every request entering elsewhere is ans
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +27,19 @@ import pytest
 from etcd_fixtures import EtcdCluster
 from helpers import TOKEN, AgentProcess, CoordinatorProcess, wait_until
 
-from faults.fleet import CLUSTER, Recorder, chat, cluster_agent, endpoint_state, eq, log_time
+from faults.fleet import (
+    CLUSTER,
+    Recorder,
+    agent_status,
+    chat,
+    cluster_agent,
+    endpoint_state,
+    eq,
+    log_time,
+    neq,
+    post_json,
+    stop_all,
+)
 from faults.netns import Host, Link, requires_netns
 from gpufleet.etcd import EtcdClient, EtcdError
 
@@ -128,11 +138,7 @@ async def test_minority_member_clients_never_act_on_stale_reads(
             assert [c for _, c in (x for x in seen.leaders if x)] == ["c1", "c2"], seen.leaders
         assert c2.status()["is_leader"] and not c1.status()["is_leader"]
     finally:
-        for a in agents:
-            a.stop()
-        if c2 is not None:
-            c2.stop()
-        c1.stop()
+        stop_all(*agents, c2, c1)
 
 
 async def test_a_node_cut_off_by_its_network_namespace_loses_no_request(tmp_path: Path) -> None:
@@ -161,11 +167,11 @@ async def test_a_node_cut_off_by_its_network_namespace_loses_no_request(tmp_path
         agents["cut"] = cluster_agent(tmp_path / "cut", "cut", url, wrapper=host.prefix, host=link.host_ip)
         for n in ("other1", "other2", "entry"):  # four A100 nodes: two out is not a panic
             agents[n] = cluster_agent(tmp_path / n, n, url)
-        assert post_json(agents["entry"].base + "/admin/instances/m/stop", TOKEN) == 202
+        assert post_json(agents["entry"].base + "/admin/instances/m/stop", token=TOKEN) == 202
         for n in ("cut", "other1", "other2"):
             await wait_until(lambda n=n: eq(endpoint_state(etcd, n), "READY"), timeout=30, what=f"{n} READY")  # type: ignore[arg-type]
-        await wait_until(lambda: _state_not(etcd, "entry", "READY"), timeout=30, what="entry out")  # type: ignore[arg-type]
-        server_pid = _status(agents["cut"].base)["instances"][0]["pid"]
+        await wait_until(lambda: neq(endpoint_state(etcd, "entry"), "READY"), timeout=30, what="entry out")  # type: ignore[arg-type]
+        server_pid = agent_status(agents["cut"].base)["instances"][0]["pid"]
 
         def traffic() -> None:
             while not stop.is_set():
@@ -198,30 +204,12 @@ async def test_a_node_cut_off_by_its_network_namespace_loses_no_request(tmp_path
         assert sum(1 for t, _ in results if t >= cut_at) > 40
         # The same agent and model server came back: the partition was survived, not restarted.
         assert agents["cut"].proc is not None and agents["cut"].proc.poll() is None
-        assert _status(agents["cut"].base)["instances"][0]["pid"] == server_pid
+        assert agent_status(agents["cut"].base)["instances"][0]["pid"] == server_pid
         log = agents["entry"].log_path.read_text()
         assert '"node_down"' in log or "went DOWN in the routes" in log or "connect" in log
     finally:
         stop.set()
-        for a in agents.values():
-            a.stop()
-        if coord is not None:
-            coord.stop()
+        stop_all(*agents.values(), coord)
         if etcd is not None:
             etcd.destroy()
         host.destroy()
-
-
-def post_json(url: str, token: str) -> int:
-    req = urllib.request.Request(url, b"{}", {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return r.status
-
-
-def _status(base: str) -> dict:  # type: ignore[type-arg]
-    with urllib.request.urlopen(base + "/v1/status", timeout=5) as r:
-        return json.loads(r.read())
-
-
-async def _state_not(etcd: EtcdCluster, node: str, state: str) -> bool:
-    return await endpoint_state(etcd, node) != state
