@@ -67,6 +67,7 @@ class Watch:
         timeout: float | None = None,
     ) -> None:
         self._client = client
+        self._key, self._prefix = key, prefix
         self._create: dict[str, Any] = {**range_fields(key, prefix=prefix)}
         if start_revision:
             self._create["start_revision"] = str(start_revision)
@@ -189,22 +190,15 @@ class Watch:
         """Whether a fresh watch from ``next_revision`` on the same keys sees events at once."""
         start = self.next_revision
         for _ in range(2):  # a second try from the compaction point when ``start`` was compacted
-            create = {**self._create, "start_revision": str(start)}
-            create.pop("progress_notify", None)
+            probe = Watch(self._client, self._key, prefix=self._prefix, start_revision=start, progress_notify=False)
             try:
-                probe = await self._client.transport.open_stream("/v3/watch", {"create_request": create})
-            except EtcdError:
-                return False  # cannot tell; the member answered its status, so keep waiting
-            try:
-                async with asyncio.timeout(PROBE_WAIT_S):
-                    msg = WatchResponse.parse((await probe.next_json() or {}).get("result") or {})
+                async with await probe.open():
+                    async with asyncio.timeout(PROBE_WAIT_S):
+                        return bool((await anext(probe)).events)
+            except EtcdCompacted as e:
+                if not e.compact_revision:
+                    return False
+                start = e.compact_revision
             except (TimeoutError, EtcdError):
-                return False  # nothing to catch up on (etcd sends history at once)
-            finally:
-                probe.close()
-            created = WatchResponse.parse(probe.first.get("result") or {})
-            compacted = created.compact_revision or msg.compact_revision
-            if not compacted:
-                return bool(msg.events)
-            start = compacted
+                return False  # nothing to catch up on (etcd sends history at once), or cannot tell
         return False
