@@ -135,7 +135,7 @@ class Leader:
         records = self._records(now)
         drained = self._drained()
         changes = self._judge(records, now, sample)
-        self.degradation.observe(records, time.monotonic())
+        self.degradation.observe(records, now)
         plan = compute_routes(
             {n: r for n, (r, _) in self.last_seen.items()},
             self.node_health,
