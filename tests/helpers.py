@@ -131,6 +131,40 @@ port_base = {free_port_block()}
 """
 
 
+def as_node(text: str, node: str, advertise_url: str | None = None, listen_host: str | None = None) -> str:
+    """An ``agent_toml`` text for node ``node`` (reached at ``advertise_url``, listening on ``listen_host``)."""
+    lines = [f'node_id = "{node}"']
+    if advertise_url is not None:
+        lines.append(f'advertise_url = "{advertise_url}"')
+    if listen_host is not None:
+        lines.append(f'listen_host = "{listen_host}"')
+    return text.replace('node_id = "test-node"', "\n".join(lines))
+
+
+def cluster_toml(
+    endpoints: list[str],
+    cluster: str,
+    *,
+    lease_ttl_s: int = 3,
+    timeout_s: float = 1.0,
+    telemetry_min_gap_s: float | None = None,
+    extra: str = "",
+) -> str:
+    """The [cluster] section of a test agent: keep-alives every second, short deadlines."""
+    import json
+
+    gap = f"telemetry_min_gap_s = {telemetry_min_gap_s}\n" if telemetry_min_gap_s is not None else ""
+    return f"""
+[cluster]
+endpoints = {json.dumps(endpoints)}
+cluster = "{cluster}"
+lease_ttl_s = {lease_ttl_s}
+keepalive_interval_s = 1.0
+timeout_s = {timeout_s}
+{gap}{extra}
+"""
+
+
 def free_port_block(span: int = 20) -> int:
     """A base port whose next ``span`` ports are free now (tests run agents side by side)."""
     for _ in range(200):

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from etcd_fixtures import USER, USER_PASSWORD, EtcdCluster
-from helpers import AgentProcess, agent_toml, free_port, instance_toml, wait_until
+from helpers import AgentProcess, agent_toml, as_node, cluster_toml, free_port, instance_toml, wait_until
 
 from agent.cluster.policy import Change, PublishPolicy, change_reason, publish_reason
 from gpufleet.etcd import EtcdClient, EtcdLeaseNotFound, Event
@@ -29,23 +29,10 @@ from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
 TTL = 4
 
 
-def cluster_toml(endpoints: list[str], cluster: str, extra: str = "") -> str:
-    return f"""
-[cluster]
-endpoints = {json.dumps(endpoints)}
-cluster = "{cluster}"
-lease_ttl_s = {TTL}
-keepalive_interval_s = 1.0
-timeout_s = 1.0
-telemetry_min_gap_s = 0.5
-{extra}
-"""
-
-
 def node_agent(tmp: Path, endpoints: list[str], cluster: str, node: str = "test-node", extra: str = "") -> AgentProcess:
     port = free_port()
-    text = agent_toml(tmp, port, instance_toml("a")) + cluster_toml(endpoints, cluster, extra)
-    return AgentProcess(tmp, text.replace('node_id = "test-node"', f'node_id = "{node}"'), port)
+    cluster_part = cluster_toml(endpoints, cluster, lease_ttl_s=TTL, telemetry_min_gap_s=0.5, extra=extra)
+    return AgentProcess(tmp, as_node(agent_toml(tmp, port, instance_toml("a")), node) + cluster_part, port)
 
 
 class KeyEvents:

@@ -27,6 +27,8 @@ from helpers import (
     AgentProcess,
     CoordinatorProcess,
     agent_toml,
+    as_node,
+    cluster_toml,
     free_port,
     instance_toml,
     start_agent_sync,
@@ -77,16 +79,9 @@ def start_agent(fleet: Fleet, node: str) -> AgentProcess:
     port = free_port()
     gpus = f"\n[[gpu.simulated]]\n{GPUS[node]}\nmemory_total_gib = 80\ntemperature_c = 50\nutilization_percent = 20\n"
     text = agent_toml(tmp, port, instance_toml("m", model="m", gpus="[0]", fraction=0.5), gpus=gpus)
-    text = text.replace('node_id = "test-node"', f'node_id = "{node}"\nadvertise_url = "http://127.0.0.1:{port}"')
-    text += f"""
-[cluster]
-endpoints = {json.dumps(fleet.etcd.endpoints)}
-cluster = "{CLUSTER}"
-lease_ttl_s = 3
-keepalive_interval_s = 1.0
-timeout_s = 1.0
-telemetry_min_gap_s = 0.2
-
+    text = as_node(text, node, f"http://127.0.0.1:{port}")
+    text += cluster_toml(fleet.etcd.endpoints, CLUSTER, telemetry_min_gap_s=0.2)
+    text += """
 [proxy.limits.m]
 max_concurrency = 2
 max_queue = 64

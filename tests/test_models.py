@@ -26,7 +26,17 @@ from typing import Any
 import aiohttp
 import pytest
 from etcd_fixtures import EtcdCluster
-from helpers import SIM_LAUNCHER, AgentProcess, CoordinatorProcess, agent_toml, free_port, start_agent_sync, wait_until
+from helpers import (
+    SIM_LAUNCHER,
+    AgentProcess,
+    CoordinatorProcess,
+    agent_toml,
+    as_node,
+    cluster_toml,
+    free_port,
+    start_agent_sync,
+    wait_until,
+)
 
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, assigned_instance_name, decode
@@ -75,18 +85,11 @@ def agent_config(fleet: Fleet, node: str, port: int) -> str:
     tmp.mkdir(exist_ok=True)
     gpus = f'\n[[gpu.simulated]]\nname = "{GPUS[node]}"\nmemory_total_gib = 80\ntemperature_c = 50\n'
     text = agent_toml(tmp, port, "", gpus=gpus)
-    text = text.replace('node_id = "test-node"', f'node_id = "{node}"\nadvertise_url = "http://127.0.0.1:{port}"')
+    text = as_node(text, node, f"http://127.0.0.1:{port}")
     return (
         text
+        + cluster_toml(fleet.etcd.endpoints, CLUSTER, telemetry_min_gap_s=0.2)
         + f"""
-[cluster]
-endpoints = {json.dumps(fleet.etcd.endpoints)}
-cluster = "{CLUSTER}"
-lease_ttl_s = 3
-keepalive_interval_s = 1.0
-timeout_s = 1.0
-telemetry_min_gap_s = 0.2
-
 [models]
 launchers = {{ vllm = {SIM_LAUNCHER} }}
 allowed_roots = ["{fleet.shared}", "{fleet.hidden}"]

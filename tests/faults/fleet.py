@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from etcd_fixtures import EtcdCluster
-from helpers import AgentProcess, agent_toml, free_port, instance_toml, start_agent_sync, wait_until
+from helpers import (
+    AgentProcess,
+    agent_toml,
+    as_node,
+    cluster_toml,
+    free_port,
+    instance_toml,
+    start_agent_sync,
+    wait_until,
+)
 
 from faults.tcpproxy import FaultProxy
 from gpufleet.etcd import Delete, KeyValue, Put, Snapshot, list_watch
@@ -41,17 +50,9 @@ def cluster_agent(
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     text = agent_toml(tmp, port, instance_toml("m", model="m", gpus="[0]", fraction=0.5))
-    text = text.replace(
-        'node_id = "test-node"', f'node_id = "{node}"\nadvertise_url = "http://{host}:{port}"\nlisten_host = "{host}"'
-    )
-    text += f"""
-[cluster]
-endpoints = {json.dumps([endpoint] if isinstance(endpoint, str) else endpoint)}
-cluster = "{CLUSTER}"
-lease_ttl_s = {lease_ttl_s}
-keepalive_interval_s = 1.0
-timeout_s = {timeout_s}
-"""
+    text = as_node(text, node, f"http://{host}:{port}", host)
+    endpoints = [endpoint] if isinstance(endpoint, str) else endpoint
+    text += cluster_toml(endpoints, CLUSTER, lease_ttl_s=lease_ttl_s, timeout_s=timeout_s)
     return start_agent_sync(tmp, text, port, ready_instances=1, wrapper=wrapper, host=host)
 
 

@@ -11,7 +11,6 @@ again; the dead node's assignment is gone; every write of the new term carries i
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -19,7 +18,17 @@ import time
 from pathlib import Path
 
 from etcd_fixtures import EtcdCluster
-from helpers import SIM_LAUNCHER, CoordinatorProcess, agent_toml, free_port, pid_alive, start_agent_sync, wait_until
+from helpers import (
+    SIM_LAUNCHER,
+    CoordinatorProcess,
+    agent_toml,
+    as_node,
+    cluster_toml,
+    free_port,
+    pid_alive,
+    start_agent_sync,
+    wait_until,
+)
 
 from faults.fleet import CLUSTER, KEYS, chat, endpoint_state, eq, neq, stop_all
 from gpufleet.keyspace import decode
@@ -34,15 +43,8 @@ def model_agent(tmp: Path, node: str, etcd: EtcdCluster, shared: Path):  # type:
     port = free_port()
     gpus = '\n[[gpu.simulated]]\nname = "NVIDIA A100-SXM4-80GB"\nmemory_total_gib = 80\ntemperature_c = 50\n'
     text = agent_toml(tmp, port, "", gpus=gpus)
-    text = text.replace('node_id = "test-node"', f'node_id = "{node}"\nadvertise_url = "http://127.0.0.1:{port}"')
+    text = as_node(text, node, f"http://127.0.0.1:{port}") + cluster_toml(etcd.endpoints, CLUSTER)
     text += f"""
-[cluster]
-endpoints = {json.dumps(etcd.endpoints)}
-cluster = "{CLUSTER}"
-lease_ttl_s = 3
-keepalive_interval_s = 1.0
-timeout_s = 1.0
-
 [models]
 launchers = {{ vllm = {SIM_LAUNCHER} }}
 allowed_roots = ["{shared}"]
