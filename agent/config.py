@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from agent import serverflags
 from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.keyspace import InvalidName, check_name
 from gpufleet.models import path_problems
@@ -234,11 +235,25 @@ class InstanceConfig(StrictSection):
     # backend = "command": the whole argv, with {port}, {host}, {model}, {served_model_name},
     # {gpu_memory_fraction} and {python} placeholders.
     command: list[str] | None = None
-    health_path: str = "/health"
+    # backend = "command": the path that answers 2xx once the server is ready; unset: /health,
+    # falling back to /v1/models on servers without /health.
+    health_path: str | None = None
     metrics_path: str | None = None
     # llama.cpp -ngl / KoboldCPP --gpulayers; default: all layers on GPU when gpus is set, else 0.
     gpu_layers: Annotated[int, Meta(ge=0)] | None = None
-    cpu_quota: PositiveFloat | None = None  # CPU cores (cgroup v2 cpu.max)
+    cpu_quota: PositiveFloat | None = None  # CPU cores (cgroup v2 cpu.max); sets llama.cpp/KoboldCPP threads
+    # Context window (tokens) and concurrent sequences ("slots"), mapped to each backend's own
+    # flags (agent/serverflags.py): llama.cpp -c/-np, vLLM --max-model-len/--max-num-seqs,
+    # KoboldCPP --contextsize/--multiuser, Ollama OLLAMA_CONTEXT_LENGTH/OLLAMA_NUM_PARALLEL.
+    # Unset: the server's default, except llama.cpp, whose default is the model's whole training
+    # context (a 128k-token model would reserve many GB of KV cache): there the agent passes
+    # LLAMACPP_DEFAULT_CONTEXT.
+    context_size: Annotated[int, Meta(ge=64)] | None = None
+    parallel: Annotated[int, Meta(ge=1, le=4096)] | None = None
+    # A file holding the API key the model server requires. The agent hands it to the server
+    # through its environment (argv is readable by every local user) and sends it on its own
+    # probes, warm-ups and metrics reads and on the requests it proxies to the instance.
+    api_key_file: str | None = None
     startup_timeout_s: PositiveFloat | None = None
     warmup: Warmup = msgspec.field(default_factory=Warmup)
     autostart: bool = True
@@ -391,15 +406,41 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
                         )
         elif inst.gpu_memory_fraction is not None:
             out.append(ConfigProblem(f"{at}.gpu_memory_fraction", "set but gpus is empty (CPU-only instance)"))
-        if not inst.health_path.startswith("/"):
+        if inst.health_path is not None and not inst.health_path.startswith("/"):
             out.append(ConfigProblem(f"{at}.health_path", "must start with /"))
         if inst.metrics_path is not None and not inst.metrics_path.startswith("/"):
             out.append(ConfigProblem(f"{at}.metrics_path", "must start with /"))
+        out.extend(sizing_problems(inst, at))
 
     out.extend(memory_budget_problems(cfg))
     out.extend(proxy_problems(cfg))
     out.extend(cluster_problems(cfg))
     out.extend(models_problems(cfg))
+    return out
+
+
+def sizing_problems(inst: InstanceConfig, at: str) -> list[ConfigProblem]:
+    """Settings the agent maps to a server's own flags: supported by the backend, and not given
+    a second time in ``args`` (which the server would read last-wins, silently)."""
+    out = []
+    flags = serverflags.FLAGS[inst.backend]
+    fields: dict[str, tuple[serverflags.Setting, object]] = {
+        "context_size": ("context_size", inst.context_size),
+        "parallel": ("parallel", inst.parallel),
+        "api_key_file": ("api_key", inst.api_key_file),
+    }
+    env_mapped = {"ollama": ("context_size", "parallel")}.get(inst.backend, ())
+    for field, (setting, value) in fields.items():
+        if value is None or setting in env_mapped:
+            continue
+        if setting == "api_key" and (inst.backend in serverflags.API_KEY_ENV or inst.backend == "command"):
+            pass  # passed through the environment, or (command) only sent by the agent
+        elif setting == "api_key" or setting not in flags:
+            out.append(ConfigProblem(f"{at}.{field}", f"not supported by backend {inst.backend!r}"))
+            continue
+        names = flags.get(setting, ())
+        if serverflags.given(inst.args, names):
+            out.append(ConfigProblem(f"{at}.args", f"sets {'/'.join(names)} and so does {field}: give it once"))
     return out
 
 

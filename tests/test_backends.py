@@ -1,7 +1,7 @@
 """Backends: argv/env per server kind, and how each tells loading from ready and reads load.
 
-The probes run against small aiohttp servers that answer the way each real server does (the
-real servers need GPUs); the vLLM backend is also exercised end to end against the simulated
+The probes run against small aiohttp servers that answer the way each real server does; the
+llama.cpp backend is also tested against a real llama-server in tests/realbackend/, the vLLM backend is also exercised end to end against the simulated
 vLLM server in test_agent_supervision.py.
 """
 
@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from agent.backends import get_backend
+from agent.backends import Upstream, get_backend
 from agent.backends.prometheus_text import parse_samples
 from agent.config import InstanceConfig, Warmup
 
@@ -70,6 +70,8 @@ def test_llamacpp_argv_gpu_and_cpu() -> None:
         "--alias",
         "q",
         "--metrics",
+        "-c",
+        "8192",
     ]
     cpu = b.launch(inst(backend="llamacpp", model="/m/q.gguf"), 9)
     assert cpu.argv[cpu.argv.index("-ngl") + 1] == "0"
@@ -125,12 +127,12 @@ vllm:kv_cache_usage_perc{model_name="a"} NaNx
     assert got == {"vllm:num_requests_running": 5.0, "vllm:num_requests_waiting": 10.0}
 
 
-async def serve(aiohttp_server, routes: dict[str, object]) -> str:  # type: ignore[no-untyped-def]
+async def serve(aiohttp_server, routes: dict[str, object]) -> Upstream:  # type: ignore[no-untyped-def]
     app = web.Application()
     for path, handler in routes.items():
         app.router.add_route("*", path, handler)  # type: ignore[arg-type]
     server = await aiohttp_server(app)
-    return str(server.make_url("")).rstrip("/")
+    return Upstream(str(server.make_url("")).rstrip("/"))
 
 
 async def test_llamacpp_loading_then_ready_and_load(aiohttp_server) -> None:  # type: ignore[no-untyped-def]
@@ -208,7 +210,7 @@ async def test_probe_of_closed_port_and_timeout(aiohttp_server) -> None:  # type
     async with aiohttp.ClientSession() as http:
         r = await get_backend("llamacpp").probe(http, url, inst(backend="llamacpp"), 0.2)
         assert not r.ok and "no answer within 0.2s" in r.detail
-        r = await get_backend("llamacpp").probe(http, "http://127.0.0.1:1", inst(backend="llamacpp"), 1)
+        r = await get_backend("llamacpp").probe(http, Upstream("http://127.0.0.1:1"), inst(backend="llamacpp"), 1)
         assert not r.ok and "refused" in r.detail.lower()
 
 
@@ -233,3 +235,64 @@ async def test_warm_up_request_shapes(aiohttp_server, kind: str, path: str, repl
         r = await get_backend("vllm").warm_up(http, url, cfg)
     assert r.ok is ok
     assert seen[0]["model"] == "qwen"
+
+
+def test_sizing_flags_per_backend() -> None:
+    llama = get_backend("llamacpp").launch(inst(backend="llamacpp", model="/m/q.gguf"), 9).argv
+    assert llama[llama.index("-c") + 1] == "8192" and "-np" not in llama and "-t" not in llama
+    llama = get_backend("llamacpp").launch(
+        inst(backend="llamacpp", model="/m/q.gguf", context_size=2048, parallel=2, cpu_quota=2.5), 9
+    ).argv
+    assert llama[llama.index("-c") + 1] == "2048" and llama[llama.index("-np") + 1] == "2"
+    assert "--kv-unified" in llama and llama[llama.index("-t") + 1] == "2" and llama[llama.index("-tb") + 1] == "2"
+    # Flags the operator gave in args win: the agent adds none of its own for them.
+    own = get_backend("llamacpp").launch(
+        inst(backend="llamacpp", model="/m/q.gguf", cpu_quota=4, args=["-c", "100", "--threads", "3"]), 9
+    ).argv
+    assert own.count("-c") == 1 and "-t" not in own
+    vllm = get_backend("vllm").launch(inst(context_size=32768, parallel=64), 9).argv
+    assert vllm[vllm.index("--max-model-len") + 1] == "32768" and vllm[vllm.index("--max-num-seqs") + 1] == "64"
+    kobold = get_backend("koboldcpp").launch(inst(backend="koboldcpp", model="/m/k.gguf", context_size=4096), 9)
+    assert kobold.argv[kobold.argv.index("--contextsize") + 1] == "4096"
+    ollama = get_backend("ollama").launch(inst(backend="ollama", model="llama3", context_size=8192, parallel=2), 9)
+    assert ollama.env["OLLAMA_CONTEXT_LENGTH"] == "8192" and ollama.env["OLLAMA_NUM_PARALLEL"] == "2"
+
+
+def test_api_key_sources(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    key_file = tmp_path / "key"
+    key_file.write_text("# comment\n\nsk-one\nsk-two\n")
+    b = get_backend("llamacpp")
+    from_file = inst(backend="llamacpp", model="/m", api_key_file=str(key_file))
+    assert b.api_key(from_file) == "sk-one"
+    assert b.key_env(from_file, "sk-one") == {"LLAMA_API_KEY": "sk-one"}
+    assert b.api_key(inst(backend="llamacpp", model="/m", args=["--api-key", "a,b"])) == "a"
+    assert b.api_key(inst(backend="llamacpp", model="/m", args=[f"--api-key-file={key_file}"])) == "sk-one"
+    assert b.api_key(inst(backend="llamacpp", model="/m", env={"LLAMA_API_KEY": "e"})) == "e"
+    assert b.key_env(inst(backend="llamacpp", model="/m", env={"LLAMA_API_KEY": "e"}), "e") == {}
+    assert get_backend("vllm").api_key(inst(args=["--api-key=v"])) == "v"
+    assert b.api_key(inst(backend="llamacpp", model="/m")) is None
+
+
+@pytest.mark.parametrize(
+    ("backend", "status", "body", "verdict", "rewritten", "counted"),
+    [
+        ("vllm", 200, b"{}", "answer", None, True),
+        ("vllm", 400, b'{"error": "too long"}', "answer", None, True),
+        ("vllm", 404, b"", "answer", None, True),
+        ("vllm", 429, b"", "busy", None, True),
+        ("vllm", 500, b"engine dead", "failing", None, True),
+        ("vllm", 501, b"", "answer", None, True),
+        ("vllm", 503, b"", "failing", None, True),
+        ("llamacpp", 501, b'{"error":{"code":501,"type":"not_supported_error"}}', "answer", None, True),
+        ("llamacpp", 500, b'{"error":{"code":500,"message":"Context size has been exceeded."}}', "busy", 429, False),
+        ("llamacpp", 500, b'{"error":{"code":500,"message":"something else"}}', "failing", None, True),
+    ],
+)
+def test_upstream_answers_are_judged_per_backend(
+    backend: str, status: int, body: bytes, verdict: str, rewritten: int | None, counted: bool
+) -> None:
+    j = get_backend(backend).judge(status, body)
+    assert j.verdict.value == verdict and j.counted is counted
+    assert (j.rewrite[0] if j.rewrite else None) == rewritten
+    if j.rewrite:
+        assert msgspec.json.decode(j.rewrite[1])["error"]["code"] == "context_capacity_exceeded"

@@ -236,3 +236,42 @@ def test_nvml_absent_is_a_clear_startup_error(tmp_path: Path) -> None:
     res = run_agent("--config", str(cfg))
     assert res.returncode == 69
     assert "NVML is not available" in res.stderr and 'source = \\"simulated\\"' in res.stderr
+
+
+def test_server_sizing_settings_are_given_once_and_only_where_supported(tmp_path: Path) -> None:
+    lines = problems(
+        tmp_path,
+        BASE
+        + """
+[[instances]]
+name = "twice"
+backend = "llamacpp"
+model = "/m/q.gguf"
+context_size = 4096
+args = ["--ctx-size=8192"]
+
+[[instances]]
+name = "keyed"
+backend = "vllm"
+model = "m"
+api_key_file = "/etc/key"
+args = ["--api-key", "k"]
+
+[[instances]]
+name = "nokey"
+backend = "ollama"
+model = "llama3"
+api_key_file = "/etc/key"
+
+[[instances]]
+name = "cmd"
+backend = "command"
+command = ["srv", "{port}"]
+served_model_name = "x"
+context_size = 4096
+""",
+    )
+    assert any("instances[0].args" in ln and "-c/--ctx-size" in ln and "context_size" in ln for ln in lines), lines
+    assert any("instances[1].args" in ln and "--api-key" in ln and "api_key_file" in ln for ln in lines), lines
+    assert any("instances[2].api_key_file" in ln and "'ollama'" in ln for ln in lines), lines
+    assert any("instances[3].context_size" in ln and "'command'" in ln for ln in lines), lines

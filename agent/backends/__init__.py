@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backend, LaunchSpec, ProbeResult
+from .base import Backend, Judgement, LaunchSpec, ProbeResult, Upstream, Verdict, judge_status
 from .command import CommandBackend
 from .koboldcpp import KoboldCppBackend
 from .llamacpp import LlamaCppBackend
@@ -18,4 +18,14 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "Backend", "LaunchSpec", "ProbeResult", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Judgement",
+    "LaunchSpec",
+    "ProbeResult",
+    "Upstream",
+    "Verdict",
+    "get_backend",
+    "judge_status",
+]

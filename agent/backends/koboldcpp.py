@@ -12,7 +12,7 @@ import msgspec
 from agent.config import InstanceConfig
 from gpufleet.keyspace.records import InstanceLoad
 
-from .base import Backend, LaunchSpec, ProbeError, ProbeResult, http_get
+from .base import Backend, LaunchSpec, ProbeError, ProbeResult, Upstream, http_get
 
 ALL_LAYERS = 999
 
@@ -28,13 +28,19 @@ class KoboldCppBackend(Backend):
             argv += ["--usecublas", "--gpulayers", str(layers)]
         else:
             argv += ["--gpulayers", "0"]
+        if inst.context_size is not None:
+            argv += ["--contextsize", str(inst.context_size)]
+        if inst.parallel is not None:
+            argv += ["--multiuser", str(inst.parallel)]
+        if (threads := self.threads_for(inst)) is not None:
+            argv += ["--threads", str(threads), "--blasthreads", str(threads)]
         return LaunchSpec(argv + list(inst.args))
 
     async def probe(
-        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+        self, http: aiohttp.ClientSession, up: Upstream, inst: InstanceConfig, timeout: float
     ) -> ProbeResult:
         try:
-            ans = await http_get(http, base_url + "/api/v1/model", timeout)
+            ans = await http_get(http, up.base_url + "/api/v1/model", timeout, up.headers)
         except ProbeError as e:
             return ProbeResult(False, str(e))
         if ans.status != 200:
@@ -42,10 +48,10 @@ class KoboldCppBackend(Backend):
         return ProbeResult(True)
 
     async def read_load(
-        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+        self, http: aiohttp.ClientSession, up: Upstream, inst: InstanceConfig, timeout: float
     ) -> InstanceLoad | None:
         try:
-            ans = await http_get(http, base_url + "/api/extra/perf", timeout)
+            ans = await http_get(http, up.base_url + "/api/extra/perf", timeout, up.headers)
             perf = msgspec.json.decode(ans.body) if ans.status == 200 else None
         except (ProbeError, msgspec.DecodeError):
             return None

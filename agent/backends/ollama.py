@@ -13,7 +13,7 @@ import msgspec
 
 from agent.config import InstanceConfig
 
-from .base import Backend, LaunchSpec, ProbeError, ProbeResult, http_get
+from .base import Backend, LaunchSpec, ProbeError, ProbeResult, Upstream, http_get
 
 
 def _tag(name: str) -> str:
@@ -26,13 +26,17 @@ class OllamaBackend(Backend):
 
     def launch(self, inst: InstanceConfig, port: int) -> LaunchSpec:
         env = {"OLLAMA_HOST": f"{inst.host}:{port}", "OLLAMA_KEEP_ALIVE": "-1"}
+        if inst.context_size is not None:
+            env["OLLAMA_CONTEXT_LENGTH"] = str(inst.context_size)
+        if inst.parallel is not None:
+            env["OLLAMA_NUM_PARALLEL"] = str(inst.parallel)
         return LaunchSpec([*self.base_argv(inst), *inst.args], env)
 
     async def probe(
-        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+        self, http: aiohttp.ClientSession, up: Upstream, inst: InstanceConfig, timeout: float
     ) -> ProbeResult:
         try:
-            tags = await http_get(http, base_url + "/api/tags", timeout)
+            tags = await http_get(http, up.base_url + "/api/tags", timeout, up.headers)
         except ProbeError as e:
             return ProbeResult(False, str(e))
         if tags.status != 200:

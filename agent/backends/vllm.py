@@ -12,7 +12,7 @@ import msgspec
 from agent.config import InstanceConfig
 from gpufleet.keyspace.records import InstanceLoad
 
-from .base import Backend, LaunchSpec, ProbeError, ProbeResult, http_get, load_from_metrics, short
+from .base import Backend, LaunchSpec, ProbeError, ProbeResult, Upstream, http_get, load_from_metrics, short
 
 LOAD_METRICS = {
     "requests_running": "vllm:num_requests_running",
@@ -32,16 +32,20 @@ class VllmBackend(Backend):
             argv += ["--gpu-memory-utilization", f"{inst.gpu_memory_fraction:g}"]
             if len(inst.gpus) > 1 and "--tensor-parallel-size" not in inst.args:
                 argv += ["--tensor-parallel-size", str(len(inst.gpus))]
+        if inst.context_size is not None:
+            argv += ["--max-model-len", str(inst.context_size)]
+        if inst.parallel is not None:
+            argv += ["--max-num-seqs", str(inst.parallel)]
         return LaunchSpec(argv + list(inst.args))
 
     async def probe(
-        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+        self, http: aiohttp.ClientSession, up: Upstream, inst: InstanceConfig, timeout: float
     ) -> ProbeResult:
         try:
-            health = await http_get(http, base_url + "/health", timeout)
+            health = await http_get(http, up.base_url + "/health", timeout, up.headers)
             if health.status != 200:
                 return ProbeResult(False, f"/health: HTTP {health.status} {short(health.body)}")
-            models = await http_get(http, base_url + "/v1/models", timeout)
+            models = await http_get(http, up.base_url + "/v1/models", timeout, up.headers)
         except ProbeError as e:
             return ProbeResult(False, str(e))
         if models.status != 200:
@@ -55,6 +59,6 @@ class VllmBackend(Backend):
         return ProbeResult(True)
 
     async def read_load(
-        self, http: aiohttp.ClientSession, base_url: str, inst: InstanceConfig, timeout: float
+        self, http: aiohttp.ClientSession, up: Upstream, inst: InstanceConfig, timeout: float
     ) -> InstanceLoad | None:
-        return await load_from_metrics(http, base_url + "/metrics", timeout, LOAD_METRICS)
+        return await load_from_metrics(http, up, "/metrics", timeout, LOAD_METRICS)

@@ -49,9 +49,10 @@ class Failure(Exception):
     """An attempt failed before the first byte; ``response`` is what the client gets if no
     retry is left."""
 
-    def __init__(self, kind: str, response: web.StreamResponse | None, detail: str) -> None:
+    def __init__(self, kind: str, response: web.StreamResponse | None, detail: str, *, counted: bool = True) -> None:
         super().__init__(detail)
         self.kind, self.response, self.detail = kind, response, detail
+        self.counted = counted  # toward the cluster error rate and the instance's errors
 
 
 def bad_request(message: str, code: str = "invalid_request") -> web.Response:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from agent.backends import Judgement, Upstream, judge_status
 from gpufleet.keyspace.records import RouteRecord
 
 from .context import Failure
@@ -35,14 +36,23 @@ SUSPECT_S = 10.0  # an endpoint that just failed is tried last for this long
 class RemoteTarget:
     """A remote endpoint, with the attributes the proxy's attempt loop uses on a local instance."""
 
-    __slots__ = ("base_url", "errors_total", "in_flight", "instance", "name", "node", "requests_total", "suspect_until")
+    __slots__ = ("errors_total", "in_flight", "instance", "name", "node", "requests_total", "suspect_until", "upstream")
 
     def __init__(self, node: str, instance: str, address: str) -> None:
         self.node, self.instance = node, instance
         self.name = f"{node}/{instance}"
-        self.base_url = address.rstrip("/")
+        self.upstream = Upstream(address.rstrip("/"))
         self.in_flight = self.requests_total = self.errors_total = 0
         self.suspect_until = 0.0
+
+    @property
+    def base_url(self) -> str:
+        return self.upstream.base_url
+
+    def judge(self, status: int, body: bytes) -> Judgement:
+        # The other node's proxy already judged its own servers' answers: an error it passes
+        # on is the request's, a 5xx means that node could not serve it.
+        return Judgement(judge_status(status))
 
     def request_probe(self) -> None:
         # Passive health for a node we do not supervise: steer away until the coordinator's

@@ -23,6 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from agent.api.errors import error_response, json_response
+from agent.backends import Verdict
 from agent.config import ProxySection
 from agent.supervisor.policy import InstanceState
 from gpufleet.keyspace.records import RouteRecord
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     from agent.supervisor import Instance
 
 log = structlog.get_logger("agent.proxy")
+# Failure kinds (and metric labels) of an instance that is full, not failing: not probed.
+BUSY = "status_429"  # it said 429: counts toward the error rate (overload is what degrades)
+CAPACITY = "capacity"  # its backend knows the request did not fit right now: counts nothing
 access = structlog.get_logger("agent.access")
 
 
@@ -272,13 +276,13 @@ class Proxy:
                 return await self._try(request, body, target, ctx)
             except Failure as f:
                 last = f
-                if _counted(ctx, target):
+                if f.counted and _counted(ctx, target):
                     self.rt.proxy_counters.attempt_errors += 1
                 self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
                 log.warning(
                     "upstream attempt failed", request_id=ctx.rid, instance=target.name, kind=f.kind, detail=f.detail
                 )
-                if f.kind != "status_429":
+                if f.kind not in (BUSY, CAPACITY):
                     target.request_probe()  # passive health: look at it now / steer away from it
                 # A node that went DOWN under an attempt is retried even past the budget: the
                 # client has waited for an answer that the dead node will never give.
@@ -320,6 +324,7 @@ class Proxy:
             headers[HOPS_HEADER] = str(hops_of(request.headers.get(HOPS_HEADER)) + 1)
             if ctx.downgraded is not None:
                 headers[FALLBACK_REQUEST_HEADER] = ctx.model or ""
+        headers.update(inst.upstream.headers)  # the instance's own API key, not the client's
         url = inst.base_url + request.path_qs
         inst.in_flight += 1
         inst.requests_total += 1
@@ -337,13 +342,8 @@ class Proxy:
                 except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
                     raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
                 async with upstream:
-                    if upstream.status >= 500 or upstream.status == 429:
-                        payload = await upstream.read()
-                        kind = "status_429" if upstream.status == 429 else "status_5xx"
-                        resp = web.Response(
-                            status=upstream.status, body=payload, headers=self._response_headers(upstream, ctx)
-                        )
-                        raise Failure(kind, resp, f"{inst.name}: HTTP {upstream.status}")
+                    if upstream.status >= 400:
+                        return self._error_answer(upstream, await self._read(upstream, inst), inst, ctx)
                     try:
                         if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                             # Hold the client's headers back until the first chunk is here: until
@@ -368,11 +368,37 @@ class Proxy:
             else:
                 what = f"no complete answer within {self.cfg.total_timeout_s:g}s"
             raise Failure("timeout", self._timeout_response(ctx, what), f"{inst.name}: {what}") from None
-        except Failure:
-            inst.errors_total += 1
+        except Failure as f:
+            if f.counted:
+                inst.errors_total += 1
             raise
         finally:
             inst.in_flight -= 1
+
+    async def _read(self, upstream: aiohttp.ClientResponse, inst: Instance | RemoteTarget) -> bytes:
+        try:
+            return await upstream.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            raise Failure("midstream", None, f"{inst.name}: answer cut off: {e}") from None
+
+    def _error_answer(
+        self, upstream: aiohttp.ClientResponse, payload: bytes, inst: Instance | RemoteTarget, ctx: Ctx
+    ) -> web.Response:
+        """An error status: the client's answer if the request was at fault (nothing counted,
+        nothing retried), else a Failure to retry elsewhere. The backend decides which."""
+        judgement = inst.judge(upstream.status, payload)
+        status, body = judgement.rewrite or (upstream.status, payload)
+        headers = self._response_headers(upstream, ctx)
+        if judgement.rewrite is not None:
+            headers["Content-Type"] = "application/json"
+        resp = web.Response(status=status, body=body, headers=headers)
+        if judgement.verdict is Verdict.ANSWER:
+            ctx.ttfb = time.monotonic() - ctx.started
+            return ctx.done(resp)
+        if judgement.verdict is Verdict.BUSY:
+            kind = BUSY if judgement.counted else CAPACITY
+            raise Failure(kind, resp, f"{inst.name}: full, HTTP {upstream.status}", counted=judgement.counted)
+        raise Failure("status_5xx", resp, f"{inst.name}: HTTP {upstream.status}: {payload[:200]!r}")
 
     async def _stream(
         self,

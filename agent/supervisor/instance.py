@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
-from agent.backends import Backend, get_backend
+from agent.backends import Backend, Judgement, Upstream, get_backend
 from agent.config import InstanceConfig, SupervisorSection
 from gpufleet.keyspace.records import InstanceLoad, InstanceRecord
 
@@ -64,6 +64,7 @@ class Instance:
         self._wake = asyncio.Event()
         self._probe_now = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.upstream = self._upstream(None)  # the key is read at each start (it may rotate)
         self.output = RotatingLog(host.log_dir / f"{cfg.name}.log", self.sup.log_max_bytes, self.sup.log_backups)
 
     # --- public -------------------------------------------------------------------------
@@ -78,8 +79,12 @@ class Instance:
 
     @property
     def base_url(self) -> str:
+        return self.upstream.base_url
+
+    def _upstream(self, key: str | None) -> Upstream:
         host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{self.port}"
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return Upstream(f"http://{host}:{self.port}", headers)
 
     def start_task(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance:{self.name}")
@@ -91,6 +96,9 @@ class Instance:
         self._want = "stop" if cmd == "stop" else "start"
         self._pending = cmd
         self._wake.set()
+
+    def judge(self, status: int, body: bytes) -> Judgement:
+        return self.backend.judge(status, body)
 
     def request_probe(self) -> None:
         """Passive health: a caller saw this instance fail; probe it now, not at the next tick."""
@@ -190,8 +198,14 @@ class Instance:
         self.health.reset()
         self.load = None
         self._set_state(InstanceState.STARTING)
+        try:
+            key = self.backend.api_key(self.cfg)
+        except (OSError, ValueError) as e:
+            return f"cannot read the instance's API key: {e}"
+        self.upstream = self._upstream(key)
         spec = self.backend.launch(self.cfg, self.port)
-        env = self.host.child_env(self.cfg, spec.env)
+        env = self.host.child_env(self.cfg, {**spec.env, **self.backend.key_env(self.cfg, key)})
+        self.output.new_run()  # error reports quote this run's output, not the last one's
         self.output.mark(f"starting: {' '.join(spec.argv)}")
         try:
             self.child = await spawn(spec.argv, env, self.output, self.host.cgroup_for(self))
@@ -218,11 +232,15 @@ class Instance:
         interval = 0.1  # loading servers are polled fast at first, then every second
         last = ""
         while True:
-            if (exited := self._exit_reason()) is not None:
+            if (exited := await self._exit_reason()) is not None:
                 return f"exited during start-up: {exited}"
-            result = await self.backend.probe(self.host.http, self.base_url, self.cfg, self.sup.probe_timeout_s)
+            result = await self.backend.probe(self.host.http, self.upstream, self.cfg, self.sup.probe_timeout_s)
             if result.ok:
                 return None
+            if result.misconfigured:
+                # Say why it is not ready yet (a wrong health_path answers 404 forever): the
+                # start-up timeout is minutes away and the state alone says only STARTING.
+                self.last_error = f"not ready yet: {result.detail}"
             last = result.detail
             if time.monotonic() >= deadline:
                 return f"not ready after {timeout:g}s (last: {last})"
@@ -235,9 +253,9 @@ class Instance:
             return None
         detail = ""
         for attempt in range(1, w.attempts + 1):
-            if (exited := self._exit_reason()) is not None:
+            if (exited := await self._exit_reason()) is not None:
                 return f"exited during warm-up: {exited}"
-            result = await self.backend.warm_up(self.host.http, self.base_url, self.cfg)
+            result = await self.backend.warm_up(self.host.http, self.upstream, self.cfg)
             if result.ok:
                 return None
             detail = result.detail
@@ -248,15 +266,15 @@ class Instance:
     async def _monitor(self) -> str:
         """Probe every interval (or at once when asked); return when the instance must restart."""
         while True:
-            if (exited := self._exit_reason()) is not None:
+            if (exited := await self._exit_reason()) is not None:
                 return exited
-            ok_result = await self.backend.probe(self.host.http, self.base_url, self.cfg, self.sup.probe_timeout_s)
-            if (exited := self._exit_reason()) is not None:
+            ok_result = await self.backend.probe(self.host.http, self.upstream, self.cfg, self.sup.probe_timeout_s)
+            if (exited := await self._exit_reason()) is not None:
                 return exited
             if ok_result.ok:
                 self.health.record(True)
                 self.load = await self.backend.read_load(
-                    self.host.http, self.base_url, self.cfg, self.sup.probe_timeout_s
+                    self.host.http, self.upstream, self.cfg, self.sup.probe_timeout_s
                 )
             elif self.health.record(False):
                 return f"{self.health.consecutive_failures} consecutive failed probes (last: {ok_result.detail})"
@@ -267,11 +285,12 @@ class Instance:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _exit_reason(self) -> str | None:
+    async def _exit_reason(self) -> str | None:
         if self.child is None:
             return "process is gone"
         if self.child.returncode is None:
             return None
+        await self.child.wait()  # drains what it printed last: usually the reason it died
         return self.child.describe_exit()
 
     async def _sleep(self, seconds: float) -> None:

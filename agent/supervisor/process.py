@@ -45,6 +45,9 @@ def _make_preexec(parent_pid: int, cgroup_procs: str | None) -> Callable[[], Non
     return preexec
 
 
+MAX_LINE = 8192  # a "line" longer than this is quoted as it is, not buffered further
+
+
 class RotatingLog:
     """Size-rotated log file (name.log, name.log.1, …) plus the last lines kept in memory for
     error reports. Written from the event loop; files are small appends, no thread needed."""
@@ -54,19 +57,33 @@ class RotatingLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.tail: deque[str] = deque(maxlen=tail_lines)
+        self._partial = b""
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(path, "ab")
         self._size = self._f.tell()
 
     def write(self, data: bytes) -> None:
+        self._append(data)
+        # Pipe reads cut lines anywhere: keep the unfinished end for the next chunk.
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > MAX_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line.strip():
+                self.tail.append(line)
+
+    def new_run(self) -> None:
+        self.tail.clear()
+        self._partial = b""
+
+    def _append(self, data: bytes) -> None:
         if self._size + len(data) > self.max_bytes and self._size > 0:
             self._rotate()
         self._f.write(data)
         self._f.flush()
         self._size += len(data)
-        for line in data.decode("utf-8", "replace").splitlines():
-            if line.strip():
-                self.tail.append(line.rstrip())
 
     def _rotate(self) -> None:
         self._f.close()
@@ -82,8 +99,9 @@ class RotatingLog:
         self._size = 0
 
     def mark(self, text: str) -> None:
-        """A line from the agent itself (start/stop markers) so the file reads as a history."""
-        self.write(f"--- gpu-agent: {text} ---\n".encode())
+        """A line from the agent itself (start/stop markers) so the file reads as a history.
+        Not part of the tail: the tail is what the *server* said, quoted in error reports."""
+        self._append(f"--- gpu-agent: {text} ---\n".encode())
 
     def close(self) -> None:
         self._f.close()

@@ -34,6 +34,11 @@ log = structlog.get_logger("agent.supervisor")
 _LOADING = frozenset({InstanceState.STARTING})
 
 
+SYSTEMD_ENV = frozenset(
+    {"NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC", "JOURNAL_STREAM"}
+)
+
+
 class UnknownInstance(KeyError):
     pass
 
@@ -197,7 +202,9 @@ class Supervisor:
         )
 
     def child_env(self, cfg: InstanceConfig, backend_env: dict[str, str]) -> dict[str, str]:
-        env = dict(os.environ)
+        # systemd's variables are the agent's: a server that inherited NOTIFY_SOCKET or
+        # LISTEN_FDS would talk to systemd as if it were the agent.
+        env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ENV}
         # Empty for CPU-only instances: a CPU instance must not grab a GPU by default.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in cfg.gpus)
         env.update(backend_env)
