@@ -1,8 +1,8 @@
 """Backends: argv/env per server kind, and how each tells loading from ready and reads load.
 
-The probes run against small aiohttp servers that answer the way each real server does; the
-llama.cpp backend is also tested against a real llama-server in tests/realbackend/, the vLLM backend is also exercised end to end against the simulated
-vLLM server in test_agent_supervision.py.
+The probes run against small aiohttp servers that answer the way each real server does. The
+llama.cpp backend is also tested against a real llama-server (tests/realbackend/), the vLLM
+backend end to end against the simulated vLLM server (test_agent_supervision.py).
 """
 
 from __future__ import annotations
