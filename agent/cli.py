@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from agent.config import DEFAULT_CONFIG_PATH, load_config
+from gpufleet.logsetup import print_error
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
 
 
@@ -26,14 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_config(path)
         except ConfigError as e:
-            print(e, file=sys.stderr)
+            print_error(str(e))
             return EX_CONFIG
         print(f"{path}: ok ({len(cfg.instances)} instances, gpu source {cfg.gpu.source})")
         return 0
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        print_error(str(e))
         return EX_CONFIG
 
     from gpufleet.logsetup import configure_logging

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpufleet.logsetup import print_error
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
 
 from .config import DEFAULT_CONFIG_PATH, load_config
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(path)
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        print_error(str(e))
         return EX_CONFIG
     if args.cmd == "check-config":
         print(f"{path}: ok (cluster {cfg.etcd.cluster}, {len(cfg.etcd.endpoints)} etcd endpoints)")

@@ -1,0 +1,89 @@
+"""Log lines carry their sd-daemon priority when stderr is systemd's journal stream.
+
+journald files every line of a service's stderr at info unless it starts with ``<N>``. The
+daemons detect the journal the way sd_journal_stream_fd(3) documents (``JOURNAL_STREAM`` is
+``<st_dev>:<st_ino>`` of stderr) and prefix every line; anywhere else the output is unchanged.
+Each case runs in a subprocess whose stderr is a file standing in for the journal stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = """
+import sys
+from gpufleet.logsetup import configure_logging, print_error
+import structlog
+configure_logging(sys.argv[1], "debug")
+log = structlog.get_logger("t")
+log.debug("d-event")
+log.info("i-event", n=1)
+log.warning("w-event")
+log.error("e-event", problem="bad")
+try:
+    raise ValueError("boom")
+except ValueError:
+    log.exception("x-event")
+log.critical("c-event")
+print_error("config.toml: $.a: first\\nconfig.toml: $.b: second")
+"""
+
+
+def _run(tmp_path: Path, fmt: str, journal: str | None) -> list[str]:
+    err = tmp_path / f"stderr-{fmt}-{journal is not None}"
+    err.touch()
+    st = err.stat()
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    if journal == "match":
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    elif journal == "other":
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino + 1}"  # stderr redirected away from the journal
+    with open(err, "wb") as f:
+        subprocess.run(
+            [sys.executable, "-c", SCRIPT, fmt], stderr=f, stdout=subprocess.DEVNULL, env=env, cwd=ROOT, check=True
+        )
+    return err.read_text().splitlines()
+
+
+def test_json_lines_carry_their_priority_under_journald(tmp_path: Path) -> None:
+    lines = _run(tmp_path, "json", "match")
+    events = {}
+    for line in lines[:-2]:
+        assert line[0] == "<" and line[2] == ">", line
+        events[json.loads(line[3:])["event"]] = int(line[1])
+    assert events == {"d-event": 7, "i-event": 6, "w-event": 4, "e-event": 3, "x-event": 3, "c-event": 2}
+    # The traceback stays inside the JSON line (one journal entry at error priority).
+    x = next(json.loads(ln[3:]) for ln in lines if '"x-event"' in ln)
+    assert "ValueError: boom" in x["exception"]
+    assert lines[-2:] == ["<3>config.toml: $.a: first", "<3>config.toml: $.b: second"]
+
+
+def test_every_console_line_is_prefixed_including_tracebacks(tmp_path: Path) -> None:
+    lines = _run(tmp_path, "console", "match")
+    assert all(ln[:1] == "<" and ln[2:3] == ">" for ln in lines), lines
+    tb = [ln for ln in lines if "Traceback" in ln or "ValueError: boom" in ln]
+    assert tb and all(ln.startswith("<3>") for ln in tb)
+    assert next(ln for ln in lines if "i-event" in ln).startswith("<6>")
+    assert next(ln for ln in lines if "w-event" in ln).startswith("<4>")
+
+
+@pytest.mark.parametrize("journal", [None, "other"], ids=["no-journal", "stderr-redirected"])
+def test_no_prefix_unless_stderr_is_the_journal(tmp_path: Path, journal: str | None) -> None:
+    lines = _run(tmp_path, "json", journal)
+    assert [json.loads(ln)["event"] for ln in lines[:-2]] == [
+        "d-event",
+        "i-event",
+        "w-event",
+        "e-event",
+        "x-event",
+        "c-event",
+    ]
+    assert lines[-2:] == ["config.toml: $.a: first", "config.toml: $.b: second"]
