@@ -79,6 +79,7 @@ class Deployment:
             "gpufleet_manage_users": False,
             "gpufleet_become": False,
             "gpufleet_etcd_install_package": False,
+            "gpufleet_install_os_packages": False,
             "gpufleet_etcd_configure_auth": configure_auth,
             "gpufleet_etcd_listen_address": "127.0.0.1",
             "gpufleet_etcd_client_port": self.client_port,
