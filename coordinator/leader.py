@@ -81,6 +81,7 @@ class Leader:
         # (mod revision, monotonic time first seen at it): a record's age without trusting clocks.
         self._changed_at: dict[str, tuple[int, float]] = {}
         self.plan: RoutePlan | None = None
+        self._panic_logged: dict[str, str] = {}  # class -> detail last logged (once per change, not per pass)
         self.decision = Decision()
         self._term: int | None = None
         self.deciding_passes = 0  # complete passes after this term's grace period (routes written)
@@ -149,8 +150,7 @@ class Leader:
         self.plan = plan
         self.metrics.compute_seconds.observe(time.perf_counter() - t0)
         self.metrics.observe_plan(plan, self.node_health)
-        for cls, text in plan.panic.items():
-            log.error("panic threshold reached: ejection suspended", gpu_class=cls, detail=text)
+        self._log_panic(plan.panic)
         if time.monotonic() < self._grace_until:
             self.decision = Decision(now_wall, epoch, "grace period: observing, no decisions yet", changes=changes)
             return
@@ -172,6 +172,7 @@ class Leader:
         self.node_health.clear()
         self.inst_health.clear()
         self.last_seen.clear()
+        self._panic_logged = {}
         self._changed_at.clear()
         self._written.clear()
         self._term = epoch
@@ -183,6 +184,16 @@ class Leader:
             grace_s=self.cfg.election.grace_s,
             nodes=len(self.nodes.data),
         )
+
+    def _log_panic(self, panic: dict[str, str]) -> None:
+        """An error when a GPU class enters panic mode (or its detail changes), a line when it
+        leaves: once per change, not on every pass (journalctl -p err stays readable)."""
+        for cls, text in panic.items():
+            if self._panic_logged.get(cls) != text:
+                log.error("panic threshold reached: ejection suspended", gpu_class=cls, detail=text)
+        for cls in self._panic_logged.keys() - panic.keys():
+            log.info("panic over: ejection resumes", gpu_class=cls)
+        self._panic_logged = dict(panic)
 
     def _records(self, now: float) -> dict[str, NodeRecord]:
         out = {}
