@@ -1,0 +1,218 @@
+"""Fixtures of the deployment tests: three booted Debian 12 hosts deployed by ansible/deploy.yml.
+
+``deployment`` (session scope) builds or reuses the cached image, apt repository and wheelhouse
+(tests/deploy/nspawn.py), boots ``gf-ctl`` (etcd + coordinator) and ``gf-gpu-a``/``gf-gpu-b``
+(agents with simulated GPUs and simulated vLLM servers) on a bridge of their own, runs the
+playbook once, and tears everything down at the end of the session, also when a test or the
+setup failed. Tests that change a host put it back as they found it (units running, same
+config), so any order works and later tests (e.g. a rolling re-deploy) start from a deployed
+fleet.
+
+Where containers cannot run (not root, no systemd-nspawn, a kernel or sandbox that refuses),
+the tests skip with the reason; in CI (``CI=true``) that is a failure instead, since a skip
+there would hide a regression.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nspawn
+import pytest
+from playbook import ETCD_PASSWORD, Playbook, Recap, default_vars
+
+CONTROL = "gf-ctl"
+AGENTS = ("gf-gpu-a", "gf-gpu-b")
+GROUPS: Mapping[str, list[str]] = {"etcd": [CONTROL], "coordinators": [CONTROL], "gpu_nodes": list(AGENTS)}
+AGENT_PORT = 8080
+COORDINATOR_PORT = 8090
+CLUSTER = "deploy"
+
+TIMINGS: dict[str, float] = {}
+
+
+def skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"deployment tests cannot run, and CI must run them: {reason}", pytrace=False)
+    pytest.skip(f"deployment tests: {reason}")
+
+
+@dataclass
+class Deployment:
+    """The deployed fleet and what the tests do with it."""
+
+    fleet: nspawn.Fleet
+    playbook: Playbook
+    workdir: Path
+    first: Recap
+    timings: dict[str, float] = field(default_factory=dict)
+
+    control: str = CONTROL
+    agents: tuple[str, ...] = AGENTS
+
+    # --- hosts --------------------------------------------------------------------------
+
+    def address(self, host: str) -> str:
+        return self.fleet.containers[host].address
+
+    def ssh(self, host: str, command: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """A shell command on ``host`` as root (``check=False`` to look at a failure yourself)."""
+        return self.fleet.ssh(host, command, **kw)
+
+    def unit(self, host: str, unit: str) -> dict[str, str]:
+        """``systemctl show`` of a unit: ActiveState, SubState, MainPID, NRestarts, StatusText, ..."""
+        props = "ActiveState,SubState,MainPID,NRestarts,StatusText,Result,ExecMainStatus,WatchdogUSec,LoadState"
+        out = self.ssh(host, f"systemctl show {unit} -p {props}").stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def processes(self, host: str) -> dict[int, str]:
+        """Live processes in the container (its own PID namespace): pid -> command line."""
+        script = (
+            "import os,json\n"
+            "out={}\n"
+            "for p in os.listdir('/proc'):\n"
+            "    if not p.isdigit() or int(p)==os.getpid(): continue\n"
+            "    try:\n"
+            "        st=open(f'/proc/{p}/stat').read().rsplit(')',1)[1].split()\n"
+            "        cmd=open(f'/proc/{p}/cmdline','rb').read().replace(b'\\0',b' ').decode(errors='replace')\n"
+            "    except OSError: continue\n"
+            "    if st[0]!='Z': out[p]=cmd\n"
+            "print(json.dumps(out))\n"
+        )
+        out = self.ssh(host, "python3 -", input=script).stdout
+        return {int(k): v for k, v in json.loads(out).items()}
+
+    def model_servers(self, host: str) -> dict[int, str]:
+        return {p: c for p, c in self.processes(host).items() if "gpufleet.simulated_server" in c}
+
+    def journal_cursor(self, host: str) -> str:
+        out = self.ssh(host, "journalctl -n 0 --show-cursor --no-pager").stdout
+        return out.strip().rsplit("cursor: ", 1)[-1]
+
+    def journal(self, host: str, unit: str, after: str | None = None) -> list[dict]:
+        """The unit's journal entries (JSON: MESSAGE, PRIORITY, ...) after a cursor. (systemd
+        252's journalctl returns nothing for -u and -p together with --after-cursor: filter
+        PRIORITY here, or use --since.)"""
+        cmd = f"journalctl -u {unit} -o json --no-pager"
+        if after:
+            cmd += f" --after-cursor='{after}'"
+        out = self.ssh(host, cmd, check=False).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def clock(self, host: str) -> float:
+        return float(self.ssh(host, "date +%s.%N").stdout)
+
+    # --- the agent's API ----------------------------------------------------------------
+
+    def agent_url(self, host: str) -> str:
+        """Base URL of a host's agent from this machine (the OpenAI API is under /v1)."""
+        return f"http://{self.address(host)}:{AGENT_PORT}"
+
+    def coordinator_url(self) -> str:
+        return f"http://{self.address(CONTROL)}:{COORDINATOR_PORT}"
+
+    def http_json(self, url: str, timeout: float = 5) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def agent_status(self, host: str) -> dict[str, Any]:
+        code, body = self.http_json(self.agent_url(host) + "/v1/status")
+        assert code == 200, body
+        return body
+
+    def instance_pids(self, host: str) -> set[int]:
+        return {i["pid"] for i in self.agent_status(host)["instances"] if i.get("pid")}
+
+    def wait_agent_ready(self, host: str, timeout: float = 120) -> dict[str, Any]:
+        """Until the agent's unit is active and its /readyz says every instance is READY."""
+
+        def ready() -> dict[str, Any] | None:
+            if self.unit(host, "gpu-agent")["ActiveState"] != "active":
+                return None
+            code, _ = self.http_json(self.agent_url(host) + "/readyz")
+            return self.agent_status(host) if code == 200 else None
+
+        return nspawn.wait_for(ready, timeout, f"gpu-agent on {host} ready", interval=0.5)
+
+    # --- etcd from this machine ---------------------------------------------------------
+
+    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """This machine's etcdctl against the fleet's etcd with the playbook's TLS client
+        certificate (from gpufleet_pki_dir) and the gpufleet user."""
+        pki = self.workdir / "pki"
+        argv = [
+            "etcdctl",
+            f"--endpoints=https://{self.address(CONTROL)}:2379",
+            f"--cacert={pki / 'ca.pem'}",
+            f"--cert={pki / 'client.pem'}",
+            f"--key={pki / 'client-key.pem'}",
+            f"--user=gpufleet:{ETCD_PASSWORD}",
+            "--command-timeout=5s",
+            *args,
+        ]
+        return nspawn.run(argv, check=check, timeout=30, env={**os.environ, "ETCDCTL_API": "3"})
+
+    def etcd_keys(self, prefix: str = "/gpufleet/") -> list[str]:
+        return self.etcdctl("get", "--prefix", "--keys-only", prefix).stdout.split()
+
+    # --- the playbook -------------------------------------------------------------------
+
+    def play(self, extra_vars: Mapping[str, Any] | None = None, **kw: Any) -> Recap:
+        """Run ansible/deploy.yml again with this deployment's inventory and variables plus
+        ``extra_vars``; returns the recap (``.hosts[name]['changed']``, ``.changed_tasks()``)."""
+        return self.playbook.play(extra_vars, **kw)
+
+    def build_wheel(self, version: str | None = None) -> Path:
+        """A wheel of this checkout, optionally under another version (for re-deploys)."""
+        return nspawn.build_wheel(self.workdir, version)
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    reason = nspawn.why_not()
+    if reason is not None:
+        skip_or_fail(reason)
+    workdir = tmp_path_factory.mktemp("deploy")
+    t0 = time.monotonic()
+    artifacts = nspawn.artifacts()
+    for k, v in artifacts.seconds.items():
+        TIMINGS[f"{k} (build or reuse)"] = v
+    t0 = time.monotonic()
+    wheel = nspawn.build_wheel(workdir)
+    TIMINGS["gpufleet wheel"] = time.monotonic() - t0
+    fleet = nspawn.Fleet(workdir, artifacts, [CONTROL, *AGENTS])
+    try:
+        t0 = time.monotonic()
+        try:
+            fleet.up()
+        except (AssertionError, RuntimeError) as e:
+            skip_or_fail(f"systemd-nspawn cannot boot the test hosts here: {e}")
+        TIMINGS["boot 3 hosts"] = time.monotonic() - t0
+        pb = Playbook(fleet, GROUPS, workdir, default_vars(workdir, wheel))
+        pb.write_inventory()
+        first = pb.play(label="first deploy")
+        TIMINGS["first playbook run"] = first.seconds
+        yield Deployment(fleet, pb, workdir, first, TIMINGS)
+    finally:
+        t0 = time.monotonic()
+        fleet.destroy()
+        TIMINGS["teardown"] = time.monotonic() - t0
+        (workdir / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}, indent=2))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if TIMINGS:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items())
+        terminalreporter.write_line(f"deployment tests on systemd hosts: {parts}")
