@@ -74,8 +74,8 @@ class Deployment:
         out = self.ssh(host, f"systemctl show {unit} -p {props}").stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def processes(self, host: str) -> dict[int, str]:
-        """Live processes in the container (its own PID namespace): pid -> command line."""
+    def processes(self, host: str) -> dict[int, tuple[int, str]]:
+        """Live processes in the container (its own PID namespace): pid -> (ppid, command line)."""
         script = (
             "import os,json\n"
             "out={}\n"
@@ -85,14 +85,29 @@ class Deployment:
             "        st=open(f'/proc/{p}/stat').read().rsplit(')',1)[1].split()\n"
             "        cmd=open(f'/proc/{p}/cmdline','rb').read().replace(b'\\0',b' ').decode(errors='replace')\n"
             "    except OSError: continue\n"
-            "    if st[0]!='Z': out[p]=cmd\n"
+            "    if st[0]!='Z': out[p]=[int(st[1]),cmd]\n"
             "print(json.dumps(out))\n"
         )
         out = self.ssh(host, "python3 -", input=script).stdout
-        return {int(k): v for k, v in json.loads(out).items()}
+        return {int(k): (ppid, cmd) for k, (ppid, cmd) in json.loads(out).items()}
 
-    def model_servers(self, host: str) -> dict[int, str]:
-        return {p: c for p, c in self.processes(host).items() if "gpufleet.simulated_server" in c}
+    def model_servers(self, host: str) -> dict[int, tuple[int, str]]:
+        """Every process of a model server: the server itself (``-m gpufleet.simulated_server``)
+        and whatever wraps it (a keeper process that holds it across agent restarts, if any)."""
+        return {p: v for p, v in self.processes(host).items() if "gpufleet.simulated_server" in v[1]}
+
+    def orphans(self, host: str) -> dict[int, tuple[int, str]]:
+        """Model-server processes the running agent does not account for: a server whose pid is
+        not an instance's pid in /v1/status, or a wrapper none of whose children is one."""
+        procs = self.model_servers(host)
+        supervised = self.instance_pids(host)
+        servers = {p for p, (_, cmd) in procs.items() if cmd.split()[1:3] == ["-m", "gpufleet.simulated_server"]}
+        wrappers = set(procs) - servers
+        out = {p: procs[p] for p in servers - supervised}
+        for w in wrappers:
+            if not any(procs[s][0] == w for s in servers & supervised):
+                out[w] = procs[w]
+        return out
 
     def journal_cursor(self, host: str) -> str:
         out = self.ssh(host, "journalctl -n 0 --show-cursor --no-pager").stdout
