@@ -105,6 +105,10 @@ class SupervisorSection(StrictSection):
     # Ports for instances without an explicit one are taken from [port_base, port_base + port_span).
     port_base: Port = 8100
     port_span: Annotated[int, Meta(ge=1, le=10000)] = 200
+    # Under systemd, an agent that exits (restart, upgrade, crash) leaves its model servers
+    # running for the next agent to adopt; systemd's fd store decides whether one comes
+    # (agent/supervisor/handover.py). false: every exit stops them, as `systemctl stop` does.
+    keep_servers_on_restart: bool = True
     log_max_bytes: Annotated[int, Meta(ge=4096)] = 10 * 1024 * 1024
     log_backups: Annotated[int, Meta(ge=0, le=100)] = 5
 

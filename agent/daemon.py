@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from agent.cluster.routes import RouteTable
 from agent.config import AgentConfig, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
 from agent.supervisor import Supervisor
+from agent.supervisor.handover import API, FdStore
 from gpufleet import __version__
 from gpufleet.keyspace.records import NodeRecord, ProxyCounters
 from gpufleet.sdnotify import SystemdNotifier
@@ -47,9 +49,11 @@ class AgentRuntime:
     def __init__(self, cfg: AgentConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
         self.notifier = notifier or SystemdNotifier()
+        self.fdstore = FdStore()  # what the previous agent handed over through systemd
         self.admin_token = AdminToken(cfg.agent.admin_token_file)
         self.started_at = time.time()
         self.serving = False
+        self.serving_was_up = False  # a start that failed half-way hands nothing over
         self.gpu_source: GpuSource
         self.supervisor: Supervisor
         self._stop = asyncio.Event()
@@ -107,7 +111,7 @@ class AgentRuntime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
-        self.serving = True
+        self.serving = self.serving_was_up = True
         status = await self.supervisor.tick()
         self.notifier.ready(status)
         log.info("gpu-agent serving", listen=f"{self.cfg.agent.listen_host}:{self.cfg.agent.listen_port}")
@@ -118,6 +122,11 @@ class AgentRuntime:
         await self._cleanup()
         log.info("gpu-agent stopped")
         return 0
+
+    def serving_stopped_for_handover(self) -> bool:
+        """Under systemd an exit hands the servers over: systemd keeps their lifelines while a
+        restart is due and drops them (the shims stop the servers) when the unit stops."""
+        return self.fdstore.enabled and self.cfg.supervisor.keep_servers_on_restart and self.serving_was_up
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -134,22 +143,18 @@ class AgentRuntime:
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=False), auto_decompress=False
         )
-        self.supervisor = Supervisor(self.cfg, self.gpu_source, self._http, on_change=self.changed)
+        self.supervisor = Supervisor(
+            self.cfg, self.gpu_source, self._http, on_change=self.changed, fdstore=self.fdstore
+        )
         # Bind the API before starting model servers: if the port is taken we fail fast and
         # leave no processes behind.
         # handler_cancellation: a client that disconnects cancels its handler, and with it the
         # upstream request, so a model server stops generating for nobody.
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.agent.listen_host, self.cfg.agent.listen_port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as e:
-            raise StartupError(
-                f"cannot listen on {self.cfg.agent.listen_host}:{self.cfg.agent.listen_port}: {e.strerror or e}",
-                EX_OSERR,
-            ) from None
+        await self._listen(self._runner)
         await self.supervisor.start()
+        self.fdstore.close_unclaimed()
         if self.cfg.cluster.enabled:
             try:
                 self.publisher = ClusterPublisher(self.cfg.cluster, self.cfg.node_id, self.node_record)
@@ -169,6 +174,29 @@ class AgentRuntime:
                 on_change=self.changed,
             )
             self.models.start()
+
+    async def _listen(self, runner: web.AppRunner) -> None:
+        """Serve on the socket the previous agent handed over, if it is for our address (the
+        clients of a restart wait in its backlog), else on a new one, which we hand over."""
+        host, port = self.cfg.agent.listen_host, self.cfg.agent.listen_port
+        passed = self.fdstore.take(API)
+        if passed is not None:
+            sock = socket.socket(fileno=passed)
+            if sock.getsockname()[:2] == (host, port) or (host in ("0.0.0.0", "::") and sock.getsockname()[1] == port):
+                await web.SockSite(runner, sock).start()
+                log.info("serving on the socket the previous agent handed over", listen=f"{host}:{port}")
+                return
+            sock.close()
+            self.fdstore.remove(API)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e}", EX_OSERR) from None
+        server = site._server
+        if server is not None and self.fdstore.enabled and self.cfg.supervisor.keep_servers_on_restart:
+            for listening in server.sockets:  # type: ignore[attr-defined]
+                self.fdstore.store(API, listening.fileno())
 
     async def _tick_loop(self) -> None:
         interval = self.cfg.supervisor.probe_interval_s
@@ -199,7 +227,11 @@ class AgentRuntime:
         if self.publisher is not None:
             await self.publisher.stop()
         if hasattr(self, "supervisor"):
-            await self.supervisor.stop()
+            if self.serving_stopped_for_handover():
+                n = await self.supervisor.detach()
+                log.info("leaving the model servers to the next agent", servers=n)
+            else:
+                await self.supervisor.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._http is not None:

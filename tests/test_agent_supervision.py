@@ -114,31 +114,41 @@ async def test_sigkill_of_agent_leaves_no_model_server(tmp_path: Path) -> None:
         await wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10, what="model servers to die")
 
 
-async def test_forked_workers_are_reaped_by_the_next_agent(tmp_path: Path) -> None:
-    """A worker a model server forked (as vLLM forks its engine) does not inherit PDEATHSIG, so
-    it can outlive a SIGKILLed agent; the next agent start kills what is left of the session."""
+async def test_forked_workers_go_with_the_server_or_the_next_agent(tmp_path: Path) -> None:
+    """A worker a model server forks (as vLLM forks its engine) stays in the server's process
+    group, which the shim takes down when the agent dies. One that left the group for its own
+    (still in the session) outlives that; the next agent start kills what is left of the session."""
     port = free_port()
-    # backend = "command": sh forks a long-lived "worker", then execs the server in its place.
-    inst = """
+    # backend = "command": sh forks two long-lived "workers", one that moves to a process group
+    # of its own (setpgid), then execs the server in its place.
+    script = (
+        "sleep 600 & echo worker=$! ; "
+        "{python} -c 'import os, time; os.setpgid(0, 0); time.sleep(601)' & echo escaped=$! ; "
+        "exec {python} -m gpufleet.simulated_server serve m --port {port}"
+    )
+    inst = f"""
 [[instances]]
 name = "forker"
 backend = "command"
 served_model_name = "m"
-command = ["sh", "-c", "sleep 600 & echo worker=$! ; exec {python} -m gpufleet.simulated_server serve m --port {port}"]
+command = ["sh", "-c", "{script}"]
 """
     cfg = agent_toml(tmp_path, port, inst)
     async with AgentProcess(tmp_path, cfg, port) as agent:
         server = await agent.wait_state("forker", "READY")
         log_text = (tmp_path / "logs" / "forker.log").read_text()
         worker = int(re.search(r"worker=(\d+)", log_text).group(1))  # type: ignore[union-attr]
-        assert pid_alive(worker)
+        escaped = int(re.search(r"escaped=(\d+)", log_text).group(1))  # type: ignore[union-attr]
+        assert pid_alive(worker) and pid_alive(escaped)
+        assert os.getpgid(escaped) != os.getpgid(worker) and os.getsid(escaped) == os.getsid(worker)
         assert agent.proc is not None
         agent.proc.kill()
         agent.proc.wait()
-        await wait_until(lambda: not pid_alive(server["pid"]), timeout=10, what="server killed by PDEATHSIG")
-        assert pid_alive(worker)  # the gap that the registry closes
+        await wait_until(lambda: not pid_alive(server["pid"]), timeout=10, what="server stopped by its shim")
+        await wait_until(lambda: not pid_alive(worker), timeout=10, what="worker stopped with its group")
+        assert pid_alive(escaped)  # the gap that the registry closes
     async with AgentProcess(tmp_path, cfg, port) as agent2:
-        await wait_until(lambda: not pid_alive(worker), timeout=10, what="worker reaped")
+        await wait_until(lambda: not pid_alive(escaped), timeout=10, what="escaped worker reaped")
         await wait_until(lambda: any("previous agent" in ln and "forker" in ln for ln in agent2.log_lines()))
         await agent2.wait_state("forker", "READY")
 

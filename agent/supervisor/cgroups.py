@@ -27,9 +27,16 @@ class CgroupManager:
         self.proc_self_cgroup = Path(proc_self_cgroup)
         self.base: Path | None = None
         self.unavailable_reason: str | None = None
+        self.tried = False
 
     def setup(self) -> bool:
-        """Detect delegation and prepare the subtree. Returns True when quotas will be applied."""
+        """Detect delegation and prepare the subtree. Returns True when quotas will be applied.
+
+        Done only once some instance has a quota: a unit cgroup with controllers enabled for
+        its children cannot take a process itself, so systemd (before 254's DelegateSubgroup=)
+        cannot start the next agent in it while the adopted servers still run below it;
+        :meth:`release_for_restart` undoes it on a handover."""
+        self.tried = True
         reason = self._detect()
         if reason is not None:
             self.unavailable_reason = reason
@@ -76,6 +83,16 @@ class CgroupManager:
         d.mkdir(exist_ok=True)
         (d / "cpu.max").write_text(f"{int(cpu_quota * PERIOD_US)} {PERIOD_US}")
         return str(d / "cgroup.procs")
+
+    def release_for_restart(self) -> None:
+        """Turn the cpu controller off for our children (the quotas lapse until the next agent
+        applies them again), so systemd can place the next agent in the unit's cgroup."""
+        if self.base is None:
+            return
+        try:
+            (self.base / "cgroup.subtree_control").write_text("-cpu")
+        except OSError as e:
+            log.warning("cannot release the cgroup subtree for the next agent", error=str(e))
 
     def remove_instance(self, name: str) -> None:
         if self.base is None:

@@ -14,9 +14,11 @@ is bounded, and a failure of one instance never touches another.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from typing import TYPE_CHECKING, Literal
 
+import msgspec
 import structlog
 
 from agent.backends import Backend, Judgement, Upstream, get_backend
@@ -116,6 +118,22 @@ class Instance:
         self._set_state(InstanceState.STOPPED)
         self.output.close()
 
+    async def detach(self) -> None:
+        """End the loop but leave the server running for the next agent (handover.py)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.child is not None and self.child.returncode is None:
+            self.output.mark(f"handed over to the next agent: shim pid {self.child.pid}")
+        self.output.close()
+
+    def fingerprint(self) -> str:
+        """What must not have changed for the next agent to adopt this instance's server."""
+        return hashlib.sha256(msgspec.json.encode(self.cfg)).hexdigest()[:16]
+
     def record(self) -> InstanceRecord:
         return InstanceRecord(
             name=self.name,
@@ -126,7 +144,7 @@ class Instance:
             port=self.port,
             gpus=list(self.cfg.gpus),
             gpu_memory_fraction=self.cfg.gpu_memory_fraction,
-            pid=self.child.pid if self.child and self.child.returncode is None else None,
+            pid=self.child.server_pid() if self.child and self.child.returncode is None else None,
             restarts=self.restarts,
             last_error=self.last_error,
             health_ratio=round(self.health.ratio, 3),
@@ -186,8 +204,8 @@ class Instance:
 
     async def _start_and_serve(self) -> str:
         """Start, gate readiness on health + warm-up, then monitor. Returns the failure reason."""
-        refusal = self.host.admit(self)
-        if refusal is None and not port_is_free(self.port, self.cfg.host):
+        refusal = None if self.host.has_adoptable(self.name) else self.host.admit(self)
+        if refusal is None and not self.host.has_adoptable(self.name) and not port_is_free(self.port, self.cfg.host):
             refusal = f"port {self.port} is already in use by another process"
         if refusal is not None:
             self._set_state(InstanceState.FAILED, f"refused: {refusal}")
@@ -206,19 +224,30 @@ class Instance:
         spec = self.backend.launch(self.cfg, self.port)
         env = self.host.child_env(self.cfg, {**spec.env, **self.backend.key_env(self.cfg, key)})
         self.output.new_run()  # error reports quote this run's output, not the last one's
-        self.output.mark(f"starting: {' '.join(spec.argv)}")
-        try:
-            self.child = await spawn(spec.argv, env, self.output, self.host.cgroup_for(self))
-        except OSError as e:
-            return f"cannot start {spec.argv[0]!r}: {e.strerror or e}"
-        self.host.registry.add(self.name, self.child.pid)
-        self.log.info("instance started", pid=self.child.pid, port=self.port, argv=spec.argv)
+        fingerprint = self.fingerprint()
+        adopted = self.host.claim(self.name, fingerprint, self.port, self.output)
+        if adopted is not None:
+            self.child = adopted
+            self.host.cgroup_for(self)  # re-applies the quota if the restart lifted it
+            self.log.info("instance adopted from the previous agent", pid=adopted.server_pid(), port=self.port)
+        else:
+            self.output.mark(f"starting: {' '.join(spec.argv)}")
+            try:
+                self.child = await spawn(
+                    spec.argv, env, self.output, self.host.cgroup_for(self), grace_s=self.sup.stop_grace_s
+                )
+            except OSError as e:
+                return f"cannot start the shim for {spec.argv[0]!r}: {e.strerror or e}"
+            self.host.registry.add(self.name, self.child.pid, self.port, fingerprint)
+            self.host.hand_over(self.name, self.child)
+            self.log.info("instance started", pid=self.child.server_pid(), port=self.port, argv=spec.argv)
 
         if (failure := await self._await_healthy()) is not None:
             return failure
         self._set_state(InstanceState.WARMING)
         self.host.memory_attach(self)
-        if (failure := await self._warm_up()) is not None:
+        # An adopted server has served all along: its warm-up was paid when it first started.
+        if adopted is None and (failure := await self._warm_up()) is not None:
             return failure
         self._ready_since = time.monotonic()
         self._set_state(InstanceState.READY)
@@ -305,7 +334,7 @@ class Instance:
         """Sleep until the timeout, a command, the process exiting, or (optionally) a probe request."""
         waits = [asyncio.ensure_future(self._wake.wait())]
         if self.child is not None and self.child.returncode is None:
-            waits.append(asyncio.ensure_future(self.child.proc.wait()))
+            waits.append(asyncio.ensure_future(self.child.wait_exit()))
         if probe_event:
             waits.append(asyncio.ensure_future(self._probe_now.wait()))
         try:
@@ -328,7 +357,7 @@ class Instance:
             self.log.info("stopping instance", pid=child.pid, reason=why, grace_s=self.sup.stop_grace_s)
         await child.stop(self.sup.stop_grace_s)
         self.output.mark(f"stopped ({why}): {child.describe_exit()}")
-        self.host.registry.remove(self.name)
+        self.host.forget(self.name)
         self.load = None
 
     def _set_state(self, state: InstanceState, error: str | None = None) -> None:

@@ -1,23 +1,28 @@
-"""Child processes of the agent: spawn, output capture, stop, and the no-orphans guarantees.
+"""Child processes of the agent: spawn, adopt, output capture, stop, and the no-orphans rules.
 
-Model servers that outlive their agent keep holding GPU memory until someone notices, so:
+Model servers that outlive their agent keep holding GPU memory until someone notices; a model
+server restarted with every agent upgrade costs minutes of loading. So:
 
-1. every child gets ``PR_SET_PDEATHSIG(SIGKILL)``: the kernel kills it when the agent dies,
-   even by SIGKILL (SIGKILL because the agent is gone and cannot wait on a graceful stop);
-2. every child leads its own session / process group, so a stop or kill reaches the workers a
+1. every server runs under a shim (shim.py) that stops it when the *lifeline* closes: no write
+   end left with this agent nor with systemd's fd store (handover.py), i.e. when no agent will
+   come back for it. A restart or upgrade under systemd keeps the servers; an agent stopped for
+   good, killed outside systemd or crashed without a restart takes them down;
+2. the server dies with its shim (``PR_SET_PDEATHSIG`` set by the shim), so killing the shim
+   can never orphan it;
+3. every shim leads its own session / process group, so a stop or kill reaches the workers a
    server forks (vLLM's engine processes) through ``killpg``;
-3. the process groups we start are recorded in the state dir, and the next agent start kills
-   any group still alive (covers grandchildren that 1. cannot reach);
-4. under systemd, ``KillMode=mixed`` takes the whole cgroup down with the unit.
+4. the process groups we start are recorded in the state dir with what the next agent needs to
+   adopt them; the next agent adopts those whose lifelines systemd passed back and kills any
+   other group still alive (covers grandchildren that 2. cannot reach).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -29,18 +34,14 @@ from gpufleet.fileio import atomic_write_bytes
 
 log = structlog.get_logger("agent.process")
 
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
+def _make_preexec(cgroup_procs: str | None) -> Callable[[], None] | None:
+    if not cgroup_procs:
+        return None
 
-def _make_preexec(parent_pid: int, cgroup_procs: str | None) -> Callable[[], None]:
     def preexec() -> None:  # runs in the child between fork and exec: keep it tiny
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the agent died before prctl took effect
-            os._exit(1)
-        if cgroup_procs:
-            with open(cgroup_procs, "w") as f:
-                f.write("0")  # "0" = the writing process itself
+        with open(cgroup_procs, "w") as f:
+            f.write("0")  # "0" = the writing process itself; the server inherits it
 
     return preexec
 
@@ -107,50 +108,149 @@ class RotatingLog:
         self._f.close()
 
 
+SHIM = Path(__file__).with_name("shim.py")
+EXIT_UNKNOWN = -255  # an adopted server's exit status is its shim's, which only its parent (PID 1) saw
+
+
 class ChildProcess:
-    """One running model server: its asyncio process, output pump and exit status."""
+    """One model server under its shim: the shim's pid (leader of the server's process group),
+    the lifeline, the output pump and the exit status.
 
-    def __init__(self, proc: asyncio.subprocess.Process, output: RotatingLog) -> None:
-        self.proc = proc
-        self.pid = proc.pid
+    Either spawned by this agent (``proc`` set: an ordinary child) or adopted from the previous
+    agent through systemd's fd store (``proc`` None: the shim is PID 1's child now, so its exit
+    is watched through a pidfd and its status read from the shim's last line)."""
+
+    def __init__(
+        self,
+        pid: int,
+        lifeline: int,
+        output_fd: int,
+        output: RotatingLog,
+        proc: asyncio.subprocess.Process | None = None,
+    ) -> None:
+        self.pid = pid
+        self.lifeline = lifeline
+        self.output_fd = output_fd
         self.output = output
-        self._pump = asyncio.create_task(self._pump_output())
+        self.proc = proc
+        self._gone = asyncio.Event()
+        self._server_pid: int | None = None
+        self._pump_owns_fd = False
+        if proc is not None:
+            self._watch = asyncio.create_task(self._wait_child(proc))
+        else:
+            self._watch = asyncio.create_task(self._wait_pidfd())
+        self._pump = asyncio.create_task(self._pump_output(output_fd))
 
-    async def _pump_output(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := await self.proc.stdout.read(65536):
-            self.output.write(chunk)
+    @property
+    def adopted(self) -> bool:
+        return self.proc is None
+
+    async def _wait_child(self, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        self._gone.set()
+
+    async def _wait_pidfd(self) -> None:
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._gone.set()
+            return
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(pidfd, readable.set)
+        try:
+            await readable.wait()
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._gone.set()
+
+    async def _pump_output(self, fd: int) -> None:
+        # The pump owns our copy of the descriptor: its transport closes it, once (closing it
+        # here as well would close whatever socket reused the number in between). systemd's
+        # copy in the fd store is separate and keeps the pipe readable for the next agent.
+        self._pump_owns_fd = True
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**20)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        )
+        try:
+            while chunk := await reader.read(65536):
+                self.output.write(chunk)
+        finally:
+            transport.close()
 
     @property
     def returncode(self) -> int | None:
-        return self.proc.returncode
+        if not self._gone.is_set():
+            return None
+        return self.proc.returncode if self.proc is not None else EXIT_UNKNOWN
+
+    async def wait_exit(self) -> None:
+        await self._gone.wait()
 
     async def wait(self) -> int:
-        code = await self.proc.wait()
+        await self._gone.wait()
         # Let the pump drain what the process printed last: that is usually the error.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._pump), 1.0)
+        code = self.returncode
+        assert code is not None
         return code
 
+    def server_pid(self) -> int:
+        """The model server's own pid (what nvidia-smi shows), else the shim's."""
+        if self._server_pid is None and self.returncode is None:
+            with contextlib.suppress(OSError, ValueError):
+                children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+                self._server_pid = int(children[0]) if children else None
+        return self._server_pid or self.pid
+
     def describe_exit(self) -> str:
-        code = self.proc.returncode
+        code = self.returncode
         if code is None:
             return "running"
-        what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        last = " | ".join(list(self.output.tail)[-3:])
+        # The shim's own report of how the server ended: the only source for an adopted one.
+        reports = [ln for ln in self.output.tail if ln.startswith(SHIM_EXIT_MARK)]
+        if code == EXIT_UNKNOWN:
+            what = reports[-1].removeprefix(SHIM_MARK).strip(" -") if reports else "exited (status unknown)"
+        else:
+            what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        last = " | ".join([ln for ln in self.output.tail if not ln.startswith(SHIM_EXIT_MARK)][-3:])
         return f"{what}" + (f"; last output: {last}" if last else "")
 
     async def stop(self, grace_s: float) -> int:
         """SIGTERM the group, wait ``grace_s``, SIGKILL the group; always reap the leader."""
-        if self.proc.returncode is None:
+        if self.returncode is None:
             _killpg(self.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace_s)
+                await asyncio.wait_for(asyncio.shield(self._gone.wait()), grace_s)
             except TimeoutError:
                 log.warning("stop grace expired, killing", pid=self.pid, grace_s=grace_s)
         # Whatever the leader did, members of its group (forked workers) must not survive it.
         _killpg(self.pid, signal.SIGKILL)
-        return await self.wait()
+        code = await self.wait()
+        self.release()
+        return code
+
+    def release(self) -> None:
+        """Close our ends of the lifeline and the output pipe (the process is gone, or is to
+        go: with no other write end left, its shim stops it)."""
+        if self.lifeline >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.lifeline)
+            self.lifeline = -1
+        self._pump.cancel()  # its transport closes the output pipe
+        if not self._pump_owns_fd and self.output_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.output_fd)  # the pump never ran: nothing else will close it
+        self.output_fd = -1
+
+
+SHIM_MARK = "--- gpufleet-shim:"  # lines the shim writes (shim.MARK)
+SHIM_EXIT_MARK = SHIM_MARK + " server "
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -163,25 +263,53 @@ async def spawn(
     env: dict[str, str],
     output: RotatingLog,
     cgroup_procs: str | None = None,
+    grace_s: float = 30.0,
 ) -> ChildProcess:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        preexec_fn=_make_preexec(os.getpid(), cgroup_procs),
-    )
-    return ChildProcess(proc, output)
+    """Start ``argv`` under a shim (shim.py) in a new session; raises OSError if the shim
+    cannot start (a server that cannot start makes the shim exit 127 with a line saying why)."""
+    lifeline_r, lifeline_w = os.pipe()  # both non-inheritable; the shim gets its end by pass_fds
+    out_r, out_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-I",
+            "-S",
+            str(SHIM),
+            f"{lifeline_r}:{grace_s:g}",
+            "--",
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=out_w,
+            pass_fds=(lifeline_r,),
+            env=env,
+            start_new_session=True,
+            preexec_fn=_make_preexec(cgroup_procs),
+        )
+    except BaseException:
+        for fd in (lifeline_w, out_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(lifeline_r)
+        os.close(out_w)
+    return ChildProcess(proc.pid, lifeline_w, out_r, output, proc)
+
+
+def adopt(pid: int, lifeline: int, output_fd: int, output: RotatingLog) -> ChildProcess:
+    """Take over a shim the previous agent started (its descriptors came from systemd)."""
+    output.mark(f"adopted from the previous agent: shim pid {pid}")
+    return ChildProcess(pid, lifeline, output_fd, output)
 
 
 # --- leftovers from a previous agent (rule 3) ------------------------------------------------
 
 
 class GroupRecord(msgspec.Struct):
-    pgid: int
+    pgid: int  # the shim's pid: it leads the server's session and process group
     start_ticks: int  # /proc/<pid>/stat field 22: tells a reused pid apart
+    port: int = 0  # what the next agent needs to adopt it (0: written by an older agent)
+    fingerprint: str = ""  # the instance's config, hashed: adopt only an unchanged instance
 
 
 def proc_start_ticks(pid: int) -> int | None:
@@ -210,15 +338,34 @@ def _session_members(sid: int, not_before: int) -> list[int]:
     return out
 
 
+def is_alive(rec: GroupRecord) -> bool:
+    """Is the recorded shim still the process it was (not a reused pid)?"""
+    return proc_start_ticks(rec.pgid) == rec.start_ticks
+
+
+def kill_session(rec: GroupRecord) -> list[int]:
+    """SIGKILL every process still in the recorded session; returns their pids."""
+    members = _session_members(rec.pgid, rec.start_ticks)
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return members
+
+
 class GroupRegistry:
-    """Process groups we started, persisted so the next agent can reap what survived us."""
+    """Process groups we started, persisted so the next agent can adopt or reap them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._groups: dict[str, GroupRecord] = {}
 
-    def add(self, name: str, pid: int) -> None:
-        self._groups[name] = GroupRecord(pid, proc_start_ticks(pid) or 0)
+    def add(self, name: str, pid: int, port: int = 0, fingerprint: str = "") -> None:
+        self._groups[name] = GroupRecord(pid, proc_start_ticks(pid) or 0, port, fingerprint)
+        self._save()
+
+    def keep(self, name: str, rec: GroupRecord) -> None:
+        """Record an adopted group as ours."""
+        self._groups[name] = rec
         self._save()
 
     def remove(self, name: str) -> None:
@@ -228,23 +375,15 @@ class GroupRegistry:
     def _save(self) -> None:
         atomic_write_bytes(self.path, msgspec.json.encode(self._groups))
 
-    def reap_leftovers(self) -> list[tuple[str, list[int]]]:
-        """Kill every process still in a session recorded by a previous run; returns what was killed."""
+    def take_previous(self) -> dict[str, GroupRecord]:
+        """What the previous agent recorded; the file starts over empty."""
         try:
             old = msgspec.json.decode(self.path.read_bytes(), type=dict[str, GroupRecord])
         except FileNotFoundError:
-            return []
+            old = {}
         except (OSError, msgspec.DecodeError) as e:
             log.warning("unreadable process-group registry, ignoring", path=str(self.path), error=str(e))
             old = {}
-        killed = []
-        for name, rec in old.items():
-            members = _session_members(rec.pgid, rec.start_ticks)
-            for pid in members:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if members:
-                killed.append((name, members))
         self._groups = {}
         self._save()
-        return killed
+        return old

@@ -19,19 +19,24 @@ import structlog
 from agent.config import AgentConfig, InstanceConfig, live_reloadable
 from agent.gpu import GpuSource
 from agent.gpu.smoothing import UtilizationSmoother
+from gpufleet.gpuclasses import UNKNOWN
 from gpufleet.keyspace.records import GpuRecord, InstanceRecord
 
 from .admission import Claim, check_admission
 from .cgroups import CgroupManager
+from .handover import FdStore, lifeline_name, output_name
 from .instance import Command, Instance
 from .policy import InstanceState
 from .ports import plan_ports
-from .process import GroupRegistry
+from .process import ChildProcess, GroupRecord, GroupRegistry, RotatingLog, adopt, is_alive, kill_session
 
 log = structlog.get_logger("agent.supervisor")
 
 # Instances promised memory they may not hold yet (their allocation may not show in NVML).
 _LOADING = frozenset({InstanceState.STARTING})
+# How long the previous agent's servers wait to be claimed: long enough for the leader's
+# assignments to be read back after a restart.
+ADOPT_WAIT_S = 60.0
 
 
 SYSTEMD_ENV = frozenset(
@@ -55,6 +60,7 @@ class Supervisor:
         http: aiohttp.ClientSession,
         cgroups: CgroupManager | None = None,
         on_change: Callable[[], None] | None = None,
+        fdstore: FdStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.gpu_source = gpu_source
@@ -63,24 +69,96 @@ class Supervisor:
         self.on_change = on_change or (lambda: None)
         self.log_dir = Path(cfg.agent.log_dir)
         self.registry = GroupRegistry(Path(cfg.agent.state_dir) / "process-groups.json")
+        self.fdstore = fdstore or FdStore({})
+        # Servers the previous agent left running for us (name -> record and descriptors).
+        self._adoptable: dict[str, tuple[GroupRecord, int, int]] = {}
         self.instances: dict[str, Instance] = {}
         self.gpus: list[GpuRecord] = []
         self.smoother = UtilizationSmoother(cfg.gpu.utilization_smoothing)
         self.last_tick: float | None = None
+        self._unknown_logged: set[str] = set()  # GPU names logged once as of an unknown class
         # Reloads and assignment changes both stop and start instances: one at a time.
         self._reconfiguring = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for name, pids in self.registry.reap_leftovers():
-            log.warning("killed model-server processes left by a previous agent", instance=name, pids=pids)
-        if self.cgroups.setup():
-            log.info("cpu quotas enabled", cgroup=str(self.cgroups.base))
-        elif any(i.cpu_quota for i in self.cfg.instances):
-            log.warning("cpu_quota is configured but cannot be applied", reason=self.cgroups.unavailable_reason)
+        self._take_over_previous()
         self.gpus = self.smoother.apply(await self.gpu_source.sample())
-        self._add_instances(self.cfg.instances, keep_ports={})
+        keep = {n: rec.port for n, (rec, _, _) in self._adoptable.items() if rec.port}
+        self._add_instances(self.cfg.instances, keep_ports=keep)
+        if self._adoptable:
+            # Replicas assigned by the leader come back once the assignments are read; what
+            # nobody claims by then is stopped (its shim sees the lifeline close).
+            asyncio.get_running_loop().call_later(ADOPT_WAIT_S, self._release_unclaimed)
+
+    def _take_over_previous(self) -> None:
+        """Adopt the servers whose lifelines systemd passed back; kill any other leftover."""
+        for name, rec in self.registry.take_previous().items():
+            lifeline = self.fdstore.take(lifeline_name(name))
+            output = self.fdstore.take(output_name(name))
+            if lifeline is not None and output is not None and is_alive(rec) and rec.fingerprint:
+                self._adoptable[name] = (rec, lifeline, output)
+                log.info("model server left running by the previous agent", instance=name, pid=rec.pgid)
+                continue
+            for fd in (lifeline, output):
+                if fd is not None:
+                    os.close(fd)
+            self._forget_fds(name)
+            if pids := kill_session(rec):
+                log.warning("killed model-server processes left by a previous agent", instance=name, pids=pids)
+
+    def has_adoptable(self, name: str) -> bool:
+        return name in self._adoptable
+
+    def claim(self, name: str, fingerprint: str, port: int, output: RotatingLog) -> ChildProcess | None:
+        """The previous agent's server for this instance, if it runs the same config on the
+        same port; a different one is stopped here (the caller then starts its own)."""
+        entry = self._adoptable.pop(name, None)
+        if entry is None:
+            return None
+        rec, lifeline, out = entry
+        child = adopt(rec.pgid, lifeline, out, output)
+        if rec.fingerprint == fingerprint and rec.port == port and is_alive(rec):
+            self.registry.keep(name, rec)
+            return child
+        log.info("previous agent's server has another config; replacing it", instance=name)
+        self._stop_later(name, child)
+        return None
+
+    def _release_unclaimed(self) -> None:
+        for name in list(self._adoptable):
+            rec, lifeline, out = self._adoptable.pop(name)
+            log.info("no instance claimed the previous agent's server; stopping it", instance=name)
+            sup = self.cfg.supervisor
+            output = RotatingLog(self.log_dir / f"{name}.log", sup.log_max_bytes, sup.log_backups)
+            self._stop_later(name, adopt(rec.pgid, lifeline, out, output), output)
+
+    def _stop_later(self, name: str, child: ChildProcess, output: RotatingLog | None = None) -> None:
+        async def stop() -> None:
+            await child.stop(self.cfg.supervisor.stop_grace_s)
+            self._forget_fds(name)
+            if output is not None:
+                output.close()
+
+        task = asyncio.create_task(stop())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def hand_over(self, name: str, child: ChildProcess) -> None:
+        """Give systemd our descriptors for a running server, so the next agent gets them."""
+        self.fdstore.store(lifeline_name(name), child.lifeline)
+        self.fdstore.store(output_name(name), child.output_fd)
+
+    def _forget_fds(self, name: str) -> None:
+        self.fdstore.remove(lifeline_name(name))
+        self.fdstore.remove(output_name(name))
+
+    def forget(self, name: str) -> None:
+        """The instance's server is gone: its descriptors must not outlive it in systemd."""
+        self._forget_fds(name)
+        self.registry.remove(name)
 
     def _add_instances(self, configs: list[InstanceConfig], keep_ports: dict[str, int], assigned: bool = False) -> None:
         existing = {n: i.port for n, i in self.instances.items()}
@@ -99,6 +177,16 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop every instance, concurrently: the slowest grace period bounds the agent's exit."""
         await asyncio.gather(*(i.shutdown() for i in self.instances.values()), return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def detach(self) -> int:
+        """Exit without stopping the servers: their lifelines are in systemd's fd store, and the
+        next agent adopts them (or, if none comes, their shims stop them). Returns how many."""
+        running = [i for i in self.instances.values() if i.child is not None and i.child.returncode is None]
+        await asyncio.gather(*(i.detach() for i in self.instances.values()), return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self.cgroups.release_for_restart()
+        return len(running)
 
     async def tick(self) -> str:
         """Sample the GPUs; returns a one-line summary (systemd STATUS=)."""
@@ -106,8 +194,20 @@ class Supervisor:
             self.gpus = self.smoother.apply(await self.gpu_source.sample())
         except Exception as e:  # a probe bug must not stop supervision
             log.exception("gpu sample failed", error=str(e))
+        self._note_unknown_gpus()
         self.last_tick = time.time()
         return self.summary()
+
+    def _note_unknown_gpus(self) -> None:
+        for g in self.gpus:
+            if g.gpu_class == UNKNOWN and g.name not in self._unknown_logged:
+                self._unknown_logged.add(g.name)
+                log.warning(
+                    "GPU model not in the class table: the coordinator weights it as a default "
+                    "(add it to [gpu] classes here and [weights] base on the coordinators)",
+                    gpu=g.index,
+                    name=g.name,
+                )
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -212,6 +312,11 @@ class Supervisor:
         return env
 
     def cgroup_for(self, inst: Instance) -> str | None:
+        if inst.cfg.cpu_quota is not None and not self.cgroups.tried:
+            if self.cgroups.setup():
+                log.info("cpu quotas enabled", cgroup=str(self.cgroups.base))
+            else:
+                log.warning("cpu_quota is configured but cannot be applied", reason=self.cgroups.unavailable_reason)
         try:
             return self.cgroups.prepare_instance(inst.name, inst.cfg.cpu_quota)
         except OSError as e:

@@ -1,0 +1,163 @@
+"""Restarts that keep the model servers: the handover through systemd's fd store, protocol level.
+
+systemd's side is played here by a small notify-socket server that does what systemd does
+with ``FDSTORE=1``/``FDSTOREREMOVE=1`` messages and passes the stored descriptors to the next
+process as ``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID`` (sd_listen_fds(3)). The real
+systemd does the same in the deployment tests on booted hosts (tests/deploy/).
+
+Checked: the servers outlive the agent while a next agent is due, the next one adopts them
+(same PIDs, no restart, no warm-up), the API socket is handed over too, and when the "unit"
+stops for good the shims take the servers down (no orphan).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import pytest
+from helpers import AgentProcess, agent_toml, free_port, instance_toml, pid_alive, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+# Runs as the next agent: puts the passed descriptors at 3, 4, ... and execs the agent with
+# LISTEN_PID = its own pid, as systemd's exec does.
+LAUNCH = """
+import fcntl, os, sys
+pairs = [p.split("=") for p in os.environ.pop("PASS_FDS").split(",") if p]
+high = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 100) for _, fd in pairs]
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ.update(LISTEN_FDS=str(len(pairs)), LISTEN_FDNAMES=":".join(n for n, _ in pairs), LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-m", "agent", *sys.argv[1:]])
+"""
+
+
+class FakeFdStore:
+    """The part of systemd's notify socket that keeps descriptors for a service."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.fds: dict[str, list[int]] = {}
+        self.messages: list[str] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
+            except OSError:
+                return
+            fds = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += list(array.array("i", payload[: len(payload) - len(payload) % 4]))
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self.lock:
+                self.messages.append(data.decode())
+                name = fields.get("FDNAME", "stored")
+                if fields.get("FDSTORE") == "1":
+                    self.fds.setdefault(name, []).extend(fds)
+                elif fields.get("FDSTOREREMOVE") == "1":
+                    for fd in self.fds.pop(name, []):
+                        os.close(fd)
+                else:
+                    for fd in fds:
+                        os.close(fd)
+
+    def names(self) -> set[str]:
+        with self.lock:
+            return set(self.fds)
+
+    def passing(self) -> str:
+        """PASS_FDS for the next process: one descriptor per name, as systemd passes them."""
+        with self.lock:
+            return ",".join(f"{name}={fds[-1]}" for name, fds in self.fds.items())
+
+    def flush(self) -> None:
+        """The unit stopped for good: systemd closes the store."""
+        with self.lock:
+            for fds in self.fds.values():
+                for fd in fds:
+                    os.close(fd)
+            self.fds = {}
+
+    def close(self) -> None:
+        self.flush()
+        self.sock.close()
+
+
+async def test_restart_keeps_servers_and_stop_takes_them_down(tmp_path: Path) -> None:
+    store = FakeFdStore(tmp_path / "notify")
+    port = free_port()
+    cfg = agent_toml(tmp_path, port, instance_toml("a") + instance_toml("b", extra="cpu_quota = 1.0"))
+    env = {"NOTIFY_SOCKET": str(store.path)}
+    first = AgentProcess(tmp_path, cfg, port, env=env)
+    async with first:
+        before = {n: await first.wait_state(n, "READY") for n in ("a", "b")}
+        want = {"api", "lifeline/a", "output/a", "lifeline/b", "output/b"}
+        await wait_until(lambda: want <= store.names(), timeout=10, what="descriptors stored")
+    # The first agent exited on SIGTERM (the stop half of `systemctl restart`): servers run on.
+    assert first.proc is not None and first.proc.returncode == 0
+    assert all(pid_alive(i["pid"]) for i in before.values())
+    assert any("leaving the model servers to the next agent" in ln for ln in first.log_lines())
+    async with aiohttp.ClientSession() as http:
+        # Served while no agent runs at all.
+        body = {"model": "a-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        async with http.post(f"http://127.0.0.1:{before['a']['port']}/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+
+    second = AgentProcess(tmp_path, cfg, port, env={**env, "PASS_FDS": store.passing()})
+    fds = [int(p.split("=")[1]) for p in store.passing().split(",")]
+    second.start = lambda: _start_with_fds(second, fds)  # type: ignore[method-assign]
+    async with second:
+        for name, old in before.items():
+            now = await second.wait_state(name, "READY", timeout=20)
+            assert now["pid"] == old["pid"] and now["restarts"] == 0 and now["port"] == old["port"]
+        lines = second.log_lines()
+        assert sum("instance adopted from the previous agent" in ln for ln in lines) == 2
+        assert any("serving on the socket the previous agent handed over" in ln for ln in lines)
+        assert not any('"warm-up' in ln for ln in lines)
+        assert second.http is not None
+        async with second.http.post(second.base + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+    # `systemctl stop`: the agent exits, systemd drops the store, the shims stop the servers.
+    store.flush()
+    await wait_until(
+        lambda: not any(pid_alive(i["pid"]) for i in before.values()), timeout=20, what="servers stopped by shims"
+    )
+    store.close()
+
+
+def _start_with_fds(agent: AgentProcess, fds: list[int]) -> None:
+    agent._log = open(agent.log_path, "ab")
+    agent.proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, "--config", str(agent.config)],
+        stdout=agent._log,
+        stderr=subprocess.STDOUT,
+        env=agent.env,
+        pass_fds=fds,
+    )
+
+
+async def test_without_systemd_sigkill_of_the_agent_stops_the_servers(tmp_path: Path) -> None:
+    # No notify socket: the agent alone holds the lifelines; its death closes them.
+    port = free_port()
+    cfg = agent_toml(tmp_path, port, instance_toml("a"))
+    async with AgentProcess(tmp_path, cfg, port) as agent:
+        pid = (await agent.wait_state("a", "READY"))["pid"]
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait()
+        await wait_until(lambda: not pid_alive(pid), timeout=20, what="server stopped by its shim")
