@@ -20,6 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from gpufleet.etcdconfig import EtcdSettings
+from gpufleet.gpuclasses import BASE_WEIGHTS
 from gpufleet.keyspace import InvalidName, check_name
 from gpufleet.tomlconfig import (
     ConfigError,
@@ -71,9 +72,9 @@ class HealthSection(StrictSection):
 
 
 class WeightsSection(StrictSection):
-    base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(
-        default_factory=lambda: {"A10": 100, "A100": 220, "H100": 380}
-    )
+    # Replaces the built-in table (gpufleet/gpuclasses.py: article 001's A10 100, A100 220,
+    # H100 380, and every other known class by memory bandwidth) when set.
+    base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=lambda: dict(BASE_WEIGHTS))
     default_base: Annotated[int, Meta(ge=0)] = 100
 
 

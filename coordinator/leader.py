@@ -28,7 +28,7 @@ from .placement import Placer
 from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, step_instance, step_node
 from .policy.placement import NodeView
 from .policy.routes import FailoverPolicy, RoutePlan, compute_routes, routes_differ
-from .policy.weights import WeightPolicy
+from .policy.weights import CPU_CLASS, WeightPolicy
 
 log = structlog.get_logger("coordinator.leader")
 
@@ -81,6 +81,7 @@ class Leader:
         # (mod revision, monotonic time first seen at it): a record's age without trusting clocks.
         self._changed_at: dict[str, tuple[int, float]] = {}
         self.plan: RoutePlan | None = None
+        self._unweighted_logged: set[str] = set()
         self._panic_logged: dict[str, str] = {}  # class -> detail last logged (once per change, not per pass)
         self.decision = Decision()
         self._term: int | None = None
@@ -195,6 +196,18 @@ class Leader:
             log.info("panic over: ejection resumes", gpu_class=cls)
         self._panic_logged = dict(panic)
 
+    def _note_unweighted(self, rec: NodeRecord) -> None:
+        """A GPU class with no base weight gets ``default_base``: say so once per class."""
+        for cls in rec.gpu_classes:
+            if cls not in self.weight_policy.base and cls != CPU_CLASS and cls not in self._unweighted_logged:
+                self._unweighted_logged.add(cls)
+                log.warning(
+                    "GPU class has no base weight; weighted as default_base (set [weights] base)",
+                    gpu_class=cls,
+                    node=rec.node,
+                    default_base=self.weight_policy.default_base,
+                )
+
     def _records(self, now: float) -> dict[str, NodeRecord]:
         out = {}
         cache = self._decoded
@@ -210,6 +223,8 @@ class Leader:
             else:
                 rec = decode_or_skip(key, kv.value, NodeRecord, kv.mod_revision)
                 cache[key] = (kv.mod_revision, rec)
+                if rec is not None:
+                    self._note_unweighted(rec)
             if rec is None:
                 continue
             if Keyspace.name_in(self.keys.nodes, key) != rec.node:

@@ -16,6 +16,7 @@ import aiohttp
 import msgspec
 
 from gpufleet.etcd import EtcdClient, EtcdError, Status
+from gpufleet.gpuclasses import UNKNOWN
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DegradationRecord, LeaderRecord, NodeRecord, RouteRecord
 
@@ -101,6 +102,12 @@ def judge(f: Facts) -> list[CheckResult]:
     ]
     lost = [f"{n.node} gpu {g.index}" for n in f.nodes for g in n.gpus if g.lost]
     add(f"no GPU lost or over {GPU_TEMPERATURE_LIMIT_C:.0f} °C", not hot and not lost, "; ".join(hot + lost) or "ok")
+    unknown = [f"{n.node} gpu {g.index} {g.name!r}" for n in f.nodes for g in n.gpus if g.gpu_class == UNKNOWN]
+    add(
+        "every GPU of a known class (weighted by its own measure, not as a default)",
+        not unknown,
+        ("unknown: " + "; ".join(unknown) + " (agent [gpu] classes, coordinator [weights] base)") if unknown else "ok",
+    )
     single = [r.model for r in f.routes if sum(e.state == "READY" and e.weight > 0 for e in r.endpoints) < 2]
     add(
         "every model has 2+ READY endpoints (failover possible)",

@@ -240,15 +240,19 @@ async def test_warm_up_request_shapes(aiohttp_server, kind: str, path: str, repl
 def test_sizing_flags_per_backend() -> None:
     llama = get_backend("llamacpp").launch(inst(backend="llamacpp", model="/m/q.gguf"), 9).argv
     assert llama[llama.index("-c") + 1] == "8192" and "-np" not in llama and "-t" not in llama
-    llama = get_backend("llamacpp").launch(
-        inst(backend="llamacpp", model="/m/q.gguf", context_size=2048, parallel=2, cpu_quota=2.5), 9
-    ).argv
+    llama = (
+        get_backend("llamacpp")
+        .launch(inst(backend="llamacpp", model="/m/q.gguf", context_size=2048, parallel=2, cpu_quota=2.5), 9)
+        .argv
+    )
     assert llama[llama.index("-c") + 1] == "2048" and llama[llama.index("-np") + 1] == "2"
     assert "--kv-unified" in llama and llama[llama.index("-t") + 1] == "2" and llama[llama.index("-tb") + 1] == "2"
     # Flags the operator gave in args win: the agent adds none of its own for them.
-    own = get_backend("llamacpp").launch(
-        inst(backend="llamacpp", model="/m/q.gguf", cpu_quota=4, args=["-c", "100", "--threads", "3"]), 9
-    ).argv
+    own = (
+        get_backend("llamacpp")
+        .launch(inst(backend="llamacpp", model="/m/q.gguf", cpu_quota=4, args=["-c", "100", "--threads", "3"]), 9)
+        .argv
+    )
     assert own.count("-c") == 1 and "-t" not in own
     vllm = get_backend("vllm").launch(inst(context_size=32768, parallel=64), 9).argv
     assert vllm[vllm.index("--max-model-len") + 1] == "32768" and vllm[vllm.index("--max-num-seqs") + 1] == "64"

@@ -119,3 +119,12 @@ def test_each_failure_is_reported() -> None:
     assert detail["every instance READY"] == "a: m FAILED"
     assert detail["registered model paths readable on every node"] == "qwen on a: /mnt/q: gone"
     assert detail["cluster not degraded"] == "level 2: error rate 20.0% (500 attempts)"
+
+
+def test_unknown_gpu_class_is_reported() -> None:
+    f = healthy()
+    f.nodes[1].gpus[0].name = "NVIDIA Future X1"
+    f.nodes[1].gpus[0].gpu_class = "UNKNOWN"
+    res = {r.name: r for r in judge(f)}
+    got = res["every GPU of a known class (weighted by its own measure, not as a default)"]
+    assert got.status == "FAIL" and "b gpu 0 'NVIDIA Future X1'" in got.detail

@@ -47,6 +47,14 @@ from agent.gpu.simulated import GIB, SimulatedSource
         ("Tesla V100-SXM2-32GB", "V100"),
         ("NVIDIA A30", "A30"),
         ("NVIDIA A40", "A40"),
+        ("NVIDIA H20", "H20"),
+        ("NVIDIA H800", "H800"),
+        ("NVIDIA A800-SXM4-80GB", "A800"),
+        ("NVIDIA L20", "L20"),
+        ("NVIDIA GeForce RTX 5090", "RTX5090"),
+        ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "RTXPRO6000"),
+        ("NVIDIA GB200", "GB200"),
+        ("NVIDIA H200 NVL", "H200"),
         ("  nvidia   a10g ", "A10G"),  # case and spacing do not matter
         ("NVIDIA RTX A4000", "UNKNOWN"),  # must not read as A40
         ("Matrox G200", "UNKNOWN"),
@@ -54,6 +62,19 @@ from agent.gpu.simulated import GIB, SimulatedSource
 )
 def test_classify(name: str, cls: str) -> None:
     assert classify_gpu(name) == cls
+
+
+def test_base_weights_keep_the_article_and_follow_bandwidth() -> None:
+    from gpufleet.gpuclasses import BASE_WEIGHTS, CLASSES
+
+    # Article 001's numbers are the contract; every other class comes from one measure.
+    assert (BASE_WEIGHTS["A10"], BASE_WEIGHTS["A100"], BASE_WEIGHTS["H100"]) == (100, 220, 380)
+    assert BASE_WEIGHTS["B200"] > BASE_WEIGHTS["H200"] > BASE_WEIGHTS["H100"] > BASE_WEIGHTS["A100"]
+    assert BASE_WEIGHTS["L4"] < BASE_WEIGHTS["A10"] < BASE_WEIGHTS["L40S"] < BASE_WEIGHTS["A100"]
+    by_bandwidth = sorted((c for c in CLASSES if c.article_base is None), key=lambda c: c.bandwidth_gbs)
+    weights = [c.base_weight for c in by_bandwidth]
+    assert weights == sorted(weights)  # monotonic in the measure
+    assert len({c.name for c in CLASSES}) == len(CLASSES)
 
 
 def test_classify_overrides_first_in_order() -> None:

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from agent.config import GpuSection
-from agent.gpu.classes import UNKNOWN, classify_gpu
 from agent.gpu.nvml import GpuSourceUnavailable, NvmlSource
 from agent.gpu.simulated import SimulatedSource
+from gpufleet.gpuclasses import UNKNOWN, classify_gpu
 from gpufleet.keyspace.records import GpuRecord
 
 

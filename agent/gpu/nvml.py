@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agent.gpu.classes import classify_gpu
+from gpufleet.gpuclasses import classify_gpu
 from gpufleet.keyspace.records import GpuRecord
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import GpuScriptStep, SimulatedGpu
-from agent.gpu.classes import classify_gpu
+from gpufleet.gpuclasses import classify_gpu
 from gpufleet.keyspace.records import GpuRecord
 
 GIB = 1024**3

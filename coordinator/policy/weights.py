@@ -25,9 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gpufleet.gpuclasses import BASE_WEIGHTS
 from gpufleet.keyspace.records import InstanceRecord, NodeRecord
 
-DEFAULT_BASE: dict[str, int] = {"A10": 100, "A100": 220, "H100": 380}
+# Article 001's A10/A100/H100 and every other class gpufleet recognises, from one measure
+# (memory bandwidth; gpufleet/gpuclasses.py says how).
+DEFAULT_BASE: dict[str, int] = dict(BASE_WEIGHTS)
 
 # Class name used for an instance on a node that reports no GPU at all.
 CPU_CLASS = "CPU"
@@ -36,7 +39,7 @@ CPU_CLASS = "CPU"
 @dataclass(frozen=True)
 class WeightPolicy:
     base: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BASE))
-    default_base: int = 100  # classes the table does not name (operators may add L40S, …)
+    default_base: int = 100  # classes the table does not name (UNKNOWN, an operator's own); logged
     util_factor: float = 0.6
     temp_ref_c: float = 65.0
     temp_span_c: float = 30.0
