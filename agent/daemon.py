@@ -224,10 +224,11 @@ class AgentRuntime:
             await self.models.stop()
         if self.routes is not None:
             await self.routes.stop()
+        handing_over = hasattr(self, "supervisor") and self.serving_stopped_for_handover()
         if self.publisher is not None:
-            await self.publisher.stop()
+            await self.publisher.stop(revoke=not handing_over)
         if hasattr(self, "supervisor"):
-            if self.serving_stopped_for_handover():
+            if handing_over:
                 n = await self.supervisor.detach()
                 log.info("leaving the model servers to the next agent", servers=n)
             else:

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import AgentProcess, agent_toml, free_port, instance_toml, pid_alive, wait_until
+from etcd_fixtures import EtcdCluster
+from helpers import AgentProcess, agent_toml, as_node, cluster_toml, free_port, instance_toml, pid_alive, wait_until
+
+from gpufleet.keyspace import Keyspace
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,3 +164,35 @@ async def test_without_systemd_sigkill_of_the_agent_stops_the_servers(tmp_path: 
         agent.proc.send_signal(signal.SIGKILL)
         agent.proc.wait()
         await wait_until(lambda: not pid_alive(pid), timeout=20, what="server stopped by its shim")
+
+
+async def test_cluster_registration_is_taken_over_not_dropped(tmp_path: Path, etcd: EtcdCluster) -> None:
+    """A restart that hands the servers over keeps the node in etcd: the old lease is left, the
+    next agent takes the registration over, and the node key never goes away."""
+    store = FakeFdStore(tmp_path / "notify")
+    port = free_port()
+    cfg = as_node(agent_toml(tmp_path, port, instance_toml("a")), "n1") + cluster_toml(
+        etcd.endpoints, "handover", lease_ttl_s=10
+    )
+    key = Keyspace("handover").node("n1")
+    env = {"NOTIFY_SOCKET": str(store.path)}
+    async with etcd.client() as client:
+        async with AgentProcess(tmp_path, cfg, port, env=env) as first:
+            await first.wait_state("a", "READY")
+            kv = await wait_until(lambda: client.get(key), what="registered")
+            first_lease = kv.lease
+        assert await client.get(key) is not None  # still registered: the lease was left
+        assert any("lease left for the next agent" in ln for ln in first.log_lines())
+        second = AgentProcess(tmp_path, cfg, port, env={**env, "PASS_FDS": store.passing()})
+        fds = [int(p.split("=")[1]) for p in store.passing().split(",")]
+        second.start = lambda: _start_with_fds(second, fds)  # type: ignore[method-assign]
+        async with second:
+            await second.wait_state("a", "READY")
+
+            async def taken_over() -> bool:
+                now = await client.get(key)
+                return now is not None and now.lease != first_lease
+
+            await wait_until(taken_over, timeout=10, what="registration taken over")
+            assert any("took over the registration" in ln for ln in second.log_lines())
+    store.close()

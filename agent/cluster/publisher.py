@@ -11,7 +11,9 @@
     keep-alive or a write failing (for less than a TTL): keep serving locally and the lease, try
         again in ~1 s
     every state change is logged once
-    stop (SIGTERM): revoke the lease, so the cluster fails over at once instead of after a TTL
+    stop (SIGTERM): revoke the lease, so the cluster fails over at once instead of after a TTL;
+        but a restart that hands the model servers over leaves it: the next agent takes the
+        registration over within seconds, and if none comes the lease expires in a TTL
 
 The agent's data plane never waits on any of this: the publisher runs beside it and a failure
 here changes nothing about local serving.
@@ -86,11 +88,17 @@ class ClusterPublisher:
         """Something may have changed: check the publish policy now."""
         self._poke.set()
 
-    async def stop(self) -> None:
+    async def stop(self, revoke: bool = True) -> None:
+        """Stop publishing; ``revoke`` the lease unless the next agent takes the registration
+        over (a restart that hands the model servers over: the node stays in the routes, and
+        requests forwarded here meanwhile wait in the handed-over socket's backlog)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.lease_id is not None and not revoke:
+            log.info("lease left for the next agent to take over", lease=self.lease_id)
+            self.lease_id = None
         if self.lease_id is not None:
             try:
                 await self.etcd.lease_revoke(self.lease_id, timeout=min(2.0, self.cfg.timeout_s))

@@ -337,10 +337,7 @@ class Proxy:
         scope = asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s if ctx.stream else None))
         try:
             async with scope:
-                try:
-                    upstream = await self.session.post(url, data=body, headers=headers)
-                except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
-                    raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
+                upstream = await self._post(url, body, headers, inst)
                 async with upstream:
                     if upstream.status >= 400:
                         return self._error_answer(upstream, await self._read(upstream, inst), inst, ctx)
@@ -374,6 +371,26 @@ class Proxy:
             raise
         finally:
             inst.in_flight -= 1
+
+    async def _post(
+        self, url: str, body: bytes, headers: CIMultiDict[str], inst: Instance | RemoteTarget
+    ) -> aiohttp.ClientResponse:
+        """Send the request; a kept-alive connection the upstream closed as we reused it (it
+        restarted, or its idle timeout fired) is retried once on a new connection, as nginx
+        and browsers do: nothing was answered on it, and the same instance is fine."""
+        assert self.session is not None
+        for stale_retry in (True, False):
+            try:
+                return await self.session.post(url, data=body, headers=headers)
+            except aiohttp.ClientConnectorError as e:  # refused, unreachable: the instance is not there
+                raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                if not stale_retry:
+                    raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
+                log.debug("upstream closed a kept-alive connection; retrying on a new one", instance=inst.name)
+            except aiohttp.ClientConnectionError as e:
+                raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")
 
     async def _read(self, upstream: aiohttp.ClientResponse, inst: Instance | RemoteTarget) -> bytes:
         try:
