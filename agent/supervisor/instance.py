@@ -14,6 +14,7 @@ is bounded, and a failure of one instance never touches another.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from typing import TYPE_CHECKING, Literal
@@ -108,27 +109,23 @@ class Instance:
 
     async def shutdown(self) -> None:
         """Stop the process and end the loop (agent exit or instance removed by a reload)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._end_loop()
         await self._stop_process("agent shutdown")
         self._set_state(InstanceState.STOPPED)
         self.output.close()
 
     async def detach(self) -> None:
         """End the loop but leave the server running for the next agent (handover.py)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._end_loop()
         if self.child is not None and self.child.returncode is None:
             self.output.mark(f"handed over to the next agent: shim pid {self.child.pid}")
         self.output.close()
+
+    async def _end_loop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     def fingerprint(self) -> str:
         """What must not have changed for the next agent to adopt this instance's server."""

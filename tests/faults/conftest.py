@@ -13,6 +13,14 @@ import pytest
 from etcd_fixtures import EtcdCluster
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Minutes of real faults: out of the inner loop (`pytest -m "not slow"`), in the default run.
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def etcd() -> Iterator[EtcdCluster]:
     # Overrides the module-scoped ``etcd`` of tests/etcd_fixtures.py: a fault scenario must not
