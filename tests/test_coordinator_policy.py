@@ -125,7 +125,8 @@ EJECTED = InstanceHealth(Health.DEGRADED, 1, NOW + 30, None, "ejected")
         ("H100", 0, 85.0, 1.0, 126),  # exactly 85 °C: formula only (380/3)
         ("H100", 0, 85.5, 1.0, 114),  # above 85 °C: capped at int(0.3 × 380)
         ("H100", 0, 99.0, 1.0, 114),  # the floor 0.3 holds at any temperature
-        ("L40S", 0, 65, 1.0, 100),  # unknown class: default_base
+        ("L40S", 0, 65, 1.0, 130),  # from memory bandwidth (gpufleet/gpuclasses.py)
+        ("UNKNOWN", 0, 65, 1.0, 100),  # unknown class: default_base
         ("A100", 150, 65, 1.0, 88),  # util clamped to 100
         ("A100", -5, 65, 1.0, 220),  # util clamped to 0
         ("A100", 0, 65, 1.7, 220),  # ratio clamped to 1
