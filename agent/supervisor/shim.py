@@ -93,6 +93,8 @@ def main(argv: list[str]) -> int:
         return 2
     lifeline_fd, grace = argv[1].split(":")
     lifeline, grace_s = int(lifeline_fd), float(grace)
+    if os.getpgrp() != os.getpid():
+        os.setsid()  # the group it stops must be its own, whoever started it (the agent already does)
     # The agent signals the whole group to stop the server; the shim stays to report its exit.
     # A handler, not SIG_IGN: exec resets handled signals to default, ignored ones stay ignored.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
