@@ -362,7 +362,9 @@ def build_wheel(dest: Path, version: str | None = None) -> Path:
         shutil.copytree(
             ROOT,
             src,
-            ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", "build"),
+            ignore=shutil.ignore_patterns(
+                ".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", ".demo", "build", "dist"
+            ),
         )
         text = (src / "pyproject.toml").read_text()
         (src / "pyproject.toml").write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', text, count=1))
