@@ -196,3 +196,25 @@ async def test_cluster_registration_is_taken_over_not_dropped(tmp_path: Path, et
             await wait_until(taken_over, timeout=10, what="registration taken over")
             assert any("took over the registration" in ln for ln in second.log_lines())
     store.close()
+
+
+async def test_a_changed_instance_is_replaced_not_adopted(tmp_path: Path) -> None:
+    store = FakeFdStore(tmp_path / "notify")
+    port = free_port()
+    env = {"NOTIFY_SOCKET": str(store.path)}
+    cfg = agent_toml(tmp_path, port, instance_toml("a"))
+    async with AgentProcess(tmp_path, cfg, port, env=env) as first:
+        old = await first.wait_state("a", "READY")
+        await wait_until(lambda: {"lifeline/a", "output/a"} <= store.names(), timeout=10, what="stored")
+    changed = cfg.replace(instance_toml("a"), instance_toml("a", args='["--latency-ms", "1"]'))
+    second = AgentProcess(tmp_path, changed, port, env={**env, "PASS_FDS": store.passing()})
+    fds = [int(p.split("=")[1]) for p in store.passing().split(",")]
+    second.start = lambda: _start_with_fds(second, fds)  # type: ignore[method-assign]
+    async with second:
+        new = await second.wait_state("a", "READY", timeout=20)
+        assert new["pid"] != old["pid"]
+        await wait_until(lambda: not pid_alive(old["pid"]), timeout=20, what="old server stopped")
+        assert any("has another config; replacing it" in ln for ln in second.log_lines())
+        # The new server's descriptors are the ones systemd keeps now.
+        await wait_until(lambda: {"lifeline/a", "output/a"} <= store.names(), timeout=10, what="new ones stored")
+    store.close()

@@ -136,9 +136,13 @@ class Supervisor:
             self._stop_later(name, adopt(rec.pgid, lifeline, out, output), output)
 
     def _stop_later(self, name: str, child: ChildProcess, output: RotatingLog | None = None) -> None:
+        # Out of the fd store now, by name, before an instance of that name stores its own
+        # (FDSTOREREMOVE drops every descriptor of a name); our own copies keep the shim alive
+        # until stop() closes them.
+        self._forget_fds(name)
+
         async def stop() -> None:
             await child.stop(self.cfg.supervisor.stop_grace_s)
-            self._forget_fds(name)
             if output is not None:
                 output.close()
 
