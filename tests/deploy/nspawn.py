@@ -6,9 +6,10 @@ fresh clone on the same machine reuses it (``scripts/build-nspawn-image`` builds
 
 - ``image-<key>/rootfs``: ``debootstrap --variant=minbase bookworm`` plus only what a freshly
   provisioned cloud host has that matters to being managed (systemd as init, dbus, sshd,
-  python3). No host keys, no machine id, no apt lists: each container gets its own identity.
+  python3, python3-apt). No host keys, no machine id, no apt lists: each container gets its own
+  identity.
 - ``apt-<key>/``: a flat ``file:`` apt repository with the .debs the roles install (and the
-  python3-apt Ansible's apt module installs), resolved against the image's own dpkg status.
+  python3-apt Ansible's apt module would install), resolved against the image's dpkg status.
 - ``wheels-<key>/``: a pip wheelhouse of gpufleet's dependencies for the hosts' Python.
 
 What each test run makes and always takes down (``Fleet.destroy``, also run for the leftovers
@@ -53,11 +54,13 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("GPUFLEET_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SECURITY_MIRROR = os.environ.get("GPUFLEET_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-# A fresh cloud host's share of what being managed needs: systemd as PID 1, dbus, sshd and
-# python3 for Ansible's modules. Nothing gpufleet itself needs: the playbook must install that.
-IMAGE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3")
-IMAGE_FORMAT = 2  # bump when _build_image's steps change: a new key, a new image
-# Installed on the hosts by Ansible itself: its apt module installs python3-apt when missing.
+# A fresh cloud host's share of what being managed needs: systemd as PID 1, dbus, sshd, python3
+# for Ansible's modules, and python3-apt (Debian's cloud images have it, for unattended-upgrades;
+# with it, Ansible's apt module does not run apt-get update itself first, which would hide a role
+# that forgets to). Nothing gpufleet itself needs: the playbook must install that.
+IMAGE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-apt")
+IMAGE_FORMAT = 3  # bump when _build_image's steps change: a new key, a new image
+# What Ansible installs on a host that lacks it: its apt module installs python3-apt.
 ANSIBLE_TARGET_PACKAGES = ("python3-apt",)
 
 APT_MOUNT = "/srv/gpufleet/apt"
@@ -579,6 +582,9 @@ class Fleet:
         os.chmod(ssh_dir / "authorized_keys", 0o600)
         # The site's package mirror: this run's local repository (no internet in here).
         (m / "etc/apt/sources.list").write_text(f"deb [trusted=yes] file:{APT_MOUNT} ./\n")
+        # Provisioned just now from an image without package lists: the lists directory is new
+        # (cache_valid_time alone would take that for a fresh apt-get update).
+        os.utime(m / "var/lib/apt/lists")
 
     def _network(self, c: Container) -> None:
         _ip("netns", "add", c.netns)

@@ -2,7 +2,7 @@
 
 ``gf-ctl`` runs etcd and a coordinator, ``gf-gpu-a`` and ``gf-gpu-b`` an agent each with a
 simulated A100 and a simulated vLLM server. The hosts start bare (a minbase image with systemd,
-sshd and python3): the playbook installs everything else from a local apt repository and
+sshd, python3 and python3-apt): the playbook installs everything else from a local apt repository and
 wheelhouse. Then, from this machine: the units run and told systemd READY with a status line,
 the OpenAI API answers through each agent, etcd holds the fleet (read with the playbook's client
 certificate), ``gpuctl check`` passes from an agent host, a second run changes nothing; and
