@@ -37,6 +37,7 @@ log = structlog.get_logger("agent")
 
 EX_UNAVAILABLE = 69  # sysexits.h: a required service (NVML) is unavailable
 EX_OSERR = 71  # cannot bind the API port
+ADOPT_SETTLE_S = 15.0  # longest a restart keeps its clients waiting for the adopted servers' first probe
 
 
 class StartupError(Exception):
@@ -152,8 +153,17 @@ class AgentRuntime:
         # upstream request, so a model server stops generating for nobody.
         self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
-        await self._listen(self._runner)
-        await self.supervisor.start()
+        handed_over = self._handed_over_socket()
+        if handed_over is None:
+            await self._listen(self._runner)
+            await self.supervisor.start()
+        else:
+            # Clients of the restart wait in the socket's backlog until the servers we adopt
+            # have answered a probe: served earlier, they would find no READY instance.
+            await self.supervisor.start()
+            await self.supervisor.adopted_settled(ADOPT_SETTLE_S)
+            await web.SockSite(self._runner, handed_over).start()
+            log.info("serving on the socket the previous agent handed over")
         self.fdstore.close_unclaimed()
         if self.cfg.cluster.enabled:
             try:
@@ -175,19 +185,25 @@ class AgentRuntime:
             )
             self.models.start()
 
-    async def _listen(self, runner: web.AppRunner) -> None:
-        """Serve on the socket the previous agent handed over, if it is for our address (the
-        clients of a restart wait in its backlog), else on a new one, which we hand over."""
+    def _handed_over_socket(self) -> socket.socket | None:
+        """The listening socket the previous agent handed over, if it is for our address."""
         host, port = self.cfg.agent.listen_host, self.cfg.agent.listen_port
         passed = self.fdstore.take(API)
-        if passed is not None:
-            sock = socket.socket(fileno=passed)
-            if sock.getsockname()[:2] == (host, port) or (host in ("0.0.0.0", "::") and sock.getsockname()[1] == port):
-                await web.SockSite(runner, sock).start()
-                log.info("serving on the socket the previous agent handed over", listen=f"{host}:{port}")
-                return
-            sock.close()
-            self.fdstore.remove(API)
+        if passed is None:
+            return None
+        sock = socket.socket(fileno=passed)
+        bound_host, bound_port = sock.getsockname()[:2]
+        if bound_port == port and (bound_host == host or host in ("0.0.0.0", "::")):
+            return sock
+        log.info("the handed-over socket is for another address; opening a new one", was=f"{bound_host}:{bound_port}")
+        sock.close()
+        self.fdstore.remove(API)
+        return None
+
+    async def _listen(self, runner: web.AppRunner) -> None:
+        """Serve on a new socket (failing fast if the port is taken) and hand it to systemd,
+        so the next agent serves on it without refusing anyone in between."""
+        host, port = self.cfg.agent.listen_host, self.cfg.agent.listen_port
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
             await site.start()

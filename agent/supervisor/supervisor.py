@@ -8,6 +8,7 @@ shared (HTTP session, GPU facts, cgroups, the process-group registry) and answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ log = structlog.get_logger("agent.supervisor")
 
 # Instances promised memory they may not hold yet (their allocation may not show in NVML).
 _LOADING = frozenset({InstanceState.STARTING})
+_SETTLING = frozenset({InstanceState.STOPPED, InstanceState.STARTING})  # not yet probed after adoption
 # How long the previous agent's servers wait to be claimed: long enough for the leader's
 # assignments to be read back after a restart.
 ADOPT_WAIT_S = 60.0
@@ -72,6 +74,8 @@ class Supervisor:
         self.fdstore = fdstore or FdStore({})
         # Servers the previous agent left running for us (name -> record and descriptors).
         self._adoptable: dict[str, tuple[GroupRecord, int, int]] = {}
+        self._adopting: set[str] = set()  # names that had a server to adopt at start
+        self._settled = asyncio.Event()  # an instance changed state (adopted_settled waits on it)
         self.instances: dict[str, Instance] = {}
         self.gpus: list[GpuRecord] = []
         self.smoother = UtilizationSmoother(cfg.gpu.utilization_smoothing)
@@ -93,6 +97,24 @@ class Supervisor:
             # nobody claims by then is stopped (its shim sees the lifeline close).
             asyncio.get_running_loop().call_later(ADOPT_WAIT_S, self._release_unclaimed)
 
+    async def adopted_settled(self, timeout_s: float) -> None:
+        """Until every instance that had a server to adopt has left STARTING (READY after its
+        first probe, or failed and restarting), or ``timeout_s``."""
+        names = set(self._adopting)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            pending = [
+                n
+                for n in names
+                if n in self.instances and self.instances[n].wanted_running and self.instances[n].state in _SETTLING
+            ]
+            if not pending:
+                return
+            self._settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), deadline - asyncio.get_running_loop().time())
+        log.warning("adopted servers not READY in time; serving anyway", timeout_s=timeout_s)
+
     def _take_over_previous(self) -> None:
         """Adopt the servers whose lifelines systemd passed back; kill any other leftover."""
         for name, rec in self.registry.take_previous().items():
@@ -100,6 +122,7 @@ class Supervisor:
             output = self.fdstore.take(output_name(name))
             if lifeline is not None and output is not None and is_alive(rec) and rec.fingerprint:
                 self._adoptable[name] = (rec, lifeline, output)
+                self._adopting.add(name)
                 log.info("model server left running by the previous agent", instance=name, pid=rec.pgid)
                 continue
             for fd in (lifeline, output):
@@ -337,6 +360,7 @@ class Supervisor:
         self.gpu_source.clear_process_memory(inst.name)
 
     def on_state_change(self, inst: Instance) -> None:
+        self._settled.set()
         self.on_change()
 
     # --- views ----------------------------------------------------------------------------------
