@@ -108,6 +108,7 @@ class SupervisorSection(StrictSection):
     # Under systemd, an agent that exits (restart, upgrade, crash) leaves its model servers
     # running for the next agent to adopt; systemd's fd store decides whether one comes
     # (agent/supervisor/handover.py). false: every exit stops them, as `systemctl stop` does.
+    # Read at start-up (a reload does not change it).
     keep_servers_on_restart: bool = True
     log_max_bytes: Annotated[int, Meta(ge=4096)] = 10 * 1024 * 1024
     log_backups: Annotated[int, Meta(ge=0, le=100)] = 5

@@ -50,7 +50,8 @@ class AgentRuntime:
     def __init__(self, cfg: AgentConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
         self.notifier = notifier or SystemdNotifier()
-        self.fdstore = FdStore()  # what the previous agent handed over through systemd
+        # What the previous agent handed over through systemd, and where ours go.
+        self.fdstore = FdStore(keep=cfg.supervisor.keep_servers_on_restart)
         self.admin_token = AdminToken(cfg.agent.admin_token_file)
         self.started_at = time.time()
         self.serving = False
@@ -127,7 +128,7 @@ class AgentRuntime:
     def serving_stopped_for_handover(self) -> bool:
         """Under systemd an exit hands the servers over: systemd keeps their lifelines while a
         restart is due and drops them (the shims stop the servers) when the unit stops."""
-        return self.fdstore.enabled and self.cfg.supervisor.keep_servers_on_restart and self.serving_was_up
+        return self.fdstore.enabled and self.serving_was_up
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -210,7 +211,7 @@ class AgentRuntime:
         except OSError as e:
             raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e}", EX_OSERR) from None
         server = site._server
-        if server is not None and self.fdstore.enabled and self.cfg.supervisor.keep_servers_on_restart:
+        if server is not None and self.fdstore.enabled:
             for listening in server.sockets:  # type: ignore[attr-defined]
                 self.fdstore.store(API, listening.fileno())
 

@@ -218,3 +218,15 @@ async def test_a_changed_instance_is_replaced_not_adopted(tmp_path: Path) -> Non
         # The new server's descriptors are the ones systemd keeps now.
         await wait_until(lambda: {"lifeline/a", "output/a"} <= store.names(), timeout=10, what="new ones stored")
     store.close()
+
+
+async def test_keep_servers_on_restart_false_hands_nothing_over(tmp_path: Path) -> None:
+    store = FakeFdStore(tmp_path / "notify")
+    port = free_port()
+    cfg = agent_toml(tmp_path, port, instance_toml("a"), supervisor="keep_servers_on_restart = false")
+    async with AgentProcess(tmp_path, cfg, port, env={"NOTIFY_SOCKET": str(store.path)}) as agent:
+        pid = (await agent.wait_state("a", "READY"))["pid"]
+        await wait_until(lambda: any("READY=1" in m for m in store.messages), what="READY=1 sent")
+        assert store.names() == set()  # so not even a crash leaves the server running
+    assert not pid_alive(pid)  # SIGTERM stopped it
+    store.close()

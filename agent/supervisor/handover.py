@@ -44,16 +44,20 @@ def output_name(instance: str) -> str:
 class FdStore:
     """systemd's fd store for this service: store, remove, and what the last run left us."""
 
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: dict[str, str] | None = None, keep: bool = True) -> None:
+        """``keep`` false (``keep_servers_on_restart = false``): store nothing, so no exit,
+        a crash included, leaves a server running; what a previous agent passed is still taken
+        (and, unclaimed, closed)."""
         env = os.environ if environ is None else environ
-        addr = env.get("NOTIFY_SOCKET", "")
+        addr = env.get("NOTIFY_SOCKET", "") if keep else ""
         self._addr: str | None = ("\0" + addr[1:] if addr.startswith("@") else addr) or None
         self._sock: socket.socket | None = None
         self.passed: dict[str, int] = self._take_passed(env)
 
     @property
     def enabled(self) -> bool:
-        """Under systemd: running servers survive this process (if the unit keeps the store)."""
+        """Under systemd and asked to: running servers survive this process (if the unit keeps
+        the store)."""
         return self._addr is not None
 
     def store(self, name: str, fd: int) -> None:
