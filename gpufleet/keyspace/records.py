@@ -106,6 +106,9 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     ready: bool = False  # serving, and every autostart instance READY
     models: list[ModelAvailability] = []  # one per registered model (cluster mode)
     proxy: ProxyCounters | None = None
+    # Which agent wrote it (agent/cluster/identity.py): a second agent configured with the same
+    # node_id is refused instead of taking the registration over. "" from agents before it.
+    agent_id: str = ""
 
 
 # --- written by the coordinator's leader ---------------------------------------------------------
@@ -124,14 +127,24 @@ HealthState = Literal["READY", "DEGRADED", "DOWN", "DRAINED"]
 
 
 class LeaderRecord(msgspec.Struct, kw_only=True):
-    """``/leader``, under the leader's lease. The key's create revision is the epoch (the
-    fencing token); it is not stored in the value, because the value cannot know it before the
-    key is created."""
+    """``/leader``, under the leader's lease.
+
+    ``epoch`` numbers leader terms: it grows with every new leader, also across an etcd
+    restored from a backup or wiped (see coordinator/election.py), which is why it is not simply
+    the key's create revision: revisions go backwards with the store. 0 in records written
+    before epochs were stored; their epoch is the key's create revision (:func:`epoch_of`).
+    """
 
     schema: int = LEADER_SCHEMA_VERSION
     coordinator: str
     address: str = ""
     elected_at: float
+    epoch: int = 0
+
+
+def epoch_of(record: LeaderRecord | None, create_revision: int) -> int:
+    """The epoch of the leader whose ``/leader`` key was created at ``create_revision``."""
+    return record.epoch if record is not None and record.epoch else create_revision
 
 
 class RouteEndpoint(msgspec.Struct, kw_only=True, gc=False):  # scalars only: no cycles, skip the GC
