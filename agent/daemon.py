@@ -168,7 +168,9 @@ class AgentRuntime:
         self.fdstore.close_unclaimed()
         if self.cfg.cluster.enabled:
             try:
-                self.publisher = ClusterPublisher(self.cfg.cluster, self.cfg.node_id, self.node_record)
+                self.publisher = ClusterPublisher(
+                    self.cfg.cluster, self.cfg.node_id, self.node_record, state_dir=self.cfg.agent.state_dir
+                )
                 await self.publisher.start()
             except OSError as e:  # unreadable TLS or password file
                 self.publisher = None
