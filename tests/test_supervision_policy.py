@@ -7,7 +7,16 @@ import socket
 import pytest
 
 from agent.supervisor.admission import GIB, Claim, check_admission
-from agent.supervisor.policy import HealthWindow, RestartPolicy
+from agent.supervisor.policy import (
+    HealthWindow,
+    Outlier,
+    OutlierPolicy,
+    RestartPolicy,
+    after_failure,
+    after_success,
+    in_rotation,
+    may_eject,
+)
 from agent.supervisor.ports import PortPlanError, plan_ports, port_is_free
 from gpufleet.keyspace.records import GpuRecord
 
@@ -120,3 +129,52 @@ def test_admission_multi_gpu_checks_every_gpu() -> None:
     gpus = {0: gpu(0), 1: gpu(1, free_gib=10)}
     msg = check_admission(Claim("tp", (0, 1), 0.5), gpus)
     assert msg is not None and msg.startswith("GPU 1 has 10.0 GiB free")
+
+
+# --- passive health (outlier ejection) -------------------------------------------------------------
+
+P = OutlierPolicy(consecutive_failures=3, base_s=10.0, max_s=25.0, max_fraction=0.5)
+
+
+@pytest.mark.parametrize(
+    ("ready", "ejected", "fraction", "allowed"),
+    [
+        (1, 0, 1.0, False),  # never the last one
+        (2, 0, 0.5, True),
+        (2, 1, 1.0, False),  # the other one is out already: this one is the last
+        (3, 0, 0.5, True),
+        (3, 1, 0.5, False),  # 2 of 3 > 50 %
+        (4, 1, 0.5, True),
+        (10, 0, 0.0, False),  # fraction 0: ejection off
+    ],
+)
+def test_may_eject_caps_the_fraction_and_keeps_one(ready: int, ejected: int, fraction: float, allowed: bool) -> None:
+    assert may_eject(ready, ejected, fraction) is allowed
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "ready", "ejected", "after"),
+    [
+        (Outlier(), 0.0, 2, 0, Outlier(failures=1)),
+        (Outlier(failures=1), 0.0, 2, 0, Outlier(failures=2)),
+        (Outlier(failures=2), 5.0, 2, 0, Outlier(0, 1, 15.0)),  # third in a row: ejected for base_s
+        (Outlier(failures=2), 5.0, 1, 0, Outlier(failures=3)),  # the only one: stays, keeps counting
+        (Outlier(failures=2), 5.0, 2, 1, Outlier(failures=3)),  # its sibling is out: stays
+        (Outlier(0, 1, 15.0), 9.0, 2, 1, Outlier(0, 1, 15.0)),  # a late failure while ejected
+        (Outlier(0, 1, 15.0), 15.0, 2, 1, Outlier(0, 2, 35.0)),  # half-open trial failed: 2 × base
+        (Outlier(0, 2, 35.0), 40.0, 2, 1, Outlier(0, 3, 65.0)),  # 4 × base = 40, capped at max_s 25
+    ],
+)
+def test_outlier_after_failure(before: Outlier, now: float, ready: int, ejected: int, after: Outlier) -> None:
+    assert after_failure(before, now, P, ready, ejected) == after
+
+
+def test_outlier_success_resets_and_trial_rules() -> None:
+    assert after_success(Outlier(2, 3, 99.0)) == Outlier()
+    ejected = Outlier(0, 1, 15.0)
+    assert not in_rotation(ejected, 14.9, in_flight=0)
+    assert in_rotation(ejected, 15.0, in_flight=0)  # half-open: one trial request ...
+    assert not in_rotation(ejected, 15.0, in_flight=1)  # ... at a time
+    assert in_rotation(Outlier(failures=2), 0.0, in_flight=7)
+    off = OutlierPolicy(consecutive_failures=0)
+    assert after_failure(Outlier(failures=9), 0.0, off, 5, 0) == Outlier(failures=9)

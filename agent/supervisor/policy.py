@@ -96,3 +96,76 @@ class RestartPolicy:
         """An operator's start/restart forgives the history."""
         self._failures.clear()
         self._streak = 0
+
+
+# --- passive health: outlier ejection on real requests -------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutlierPolicy:
+    """Envoy's outlier detection on consecutive gateway failures, for one node's instances.
+
+    ``consecutive_failures`` gateway failures on real requests (timeouts, refused or reset
+    connections, 5xx the backend judges the instance's fault) with no success in between eject
+    an instance for ``base_s × 2^(n−1)`` (n: ejections since its last success), capped at
+    ``max_s``. At most ``max_fraction`` of a model's READY instances are ejected at once, and
+    never the last one: a flood of bad requests must not empty the rotation. 0 failures: off."""
+
+    consecutive_failures: int = 5
+    base_s: float = 30.0
+    max_s: float = 300.0
+    max_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class Outlier:
+    """One instance's passive-health record (monotonic clock)."""
+
+    failures: int = 0  # consecutive gateway failures since the last success
+    ejections: int = 0  # ejections since the last success: sets the next one's length
+    ejected_until: float | None = None  # None: in rotation; past: half-open (one trial request)
+
+    def ejected(self, now: float) -> bool:
+        return self.ejected_until is not None and now < self.ejected_until
+
+    def half_open(self, now: float) -> bool:
+        return self.ejected_until is not None and now >= self.ejected_until
+
+
+def may_eject(ready: int, ejected: int, max_fraction: float) -> bool:
+    """May one more of a model's ``ready`` instances be ejected, ``ejected`` being out already?"""
+    after = ejected + 1
+    return after < ready and after <= max_fraction * ready
+
+
+def in_rotation(o: Outlier, now: float, in_flight: int) -> bool:
+    """Routable as far as passive health goes. Half-open: one trial request at a time, so a
+    still-hung instance costs one request's wait per ejection, not a burst's."""
+    if o.ejected_until is None:
+        return True
+    return now >= o.ejected_until and in_flight == 0
+
+
+def after_success(o: Outlier) -> Outlier:
+    """An answer (or the first byte of one): the instance serves; forget its failures."""
+    return Outlier()
+
+
+def after_failure(o: Outlier, now: float, p: OutlierPolicy, ready: int, ejected: int) -> Outlier:
+    """A gateway failure on a real request. ``ready``: the model's READY instances on this node;
+    ``ejected``: how many of them are ejected or half-open now."""
+    if p.consecutive_failures < 1 or o.ejected(now):
+        return o  # off; or a late failure of a request sent before the ejection
+    if o.half_open(now):
+        # The trial failed: out again at once, for longer. It is still counted in ``ejected``,
+        # so the fraction is unchanged.
+        return _eject(o, now, p)
+    failures = o.failures + 1
+    if failures >= p.consecutive_failures and may_eject(ready, ejected, p.max_fraction):
+        return _eject(o, now, p)
+    return Outlier(failures, o.ejections, None)
+
+
+def _eject(o: Outlier, now: float, p: OutlierPolicy) -> Outlier:
+    n = o.ejections + 1
+    return Outlier(0, n, now + min(p.base_s * 2 ** (n - 1), p.max_s))
