@@ -93,7 +93,10 @@ class GpuSection(StrictSection):
 
 class SupervisorSection(StrictSection):
     probe_interval_s: PositiveFloat = 5.0
-    probe_timeout_s: PositiveFloat = 3.0
+    # A health endpoint on localhost answers in milliseconds; one that has not in 2 s is hung
+    # (or SIGSTOPped). The first failed probe takes the instance out of rotation and the next
+    # comes within a second, so a frozen server is out in at most interval + timeout.
+    probe_timeout_s: PositiveFloat = 2.0
     failure_threshold: Annotated[int, Meta(ge=1)] = 3
     recovery_window: Annotated[int, Meta(ge=1)] = 20  # probes kept for health_ratio
     backoff_initial_s: PositiveFloat = 1.0
@@ -101,6 +104,9 @@ class SupervisorSection(StrictSection):
     crash_loop_restarts: Annotated[int, Meta(ge=1)] = 5
     crash_loop_window_s: PositiveFloat = 600.0
     stop_grace_s: NonNegFloat = 30.0
+    # Grace when the stop is a restart after a failure (probes, warm-up, start-up): the server
+    # is not answering, so there is nothing to drain. A stopped (SIGSTOP) server gets none.
+    failed_stop_grace_s: NonNegFloat = 5.0
     startup_timeout_s: PositiveFloat = 600.0
     # Ports for instances without an explicit one are taken from [port_base, port_base + port_span).
     port_base: Port = 8100
@@ -135,9 +141,21 @@ class ProxySection(StrictSection):
     enabled: bool = True
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024  # base64 images are large
     connect_timeout_s: PositiveFloat = 2.0
-    # Until the upstream's response headers arrive (prefill of a long prompt can take a while).
+    # A stream's first chunk (the first token: prefill plus queueing; a 70B model's prefill of
+    # a long prompt takes tens of seconds). Past it the attempt is abandoned and retried elsewhere.
     ttfb_timeout_s: PositiveFloat = 120.0
+    # A non-streaming answer (servers send headers with the whole answer: prefill + every
+    # token). 300 s covers ~4k tokens at 15 tokens/s; longer generations should stream.
+    response_timeout_s: PositiveFloat = 300.0
     total_timeout_s: PositiveFloat = 900.0
+    # Passive health (outlier ejection): this many consecutive gateway failures of real requests
+    # on an instance (timeouts, refused/reset connections, 5xx judged its fault) take it out of
+    # rotation for eject_base_s, doubling per ejection up to eject_max_s; then one trial request
+    # decides. At most max_ejected_fraction of a model's instances, never the last one. 0: off.
+    eject_after_failures: Annotated[int, Meta(ge=0)] = 5
+    eject_base_s: PositiveFloat = 30.0
+    eject_max_s: PositiveFloat = 300.0
+    max_ejected_fraction: Fraction = 0.5
     # Attempts on distinct instances when a failure happens before the first response byte.
     max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
     retry_budget_s: PositiveFloat = 15.0
@@ -507,6 +525,8 @@ def proxy_problems(cfg: AgentConfig) -> list[ConfigProblem]:
                 )
     if cfg.proxy.ttfb_timeout_s > cfg.proxy.total_timeout_s:
         out.append(ConfigProblem("$.proxy.ttfb_timeout_s", "must not exceed total_timeout_s"))
+    if cfg.proxy.eject_max_s < cfg.proxy.eject_base_s:
+        out.append(ConfigProblem("$.proxy.eject_max_s", "must be >= eject_base_s"))
     return out
 
 
