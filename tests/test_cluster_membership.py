@@ -21,8 +21,9 @@ import pytest
 from etcd_fixtures import USER, USER_PASSWORD, EtcdCluster
 from helpers import AgentProcess, agent_toml, as_node, cluster_toml, free_port, instance_toml, wait_until
 
+from agent.cluster.identity import agent_identity, other_holder
 from agent.cluster.policy import Change, PublishPolicy, change_reason, publish_reason
-from gpufleet.etcd import EtcdClient, EtcdLeaseNotFound, Event
+from gpufleet.etcd import EtcdClient, EtcdLeaseNotFound, Event, KeyValue
 from gpufleet.keyspace import Keyspace, decode
 from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
 
@@ -174,8 +175,8 @@ async def test_same_node_id_restart_takes_over_the_old_lease(
         assert agent.proc is not None
         agent.proc.kill()
         agent.proc.wait()
-    (tmp_path / "second").mkdir()
-    async with node_agent(tmp_path / "second", etcd.endpoints, "takeover", "n1") as again:
+    # The same agent restarted (its state directory, so its identity): it takes over at once.
+    async with node_agent(tmp_path, etcd.endpoints, "takeover", "n1") as again:
         kv = await wait_until(lambda: _with(etcd_client.get(key), lambda kv: kv.lease != old), what="new lease")
         # The previous lease is revoked right after the takeover (not left to expire).
         await wait_until(lambda: lease_gone(etcd_client, old), timeout=5, what="old lease revoked")
@@ -387,3 +388,37 @@ def test_publish_reason_rate_limits_and_refresh() -> None:
 
 
 _ = (os, msgspec)
+
+
+# --- who holds the node key (agent/cluster/identity.py) ----------------------------------------
+
+
+def _kv(lease: int, **fields: str) -> KeyValue:
+    return KeyValue(key=b"k", value=msgspec.json.encode({"node": "n1", **fields}), mod_revision=5, lease=lease)
+
+
+@pytest.mark.parametrize(
+    ("prev", "holder_address"),
+    [
+        (None, None),  # absent: ours to create
+        (_kv(0, address="http://b:1", agent_id="other"), None),  # no lease keeps it alive
+        (_kv(7, address="http://a:1", agent_id="me@boot"), None),  # our own earlier registration
+        (_kv(7, address="http://a:1"), None),  # an agent from before identities, at our address
+        (_kv(7, address="http://b:1"), "http://b:1"),  # ... at another address
+        (_kv(7, address="http://b:1", agent_id="other@boot"), "http://b:1"),  # another agent
+        (_kv(7, address="http://a:1", agent_id="other@boot"), "http://a:1"),  # same address, other agent
+        (KeyValue(key=b"k", value=b"not json", lease=7), ""),  # unreadable but alive: not taken
+    ],
+)
+def test_other_holder_table(prev: KeyValue | None, holder_address: str | None) -> None:
+    holder = other_holder(prev, "n1", "me@boot", "http://a:1")
+    assert (holder.address if holder else None) == holder_address
+    if holder is not None:
+        assert "'n1'" in holder.describe() and f"{holder.lease:x}" in holder.describe()
+
+
+def test_agent_identity_is_kept_in_the_state_dir(tmp_path: Path) -> None:
+    first = agent_identity(str(tmp_path / "state"))
+    assert agent_identity(str(tmp_path / "state")) == first  # a restart is the same agent
+    assert agent_identity(str(tmp_path / "other")) != first  # another state dir is another agent
+    assert (tmp_path / "state" / "agent-id").read_text().strip() == first.split("@")[0]

@@ -13,12 +13,14 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent.cluster.publisher import MembershipCollector
 from agent.proxy import Proxy, add_proxy_routes
 from agent.proxy.metrics import ProxyMetrics
 from agent.supervisor import UnknownInstance
+from gpufleet.logsetup import dropped_lines
 
 from .errors import error_response, json_response
-from .metrics import make_registry
+from .metrics import LogDropCollector, make_registry
 
 if TYPE_CHECKING:
     from agent.daemon import AgentRuntime
@@ -51,6 +53,16 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 def build_app(rt: AgentRuntime) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=rt.cfg.proxy.max_body_bytes)
     registry = make_registry(rt.node_record)
+    registry.register(
+        LogDropCollector(
+            dropped_lines,
+            lambda: [
+                ([i.name, i.cfg.client_model, i.cfg.backend], i.output.dropped_lines)
+                for i in rt.supervisor.instances.values()
+            ],
+        )
+    )
+    registry.register(MembershipCollector(lambda: rt.publisher))
     if rt.cfg.proxy.enabled:
         proxy = Proxy(rt, ProxyMetrics(registry))
 
@@ -70,6 +82,9 @@ def build_app(rt: AgentRuntime) -> web.Application:
         limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.probe_timeout_s
         if age is not None and age > limit:
             return json_response({"status": "stalled", "last_tick_age_s": round(age, 1)}, 503)
+        if rt.publisher is not None and rt.publisher.refused_by is not None:
+            # Still 200: this agent serves locally, and a restart would not fix a duplicate node_id.
+            return json_response({"status": "ok", "cluster": rt.publisher.status()})
         return json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
@@ -81,7 +96,9 @@ def build_app(rt: AgentRuntime) -> web.Application:
         return json_response({"status": "not ready", "reason": reason, "instances": waiting}, 503)
 
     async def status(_: web.Request) -> web.Response:
-        return json_response(rt.node_record())
+        if rt.publisher is None:
+            return json_response(rt.node_record())
+        return json_response({**msgspec.to_builtins(rt.node_record()), "cluster": rt.publisher.status()})
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

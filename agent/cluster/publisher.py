@@ -1,6 +1,11 @@
 """Cluster mode: keep this node's record in etcd under a lease.
 
-    register: grant lease -> put record (taking over a previous registration of this node)
+    register: read the node key; if another agent holds it under a live lease (a duplicate
+        node_id: identity.py), refuse: keep serving locally, unregistered, and try again every
+        TTL/3 until that lease ends (the other agent stopped or died). Otherwise grant a lease
+        and put the record in one txn guarded by the key's mod revision as read (absent: create
+        revision 0), so a registration never lands over one that changed meanwhile; then revoke
+        our own previous lease, if the record was under one (a restart takes over at once)
     maintain: keep-alive every TTL/3; publish on meaningful change or every 30 s
     lease lost (expired while we were frozen or cut off, or no keep-alive answered for a whole
         TTL): register again, retrying at least every TTL/3 (jittered). After etcd loses quorum
@@ -10,7 +15,10 @@
         back-off would race that expiry.
     keep-alive or a write failing (for less than a TTL): keep serving locally and the lease, try
         again in ~1 s
-    every state change is logged once
+    every publish is a txn guarded by "the key is under our lease": a record that another agent
+        took legitimately (ours expired) is never overwritten; we re-register, and are refused
+    every state change is logged once; a refusal is an error naming the other holder's address,
+        repeated at most every REFUSED_LOG_EVERY_S while it lasts
     stop (SIGTERM): revoke the lease, so the cluster fails over at once instead of after a TTL;
         but a restart that hands the model servers over leaves it: the next agent takes the
         registration over within seconds, and if none comes the lease expires in a TTL
@@ -25,22 +33,35 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import msgspec
 import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agent.config import ClusterSection
-from gpufleet.etcd import EtcdClient, EtcdError, EtcdLeaseNotFound
+from gpufleet.etcd import Compare, EtcdClient, EtcdError, EtcdLeaseNotFound, Op
 from gpufleet.keyspace import Keyspace, encode
 from gpufleet.keyspace.records import NodeRecord
 
+from .identity import OtherHolder, agent_identity, other_holder
 from .policy import PublishPolicy, publish_reason
 
 log = structlog.get_logger("agent.cluster")
 
+REFUSED_LOG_EVERY_S = 60.0  # a refusal that lasts is repeated this often, not on every retry
+
 
 class _LeaseLost(Exception):
     pass
+
+
+class _Refused(Exception):
+    def __init__(self, holder: OtherHolder) -> None:
+        super().__init__(holder.describe())
+        self.holder = holder
 
 
 class ClusterPublisher:
@@ -50,10 +71,13 @@ class ClusterPublisher:
         node_id: str,
         snapshot: Callable[[], NodeRecord],
         client: EtcdClient | None = None,
+        *,
+        state_dir: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.node_id = node_id
         self.snapshot = snapshot
+        self.identity = agent_identity(state_dir)
         self.keys = Keyspace(cfg.cluster)
         self.key = self.keys.node(node_id)
         self.policy = PublishPolicy(
@@ -72,6 +96,10 @@ class ClusterPublisher:
         self._published_at = 0.0
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Another agent holds our node_id (None: not refused now); refusals counted since start.
+        self.refused_by: OtherHolder | None = None
+        self.refusals = 0
+        self._refused_logged_at = float("-inf")
 
     @property
     def etcd(self) -> EtcdClient:
@@ -120,6 +148,11 @@ class ClusterPublisher:
                 await self._maintain()
             except _LeaseLost as e:
                 self._set_state("re-registering", reason=str(e))
+            except _Refused as e:
+                self._refused(e.holder)
+                # Not sooner: the holder's lease must really end first; TTL/3 keeps the takeover
+                # within a TTL of it ending, jittered like every retry here.
+                await asyncio.sleep(self.cfg.keepalive_s * random.uniform(0.8, 1.0))
             except EtcdError as e:
                 failures += 1
                 self._set_state("unreachable", error=str(e))
@@ -132,17 +165,74 @@ class ClusterPublisher:
                 await asyncio.sleep(5.0)
 
     async def _register(self) -> None:
-        lease = await self.etcd.lease_grant(self.cfg.lease_ttl_s)
-        self.lease_id = lease.id
+        self.lease_id = None
         previous = await self.etcd.get(self.key)
-        await self._publish(self.snapshot(), "register")
+        rec = self.snapshot()
+        holder = other_holder(previous, self.node_id, self.identity, rec.address)
+        if holder is not None:
+            raise _Refused(holder)
+        lease = await self.etcd.lease_grant(self.cfg.lease_ttl_s)
+        # One atomic txn: put only over the record as we read it (or none), so a registration
+        # racing ours (the other agent's, or etcd's expiry of a lease) is read again, not hit.
+        guard = (
+            Compare.absent(self.key)
+            if previous is None
+            else Compare.mod_revision(self.key, "==", previous.mod_revision)
+        )
+        try:
+            done = await self.etcd.txn([guard], [Op.put(self.key, self._encode(rec), lease=lease.id)])
+        except EtcdError:
+            with contextlib.suppress(EtcdError):
+                await self.etcd.lease_revoke(lease.id)
+            raise
+        if not done.succeeded:
+            with contextlib.suppress(EtcdError):
+                await self.etcd.lease_revoke(lease.id)
+            raise _LeaseLost("the node key changed while registering; reading it again")
+        self.lease_id = lease.id
+        self._published_now(rec, "register")
         if previous is not None and previous.lease and previous.lease != lease.id:
             # Our own earlier registration (agent restarted, or we lost contact): revoke its lease
             # now rather than let it linger until its TTL runs out.
             with contextlib.suppress(EtcdLeaseNotFound):
                 await self.etcd.lease_revoke(previous.lease)
             log.info("took over the registration of a previous lease", old_lease=previous.lease)
+        if self.refused_by is not None:
+            log.warning(
+                "registered: the other agent's registration of this node_id ended",
+                other=self.refused_by.address,
+                refusals=self.refusals,
+            )
+            self.refused_by = None
         self._set_state("registered", lease=lease.id, ttl=lease.ttl)
+
+    def _refused(self, holder: OtherHolder) -> None:
+        """Refused: log (an error, rate-limited, at once when the holder changes), count, show."""
+        self.refusals += 1
+        now = time.monotonic()
+        if holder != self.refused_by or now - self._refused_logged_at >= REFUSED_LOG_EVERY_S:
+            log.error(
+                "registration refused: another agent holds this node_id; not registered, serving "
+                "locally only, retrying until its lease ends (give one of them another node_id)",
+                node=self.node_id,
+                other_address=holder.address,
+                other_agent_id=holder.agent_id,
+                other_lease=f"{holder.lease:x}",
+                our_address=self.snapshot().address,
+                refusals=self.refusals,
+            )
+            self._refused_logged_at = now
+        self.refused_by = holder
+        self.state = "refused"  # logged above; _set_state would log a second, vaguer line
+
+    def status(self) -> dict[str, Any]:
+        """What /v1/status and /healthz show of cluster membership."""
+        out: dict[str, Any] = {"state": self.state, "agent_id": self.identity, "lease": self.lease_id}
+        if self.refused_by is not None:
+            out["error"] = self.refused_by.describe() + "; this agent is not registered"
+            out["other_address"] = self.refused_by.address
+            out["refusals"] = self.refusals
+        return out
 
     async def _maintain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -184,12 +274,26 @@ class ClusterPublisher:
                     await self._publish(cur, why)
                 except EtcdLeaseNotFound:
                     raise _LeaseLost("lease expired") from None
+                except _LeaseLost:
+                    raise
                 except EtcdError as e:
                     self._set_state("keepalive failing", error=f"publishing: {e}")
                     publish_not_before = loop.time() + random.uniform(0.8, 1.2)
 
     async def _publish(self, rec: NodeRecord, why: str) -> None:
-        await self.etcd.put(self.key, encode(rec), lease=self.lease_id)
+        lease = self.lease_id or 0
+        # Only while the record is ours: one taken over under another lease is not written over.
+        done = await self.etcd.txn(
+            [Compare.lease(self.key, "==", lease)], [Op.put(self.key, self._encode(rec), lease=lease)]
+        )
+        if not done.succeeded:
+            raise _LeaseLost("the node record is no longer under our lease")
+        self._published_now(rec, why)
+
+    def _encode(self, rec: NodeRecord) -> bytes:
+        return encode(msgspec.structs.replace(rec, agent_id=self.identity))
+
+    def _published_now(self, rec: NodeRecord, why: str) -> None:
         self.writes += 1
         self._published, self._published_at = rec, time.monotonic()
         log.debug("node record published", reason=why, writes=self.writes)
@@ -204,3 +308,27 @@ class ClusterPublisher:
             level = log.warning if state in ("unreachable", "keepalive failing", "re-registering") else log.info
             level("etcd membership " + state, previous=self.state, key=self.key, **kw)
             self.state = state
+
+
+class MembershipCollector(Collector):
+    """``gpu_agent_cluster_*``: registration state, for alerts on a duplicate node_id."""
+
+    def __init__(self, publisher: Callable[[], ClusterPublisher | None]) -> None:
+        self.publisher = publisher  # read at scrape time: the publisher starts after the API
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.publisher()
+        if p is None:
+            return
+        registered = GaugeMetricFamily("gpu_agent_cluster_registered", "1 while the node record is ours in etcd.")
+        registered.add_metric([], 1.0 if p.state in ("registered", "keepalive failing") else 0.0)
+        refused = GaugeMetricFamily(
+            "gpu_agent_cluster_registration_refused",
+            "1 while another agent holds this node_id (duplicate node_id): not registered.",
+        )
+        refused.add_metric([], 1.0 if p.refused_by is not None else 0.0)
+        refusals = CounterMetricFamily(
+            "gpu_agent_cluster_registration_refusals", "Registrations refused because another agent held this node_id."
+        )
+        refusals.add_metric([], float(p.refusals))
+        yield from (registered, refused, refusals)
