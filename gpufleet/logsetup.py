@@ -7,13 +7,25 @@ Under systemd, stderr is a stream to journald, which files every line at the uni
 priority (info) unless the line starts with an sd-daemon prefix ``<N>`` (sd-daemon(3)). When
 stderr is that stream (``JOURNAL_STREAM`` names its device and inode), every line gets its
 level's prefix, so ``journalctl -p err`` shows the errors and only them.
+
+Logging never takes the daemon down. Every line leaves through one ``LineWriter``: a write(2)
+that fails (stderr redirected to a file on a full disk, a quota, EIO, journald gone) drops the
+line and counts it (``dropped_lines()``, exported as a metric) instead of raising into a request
+handler or a supervision loop, says so once through the journal's own socket when there is one,
+retries at most every ``RETRY_S`` seconds, and the first line that gets through again is a
+notice of how many were lost and why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import IO, Literal
 
 import msgspec
@@ -89,7 +101,118 @@ def print_error(text: str, stream: IO[str] | None = None) -> None:
     print(line if isinstance(line, str) else line.decode(), file=stream, flush=True)
 
 
-def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info") -> None:
+RETRY_S = 1.0  # a failing log stream is retried this often; lines in between are dropped
+JOURNAL_SOCKET = "/run/systemd/journal/socket"  # journald's native protocol (sd_journal_send)
+
+
+class LineWriter:
+    """structlog's logger: writes each rendered line to ``fd`` with write(2), never raising.
+
+    Unbuffered on purpose: a buffered stream that failed keeps the failed bytes and raises again
+    on every later write, so one full disk would turn every log call into an exception (each
+    request handler answering 500, each supervision loop dying on its next state change). Here a
+    failure drops the line, counts it, tells the journal once (``journal_socket``, if it exists),
+    and holds off ``RETRY_S`` seconds; the first line that is written again is preceded by a
+    notice of what was lost (``notice`` renders it like any other line).
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        notice: Callable[[str, dict[str, object]], str | bytes],
+        journal_socket: str = JOURNAL_SOCKET,
+        ident: str = "gpufleet",
+    ) -> None:
+        self.fd = fd
+        self.notice = notice
+        self.journal_socket = journal_socket
+        self.ident = ident
+        self.dropped_lines = 0  # over the process's life
+        self._lock = threading.Lock()  # NVML's worker thread logs too
+        self._failing_since: float | None = None  # wall clock of the first failed write
+        self._error = ""
+        self._lost = 0  # dropped in the current outage
+        self._retry_at = 0.0
+        self._line_start = True
+
+    def msg(self, message: str | bytes) -> None:
+        data = message.encode("utf-8", "replace") if isinstance(message, str) else message
+        with self._lock:
+            self._emit(data + b"\n")
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def _emit(self, data: bytes) -> None:
+        if self._failing_since is not None and time.monotonic() < self._retry_at:
+            self._drop()
+            return
+        try:
+            if self._failing_since is not None:
+                self._write_all(self._recovery_notice())
+                self._failing_since, self._lost = None, 0
+            self._write_all(data)
+        except OSError as e:
+            self._failed(e)
+            self._drop()
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)  # short before ENOSPC; the next one raises
+            self._line_start = view[n - 1] == ord("\n") if n else self._line_start
+            view = view[n:]
+
+    def _drop(self) -> None:
+        self.dropped_lines += 1
+        self._lost += 1
+
+    def _recovery_notice(self) -> bytes:
+        since = self._failing_since or time.time()
+        fields: dict[str, object] = {
+            "event": "agent log lines dropped",
+            "dropped_lines": self._lost,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+            "for_s": round(time.time() - since, 1),
+            "error": self._error,
+        }
+        line = self.notice("warning", fields)
+        line = line.encode("utf-8", "replace") if isinstance(line, str) else line
+        return (b"" if self._line_start else b"\n") + line + b"\n"
+
+    def _failed(self, e: OSError) -> None:
+        self._retry_at = time.monotonic() + RETRY_S
+        if self._failing_since is None:
+            self._failing_since = time.time()
+            self._error = e.strerror or str(e)
+            self._tell_journal(
+                f"log writes failing ({self._error}): dropping log lines, retrying every {RETRY_S:g}s; "
+                "the log says how many were lost once it works again"
+            )
+
+    def _tell_journal(self, message: str) -> None:
+        """The one place left to say that the log is failing, when the log is not the journal."""
+        if not os.path.exists(self.journal_socket):
+            return
+        payload = f"MESSAGE={message}\nPRIORITY=4\nSYSLOG_IDENTIFIER={self.ident}\n".encode()
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(payload, self.journal_socket)
+
+
+_writer: LineWriter | None = None
+
+
+def dropped_lines() -> int:
+    """Log lines this process could not write (the configured writer's count)."""
+    return _writer.dropped_lines if _writer is not None else 0
+
+
+def configure_logging(
+    fmt: Literal["auto", "json", "console"] = "auto",
+    level: str = "info",
+    journal_socket: str = JOURNAL_SOCKET,
+) -> LineWriter:
+    global _writer
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.typing.Processor
@@ -97,22 +220,35 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
         # msgspec encodes several times faster than the json module; the proxy logs a line per
         # request, so this is on the hot path. Unknown types (paths, enums) become strings.
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
-        factory: structlog.typing.WrappedLogger = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        factory = structlog.WriteLoggerFactory(file=sys.stderr)
     if stderr_is_journal():
         renderer = JournalPriority(renderer)
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+
+    def notice(method: str, fields: dict[str, object]) -> str | bytes:
+        # The writer's own line, through the same chain as every other line.
+        event: object = {"logger": "gpufleet.logsetup", **fields}
+        for proc in processors:
+            event = proc(None, method, event)  # type: ignore[arg-type]
+        assert isinstance(event, (str, bytes))
+        return event
+
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()  # what print() left buffered goes first
+    _writer = LineWriter(sys.stderr.fileno(), notice, journal_socket, os.path.basename(sys.argv[0] or "gpufleet"))
+    writer = _writer
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=factory,
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
+    return writer

@@ -92,6 +92,29 @@ class NodeCollector(Collector):
         yield from (up, start, info)
 
 
+class LogDropCollector(Collector):
+    """Log lines lost to failed writes (a full or failing disk): the agent's own log and each
+    instance's output. Logging drops rather than blocks or raises (logsetup.py, process.py)."""
+
+    def __init__(
+        self, agent_dropped: Callable[[], int], instance_dropped: Callable[[], list[tuple[list[str], int]]]
+    ) -> None:
+        self.agent_dropped = agent_dropped
+        self.instance_dropped = instance_dropped  # ([instance, model, backend], lines) each
+
+    def collect(self) -> Iterator[Metric]:
+        own = CounterMetricFamily("gpu_agent_log_lines_dropped", "Agent log lines dropped because writing failed.")
+        own.add_metric([], float(self.agent_dropped()))
+        inst = CounterMetricFamily(
+            "gpu_agent_instance_log_lines_dropped",
+            "Model-server output lines dropped because the instance log could not be written.",
+            labels=["instance", "model", "backend"],
+        )
+        for labels, n in self.instance_dropped():
+            inst.add_metric(labels, float(n))
+        yield from (own, inst)
+
+
 def make_registry(snapshot: Callable[[], NodeRecord]) -> CollectorRegistry:
     # A registry per agent, not the global one: tests run several agents in one process.
     reg = CollectorRegistry(auto_describe=False)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -47,21 +49,46 @@ def _make_preexec(cgroup_procs: str | None) -> Callable[[], None] | None:
 
 
 MAX_LINE = 8192  # a "line" longer than this is quoted as it is, not buffered further
+RETRY_S = 1.0  # a failing log file is retried this often: one open and one failed write a second
+
+
+class _Outage:
+    """Writes to the log file failing: since when, why, and what was dropped meanwhile."""
+
+    def __init__(self, error: OSError) -> None:
+        self.since = time.time()
+        self.error = error.strerror or str(error)
+        self.lines = 0
 
 
 class RotatingLog:
     """Size-rotated log file (name.log, name.log.1, …) plus the last lines kept in memory for
-    error reports. Written from the event loop; files are small appends, no thread needed."""
+    error reports. Written from the event loop; files are small appends, no thread needed.
+
+    Writing never raises: the output pump that calls it must keep draining the server's pipe
+    whatever the disk does, or the server blocks on a full pipe and stops serving. A write or
+    open that fails (ENOSPC, EDQUOT, EIO, EFBIG...) drops lines, counts them, says so once in
+    the agent's log, and retries at most every ``RETRY_S`` seconds; the first write that works
+    again puts a line in the file saying how much is missing, and the agent's log says so too.
+    """
 
     def __init__(self, path: Path, max_bytes: int, backups: int, tail_lines: int = 30) -> None:
         self.path = path
+        self.name = path.stem  # the instance's name: the file is <name>.log
         self.max_bytes = max_bytes
         self.backups = backups
         self.tail: deque[str] = deque(maxlen=tail_lines)
+        self.dropped_lines = 0  # over the agent's life, for gpu_agent_instance_log_lines_dropped_total
         self._partial = b""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "ab")
-        self._size = self._f.tell()
+        self._f: io.FileIO | None = None
+        self._size = 0
+        self._line_start = True  # the file ends with a newline (or is empty)
+        self._outage: _Outage | None = None
+        self._retry_at = 0.0
+        try:
+            self._open()
+        except OSError as e:  # a full disk at start-up must not keep the instance from starting
+            self._failed(e)
 
     def write(self, data: bytes) -> None:
         self._append(data)
@@ -79,25 +106,93 @@ class RotatingLog:
         self.tail.clear()
         self._partial = b""
 
+    @property
+    def dropping(self) -> bool:
+        return self._outage is not None
+
     def _append(self, data: bytes) -> None:
-        if self._size + len(data) > self.max_bytes and self._size > 0:
-            self._rotate()
-        self._f.write(data)
-        self._f.flush()
-        self._size += len(data)
+        if self._outage is not None and time.monotonic() < self._retry_at:
+            self._drop(data)
+            return
+        try:
+            if self._f is None:
+                self._open()
+            if self._outage is not None:
+                self._write_all(self._resume_note(self._outage))
+            if self._size + len(data) > self.max_bytes and self._size > 0:
+                self._rotate()
+            self._write_all(data)
+        except OSError as e:
+            self._failed(e)
+            self._drop(data)
+            return
+        if (outage := self._outage) is not None:
+            self._outage = None
+            log.info(
+                "instance log writes work again",
+                instance=self.name,
+                path=str(self.path),
+                dropped_lines=outage.lines,
+                dropped_for_s=round(time.time() - outage.since, 1),
+            )
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing pending
+        self._size = self._f.seek(0, os.SEEK_END)
+        self._line_start = True
+
+    def _write_all(self, data: bytes) -> None:
+        assert self._f is not None
+        view = memoryview(data)
+        while view:
+            n = self._f.write(view) or 0  # a short write before ENOSPC; the next one raises
+            self._size += n
+            if n:
+                self._line_start = view[n - 1] == ord("\n")
+            view = view[n:]
+
+    def _resume_note(self, outage: _Outage) -> bytes:
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(outage.since))
+        note = f"--- gpu-agent: {outage.lines} lines of output dropped since {since}Z ({outage.error}) ---\n"
+        return (b"" if self._line_start else b"\n") + note.encode()
+
+    def _failed(self, e: OSError) -> None:
+        # Reopened at the next try: after EIO or a remount the old descriptor may never work again.
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+        self._retry_at = time.monotonic() + RETRY_S
+        if self._outage is None:
+            self._outage = _Outage(e)
+            log.warning(
+                "instance log write failed; dropping its lines until writes work again",
+                instance=self.name,
+                path=str(self.path),
+                error=self._outage.error,
+                retry_every_s=RETRY_S,
+            )
+
+    def _drop(self, data: bytes) -> None:
+        n = data.count(b"\n")
+        self.dropped_lines += n
+        assert self._outage is not None
+        self._outage.lines += n
 
     def _rotate(self) -> None:
-        self._f.close()
+        f, self._f = self._f, None
+        if f is not None:
+            f.close()
         if self.backups > 0:
             for i in range(self.backups - 1, 0, -1):
                 src = self.path.with_name(f"{self.path.name}.{i}")
                 if src.exists():
                     src.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
             self.path.replace(self.path.with_name(self.path.name + ".1"))
-            self._f = open(self.path, "wb")
-        else:
-            self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb", buffering=0)
         self._size = 0
+        self._line_start = True
 
     def mark(self, text: str) -> None:
         """A line from the agent itself (start/stop markers) so the file reads as a history.
@@ -105,7 +200,10 @@ class RotatingLog:
         self._append(f"--- gpu-agent: {text} ---\n".encode())
 
     def close(self) -> None:
-        self._f.close()
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 SHIM = Path(__file__).with_name("shim.py")
@@ -136,6 +234,7 @@ class ChildProcess:
         self._gone = asyncio.Event()
         self._server_pid: int | None = None
         self._pump_owns_fd = False
+        self._record_failed = False
         if proc is not None:
             self._watch = asyncio.create_task(self._wait_child(proc))
         else:
@@ -178,9 +277,20 @@ class ChildProcess:
         )
         try:
             while chunk := await reader.read(65536):
-                self.output.write(chunk)
+                self._record(chunk)
         finally:
             transport.close()
+
+    def _record(self, chunk: bytes) -> None:
+        # Whatever happens to the output, the pump keeps reading: a server that cannot write
+        # its stdout blocks, and with it every request it serves. RotatingLog.write drops on
+        # I/O errors itself; this catches a bug there, said once.
+        try:
+            self.output.write(chunk)
+        except Exception as e:
+            if not self._record_failed:
+                self._record_failed = True
+                log.exception("cannot record the server's output; dropping it", pid=self.pid, error=str(e))
 
     @property
     def returncode(self) -> int | None:
@@ -222,9 +332,15 @@ class ChildProcess:
         return f"{what}" + (f"; last output: {last}" if last else "")
 
     async def stop(self, grace_s: float) -> int:
-        """SIGTERM the group, wait ``grace_s``, SIGKILL the group; always reap the leader."""
-        if self.returncode is None:
+        """SIGTERM the group, wait ``grace_s``, SIGKILL the group; always reap the leader.
+
+        A group with a stopped member (SIGSTOP, SIGTSTP, a debugger) is killed at once:
+        a stopped process holds SIGTERM pending and would cost the whole grace for nothing."""
+        if self.returncode is None and (frozen := stopped_members(self.pid)):
+            log.warning("server process stopped (state T): SIGKILL without grace", pid=self.pid, stopped=frozen)
+        elif self.returncode is None:
             _killpg(self.pid, signal.SIGTERM)
+            _killpg(self.pid, signal.SIGCONT)  # as systemd does: one stopped since the check gets it too
             try:
                 await asyncio.wait_for(asyncio.shield(self._gone.wait()), grace_s)
             except TimeoutError:
@@ -256,6 +372,22 @@ SHIM_EXIT_MARK = SHIM_MARK + " server "
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def stopped_members(pgid: int) -> list[int]:
+    """Members of process group ``pgid`` that are stopped (state T, or t under ptrace)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # [0] state, [2] process group
+        if fields[0] in ("T", "t") and int(fields[2]) == pgid:
+            out.append(int(entry.name))
+    return out
 
 
 async def spawn(
