@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -28,6 +30,13 @@ from .metrics import CoordinatorMetrics
 
 log = structlog.get_logger("coordinator")
 EX_OSERR = 71
+
+
+def _epoch_file() -> Path | None:
+    """Where the highest epoch seen is kept across restarts: systemd's ``StateDirectory=``
+    (``$STATE_DIRECTORY``); none when run without one (the floors in etcd and memory remain)."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state) / "epoch" if state else None
 
 
 class CoordinatorRuntime:
@@ -61,6 +70,7 @@ class CoordinatorRuntime:
                 retry_period=e.retry_period_s,
                 on_change=self._role_changed,
                 on_rejected=self.metrics.guard_rejections.inc,
+                epoch_file=_epoch_file(),
             )
             self.leader = Leader(self.cfg, self.etcd, self.election, self.keys, self.metrics)
             runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)

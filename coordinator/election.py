@@ -1,15 +1,28 @@
 """Leader election on etcd with fencing, the way Patroni and Kubernetes do it.
 
 - Campaign: one transaction creates ``/leader`` under our lease *only if absent*
-  (``create_revision == 0``). The key's create revision is the **epoch**: a fencing token that
-  grows with every new leader.
+  (``create_revision == 0``) and records the term's **epoch** in it and in ``/epoch``.
 - Lead: renew the lease every ``retry_period_s``. If no renewal succeeded for
   ``renew_deadline_s`` (< TTL), stop acting as leader *before* the lease can expire and someone
   else take over. Also step down if the key goes away or stops being ours.
 - Fence: every write the leader makes is a transaction guarded by "``/leader`` still exists with
-  my create revision" (:meth:`guarded_txn`); a deposed leader that wakes from a freeze cannot
-  write, whatever it believes.
+  my create revision and my lease" (:meth:`guarded_txn`); a deposed leader that wakes from a
+  freeze cannot write, whatever it believes.
 - Stand by: watch the key and campaign when it is deleted (lease expired or revoked).
+
+Epochs survive the operator's disaster recovery. The epoch used to be the key's create
+revision, which grows with every term, until etcd is restored from a backup or wiped: then
+revisions start over and the next leader's epoch went backwards (3 -> 2), so anything that orders
+terms by epoch took the new leader for an old one. Now a campaign picks
+``max(/epoch, the highest epoch this coordinator has seen, the store's revision) + 1``: ``/epoch``
+carries it across ordinary terms, the coordinators' memory across a restore (they keep running
+while etcd is restored), and a file in systemd's ``StateDirectory`` across a restore together
+with a restart of every coordinator. The store's revision keeps epochs above those of clusters
+that ran an older version (where the epoch was the create revision).
+
+The fence itself does not use the epoch: it compares the key's create revision *and* its lease.
+After a restore, a new leader's key can be created at the very revision at which a deposed
+leader's key was in the old history; lease ids are never reused, so the two cannot be confused.
 
 ``is_leader`` is the one question the leader loop asks before deciding anything; it is true only
 while the renew deadline holds, so a frozen process that resumes sees False at once.
@@ -21,12 +34,24 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
-from gpufleet.etcd import Compare, EtcdClient, EtcdError, EtcdLeaseNotFound, Op, TxnResult
+from gpufleet.etcd import (
+    Compare,
+    EtcdClient,
+    EtcdError,
+    EtcdHistoryLost,
+    EtcdLeaseNotFound,
+    KeyValue,
+    Op,
+    RangeResult,
+    TxnResult,
+)
+from gpufleet.fileio import atomic_write_bytes
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
-from gpufleet.keyspace.records import LeaderRecord
+from gpufleet.keyspace.records import LeaderRecord, epoch_of
 
 log = structlog.get_logger("coordinator.election")
 
@@ -51,6 +76,7 @@ class Election:
         on_change: Callable[[], None] | None = None,
         on_rejected: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        epoch_file: Path | None = None,
     ) -> None:
         self.etcd = etcd
         self.keys = keys
@@ -64,6 +90,11 @@ class Election:
         self.clock = clock
         self.epoch: int | None = None
         self.lease_id: int | None = None
+        self._key_revision = 0  # create revision of our /leader key: the fence, with our lease
+        # The highest epoch this coordinator has seen (led or stood by), kept in ``epoch_file``
+        # when there is one: the floor of the next epoch (see top).
+        self._epoch_file = epoch_file
+        self.highest_epoch = _read_epoch(epoch_file)
         self.leader: str | None = None  # who leads, as far as we know
         self.leader_epoch: int | None = None
         self.elected_at: float | None = None
@@ -83,18 +114,22 @@ class Election:
         epoch = self.epoch
         if epoch is None or not self.is_leader:
             raise NotLeader("not the leader")
-        compares = [Compare.create_revision(self.keys.leader, "==", epoch), *(extra or [])]
+        compares = [
+            Compare.create_revision(self.keys.leader, "==", self._key_revision),
+            Compare.lease(self.keys.leader, "==", self.lease_id or 0),
+            *(extra or []),
+        ]
         res = await self.etcd.txn(compares, ops, [Op.get(self.keys.leader)])
         if not res.succeeded:
             # Either our key is gone (someone leads at a higher epoch) or an extra compare failed.
             current = await self.etcd.get(self.keys.leader)
-            if current is None or current.create_revision != epoch:
+            if not self._owns(current):
                 self.guard_rejections += 1
                 self.on_rejected()
                 log.error(
                     "write rejected by the epoch guard; stepping down",
                     epoch=epoch,
-                    current_epoch=current.create_revision if current else None,
+                    current_epoch=self._epoch_of(current) if current else None,
                 )
                 self._step_down("epoch guard rejected a write")
                 raise NotLeader(f"epoch {epoch} is no longer the leader")
@@ -137,18 +172,30 @@ class Election:
 
     async def _campaign(self) -> bool:
         lease = await self.etcd.lease_grant(self.ttl)
-        record = LeaderRecord(coordinator=self.me, address=self.address, elected_at=time.time())
+        last = await self.etcd.range(self.keys.epoch)
+        last_kv = last.kvs[0] if last.kvs else None
+        epoch = max(_parse_epoch(last_kv), self.highest_epoch, last.revision) + 1
+        record = LeaderRecord(coordinator=self.me, address=self.address, elected_at=time.time(), epoch=epoch)
         res = await self.etcd.txn(
-            [Compare.create_revision(self.keys.leader, "==", 0)],
-            [Op.put(self.keys.leader, encode(record), lease=lease.id)],
+            [
+                Compare.create_revision(self.keys.leader, "==", 0),
+                # Nobody moved the epoch since we read it (else read it again next campaign).
+                Compare.mod_revision(self.keys.epoch, "==", last_kv.mod_revision if last_kv else 0),
+            ],
+            [Op.put(self.keys.leader, encode(record), lease=lease.id), Op.put(self.keys.epoch, str(epoch))],
             [Op.get(self.keys.leader)],
         )
         if not res.succeeded:
+            held = res.responses[0] if res.responses else None
+            if isinstance(held, RangeResult) and held.kvs:
+                self._saw_epoch(self._epoch_of(held.kvs[0]))  # someone leads: their epoch is a floor
             with contextlib.suppress(EtcdError):
                 await self.etcd.lease_revoke(lease.id)
             return False
         self.lease_id = lease.id
-        self.epoch = res.revision  # the put created the key: its create revision is this txn's revision
+        self._key_revision = res.revision  # the put created the key: its create revision is this txn's
+        self.epoch = epoch
+        self._saw_epoch(epoch)
         self._renewed_at = self.clock()
         self.elected_at = time.time()
         self.leader, self.leader_epoch = self.me, self.epoch
@@ -192,20 +239,54 @@ class Election:
                 await self.etcd.lease_revoke(lease, timeout=2.0)
 
     async def _watch_own_key(self) -> None:
-        """Step down at once if the leader key is deleted or replaced (an operator, a bug)."""
+        """Step down at once if the leader key is deleted or replaced (an operator, a bug, or
+        etcd restored from a backup in which the key is someone else's or absent)."""
         epoch = self.epoch
+        start = self._key_revision + 1
         while self.epoch == epoch:
             try:
-                async with self.etcd.watch(self.keys.leader, prefix=False, start_revision=(epoch or 0) + 1) as w:
+                async with self.etcd.watch(self.keys.leader, prefix=False, start_revision=start) as w:
                     async for resp in w:
                         for ev in resp.events:
-                            if ev.type == "DELETE" or ev.kv.create_revision != epoch:
+                            if ev.type == "DELETE" or not self._owns(ev.kv):
                                 self._step_down("leader key deleted or replaced")
                                 return
+                        start = w.next_revision
             except asyncio.CancelledError:
                 raise
+            except EtcdHistoryLost:
+                # The revisions we watched from belong to a history that is gone: look at the key
+                # as the restored store has it, and watch on from there.
+                current = await self.etcd.range(self.keys.leader)
+                if not self._owns(current.kvs[0] if current.kvs else None):
+                    self._step_down("leader key lost: etcd's history went backwards (restored or wiped)")
+                    return
+                start = current.revision + 1
             except EtcdError:
                 await asyncio.sleep(self.retry_period)
+
+    def _owns(self, kv: KeyValue | None) -> bool:
+        """Whether ``kv`` is our leader key: our create revision and our lease (see top)."""
+        return (
+            kv is not None
+            and self.lease_id is not None
+            and kv.create_revision == self._key_revision
+            and kv.lease == self.lease_id
+        )
+
+    def _epoch_of(self, kv: KeyValue) -> int:
+        return epoch_of(decode_or_skip(kv.key_str, kv.value, LeaderRecord, kv.mod_revision), kv.create_revision)
+
+    def _saw_epoch(self, epoch: int) -> None:
+        """Remember the highest epoch seen, on disk too when there is a place for it."""
+        if epoch <= self.highest_epoch:
+            return
+        self.highest_epoch = epoch
+        if self._epoch_file is not None:
+            try:
+                atomic_write_bytes(self._epoch_file, f"{epoch}\n".encode(), mode=0o600)
+            except OSError as e:  # the floor in etcd and in memory still hold
+                log.warning("could not record the epoch", path=str(self._epoch_file), error=str(e))
 
     def _step_down(self, why: str) -> None:
         if self.epoch is None:
@@ -223,8 +304,10 @@ class Election:
         if kv is None:
             return
         rec = decode_or_skip(kv.key_str, kv.value, LeaderRecord, kv.mod_revision)
-        if (self.leader, self.leader_epoch) != (rec.coordinator if rec else "?", kv.create_revision):
-            self.leader, self.leader_epoch = (rec.coordinator if rec else "?"), kv.create_revision
+        epoch = epoch_of(rec, kv.create_revision)
+        self._saw_epoch(epoch)
+        if (self.leader, self.leader_epoch) != (rec.coordinator if rec else "?", epoch):
+            self.leader, self.leader_epoch = (rec.coordinator if rec else "?"), epoch
             log.info("standing by", leader=self.leader, epoch=self.leader_epoch)
             self.on_change()
         async with self.etcd.watch(self.keys.leader, prefix=False, start_revision=kv.mod_revision + 1) as w:
@@ -233,3 +316,26 @@ class Election:
                     log.info("leader key gone; campaigning", previous=self.leader, epoch=self.leader_epoch)
                     self.leader, self.leader_epoch = None, None
                     return
+
+
+def _parse_epoch(kv: KeyValue | None) -> int:
+    """``/epoch``'s value; 0 when absent or unreadable (the other floors still hold)."""
+    if kv is None:
+        return 0
+    try:
+        return max(0, int(kv.value))
+    except ValueError:
+        log.warning("unreadable epoch key ignored", key=kv.key_str, value=kv.value[:40])
+        return 0
+
+
+def _read_epoch(path: Path | None) -> int:
+    if path is None:
+        return 0
+    try:
+        return max(0, int(path.read_text().strip() or 0))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as e:
+        log.warning("could not read the recorded epoch; starting from etcd's", path=str(path), error=str(e))
+        return 0

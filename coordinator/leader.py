@@ -90,6 +90,7 @@ class Leader:
         # What this term wrote, compared before the mirror catches up with our own writes.
         self._written: dict[str, RouteRecord | None] = {}
         self._decoded: dict[str, tuple[int, NodeRecord | None]] = {}
+        self._rewinds = 0  # etcd history rewinds already acted on (see _rewound)
 
     def poke(self) -> None:
         self._changed.set()
@@ -128,7 +129,7 @@ class Leader:
                 log.info("no longer leading; dropping leadership state", epoch=self._term)
                 self._term = None
             return
-        if self._term != epoch:
+        if self._term != epoch or self._rewound():
             await self._start_term(epoch)
         t0 = time.perf_counter()
         # Decisions run on the monotonic clock (see policy/health.py, "Clocks"); the wall clock
@@ -165,9 +166,27 @@ class Leader:
             )
             log.info("routes updated", epoch=epoch, written=writes, removed=deletes, changes=changes[:10])
 
+    def _mirrors(self) -> tuple[KeyMirror, ...]:
+        return (self.nodes, self.drains, self.routes, *self.placer.mirrors())
+
+    def _rewound(self) -> bool:
+        """Whether etcd's history went backwards (restored from a backup, or wiped) since the
+        term started. Then the mirrors have listed again, but what this term remembers is keyed
+        by revisions of the old history: what it wrote (``_written``: the restored store may hold
+        older routes), when records changed, decoded records. The term starts over, grace period
+        included: agents are re-registering, and nothing should be judged DOWN meanwhile."""
+        rewinds = sum(m.rewinds for m in self._mirrors())
+        if rewinds == self._rewinds:
+            return False
+        if self._term is not None:
+            log.warning("etcd's history went backwards; starting the term over", epoch=self._term)
+        self._rewinds = rewinds
+        self._decoded.clear()
+        return True
+
     async def _start_term(self, epoch: int) -> None:
         """A new term: start from the mirrors' complete picture, then a grace period."""
-        await asyncio.gather(*(m.wait_ready() for m in (self.nodes, self.drains, self.routes, *self.placer.mirrors())))
+        await asyncio.gather(*(m.wait_ready() for m in self._mirrors()))
         self.degradation.start_term(await self.etcd.get(self.keys.degradation), time.monotonic())
         self.placer.start_term()
         self.node_health.clear()

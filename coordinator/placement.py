@@ -57,6 +57,7 @@ class Placer:
         return self.models, self.assignments
 
     def start_term(self) -> None:
+        self._registry_revision = -1  # revisions of an older history (etcd restored) must not match
         self._written.clear()
         self._status_written = None
         self._unknown_since.clear()

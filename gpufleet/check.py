@@ -18,7 +18,7 @@ import msgspec
 from gpufleet.etcd import EtcdClient, EtcdError, Status
 from gpufleet.gpuclasses import UNKNOWN
 from gpufleet.keyspace import Keyspace, decode_or_skip
-from gpufleet.keyspace.records import DegradationRecord, LeaderRecord, NodeRecord, RouteRecord
+from gpufleet.keyspace.records import DegradationRecord, LeaderRecord, NodeRecord, RouteRecord, epoch_of
 
 GPU_MEMORY_LIMIT = 0.85  # article 001: nvidia-smi memory use <= 85 %
 GPU_TEMPERATURE_LIMIT_C = 85.0  # above this the weight is capped at 30 %
@@ -159,7 +159,7 @@ async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Fact
     kv = await etcd.get(keys.leader)
     if kv is not None:
         f.leader = decode_or_skip(kv.key_str, kv.value, LeaderRecord, kv.mod_revision)
-        f.leader_epoch = kv.create_revision
+        f.leader_epoch = epoch_of(f.leader, kv.create_revision)
     for kv in (await etcd.get_prefix(keys.nodes)).kvs:
         rec = decode_or_skip(kv.key_str, kv.value, NodeRecord, kv.mod_revision)
         if rec is None:

@@ -27,7 +27,7 @@ import msgspec
 from gpufleet.etcd import EtcdClient, EtcdError, EtcdNoLeader, EtcdTimeout, EtcdUnavailable, KeyValue
 from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
-from gpufleet.keyspace.records import DrainRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord
+from gpufleet.keyspace.records import DrainRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord, epoch_of
 
 T = TypeVar("T")
 
@@ -304,7 +304,7 @@ async def cmd_cluster_status(etcd: EtcdClient, keys: Keyspace, args: argparse.Na
         else {
             "coordinator": leader.coordinator,
             "address": leader.address,
-            "epoch": leader_kv.create_revision if leader_kv else None,
+            "epoch": epoch_of(leader, leader_kv.create_revision) if leader_kv else None,
         },
         "nodes": node_rows,
         "routes": routes,
@@ -312,7 +312,7 @@ async def cmd_cluster_status(etcd: EtcdClient, keys: Keyspace, args: argparse.Na
     lead = (
         "none (no coordinator is leading)"
         if leader is None
-        else (f"{leader.coordinator} epoch {leader_kv.create_revision if leader_kv else '?'} ({leader.address})")
+        else (f"{leader.coordinator} epoch {doc['leader']['epoch'] or '?'} ({leader.address})")
     )
     table = render_table(
         [

@@ -203,6 +203,7 @@ class EtcdMember:
         self.peer_host = "127.0.0.1"
         self.prefix: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cluster_token = f"gpufleet-test-{os.getpid()}"
         self._initial_cluster = ""
         self._log: Any = None
 
@@ -235,7 +236,7 @@ class EtcdMember:
             "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", self._initial_cluster,
             "--initial-cluster-state", "new",
-            "--initial-cluster-token", f"gpufleet-test-{os.getpid()}",
+            "--initial-cluster-token", self.cluster_token,
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
             "--logger", "zap",
@@ -394,6 +395,49 @@ class EtcdCluster:
             raise
         return self
 
+    # --- the operator's disaster recovery (etcd's "recovering a cluster" procedure) -----------
+
+    def snapshot_save(self, path: Path) -> Path:
+        """``etcdctl snapshot save`` from the first running member (a backup, as operators take them)."""
+        member = next(m for m in self.members if m.running())
+        _etcdctl(member, "snapshot", "save", str(path))
+        return path
+
+    def restore(self, snapshot: Path, timeout: float = 30.0) -> None:
+        """Stop every member, ``etcdctl snapshot restore`` each one's data directory from
+        ``snapshot`` (same names, peer URLs and cluster token), start them again: the store
+        goes back to the snapshot's keys, leases and revision."""
+        for m in self.members:
+            m.stop()
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            shutil.rmtree(m.data_dir, ignore_errors=True)
+            _etcdctl(
+                m,
+                "snapshot", "restore", str(snapshot),
+                "--name", m.name,
+                "--data-dir", str(m.data_dir),
+                "--initial-cluster", initial,
+                "--initial-cluster-token", m.cluster_token,
+                "--initial-advertise-peer-urls", m.peer_url,
+                endpoint=False,
+            )  # fmt: skip
+        self._start_all(timeout)
+
+    def wipe(self, timeout: float = 30.0) -> None:
+        """Stop every member, delete the data, start an empty cluster on the same addresses
+        (a lost disk, or an operator starting over)."""
+        for m in self.members:
+            m.stop()
+            shutil.rmtree(m.data_dir, ignore_errors=True)
+        self._start_all(timeout)
+
+    def _start_all(self, timeout: float) -> None:
+        for m in self.members:
+            m.start()
+        for m in self.members:
+            m.wait_healthy_sync(timeout)
+
     def destroy(self) -> None:
         """Kill every member (no leftovers) and remove the data directories."""
         for m in self.members:
@@ -443,6 +487,17 @@ class EtcdCluster:
         self.admin("/v3/auth/role/grant", {"name": "gpufleet-rw", "perm": perm})
         self.admin("/v3/auth/user/grant", {"user": USER, "role": "gpufleet-rw"})
         self.admin("/v3/auth/enable", {})
+
+
+def _etcdctl(member: EtcdMember, *args: str, endpoint: bool = True) -> None:
+    """Run etcdctl (v3 API) against ``member``; raises with its output when it fails."""
+    etcdctl = shutil.which("etcdctl")
+    assert etcdctl is not None, "etcdctl not on PATH (Debian's etcd-client package)"
+    argv = [etcdctl, *(["--endpoints", member.client_url] if endpoint else []), *args]
+    if member.tls and endpoint:
+        argv += ["--cacert", member.tls.ca, "--cert", member.tls.client_cert, "--key", member.tls.client_key]
+    res = subprocess.run(argv, env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True, timeout=60)
+    assert res.returncode == 0, f"etcdctl {' '.join(args)}: {res.stdout[-500:]!r} {res.stderr[-1500:]!r}"
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -31,6 +32,7 @@ from gpufleet.etcd import (
     EtcdAuthError,
     EtcdClient,
     EtcdCompacted,
+    EtcdHistoryLost,
     EtcdLeaseNotFound,
     EtcdNoLeader,
     EtcdTimeout,
@@ -341,6 +343,56 @@ async def test_mirror_converges_after_compaction(etcd_own: EtcdCluster) -> None:
             await client.delete(p + "z")
             await mirror.wait_for(lambda d: set(d) == {p + "y"}, 10)
             assert isinstance(seen[-1], Delete)
+
+
+# --- etcd restored from a backup, or wiped: the revision goes backwards -----------------------
+
+
+async def test_watch_resuming_past_a_rewound_revision_raises_history_lost(etcd_own: EtcdCluster) -> None:
+    p = unique("rewound")
+    async with etcd_own.client(timeout=5) as client:
+        for i in range(20):
+            await client.put(p + str(i), "x")
+        resume = (await client.put(p + "last", "x")).revision + 1
+        etcd_own.wipe()
+        # etcd itself accepts a watch on the "future" and then says nothing: the blind watch.
+        with pytest.raises(EtcdHistoryLost) as exc:
+            async with client.watch(p, start_revision=resume) as w:
+                await anext(w)
+        assert exc.value.resume_revision == resume and exc.value.revision < resume
+        assert isinstance(exc.value, EtcdCompacted)  # callers that relist on compaction relist here too
+
+
+@pytest.mark.parametrize("disaster", ["wipe", "restore"])
+async def test_mirror_relists_when_etcd_history_goes_backwards(
+    etcd_own: EtcdCluster, disaster: str, tmp_path: Path
+) -> None:
+    p = unique(disaster)
+    async with etcd_own.client(timeout=5) as client:
+        await client.put(p + "a", "1")
+        await client.put(p + "b", "1")
+        backup = etcd_own.snapshot_save(tmp_path / "backup.db")
+        # After the backup: history moves on (more revisions than the restore will have).
+        await client.delete(p + "a")
+        for i in range(10):
+            await client.put(p + "c", str(i))
+        seen: list[object] = []
+        async with KeyMirror(client, p, on_change=seen.append, backoff_initial=0.05, backoff_max=0.5) as mirror:
+            await mirror.wait_for(lambda d: set(d) == {p + "b", p + "c"}, 10)
+            if disaster == "wipe":
+                etcd_own.wipe()
+                expected = {p + "new"}
+            else:
+                etcd_own.restore(backup)
+                expected = {p + "a", p + "b", p + "new"}
+            # A write to the rewound store, at a revision far below the one the watch resumes at.
+            assert (await client.put(p + "new", "1")).revision < mirror.revision
+            await mirror.wait_for(lambda d: set(d) == expected, 15)
+            assert mirror.rewinds == 1
+            assert any(isinstance(c, Snapshot) and c.rewound for c in seen)
+            # ... and it keeps following the new history.
+            await client.delete(p + "new")
+            await mirror.wait_for(lambda d: set(d) == expected - {p + "new"}, 10)
 
 
 async def test_list_watch_resumes_after_restart_exactly_once(etcd_own: EtcdCluster) -> None:

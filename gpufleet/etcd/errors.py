@@ -15,6 +15,7 @@ Hierarchy, so callers can catch as broadly as they need::
       EtcdAuthError            wrong user/password, permission denied, auth required
       EtcdTLSError             certificate or TLS set-up problem (never fixed by retrying)
       EtcdCompacted            the requested revision was compacted (``compact_revision``)
+        EtcdHistoryLost        … or never existed: etcd was restored from a backup or wiped
       EtcdLeaseNotFound        the lease expired or was revoked
       EtcdKeyNotFound          a key the caller required is absent
 """
@@ -92,6 +93,21 @@ class EtcdCompacted(EtcdError):
     def __init__(self, message: str, *, compact_revision: int | None = None, **kw: Any) -> None:
         super().__init__(message, **kw)
         self.compact_revision = compact_revision
+
+
+class EtcdHistoryLost(EtcdCompacted):
+    """etcd's revision went backwards: the cluster was restored from a snapshot or wiped.
+
+    A watch resuming at revision N after such a restore is accepted by etcd as a watch on the
+    *future* and then delivers nothing until the new history reaches N (hours or weeks in
+    production), and what it would deliver then is a different history. The remedy is the one
+    for compaction, which is why this is a subclass: list again and start over.
+    """
+
+    def __init__(self, message: str, *, revision: int, resume_revision: int, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.revision = revision  # the cluster's current revision
+        self.resume_revision = resume_revision  # where the watch would have resumed
 
 
 class EtcdLeaseNotFound(EtcdError):

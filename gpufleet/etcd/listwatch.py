@@ -10,6 +10,9 @@ When the watch breaks (member died, hung, lost its leader, stale token, ...) it 
 possibly to another member, resuming at ``Watch.next_revision``: nothing missed, nothing
 repeated. When etcd says that revision was compacted, the events in between are gone for good;
 it lists again and yields a fresh ``Snapshot``, which the consumer applies by *replacing* its map.
+The same happens when etcd's history went backwards (restored from a backup, or wiped: see
+watch.py); that Snapshot has ``rewound`` set, so a consumer that keeps anything keyed by
+revisions (caches, "what I wrote") knows to drop it: revisions now name different writes.
 Transient errors back off (exponential, jittered, bounded) and retry forever: the stream only
 ends when the consumer stops iterating or is cancelled.
 
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .errors import EtcdCompacted
+from .errors import EtcdCompacted, EtcdHistoryLost
 from .messages import Key, KeyValue, prefix_range_end, to_bytes
 
 if TYPE_CHECKING:
@@ -42,6 +45,7 @@ class Snapshot:
 
     kvs: list[KeyValue]
     revision: int
+    rewound: bool = False  # listed again because etcd's history went backwards (see top)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +96,15 @@ async def list_watch(
     """A Snapshot, then Put/Delete changes, forever (see the module docstring)."""
     failures = 0
     need_list = True
+    rewound = False
     next_rev = 0
     while True:
         try:
             if need_list:
                 snap = await list_prefix(client, prefix, page_size=page_size)
-                need_list = False
+                if rewound:
+                    snap = Snapshot(snap.kvs, snap.revision, rewound=True)
+                need_list = rewound = False
                 next_rev = snap.revision + 1
                 failures = 0
                 yield snap
@@ -115,6 +122,15 @@ async def list_watch(
                     next_rev = max(next_rev, watch.next_revision)
             finally:
                 watch.close()
+        except EtcdHistoryLost as e:
+            log.error(
+                "etcd's history went backwards (restored from a backup, or wiped); listing again",
+                prefix=_show(prefix),
+                revision=e.revision,
+                resume_revision=e.resume_revision,
+            )
+            need_list = rewound = True
+            continue
         except EtcdCompacted as e:
             log.warning(
                 "etcd watch revision compacted; relisting", prefix=_show(prefix), compact_revision=e.compact_revision
@@ -162,6 +178,7 @@ class KeyMirror:
         self.data: dict[str, KeyValue] = {}
         self.revision = 0  # the revision the mirror reflects
         self.snapshots = 0  # how many Snapshots were applied (more than 1: relisted after compaction)
+        self.rewinds = 0  # how many of them followed etcd's history going backwards
         self.ready = asyncio.Event()  # set once the first Snapshot is applied
         self._cond = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -198,6 +215,7 @@ class KeyMirror:
             self.data = {kv.key_str: kv for kv in change.kvs}
             self.revision = change.revision
             self.snapshots += 1
+            self.rewinds += change.rewound
         elif isinstance(change, Put):
             self.data[change.kv.key_str] = change.kv
             self.revision = change.revision

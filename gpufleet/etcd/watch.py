@@ -20,6 +20,15 @@ stream should have delivered, so it raises EtcdUnavailable and the caller resume
 ``next_revision`` (nothing lost; at worst a needless reconnect when an event was in flight).
 Otherwise silence was just quiet and the wait goes on.
 
+History that went backwards. Restoring etcd from a snapshot, or wiping it, rewinds the store's
+revision. etcd accepts a watch that resumes at our (now future) ``next_revision`` and then says
+nothing until its new counter gets there: every watch goes blind, silently. So whenever a
+member reports a revision below ``next_revision - 1`` (the "created" answer of a new watch, or
+the status call above), the watch asks the cluster for its current revision with a
+linearizable read: a follower merely lagging behind shows a higher revision there, and the
+watch carries on; a cluster whose history was rewound shows a lower one, and the watch raises
+EtcdHistoryLost (an EtcdCompacted: the caller lists again, as after a compaction).
+
 Resuming. ``next_revision`` is where a new watch must start so that nothing is missed or seen
 twice: the last event's ``mod_revision + 1``, or a progress notification's header revision + 1.
 It is *not* any header revision: a watch catching up on history receives batches whose header
@@ -33,7 +42,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .errors import EtcdCompacted, EtcdError, EtcdNoLeader, EtcdUnavailable, classify, error_from_body
+from .errors import (
+    EtcdCompacted,
+    EtcdError,
+    EtcdHistoryLost,
+    EtcdNoLeader,
+    EtcdUnavailable,
+    classify,
+    error_from_body,
+)
 from .messages import Key, WatchResponse, range_fields
 
 if TYPE_CHECKING:
@@ -95,11 +112,17 @@ class Watch:
                 "/v3/watch", {"create_request": self._create}, timeout=self._timeout
             )
             self._stream = stream
-            created = WatchResponse.parse(stream.first.get("result") or {})
-            self._check_canceled(created)
-            self.created_revision = created.revision
-            if not self.next_revision:
-                self.next_revision = created.revision + 1
+            try:
+                created = WatchResponse.parse(stream.first.get("result") or {})
+                self._check_canceled(created)
+                self.created_revision = created.revision
+                if not self.next_revision:
+                    self.next_revision = created.revision + 1
+                elif created.revision + 1 < self.next_revision:
+                    await self._check_history()
+            except BaseException:
+                self.close()
+                raise
         return self
 
     def close(self) -> None:
@@ -178,6 +201,8 @@ class Watch:
                     f"does not answer: {e.message}",
                     endpoint=stream.endpoint,
                 ) from e
+            if status.revision + 1 < self.next_revision:
+                await self._check_history()
             if status.revision >= self.next_revision and await self._missed_events():
                 raise EtcdUnavailable(
                     f"etcd watch on {stream.endpoint} silent for {self.idle_timeout:.0f}s although there are "
@@ -185,6 +210,21 @@ class Watch:
                     endpoint=stream.endpoint,
                 )
             log.debug("etcd watch idle, member alive", endpoint=stream.endpoint)
+
+    async def _check_history(self) -> None:
+        """A member is behind ``next_revision``: lagging (fine) or rewound (EtcdHistoryLost)? See top."""
+        # A linearizable read answers with the cluster's latest committed revision, which can
+        # never be below a revision this watch has seen, unless etcd's history was replaced.
+        latest = (await self._client.range(self._key, limit=1, count_only=True)).revision
+        if latest + 1 < self.next_revision:
+            raise EtcdHistoryLost(
+                f"etcd's revision went backwards: the cluster is at revision {latest} but this watch "
+                f"had seen up to {self.next_revision - 1} (restored from a backup, or wiped)",
+                revision=latest,
+                resume_revision=self.next_revision,
+                endpoint=self.endpoint,
+            )
+        log.debug("etcd member behind the watch's resume point; it lags", latest=latest, resume=self.next_revision)
 
     async def _missed_events(self) -> bool:
         """Whether a fresh watch from ``next_revision`` on the same keys sees events at once."""

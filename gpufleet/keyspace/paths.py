@@ -2,6 +2,7 @@
 
     /gpufleet/<cluster>/nodes/<node>          NodeRecord          (agent, under its lease)
     /gpufleet/<cluster>/leader                LeaderRecord        (coordinator, under its lease)
+    /gpufleet/<cluster>/epoch                 the last epoch      (written with /leader; no lease)
     /gpufleet/<cluster>/routes/<model>        RouteRecord         (leader, epoch-guarded)
     /gpufleet/<cluster>/models/<model>        ModelRecord         (operator via gpuctl)
     /gpufleet/<cluster>/assignments/<node>    AssignmentRecord    (leader, epoch-guarded)
@@ -85,6 +86,10 @@ class Keyspace:
     @property
     def leader(self) -> str:
         return self.prefix + "leader"
+
+    @property
+    def epoch(self) -> str:
+        return self.prefix + "epoch"
 
     def route(self, model: str) -> str:
         return self.routes + check_name("model", model, _MODEL)
