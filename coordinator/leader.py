@@ -25,7 +25,7 @@ from .degradation import DegradationController
 from .election import Election, NotLeader
 from .metrics import CoordinatorMetrics
 from .placement import Placer
-from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, step_instance, step_node
+from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, departed, step_instance, step_node
 from .policy.placement import NodeView
 from .policy.routes import FailoverPolicy, RoutePlan, compute_routes, routes_differ
 from .policy.weights import CPU_CLASS, WeightPolicy
@@ -241,6 +241,11 @@ class Leader:
                 rec = hit[1]
             else:
                 rec = decode_or_skip(key, kv.value, NodeRecord, kv.mod_revision)
+                if rec is not None and hit is not None and hit[1] is not None:
+                    # An instance that left the record (stopped by a reload, a replica moved
+                    # away) leaves its health history too: when it returns it is a new one.
+                    for name in departed(hit[1], rec):
+                        self.inst_health.pop((rec.node, name), None)
                 cache[key] = (kv.mod_revision, rec)
                 if rec is not None:
                     self._note_unweighted(rec)
@@ -295,7 +300,7 @@ class Leader:
             for inst in rec.instances:
                 k = (node, inst.name)
                 iprev = self.inst_health.get(k)
-                inew = step_instance(iprev, inst.state, now, self.health_policy)
+                inew = step_instance(iprev, inst.state, now, self.health_policy, restarts=inst.restarts)
                 if iprev is not None and inew.state is not iprev.state:
                     changes.append(f"instance {node}/{inst.name}: {iprev.state} -> {inew.state} ({inew.reason})")
                     self.metrics.transitions.labels("instance", str(inew.state)).inc()

@@ -25,6 +25,7 @@ from coordinator.policy import (
     step_instance,
     step_node,
 )
+from coordinator.policy.health import departed
 from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
 
 NOW = 10_000.0
@@ -342,6 +343,82 @@ def test_instance_steady_values_are_reused() -> None:
     assert step_instance(d, "UNHEALTHY", 15) is d
     w = step_instance(d, "READY", 20)
     assert step_instance(w, "READY", 25) is w  # waiting out the ejection
+
+
+def test_restarted_instance_keeps_its_restart_count_as_the_base() -> None:
+    h = step_instance(None, "READY", 0, restarts=4)
+    assert h.restarts == 4
+    d = step_instance(h, "UNHEALTHY", 10, restarts=4)
+    assert d.restarts == 4  # the base stays what it was when READY, through the whole failure
+    assert step_instance(d, "STARTING", 12, restarts=5).ejections == 1
+
+
+@pytest.mark.parametrize(
+    ("events", "states", "ejections"),
+    [
+        pytest.param(
+            [(0, "READY", 0), (10, "STOPPED", 0), (12, "STARTING", 0), (14, "WARMING", 0), (15, "READY", 0)],
+            [R, D, D, D, R],
+            0,
+            id="operator stop and start: never ejected",
+        ),
+        pytest.param(
+            [(0, "READY", 3), (10, "STARTING", 0), (11, "READY", 0)],
+            [R, D, R],
+            0,
+            id="removed and re-added by reload between two samples",
+        ),
+        pytest.param(
+            [(0, "READY", 2), (10, "STARTING", 2), (12, "WARMING", 2), (13, "READY", 2)],
+            [R, D, D, R],
+            0,
+            id="operator restart (no restart counted)",
+        ),
+        pytest.param(
+            [(0, "READY", 0), (10, "STARTING", 1), (12, "WARMING", 1), (13, "READY", 1), (40, "READY", 1)],
+            [R, D, D, D, R],
+            1,
+            id="crash restart seen only as STARTING with a higher count: ejected",
+        ),
+        pytest.param(
+            [(0, "READY", 0), (10, "UNHEALTHY", 0), (11, "RESTARTING", 0), (12, "STARTING", 1), (14, "READY", 1)],
+            [R, D, D, D, D],
+            1,
+            id="crash seen in full: the restart keeps the ejection",
+        ),
+        pytest.param(
+            [(0, "READY", 0), (10, "UNHEALTHY", 0), (11, "STOPPED", 0), (12, "STARTING", 0), (13, "READY", 0)],
+            [R, D, D, D, R],
+            0,
+            id="an ejected instance stopped and started on purpose starts anew",
+        ),
+        pytest.param(
+            [(0, "READY", 0), (10, "FAILED", 0), (11, "STARTING", 0), (12, "READY", 0)],
+            [R, D, D, R],
+            0,
+            id="FAILED then started by an operator starts anew",
+        ),
+    ],
+)
+def test_only_failures_eject(events: list[tuple[float, str, int]], states: list[Health], ejections: int) -> None:
+    h: InstanceHealth | None = None
+    seen = []
+    for t, agent_state, restarts in events:
+        h = step_instance(h, agent_state, t, restarts=restarts)
+        seen.append(h.state)
+    assert h is not None
+    assert (seen, h.ejections) == (states, ejections)
+
+
+def test_started_anew_value_is_steady() -> None:
+    h = step_instance(step_instance(None, "READY", 0), "STARTING", 10)
+    assert step_instance(h, "STARTING", 11) is h
+
+
+def test_departed_instances() -> None:
+    old = node(instances=[inst("a"), inst("b"), inst("c")])
+    assert departed(old, node(instances=[inst("c"), inst("d")])) == ["a", "b"]
+    assert departed(old, old) == []
 
 
 # --- routes --------------------------------------------------------------------------------------

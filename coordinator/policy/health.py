@@ -25,6 +25,14 @@ once. Each READY → non-READY transition is an ejection; the n-th keeps the ins
 ``min(eject_base_s × n, eject_max_s)`` even if the agent says READY sooner, so a flapping
 instance is kept out longer each time. n is forgotten after ``eject_forget_after_s`` of READY.
 
+Only failures eject. An instance STOPPED, or STARTING/WARMING without its ``restarts`` count
+having gone up, was stopped or started on purpose (an operator, a reload that removed and
+re-added it, a replica moved back, a restarted agent): it is taken as a new instance, without
+ejection and with its history forgotten, so it is routed as soon as the agent says READY. The
+agent counts ``restarts`` only for restarts after a failure, so a crash whose UNHEALTHY and
+RESTARTING states fell between two samples still shows up: STARTING with a higher count. The
+caller also forgets an instance's history when it leaves its node's record (``departed``).
+
 Nothing here logs: each value carries ``reason``, and the caller logs when ``state`` changes.
 """
 
@@ -142,18 +150,36 @@ class InstanceHealth:
     ejected_until: float  # not routable before this time, whatever the agent says
     ready_since: float | None  # when the leader last saw it become READY; None while DEGRADED
     reason: str
+    # The agent's restart count when last READY (or first seen): a higher one means a failure.
+    restarts: int = 0
+
+
+# Stopped or started on purpose, unless ``restarts`` went up (see "Only failures eject" above).
+_ANEW_STATES = frozenset({"STOPPED", "STARTING", "WARMING"})
+
+
+def started_anew(prev: InstanceHealth, agent_state: str, restarts: int) -> bool:
+    """Whether the agent's state means the instance was stopped or started on purpose."""
+    return agent_state in _ANEW_STATES and restarts <= prev.restarts
 
 
 def step_instance(
-    prev: InstanceHealth | None, agent_state: str, now: float, policy: HealthPolicy = DEFAULT_HEALTH
+    prev: InstanceHealth | None,
+    agent_state: str,
+    now: float,
+    policy: HealthPolicy = DEFAULT_HEALTH,
+    *,
+    restarts: int = 0,
 ) -> InstanceHealth:
-    """The instance's health after one sample of the agent-reported state (records.InstanceStateName)."""
+    """The instance's health after one sample of the agent-reported state (records.InstanceStateName)
+    and restart count."""
     agent_ready = agent_state == "READY"
-    if prev is None:
-        # New instance: no ejection history, so READY at once if the agent says so.
+    if prev is None or started_anew(prev, agent_state, restarts):
+        # New (or started anew): no ejection history, so READY at once if the agent says so.
         if agent_ready:
-            return InstanceHealth(Health.READY, 0, 0.0, now, "new instance, agent reports READY")
-        return InstanceHealth(Health.DEGRADED, 0, 0.0, None, f"agent reports {agent_state}")
+            return InstanceHealth(Health.READY, 0, 0.0, now, "new instance, agent reports READY", restarts)
+        new = InstanceHealth(Health.DEGRADED, 0, 0.0, None, f"agent reports {agent_state}", restarts)
+        return prev if new == prev else new  # a steady value is reused
 
     if prev.state == Health.READY:
         if agent_ready:
@@ -162,23 +188,37 @@ def step_instance(
                 and prev.ready_since is not None
                 and now - prev.ready_since >= policy.eject_forget_after_s
             ):
-                return InstanceHealth(Health.READY, 0, prev.ejected_until, prev.ready_since, prev.reason)
+                return InstanceHealth(Health.READY, 0, prev.ejected_until, prev.ready_since, prev.reason, restarts)
+            if restarts != prev.restarts:  # failed and recovered between two samples
+                return InstanceHealth(
+                    prev.state, prev.ejections, prev.ejected_until, prev.ready_since, prev.reason, restarts
+                )
             return prev
         n = prev.ejections + 1
         hold = _hold_s(n, policy)
-        return InstanceHealth(Health.DEGRADED, n, now + hold, None, _not_ready_reason(agent_state, n, policy))
+        reason = _not_ready_reason(agent_state, n, policy)
+        return InstanceHealth(Health.DEGRADED, n, now + hold, None, reason, prev.restarts)
 
     # DEGRADED: back only when the agent says READY *and* the ejection has run out.
     if agent_ready:
         if now >= prev.ejected_until:
-            return InstanceHealth(Health.READY, prev.ejections, prev.ejected_until, now, "agent reports READY")
+            return InstanceHealth(
+                Health.READY, prev.ejections, prev.ejected_until, now, "agent reports READY", restarts
+            )
         # A fixed text (not "N s left"), so that a waiting instance yields the same value each tick.
         reason = f"agent reports READY; still ejected (ejection {prev.ejections})"
     else:
         reason = _not_ready_reason(agent_state, prev.ejections, policy)
     if reason == prev.reason:
         return prev
-    return InstanceHealth(Health.DEGRADED, prev.ejections, prev.ejected_until, None, reason)
+    return InstanceHealth(Health.DEGRADED, prev.ejections, prev.ejected_until, None, reason, prev.restarts)
+
+
+def departed(old: NodeRecord, new: NodeRecord) -> list[str]:
+    """Instances of ``old`` that are not in ``new``: they left the node's record, and their
+    health history goes with them (one that comes back is a new instance)."""
+    names = {i.name for i in new.instances}
+    return [i.name for i in old.instances if i.name not in names]
 
 
 def _hold_s(n: int, policy: HealthPolicy) -> float:
