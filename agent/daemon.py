@@ -37,6 +37,7 @@ log = structlog.get_logger("agent")
 
 EX_UNAVAILABLE = 69  # sysexits.h: a required service (NVML) is unavailable
 EX_OSERR = 71  # cannot bind the API port
+EX_SOFTWARE = 70  # the supervision loop died: an internal error, systemd restarts the agent
 ADOPT_SETTLE_S = 15.0  # longest a restart keeps its clients waiting for the adopted servers' first probe
 
 
@@ -66,6 +67,7 @@ class AgentRuntime:
         self.publisher: ClusterPublisher | None = None
         self.routes: RouteTable | None = None
         self.models: ModelFollower | None = None
+        self._said_dead: set[str] = set()  # instances whose dead supervision loop was logged
         self.proxy_counters = ProxyCounters()  # the proxy counts; the node record carries them
 
     # --- what the API reads ---------------------------------------------------------------
@@ -93,6 +95,18 @@ class AgentRuntime:
         last = self.supervisor.last_tick
         return None if last is None else time.time() - last
 
+    def supervision_failures(self) -> dict[str, str]:
+        """Instances whose lifecycle loop died of an error: nothing probes, restarts or stops
+        their servers any more, whatever their state says. The loop catches its own errors, so
+        this is a bug (or, before logging dropped on failure, a log write on a full disk); it
+        must not pass silently: /healthz fails and systemd's watchdog restarts the agent."""
+        dead = {}
+        for inst in self.supervisor.instances.values():
+            task = inst._task
+            if task is not None and task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+                dead[inst.name] = f"{type(exc).__name__}: {exc}"
+        return dead
+
     def changed(self) -> None:
         """Something visible changed: the tick loop wakes, cluster mode checks whether to publish."""
         self._tick_now.set()
@@ -117,13 +131,18 @@ class AgentRuntime:
         status = await self.supervisor.tick()
         self.notifier.ready(status)
         log.info("gpu-agent serving", listen=f"{self.cfg.agent.listen_host}:{self.cfg.agent.listen_port}")
-        await self._tick_loop()
+        code = 0
+        try:
+            await self._tick_loop()
+        except Exception as e:  # supervision is gone: exit for systemd to restart us, never linger
+            log.critical("supervision tick loop died; exiting", error=f"{type(e).__name__}: {e}", exc_info=True)
+            code = EX_SOFTWARE
         log.info("gpu-agent stopping")
         self.serving = False
         self.notifier.stopping()
         await self._cleanup()
         log.info("gpu-agent stopped")
-        return 0
+        return code
 
     def serving_stopped_for_handover(self) -> bool:
         """Under systemd an exit hands the servers over: systemd keeps their lifelines while a
@@ -234,8 +253,22 @@ class AgentRuntime:
             if self.publisher is not None:
                 self.publisher.poke()
                 status += f"; etcd {self.publisher.state}"
+            if dead := self.supervision_failures():
+                # No WATCHDOG=1: systemd restarts the agent, and the next one adopts the servers.
+                self._say_dead(dead)
+                self.notifier.status(f"supervision failed for {', '.join(sorted(dead))}; {status}")
+                continue
             self.notifier.status(status)
             self.notifier.watchdog()
+
+    def _say_dead(self, dead: dict[str, str]) -> None:
+        for name, error in dead.items():
+            if name not in self._said_dead:
+                self._said_dead.add(name)
+                log.critical(
+                    "instance supervision loop died; /healthz fails until a restart", instance=name, error=error
+                )
+
 
     async def _cleanup(self) -> None:
         # Deregister first: the cluster moves traffic away before the instances go down.

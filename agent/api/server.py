@@ -82,6 +82,8 @@ def build_app(rt: AgentRuntime) -> web.Application:
         limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.probe_timeout_s
         if age is not None and age > limit:
             return json_response({"status": "stalled", "last_tick_age_s": round(age, 1)}, 503)
+        if dead := rt.supervision_failures():
+            return json_response({"status": "supervision failed", "instances": dead}, 503)
         if rt.publisher is not None and rt.publisher.refused_by is not None:
             # Still 200: this agent serves locally, and a restart would not fix a duplicate node_id.
             return json_response({"status": "ok", "cluster": rt.publisher.status()})
