@@ -4,17 +4,22 @@ journald files every line of a service's stderr at info unless it starts with ``
 daemons detect the journal the way sd_journal_stream_fd(3) documents (``JOURNAL_STREAM`` is
 ``<st_dev>:<st_ino>`` of stderr) and prefix every line; anywhere else the output is unchanged.
 Each case runs in a subprocess whose stderr is a file standing in for the journal stream.
+A log stream that fails (stderr on a full disk) drops and counts lines and never raises.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from gpufleet import logsetup
+from gpufleet.logsetup import LineWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +92,65 @@ def test_no_prefix_unless_stderr_is_the_journal(tmp_path: Path, journal: str | N
         "c-event",
     ]
     assert lines[-2:] == ["config.toml: $.a: first", "config.toml: $.b: second"]
+
+
+# --- a failing log stream (a full disk) ---------------------------------------------------------
+
+
+def _writer(fd: int, journal: Path) -> LineWriter:
+    return LineWriter(fd, lambda level, fields: json.dumps({"level": level, **fields}), str(journal))
+
+
+def test_a_failing_log_drops_counts_says_so_once_and_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stderr on a full disk (/dev/full answers every write with ENOSPC): no log call raises, the
+    lines are counted, the journal hears it once, and once writes work again (the descriptor now
+    points at a file) the first line is a notice of how many were lost."""
+    journal = tmp_path / "journal.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(journal))
+        listener.setblocking(False)
+        fd = os.open("/dev/full", os.O_WRONLY)
+        try:
+            w = _writer(fd, journal)
+            for i in range(5):
+                w.info(b'{"event":"lost %d"}' % i)
+            w.error("text lines too")
+            assert w.dropped_lines == 6
+            said = listener.recv(4096).decode()
+            assert "MESSAGE=log writes failing (No space left on device)" in said and "PRIORITY=4" in said
+            with pytest.raises(BlockingIOError):
+                listener.recv(4096)  # once, not per line
+
+            out = tmp_path / "out.log"
+            os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), fd)  # space freed
+            w.info(b'{"event":"during back-off"}')
+            assert w.dropped_lines == 7 and out.read_bytes() == b""  # not retried before RETRY_S
+            monkeypatch.setattr(logsetup.time, "monotonic", lambda: 1e12)
+            w.info(b'{"event":"back"}')
+            w.info(b'{"event":"again"}')
+        finally:
+            os.close(fd)
+    notice, back, again = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert notice["event"] == "agent log lines dropped" and notice["dropped_lines"] == 7
+    assert notice["error"] == "No space left on device" and notice["level"] == "warning"
+    assert (back["event"], again["event"]) == ("back", "again")
+    assert w.dropped_lines == 7
+
+
+def test_the_agent_log_on_a_full_disk_never_raises(tmp_path: Path) -> None:
+    """configure_logging's own chain, stderr being /dev/full: every level, exceptions included,
+    returns normally; the count is what the metric exports."""
+    script = (
+        "import structlog, sys\n"
+        "from gpufleet.logsetup import configure_logging, dropped_lines\n"
+        "configure_logging('json', 'debug')\n"
+        "log = structlog.get_logger('t')\n"
+        "log.info('a'); log.warning('b'); log.error('c')\n"
+        "try:\n    raise ValueError('x')\nexcept ValueError:\n    log.exception('d')\n"
+        "print(dropped_lines())\n"
+    )
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run(
+            [sys.executable, "-c", script], stderr=full, capture_output=False, stdout=subprocess.PIPE, cwd=ROOT
+        )
+    assert r.returncode == 0 and r.stdout.strip() == b"4"
