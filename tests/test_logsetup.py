@@ -154,3 +154,26 @@ def test_the_agent_log_on_a_full_disk_never_raises(tmp_path: Path) -> None:
             [sys.executable, "-c", script], stderr=full, capture_output=False, stdout=subprocess.PIPE, cwd=ROOT
         )
     assert r.returncode == 0 and r.stdout.strip() == b"4"
+
+
+def test_instance_output_on_a_failing_disk_is_dropped_counted_and_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance log (agent/supervisor/process.py) on /dev/full: writes never raise, the tail
+    for error reports is still kept, lines are counted; when a retry finds a working file, it
+    starts with a line saying what is missing."""
+    from agent.supervisor.process import RotatingLog
+
+    out = RotatingLog(Path("/dev/full"), max_bytes=1 << 20, backups=1)
+    out.mark("starting")
+    out.write(b"INFO one\nINFO two\nINFO thr")
+    out.write(b"ee\n")
+    assert out.dropping and out.dropped_lines == 4 and list(out.tail) == ["INFO one", "INFO two", "INFO three"]
+    out.path = tmp_path / "a.log"  # the next retry opens a file that works: space was freed
+    monkeypatch.setattr("agent.supervisor.process.time.monotonic", lambda: 1e12)
+    out.write(b"INFO four\n")
+    out.close()
+    lines = out.path.read_text().splitlines()
+    assert lines[0].startswith("--- gpu-agent: 4 lines of output dropped since ")
+    assert lines[0].endswith("(No space left on device) ---") and lines[1:] == ["INFO four"]
+    assert not out.dropping and out.dropped_lines == 4
