@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agent.api.auth import token_file_problems
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from gpufleet.logsetup import print_error
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
@@ -28,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(path)
         except ConfigError as e:
             print_error(str(e))
+            return EX_CONFIG
+        # The token file is checked as the agent will at start-up: others writing it is an error.
+        errors, warnings = token_file_problems(cfg.agent.admin_token_file)
+        for problem in errors:
+            print_error(f"{path}: $.agent.admin_token_file: {problem}")
+        for problem in warnings:
+            print_error(f"{path}: warning: $.agent.admin_token_file: {problem}")
+        if errors:
             return EX_CONFIG
         print(f"{path}: ok ({len(cfg.instances)} instances, gpu source {cfg.gpu.source})")
         return 0

@@ -16,6 +16,7 @@ from msgspec import Meta
 
 from agent import serverflags
 from gpufleet.etcdconfig import EtcdSettings
+from gpufleet.httpserver import ApiSection
 from gpufleet.keyspace import InvalidName, check_name
 from gpufleet.models import path_problems
 from gpufleet.tomlconfig import (
@@ -295,6 +296,7 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
     models: ModelsSection = msgspec.field(default_factory=ModelsSection)
     degradation: DegradationSection = msgspec.field(default_factory=DegradationSection)
+    api: ApiSection = msgspec.field(default_factory=ApiSection)  # the listener's timeouts and limits
     source_path: str = ""
 
     @property
@@ -332,6 +334,7 @@ def load_config(path: str | Path) -> AgentConfig:
             "cluster": ClusterSection,
             "models": ModelsSection,
             "degradation": DegradationSection,
+            "api": ApiSection,
         },
         lists={"instances": InstanceConfig},
     )
@@ -344,6 +347,7 @@ def load_config(path: str | Path) -> AgentConfig:
         cluster=parts["cluster"],
         models=parts["models"],
         degradation=parts["degradation"],
+        api=parts["api"],
         source_path=str(path),
     )
     _resolve_paths(cfg, path.parent)

@@ -29,6 +29,7 @@ from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
 from agent.supervisor import Supervisor
 from agent.supervisor.handover import API, FdStore
 from gpufleet import __version__
+from gpufleet.httpserver import ConnectionGuard, GuardedRunner, listener_guard
 from gpufleet.keyspace.records import NodeRecord, ProxyCounters
 from gpufleet.sdnotify import SystemdNotifier
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
@@ -63,6 +64,7 @@ class AgentRuntime:
         self._tick_now = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
+        self.http_guard: ConnectionGuard | None = None  # the listener's cap and timeouts (_make_runner)
         self._http: aiohttp.ClientSession | None = None
         self.publisher: ClusterPublisher | None = None
         self.routes: RouteTable | None = None
@@ -171,7 +173,7 @@ class AgentRuntime:
         # leave no processes behind.
         # handler_cancellation: a client that disconnects cancels its handler, and with it the
         # upstream request, so a model server stops generating for nobody.
-        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False, handler_cancellation=True)
+        self._runner = self._make_runner()
         await self._runner.setup()
         handed_over = self._handed_over_socket()
         if handed_over is None:
@@ -222,11 +224,20 @@ class AgentRuntime:
         self.fdstore.remove(API)
         return None
 
+    def _make_runner(self) -> web.AppRunner:
+        """The API's runner: header/body read timeouts and a connection cap under the open-file
+        limit (raised to the hard limit here), so a flood of slow connections cannot take the
+        port (gpufleet/httpserver.py). Each proxied request holds 2 descriptors."""
+        self.http_guard = listener_guard(self.cfg.api, fds_per_connection=2)
+        return GuardedRunner(
+            build_app(self), self.http_guard, access_log=None, handle_signals=False, handler_cancellation=True
+        )
+
     async def _listen(self, runner: web.AppRunner) -> None:
         """Serve on a new socket (failing fast if the port is taken) and hand it to systemd,
         so the next agent serves on it without refusing anyone in between."""
         host, port = self.cfg.agent.listen_host, self.cfg.agent.listen_port
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=self.cfg.api.backlog)
         try:
             await site.start()
         except OSError as e:

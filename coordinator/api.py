@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.api.errors import json_response
+from agent.api.errors import bad_input_middleware, json_response
 from agent.api.server import error_middleware
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def status_doc(rt: CoordinatorRuntime) -> dict[str, Any]:
 
 
 def build_app(rt: CoordinatorRuntime) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware, bad_input_middleware])
 
     async def healthz(_: web.Request) -> web.Response:
         age = time.monotonic() - rt.last_tick

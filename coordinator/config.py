@@ -8,6 +8,7 @@
 [failover]     cross-class failover, panic threshold
 [placement]    rescheduling of replicas of registered models
 [degradation]  error-rate window and thresholds of the 3 degradation levels
+[api]          the HTTP listener's read timeouts and connection limit (gpufleet/httpserver.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from msgspec import Meta
 
 from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.gpuclasses import BASE_WEIGHTS
+from gpufleet.httpserver import ApiSection
 from gpufleet.keyspace import InvalidName, check_name
 from gpufleet.tomlconfig import (
     ConfigError,
@@ -118,6 +120,7 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True):
     failover: FailoverSection
     placement: PlacementSection = msgspec.field(default_factory=PlacementSection)
     degradation: DegradationSection = msgspec.field(default_factory=DegradationSection)
+    api: ApiSection = msgspec.field(default_factory=ApiSection)
     source_path: str = ""
 
     @property
@@ -143,6 +146,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
             "failover": FailoverSection,
             "placement": PlacementSection,
             "degradation": DegradationSection,
+            "api": ApiSection,
         },
         lists={},
     )

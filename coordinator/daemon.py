@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from gpufleet import __version__
+from gpufleet.httpserver import ConnectionMetrics, GuardedRunner, listener_guard
 from gpufleet.keyspace import Keyspace
 from gpufleet.sdnotify import SystemdNotifier
 from gpufleet.tomlconfig import EX_CONFIG
@@ -73,11 +74,16 @@ class CoordinatorRuntime:
                 epoch_file=_epoch_file(),
             )
             self.leader = Leader(self.cfg, self.etcd, self.election, self.keys, self.metrics)
-            runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+            # Read timeouts and a connection cap under the open-file limit (raised to the hard
+            # limit here): a flood of slow connections cannot make the API unreachable.
+            guard = listener_guard(self.cfg.api, fds_per_connection=1)
+            self.metrics.registry.register(ConnectionMetrics(guard, "gpu_coordinator"))
+            runner = GuardedRunner(build_app(self), guard, access_log=None, handle_signals=False)
             await runner.setup()
             c = self.cfg.coordinator
+            site = web.TCPSite(runner, c.listen_host, c.listen_port, reuse_address=True, backlog=self.cfg.api.backlog)
             try:
-                await web.TCPSite(runner, c.listen_host, c.listen_port, reuse_address=True).start()
+                await site.start()
             except OSError as err:
                 log.error("cannot listen", address=f"{c.listen_host}:{c.listen_port}", error=err.strerror or str(err))
                 await runner.cleanup()

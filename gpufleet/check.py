@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -20,6 +22,7 @@ from gpufleet.gpuclasses import UNKNOWN
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DegradationRecord, LeaderRecord, NodeRecord, RouteRecord, epoch_of
 
+AGENT_CONFIG = "/etc/gpu-agent/agent.toml"  # agent.config.DEFAULT_CONFIG_PATH
 GPU_MEMORY_LIMIT = 0.85  # article 001: nvidia-smi memory use <= 85 %
 GPU_TEMPERATURE_LIMIT_C = 85.0  # above this the weight is capped at 30 %
 
@@ -45,6 +48,8 @@ class Facts:
     admin_protected: dict[str, bool | None] = field(default_factory=dict)  # node -> 401 (True), 403 (False)
     watchdogs: dict[str, str | None] = field(default_factory=dict)  # unit -> WatchdogUSec, None: not installed
     degradation: DegradationRecord | None = None
+    # This machine's agent admin token file: (errors, warnings); None: no agent config here.
+    local_token_file: tuple[list[str], list[str]] | None = None
 
 
 def judge(f: Facts) -> list[CheckResult]:
@@ -141,6 +146,9 @@ def judge(f: Facts) -> list[CheckResult]:
         if open_admin
         else "401 without token",
     )
+    if f.local_token_file is not None:  # an agent is configured on this machine
+        problems = f.local_token_file[0] + f.local_token_file[1]
+        add("admin token file readable by the agent only", not problems, "; ".join(problems) or "ok")
     for unit, usec in sorted(f.watchdogs.items()):
         if usec is None:
             add(f"{unit} watchdog active", None, "unit not installed on this machine")
@@ -199,7 +207,25 @@ async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Fact
         await asyncio.gather(*(probe_agent(n) for n in f.nodes))
     for unit in ("gpu-agent.service", "gpu-coordinator.service"):
         f.watchdogs[unit] = _watchdog_usec(unit)
+    f.local_token_file = local_token_file()
     return f
+
+
+def local_token_file(config: str = AGENT_CONFIG) -> tuple[list[str], list[str]] | None:
+    """Problems with the admin token file of the agent configured on this machine, if any."""
+    from agent.api.auth import token_file_problems
+
+    try:
+        with open(config, "rb") as fh:
+            section = tomllib.load(fh).get("agent", {})
+    except FileNotFoundError:
+        return None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        return [f"cannot read {config}: {e}"], []
+    path = section.get("admin_token_file") if isinstance(section, dict) else None
+    if not isinstance(path, str):
+        return [], []
+    return token_file_problems(str(Path(config).parent / path))
 
 
 def _watchdog_usec(unit: str) -> str | None:

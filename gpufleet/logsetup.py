@@ -251,4 +251,28 @@ def configure_logging(
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
+    route_stdlib_logging(_LEVELS.get(level, logging.INFO))
     return writer
+
+
+class _ToStructlog(logging.Handler):
+    """Libraries' stdlib loggers (aiohttp.server, asyncio) through structlog: one line each in
+    the daemon's format, a traceback in its ``exception`` field, instead of logging's plain-text
+    last-resort handler writing multi-line tracebacks between the JSON lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            extra: dict[str, object] = {"logger": record.name}
+            if record.exc_info:
+                extra["exc_info"] = record.exc_info
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **extra)
+        except Exception:
+            self.handleError(record)
+
+
+def route_stdlib_logging(level: int) -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _ToStructlog)]:
+        root.removeHandler(h)
+    root.addHandler(_ToStructlog())
+    root.setLevel(level)

@@ -8,11 +8,16 @@ simulated vLLM behind it) fed hypothesis-generated bodies over real HTTP.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,15 @@ from typing import Any
 import msgspec
 import pytest
 from aiohttp import web
-from helpers import TOKEN, AgentProcess, agent_toml, free_port, instance_toml, start_agent_sync
+from helpers import (
+    TOKEN,
+    AgentProcess,
+    CoordinatorProcess,
+    agent_toml,
+    free_port,
+    instance_toml,
+    start_agent_sync,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,11 +149,16 @@ def test_validate_model_names_every_problem_by_field(rec: R.ModelRecord) -> None
 # --- a live agent -------------------------------------------------------------------------------
 
 
+# A small body limit, so a decompression bomb past it is cheap to send.
+PROXY_LIMITS = "\n[proxy]\nmax_body_bytes = 65536\n"
+
+
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     port = free_port()
-    a = start_agent_sync(tmp, agent_toml(tmp, port, instance_toml("m", model="m")), port, ready_instances=1)
+    config = agent_toml(tmp, port, instance_toml("m", model="m") + PROXY_LIMITS)
+    a = start_agent_sync(tmp, config, port, ready_instances=1)
     try:
         yield a
     finally:
@@ -205,3 +223,245 @@ def test_the_agent_survived_the_fuzzing(agent: AgentProcess) -> None:
         st_ = json.loads(r.read())
     assert [i["state"] for i in st_["instances"]] == ["READY"]
     assert "Traceback" not in agent.log_path.read_text()
+
+
+# --- hostile bytes and headers, every route ---------------------------------------------------------
+#
+# Raw requests over a socket, so the bytes are exactly what a hostile or broken client sends
+# (urllib and aiohttp refuse to send most of them). Every answer must be a 4xx in OpenAI's error
+# shape (or the route's normal answer), never a 5xx, a plain-text aiohttp page or a traceback;
+# and no client's bad request may count as an upstream failure (the cluster's degradation level
+# is computed from those counters).
+
+AGENT_GET = ["/healthz", "/readyz", "/v1/status", "/metrics", "/v1/models", "/nope"]
+AGENT_POST = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/admin/gpus/0",
+    "/admin/reload",
+    "/admin/instances/m/nope",
+]
+DEEP = b"[" * 5000 + b"]" * 5000
+HOSTILE_BODIES: dict[str, bytes] = {
+    "model name not UTF-8": b'{"model": "\xff\xfe\xc3", "messages": []}',
+    "message not UTF-8": b'{"model": "m", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
+    "lone surrogate escape": b'{"model": "\\udc80", "messages": []}',
+    "nested 5000 deep": b'{"model": "m", "messages": ' + DEEP + b"}",
+    "nested 5000 deep at the top": DEEP,
+    "objects nested 2000 deep": b'{"model": "m", "x": ' + b'{"a":' * 2000 + b"1" + b"}" * 2000 + b"}",
+    "NUL bytes": b'{"model": "m\x00", "messages": []}\x00\x00',
+    "not JSON": b"\x80\x81\x82\xff" * 50,
+}
+HOSTILE_HEADERS: dict[str, bytes] = {
+    "Authorization not UTF-8": b"Authorization: Bearer \xff\xfe\xfd" + TOKEN.encode() + b"\r\n",
+    "Authorization latin-1": b"Authorization: Bearer caf\xe9-" + TOKEN.encode() + b"\r\n",
+    "X-Request-ID not UTF-8": b"X-Request-ID: \xc3\x28\xa0\xa1\r\n",
+    "header name not a token": b"X-B\xffd: 1\r\n",
+    "oversized header": b"X-Big: " + b"a" * 20000 + b"\r\n",
+    "200 headers": b"".join(b"X-H%d: v\r\n" % i for i in range(200)),
+    "header without colon": b"this is not a header\r\n",
+}
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send ``head`` (request line and headers, without the blank line) and ``body`` as they are;
+    the status, headers and body of the answer."""
+    import http.client
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head + b"\r\n" + body)
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+
+def request_head(method: str, path: str, extra: bytes = b"", body: bytes = b"") -> bytes:
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n".encode()
+        + (b"Content-Length: %d\r\n" % len(body) if method == "POST" else b"")
+        + extra
+    )
+
+
+def assert_clean_error(what: str, status: int, headers: dict[str, str], payload: bytes) -> None:
+    assert status < 500, (what, status, payload[:300])
+    if status >= 400:
+        assert headers.get("content-type", "").startswith("application/json"), (what, status, headers, payload[:200])
+        doc = json.loads(payload)
+        # The proxy's own errors are OpenAI-shaped; a model server's 4xx passes through as sent.
+        assert doc["error"]["message"] if "error" in doc else doc["object"] == "error", (what, doc)
+
+
+def _attempt_errors(agent: AgentProcess) -> tuple[int, int]:
+    with urllib.request.urlopen(agent.base + "/v1/status", timeout=5) as r:
+        st_ = json.loads(r.read())
+    return st_["proxy"]["attempt_errors"], sum(i.get("errors_total", 0) for i in st_["instances"])
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE_BODIES))
+def test_hostile_bodies_get_a_4xx_on_every_route(agent: AgentProcess, what: str) -> None:
+    body = HOSTILE_BODIES[what]
+    before = _attempt_errors(agent)
+    for path in AGENT_POST:
+        for auth in (b"", b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"):
+            status, headers, payload = raw_request(agent.port, request_head("POST", path, auth, body), body)
+            assert_clean_error(f"{what} POST {path}", status, headers, payload)
+            if path.startswith("/v1/"):
+                assert status in (400, 404), (what, path, status, payload[:200])
+    assert _attempt_errors(agent) == before  # the client's fault counts as no upstream failure
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE_HEADERS))
+def test_hostile_headers_get_a_4xx_on_every_route(agent: AgentProcess, what: str) -> None:
+    extra = HOSTILE_HEADERS[what]
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    before = _attempt_errors(agent)
+    for method, path in [("GET", p) for p in AGENT_GET] + [("POST", p) for p in AGENT_POST]:
+        sent = body if method == "POST" else b""
+        status, headers, payload = raw_request(agent.port, request_head(method, path, extra, sent), sent)
+        assert_clean_error(f"{what} {method} {path}", status, headers, payload)
+        if path.startswith("/admin/"):
+            assert status in (400, 401), (what, path, status)  # never let a mangled token in
+    assert _attempt_errors(agent) == before
+
+
+@pytest.mark.parametrize(
+    "what,head_tail",
+    [
+        ("request line too long", b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n"),
+        ("not HTTP", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n"),
+        ("bad method", b"G\xffT / HTTP/1.1\r\n"),
+        ("bad version", b"GET / HTTP/9.9\r\n"),
+        ("path not UTF-8", b"GET /v1/\xff\xfe HTTP/1.1\r\n"),
+        ("query not UTF-8", b"POST /v1/chat/completions?x=\xc3\x28 HTTP/1.1\r\nContent-Length: 0\r\n"),
+        ("bad content length", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: -5\r\n"),
+        ("two content lengths", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n"),
+    ],
+)
+def test_malformed_requests_get_a_json_400_and_one_log_line(agent: AgentProcess, what: str, head_tail: bytes) -> None:
+    lines_before = len(agent.log_lines())
+    status, headers, payload = raw_request(agent.port, head_tail + b"Host: x\r\nConnection: close\r\n")
+    assert status == 400, (what, status, payload[:200])
+    assert_clean_error(what, status, headers, payload)
+
+    def logged() -> list[str]:
+        return [ln for ln in agent.log_lines()[lines_before:] if "bad HTTP request" in ln]
+
+    deadline = time.monotonic() + 5
+    while not logged() and time.monotonic() < deadline:  # the agent writes its log line after answering
+        time.sleep(0.05)
+    new = agent.log_lines()[lines_before:]
+    assert logged(), new
+    for line in new:  # every line JSON: no plain-text traceback from aiohttp's own logger
+        json.loads(line)
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+def test_compressed_bodies_are_decoded_and_forwarded_plain(agent: AgentProcess) -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    before = _attempt_errors(agent)
+    for enc, data in (("gzip", _gzip(body)), ("deflate", zlib.compress(body))):
+        head = request_head("POST", "/v1/chat/completions", f"Content-Encoding: {enc}\r\n".encode(), data)
+        status, _, payload = raw_request(agent.port, head, data)
+        assert status == 200, (enc, payload[:300])
+        assert json.loads(payload)["choices"]
+    # Not decodable, not supported, or bigger than max_body_bytes once decoded: the client's fault.
+    bomb = _gzip(b"{" + b" " * (70 * 1024) + b"}")
+    for enc, data, want in (
+        ("gzip", b"\x1f\x8b\x08\x00garbage" * 10, 400),
+        ("compress", body, 415),
+        ("gzip, identity, x-custom", body, 415),
+        ("gzip", bomb, 413),
+    ):
+        head = request_head("POST", "/v1/chat/completions", f"Content-Encoding: {enc}\r\n".encode(), data)
+        status, headers, payload = raw_request(agent.port, head, data)
+        assert status == want, (enc, status, payload[:300])
+        assert_clean_error(enc, status, headers, payload)
+    assert _attempt_errors(agent) == before
+
+
+def test_the_agent_survived_the_hostile_bytes(agent: AgentProcess) -> None:
+    test_the_agent_survived_the_fuzzing(agent)
+    for line in agent.log_lines():
+        doc = json.loads(line)  # one JSON object per line: nothing else reached the log
+        assert doc.get("level") not in ("error", "critical"), doc
+        assert TOKEN not in line
+
+
+# --- the coordinator's API: the same listener, the same class of input ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def coordinator(etcd: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorProcess]:
+    c = CoordinatorProcess(tmp_path_factory.mktemp("coord"), "c1", etcd.endpoints, "fuzz").start()
+    try:
+        yield c.wait_ready_sync()
+    finally:
+        c.stop()
+
+
+def test_coordinator_answers_hostile_requests_in_json(coordinator: CoordinatorProcess) -> None:
+    cases = [("GET", p) for p in ("/healthz", "/readyz", "/v1/status", "/metrics", "/nope")] + [("POST", "/v1/status")]
+    for what, extra in HOSTILE_HEADERS.items():
+        for method, path in cases:
+            body = HOSTILE_BODIES["nested 5000 deep"] if method == "POST" else b""
+            status, headers, payload = raw_request(coordinator.port, request_head(method, path, extra, body), body)
+            assert_clean_error(f"{what} {method} {path}", status, headers, payload)
+    status, headers, payload = raw_request(coordinator.port, b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n")
+    assert status == 400
+    assert_clean_error("request line too long", status, headers, payload)
+    assert coordinator.status()["id"] == "c1"
+    for line in coordinator.log_lines():
+        doc = json.loads(line)  # JSON lines only: aiohttp's plain-text tracebacks do not reach the log
+        assert doc.get("level") not in ("error", "critical"), doc
+
+
+# --- the admin token file's permissions -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode,starts,warns",
+    [(0o600, True, False), (0o640, True, False), (0o644, True, True), (0o660, True, True), (0o666, False, True)],
+)
+def test_admin_token_file_permissions(tmp_path: Path, mode: int, starts: bool, warns: bool) -> None:
+    from structlog.testing import capture_logs
+
+    from agent.api.auth import AdminToken, TokenError
+    from agent.cli import main as agent_cli
+
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(mode)
+    with capture_logs() as logs:
+        try:
+            AdminToken(str(token_file)).ensure(generate=False)
+            started = True
+        except TokenError as e:
+            started = False
+            assert "writable by every user" in str(e) and TOKEN not in str(e)
+    assert started is starts
+    if starts:
+        assert any(e["log_level"] == "warning" and "token" in e["event"] for e in logs) is warns, logs
+    # check-config says the same (exit 78 where the agent would not start) ...
+    config = tmp_path / "agent.toml"
+    text = agent_toml(tmp_path, free_port(), "", token=False).replace(
+        'log_format = "json"', f'log_format = "json"\nadmin_token_file = "{token_file}"'
+    )
+    config.write_text(text)
+    token_file.chmod(mode)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = agent_cli(["check-config", str(config)])
+    assert code == (0 if starts else 78), err.getvalue()
+    assert ("admin_token_file" in err.getvalue()) is (warns or not starts), err.getvalue()
+    # ... and so does gpuctl check, for the agent configured on the machine it runs on.
+    from gpufleet.check import Facts, judge, local_token_file
+
+    facts = Facts(endpoints=[], statuses={}, local_token_file=local_token_file(str(config)))
+    verdict = {r.name: r.status for r in judge(facts)}["admin token file readable by the agent only"]
+    assert verdict == ("FAIL" if warns or not starts else "PASS")

@@ -3,6 +3,11 @@
 The token lives in a file (mode 0600, owned by the agent's user) and is re-read when the file
 changes, so an operator rotates it without a restart. Comparison is constant-time. The token is
 never logged; only the file path is.
+
+Permissions: a token file others can read is a warning (at start-up, from ``check-config`` and
+``gpuctl check``): anyone on the host can then restart or stop instances. One others can *write*
+is refused (fail closed: the agent does not start, and a running agent refuses admin requests):
+anyone could set the token to one they know.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import stat
 from pathlib import Path
 
 import structlog
@@ -19,6 +25,37 @@ log = structlog.get_logger("agent.auth")
 
 class TokenError(Exception):
     pass
+
+
+def permission_problems(st: os.stat_result, path: object) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about who else can use the token file: errors refuse it."""
+    errors, warnings = [], []
+    if st.st_mode & stat.S_IWOTH:
+        errors.append(
+            f"admin token file {path} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}): chmod 600"
+        )
+    if st.st_mode & stat.S_IWGRP:
+        warnings.append(f"admin token file {path} is writable by its group (mode {stat.S_IMODE(st.st_mode):04o})")
+    if st.st_mode & stat.S_IROTH:
+        warnings.append(
+            f"admin token file {path} is readable by every user (mode {stat.S_IMODE(st.st_mode):04o}): "
+            "anyone on this host can use the admin API; chmod 600"
+        )
+    return errors, warnings
+
+
+def token_file_problems(path: str | None) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for ``check-config`` and ``gpuctl check``; nothing when there is no
+    file yet (``admin_token_generate`` creates it 0600)."""
+    if not path:
+        return [], []
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return [], []
+    except OSError as e:
+        return [f"cannot read admin token file {path}: {e.strerror or e}"], []
+    return permission_problems(st, path)
 
 
 class AdminToken:
@@ -42,12 +79,18 @@ class AdminToken:
                 f.write(secrets.token_urlsafe(32) + "\n")
             log.info("generated admin token", path=str(self.path))
         self._load()
+        assert self.path is not None
+        for warning in permission_problems(self.path.stat(), self.path)[1]:
+            log.warning("admin token file permissions", problem=warning)
 
     def _load(self) -> bytes:
         assert self.path is not None
         try:
             st = self.path.stat()
             stamp = (st.st_mtime, st.st_size)
+            errors = permission_problems(st, self.path)[0]
+            if errors:
+                raise TokenError(errors[0])
             if self._token is None or stamp != self._stamp:
                 token = self.path.read_bytes().strip()
                 if len(token) < 16:
@@ -68,4 +111,8 @@ class AdminToken:
         except TokenError as e:
             log.error("admin token unavailable", error=str(e))
             return False
-        return hmac.compare_digest(given.strip().encode(), token)
+        try:
+            given_bytes = given.strip().encode()
+        except UnicodeEncodeError:  # bytes that were not UTF-8 (aiohttp kept them as surrogates)
+            return False
+        return hmac.compare_digest(given_bytes, token)

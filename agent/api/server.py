@@ -17,9 +17,10 @@ from agent.cluster.publisher import MembershipCollector
 from agent.proxy import Proxy, add_proxy_routes
 from agent.proxy.metrics import ProxyMetrics
 from agent.supervisor import UnknownInstance
+from gpufleet.httpserver import ConnectionMetrics
 from gpufleet.logsetup import dropped_lines
 
-from .errors import error_response, json_response
+from .errors import bad_input_middleware, error_response, json_response
 from .metrics import LogDropCollector, make_registry
 
 if TYPE_CHECKING:
@@ -51,8 +52,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 
 def build_app(rt: AgentRuntime) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=rt.cfg.proxy.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, bad_input_middleware], client_max_size=rt.cfg.proxy.max_body_bytes
+    )
     registry = make_registry(rt.node_record)
+    if (guard := getattr(rt, "http_guard", None)) is not None:
+        registry.register(ConnectionMetrics(guard, "gpu_agent"))
     registry.register(
         LogDropCollector(
             dropped_lines,

@@ -37,6 +37,9 @@ HOP_BY_HOP = frozenset(
         "Content-Length",
     )
 )
+# A request body arrives decoded (aiohttp decodes the Content-Encodings agent/api/errors.py
+# allows, and refuses the others with 415): labelled as still encoded, the upstream would fail on it.
+REQUEST_HOP_BY_HOP = HOP_BY_HOP | {"content-encoding"}
 UNKNOWN_MODEL_LABEL = "_unknown"  # keeps a client's random model names out of metric labels
 
 
@@ -60,8 +63,21 @@ def bad_request(message: str, code: str = "invalid_request") -> web.Response:
 
 
 def parse_head(body: bytes) -> Head | web.Response:
+    """``model`` and ``stream`` of a request body, or the 400 that refuses it.
+
+    The gate for every body the proxy forwards: what passes here is valid JSON in UTF-8 (msgspec
+    skips the fields it does not decode without checking their UTF-8, so that is checked here;
+    the degradation cache and task routing decode the whole body later) and nested no deeper
+    than msgspec decodes (it raises RecursionError past that)."""
+    if not body.isascii():
+        try:
+            body.decode()
+        except UnicodeDecodeError as e:
+            return bad_request(f"the request body is not valid UTF-8 (byte {e.start})", "invalid_json")
     try:
         head = msgspec.json.decode(body, type=Head)
+    except RecursionError:
+        return bad_request("the request body is nested too deeply", "invalid_json")
     except msgspec.ValidationError as e:
         text = str(e)
         if "missing required field `model`" in text:

@@ -28,7 +28,17 @@ from agent.config import ProxySection
 from agent.supervisor.policy import InstanceState
 from gpufleet.keyspace.records import RouteRecord
 
-from .context import HOP_BY_HOP, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, parse_head
+from .context import (
+    HOP_BY_HOP,
+    REQUEST_HOP_BY_HOP,
+    ROUTES,
+    UNKNOWN_MODEL_LABEL,
+    Ctx,
+    Failure,
+    Head,
+    Plan,
+    parse_head,
+)
 from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
@@ -317,7 +327,7 @@ class Proxy:
         self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx
     ) -> web.StreamResponse:
         assert self.session is not None
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP)
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_HOP_BY_HOP)
         headers["X-Request-ID"] = ctx.rid
         headers["X-Forwarded-For"] = request.remote or ""
         if isinstance(inst, RemoteTarget):
