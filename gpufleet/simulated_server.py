@@ -38,7 +38,7 @@ WORDS = (
 ).split()
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 NUMERIC_CONTROLS = {"latency_ms": math.inf, "tokens_per_second": math.inf, "error_rate": 1.0}  # name: max
-BOOL_CONTROLS = ("hang", "fail_health", "crash")
+BOOL_CONTROLS = ("hang", "hang_inference", "fail_health", "crash")
 
 _encode = msgspec.json.Encoder().encode
 
@@ -92,13 +92,21 @@ class Settings:
     error_rate: float
     fail_health: bool
     hang: bool = False
+    # A wedged engine behind a live API server (a stuck collective, a GPU fault the health
+    # check does not see): /health, /v1/models and /metrics answer, inference never finishes.
+    # Requests are accepted and held (counted as running); turning it off lets them go on.
+    hang_inference: bool = False
 
 
 class Simulator:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.names: list[str] = args.served_model_name or [args.model]
-        self.settings = Settings(args.latency_ms, args.tokens_per_second, args.error_rate, args.fail_health)
+        self.settings = Settings(
+            args.latency_ms, args.tokens_per_second, args.error_rate, args.fail_health, False, args.hang_inference
+        )
+        self.engine_free = asyncio.Event()  # set unless hang_inference holds the engine
+        self.set_engine()
         self.rng = random.Random(args.seed)
         self.created = int(time.time())
         self.slots = asyncio.Semaphore(args.max_num_seqs)
@@ -107,6 +115,12 @@ class Simulator:
         self.ttft_buckets = [0] * len(TTFT_BUCKETS)  # per bucket, cumulative as Prometheus wants
         self.ttft_sum = 0.0
         self.ttft_count = 0
+
+    def set_engine(self) -> None:
+        if self.settings.hang_inference:
+            self.engine_free.clear()
+        else:
+            self.engine_free.set()
 
     def count_inference(self) -> None:
         """Every inference request moves the crash/hang clocks, even one that fails validation."""
@@ -135,6 +149,7 @@ class Simulator:
 
     async def decode(self, tokens: list[str], started: float) -> AsyncIterator[str]:
         """Yield tokens at a decoder's pace: --latency-ms of prefill, then 1/TPS apart."""
+        await self.engine_free.wait()  # hang_inference: held here, inside its slot, as in a stuck step
         if self.settings.latency_ms > 0:
             await asyncio.sleep(self.settings.latency_ms / 1000)
         tps = self.settings.tokens_per_second
@@ -261,6 +276,7 @@ class Simulator:
         prompt_tokens = sum(max(1, len(x.split())) if isinstance(x, str) else len(x) for x in inputs)
         dim, data = self.args.embedding_dim, []
         async with self.slot(prompt_tokens):
+            await self.engine_free.wait()
             await asyncio.sleep(self.settings.latency_ms / 1000)
             for i, item in enumerate(inputs):
                 packed = embed(item if isinstance(item, str) else repr(item), dim)
@@ -360,6 +376,7 @@ class Simulator:
         do_crash = body.pop("crash", False)
         for key, value in body.items():
             setattr(self.settings, key, float(value) if key in NUMERIC_CONTROLS else value)
+        self.set_engine()
         log(f"/sim/control: {body}{' and crash' if do_crash else ''}", "WARNING")
         if do_crash:  # answer first, so the caller knows the command arrived, then die abruptly
             asyncio.get_running_loop().call_later(0.05, crash, "crash requested through /sim/control")
@@ -551,6 +568,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--crash-after", type=int, default=_env("crash_after", int, 0), metavar="N")
     s.add_argument("--hang-after", type=int, default=_env("hang_after", int, 0), metavar="N")
     s.add_argument("--embedding-dim", type=int, default=_env("embedding_dim", int, 384), metavar="D")
+    s.add_argument(
+        "--hang-inference",
+        action="store_true",
+        default=_env("hang_inference", lambda r: r.lower() in ("1", "true", "yes", "on"), False),
+        help="health, models and metrics answer; inference requests never finish",
+    )
     s.add_argument(
         "--fail-health",
         action="store_true",

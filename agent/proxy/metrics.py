@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Latency buckets from 1 ms to 10 min: LLM requests span five orders of magnitude.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -11,6 +15,7 @@ TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         self.requests = Counter(
             "gpu_agent_proxy_requests",
             "Proxied requests by model and HTTP status.",
@@ -42,8 +47,15 @@ class ProxyMetrics:
         )
         self.upstream_errors = Counter(
             "gpu_agent_proxy_upstream_errors",
-            "Failed upstream attempts by kind (connect, status_5xx, status_429, timeout, midstream).",
+            "Failed upstream attempts by kind (connect, status_5xx, status_429, timeout, midstream, "
+            "instance_down: it left rotation under the attempt, node_down).",
             ["model", "instance", "kind"],
+            registry=registry,
+        )
+        self.ejections = Counter(
+            "gpu_agent_proxy_ejections",
+            "Instances taken out of rotation by passive health (consecutive gateway failures).",
+            ["model", "instance"],
             registry=registry,
         )
         self.rejected = Counter(
@@ -67,6 +79,10 @@ class ProxyMetrics:
         # so the children are cached (label sets are bounded: known models × status codes).
         self._done: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
 
+    def watch_ejected(self, snapshot: Callable[[], list[tuple[str, str, bool]]]) -> None:
+        """gpu_agent_proxy_instance_ejected, read at scrape time from (model, instance, ejected)."""
+        self.registry.register(_Ejected(snapshot))
+
     def observe(self, model: str, code: int, duration_s: float, ttfb_s: float | None) -> None:
         children = self._done.get((model, code))
         if children is None:
@@ -80,3 +96,18 @@ class ProxyMetrics:
         duration.observe(duration_s)
         if ttfb_s is not None:
             ttfb.observe(ttfb_s)
+
+
+class _Ejected(Collector):
+    def __init__(self, snapshot: Callable[[], list[tuple[str, str, bool]]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(
+            "gpu_agent_proxy_instance_ejected",
+            "1 while passive health keeps the instance out of rotation (ejected, or half-open until a trial succeeds).",
+            labels=["model", "instance"],
+        )
+        for model, instance, ejected in self.snapshot():
+            g.add_metric([model, instance], 1.0 if ejected else 0.0)
+        yield g

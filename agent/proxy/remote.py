@@ -10,6 +10,7 @@ is never forwarded again (``X-GPUFleet-Hops``), so two nodes cannot bounce it be
 An attempt on another node that has not answered when the route marks that node DOWN is
 abandoned and retried elsewhere (``unless_node_leaves``): behind a silent partition (packets
 dropped, no reset) the connection would otherwise wait for the total deadline, 15 minutes.
+Local instances leaving rotation get the same treatment (``unless_gone``).
 """
 
 from __future__ import annotations
@@ -98,9 +99,22 @@ class RemotePicker:
 async def unless_node_leaves(
     attempt: Coroutine[Any, Any, T], gone: asyncio.Event, answered: Callable[[], bool], name: str
 ) -> T:
+    """``unless_gone`` for another node: Failure("node_down") when the route marks it DOWN."""
+    return await unless_gone(
+        attempt,
+        gone,
+        answered,
+        lambda: Failure("node_down", None, f"{name}: its node went DOWN in the routes before it answered"),
+    )
+
+
+async def unless_gone(
+    attempt: Coroutine[Any, Any, T], gone: asyncio.Event, answered: Callable[[], bool], failure: Callable[[], Failure]
+) -> T:
     """Run ``attempt``; if ``gone`` is set before it has answered anything (``answered()``), cancel
-    it and raise Failure("node_down"), which the attempt loop retries on another endpoint. Once
-    something has been answered (a stream under way) the attempt runs to its end."""
+    it and raise ``failure()``, which the attempt loop retries on another target. Once something
+    has been answered (a stream under way) the attempt runs to its end. Used for other nodes
+    (DOWN in the routes) and for local instances leaving rotation (a failed probe, an ejection)."""
     task = asyncio.ensure_future(attempt)
     waiter = asyncio.ensure_future(gone.wait())
     try:
@@ -109,7 +123,7 @@ async def unless_node_leaves(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Failure):
                 await task
-            raise Failure("node_down", None, f"{name}: its node went DOWN in the routes before it answered")
+            raise failure()
         return await task
     finally:
         waiter.cancel()

@@ -3,10 +3,11 @@
 Bytes go through untouched: the request body is forwarded as received (we decode only
 ``model`` and ``stream``), SSE chunks are written to the client as they arrive, each in its own
 write, never re-serialised (LiteLLM's re-serialisation is where its 3–12 ms go). A failure
-before the first response byte (connect error, 5xx, 429) is retried on another READY instance
-of the model within a bounded number of attempts and time; after the first byte nothing is
-retried (the client has part of an answer), and a dying upstream ends an SSE stream with an
-error event.
+before the first response byte (connect error, 5xx, 429, no first byte within its limit, the
+instance leaving rotation) is retried on another instance of the model in rotation within a
+bounded number of attempts and time; after the first byte nothing is retried (the client has
+part of an answer), and a dying upstream ends an SSE stream with an error event. Gateway
+failures on a local instance feed its passive health (outlier ejection, supervisor/policy.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .context import (
 from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
-from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_node_leaves
+from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_gone, unless_node_leaves
 from .routing import Picker, classify_task, route_group
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ log = structlog.get_logger("agent.proxy")
 # Failure kinds (and metric labels) of an instance that is full, not failing: not probed.
 BUSY = "status_429"  # it said 429: counts toward the error rate (overload is what degrades)
 CAPACITY = "capacity"  # its backend knows the request did not fit right now: counts nothing
+# Failures that say the instance is not serving (Envoy's "gateway failures"): passive health.
+GATEWAY_FAILURES = frozenset({"connect", "status_5xx", "timeout", "midstream"})
+# The client waited for an answer that never came: retried even past retry_budget_s.
+ABANDONED = frozenset({"node_down", "instance_down", "timeout"})
 access = structlog.get_logger("agent.access")
 
 
@@ -64,6 +69,9 @@ class Proxy:
         self.remote = RemotePicker(rt.cfg.node_id)
         self.degrader = Degrader(rt)
         metrics.degradation_level.set_function(self.degrader.level)
+        metrics.watch_ejected(
+            lambda: [(i.cfg.client_model, i.name, i.ejected) for i in rt.supervisor.instances.values()]
+        )
         self.gates: dict[str, ModelGate] = {}
         self.session: aiohttp.ClientSession | None = None
 
@@ -235,15 +243,24 @@ class Proxy:
         return {g.gpu_class for g in self.rt.supervisor.gpus}
 
     def _next_target(self, plan: Plan, tried: set[str], ctx: Ctx) -> Instance | RemoteTarget | None:
-        """Local READY instances first (least in-flight); then other nodes by route weight."""
-        ready = [i for i in plan.serving if i.state is InstanceState.READY and i.name not in tried]
+        """Local instances in rotation first (least in-flight); then other nodes by route
+        weight; then local READY ones whose last probe failed (a slow probe answer, or a server
+        about to be restarted: better than a 503 while nothing else can serve)."""
+        local = self._pick_local(plan, tried, ctx, suspect_ok=False)
+        if local is not None:
+            return local
+        if plan.route is not None:
+            candidates = self.remote.candidates(plan.route, self._own_classes(), tried)
+            if (remote := self.remote.pick(ctx.model or "", candidates)) is not None:
+                return remote
+        return self._pick_local(plan, tried, ctx, suspect_ok=True)
+
+    def _pick_local(self, plan: Plan, tried: set[str], ctx: Ctx, *, suspect_ok: bool) -> Instance | None:
+        ready = [i for i in plan.serving if i.name not in tried and i.routable(suspect_ok=suspect_ok)]
         if plan.group is not None:
             grouped = [i for i in ready if i.name in plan.group]
             ready = grouped if grouped or not self.cfg.route_fallback else ready
-        local = self.picker.pick(ctx.model or "", ready)
-        if local is not None or plan.route is None:
-            return local
-        return self.remote.pick(ctx.model or "", self.remote.candidates(plan.route, self._own_classes(), tried))
+        return self.picker.pick(ctx.model or "", ready)
 
     def _loop_deadline(self, ctx: Ctx, phase_s: float | None = None) -> float:
         """Event-loop time at which the current phase must end: the phase's own limit, capped by
@@ -257,6 +274,7 @@ class Proxy:
         retry_deadline = ctx.started + self.cfg.retry_budget_s
         tried: set[str] = set()
         last: Failure | None = None
+        timeouts = 0
         while True:
             target = self._next_target(plan, tried, ctx)
             if target is None and plan.deferred:
@@ -286,18 +304,14 @@ class Proxy:
                 return await self._try(request, body, target, ctx)
             except Failure as f:
                 last = f
-                if f.counted and _counted(ctx, target):
-                    self.rt.proxy_counters.attempt_errors += 1
-                self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
-                log.warning(
-                    "upstream attempt failed", request_id=ctx.rid, instance=target.name, kind=f.kind, detail=f.detail
-                )
-                if f.kind not in (BUSY, CAPACITY):
-                    target.request_probe()  # passive health: look at it now / steer away from it
-                # A node that went DOWN under an attempt is retried even past the budget: the
-                # client has waited for an answer that the dead node will never give.
-                over_budget = time.monotonic() >= retry_deadline and f.kind != "node_down"
-                if len(tried) >= self.cfg.max_attempts or over_budget or f.kind == "timeout":
+                self._failed(target, f, ctx)
+                # Timeouts and targets that left under an attempt are retried even past the
+                # budget: the client has waited for an answer that never came. A second timeout
+                # is not: a request slow on two instances is likely slow itself (a huge prompt),
+                # and a third try would only burn another prefill.
+                timeouts += f.kind == "timeout"
+                over_budget = time.monotonic() >= retry_deadline and f.kind not in ABANDONED
+                if len(tried) >= self.cfg.max_attempts or over_budget or timeouts > 1:
                     if f.response is not None:
                         return ctx.done(f.response)
                     return ctx.done(
@@ -312,16 +326,44 @@ class Proxy:
                 ctx.retries += 1
                 self.metrics.retries.labels(ctx.model).inc()
 
+    def _failed(self, target: Instance | RemoteTarget, f: Failure, ctx: Ctx) -> None:
+        """Count a failed attempt, and tell the instance's health about it."""
+        if f.counted:
+            target.errors_total += 1
+            if _counted(ctx, target):
+                self.rt.proxy_counters.attempt_errors += 1
+        self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
+        log.warning("upstream attempt failed", request_id=ctx.rid, instance=target.name, kind=f.kind, detail=f.detail)
+        if f.kind not in (BUSY, CAPACITY):
+            target.request_probe()  # active health: look at it now / steer away from it
+        if f.kind in GATEWAY_FAILURES and not isinstance(target, RemoteTarget) and target.passive_failure(f.detail):
+            self.metrics.ejections.labels(ctx.model, target.name).inc()
+
+    def _first_byte(self, inst: Instance | RemoteTarget, ctx: Ctx) -> None:
+        """The upstream answered: the client gets this attempt's answer, whatever follows."""
+        ctx.ttfb = time.monotonic() - ctx.started
+        if not isinstance(inst, RemoteTarget):
+            inst.passive_ok()
+
     async def _try(
         self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx
     ) -> web.StreamResponse:
         """One attempt on one instance (local or on another node). Raises Failure while nothing
         has reached the client."""
         attempt = self._attempt(request, body, inst, ctx)
-        if not isinstance(inst, RemoteTarget) or self.rt.routes is None:
+        answered = lambda: ctx.ttfb is not None  # noqa: E731
+        if not isinstance(inst, RemoteTarget):
+            # A frozen server accepts connections and answers nothing: when its probe fails (or
+            # passive health ejects it), attempts still waiting on it move elsewhere.
+            return await unless_gone(
+                attempt,
+                inst.left_rotation(),
+                answered,
+                lambda: Failure("instance_down", None, f"{inst.name}: left rotation before it answered"),
+            )
+        if self.rt.routes is None:
             return await attempt
-        gone = self.rt.routes.node_gone(inst.node)
-        return await unless_node_leaves(attempt, gone, lambda: ctx.ttfb is not None, inst.name)
+        return await unless_node_leaves(attempt, self.rt.routes.node_gone(inst.node), answered, inst.name)
 
     async def _attempt(
         self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx
@@ -341,10 +383,11 @@ class Proxy:
         if _counted(ctx, inst):
             self.rt.proxy_counters.attempts += 1
         # One timeout scope per attempt. A stream must show its first body chunk (the first
-        # token: servers send headers at once) within ttfb_timeout_s; then the scope moves out
-        # to the total deadline. A non-streaming answer arrives whole at the end, so for it the
-        # first byte is the answer and only the total deadline applies.
-        scope = asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s if ctx.stream else None))
+        # token: servers send headers at once) within ttfb_timeout_s; a non-streaming answer
+        # (headers come with the whole answer) within response_timeout_s. Then the scope moves
+        # out to the total deadline.
+        limit_s = self._first_byte_limit(ctx, inst)
+        scope = asyncio.timeout_at(self._loop_deadline(ctx, limit_s))
         try:
             async with scope:
                 upstream = await self._post(url, body, headers, inst)
@@ -358,29 +401,31 @@ class Proxy:
                             first = await upstream.content.readany()
                             if not first:
                                 raise aiohttp.ClientPayloadError("stream closed before its first chunk")
-                            ctx.ttfb = time.monotonic() - ctx.started
+                            self._first_byte(inst, ctx)
                             scope.reschedule(self._loop_deadline(ctx))
                             return await self._stream(request, upstream, first, inst, ctx, scope)
+                        scope.reschedule(self._loop_deadline(ctx))  # its headers are here: answering
                         payload = await upstream.read()
                     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                         raise Failure("midstream", None, f"{inst.name}: answer cut off: {e}") from None
-                    ctx.ttfb = time.monotonic() - ctx.started
+                    self._first_byte(inst, ctx)
                     headers = self._response_headers(upstream, ctx)
                     if ctx.cache_key is not None and upstream.status == 200:
                         self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
                     return ctx.done(web.Response(status=upstream.status, body=payload, headers=headers))
         except TimeoutError:
-            if ctx.stream:
-                what = f"no first chunk within {self.cfg.ttfb_timeout_s:g}s"
-            else:
-                what = f"no complete answer within {self.cfg.total_timeout_s:g}s"
+            if scope.when() == ctx.loop_started + self.cfg.total_timeout_s:  # the total deadline
+                limit_s = self.cfg.total_timeout_s
+            what = f"no first chunk within {limit_s:g}s" if ctx.stream else f"no complete answer within {limit_s:g}s"
             raise Failure("timeout", self._timeout_response(ctx, what), f"{inst.name}: {what}") from None
-        except Failure as f:
-            if f.counted:
-                inst.errors_total += 1
-            raise
         finally:
             inst.in_flight -= 1
+
+    def _first_byte_limit(self, ctx: Ctx, inst: Instance | RemoteTarget) -> float:
+        limit = self.cfg.ttfb_timeout_s if ctx.stream else self.cfg.response_timeout_s
+        # Another node's proxy runs the same limit on its own instance and may retry once after
+        # it: give it room for both, or we would give up just as its retry begins.
+        return 2 * limit if isinstance(inst, RemoteTarget) else limit
 
     async def _post(
         self, url: str, body: bytes, headers: CIMultiDict[str], inst: Instance | RemoteTarget
@@ -420,7 +465,7 @@ class Proxy:
             headers["Content-Type"] = "application/json"
         resp = web.Response(status=status, body=body, headers=headers)
         if judgement.verdict is Verdict.ANSWER:
-            ctx.ttfb = time.monotonic() - ctx.started
+            self._first_byte(inst, ctx)
             return ctx.done(resp)
         if judgement.verdict is Verdict.BUSY:
             kind = BUSY if judgement.counted else CAPACITY

@@ -9,6 +9,11 @@
 
 Operator commands (start/stop/restart) wake the loop wherever it waits. Every wait in the loop
 is bounded, and a failure of one instance never touches another.
+
+*In rotation* (routable) is narrower than READY: a READY instance whose last probe failed, or
+that real requests found failing (passive health: ``policy.after_failure``), takes no new
+requests, and attempts on it that have not answered yet are abandoned and retried elsewhere
+(``left_rotation``), so a frozen server costs its in-flight requests seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -26,7 +31,16 @@ from agent.backends import Backend, Judgement, Upstream, get_backend
 from agent.config import InstanceConfig, SupervisorSection
 from gpufleet.keyspace.records import InstanceLoad, InstanceRecord
 
-from .policy import HealthWindow, InstanceState, RestartPolicy
+from .policy import (
+    HealthWindow,
+    InstanceState,
+    Outlier,
+    OutlierPolicy,
+    RestartPolicy,
+    after_failure,
+    after_success,
+    in_rotation,
+)
 from .ports import port_is_free
 from .process import ChildProcess, RotatingLog, spawn
 
@@ -34,6 +48,9 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 Command = Literal["start", "stop", "restart"]
+# After a failed probe the next comes this soon (at most), so a hung server is restarted in a
+# few seconds and a passing one is back in rotation at once.
+RECHECK_S = 1.0
 
 
 class _Interrupted(Exception):
@@ -61,6 +78,11 @@ class Instance:
         self.requests_total = 0
         self.errors_total = 0
         self.health = HealthWindow(self.sup.failure_threshold, self.sup.recovery_window)
+        # Routing: the last probe failed; passive health from real requests; set when it leaves.
+        self._probe_failed = False
+        self.outlier = Outlier()
+        self._outlier_why = ""
+        self._left = asyncio.Event()
         self.policy = self._new_policy()
         self._want: Command = "start" if cfg.autostart else "stop"
         self._pending: Command | None = None
@@ -107,6 +129,66 @@ class Instance:
         """Passive health: a caller saw this instance fail; probe it now, not at the next tick."""
         self._probe_now.set()
 
+    # --- rotation (what the proxy may send requests to) ------------------------------------
+
+    def routable(self, *, suspect_ok: bool = False) -> bool:
+        """May the proxy send it a request? ``suspect_ok``: even though its last probe failed
+        (when nothing else can serve: one slow probe answer must not turn into 503s)."""
+        return (
+            self.state is InstanceState.READY
+            and (suspect_ok or not self._probe_failed)
+            and in_rotation(self.outlier, time.monotonic(), self.in_flight)
+        )
+
+    @property
+    def ejected(self) -> bool:
+        """Out by passive health: ejected, or half-open until a trial request succeeds."""
+        return self.outlier.ejected_until is not None
+
+    def left_rotation(self) -> asyncio.Event:
+        """Set when this instance leaves rotation (state, probe, ejection). Taken by an attempt
+        as it starts on a routable instance: an earlier, set event belongs to a past absence."""
+        if self._left.is_set():
+            self._left = asyncio.Event()
+        return self._left
+
+    def passive_ok(self) -> None:
+        """A real request got its first byte from this instance."""
+        if self.outlier.ejections:
+            self.log.info("instance back in rotation: a trial request succeeded")
+        self.outlier = after_success(self.outlier)
+
+    def passive_failure(self, detail: str) -> bool:
+        """A gateway failure of a real request on this instance (timeout, connection refused or
+        reset, a 5xx judged its fault). True when it has just been ejected (logged here, once)."""
+        if self.state is not InstanceState.READY:
+            return False  # already out; a new run starts with a clean record
+        now = time.monotonic()
+        peers = [
+            i
+            for i in self.host.instances.values()
+            if i.cfg.client_model == self.cfg.client_model and i.state is InstanceState.READY
+        ]
+        ejected = sum(i.outlier.ejected_until is not None for i in peers if i is not self)
+        before = self.outlier
+        self.outlier = after_failure(before, now, self._outlier_policy(), len(peers), ejected)
+        if self.outlier.ejections <= before.ejections:
+            return False
+        duration = (self.outlier.ejected_until or now) - now
+        self._outlier_why = detail
+        self.log.warning(
+            "instance ejected: failing real requests",
+            ejection=self.outlier.ejections,
+            for_s=round(duration, 1),
+            last=detail,
+        )
+        self._left.set()
+        return True
+
+    def _outlier_policy(self) -> OutlierPolicy:
+        p = self.host.cfg.proxy
+        return OutlierPolicy(p.eject_after_failures, p.eject_base_s, p.eject_max_s, p.max_ejected_fraction)
+
     async def shutdown(self) -> None:
         """Stop the process and end the loop (agent exit or instance removed by a reload)."""
         await self._end_loop()
@@ -132,6 +214,17 @@ class Instance:
         return hashlib.sha256(msgspec.json.encode(self.cfg)).hexdigest()[:16]
 
     def record(self) -> InstanceRecord:
+        last_error, health_ratio = self.last_error, round(self.health.ratio, 3)
+        if self.state is InstanceState.READY and self.ejected:
+            # Ejected, still READY: its state stays (the leader would eject it cluster-wide for
+            # 30 s on a state change); a zero health ratio lowers its weight to the floor instead.
+            o, now = self.outlier, time.monotonic()
+            if o.ejected(now):
+                last_error = f"ejected for {(o.ejected_until or now) - now:.0f}s more (ejection {o.ejections})"
+            else:
+                last_error = f"ejection {o.ejections} over: the next request is a trial"
+            last_error += f"; last failure: {self._outlier_why}"
+            health_ratio = 0.0
         return InstanceRecord(
             name=self.name,
             model=self.cfg.client_model,
@@ -143,8 +236,8 @@ class Instance:
             gpu_memory_fraction=self.cfg.gpu_memory_fraction,
             pid=self.child.server_pid() if self.child and self.child.returncode is None else None,
             restarts=self.restarts,
-            last_error=self.last_error,
-            health_ratio=round(self.health.ratio, 3),
+            last_error=last_error,
+            health_ratio=health_ratio,
             load=self.load,
             requests_total=self.requests_total,
             errors_total=self.errors_total,
@@ -187,7 +280,7 @@ class Instance:
         self._ready_since = None
         self._set_state(InstanceState.UNHEALTHY, failure)
         self.log.warning("instance unhealthy", reason=failure)
-        await self._stop_process(failure)
+        await self._stop_process(failure, self.sup.failed_stop_grace_s)
         decision = self.policy.on_failure(time.monotonic(), ready_for)
         if decision.give_up:
             self._set_state(InstanceState.FAILED, f"{decision.reason}; last failure: {failure}")
@@ -299,15 +392,27 @@ class Instance:
                 return exited
             if ok_result.ok:
                 self.health.record(True)
+                if self._probe_failed:
+                    self._probe_failed = False
+                    self.log.info("probe passed: back in rotation")
                 self.load = await self.backend.read_load(
                     self.host.http, self.upstream, self.cfg, self.sup.probe_timeout_s
                 )
             elif self.health.record(False):
                 return f"{self.health.consecutive_failures} consecutive failed probes (last: {ok_result.detail})"
             else:
-                self.log.warning("probe failed", detail=ok_result.detail, consecutive=self.health.consecutive_failures)
+                # Out of rotation at once (a frozen server holds every request sent to it), but
+                # restarted only after failure_threshold probes: one slow answer is not a crash.
+                self._probe_failed = True
+                self._left.set()
+                self.log.warning(
+                    "probe failed: out of rotation",
+                    detail=ok_result.detail,
+                    consecutive=self.health.consecutive_failures,
+                )
             self._probe_now.clear()
-            await self._sleep_or_exit(self.sup.probe_interval_s, probe_event=True)
+            interval = self.sup.probe_interval_s
+            await self._sleep_or_exit(min(interval, RECHECK_S) if self._probe_failed else interval, probe_event=True)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -345,14 +450,15 @@ class Instance:
     async def _wait_for_command(self) -> None:
         await self._wake.wait()
 
-    async def _stop_process(self, why: str) -> None:
+    async def _stop_process(self, why: str, grace_s: float | None = None) -> None:
         child, self.child = self.child, None
         if child is None:
             return
         self.host.memory_detach(self)
+        grace = self.sup.stop_grace_s if grace_s is None else min(grace_s, self.sup.stop_grace_s)
         if child.returncode is None:
-            self.log.info("stopping instance", pid=child.pid, reason=why, grace_s=self.sup.stop_grace_s)
-        await child.stop(self.sup.stop_grace_s)
+            self.log.info("stopping instance", pid=child.pid, reason=why, grace_s=grace)
+        await child.stop(grace)
         self.output.mark(f"stopped ({why}): {child.describe_exit()}")
         self.host.forget(self.name)
         self.load = None
@@ -367,6 +473,11 @@ class Instance:
         )
         self.state = state
         self.state_since = time.time()
+        if state is InstanceState.READY:  # a new run (or a passed warm-up): a clean slate
+            self._probe_failed = False
+            self.outlier = Outlier()
+        else:
+            self._left.set()
         self.host.on_state_change(self)
 
     def _new_policy(self) -> RestartPolicy:

@@ -81,6 +81,9 @@ def _exit_like(status: int) -> None:
 def _stop_group(server: int, pidfd: int, grace_s: float) -> None:
     _say(f"lifeline closed (no agent will come back): stopping the server, grace {grace_s:g}s")
     _killpg(signal.SIGTERM)
+    # As systemd does: a stopped (SIGSTOPped) server only sees the SIGTERM once continued;
+    # without this it would sit out the whole grace.
+    _killpg(signal.SIGCONT)
     ready, _, _ = select.select([pidfd], [], [], grace_s)
     if not ready:
         _say("grace expired: SIGKILL")
