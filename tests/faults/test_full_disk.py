@@ -229,8 +229,10 @@ async def test_instances_start_and_serve_with_a_full_log_disk(tmp_path: Path) ->
     port = free_port()
     with tmpfs(tmp_path / "logs", "256k", inodes=16) as fs:
         fs.fill(inodes=True)
+        t0 = time.monotonic()
         async with AgentProcess(tmp_path, _two_instances(tmp_path, port), port) as agent:
             pids = await _ready_pids(agent)
+            ready_s = time.monotonic() - t0
             await _traffic(agent, 40)
             await _unchanged(agent, pids)
             assert not (fs.path / "a.log").exists()
@@ -239,6 +241,7 @@ async def test_instances_start_and_serve_with_a_full_log_disk(tmp_path: Path) ->
             await wait_until(lambda: (fs.path / "a.log").exists() and (fs.path / "b.log").exists(), timeout=10)
             await wait_until(lambda: "dropped" in (fs.path / "a.log").read_text(), timeout=10)
             await _unchanged(agent, pids)
+            print(f"\nlog disk full at start-up: both instances READY {ready_s:.2f}s after the agent started")
 
 
 @requires_tmpfs
@@ -331,7 +334,7 @@ async def test_a_dead_supervision_loop_is_not_silent(tmp_path: Path, capsys: pyt
                     return await r.json() if r.status == 503 else None
 
             body = await wait_until(unhealthy, timeout=10, what="/healthz 503")
-            print(f"\ndead supervision loop: /healthz 503 after {time.monotonic() - t0:.2f}s")
+            detected_s = time.monotonic() - t0
             assert body["status"] == "supervision failed" and "No space left" in str(body["instances"]), body
             await wait_until(lambda: any("supervision failed for a" in f for f in notifier.sent), timeout=5)
             pings, statuses = notifier.sent.count("WATCHDOG=1"), len(notifier.sent)
@@ -340,6 +343,8 @@ async def test_a_dead_supervision_loop_is_not_silent(tmp_path: Path, capsys: pyt
             assert notifier.sent.count("WATCHDOG=1") == pings
             dead = [ln for ln in capsys.readouterr().out.splitlines() if "supervision loop died" in ln]
             assert len(dead) == 1, dead
+            with capsys.disabled():
+                print(f"\ndead supervision loop: /healthz 503 after {detected_s:.2f}s")
             # Shutdown re-raises the dead loop's error from Instance._end_loop and would skip
             # the stop (the shim still stops the server once the agent process exits and its
             # lifeline closes; this agent is the test process): forget the loop, stop the server.
