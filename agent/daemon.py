@@ -196,7 +196,9 @@ class AgentRuntime:
             except OSError as e:  # unreadable TLS or password file
                 self.publisher = None
                 raise StartupError(str(e), EX_CONFIG) from None
-            self.routes = RouteTable(self.publisher.etcd, self.publisher.keys, self.cfg.node_id)
+            self.routes = RouteTable(
+                self.publisher.etcd, self.publisher.keys, self.cfg.node_id, on_rewound=self.publisher.republish
+            )
             self.routes.start()
             self.models = ModelFollower(
                 self.publisher.etcd,

@@ -105,7 +105,8 @@ def build_app(rt: AgentRuntime) -> web.Application:
     async def status(_: web.Request) -> web.Response:
         if rt.publisher is None:
             return json_response(rt.node_record())
-        return json_response({**msgspec.to_builtins(rt.node_record()), "cluster": rt.publisher.status()})
+        cluster = {**rt.publisher.status(), "drained": rt.routes.drained if rt.routes is not None else None}
+        return json_response({**msgspec.to_builtins(rt.node_record()), "cluster": cluster})
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

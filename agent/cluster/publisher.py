@@ -116,6 +116,12 @@ class ClusterPublisher:
         """Something may have changed: check the publish policy now."""
         self._poke.set()
 
+    def republish(self) -> None:
+        """etcd's history went backwards (restored from a backup, or wiped): the record there
+        may be one from the backup, whatever we published since. Write ours again now."""
+        self._published = None
+        self._poke.set()
+
     async def stop(self, revoke: bool = True) -> None:
         """Stop publishing; ``revoke`` the lease unless the next agent takes the registration
         over (a restart that hands the model servers over: the node stays in the routes, and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -21,8 +22,13 @@ log = structlog.get_logger("agent.routes")
 
 
 class RouteTable:
-    def __init__(self, etcd: EtcdClient, keys: Keyspace, node_id: str) -> None:
+    def __init__(
+        self, etcd: EtcdClient, keys: Keyspace, node_id: str, on_rewound: Callable[[], None] | None = None
+    ) -> None:
         self.keys = keys
+        # Called when etcd's history went backwards (restored or wiped): the node's own record
+        # there may be an old one (see ClusterPublisher.republish).
+        self._on_rewound = on_rewound
         self.node_id = node_id
         self.routes: dict[str, RouteRecord] = {}
         self.drained = False
@@ -82,6 +88,8 @@ class RouteTable:
 
     def _on_route(self, change: Change) -> None:
         if isinstance(change, Snapshot):
+            if change.rewound and self._on_rewound is not None:
+                self._on_rewound()
             fresh = {}
             for kv in change.kvs:
                 rec = decode_or_skip(kv.key_str, kv.value, RouteRecord, kv.mod_revision)
