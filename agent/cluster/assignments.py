@@ -1,13 +1,17 @@
 """Registered models on this host: check their paths, run the replicas the leader assigns here.
 
-    registry (/models/*) ──► path checks (worker threads) ──► availability in the node record
+    registry (/models/*) ──► path checks (daemon threads) ──► availability in the node record
     assignment (/assignments/<node>) ──► instances started/stopped beside the config's own
 
-Path checks touch shared storage (CephFS, NFS), which can hang; they run in a small pool of
-worker threads with a deadline, and a check still stuck is not started again, so a dead mount
-costs one thread, not one per round. Size and sha256 are checked once per registration (a
-model is immutable once registered; re-hashing 60 GB every 30 s is not an option); presence
-and readability are re-checked every ``recheck_interval_s`` because mounts do go away.
+Path checks touch shared storage (CephFS, NFS), which can hang; each runs in a daemon thread
+(agent/threads.py) with a deadline, and a check still stuck is not started again, so a dead
+mount costs one thread per path, not one per round, and never holds up the agent's exit (a
+pool's threads are joined at interpreter exit: one stuck in a hung mount kept the agent from
+exiting until systemd's SIGKILL). A check past its deadline reports the path unavailable.
+
+Size and sha256 are checked once per registration (a model is immutable once registered;
+re-hashing 60 GB every 30 s is not an option); presence and readability are re-checked every
+``recheck_interval_s`` because mounts do go away.
 
 An assigned replica starts only once its path checked out here. One already running keeps
 running when a re-check fails (its weights are loaded): the failure is reported, and the
@@ -17,7 +21,6 @@ leader moves the replica, which ends it here.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import time
@@ -28,6 +31,7 @@ import msgspec
 import structlog
 
 from agent.config import InstanceConfig, ModelsSection
+from agent.threads import in_daemon_thread
 from gpufleet.etcd import EtcdClient, KeyMirror
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import AssignedInstance, AssignmentRecord, ModelAvailability, ModelRecord
@@ -104,7 +108,6 @@ class ModelFollower:
         self._models = KeyMirror(etcd, keys.models, on_change=lambda _: self._wake.set())
         # A prefix watch on our own key (it also sees "node10" when we are "node1"; filtered).
         self._assignment = KeyMirror(etcd, self._key, on_change=lambda _: self._wake.set())
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="model-check")
         self._task: asyncio.Task[None] | None = None
         self._applied: list[InstanceConfig] | None = None
 
@@ -120,7 +123,6 @@ class ModelFollower:
                 await self._task
         await self._models.stop()
         await self._assignment.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # --- what the node record shows ----------------------------------------------------------
 
@@ -204,7 +206,7 @@ class ModelFollower:
         timeout = cfg.checksum_timeout_s if full else cfg.check_timeout_s
         st.running = True
         check = functools.partial(check_path, w.path, w.size_bytes, w.sha256, full=full)
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, check)
+        fut = in_daemon_thread(check, "model-check")
         fut.add_done_callback(lambda _: setattr(st, "running", False))
         try:
             res = await asyncio.wait_for(asyncio.shield(fut), timeout)

@@ -1,19 +1,19 @@
 """Real GPUs through NVML (the ``pynvml`` module of the nvidia-ml-py package).
 
 NVML calls block, and a wedged driver can block them for good. Reads therefore run in a worker
-thread under a timeout. The thread is a daemon thread of our own rather than ``asyncio.to_thread``:
-the default executor is joined when the event loop shuts down (and its threads at interpreter
-exit), so one hung NVML call would otherwise hang the agent's shutdown as well. While a read is
+thread under a timeout. The thread is a daemon thread (agent/threads.py) rather than
+``asyncio.to_thread``: the default executor is joined when the event loop shuts down (and its
+threads at interpreter exit), so one hung NVML call would otherwise hang the agent's shutdown. While a read is
 still hung, no second one is started; callers get the last known identities with an error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from typing import Any
 
+from agent.threads import in_daemon_thread
 from gpufleet.gpuclasses import classify_gpu
 from gpufleet.keyspace.records import GpuRecord
 
@@ -85,7 +85,7 @@ class NvmlSource:
         if nv is None:
             raise RuntimeError("NvmlSource.sample() before open()")
         if self._inflight is None or self._inflight.done():
-            self._inflight = _in_daemon_thread(self._read_all)
+            self._inflight = in_daemon_thread(self._read_all, "nvml-probe")
         try:
             # shield: a timeout abandons the wait, not the read; the thread cannot be interrupted.
             return await asyncio.wait_for(asyncio.shield(self._inflight), self.probe_timeout_s)
@@ -157,32 +157,3 @@ class NvmlSource:
     def _without_data(self, field: str, message: str) -> list[GpuRecord]:
         # Stale numbers would mislead placement, so the live fields are None rather than last values.
         return [self._record_without_data(i, {field: message}) for i in range(self._count)]
-
-
-def _in_daemon_thread(fn: Callable[[], list[GpuRecord]]) -> asyncio.Future[list[GpuRecord]]:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[list[GpuRecord]] = loop.create_future()
-
-    def deliver(result: list[GpuRecord] | None, error: BaseException | None) -> None:
-        if fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result or [])
-
-    def work() -> None:
-        try:
-            result, error = fn(), None
-        except BaseException as err:
-            result, error = None, err
-        try:
-            loop.call_soon_threadsafe(deliver, result, error)
-        except RuntimeError:
-            pass  # the loop closed while NVML was hung; nobody is waiting any more
-
-    threading.Thread(target=work, name="nvml-probe", daemon=True).start()
-    # A read that outlives its waiter may still fail; mark the exception retrieved so asyncio
-    # does not log "exception was never retrieved" for an error we already reported as a timeout.
-    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-    return fut
