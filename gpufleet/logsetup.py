@@ -176,7 +176,10 @@ class LineWriter:
             "for_s": round(time.time() - since, 1),
             "error": self._error,
         }
-        line = self.notice("warning", fields)
+        try:
+            line = self.notice("warning", fields)
+        except Exception:  # the notice must not be what makes a log call raise
+            line = " ".join(f"{k}={v}" for k, v in fields.items())
         line = line.encode("utf-8", "replace") if isinstance(line, str) else line
         return (b"" if self._line_start else b"\n") + line + b"\n"
 
