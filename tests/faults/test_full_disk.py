@@ -196,8 +196,8 @@ async def test_full_instance_log_disk_under_traffic(tmp_path: Path) -> None:
             # nothing drains their output.
             latencies = await _traffic(agent, 120)
             await _unchanged(agent, pids)
-            for name in ("a", "b"):
-                assert await _metric(agent, "gpu_agent_instance_log_lines_dropped_total", instance=name) >= 16
+            dropped = [await _metric(agent, "gpu_agent_instance_log_lines_dropped_total", instance=n) for n in "ab"]
+            assert min(dropped) > 0 and sum(dropped) >= 118, dropped  # all but what fit in the files' last pages
             failing = _events(agent, "instance log write failed; dropping its lines until writes work again")
             assert sorted(e["instance"] for e in failing) == ["a", "b"], failing  # once each
             assert all("No space left" in str(e["error"]) for e in failing)
@@ -210,7 +210,7 @@ async def test_full_instance_log_disk_under_traffic(tmp_path: Path) -> None:
             )
             recovered_s = time.monotonic() - t_free
             resumed = _events(agent, "instance log writes work again")
-            assert all(int(str(e["dropped_lines"])) >= 16 for e in resumed), resumed
+            assert sum(int(str(e["dropped_lines"])) for e in resumed) >= 118, resumed
             await _traffic(agent, 10)
             await wait_until(lambda: "chat/completions" in (fs.path / "a.log").read_bytes()[size_full:].decode())
             text = (fs.path / "a.log").read_text()
