@@ -157,6 +157,10 @@ class ProxySection(StrictSection):
     eject_base_s: PositiveFloat = 30.0
     eject_max_s: PositiveFloat = 300.0
     max_ejected_fraction: Fraction = 0.5
+    # Probes cannot see an engine that hangs behind a passing health check: reaching the
+    # failure threshold this many times with no success in between (ejected or not: the last
+    # instance is never ejected) restarts the instance. 0: never.
+    restart_after_ejections: Annotated[int, Meta(ge=0)] = 3
     # Attempts on distinct instances when a failure happens before the first response byte.
     max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
     retry_budget_s: PositiveFloat = 15.0

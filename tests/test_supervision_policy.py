@@ -133,7 +133,7 @@ def test_admission_multi_gpu_checks_every_gpu() -> None:
 
 # --- passive health (outlier ejection) -------------------------------------------------------------
 
-P = OutlierPolicy(consecutive_failures=3, base_s=10.0, max_s=25.0, max_fraction=0.5)
+P = OutlierPolicy(consecutive_failures=3, base_s=10.0, max_s=25.0, max_fraction=0.5, restart_after=3)
 
 
 @pytest.mark.parametrize(
@@ -157,12 +157,12 @@ def test_may_eject_caps_the_fraction_and_keeps_one(ready: int, ejected: int, fra
     [
         (Outlier(), 0.0, 2, 0, Outlier(failures=1)),
         (Outlier(failures=1), 0.0, 2, 0, Outlier(failures=2)),
-        (Outlier(failures=2), 5.0, 2, 0, Outlier(0, 1, 15.0)),  # third in a row: ejected for base_s
-        (Outlier(failures=2), 5.0, 1, 0, Outlier(failures=3)),  # the only one: stays, keeps counting
-        (Outlier(failures=2), 5.0, 2, 1, Outlier(failures=3)),  # its sibling is out: stays
-        (Outlier(0, 1, 15.0), 9.0, 2, 1, Outlier(0, 1, 15.0)),  # a late failure while ejected
-        (Outlier(0, 1, 15.0), 15.0, 2, 1, Outlier(0, 2, 35.0)),  # half-open trial failed: 2 × base
-        (Outlier(0, 2, 35.0), 40.0, 2, 1, Outlier(0, 3, 65.0)),  # 4 × base = 40, capped at max_s 25
+        (Outlier(failures=2), 5.0, 2, 0, Outlier(0, 1, 15.0, 1)),  # third in a row: ejected for base_s
+        (Outlier(failures=2), 5.0, 1, 0, Outlier(0, 0, None, 1)),  # the only one: stays, a strike
+        (Outlier(failures=2), 5.0, 2, 1, Outlier(0, 0, None, 1)),  # its sibling is out: stays
+        (Outlier(0, 1, 15.0, 1), 9.0, 2, 1, Outlier(0, 1, 15.0, 1)),  # a late failure while ejected
+        (Outlier(0, 1, 15.0, 1), 15.0, 2, 1, Outlier(0, 2, 35.0, 2)),  # half-open trial failed: 2 × base
+        (Outlier(0, 2, 35.0, 2), 40.0, 2, 1, Outlier(0, 3, 65.0, 3)),  # 4 × base = 40, capped at max_s 25
     ],
 )
 def test_outlier_after_failure(before: Outlier, now: float, ready: int, ejected: int, after: Outlier) -> None:
@@ -178,3 +178,20 @@ def test_outlier_success_resets_and_trial_rules() -> None:
     assert in_rotation(Outlier(failures=2), 0.0, in_flight=7)
     off = OutlierPolicy(consecutive_failures=0)
     assert after_failure(Outlier(failures=9), 0.0, off, 5, 0) == Outlier(failures=9)
+
+
+@pytest.mark.parametrize(
+    ("strikes", "restart_after", "wanted"),
+    [(2, 3, False), (3, 3, True), (4, 3, True), (9, 0, False)],
+)
+def test_outlier_asks_for_a_restart_after_strikes(strikes: int, restart_after: int, wanted: bool) -> None:
+    # A hung engine behind a passing health check: probes will never restart it.
+    p = OutlierPolicy(consecutive_failures=1, restart_after=restart_after)
+    assert Outlier(strikes=strikes).wants_restart(p) is wanted
+
+
+def test_a_lone_instance_that_fails_is_never_ejected_but_is_restarted() -> None:
+    o = Outlier()
+    for _ in range(9):  # nine timeouts in a row on the only instance of its model
+        o = after_failure(o, 0.0, P, ready=1, ejected=0)
+    assert o.ejected_until is None and o.strikes == 3 and o.wants_restart(P)

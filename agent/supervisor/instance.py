@@ -82,6 +82,7 @@ class Instance:
         self._probe_failed = False
         self.outlier = Outlier()
         self._outlier_why = ""
+        self._restart_why: str | None = None  # passive health asks for a restart
         self._left = asyncio.Event()
         self.policy = self._new_policy()
         self._want: Command = "start" if cfg.autostart else "stop"
@@ -170,8 +171,14 @@ class Instance:
             if i.cfg.client_model == self.cfg.client_model and i.state is InstanceState.READY
         ]
         ejected = sum(i.outlier.ejected_until is not None for i in peers if i is not self)
-        before = self.outlier
-        self.outlier = after_failure(before, now, self._outlier_policy(), len(peers), ejected)
+        before, policy = self.outlier, self._outlier_policy()
+        self.outlier = after_failure(before, now, policy, len(peers), ejected)
+        if self.outlier.wants_restart(policy) and self._restart_why is None:
+            self._restart_why = (
+                f"failed real requests {self.outlier.strikes} times in a row "
+                f"({policy.consecutive_failures} consecutive gateway failures each; last: {detail})"
+            )
+            self._probe_now.set()  # the monitor loop acts on it now
         if self.outlier.ejections <= before.ejections:
             return False
         duration = (self.outlier.ejected_until or now) - now
@@ -187,7 +194,9 @@ class Instance:
 
     def _outlier_policy(self) -> OutlierPolicy:
         p = self.host.cfg.proxy
-        return OutlierPolicy(p.eject_after_failures, p.eject_base_s, p.eject_max_s, p.max_ejected_fraction)
+        return OutlierPolicy(
+            p.eject_after_failures, p.eject_base_s, p.eject_max_s, p.max_ejected_fraction, p.restart_after_ejections
+        )
 
     async def shutdown(self) -> None:
         """Stop the process and end the loop (agent exit or instance removed by a reload)."""
@@ -387,6 +396,8 @@ class Instance:
         while True:
             if (exited := await self._exit_reason()) is not None:
                 return exited
+            if self._restart_why is not None:
+                return self._restart_why
             ok_result = await self.backend.probe(self.host.http, self.upstream, self.cfg, self.sup.probe_timeout_s)
             if (exited := await self._exit_reason()) is not None:
                 return exited
@@ -476,6 +487,7 @@ class Instance:
         if state is InstanceState.READY:  # a new run (or a passed warm-up): a clean slate
             self._probe_failed = False
             self.outlier = Outlier()
+            self._restart_why = None
         else:
             self._left.set()
         self.host.on_state_change(self)

@@ -109,12 +109,17 @@ class OutlierPolicy:
     connections, 5xx the backend judges the instance's fault) with no success in between eject
     an instance for ``base_s × 2^(n−1)`` (n: ejections since its last success), capped at
     ``max_s``. At most ``max_fraction`` of a model's READY instances are ejected at once, and
-    never the last one: a flood of bad requests must not empty the rotation. 0 failures: off."""
+    never the last one: a flood of bad requests must not empty the rotation. 0 failures: off.
+
+    Probes cannot see an engine that hangs behind a passing health check, and ejection never
+    takes the last instance: ``restart_after`` strikes (the threshold reached, ejected or not)
+    with no success in between ask the supervisor for a restart. 0: never."""
 
     consecutive_failures: int = 5
     base_s: float = 30.0
     max_s: float = 300.0
     max_fraction: float = 0.5
+    restart_after: int = 3
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,10 @@ class Outlier:
     failures: int = 0  # consecutive gateway failures since the last success
     ejections: int = 0  # ejections since the last success: sets the next one's length
     ejected_until: float | None = None  # None: in rotation; past: half-open (one trial request)
+    strikes: int = 0  # times the failure threshold was reached since the last success
+
+    def wants_restart(self, p: OutlierPolicy) -> bool:
+        return 0 < p.restart_after <= self.strikes
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until is not None and now < self.ejected_until
@@ -161,11 +170,13 @@ def after_failure(o: Outlier, now: float, p: OutlierPolicy, ready: int, ejected:
         # so the fraction is unchanged.
         return _eject(o, now, p)
     failures = o.failures + 1
-    if failures >= p.consecutive_failures and may_eject(ready, ejected, p.max_fraction):
+    if failures < p.consecutive_failures:
+        return Outlier(failures, o.ejections, None, o.strikes)
+    if may_eject(ready, ejected, p.max_fraction):
         return _eject(o, now, p)
-    return Outlier(failures, o.ejections, None)
+    return Outlier(0, o.ejections, None, o.strikes + 1)  # may not be ejected: a strike all the same
 
 
 def _eject(o: Outlier, now: float, p: OutlierPolicy) -> Outlier:
     n = o.ejections + 1
-    return Outlier(0, n, now + min(p.base_s * 2 ** (n - 1), p.max_s))
+    return Outlier(0, n, now + min(p.base_s * 2 ** (n - 1), p.max_s), o.strikes + 1)

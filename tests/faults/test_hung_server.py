@@ -210,3 +210,45 @@ async def test_server_that_hangs_on_inference_is_ejected_and_its_requests_move(t
         assert waits[-1] <= TTFB_S + MARGIN_S  # retried on b within the first-byte limit
         assert len(events(agent, "instance ejected: failing real requests")) >= 1
         assert "Traceback" not in agent.log_path.read_text()
+
+
+async def test_lone_server_hung_on_inference_gives_fast_504s_and_is_restarted(tmp_path: Path) -> None:
+    """No sibling to move to: clients get a clear 504 after the first-byte limit (never a
+    15-minute hang), the last instance is never ejected, and since its probes keep passing,
+    passive health has it restarted after repeated strikes."""
+    port = free_port()
+    args = '["--latency-ms", "100", "--tokens-per-second", "0"]'
+    proxy = PROXY + "restart_after_ejections = 2\n"
+    cfg = agent_toml(tmp_path, port, instance_toml("solo", model="m", args=args) + proxy)
+    async with AgentProcess(tmp_path, cfg.replace("stop_grace_s = 5", "stop_grace_s = 30"), port) as agent:
+        solo = await agent.wait_state("solo", "READY")
+        assert agent.http is not None
+        load = Load(agent.base)
+        runner = asyncio.ensure_future(load.run())
+        try:
+            await wait_until(lambda: load.ok() >= 20, timeout=15, what="traffic flowing")
+            hung_at = time.monotonic()
+            async with agent.http.post(f"http://127.0.0.1:{solo['port']}/sim/control", json={"hang_inference": True}):
+                pass
+            back = await agent.wait_state("solo", "READY", timeout=20, restarts=1)
+            back_s = time.monotonic() - hung_at
+            after = time.monotonic()
+            await wait_until(lambda: load.ok(after) >= 10, timeout=10, what="traffic after the restart")
+        finally:
+            load.stop()
+            await runner
+
+        assert back["pid"] != solo["pid"] and not pid_alive(solo["pid"])
+        assert back["last_error"].startswith("failed real requests 2 times in a row")
+        failed = load.failed()
+        codes = {(s, c) for _, s, _, c in failed}
+        waits = sorted(w for t, _, w, _ in load.results if t >= hung_at - 0.5)
+        n504 = sum(s == 504 for _, s, _, _ in failed)
+        print(
+            f"\nlone hung server: restarted and READY {back_s:.2f}s after the hang; {len(load.results)} requests, "
+            f"{n504} got 504 after the limit, {len(failed) - n504} a fast 503 while it restarted, "
+            f"longest wait {waits[-1]:.2f}s"
+        )
+        assert codes <= {(504, "upstream_timeout"), (503, "model_not_ready")}, codes
+        assert waits[-1] <= TTFB_S + MARGIN_S  # a clear error within the limit, not a hang
+        assert not events(agent, "instance ejected: failing real requests")  # the last one stays
