@@ -30,6 +30,7 @@ from gpufleet.tomlconfig import (
     Port,
     PositiveFloat,
     StrictSection,
+    load_document,
     load_sections,
 )
 
@@ -302,6 +303,9 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     degradation: DegradationSection = msgspec.field(default_factory=DegradationSection)
     api: ApiSection = msgspec.field(default_factory=ApiSection)  # the listener's timeouts and limits
     source_path: str = ""
+    # The file has an ``instances`` key (``[[instances]]`` tables, or ``instances = []`` for "none
+    # on purpose"). A reload refuses a file that would stop every instance by omission.
+    instances_declared: bool = True
 
     @property
     def node_id(self) -> str:
@@ -312,22 +316,55 @@ class AgentConfig(msgspec.Struct, kw_only=True):
         return self.agent.advertise_url or f"http://{self.node_id}:{self.agent.listen_port}"
 
 
+# What a reload cannot change in a running agent: whole sections, or "section.field". They keep
+# their running value until a restart and the reload says so (like Patroni's pending_restart).
+# [agent]: the listen socket, paths, token file and log setup are made once; [gpu]: the GPU
+# source is opened once; [cluster]: the etcd client, lease and watches are made once; [api]: the
+# listener's limits are set when it opens; [proxy]: whether its routes exist, the app's body
+# limit and the upstream session (connect timeout) are built once; keep_servers_on_restart is
+# given to systemd's fd store at start-up. The rest of [supervisor] and [proxy], [models],
+# [degradation] and the instances apply live.
+RESTART_ONLY = (
+    "agent",
+    "gpu",
+    "cluster",
+    "api",
+    "supervisor.keep_servers_on_restart",
+    "proxy.enabled",
+    "proxy.max_body_bytes",
+    "proxy.connect_timeout_s",
+)
+
+
+def _get(cfg: AgentConfig, name: str) -> object:
+    section, _, field = name.partition(".")
+    value = getattr(cfg, section)
+    return getattr(value, field) if field else value
+
+
+def restart_only_changes(running: AgentConfig, new: AgentConfig) -> list[str]:
+    """The RESTART_ONLY settings whose value in ``new`` differs from the running one."""
+    return [name for name in RESTART_ONLY if _get(running, name) != _get(new, name)]
+
+
 def live_reloadable(running: AgentConfig, new: AgentConfig) -> AgentConfig:
-    """The config a reload applies: instances, supervision and proxy settings take effect live;
-    [agent] and [gpu] (listen address, GPU source, paths) need a restart."""
-    return msgspec.structs.replace(
-        running,
-        supervisor=new.supervisor,
-        instances=new.instances,
-        proxy=new.proxy,
-        models=new.models,
-        degradation=new.degradation,
-    )
+    """The config a reload applies: ``new``, except that every RESTART_ONLY setting keeps its
+    running value (instances, supervision, proxy, models and degradation apply live)."""
+    live = msgspec.structs.replace(new, source_path=running.source_path or new.source_path)
+    for name in RESTART_ONLY:
+        section, _, field = name.partition(".")
+        if not field:
+            live = msgspec.structs.replace(live, **{section: getattr(running, section)})
+        else:
+            kept = msgspec.structs.replace(getattr(live, section), **{field: _get(running, name)})
+            live = msgspec.structs.replace(live, **{section: kept})
+    return live
 
 
 def load_config(path: str | Path) -> AgentConfig:
     """Parse and validate; raises :class:`ConfigError` listing every problem found."""
     path = Path(path)
+    data = load_document(path)
     parts = load_sections(
         path,
         sections={
@@ -341,6 +378,7 @@ def load_config(path: str | Path) -> AgentConfig:
             "api": ApiSection,
         },
         lists={"instances": InstanceConfig},
+        data=data,
     )
     cfg = AgentConfig(
         agent=parts["agent"],
@@ -353,6 +391,7 @@ def load_config(path: str | Path) -> AgentConfig:
         degradation=parts["degradation"],
         api=parts["api"],
         source_path=str(path),
+        instances_declared="instances" in data,
     )
     _resolve_paths(cfg, path.parent)
     problems = validate(cfg)

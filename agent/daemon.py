@@ -1,9 +1,10 @@
 """The gpu-agent process: wires config, GPU source, supervisor and HTTP API; handles signals.
 
 SIGTERM/SIGINT stop the instances (grace, then kill) and exit 0. SIGHUP re-reads the config and
-applies only what changed; a bad new config is logged and the running one kept. systemd hears
-READY=1 once the API serves, STATUS= after every supervision tick, WATCHDOG=1 after each
-completed tick, and STOPPING=1 at shutdown.
+applies only what changed, all or nothing: a new config that is bad or cannot be applied is
+logged and the running one kept. systemd hears READY=1 once the API serves, RELOADING=1 then
+READY=1 around every reload (whatever its outcome), STATUS= after every supervision tick,
+WATCHDOG=1 after each completed tick, and STOPPING=1 at shutdown.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from agent.config import AgentConfig, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
 from agent.supervisor import Supervisor
 from agent.supervisor.handover import API, FdStore
+from agent.supervisor.plan import PlanError, PlanErrorCode
 from gpufleet import __version__
 from gpufleet.httpserver import ConnectionGuard, GuardedRunner, listener_guard
 from gpufleet.keyspace.records import NodeRecord, ProxyCounters
@@ -48,6 +50,14 @@ class StartupError(Exception):
         self.exit_code = exit_code
 
 
+class ReloadOutcome(msgspec.Struct, frozen=True):
+    """What a reload did, as the admin API answers it: 200 applied, 422 the file has errors,
+    409 the file cannot be applied to this host as it runs now (e.g. no free port)."""
+
+    http_status: int
+    body: dict[str, Any]
+
+
 class AgentRuntime:
     def __init__(self, cfg: AgentConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
@@ -63,6 +73,9 @@ class AgentRuntime:
         self._stop = asyncio.Event()
         self._tick_now = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[ReloadOutcome]] = set()  # held until done (see _spawn_reload)
+        self.reload_failure: str | None = None  # why the last reload was refused (STATUS= says so)
+        self.restart_needed: list[str] = []  # settings changed in the file that wait for a restart
         self._runner: web.AppRunner | None = None
         self.http_guard: ConnectionGuard | None = None  # the listener's cap and timeouts (_make_runner)
         self._http: aiohttp.ClientSession | None = None
@@ -128,7 +141,7 @@ class AgentRuntime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
         self.serving = self.serving_was_up = True
         status = await self.supervisor.tick()
         self.notifier.ready(status)
@@ -140,6 +153,7 @@ class AgentRuntime:
             log.critical("supervision tick loop died; exiting", error=f"{type(e).__name__}: {e}", exc_info=True)
             code = EX_SOFTWARE
         log.info("gpu-agent stopping")
+        await asyncio.gather(*self._reloads, return_exceptions=True)  # a reload ends whole, then we stop
         self.serving = False
         self.notifier.stopping()
         await self._cleanup()
@@ -178,11 +192,11 @@ class AgentRuntime:
         handed_over = self._handed_over_socket()
         if handed_over is None:
             await self._listen(self._runner)
-            await self.supervisor.start()
+            await self._start_supervisor()
         else:
             # Clients of the restart wait in the socket's backlog until the servers we adopt
             # have answered a probe: served earlier, they would find no READY instance.
-            await self.supervisor.start()
+            await self._start_supervisor()
             await self.supervisor.adopted_settled(ADOPT_SETTLE_S)
             await web.SockSite(self._runner, handed_over).start()
             log.info("serving on the socket the previous agent handed over")
@@ -210,6 +224,14 @@ class AgentRuntime:
                 on_change=self.changed,
             )
             self.models.start()
+
+    async def _start_supervisor(self) -> None:
+        try:
+            await self.supervisor.start()
+        except PlanError as e:
+            # A config that cannot be planned here (no free port in the span, ...) does not get
+            # better by restarting: EX_CONFIG, which the unit's RestartPreventExitStatus= honours.
+            raise StartupError("cannot plan the instances: " + "; ".join(e.problems), EX_CONFIG) from None
 
     def _handed_over_socket(self) -> socket.socket | None:
         """The listening socket the previous agent handed over, if it is for our address."""
@@ -262,7 +284,7 @@ class AgentRuntime:
             self._tick_now.clear()
             if self._stop.is_set():
                 break
-            status = await self.supervisor.tick()
+            status = await self.supervisor.tick() + self._reload_notes()
             if self.publisher is not None:
                 self.publisher.poke()
                 status += f"; etcd {self.publisher.state}"
@@ -305,18 +327,75 @@ class AgentRuntime:
         if hasattr(self, "gpu_source"):
             self.gpu_source.close()
 
-    async def reload(self) -> dict[str, Any]:
-        """SIGHUP: re-read the config file and apply the difference."""
+    # --- reload ---------------------------------------------------------------------------------
+
+    async def reload(self) -> ReloadOutcome:
+        """POST /admin/reload. The reload runs to its end even if the HTTP client goes away (the
+        handler is cancelled then): a reload cut in the middle is what all-or-nothing rules out."""
+        return await asyncio.shield(self._spawn_reload())
+
+    def _spawn_reload(self) -> asyncio.Task[ReloadOutcome]:
+        """Also SIGHUP's handler. The task is held until done: one nobody references can be
+        garbage-collected mid-way, and one nobody awaits reports its exception only as "Task
+        exception was never retrieved"."""
+        task = asyncio.create_task(self._reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+        return task
+
+    async def _reload(self) -> ReloadOutcome:
         async with self._reload_lock:
             self.notifier.reloading()
             try:
-                new = load_config(self.cfg.source_path)
-            except ConfigError as e:
-                for line in str(e).splitlines():
-                    log.error("reload refused, keeping the running config", problem=line)
-                self.notifier.ready("reload refused: config has errors")
-                return {"error": "config has errors", "problems": str(e).splitlines()}
-            result = await self.supervisor.reload(new)
-            self.cfg = self.supervisor.cfg  # the supervisor applied the reloadable part already
-            self.notifier.ready(self.supervisor.summary())
-            return result
+                outcome = await self._reload_once()
+            except Exception as e:  # a bug: say so, and never leave systemd waiting in "reloading"
+                log.exception("reload failed unexpectedly", error=f"{type(e).__name__}: {e}")
+                outcome = self._refused("internal_error", [f"unexpected error: {type(e).__name__}: {e}"], 500)
+            finally:
+                # systemd hears READY=1 after RELOADING=1 whatever happened.
+                summary = self.supervisor.summary() + self._reload_notes(ready=False)
+                failed = f"reload failed: {self.reload_failure}; running config kept; " if self.reload_failure else ""
+                self.notifier.ready(failed + summary)
+            return outcome
+
+    async def _reload_once(self) -> ReloadOutcome:
+        try:
+            new = load_config(self.cfg.source_path)
+        except ConfigError as e:
+            return self._refused("config_invalid", str(e).splitlines())
+        try:
+            plan = await self.supervisor.reload(new)
+        except PlanError as e:
+            return self._refused(e.code, e.problems)
+        self.cfg = self.supervisor.cfg
+        self.reload_failure = None
+        self.restart_needed = plan.restart_needed
+        body = {
+            "status": "applied",
+            **plan.instances.summary(),
+            "restart_needed": plan.restart_needed,
+            "warnings": plan.warnings,
+        }
+        return ReloadOutcome(200, body)
+
+    def _refused(self, code: PlanErrorCode | str, problems: list[str], http_status: int | None = None) -> ReloadOutcome:
+        for line in problems:
+            log.error("reload refused, keeping the running config", problem=line, reason=code)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        self.reload_failure = f"{problems[0]}{more}"
+        status = http_status or (422 if code == "config_invalid" else 409)
+        error = {
+            "message": f"reload refused, running config kept: {self.reload_failure}",
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "code": code,
+        }
+        return ReloadOutcome(status, {"status": "refused", "error": error, "problems": problems})
+
+    def _reload_notes(self, ready: bool = True) -> str:
+        """What STATUS= keeps saying after a reload until the next one (or a restart) clears it."""
+        notes = ""
+        if self.reload_failure and ready:
+            notes += f"; last reload failed: {self.reload_failure}"
+        if self.restart_needed:
+            notes += f"; restart needed for {', '.join(self.restart_needed)}"
+        return notes

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+
+SEND_TIMEOUT_S = 0.25
 
 
 class SystemdNotifier:
@@ -19,6 +22,9 @@ class SystemdNotifier:
         if addr:
             self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Sent from the event loop: a receiver that stops reading (its queue holds only
+            # net.unix.max_dgram_qlen datagrams) must not stall the agent for more than this.
+            self._sock.settimeout(SEND_TIMEOUT_S)
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         # WATCHDOG_PID, when set, names the process the watchdog is meant for.
@@ -39,11 +45,12 @@ class SystemdNotifier:
             return False
 
     def ready(self, status: str = "") -> bool:
-        return self.notify("READY=1", *([f"STATUS={status}"] if status else []))
+        """Also the end of every reload, successful or not: after RELOADING=1 systemd keeps the
+        unit in "reloading" until it hears READY=1."""
+        return self.notify("READY=1", *([_status(status)] if status else []))
 
     def status(self, text: str) -> bool:
-        # STATUS is one line by protocol; a newline would start a new assignment.
-        return self.notify("STATUS=" + text.replace("\n", " "))
+        return self.notify(_status(text))
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
@@ -52,9 +59,17 @@ class SystemdNotifier:
         return self.notify("STOPPING=1")
 
     def reloading(self) -> bool:
-        return self.notify("RELOADING=1")
+        # MONOTONIC_USEC: when the reload began; systemd >= 253 (Type=notify-reload) requires it
+        # in the same message, older ones ignore it.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _status(text: str) -> str:
+    # STATUS is one line by protocol; a newline would start a new assignment.
+    return "STATUS=" + text.replace("\n", " ")

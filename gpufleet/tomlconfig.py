@@ -114,10 +114,33 @@ def convert_sections(
     return out
 
 
-def load_sections(path: Path, sections: dict[str, type], lists: dict[str, type]) -> dict[str, Any]:
-    """Read ``path`` and convert its sections; raises ConfigError listing every problem."""
+EMPTY_FILE = (
+    "empty config file (no settings at all): a truncated or half-written file? "
+    "Refusing it rather than running with no instances"
+)
+
+
+def load_document(path: str | Path) -> dict[str, Any]:
+    """Read and parse a config file that must say something.
+
+    Every setting has a default, so an empty file (or only blank lines and comments: what a
+    failed write, a truncation or an editor crash leaves) would be a valid config that runs
+    nothing, and a reload with it would stop everything. It is refused instead: a config must
+    contain at least one key or table.
+    """
+    data = read_toml(path)
+    if not data:
+        raise ConfigError(str(path), [ConfigProblem("$", EMPTY_FILE)])
+    return data
+
+
+def load_sections(
+    path: Path, sections: dict[str, type], lists: dict[str, type], data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Read ``path`` (unless its parsed ``data`` is given) and convert its sections; raises
+    ConfigError listing every problem."""
     problems: list[ConfigProblem] = []
-    parts = convert_sections(read_toml(path), sections, lists, problems)
+    parts = convert_sections(load_document(path) if data is None else data, sections, lists, problems)
     if problems:
         raise ConfigError(str(path), problems)
     return parts

@@ -275,3 +275,133 @@ context_size = 4096
     assert any("instances[1].args" in ln and "--api-key" in ln and "api_key_file" in ln for ln in lines), lines
     assert any("instances[2].api_key_file" in ln and "'ollama'" in ln for ln in lines), lines
     assert any("instances[3].context_size" in ln and "'command'" in ln for ln in lines), lines
+
+
+# --- empty files and reload plans (issue 14 item 3) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["", "\n\n  \t\n", "# agent config\n\n# [agent]\n"], ids=["empty", "blank", "comments"]
+)
+def test_an_empty_config_file_is_an_error(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "agent.toml"
+    assert problems(tmp_path, text) == [
+        f"{f}: $: empty config file (no settings at all): a truncated or half-written file? "
+        "Refusing it rather than running with no instances"
+    ]
+
+
+def test_check_config_rejects_an_empty_file_with_78(tmp_path: Path) -> None:
+    empty = tmp_path / "agent.toml"
+    empty.write_text("")
+    res = run_agent("check-config", str(empty))
+    assert res.returncode == EX_CONFIG
+    assert res.stderr.startswith(f"{empty}: $: empty config file")
+
+
+def _cfg(tmp_path: Path, text: str, name: str = "agent.toml"):  # type: ignore[no-untyped-def]
+    f = tmp_path / name
+    f.write_text(text)
+    return load_config(f)
+
+
+SUP = "[supervisor]\nport_base = 20000\nport_span = 2\n"
+
+
+def _inst(name: str, extra: str = "") -> str:
+    return f'[[instances]]\nname = "{name}"\nbackend = "vllm"\nmodel = "{name}-m"\n{extra}\n'
+
+
+def _running(cfg, ports: dict[str, int], assigned: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
+    from agent.supervisor.plan import Running
+
+    by_name = {c.name: c for c in cfg.instances}
+    return {n: Running(by_name[n], p, n in assigned) for n, p in ports.items()}
+
+
+def test_reload_plan_refuses_when_the_port_span_is_exhausted(tmp_path: Path) -> None:
+    from agent.supervisor.plan import PlanError, plan_reload
+
+    old = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("b"))
+    new = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("b", 'args = ["--x"]') + _inst("c"), "new.toml")
+    with pytest.raises(PlanError) as e:
+        plan_reload(old, new, _running(old, {"a": 20000, "b": 20001}), is_free=lambda p: True)
+    assert e.value.code == "reload_not_applicable"
+    assert e.value.problems == ["no free port left in 20000..20001 for instance 'c'"]
+
+
+def test_reload_plan_reuses_ports_of_what_it_stops_and_keeps_changed_ports(tmp_path: Path) -> None:
+    from agent.supervisor.plan import plan_reload
+
+    old = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("b"))
+    new = _cfg(tmp_path, BASE + SUP + _inst("b", 'args = ["--x"]') + _inst("c"), "new.toml")
+    # The ports are held by our own servers now; they are free once the plan stops them.
+    plan = plan_reload(old, new, _running(old, {"a": 20000, "b": 20001}), is_free=lambda p: False)
+    assert plan.instances.summary() == {"added": ["c"], "removed": ["a"], "changed": ["b"], "unchanged": []}
+    assert [(c.name, port) for c, port in plan.instances.start] == [("b", 20001), ("c", 20000)]
+    assert plan.restart_needed == [] and plan.warnings == []
+
+
+def test_reload_plan_refuses_an_explicit_port_in_use(tmp_path: Path) -> None:
+    from agent.supervisor.plan import PlanError, plan_reload
+
+    old = _cfg(tmp_path, BASE + SUP + _inst("a"))
+    new = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("b", "port = 20000") + _inst("c", "port = 9999"), "n.toml")
+    with pytest.raises(PlanError) as e:
+        plan_reload(old, new, _running(old, {"a": 20000}), is_free=lambda p: p != 9999)
+    assert e.value.problems == [
+        "instance 'b': port 20000 is held by running instance 'a'",
+        "instance 'c': port 9999 is in use by another process",
+    ]
+
+
+def test_reload_plan_reports_restart_only_changes_and_applies_the_rest(tmp_path: Path) -> None:
+    from agent.supervisor.plan import plan_reload
+
+    old = _cfg(tmp_path, BASE + SUP + _inst("a"))
+    text = (
+        BASE
+        + SUP
+        + "keep_servers_on_restart = false\nprobe_interval_s = 7\n"
+        + '[cluster]\nendpoints = ["http://127.0.0.1:2379"]\n[proxy]\nmax_attempts = 5\nmax_body_bytes = 4096\n'
+        + _inst("a")
+    )
+    new = _cfg(tmp_path, text, "new.toml")
+    plan = plan_reload(old, new, _running(old, {"a": 20000}), is_free=lambda p: True)
+    assert plan.restart_needed == ["cluster", "supervisor.keep_servers_on_restart", "proxy.max_body_bytes"]
+    assert plan.warnings[0] == "[cluster] changed; restart needed to apply it"
+    assert "[supervisor] keep_servers_on_restart changed; restart needed to apply it" in plan.warnings
+    # The live part applies; what needs a restart keeps its running value.
+    assert plan.live.supervisor.probe_interval_s == 7 and plan.live.proxy.max_attempts == 5
+    assert plan.live.supervisor.keep_servers_on_restart is True
+    assert plan.live.proxy.max_body_bytes == old.proxy.max_body_bytes
+    assert not plan.live.cluster.enabled
+    assert plan.instances.summary()["unchanged"] == ["a"]
+
+
+def test_reload_plan_refuses_a_file_that_would_stop_everything_by_omission(tmp_path: Path) -> None:
+    from agent.supervisor.plan import PlanError, plan_reload
+
+    old = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("b"))
+    cut = _cfg(tmp_path, BASE + SUP, "cut.toml")  # truncated after [supervisor]
+    with pytest.raises(PlanError) as e:
+        plan_reload(old, cut, _running(old, {"a": 20000, "b": 20001}), is_free=lambda p: True)
+    assert e.value.code == "config_invalid"
+    [line] = e.value.problems
+    assert line.startswith(f"{tmp_path / 'cut.toml'}: $.instances: no [[instances]]")
+    assert "would stop 'a', 'b'" in line and "instances = []" in line
+    # Said on purpose: every instance stops.
+    empty = _cfg(tmp_path, "instances = []\n" + BASE + SUP, "none.toml")
+    plan = plan_reload(old, empty, _running(old, {"a": 20000, "b": 20001}), is_free=lambda p: True)
+    assert plan.instances.summary()["removed"] == ["a", "b"]
+
+
+def test_reload_plan_lets_a_configured_instance_take_an_assigned_ones_name(tmp_path: Path) -> None:
+    from agent.supervisor.plan import plan_reload
+
+    old = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("m"))
+    new = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("m", 'args = ["--x"]'), "new.toml")
+    running = _running(old, {"a": 20000, "m": 20001}, assigned=frozenset({"m"}))
+    plan = plan_reload(old, new, running, is_free=lambda p: False)
+    assert plan.instances.stop == ["m"]
+    assert [(c.name, port) for c, port in plan.instances.start] == [("m", 20001)]

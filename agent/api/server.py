@@ -161,10 +161,10 @@ def build_app(rt: AgentRuntime) -> web.Application:
     async def reload(request: web.Request) -> web.Response:
         if (denied := require_admin(request)) is not None:
             return denied
-        result = await rt.reload()
-        if "error" in result:
-            return json_response(result, 422)
-        return json_response(result)
+        # 200 applied; 422 the file has errors, 409 it cannot be applied now: the running config
+        # is kept either way, and the body names the problems.
+        outcome = await rt.reload()
+        return json_response(outcome.body, outcome.http_status)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

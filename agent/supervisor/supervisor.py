@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from agent.config import AgentConfig, InstanceConfig, live_reloadable
+from agent.config import AgentConfig, InstanceConfig
 from agent.gpu import GpuSource
 from agent.gpu.smoothing import UtilizationSmoother
 from gpufleet.gpuclasses import UNKNOWN
@@ -27,8 +27,8 @@ from .admission import Claim, check_admission
 from .cgroups import CgroupManager
 from .handover import FdStore, lifeline_name, output_name
 from .instance import Command, Instance
+from .plan import InstancePlan, PlanError, ReloadPlan, Running, plan_instances, plan_reload
 from .policy import InstanceState
-from .ports import plan_ports
 from .process import ChildProcess, GroupRecord, GroupRegistry, RotatingLog, adopt, is_alive, kill_session
 
 log = structlog.get_logger("agent.supervisor")
@@ -91,7 +91,17 @@ class Supervisor:
         self._take_over_previous()
         self.gpus = self.smoother.apply(await self.gpu_source.sample())
         keep = {n: rec.port for n, (rec, _, _) in self._adoptable.items() if rec.port}
-        self._add_instances(self.cfg.instances, keep_ports=keep)
+        plan = plan_instances(
+            self.cfg.instances,
+            assigned=False,
+            running={},
+            listen_port=self.cfg.agent.listen_port,
+            port_base=self.cfg.supervisor.port_base,
+            port_span=self.cfg.supervisor.port_span,
+            keep_ports=keep,
+            check_explicit=False,
+        )
+        self._start_instances(self._build(plan, assigned=False))
         if self._adoptable:
             # Replicas assigned by the leader come back once the assignments are read; what
             # nobody claims by then is stopped (its shim sees the lifeline close).
@@ -187,19 +197,33 @@ class Supervisor:
         self._forget_fds(name)
         self.registry.remove(name)
 
-    def _add_instances(self, configs: list[InstanceConfig], keep_ports: dict[str, int], assigned: bool = False) -> None:
-        existing = {n: i.port for n, i in self.instances.items()}
-        plan = plan_ports(
-            [(c.name, c.port) for c in configs],
-            base=self.cfg.supervisor.port_base,
-            span=self.cfg.supervisor.port_span,
-            reserved={self.cfg.agent.listen_port, *existing.values()},
-            keep=keep_ports,
-        )
-        for c in configs:
-            inst = Instance(c, plan[c.name], self, assigned=assigned)
-            self.instances[c.name] = inst
+    def _running(self) -> dict[str, Running]:
+        return {n: Running(i.cfg, i.port, i.assigned) for n, i in self.instances.items()}
+
+    def _build(self, plan: InstancePlan, *, assigned: bool) -> list[Instance]:
+        """The new Instance objects of a plan, not started yet. Building opens each one's log
+        file: a failure here (log directory not writable) refuses the plan before anything
+        stops."""
+        built: list[Instance] = []
+        try:
+            for c, port in plan.start:
+                built.append(Instance(c, port, self, assigned=assigned))
+        except OSError as e:
+            for inst in built:
+                inst.output.close()
+            raise PlanError("reload_not_applicable", [f"cannot set up instance {c.name!r}: {e}"]) from None
+        return built
+
+    def _start_instances(self, built: list[Instance]) -> None:
+        for inst in built:
+            self.instances[inst.name] = inst
             inst.start_task()
+
+    async def _apply(self, plan: InstancePlan, built: list[Instance]) -> None:
+        """Stop what the plan stops, then start what it built. Nothing in here refuses: what
+        could fail was checked by the plan."""
+        await self._remove([self.instances[n] for n in plan.stop if n in self.instances])
+        self._start_instances(built)
 
     async def stop(self) -> None:
         """Stop every instance, concurrently: the slowest grace period bounds the agent's exit."""
@@ -258,59 +282,62 @@ class Supervisor:
         inst.command(cmd)
         return inst
 
-    async def reload(self, new: AgentConfig) -> dict[str, list[str]]:
-        """Apply a new config: only added, removed and changed instances are touched."""
-        for section in ("gpu", "agent"):
-            if getattr(new, section) != getattr(self.cfg, section):
-                log.warning("config section changed; takes effect after a restart", section=section)
-        # Supervisor settings apply live: instances read them through self.cfg.
-        self.cfg = live_reloadable(self.cfg, new)
-        # A static instance now named like an assigned one takes its place (the file wins).
+    async def reload(self, new: AgentConfig) -> ReloadPlan:
+        """Apply a new config all-or-nothing: plan completely (ports, instances), then apply.
+        Raises :class:`PlanError` with nothing changed when it cannot be planned. Only added,
+        removed and changed instances are touched; settings that need a restart keep their
+        running value and are listed in the plan."""
         async with self._reconfiguring:
-            names = {c.name for c in new.instances}
-            clash = [i for i in self.instances.values() if i.assigned and i.name in names]
-            await self._remove(clash)
-            result = await self._reconcile(new.instances, assigned=False)
-        log.info("config reloaded", **result)
+            plan = plan_reload(self.cfg, new, self._running())
+            # New instances read the new supervision settings as they are built; a plan refused
+            # while building puts the running ones back (no await in between: nobody sees it).
+            running_cfg, self.cfg = self.cfg, plan.live
+            try:
+                built = self._build(plan.instances, assigned=False)
+            except PlanError:
+                self.cfg = running_cfg
+                raise
+            await self._apply(plan.instances, built)
+        for warning in plan.warnings:
+            log.warning(warning, config=new.source_path)
+        log.info("config reloaded", restart_needed=plan.restart_needed, **plan.instances.summary())
         self.on_change()
-        return result
+        return plan
 
     async def set_assigned(self, configs: list[InstanceConfig]) -> dict[str, list[str]]:
         """Make the assigned instances exactly ``configs`` (the leader's assignment for this
         node, minus what cannot run here); idempotent. Static instances are never touched: an
-        assigned one whose name a static instance already has is skipped."""
+        assigned one whose name a static instance already has is skipped. All-or-nothing like a
+        reload: :class:`PlanError` when the assignment cannot be planned, nothing changed."""
         async with self._reconfiguring:
             static = {i.name for i in self.instances.values() if not i.assigned}
             for c in configs:
                 if c.name in static:
                     log.error("assigned instance has the name of a configured instance; not started", instance=c.name)
-            result = await self._reconcile([c for c in configs if c.name not in static], assigned=True)
+            plan = plan_instances(
+                [c for c in configs if c.name not in static],
+                assigned=True,
+                running=self._running(),
+                listen_port=self.cfg.agent.listen_port,
+                port_base=self.cfg.supervisor.port_base,
+                port_span=self.cfg.supervisor.port_span,
+            )
+            await self._apply(plan, self._build(plan, assigned=True))
+        result = plan.summary()
         if result["added"] or result["removed"] or result["changed"]:
             log.info("assignments applied", **result)
             self.on_change()
         return result
 
-    async def _reconcile(self, configs: list[InstanceConfig], *, assigned: bool) -> dict[str, list[str]]:
-        """Bring the instances of one origin (config file or assignments) to ``configs``."""
-        old_by_name = {i.name: i for i in self.instances.values() if i.assigned == assigned}
-        new_by_name = {c.name: c for c in configs}
-        removed = [n for n in old_by_name if n not in new_by_name]
-        changed = [n for n in old_by_name if n in new_by_name and new_by_name[n] != old_by_name[n].cfg]
-        added = [n for n in new_by_name if n not in old_by_name]
-        keep_ports = {n: old_by_name[n].port for n in changed if new_by_name[n].port is None}
-        await self._remove([old_by_name[n] for n in removed + changed])
-        self._add_instances([new_by_name[n] for n in changed + added], keep_ports=keep_ports, assigned=assigned)
-        return {
-            "added": added,
-            "removed": removed,
-            "changed": changed,
-            "unchanged": [n for n in old_by_name if n not in removed and n not in changed],
-        }
-
     async def _remove(self, gone: list[Instance]) -> None:
         for inst in gone:
             del self.instances[inst.name]
-        await asyncio.gather(*(i.shutdown() for i in gone))
+        # One instance that fails to stop cleanly must not keep the others (or the new ones) from
+        # their turn: a plan, once applied, is applied whole.
+        results = await asyncio.gather(*(i.shutdown() for i in gone), return_exceptions=True)
+        for inst, res in zip(gone, results, strict=True):
+            if isinstance(res, BaseException):
+                log.error("instance did not shut down cleanly", instance=inst.name, error=repr(res))
         for inst in gone:
             self.cgroups.remove_instance(inst.name)
 
