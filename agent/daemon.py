@@ -304,7 +304,6 @@ class AgentRuntime:
                     "instance supervision loop died; /healthz fails until a restart", instance=name, error=error
                 )
 
-
     async def _cleanup(self) -> None:
         # Deregister first: the cluster moves traffic away before the instances go down.
         if self.models is not None:
