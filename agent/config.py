@@ -483,6 +483,7 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
         out.extend(sizing_problems(inst, at))
 
     out.extend(memory_budget_problems(cfg))
+    out.extend(port_span_problems(cfg))
     out.extend(proxy_problems(cfg))
     out.extend(cluster_problems(cfg))
     out.extend(models_problems(cfg))
@@ -575,6 +576,24 @@ def proxy_problems(cfg: AgentConfig) -> list[ConfigProblem]:
     if cfg.proxy.eject_max_s < cfg.proxy.eject_base_s:
         out.append(ConfigProblem("$.proxy.eject_max_s", "must be >= eject_base_s"))
     return out
+
+
+def port_span_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    """Instances without an explicit port must fit the span (less the ports explicitly taken in
+    it): caught here, check-config (the unit's ExecStartPre) refuses the file, not the start."""
+    sup = cfg.supervisor
+    span = range(sup.port_base, sup.port_base + sup.port_span)
+    auto = [i.name for i in cfg.instances if i.port is None]
+    taken = {i.port for i in cfg.instances if i.port in span} | ({cfg.agent.listen_port} & set(span))
+    room = sup.port_span - len(taken)
+    if len(auto) <= room:
+        return []
+    return [
+        ConfigProblem(
+            "$.supervisor.port_span",
+            f"{len(auto)} instances have no explicit port but {span.start}..{span.stop - 1} has room for {room}",
+        )
+    ]
 
 
 def memory_budget_problems(cfg: AgentConfig) -> list[ConfigProblem]:

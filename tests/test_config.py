@@ -322,12 +322,21 @@ def _running(cfg, ports: dict[str, int], assigned: frozenset[str] = frozenset())
 def test_reload_plan_refuses_when_the_port_span_is_exhausted(tmp_path: Path) -> None:
     from agent.supervisor.plan import PlanError, plan_reload
 
-    old = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("b"))
-    new = _cfg(tmp_path, BASE + SUP + _inst("a") + _inst("b", 'args = ["--x"]') + _inst("c"), "new.toml")
-    with pytest.raises(PlanError) as e:
-        plan_reload(old, new, _running(old, {"a": 20000, "b": 20001}), is_free=lambda p: True)
+    sup = SUP.replace("port_span = 2", "port_span = 3")
+    old = _cfg(tmp_path, BASE + sup + _inst("a") + _inst("b"))
+    new = _cfg(tmp_path, BASE + sup + _inst("a") + _inst("b", 'args = ["--x"]') + _inst("c"), "new.toml")
+    with pytest.raises(PlanError) as e:  # another process holds the span's third port
+        plan_reload(old, new, _running(old, {"a": 20000, "b": 20001}), is_free=lambda p: p != 20002)
     assert e.value.code == "reload_not_applicable"
-    assert e.value.problems == ["no free port left in 20000..20001 for instance 'c'"]
+    assert e.value.problems == ["no free port left in 20000..20002 for instance 'c'"]
+
+
+def test_instances_without_a_port_must_fit_the_span(tmp_path: Path) -> None:
+    text = BASE + SUP + _inst("a") + _inst("b", "port = 20001") + _inst("c")
+    assert problems(tmp_path, text) == [
+        f"{tmp_path / 'agent.toml'}: $.supervisor.port_span: 2 instances have no explicit port "
+        "but 20000..20001 has room for 1"
+    ]
 
 
 def test_reload_plan_reuses_ports_of_what_it_stops_and_keeps_changed_ports(tmp_path: Path) -> None:

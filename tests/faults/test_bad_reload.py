@@ -9,6 +9,7 @@ SIGHUP path leaves no "Task exception was never retrieved" behind.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -119,34 +120,45 @@ async def test_empty_config_file_is_refused_and_everything_keeps_running(tmp_pat
         no_unretrieved_task_errors(agent)
 
 
+def hold_port(text: str, offset: int) -> socket.socket:
+    """Another process's listener on the config's ``port_base + offset``."""
+    base = int(re.search(r"^port_base = (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    s = socket.socket()
+    s.bind(("127.0.0.1", base + offset))
+    s.listen()
+    return s
+
+
 async def test_reload_that_cannot_be_planned_changes_nothing(tmp_path: Path, notify) -> None:  # type: ignore[no-untyped-def]
-    """Port span 2, two instances: a third one has no port. Instance ``b`` also changes: a
-    half-applied reload stopped it before it found out there was no port for ``c``."""
+    """Port span 3, two instances, and another process on the third port: a third instance has
+    no port. Instance ``b`` also changes: a half-applied reload stopped it before it found out
+    there was no port for ``c``."""
     port = free_port()
     two = instance_toml("a") + instance_toml("b")
-    text = agent_toml(tmp_path, port, two, supervisor="port_span = 2")
-    async with AgentProcess(tmp_path, text, port, env={"NOTIFY_SOCKET": str(notify.path)}) as agent:
-        await agent.wait_state("a", "READY")
-        await agent.wait_state("b", "READY")
-        before = await pids(agent)
+    text = agent_toml(tmp_path, port, two, supervisor="port_span = 3")
+    with hold_port(text, 2):
+        async with AgentProcess(tmp_path, text, port, env={"NOTIFY_SOCKET": str(notify.path)}) as agent:
+            await agent.wait_state("a", "READY")
+            await agent.wait_state("b", "READY")
+            before = await pids(agent)
 
-        changed_b = instance_toml("b", args='["--latency-ms", "1"]')
-        agent.config.write_text(text.replace(instance_toml("b"), changed_b) + instance_toml("c"))
-        status, body = await agent.admin("/admin/reload")
-        assert status == 409, body
-        assert body["error"]["code"] == "reload_not_applicable"
-        assert "no free port" in body["error"]["message"] and "'c'" in body["error"]["message"]
-        ready = await wait_until(notify.ready_after_reload, timeout=10, what="READY=1 after RELOADING=1")
-        assert "STATUS=reload failed" in ready and "no free port" in ready
+            changed_b = instance_toml("b", args='["--latency-ms", "1"]')
+            agent.config.write_text(text.replace(instance_toml("b"), changed_b) + instance_toml("c"))
+            status, body = await agent.admin("/admin/reload")
+            assert status == 409, body
+            assert body["error"]["code"] == "reload_not_applicable"
+            assert "no free port" in body["error"]["message"] and "'c'" in body["error"]["message"]
+            ready = await wait_until(notify.ready_after_reload, timeout=10, what="READY=1 after RELOADING=1")
+            assert "STATUS=reload failed" in ready and "no free port" in ready
 
-        ready = await sighup_refused(agent, notify, count=2)
-        assert "no free port" in ready
+            ready = await sighup_refused(agent, notify, count=2)
+            assert "no free port" in ready
 
-        assert await pids(agent) == before
-        st = await agent.status()
-        assert {i["name"]: i["state"] for i in st["instances"]} == {"a": "READY", "b": "READY"}
-        assert await chat_ok(agent, "b-model")
-        no_unretrieved_task_errors(agent)
+            assert await pids(agent) == before
+            st = await agent.status()
+            assert {i["name"]: i["state"] for i in st["instances"]} == {"a": "READY", "b": "READY"}
+            assert await chat_ok(agent, "b-model")
+            no_unretrieved_task_errors(agent)
 
 
 async def test_cluster_change_on_reload_is_reported_and_the_live_part_applies(tmp_path: Path) -> None:
@@ -171,12 +183,13 @@ async def test_cluster_change_on_reload_is_reported_and_the_live_part_applies(tm
 
 def test_startup_with_an_unplannable_config_exits_78(tmp_path: Path) -> None:
     port = free_port()
-    text = agent_toml(tmp_path, port, instance_toml("a") + instance_toml("b"), supervisor="port_span = 1")
+    text = agent_toml(tmp_path, port, instance_toml("a") + instance_toml("b"), supervisor="port_span = 2")
     cfg = tmp_path / "agent.toml"
     cfg.write_text(text)
-    res = subprocess.run(
-        [sys.executable, "-m", "agent", "--config", str(cfg)], capture_output=True, text=True, timeout=30
-    )
+    with hold_port(text, 1):  # valid on paper (check-config passes), but 'b' finds no free port
+        res = subprocess.run(
+            [sys.executable, "-m", "agent", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+        )
     out = res.stdout + res.stderr
     assert res.returncode == 78, out
     assert "no free port" in out and "'b'" in out
