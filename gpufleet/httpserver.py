@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import msgspec
 import structlog
@@ -47,6 +47,7 @@ from gpufleet.tomlconfig import PositiveFloat, StrictSection
 log = structlog.get_logger("http")
 
 MIN_CONNECTIONS = 16  # below this the API could not serve a handful of clients at once
+EVICT_GRACE_S = 0.05  # a new connection is not evicted before it had a chance to be read
 
 
 class ApiSection(StrictSection):
@@ -148,7 +149,8 @@ class ConnectionGuard:
         self.cap = cap
         self.open = 0
         # Connections without a request in progress (HEAD or IDLE), longest waiting first.
-        self._waiting: OrderedDict[GuardedRequestHandler, None] = OrderedDict()
+        # The value: when it started waiting (time.monotonic()).
+        self._waiting: OrderedDict[GuardedRequestHandler, float] = OrderedDict()
         self.shed = {"evicted": 0, "refused": 0}
         self.timeouts = {"header": 0, "body": 0}
         self.bad_requests = 0
@@ -160,8 +162,10 @@ class ConnectionGuard:
 
     def admit(self, handler: GuardedRequestHandler) -> bool:
         if self.open >= self.cap:
-            victim = next(iter(self._waiting), None)
-            if victim is None:
+            victim, since = next(iter(self._waiting.items()), (None, 0.0))
+            # A connection accepted a moment ago may not have been read yet (the loop accepts a
+            # whole backlog at once): evicting it would lose a client that did nothing wrong.
+            if victim is None or time.monotonic() - since < EVICT_GRACE_S:
                 self._shedding("refused")
                 return False
             self._shedding("evicted")
@@ -171,7 +175,7 @@ class ConnectionGuard:
 
     def waiting(self, handler: GuardedRequestHandler) -> None:
         self._waiting.pop(handler, None)
-        self._waiting[handler] = None
+        self._waiting[handler] = time.monotonic()
 
     def busy(self, handler: GuardedRequestHandler) -> None:
         self._waiting.pop(handler, None)
@@ -289,9 +293,9 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._guard.admit(self):
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(OVERLOADED)
-            transport.close()
+            refused = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+            refused.write(OVERLOADED)
+            refused.close()
             return
         self._counted = self._admitted = True
         super().connection_made(transport)
