@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         if errors:
             return EX_CONFIG
         print(f"{path}: ok ({len(cfg.instances)} instances, gpu source {cfg.gpu.source})")
+        if not cfg.instances and not cfg.cluster.enabled:
+            # Valid (a test or staging host), but usually a file cut short: say so.
+            print(f"{path}: note: no [[instances]] and no [cluster] endpoints: it runs nothing", file=sys.stderr)
         return 0
     try:
         cfg = load_config(args.config)

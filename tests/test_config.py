@@ -414,3 +414,11 @@ def test_reload_plan_lets_a_configured_instance_take_an_assigned_ones_name(tmp_p
     plan = plan_reload(old, new, running, is_free=lambda p: False)
     assert plan.instances.stop == ["m"]
     assert [(c.name, port) for c, port in plan.instances.start] == [("m", 20001)]
+
+
+def test_check_config_notes_a_file_that_runs_nothing(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(BASE)  # valid, but what a file cut before its first [[instances]] looks like
+    res = run_agent("check-config", str(f))
+    assert res.returncode == 0
+    assert res.stderr.strip() == f"{f}: note: no [[instances]] and no [cluster] endpoints: it runs nothing"
