@@ -491,6 +491,52 @@ def test_endpoint_state_and_weight(
     assert plan.panic == {}
 
 
+def _assigned(name: str, state: str = "READY") -> NodeRecord:
+    """A node whose one instance of qwen3 the leader placed there (``assigned``)."""
+    i = InstanceRecord(
+        name="qwen3-0",
+        model="qwen3",
+        backend="vllm",
+        state=state,  # type: ignore[arg-type]
+        state_since=0.0,
+        port=8000,
+        gpus=[0],
+        gpu_memory_fraction=0.9,
+        assigned=True,
+    )
+    return node(name, instances=[i])
+
+
+@pytest.mark.parametrize(
+    ("others", "moving_state"),
+    [
+        pytest.param({}, "READY", id="nothing else serves the model: the drained replica still does"),
+        pytest.param({"n2": _assigned("n2", "STARTING")}, "READY", id="replacement starting: still routed"),
+        pytest.param({"n2": _assigned("n2")}, "DRAINED", id="replacement READY: drained like its node"),
+        pytest.param({"n2": class_node("n2")}, "DRAINED", id="another READY endpoint of the model"),
+    ],
+)
+def test_drained_nodes_assigned_replica_serves_until_another_is_ready(
+    others: dict[str, NodeRecord], moving_state: str
+) -> None:
+    nodes = {"n1": _assigned("n1"), **others}
+    ep = next(e for e in plan_for(nodes, drained={"n1"}).routes["qwen3"].endpoints if e.node == "n1")
+    assert ep.state == moving_state
+    assert (ep.weight > 0) == (moving_state == "READY")
+
+
+def test_drained_nodes_own_instances_are_never_routed() -> None:
+    """An instance of the node's config file is not moved anywhere: the drain takes it out."""
+    ep = plan_for({"n1": class_node("n1")}, drained={"n1"}).routes["qwen3"].endpoints[0]
+    assert (ep.state, ep.weight) == ("DRAINED", 0)
+
+
+def test_drained_replica_not_ready_or_ejected_is_not_routed() -> None:
+    assert plan_for({"n1": _assigned("n1", "STARTING")}, drained={"n1"}).routes["qwen3"].endpoints[0].weight == 0
+    plan = plan_for({"n1": _assigned("n1")}, inst_health={("n1", "qwen3-0"): EJECTED}, drained={"n1"})
+    assert plan.routes["qwen3"].endpoints[0].weight == 0
+
+
 def test_ready_endpoint_never_has_weight_zero() -> None:
     nodes = {"n1": node("n1", gpus=[gpu(0, "A10", util=100, temp=99)], instances=[inst(health=0.0)])}
     tiny = WeightPolicy(base={"A10": 1})

@@ -386,15 +386,64 @@ def test_unknown_node_is_moved_at_once() -> None:
     assert plan.moved == ["removed qwen from gone: node unknown", "placed qwen on n2 GPU 0"]
 
 
-def test_drained_node_is_moved() -> None:
-    nodes = views(node("n2"), n1=view(node("n1", instances=[rinst("qwen")]), drained=True))
-    plan = place(models(model(replicas=2)), nodes, {"n1": [assigned()]}, NOW)
-    assert where(plan) == {"n2": [0]}
-    assert plan.moved == ["removed qwen from n1: node drained", "placed qwen on n2 GPU 0"]
+def test_drained_node_is_moved_before_it_is_removed() -> None:
+    """Make before break: the drained node's replica serves until its replacement is READY."""
+    drained = view(node("n1", instances=[rinst("qwen")]), drained=True)
+    plan = place(models(model(replicas=2)), views(node("n2"), n1=drained), {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n1": [0], "n2": [0]}
+    assert plan.assignments["n1"] == [assigned()]  # unchanged: nothing rewritten, it keeps running
+    assert plan.moved == [
+        "placed qwen on n2 GPU 0",
+        "moving qwen off n1: node drained; it serves there until its replacement is READY",
+    ]
+    assert plan.status["qwen"].nodes == ["n2"]
     assert plan.status["qwen"].reasons == [
         "n1 drained",
         "only 1 eligible node for 2 replicas (one replica per node)",
     ]
+    # The replacement starting: nothing changes, nothing is logged again.
+    starting = node("n2", instances=[rinst("qwen", state="STARTING")])
+    plan = place(models(model(replicas=2)), views(starting, n1=drained), plan.assignments, NOW)
+    assert (where(plan), plan.moved) == ({"n1": [0], "n2": [0]}, [])
+    # The replacement READY: now the drained node's replica goes.
+    ready = node("n2", instances=[rinst("qwen")])
+    plan = place(models(model(replicas=2)), views(ready, n1=drained), plan.assignments, NOW)
+    assert where(plan) == {"n2": [0]}
+    assert plan.moved == ["removed qwen from n1: node drained; its replacement is READY"]
+
+
+@pytest.mark.parametrize(
+    ("n1", "cause"),
+    [
+        (view(node("n1"), drained=True), "node drained"),  # no instance there: nothing serves
+        (view(node("n1", instances=[rinst("qwen", state="STARTING")]), drained=True), "node drained"),
+        (view(None, "DOWN", down_since=NOW - 60), "node DOWN for 60 s"),
+        (view(node("n1", instances=[rinst("qwen")]), "DOWN", down_since=NOW - 60), "node DOWN for 60 s"),
+        (view(node("n1", instances=[rinst("qwen", state="FAILED")])), "instance FAILED: CUDA error: out of memory"),
+    ],
+)
+def test_a_replica_that_does_not_serve_is_removed_at_once(n1: NodeView, cause: str) -> None:
+    plan = place(models(model()), views(node("n2"), n1=n1), {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n2": [0]}
+    assert plan.moved == [f"removed qwen from n1: {cause}", "placed qwen on n2 GPU 0"]
+
+
+def test_drained_node_with_nowhere_to_move_loses_its_replica() -> None:
+    drained = view(node("n1", instances=[rinst("qwen")]), drained=True)
+    plan = place(models(model()), views(n1=drained), {"n1": [assigned()]}, NOW)
+    assert plan.assignments == {}
+    assert plan.moved == ["removed qwen from n1: node drained"]
+
+
+def test_bad_path_replica_serves_until_its_replacement_is_ready() -> None:
+    bad = node("n1", instances=[rinst("qwen")], models=[avail("qwen", False, "gone")])
+    plan = place(models(model()), views(bad, node("n2")), {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n1": [0], "n2": [0]}
+    assert (
+        plan.moved[-1] == "moving qwen off n1: path unavailable: gone; it serves there until its replacement is READY"
+    )
+    plan = place(models(model()), views(bad, node("n2", instances=[rinst("qwen")])), plan.assignments, NOW)
+    assert where(plan) == {"n2": [0]}
 
 
 def test_failed_instance_moves_to_another_node() -> None:

@@ -235,3 +235,8 @@ def _not_ready_reason(agent_state: str, n: int, policy: HealthPolicy) -> str:
 def routable(h: InstanceHealth | None) -> bool:
     """True when the leader's view lets traffic reach the instance."""
     return h is not None and h.state == Health.READY
+
+
+def routable_or_new(h: InstanceHealth | None) -> bool:
+    """Like ``routable``, but an instance without history yet counts (as in the route table)."""
+    return h is None or h.state == Health.READY

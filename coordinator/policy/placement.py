@@ -29,6 +29,13 @@ assignments) and writes the assignment records that changed. The rules, in the o
    index). Larger models are placed first (first-fit decreasing packs better); a model with no
    size wants a whole GPU, so it counts as the largest.
 6. What cannot be placed is counted in ``unplaced`` with one reason line per distinct cause.
+7. Make before break. A replica with a cause to move that still serves where it is (its
+   instance READY on a node that is not DOWN: drained, its path gone bad, its class no longer
+   allowed) is *retiring*: it stays assigned, and so running, while the model has replicas on
+   their way elsewhere (assigned but not READY yet) and fewer READY ones than it wants; then it
+   goes. Moving a single replica thus never leaves the model with nothing to serve it. (The
+   routes keep a drained node's retiring replica routed while its model has no READY endpoint
+   elsewhere: policy/routes.py.) A replica that does not serve any more goes at once.
 
 Pure: no I/O, no clock, no logging; the same input (in any dict order) gives the same plan.
 """
@@ -187,6 +194,47 @@ def _keep_cause(
     return None
 
 
+def _serving(view: NodeView | None, a: AssignedInstance, look: _Lookup) -> bool:
+    """Rule 7: the replica still serves where it is (READY, on a node not DOWN, GPU not lost)."""
+    if view is None or view.record is None or view.state == "DOWN" or len(a.gpus) != 1:
+        return False
+    inst = look.instance(view.record, a.name)
+    g = next((g for g in view.record.gpus if g.index == a.gpus[0]), None)
+    return inst is not None and inst.state == "READY" and g is not None and not g.lost
+
+
+def _retire(
+    m: ModelRecord,
+    retiring: list[tuple[str, AssignedInstance, str]],
+    holders: set[str],
+    placed_now: int,
+    nodes: dict[str, NodeView],
+    plan: dict[str, dict[str, AssignedInstance]],
+    moved: list[str],
+    look: _Lookup,
+) -> None:
+    """Rule 7: keep the retiring replicas of ``m`` while replacements are on their way
+    (``placed_now`` of them placed by this pass: the move starts, and is logged, now)."""
+    if not retiring:
+        return
+    ready = 0
+    for node in holders:
+        rec = nodes[node].record
+        inst = look.instance(rec, assigned_instance_name(m.name)) if rec else None
+        ready += inst is not None and inst.state == "READY"
+    waiting = len(holders) - ready  # replacements assigned, not READY yet
+    for node, a, cause in retiring:
+        if node in holders:
+            moved.append(f"removed {m.name} from {node}: {cause}")  # placed there anew (another GPU)
+        elif ready < m.replicas and waiting > 0:
+            plan.setdefault(node, {})[m.name] = a  # unchanged: no assignment write, keeps running
+            if placed_now:
+                moved.append(f"moving {m.name} off {node}: {cause}; it serves there until its replacement is READY")
+        else:
+            done = "; its replacement is READY" if ready else ""
+            moved.append(f"removed {m.name} from {node}: {cause}{done}")
+
+
 def _keep_rank(
     nodes: dict[str, NodeView], entry: tuple[str, AssignedInstance], look: _Lookup
 ) -> tuple[bool, bool, str]:
@@ -323,12 +371,16 @@ def place(
 
     # Keep phase: current assignments without a cause to move stay where they are.
     kept: dict[str, list[tuple[str, AssignedInstance]]] = {}
+    retiring: dict[str, list[tuple[str, AssignedInstance, str]]] = {}  # rule 7, decided after placing
     for node in sorted(current):
         for a in sorted(current[node], key=lambda a: (a.name, a.model, a.gpus)):
             if any(n == node for n, _ in kept.get(a.model, ())):
                 moved.append(f"removed {a.model} from {node}: duplicate assignment")
             elif cause := _keep_cause(models.get(a.model), nodes.get(node), a, now, policy, look):
-                moved.append(f"removed {a.model} from {node}: {cause}")
+                if a.model in models and _serving(nodes.get(node), a, look):
+                    retiring.setdefault(a.model, []).append((node, a, cause))
+                else:
+                    moved.append(f"removed {a.model} from {node}: {cause}")
             else:
                 kept.setdefault(a.model, []).append((node, a))
     for name in sorted(kept):
@@ -353,6 +405,7 @@ def place(
     for name in order:
         m = models[name]
         holders = {node for node, reps in plan.items() if name in reps}
+        before = len(holders)
         why = _Why()
         if len(holders) < m.replicas:
             why.eligible = len(holders)  # a holder is (or, DOWN within the grace time, was) eligible
@@ -377,6 +430,7 @@ def place(
                 ledger.charge(node, nodes[node].record, inst, need)
                 holders.add(node)
                 moved.append(f"placed {name} on {node} GPU {gpu}")
+        _retire(m, retiring.get(name, []), holders, len(holders) - before, nodes, plan, moved, look)
         unplaced = max(m.replicas - len(holders), 0)
         status[name] = ModelPlacement(
             model=name,
