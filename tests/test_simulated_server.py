@@ -361,6 +361,26 @@ async def test_hang_after_stops_answering_but_stays_up(start: Start, session: ai
         await stuck
 
 
+async def test_hang_inference_keeps_probes_answering(start: Start, session: aiohttp.ClientSession) -> None:
+    """A wedged engine behind a live API server: health, models and metrics answer; inference
+    requests are accepted, held as running, and go on when the hang is lifted."""
+    server = await start("--hang-inference", "--tokens-per-second", "0")
+    chat = server.url + "/v1/chat/completions"
+    async with session.get(server.url + "/health") as r:
+        assert r.status == 200
+    held = asyncio.create_task(post(session, chat, chat_body()))
+    with pytest.raises(TimeoutError):
+        async with session.post(chat, json=chat_body(stream=True), timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+            assert r.status == 200  # SSE headers go out at once, as vLLM's do; no token follows
+            await r.content.readany()
+    async with session.get(server.url + "/metrics") as r:
+        assert sample(await r.text(), "vllm:num_requests_running") >= 1
+    assert not held.done()
+    assert (await post(session, server.url + "/sim/control", {"hang_inference": False}))[0] == 200
+    status, out = await asyncio.wait_for(held, 5)
+    assert status == 200 and out["choices"]
+
+
 async def test_control_injects_and_lifts_faults(start: Start, session: aiohttp.ClientSession) -> None:
     server = await start("--tokens-per-second", "0", "--seed", "1")
     control, chat = server.url + "/sim/control", server.url + "/v1/chat/completions"
