@@ -44,15 +44,14 @@ class NotifySocket:
             with self.lock:
                 self.messages.append(data.decode())
 
-    def after_last_reloading(self) -> list[str]:
-        """The messages since the last RELOADING=1 (empty if there was none)."""
+    def ready_after_reload(self, n: int = 1) -> str | None:
+        """The first READY=1 after the ``n``-th RELOADING=1, once both arrived."""
         with self.lock:
             msgs = list(self.messages)
         starts = [i for i, m in enumerate(msgs) if "RELOADING=1" in m.splitlines()]
-        return msgs[starts[-1] + 1 :] if starts else []
-
-    def ready_after_reload(self) -> str | None:
-        return next((m for m in self.after_last_reloading() if "READY=1" in m.splitlines()), None)
+        if len(starts) < n:
+            return None
+        return next((m for m in msgs[starts[n - 1] + 1 :] if "READY=1" in m.splitlines()), None)
 
     def close(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
@@ -90,7 +89,7 @@ async def sighup_refused(agent: AgentProcess, notify: NotifySocket, count: int) 
     await wait_until(
         lambda: sum('"reload refused' in ln for ln in agent.log_lines()) >= count, timeout=10, what="refusal logged"
     )
-    return await wait_until(notify.ready_after_reload, timeout=10, what="READY=1 after RELOADING=1")
+    return await wait_until(lambda: notify.ready_after_reload(count), timeout=10, what="READY=1 after RELOADING=1")
 
 
 async def test_empty_config_file_is_refused_and_everything_keeps_running(tmp_path: Path, notify) -> None:  # type: ignore[no-untyped-def]
@@ -117,6 +116,13 @@ async def test_empty_config_file_is_refused_and_everything_keeps_running(tmp_pat
 
         assert await pids(agent) == before
         assert await chat_ok(agent, "a-model") and await chat_ok(agent, "b-model")
+
+        # The file fixed: the next reload applies (nothing to change) and clears the failure.
+        agent.config.write_text(good)
+        status, body = await agent.admin("/admin/reload")
+        assert status == 200 and body["status"] == "applied" and body["unchanged"] == ["a", "b"], body
+        ready = await wait_until(lambda: notify.ready_after_reload(3), timeout=10, what="READY=1 after reload 3")
+        assert "reload failed" not in ready and "STATUS=2 instances" in ready
         no_unretrieved_task_errors(agent)
 
 
