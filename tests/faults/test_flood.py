@@ -132,6 +132,10 @@ async def test_slowloris_flood_at_a_low_fd_limit(agent: AgentProcess) -> None:
         # Under the cap: slow heads and a slow body are closed, with a 408, once their time is up.
         heads = [slow_head(agent.port, hold_s=10) for _ in range(20)]
         results = await asyncio.gather(*heads, slow_body(agent.port))
+        print(
+            f"slow heads closed after {min(h for h, _ in results[:-1]):.2f}-{max(h for h, _ in results[:-1]):.2f}s, "
+            f"the slow body after {results[-1][0]:.2f}s"
+        )
         for held, answer in results:
             assert HEADER_TIMEOUT_S - 0.1 <= held < HEADER_TIMEOUT_S + 3, held
             assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
@@ -160,6 +164,13 @@ async def test_slowloris_flood_at_a_low_fd_limit(agent: AgentProcess) -> None:
         )
         async with agent.http.get(agent.base + "/metrics") as r:  # type: ignore[union-attr]
             text = await r.text()
+        print(
+            "shed:",
+            {
+                k: metric(text, "gpu_agent_http_connections_shed_total", f'{{reason="{k}"}}')
+                for k in ("evicted", "refused")
+            },
+        )
         assert metric(text, "gpu_agent_http_connections_limit") == CAP
         assert metric(text, "gpu_agent_http_connections_shed_total", '{reason="evicted"}') > 0
         assert metric(text, "gpu_agent_http_request_timeouts_total", '{phase="header"}') >= 20
