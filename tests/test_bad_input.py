@@ -458,7 +458,7 @@ def test_admin_token_file_permissions(tmp_path: Path, mode: int, starts: bool, w
     with contextlib.redirect_stderr(err):
         code = agent_cli(["check-config", str(config)])
     assert code == (0 if starts else 78), err.getvalue()
-    assert ("admin_token_file" in err.getvalue()) is (warns or not starts), err.getvalue()
+    assert ("$.agent.admin_token_file" in err.getvalue()) is (warns or not starts), err.getvalue()
     # ... and so does gpuctl check, for the agent configured on the machine it runs on.
     from gpufleet.check import Facts, judge, local_token_file
 
