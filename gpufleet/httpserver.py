@@ -268,7 +268,6 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         "_answered",
         "_body",
         "_counted",
-        "_deadline",
         "_got_bytes",
         "_guard",
         "_phase",
@@ -280,9 +279,8 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._phase = Phase.HEAD
-        self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._got_bytes = False  # in HEAD: has the client sent anything yet
+        self._got_bytes = False  # has the client sent anything of its next request yet
         self._body: Any = None  # the payload stream being received (BODY)
         self._window = 0  # body bytes in the current window
         self._counted = False  # in the guard's count of open connections
@@ -333,8 +331,7 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             self._guard.busy(self)
         self._cancel_timer()
         if timeout is not None:
-            self._deadline = self._loop.time() + timeout
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._loop.time() + timeout, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -344,11 +341,10 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if not self._counted:
             return
-        if data and self._phase is Phase.IDLE:
-            self._got_bytes = True
-            self._enter(Phase.HEAD)
-        elif data:
-            self._got_bytes = True
+        if data:
+            if self._phase is Phase.IDLE:
+                self._enter(Phase.HEAD)
+            self._got_bytes = True  # in BUSY: the start of a pipelined request
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
@@ -356,12 +352,13 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         elif self._phase is Phase.BODY:
             self._window += len(data)
             if self._body is None or self._body.is_eof():
+                self._got_bytes = False
                 self._enter(Phase.BUSY)
 
     def _head_complete(self) -> None:
         """A request head was parsed: its body (if any) is what we wait for now."""
         payload = self._messages[-1][1] if self._messages else None
-        self._answered = False
+        self._answered = self._got_bytes = False
         if payload is None or payload.is_eof():
             self._body = None
             self._enter(Phase.BUSY)
@@ -385,9 +382,8 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             self._answered = True
             self._body, self._window = request.content, 0
             self._enter(Phase.BODY)
-        else:
-            self._got_bytes = False
-            self._enter(Phase.IDLE)
+        else:  # bytes of the next request already came: its head is being sent
+            self._enter(Phase.HEAD if self._got_bytes else Phase.IDLE)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -8,6 +8,7 @@ simulated vLLM behind it) fed hypothesis-generated bodies over real HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import io
@@ -33,6 +34,7 @@ from helpers import (
     free_port,
     instance_toml,
     start_agent_sync,
+    wait_until,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -465,3 +467,108 @@ def test_admin_token_file_permissions(tmp_path: Path, mode: int, starts: bool, w
     facts = Facts(endpoints=[], statuses={}, local_token_file=local_token_file(str(config)))
     verdict = {r.name: r.status for r in judge(facts)}["admin token file readable by the agent only"]
     assert verdict == ("FAIL" if warns or not starts else "PASS")
+
+
+# --- the listener's phases, in-process with short limits -------------------------------------------------
+
+
+class Listener:
+    """An app on a guarded runner (gpufleet/httpserver.py) on a free port: /fast, and /slow,
+    which answers when ``release`` is set."""
+
+    def __init__(self, cap: int) -> None:
+        from gpufleet.httpserver import ApiSection, ConnectionGuard
+
+        self.limits = ApiSection(header_timeout_s=0.4, body_timeout_s=0.4, keepalive_timeout_s=1.0)
+        self.guard = ConnectionGuard(self.limits, cap)
+        self.release = asyncio.Event()
+
+    async def __aenter__(self) -> Listener:
+        from gpufleet.httpserver import GuardedRunner
+
+        async def fast(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        async def slow(_: web.Request) -> web.Response:
+            await self.release.wait()
+            return web.Response(text="done")
+
+        app = web.Application()
+        app.router.add_get("/fast", fast)
+        app.router.add_get("/slow", slow)
+        self.runner = GuardedRunner(app, self.guard, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        await self.runner.cleanup()
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    return head + await reader.readexactly(length)
+
+
+async def closed_after(reader: asyncio.StreamReader, since: float) -> float:
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(reader.read(), 5)
+    return time.monotonic() - since
+
+
+GET = b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def test_keepalive_idle_limit_is_not_the_header_timeout() -> None:
+    async with Listener(cap=8) as srv:
+        reader, writer = await srv.connect()
+        writer.write(GET % b"fast")
+        assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.6)  # idle past the header timeout (0.4 s), within keep-alive (1 s)
+        writer.write(GET % b"fast")
+        assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+        held = await closed_after(reader, time.monotonic())
+        assert 0.9 <= held < 2.5, held  # then closed at the keep-alive limit, without an answer
+        # A request started on a kept-alive connection gets the header timeout from its first byte.
+        reader, writer = await srv.connect()
+        writer.write(GET % b"fast")
+        await read_response(reader)
+        writer.write(b"GET /fast HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        held = await closed_after(reader, t0)
+        assert 0.35 <= held < 1.0, held
+        writer.close()
+
+
+async def test_at_the_cap_waiting_connections_are_evicted_and_busy_ones_kept() -> None:
+    async with Listener(cap=4) as srv:
+        idle = [await srv.connect() for _ in range(2)]
+        busy = [await srv.connect() for _ in range(2)]
+        for _, w in busy:
+            w.write(GET % b"slow")
+        await wait_until(lambda: srv.guard.open == 4, timeout=5)
+        await asyncio.sleep(0.1)  # past the 50 ms a new connection is protected from eviction
+        # A new client gets in: the connection waiting longest (without a request) makes room.
+        reader, writer = await srv.connect()
+        writer.write(GET % b"fast")
+        assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+        assert srv.guard.shed["evicted"] == 1
+        assert await idle[0][0].read() == b""  # the oldest idle one, closed without an answer
+        # Every connection busy (the idle one left is made busy too): a newcomer gets a JSON 503.
+        idle[1][1].write(GET % b"slow")
+        writer.write(GET % b"slow")
+        await asyncio.sleep(0.1)  # the requests reach their handlers (no condition to wait on from here)
+        r, w = await srv.connect()
+        answer = await asyncio.wait_for(r.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 503") and b'"too_many_connections"' in answer, answer
+        assert srv.guard.shed["refused"] == 1
+        srv.release.set()
+        for reader, _ in busy:
+            assert (await read_response(reader)).startswith(b"HTTP/1.1 200")  # the busy ones were kept
