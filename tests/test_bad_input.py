@@ -329,6 +329,22 @@ def test_hostile_headers_get_a_4xx_on_every_route(agent: AgentProcess, what: str
     assert _attempt_errors(agent) == before
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    value=st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    name=st.sampled_from([b"Authorization", b"X-Request-ID", b"Content-Encoding", b"Content-Type", b"Accept"]),
+    path=st.sampled_from(["/v1/chat/completions", "/admin/reload", "/v1/models"]),
+)
+def test_any_header_bytes_get_a_clean_answer(agent: AgentProcess, value: bytes, name: bytes, path: str) -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}'
+    method = "GET" if path == "/v1/models" else "POST"
+    sent = body if method == "POST" else b""
+    status, headers, payload = raw_request(
+        agent.port, request_head(method, path, name + b": " + value + b"\r\n", sent), sent
+    )
+    assert_clean_error(f"{name!r}: {value!r}", status, headers, payload)
+
+
 @pytest.mark.parametrize(
     "what,head_tail",
     [
