@@ -9,14 +9,17 @@ SIGHUP path leaves no "Task exception was never retrieved" behind.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from helpers import TOKEN, AgentProcess, agent_toml, free_port, instance_toml, wait_until
 
@@ -76,6 +79,32 @@ async def chat_ok(agent: AgentProcess, model: str) -> bool:
         return r.status == 200
 
 
+class Traffic:
+    """Chat requests through the agent's proxy, one after another, until stopped."""
+
+    def __init__(self, agent: AgentProcess, models: list[str]) -> None:
+        self.agent, self.models = agent, models
+        self.answered = self.failed = 0
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            for model in self.models:
+                try:
+                    ok = await chat_ok(self.agent, model)
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                self.answered, self.failed = self.answered + ok, self.failed + (not ok)
+
+    async def stop(self, at_least: int = 20) -> tuple[int, int]:
+        """After ``at_least`` requests in all (before, during and after the fault): (answered, failed)."""
+        await wait_until(lambda: self.answered + self.failed >= at_least, timeout=10, what="requests")
+        self._stop.set()
+        await self._task
+        return self.answered, self.failed
+
+
 def no_unretrieved_task_errors(agent: AgentProcess) -> None:
     text = agent.log_path.read_text()
     assert "Task exception was never retrieved" not in text
@@ -99,9 +128,12 @@ async def test_empty_config_file_is_refused_and_everything_keeps_running(tmp_pat
         await agent.wait_state("a", "READY")
         await agent.wait_state("b", "READY")
         before = await pids(agent)
+        clients = Traffic(agent, ["a-model", "b-model"])
 
         agent.config.write_text("")  # truncated by a failed write
+        t0 = time.monotonic()
         status, body = await agent.admin("/admin/reload")
+        refused_s = time.monotonic() - t0
         assert status == 422, body
         assert body["error"]["code"] == "config_invalid"
         assert f"{agent.config}: $: empty config file" in body["error"]["message"]
@@ -111,8 +143,16 @@ async def test_empty_config_file_is_refused_and_everything_keeps_running(tmp_pat
 
         # The same through SIGHUP (systemctl reload), with a comments-only file.
         agent.config.write_text("# agent config\n\n   \n")
+        t0 = time.monotonic()
         ready = await sighup_refused(agent, notify, count=2)
+        sighup_s = time.monotonic() - t0
         assert "STATUS=reload failed" in ready
+        answered, failed = await clients.stop()
+        print(
+            f"\nempty-file reload: refused in {refused_s * 1000:.0f} ms (admin API), SIGHUP to READY=1 "
+            f"{sighup_s * 1000:.0f} ms; requests during both: {answered} answered, {failed} failed"
+        )
+        assert failed == 0 and answered > 0
 
         assert await pids(agent) == before
         assert await chat_ok(agent, "a-model") and await chat_ok(agent, "b-model")
@@ -147,18 +187,29 @@ async def test_reload_that_cannot_be_planned_changes_nothing(tmp_path: Path, not
             await agent.wait_state("a", "READY")
             await agent.wait_state("b", "READY")
             before = await pids(agent)
+            clients = Traffic(agent, ["a-model", "b-model"])
 
             changed_b = instance_toml("b", args='["--latency-ms", "1"]')
             agent.config.write_text(text.replace(instance_toml("b"), changed_b) + instance_toml("c"))
+            t0 = time.monotonic()
             status, body = await agent.admin("/admin/reload")
+            refused_s = time.monotonic() - t0
             assert status == 409, body
             assert body["error"]["code"] == "reload_not_applicable"
             assert "no free port" in body["error"]["message"] and "'c'" in body["error"]["message"]
             ready = await wait_until(notify.ready_after_reload, timeout=10, what="READY=1 after RELOADING=1")
             assert "STATUS=reload failed" in ready and "no free port" in ready
 
+            t0 = time.monotonic()
             ready = await sighup_refused(agent, notify, count=2)
+            sighup_s = time.monotonic() - t0
             assert "no free port" in ready
+            answered, failed = await clients.stop()
+            print(
+                f"\nunplannable reload: refused in {refused_s * 1000:.0f} ms (admin API), SIGHUP to READY=1 "
+                f"{sighup_s * 1000:.0f} ms; requests during both: {answered} answered, {failed} failed"
+            )
+            assert failed == 0 and answered > 0
 
             assert await pids(agent) == before
             st = await agent.status()
@@ -193,9 +244,11 @@ def test_startup_with_an_unplannable_config_exits_78(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(text)
     with hold_port(text, 1):  # valid on paper (check-config passes), but 'b' finds no free port
+        t0 = time.monotonic()
         res = subprocess.run(
             [sys.executable, "-m", "agent", "--config", str(cfg)], capture_output=True, text=True, timeout=30
         )
+    print(f"\nunplannable start-up: exit {res.returncode} after {time.monotonic() - t0:.2f} s")
     out = res.stdout + res.stderr
     assert res.returncode == 78, out
     assert "no free port" in out and "'b'" in out
