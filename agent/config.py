@@ -580,7 +580,7 @@ def proxy_problems(cfg: AgentConfig) -> list[ConfigProblem]:
 
 def port_span_problems(cfg: AgentConfig) -> list[ConfigProblem]:
     """Instances without an explicit port must fit the span (less the ports explicitly taken in
-    it): caught here, check-config (the unit's ExecStartPre) refuses the file, not the start."""
+    it): caught here, check-config refuses the file before it is installed."""
     sup = cfg.supervisor
     span = range(sup.port_base, sup.port_base + sup.port_span)
     auto = [i.name for i in cfg.instances if i.port is None]

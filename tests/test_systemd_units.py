@@ -43,6 +43,8 @@ def test_agent_unit_essentials() -> None:
         "DeviceAllow=/dev/nvidiactl rw",
     ):
         assert line in text.splitlines(), line
+    # A config error must exit ExecStart= with 78: RestartPreventExitStatus= ignores ExecStartPre=.
+    assert not any(ln.startswith("ExecStartPre=") for ln in text.splitlines())
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
