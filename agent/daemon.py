@@ -204,7 +204,11 @@ class AgentRuntime:
         if self.cfg.cluster.enabled:
             try:
                 self.publisher = ClusterPublisher(
-                    self.cfg.cluster, self.cfg.node_id, self.node_record, state_dir=self.cfg.agent.state_dir
+                    self.cfg.cluster,
+                    self.cfg.node_id,
+                    self.node_record,
+                    state_dir=self.cfg.agent.state_dir,
+                    on_refusal=lambda: self.models.wake() if self.models is not None else None,
                 )
                 await self.publisher.start()
             except OSError as e:  # unreadable TLS or password file
@@ -222,6 +226,7 @@ class AgentRuntime:
                 apply=self.supervisor.set_assigned,
                 running=lambda: {i.name for i in self.supervisor.instances.values() if i.assigned},
                 on_change=self.changed,
+                refused=lambda: self.publisher is not None and self.publisher.refused_by is not None,
             )
             self.models.start()
 

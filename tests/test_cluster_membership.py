@@ -15,17 +15,21 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 from etcd_fixtures import USER, USER_PASSWORD, EtcdCluster
 from helpers import AgentProcess, agent_toml, as_node, cluster_toml, free_port, instance_toml, wait_until
 
+from agent.cluster.assignments import CheckState, ModelFollower, Wanted
 from agent.cluster.identity import agent_identity, other_holder
 from agent.cluster.policy import Change, PublishPolicy, change_reason, publish_reason
+from agent.config import ModelsSection
 from gpufleet.etcd import EtcdClient, EtcdLeaseNotFound, Event, KeyValue
 from gpufleet.keyspace import Keyspace, decode
-from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
+from gpufleet.keyspace.records import AssignedInstance, GpuRecord, InstanceRecord, NodeRecord
+from gpufleet.models import PathCheck
 
 TTL = 4
 
@@ -422,3 +426,31 @@ def test_agent_identity_is_kept_in_the_state_dir(tmp_path: Path) -> None:
     assert agent_identity(str(tmp_path / "state")) == first  # a restart is the same agent
     assert agent_identity(str(tmp_path / "other")) != first  # another state dir is another agent
     assert (tmp_path / "state" / "agent-id").read_text().strip() == first.split("@")[0]
+
+
+async def test_refused_agent_runs_no_assigned_replica() -> None:
+    """While another agent holds our node_id, its assignment is not ours to run."""
+    applied: list[list[str]] = []
+    refused = True
+
+    async def apply(configs: list[Any]) -> None:
+        applied.append([c.name for c in configs])
+
+    follower = ModelFollower(
+        None,  # type: ignore[arg-type]  # mirrors are never started here
+        Keyspace("refused"),
+        "n1",
+        settings=lambda: ModelsSection(),
+        apply=apply,
+        running=lambda: set(),
+        on_change=lambda: None,
+        refused=lambda: refused,
+    )
+    follower.assigned = [AssignedInstance(name="qwen-0", model="qwen", path="/m/qwen", backend="vllm", gpus=[0])]
+    follower.checks[Wanted("/m/qwen", None, None)] = CheckState(result=PathCheck(True, False))
+    await follower._apply_assignment()
+    refused = False
+    await follower._apply_assignment()
+    refused = True
+    await follower._apply_assignment()
+    assert applied == [[], ["qwen-0"], []]

@@ -13,6 +13,9 @@ Size and sha256 are checked once per registration (a model is immutable once reg
 re-hashing 60 GB every 30 s is not an option); presence and readability are re-checked every
 ``recheck_interval_s`` because mounts do go away.
 
+While another agent holds this node_id (publisher.py refused the registration), the
+assignment is that agent's: nothing is started here, and what was started is stopped.
+
 An assigned replica starts only once its path checked out here. One already running keeps
 running when a re-check fails (its weights are loaded): the failure is reported, and the
 leader moves the replica, which ends it here.
@@ -94,12 +97,15 @@ class ModelFollower:
         apply: Callable[[list[InstanceConfig]], Awaitable[object]],
         running: Callable[[], set[str]],
         on_change: Callable[[], None],
+        refused: Callable[[], bool] = lambda: False,
     ) -> None:
         self.keys = keys
         self.settings = settings  # read live: a reload applies
         self._apply = apply
         self._running = running
         self._on_change = on_change
+        self._refused = refused  # another agent holds our node_id: its assignment, not ours
+        self._was_refused = False
         self.registry: dict[str, ModelRecord] = {}
         self.assigned: list[AssignedInstance] = []
         self.checks: dict[Wanted, CheckState] = {}
@@ -110,6 +116,10 @@ class ModelFollower:
         self._assignment = KeyMirror(etcd, self._key, on_change=lambda _: self._wake.set())
         self._task: asyncio.Task[None] | None = None
         self._applied: list[InstanceConfig] | None = None
+
+    def wake(self) -> None:
+        """Something this follows changed (e.g. the registration was refused or taken): act now."""
+        self._wake.set()
 
     def start(self) -> None:
         self._models.start()
@@ -237,7 +247,14 @@ class ModelFollower:
         cfg = self.settings()
         running = self._running()
         configs = []
-        for a in self.assigned if cfg.enabled else []:
+        refused = self._refused()
+        if refused != self._was_refused:
+            self._was_refused = refused
+            if refused:
+                log.warning("another agent holds this node_id: its assigned replicas are not run here")
+            else:
+                log.info("registered: following this node's assignment again")
+        for a in self.assigned if cfg.enabled and not refused else []:
             rec = self.registry.get(a.model)
             st = self.checks.get(self._wanted(rec) if rec and rec.path == a.path else Wanted(a.path, None, None))
             ok = st is not None and st.result is not None and st.result.available

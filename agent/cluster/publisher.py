@@ -73,6 +73,7 @@ class ClusterPublisher:
         client: EtcdClient | None = None,
         *,
         state_dir: str | None = None,
+        on_refusal: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
         self.node_id = node_id
@@ -98,6 +99,7 @@ class ClusterPublisher:
         self._task: asyncio.Task[None] | None = None
         # Another agent holds our node_id (None: not refused now); refusals counted since start.
         self.refused_by: OtherHolder | None = None
+        self._on_refusal = on_refusal  # called when refused_by goes from None to set, or back
         self.refusals = 0
         self._refused_logged_at = float("-inf")
 
@@ -210,6 +212,7 @@ class ClusterPublisher:
                 refusals=self.refusals,
             )
             self.refused_by = None
+            self._on_refusal()
         self._set_state("registered", lease=lease.id, ttl=lease.ttl)
 
     def _refused(self, holder: OtherHolder) -> None:
@@ -228,7 +231,10 @@ class ClusterPublisher:
                 refusals=self.refusals,
             )
             self._refused_logged_at = now
+        first = self.refused_by is None
         self.refused_by = holder
+        if first:
+            self._on_refusal()
         self.state = "refused"  # logged above; _set_state would log a second, vaguer line
 
     def status(self) -> dict[str, Any]:
