@@ -362,6 +362,30 @@ async def test_total_timeout_mid_stream_and_non_stream(tmp_path: Path) -> None:
             assert (await r.json())["error"]["message"] == "upstream timeout: no complete answer within 1s"
 
 
+async def test_non_streaming_answer_past_its_limit_is_retried_on_the_sibling(tmp_path: Path) -> None:
+    """response_timeout_s is the first-byte limit of a non-streaming request: an instance that
+    sits on it is abandoned, counted as an error and a timeout, and the sibling answers."""
+    port = free_port()
+    inst = instance_toml("a", model="m") + instance_toml("b", model="m")
+    proxy = "\n[proxy]\nresponse_timeout_s = 0.5\n"
+    async with AgentProcess(tmp_path, agent_toml(tmp_path, port, inst + proxy), port) as agent:
+        a = await agent.wait_state("a", "READY")
+        await agent.wait_state("b", "READY")
+        assert agent.http is not None
+        async with agent.http.post(f"http://127.0.0.1:{a['port']}/sim/control", json={"latency_ms": 5000}) as r:
+            assert r.status == 200
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        for _ in range(2):  # ties rotate: one of the two starts on a
+            t0 = time.monotonic()
+            async with agent.http.post(agent.base + CHAT, json=body) as r:
+                assert r.status == 200
+            assert time.monotonic() - t0 < 3.0
+        assert (await agent.instance("a"))["errors_total"] >= 1
+        async with agent.http.get(agent.base + "/metrics") as r:
+            text = await r.text()
+        assert 'gpu_agent_proxy_upstream_errors_total{instance="a",kind="timeout",model="m"} 1.0' in text
+
+
 async def test_stream_whose_upstream_dies_before_the_first_chunk_is_retried(tmp_path: Path) -> None:
     """Servers send SSE headers at once; until the first chunk nothing has reached the client,
     so an upstream dying in prefill is retried on another instance, invisibly."""

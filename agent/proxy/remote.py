@@ -10,7 +10,7 @@ is never forwarded again (``X-GPUFleet-Hops``), so two nodes cannot bounce it be
 An attempt on another node that has not answered when the route marks that node DOWN is
 abandoned and retried elsewhere (``unless_node_leaves``): behind a silent partition (packets
 dropped, no reset) the connection would otherwise wait for the total deadline, 15 minutes.
-Local instances leaving rotation get the same treatment (``unless_gone``).
+Local instances leaving rotation get the same treatment (server.py, ``_unless_instance_leaves``).
 """
 
 from __future__ import annotations
@@ -113,8 +113,7 @@ async def unless_gone(
 ) -> T:
     """Run ``attempt``; if ``gone`` is set before it has answered anything (``answered()``), cancel
     it and raise ``failure()``, which the attempt loop retries on another target. Once something
-    has been answered (a stream under way) the attempt runs to its end. Used for other nodes
-    (DOWN in the routes) and for local instances leaving rotation (a failed probe, an ejection)."""
+    has been answered (a stream under way) the attempt runs to its end."""
     task = asyncio.ensure_future(attempt)
     waiter = asyncio.ensure_future(gone.wait())
     try:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
@@ -43,7 +44,7 @@ from .context import (
 from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
-from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_gone, unless_node_leaves
+from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_node_leaves
 from .routing import Picker, classify_task, route_group
 
 if TYPE_CHECKING:
@@ -351,19 +352,46 @@ class Proxy:
         """One attempt on one instance (local or on another node). Raises Failure while nothing
         has reached the client."""
         attempt = self._attempt(request, body, inst, ctx)
-        answered = lambda: ctx.ttfb is not None  # noqa: E731
         if not isinstance(inst, RemoteTarget):
-            # A frozen server accepts connections and answers nothing: when its probe fails (or
-            # passive health ejects it), attempts still waiting on it move elsewhere.
-            return await unless_gone(
-                attempt,
-                inst.left_rotation(),
-                answered,
-                lambda: Failure("instance_down", None, f"{inst.name}: left rotation before it answered"),
-            )
+            return await self._unless_instance_leaves(attempt, inst, ctx)
         if self.rt.routes is None:
             return await attempt
-        return await unless_node_leaves(attempt, self.rt.routes.node_gone(inst.node), answered, inst.name)
+        gone = self.rt.routes.node_gone(inst.node)
+        return await unless_node_leaves(attempt, gone, lambda: ctx.ttfb is not None, inst.name)
+
+    async def _unless_instance_leaves(
+        self, attempt: Coroutine[Any, Any, web.StreamResponse], inst: Instance, ctx: Ctx
+    ) -> web.StreamResponse:
+        """Run a local attempt; if its instance leaves rotation (a failed probe, an ejection)
+        before the attempt has answered, abandon it with Failure("instance_down"), which the
+        attempt loop retries elsewhere: a frozen server accepts connections and answers nothing.
+
+        The attempt runs in this task, and leaving cancels the task: cheaper than a watcher task
+        per request. The cancellation lands at the attempt's current await, which is before its
+        first byte (``ctx.ttfb`` was None when it was asked for), so nothing reaches the client.
+        ``uncancel`` tells our cancellation apart from the client's leaving at the same time."""
+        task = asyncio.current_task()
+        assert task is not None
+        abandoned = False
+
+        def on_leave() -> None:
+            nonlocal abandoned
+            if ctx.ttfb is None and not abandoned:
+                abandoned = True
+                task.cancel()
+
+        inst.watch(on_leave)
+        try:
+            resp = await attempt
+        except asyncio.CancelledError:
+            if abandoned and task.uncancel() == 0:
+                raise Failure("instance_down", None, f"{inst.name}: left rotation before it answered") from None
+            raise
+        finally:
+            inst.unwatch(on_leave)
+        if abandoned:
+            task.uncancel()  # the attempt swallowed it and answered after all
+        return resp
 
     async def _attempt(
         self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx

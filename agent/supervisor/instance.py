@@ -13,7 +13,7 @@ is bounded, and a failure of one instance never touches another.
 *In rotation* (routable) is narrower than READY: a READY instance whose last probe failed, or
 that real requests found failing (passive health: ``policy.after_failure``), takes no new
 requests, and attempts on it that have not answered yet are abandoned and retried elsewhere
-(``left_rotation``), so a frozen server costs its in-flight requests seconds, not minutes.
+(``watch``), so a frozen server costs its in-flight requests seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
@@ -32,9 +33,9 @@ from agent.config import InstanceConfig, SupervisorSection
 from gpufleet.keyspace.records import InstanceLoad, InstanceRecord
 
 from .policy import (
+    CLEAN,
     HealthWindow,
     InstanceState,
-    Outlier,
     OutlierPolicy,
     RestartPolicy,
     after_failure,
@@ -80,10 +81,10 @@ class Instance:
         self.health = HealthWindow(self.sup.failure_threshold, self.sup.recovery_window)
         # Routing: the last probe failed; passive health from real requests; set when it leaves.
         self._probe_failed = False
-        self.outlier = Outlier()
+        self.outlier = CLEAN
         self._outlier_why = ""
         self._restart_why: str | None = None  # passive health asks for a restart
-        self._left = asyncio.Event()
+        self._watchers: set[Callable[[], None]] = set()  # attempts waiting on it (proxy)
         self.policy = self._new_policy()
         self._want: Command = "start" if cfg.autostart else "stop"
         self._pending: Command | None = None
@@ -146,15 +147,22 @@ class Instance:
         """Out by passive health: ejected, or half-open until a trial request succeeds."""
         return self.outlier.ejected_until is not None
 
-    def left_rotation(self) -> asyncio.Event:
-        """Set when this instance leaves rotation (state, probe, ejection). Taken by an attempt
-        as it starts on a routable instance: an earlier, set event belongs to a past absence."""
-        if self._left.is_set():
-            self._left = asyncio.Event()
-        return self._left
+    def watch(self, on_leave: Callable[[], None]) -> None:
+        """Call ``on_leave`` if this instance leaves rotation (state, failed probe, ejection)
+        before ``unwatch``. A plain callback, not a task per attempt: this is the proxy's hot path."""
+        self._watchers.add(on_leave)
+
+    def unwatch(self, on_leave: Callable[[], None]) -> None:
+        self._watchers.discard(on_leave)
+
+    def _leave_rotation(self) -> None:
+        for on_leave in list(self._watchers):
+            on_leave()
 
     def passive_ok(self) -> None:
         """A real request got its first byte from this instance."""
+        if self.outlier is CLEAN:
+            return
         if self.outlier.ejections:
             self.log.info("instance back in rotation: a trial request succeeded")
         self.outlier = after_success(self.outlier)
@@ -189,7 +197,7 @@ class Instance:
             for_s=round(duration, 1),
             last=detail,
         )
-        self._left.set()
+        self._leave_rotation()
         return True
 
     def _outlier_policy(self) -> OutlierPolicy:
@@ -415,7 +423,7 @@ class Instance:
                 # Out of rotation at once (a frozen server holds every request sent to it), but
                 # restarted only after failure_threshold probes: one slow answer is not a crash.
                 self._probe_failed = True
-                self._left.set()
+                self._leave_rotation()
                 self.log.warning(
                     "probe failed: out of rotation",
                     detail=ok_result.detail,
@@ -486,10 +494,10 @@ class Instance:
         self.state_since = time.time()
         if state is InstanceState.READY:  # a new run (or a passed warm-up): a clean slate
             self._probe_failed = False
-            self.outlier = Outlier()
+            self.outlier = CLEAN
             self._restart_why = None
         else:
-            self._left.set()
+            self._leave_rotation()
         self.host.on_state_change(self)
 
     def _new_policy(self) -> RestartPolicy:

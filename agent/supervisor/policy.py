@@ -141,6 +141,9 @@ class Outlier:
         return self.ejected_until is not None and now >= self.ejected_until
 
 
+CLEAN = Outlier()  # shared: most answers find nothing to forget (the proxy's hot path)
+
+
 def may_eject(ready: int, ejected: int, max_fraction: float) -> bool:
     """May one more of a model's ``ready`` instances be ejected, ``ejected`` being out already?"""
     after = ejected + 1
@@ -157,7 +160,7 @@ def in_rotation(o: Outlier, now: float, in_flight: int) -> bool:
 
 def after_success(o: Outlier) -> Outlier:
     """An answer (or the first byte of one): the instance serves; forget its failures."""
-    return Outlier()
+    return CLEAN
 
 
 def after_failure(o: Outlier, now: float, p: OutlierPolicy, ready: int, ejected: int) -> Outlier:
