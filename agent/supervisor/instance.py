@@ -420,14 +420,18 @@ class Instance:
             elif self.health.record(False):
                 return f"{self.health.consecutive_failures} consecutive failed probes (last: {ok_result.detail})"
             else:
-                # Out of rotation at once (a frozen server holds every request sent to it), but
+                # No new requests at once (a frozen server holds every request sent to it), but
                 # restarted only after failure_threshold probes: one slow answer is not a crash.
+                # Requests already on it are abandoned at the second failure in a row: one slow
+                # probe answer (a load spike, a GC pause) must not throw away their prefill.
                 self._probe_failed = True
-                self._leave_rotation()
+                if self.health.consecutive_failures >= 2:
+                    self._leave_rotation()
                 self.log.warning(
                     "probe failed: out of rotation",
                     detail=ok_result.detail,
                     consecutive=self.health.consecutive_failures,
+                    **({"abandoning": len(self._watchers)} if self.health.consecutive_failures >= 2 else {}),
                 )
             self._probe_now.clear()
             interval = self.sup.probe_interval_s
