@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -423,3 +423,73 @@ async def test_stream_whose_upstream_dies_before_the_first_chunk_is_retried(tmp_
             what="access log line",
         )
         assert entry["retries"] == 1 and entry["instance"] != killed
+
+
+# --- abandoning an attempt whose instance leaves rotation (no agent needed) -----------------------
+
+
+class _Inst:
+    name = "a"
+
+    def __init__(self) -> None:
+        self.watchers: set[Callable[[], None]] = set()
+
+    def watch(self, on_leave: Callable[[], None]) -> None:
+        self.watchers.add(on_leave)
+
+    def unwatch(self, on_leave: Callable[[], None]) -> None:
+        self.watchers.discard(on_leave)
+
+    def leave(self) -> None:
+        for w in list(self.watchers):
+            w()
+
+
+async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering() -> None:
+    from agent.proxy.context import Failure
+    from agent.proxy.server import unless_instance_leaves
+
+    inst, finish, cancelled = _Inst(), asyncio.Event(), []
+    answered = False
+
+    async def attempt() -> str:
+        try:
+            await finish.wait()  # a frozen server: connected, nothing comes back
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "answer"
+
+    async def run() -> str:
+        try:
+            return await unless_instance_leaves(attempt(), inst, lambda: answered)
+        finally:
+            # Our own cancellation was taken back: the request's task goes on (to a retry).
+            assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    task = asyncio.ensure_future(run())
+    await asyncio.sleep(0)
+    inst.leave()
+    with pytest.raises(Failure) as e:
+        await task
+    assert e.value.kind == "instance_down" and cancelled == [True] and not inst.watchers
+
+    # Once it has answered (a stream under way), leaving changes nothing.
+    answered = True
+    task = asyncio.ensure_future(unless_instance_leaves(attempt(), inst, lambda: answered))
+    await asyncio.sleep(0)
+    inst.leave()
+    finish.set()
+    assert await task == "answer"
+
+
+async def test_a_client_leaving_as_the_instance_leaves_is_still_a_cancellation() -> None:
+    from agent.proxy.server import unless_instance_leaves
+
+    inst = _Inst()
+    task = asyncio.ensure_future(unless_instance_leaves(asyncio.Event().wait(), inst, lambda: False))
+    await asyncio.sleep(0)
+    inst.leave()
+    task.cancel()  # the client disconnected in the same loop turn: nobody to retry for
+    with pytest.raises(asyncio.CancelledError):
+        await task

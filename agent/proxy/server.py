@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -60,6 +60,7 @@ GATEWAY_FAILURES = frozenset({"connect", "status_5xx", "timeout", "midstream"})
 # The client waited for an answer that never came: retried even past retry_budget_s.
 ABANDONED = frozenset({"node_down", "instance_down", "timeout"})
 access = structlog.get_logger("agent.access")
+T = TypeVar("T")
 
 
 class Proxy:
@@ -353,45 +354,11 @@ class Proxy:
         has reached the client."""
         attempt = self._attempt(request, body, inst, ctx)
         if not isinstance(inst, RemoteTarget):
-            return await self._unless_instance_leaves(attempt, inst, ctx)
+            return await unless_instance_leaves(attempt, inst, lambda: ctx.ttfb is not None)
         if self.rt.routes is None:
             return await attempt
         gone = self.rt.routes.node_gone(inst.node)
         return await unless_node_leaves(attempt, gone, lambda: ctx.ttfb is not None, inst.name)
-
-    async def _unless_instance_leaves(
-        self, attempt: Coroutine[Any, Any, web.StreamResponse], inst: Instance, ctx: Ctx
-    ) -> web.StreamResponse:
-        """Run a local attempt; if its instance leaves rotation (a failed probe, an ejection)
-        before the attempt has answered, abandon it with Failure("instance_down"), which the
-        attempt loop retries elsewhere: a frozen server accepts connections and answers nothing.
-
-        The attempt runs in this task, and leaving cancels the task: cheaper than a watcher task
-        per request. The cancellation lands at the attempt's current await, which is before its
-        first byte (``ctx.ttfb`` was None when it was asked for), so nothing reaches the client.
-        ``uncancel`` tells our cancellation apart from the client's leaving at the same time."""
-        task = asyncio.current_task()
-        assert task is not None
-        abandoned = False
-
-        def on_leave() -> None:
-            nonlocal abandoned
-            if ctx.ttfb is None and not abandoned:
-                abandoned = True
-                task.cancel()
-
-        inst.watch(on_leave)
-        try:
-            resp = await attempt
-        except asyncio.CancelledError:
-            if abandoned and task.uncancel() == 0:
-                raise Failure("instance_down", None, f"{inst.name}: left rotation before it answered") from None
-            raise
-        finally:
-            inst.unwatch(on_leave)
-        if abandoned:
-            task.uncancel()  # the attempt swallowed it and answered after all
-        return resp
 
     async def _attempt(
         self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx
@@ -592,6 +559,46 @@ def _counted(ctx: Ctx, target: Instance | RemoteTarget) -> bool:
     own instances only (a forwarded request is counted once, where it ran), and not those made
     for a fallback (``ctx.counted``)."""
     return ctx.counted and not isinstance(target, RemoteTarget)
+
+
+class Watched(Protocol):
+    name: str
+
+    def watch(self, on_leave: Callable[[], None]) -> None: ...
+    def unwatch(self, on_leave: Callable[[], None]) -> None: ...
+
+
+async def unless_instance_leaves(attempt: Coroutine[Any, Any, T], inst: Watched, answered: Callable[[], bool]) -> T:
+    """Run a local attempt; if its instance leaves rotation (a failed probe, an ejection)
+    before the attempt has answered, abandon it with Failure("instance_down"), which the
+    attempt loop retries elsewhere: a frozen server accepts connections and answers nothing.
+
+    The attempt runs in this task, and leaving cancels the task: cheaper than a watcher task
+    per request. The cancellation lands at the attempt's current await, which is before its
+    first byte (``answered()`` was false when it was asked for), so nothing reaches the client.
+    ``uncancel`` tells our cancellation apart from the client's leaving at the same time."""
+    task = asyncio.current_task()
+    assert task is not None
+    abandoned = False
+
+    def on_leave() -> None:
+        nonlocal abandoned
+        if not abandoned and not answered():
+            abandoned = True
+            task.cancel()
+
+    inst.watch(on_leave)
+    try:
+        result = await attempt
+    except asyncio.CancelledError:
+        if abandoned and task.uncancel() == 0:
+            raise Failure("instance_down", None, f"{inst.name}: left rotation before it answered") from None
+        raise
+    finally:
+        inst.unwatch(on_leave)
+    if abandoned:
+        task.uncancel()  # the attempt swallowed it and answered after all
+    return result
 
 
 def add_proxy_routes(app: web.Application, proxy: Proxy) -> None:
