@@ -106,8 +106,9 @@ class SupervisorSection(StrictSection):
     crash_loop_restarts: Annotated[int, Meta(ge=1)] = 5
     crash_loop_window_s: PositiveFloat = 600.0
     stop_grace_s: NonNegFloat = 30.0
-    # Grace when the stop is a restart after a failure (probes, warm-up, start-up): the server
-    # is not answering, so there is nothing to drain. A stopped (SIGSTOP) server gets none.
+    # Grace when the server is not answering, so there is nothing to drain: a restart after a
+    # failure (probes, warm-up, start-up), or any stop while its last probe failed or it is
+    # ejected. A stopped (SIGSTOP) server gets none.
     failed_stop_grace_s: NonNegFloat = 5.0
     startup_timeout_s: PositiveFloat = 600.0
     # Ports for instances without an explicit one are taken from [port_base, port_base + port_span).

@@ -478,6 +478,8 @@ class Instance:
         if child is None:
             return
         self.host.memory_detach(self)
+        if grace_s is None and (self._probe_failed or self.ejected):
+            grace_s = self.sup.failed_stop_grace_s  # not answering (an operator's restart of a hung server)
         grace = self.sup.stop_grace_s if grace_s is None else min(grace_s, self.sup.stop_grace_s)
         if child.returncode is None:
             self.log.info("stopping instance", pid=child.pid, reason=why, grace_s=grace)
