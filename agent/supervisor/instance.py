@@ -11,9 +11,9 @@ Operator commands (start/stop/restart) wake the loop wherever it waits. Every wa
 is bounded, and a failure of one instance never touches another.
 
 *In rotation* (routable) is narrower than READY: a READY instance whose last probe failed, or
-that real requests found failing (passive health: ``policy.after_failure``), takes no new
-requests, and attempts on it that have not answered yet are abandoned and retried elsewhere
-(``watch``), so a frozen server costs its in-flight requests seconds, not minutes.
+that real requests found failing, takes no new requests, and attempts on it that have not
+answered yet are abandoned and retried elsewhere (rotation.py), so a frozen server costs its
+in-flight requests seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -32,18 +32,10 @@ from agent.backends import Backend, Judgement, Upstream, get_backend
 from agent.config import InstanceConfig, SupervisorSection
 from gpufleet.keyspace.records import InstanceLoad, InstanceRecord
 
-from .policy import (
-    CLEAN,
-    HealthWindow,
-    InstanceState,
-    OutlierPolicy,
-    RestartPolicy,
-    after_failure,
-    after_success,
-    in_rotation,
-)
+from .policy import HealthWindow, InstanceState, OutlierPolicy, RestartPolicy
 from .ports import port_is_free
 from .process import ChildProcess, RotatingLog, spawn
+from .rotation import Rotation
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -79,12 +71,7 @@ class Instance:
         self.requests_total = 0
         self.errors_total = 0
         self.health = HealthWindow(self.sup.failure_threshold, self.sup.recovery_window)
-        # Routing: the last probe failed; passive health from real requests; set when it leaves.
-        self._probe_failed = False
-        self.outlier = CLEAN
-        self._outlier_why = ""
-        self._restart_why: str | None = None  # passive health asks for a restart
-        self._watchers: set[Callable[[], None]] = set()  # attempts waiting on it (proxy)
+        self.rotation = Rotation(self.log)
         self.policy = self._new_policy()
         self._want: Command = "start" if cfg.autostart else "stop"
         self._pending: Command | None = None
@@ -136,75 +123,43 @@ class Instance:
     def routable(self, *, suspect_ok: bool = False) -> bool:
         """May the proxy send it a request? ``suspect_ok``: even though its last probe failed
         (when nothing else can serve: one slow probe answer must not turn into 503s)."""
-        return (
-            self.state is InstanceState.READY
-            and (suspect_ok or not self._probe_failed)
-            and in_rotation(self.outlier, time.monotonic(), self.in_flight)
-        )
+        return self.state is InstanceState.READY and self.rotation.routable(self.in_flight, suspect_ok)
 
     @property
     def ejected(self) -> bool:
-        """Out by passive health: ejected, or half-open until a trial request succeeds."""
-        return self.outlier.ejected_until is not None
+        return self.rotation.ejected
 
     def watch(self, on_leave: Callable[[], None]) -> None:
-        """Call ``on_leave`` if this instance leaves rotation (state, failed probe, ejection)
+        """Call ``on_leave`` if this instance leaves rotation (state, failed probes, ejection)
         before ``unwatch``. A plain callback, not a task per attempt: this is the proxy's hot path."""
-        self._watchers.add(on_leave)
+        self.rotation.watch(on_leave)
 
     def unwatch(self, on_leave: Callable[[], None]) -> None:
-        self._watchers.discard(on_leave)
-
-    def _leave_rotation(self) -> None:
-        for on_leave in list(self._watchers):
-            on_leave()
+        self.rotation.unwatch(on_leave)
 
     def passive_ok(self) -> None:
         """A real request got its first byte from this instance."""
-        if self.outlier is CLEAN:
-            return
-        if self.outlier.ejections:
-            self.log.info("instance back in rotation: a trial request succeeded")
-        self.outlier = after_success(self.outlier)
+        self.rotation.success()
 
     def passive_failure(self, detail: str) -> bool:
         """A gateway failure of a real request on this instance (timeout, connection refused or
-        reset, a 5xx judged its fault). True when it has just been ejected (logged here, once)."""
+        reset, a 5xx judged its fault). True when it has just been ejected (logged, once)."""
         if self.state is not InstanceState.READY:
             return False  # already out; a new run starts with a clean record
-        now = time.monotonic()
         peers = [
             i
             for i in self.host.instances.values()
             if i.cfg.client_model == self.cfg.client_model and i.state is InstanceState.READY
         ]
-        ejected = sum(i.outlier.ejected_until is not None for i in peers if i is not self)
-        before, policy = self.outlier, self._outlier_policy()
-        self.outlier = after_failure(before, now, policy, len(peers), ejected)
-        if self.outlier.wants_restart(policy) and self._restart_why is None:
-            self._restart_why = (
-                f"failed real requests {self.outlier.strikes} times in a row "
-                f"({policy.consecutive_failures} consecutive gateway failures each; last: {detail})"
-            )
-            self._probe_now.set()  # the monitor loop acts on it now
-        if self.outlier.ejections <= before.ejections:
-            return False
-        duration = (self.outlier.ejected_until or now) - now
-        self._outlier_why = detail
-        self.log.warning(
-            "instance ejected: failing real requests",
-            ejection=self.outlier.ejections,
-            for_s=round(duration, 1),
-            last=detail,
-        )
-        self._leave_rotation()
-        return True
-
-    def _outlier_policy(self) -> OutlierPolicy:
+        ejected = sum(i.ejected for i in peers if i is not self)
         p = self.host.cfg.proxy
-        return OutlierPolicy(
+        policy = OutlierPolicy(
             p.eject_after_failures, p.eject_base_s, p.eject_max_s, p.max_ejected_fraction, p.restart_after_ejections
         )
+        just_ejected = self.rotation.failure(detail, policy, len(peers), ejected)
+        if self.rotation.restart_why is not None:
+            self._probe_now.set()  # the monitor loop restarts it now
+        return just_ejected
 
     async def shutdown(self) -> None:
         """Stop the process and end the loop (agent exit or instance removed by a reload)."""
@@ -232,16 +187,10 @@ class Instance:
 
     def record(self) -> InstanceRecord:
         last_error, health_ratio = self.last_error, round(self.health.ratio, 3)
-        if self.state is InstanceState.READY and self.ejected:
+        if self.state is InstanceState.READY and (ejection := self.rotation.describe()) is not None:
             # Ejected, still READY: its state stays (the leader would eject it cluster-wide for
             # 30 s on a state change); a zero health ratio lowers its weight to the floor instead.
-            o, now = self.outlier, time.monotonic()
-            if o.ejected(now):
-                last_error = f"ejected for {(o.ejected_until or now) - now:.0f}s more (ejection {o.ejections})"
-            else:
-                last_error = f"ejection {o.ejections} over: the next request is a trial"
-            last_error += f"; last failure: {self._outlier_why}"
-            health_ratio = 0.0
+            last_error, health_ratio = ejection, 0.0
         return InstanceRecord(
             name=self.name,
             model=self.cfg.client_model,
@@ -404,15 +353,15 @@ class Instance:
         while True:
             if (exited := await self._exit_reason()) is not None:
                 return exited
-            if self._restart_why is not None:
-                return self._restart_why
+            if self.rotation.restart_why is not None:
+                return self.rotation.restart_why
             ok_result = await self.backend.probe(self.host.http, self.upstream, self.cfg, self.sup.probe_timeout_s)
             if (exited := await self._exit_reason()) is not None:
                 return exited
             if ok_result.ok:
                 self.health.record(True)
-                if self._probe_failed:
-                    self._probe_failed = False
+                if self.rotation.probe_failed:
+                    self.rotation.probe_failed = False
                     self.log.info("probe passed: back in rotation")
                 self.load = await self.backend.read_load(
                     self.host.http, self.upstream, self.cfg, self.sup.probe_timeout_s
@@ -424,18 +373,19 @@ class Instance:
                 # restarted only after failure_threshold probes: one slow answer is not a crash.
                 # Requests already on it are abandoned at the second failure in a row: one slow
                 # probe answer (a load spike, a GC pause) must not throw away their prefill.
-                self._probe_failed = True
-                if self.health.consecutive_failures >= 2:
-                    self._leave_rotation()
+                self.rotation.probe_failed = True
+                abandoned = self.rotation.leave() if self.health.consecutive_failures >= 2 else 0
                 self.log.warning(
                     "probe failed: out of rotation",
                     detail=ok_result.detail,
                     consecutive=self.health.consecutive_failures,
-                    **({"abandoning": len(self._watchers)} if self.health.consecutive_failures >= 2 else {}),
+                    abandoned_requests=abandoned,
                 )
             self._probe_now.clear()
             interval = self.sup.probe_interval_s
-            await self._sleep_or_exit(min(interval, RECHECK_S) if self._probe_failed else interval, probe_event=True)
+            await self._sleep_or_exit(
+                min(interval, RECHECK_S) if self.rotation.probe_failed else interval, probe_event=True
+            )
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -478,7 +428,7 @@ class Instance:
         if child is None:
             return
         self.host.memory_detach(self)
-        if grace_s is None and (self._probe_failed or self.ejected):
+        if grace_s is None and (self.rotation.probe_failed or self.ejected):
             grace_s = self.sup.failed_stop_grace_s  # not answering (an operator's restart of a hung server)
         grace = self.sup.stop_grace_s if grace_s is None else min(grace_s, self.sup.stop_grace_s)
         if child.returncode is None:
@@ -499,11 +449,9 @@ class Instance:
         self.state = state
         self.state_since = time.time()
         if state is InstanceState.READY:  # a new run (or a passed warm-up): a clean slate
-            self._probe_failed = False
-            self.outlier = CLEAN
-            self._restart_why = None
+            self.rotation.reset()
         else:
-            self._leave_rotation()
+            self.rotation.leave()
         self.host.on_state_change(self)
 
     def _new_policy(self) -> RestartPolicy:
