@@ -174,7 +174,8 @@ async def test_server_that_hangs_on_inference_is_ejected_and_its_requests_move(t
             await wait_until(ejected, timeout=15, what="a ejected")
             ejected_s = time.monotonic() - hung_at
             inst = await agent.instance("a")
-            assert inst["state"] == "READY" and inst["last_error"].startswith("ejected for")
+            # (On a stalled machine its 2 s ejection may be over already: then it awaits a trial.)
+            assert inst["state"] == "READY" and inst["last_error"].startswith(("ejected for", "ejection 1 over"))
             assert inst["health_ratio"] == 0.0 and inst["errors_total"] >= 3
             assert await metric(agent, "gpu_agent_proxy_ejections_total", model="m", instance="a") >= 1
             errors = "gpu_agent_proxy_upstream_errors_total"
