@@ -195,3 +195,18 @@ def test_a_lone_instance_that_fails_is_never_ejected_but_is_restarted() -> None:
     for _ in range(9):  # nine timeouts in a row on the only instance of its model
         o = after_failure(o, 0.0, P, ready=1, ejected=0)
     assert o.ejected_until is None and o.strikes == 3 and o.wants_restart(P)
+
+
+@pytest.mark.parametrize(
+    ("answers", "wanted"),
+    [((False,) * 9, True), ((True,) * 9, False), ((False,) * 8 + (True,), False), ((True,) + (False,) * 8, False)],
+)
+def test_only_silence_asks_for_a_restart(answers: tuple[bool, ...], wanted: bool) -> None:
+    """Nine failures in a row on a lone instance: timeouts (a hung engine) ask for a restart;
+    once it has answered a 5xx since its last success it is alive, and its errors are for
+    degradation to handle, not for a restart that costs minutes of model loading."""
+    o = Outlier()
+    for answered in answers:
+        o = after_failure(o, 0.0, P, ready=1, ejected=0, answered=answered)
+    assert o.strikes == 3 and o.wants_restart(P) is wanted
+    assert not after_success(o).answered

@@ -338,7 +338,8 @@ class Proxy:
         log.warning("upstream attempt failed", request_id=ctx.rid, instance=target.name, kind=f.kind, detail=f.detail)
         if f.kind not in (BUSY, CAPACITY):
             target.request_probe()  # active health: look at it now / steer away from it
-        if f.kind in GATEWAY_FAILURES and not isinstance(target, RemoteTarget) and target.passive_failure(f.detail):
+        local = not isinstance(target, RemoteTarget)
+        if f.kind in GATEWAY_FAILURES and local and target.passive_failure(f.detail, f.kind == "status_5xx"):
             self.metrics.ejections.labels(ctx.model, target.name).inc()
 
     def _first_byte(self, inst: Instance | RemoteTarget, ctx: Ctx) -> None:

@@ -141,9 +141,10 @@ class Instance:
         """A real request got its first byte from this instance."""
         self.rotation.success()
 
-    def passive_failure(self, detail: str) -> bool:
+    def passive_failure(self, detail: str, answered: bool = False) -> bool:
         """A gateway failure of a real request on this instance (timeout, connection refused or
-        reset, a 5xx judged its fault). True when it has just been ejected (logged, once)."""
+        reset, a 5xx judged its fault: ``answered``). True when it has just been ejected
+        (logged, once)."""
         if self.state is not InstanceState.READY:
             return False  # already out; a new run starts with a clean record
         peers = [
@@ -156,7 +157,7 @@ class Instance:
         policy = OutlierPolicy(
             p.eject_after_failures, p.eject_base_s, p.eject_max_s, p.max_ejected_fraction, p.restart_after_ejections
         )
-        just_ejected = self.rotation.failure(detail, policy, len(peers), ejected)
+        just_ejected = self.rotation.failure(detail, policy, len(peers), ejected, answered)
         if self.rotation.restart_why is not None:
             self._probe_now.set()  # the monitor loop restarts it now
         return just_ejected

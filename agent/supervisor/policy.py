@@ -113,7 +113,11 @@ class OutlierPolicy:
 
     Probes cannot see an engine that hangs behind a passing health check, and ejection never
     takes the last instance: ``restart_after`` strikes (the threshold reached, ejected or not)
-    with no success in between ask the supervisor for a restart. 0: never."""
+    with no success in between ask the supervisor for a restart, if none of those failures was
+    an answer. A server that answers 500s is alive: its error rate is what degradation (cache,
+    fallback, static answer) and ejection are for, and a restart costs minutes of model loading
+    without fixing what made it fail (a request it cannot serve, a downstream outage). One that
+    does not answer at all is only fixed by a restart. 0: never."""
 
     consecutive_failures: int = 5
     base_s: float = 30.0
@@ -130,9 +134,10 @@ class Outlier:
     ejections: int = 0  # ejections since the last success: sets the next one's length
     ejected_until: float | None = None  # None: in rotation; past: half-open (one trial request)
     strikes: int = 0  # times the failure threshold was reached since the last success
+    answered: bool = False  # some failure since the last success was an answer (a 5xx): alive
 
     def wants_restart(self, p: OutlierPolicy) -> bool:
-        return 0 < p.restart_after <= self.strikes
+        return 0 < p.restart_after <= self.strikes and not self.answered
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until is not None and now < self.ejected_until
@@ -163,23 +168,27 @@ def after_success(o: Outlier) -> Outlier:
     return CLEAN
 
 
-def after_failure(o: Outlier, now: float, p: OutlierPolicy, ready: int, ejected: int) -> Outlier:
+def after_failure(
+    o: Outlier, now: float, p: OutlierPolicy, ready: int, ejected: int, answered: bool = False
+) -> Outlier:
     """A gateway failure on a real request. ``ready``: the model's READY instances on this node;
-    ``ejected``: how many of them are ejected or half-open now."""
+    ``ejected``: how many of them are ejected or half-open now; ``answered``: the failure was
+    an answer (a 5xx), not silence (timeout, refused or reset connection)."""
     if p.consecutive_failures < 1 or o.ejected(now):
         return o  # off; or a late failure of a request sent before the ejection
+    answered = o.answered or answered
     if o.half_open(now):
         # The trial failed: out again at once, for longer. It is still counted in ``ejected``,
         # so the fraction is unchanged.
-        return _eject(o, now, p)
+        return _eject(o, now, p, answered)
     failures = o.failures + 1
     if failures < p.consecutive_failures:
-        return Outlier(failures, o.ejections, None, o.strikes)
+        return Outlier(failures, o.ejections, None, o.strikes, answered)
     if may_eject(ready, ejected, p.max_fraction):
-        return _eject(o, now, p)
-    return Outlier(0, o.ejections, None, o.strikes + 1)  # may not be ejected: a strike all the same
+        return _eject(o, now, p, answered)
+    return Outlier(0, o.ejections, None, o.strikes + 1, answered)  # may not be ejected: a strike all the same
 
 
-def _eject(o: Outlier, now: float, p: OutlierPolicy) -> Outlier:
+def _eject(o: Outlier, now: float, p: OutlierPolicy, answered: bool) -> Outlier:
     n = o.ejections + 1
-    return Outlier(0, n, now + min(p.base_s * 2 ** (n - 1), p.max_s), o.strikes + 1)
+    return Outlier(0, n, now + min(p.base_s * 2 ** (n - 1), p.max_s), o.strikes + 1, answered)

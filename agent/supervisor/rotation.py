@@ -66,12 +66,13 @@ class Rotation:
             self.log.info("instance back in rotation: a trial request succeeded")
         self.outlier = after_success(self.outlier)
 
-    def failure(self, detail: str, policy: OutlierPolicy, ready: int, ejected: int) -> bool:
+    def failure(self, detail: str, policy: OutlierPolicy, ready: int, ejected: int, answered: bool = False) -> bool:
         """A gateway failure of a real request; ``ready``/``ejected``: the model's READY
-        instances on this node and how many others are ejected. True when just ejected."""
+        instances on this node and how many others are ejected; ``answered``: a 5xx, not
+        silence. True when just ejected."""
         now = time.monotonic()
         before = self.outlier
-        self.outlier = after_failure(before, now, policy, ready, ejected)
+        self.outlier = after_failure(before, now, policy, ready, ejected, answered)
         if self.outlier.wants_restart(policy) and self.restart_why is None:
             self.restart_why = (
                 f"failed real requests {self.outlier.strikes} times in a row "
