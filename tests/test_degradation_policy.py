@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.proxy.cache import CachedResponse, ResponseCache, StreamRecorder, cache_key
+from agent.proxy.routing import classify_task
 from coordinator.policy.degradation import (
     INITIAL,
     DegradationPolicy,
@@ -233,9 +234,14 @@ def test_cache_key_stream_flag_matters():
     )
 
 
-@pytest.mark.parametrize("body", [b"[1, 2]", b'"text"', b"42", b"not json", b"", b'{"a": 1'])
+@pytest.mark.parametrize(
+    "body",
+    [b"[1, 2]", b'"text"', b"42", b"not json", b"", b'{"a": 1', b'{"a": ' + b"[" * 5000, b'{"model": "\xff"}'],
+)
 def test_cache_key_refuses_non_objects(body):
+    # Too deep for the decoder (RecursionError) or not UTF-8 (UnicodeDecodeError): not a key, not a 500.
     assert cache_key("/v1/completions", body) is None
+    assert classify_task(body) == "text"
 
 
 def test_entry_size_counts_body_or_chunks_and_headers():

@@ -53,7 +53,7 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     """The request body as a JSON object; None when it is not valid JSON or not an object."""
     try:
         obj = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # too deep; not UTF-8
         return None
     return obj if isinstance(obj, dict) else None
 

@@ -45,7 +45,7 @@ def classify_task(body: bytes) -> Task:
     will judge it)."""
     try:
         msgs = msgspec.json.decode(body, type=_Messages).messages
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
         return "text"
     kinds = {p.type for m in msgs if isinstance(m.content, list) for p in m.content}
     if kinds & _IMAGE_PARTS:
