@@ -47,6 +47,15 @@ def test_agent_unit_essentials() -> None:
     assert not any(ln.startswith("ExecStartPre=") for ln in text.splitlines())
 
 
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_config_errors_are_not_retried(unit: Path) -> None:
+    """A config error must end ExecStart= with 78, which RestartPreventExitStatus= honours; a
+    failing ExecStartPre= is retried until the start limit whatever it exits with (systemd #11868)."""
+    lines = unit.read_text().splitlines()
+    assert "RestartPreventExitStatus=78" in lines
+    assert not any(ln.startswith("ExecStartPre=") for ln in lines)
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 @pytest.mark.parametrize(("unit", "limit"), [("gpu-coordinator.service", 5.0), ("gpu-agent.service", 5.0)])
 def test_security_exposure(unit: str, limit: float, tmp_path: Path) -> None:
