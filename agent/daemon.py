@@ -115,12 +115,7 @@ class AgentRuntime:
         their servers any more, whatever their state says. The loop catches its own errors, so
         this is a bug (or, before logging dropped on failure, a log write on a full disk); it
         must not pass silently: /healthz fails and systemd's watchdog restarts the agent."""
-        dead = {}
-        for inst in self.supervisor.instances.values():
-            task = inst._task
-            if task is not None and task.done() and not task.cancelled() and (exc := task.exception()) is not None:
-                dead[inst.name] = f"{type(exc).__name__}: {exc}"
-        return dead
+        return {inst.name: why for inst in self.supervisor.instances.values() if (why := inst.loop_failure) is not None}
 
     def changed(self) -> None:
         """Something visible changed: the tick loop wakes, cluster mode checks whether to publish."""

@@ -102,6 +102,23 @@ class Instance:
 
     def start_task(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"instance:{self.name}")
+        self._task.add_done_callback(self._loop_ended)
+
+    @property
+    def loop_failure(self) -> str | None:
+        """Why this instance's lifecycle loop died, if it did. The loop catches its own errors,
+        so this is a bug: nothing probes, restarts or stops the server any more."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled() or (exc := task.exception()) is None:
+            return None
+        return f"{type(exc).__name__}: {exc}"
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        # Whatever state it was in is no longer known (the server may have died since): say
+        # FAILED, so neither this node's proxy nor the leader routes to it; the agent's
+        # /healthz fails and the watchdog restarts the agent, whose successor adopts the server.
+        if (why := self.loop_failure) is not None:
+            self._set_state(InstanceState.FAILED, f"supervision loop died: {why}")
 
     def command(self, cmd: Command) -> None:
         """start / stop / restart, as an operator asked. Returns at once; the loop acts."""
@@ -179,7 +196,9 @@ class Instance:
     async def _end_loop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A loop that died of an error was reported then (loop_failure): a shutdown must
+            # still stop its server.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
     def fingerprint(self) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import AgentProcess, agent_toml, free_port, instance_toml, wait_until
+from helpers import AgentProcess, agent_toml, free_port, instance_toml, pid_alive, wait_until
 
 from agent.config import load_config
 from agent.daemon import AgentRuntime
@@ -311,6 +311,7 @@ async def test_a_dead_supervision_loop_is_not_silent(tmp_path: Path, capsys: pyt
     notifier = _Recorder()
     rt = AgentRuntime(load_config(config), notifier=notifier)
     run = asyncio.create_task(rt.run())
+    pid: int | None = None
     try:
         async with aiohttp.ClientSession() as http:
 
@@ -341,15 +342,17 @@ async def test_a_dead_supervision_loop_is_not_silent(tmp_path: Path, capsys: pyt
             rt.changed()  # another tick, and still no ping
             await wait_until(lambda: len(notifier.sent) > statuses, timeout=5, what="a tick")
             assert notifier.sent.count("WATCHDOG=1") == pings
-            dead = [ln for ln in capsys.readouterr().out.splitlines() if "supervision loop died" in ln]
+            dead = [ln for ln in capsys.readouterr().out.splitlines() if "supervision loop died; /healthz" in ln]
             assert len(dead) == 1, dead
+            # Its state is no longer known: FAILED, so no proxy or leader routes to it.
+            rec = next(i for i in rt.node_record().instances if i.name == "a")
+            assert rec.state == "FAILED" and "supervision loop died" in (rec.last_error or ""), rec
             with capsys.disabled():
                 print(f"\ndead supervision loop: /healthz 503 after {detected_s:.2f}s")
-            # Shutdown re-raises the dead loop's error from Instance._end_loop and would skip
-            # the stop (the shim still stops the server once the agent process exits and its
-            # lifeline closes; this agent is the test process): forget the loop, stop the server.
+            # The agent's shutdown still stops the server of the dead loop (with a working stop).
             del inst._cycle, inst._stop_process
-            inst._task = None
+            pid = rec.pid
     finally:
         rt.request_stop()
         assert await asyncio.wait_for(run, 30) == 0
+    assert pid is None or not pid_alive(pid), "the dead loop's server outlived the agent"
