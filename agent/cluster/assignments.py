@@ -34,6 +34,7 @@ import msgspec
 import structlog
 
 from agent.config import InstanceConfig, ModelsSection
+from agent.supervisor.plan import PlanError
 from agent.threads import in_daemon_thread
 from gpufleet.etcd import EtcdClient, KeyMirror
 from gpufleet.keyspace import Keyspace, decode_or_skip
@@ -116,6 +117,7 @@ class ModelFollower:
         self._assignment = KeyMirror(etcd, self._key, on_change=lambda _: self._wake.set())
         self._task: asyncio.Task[None] | None = None
         self._applied: list[InstanceConfig] | None = None
+        self._plan_error: str | None = None  # why the assignment could not be applied (said once)
 
     def wake(self) -> None:
         """Something this follows changed (e.g. the registration was refused or taken): act now."""
@@ -265,5 +267,15 @@ class ModelFollower:
             except msgspec.ValidationError as e:
                 log.error("invalid assignment skipped", instance=a.name, model=a.model, error=str(e))
         if configs != self._applied:
-            await self._apply(configs)
+            try:
+                await self._apply(configs)
+            except PlanError as e:
+                # Nothing changed (all or nothing); tried again next pass, e.g. once a port is free.
+                if str(e) != self._plan_error:
+                    self._plan_error = str(e)
+                    log.error("the assignment cannot be applied on this node; retrying", problems=e.problems)
+                return
+            if self._plan_error is not None:
+                log.info("the assignment is applied", previous_problem=self._plan_error)
+                self._plan_error = None
             self._applied = configs
