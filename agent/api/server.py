@@ -103,10 +103,12 @@ def build_app(rt: AgentRuntime) -> web.Application:
         return json_response({"status": "not ready", "reason": reason, "instances": waiting}, 503)
 
     async def status(_: web.Request) -> web.Response:
-        if rt.publisher is None:
-            return json_response(rt.node_record())
-        cluster = {**rt.publisher.status(), "drained": rt.routes.drained if rt.routes is not None else None}
-        return json_response({**msgspec.to_builtins(rt.node_record()), "cluster": cluster})
+        doc = msgspec.to_builtins(rt.node_record())
+        # What the file says that is not running: a refused reload, settings waiting for a restart.
+        doc["config"] = {"last_reload_failure": rt.reload_failure, "restart_needed": rt.restart_needed}
+        if rt.publisher is not None:
+            doc["cluster"] = {**rt.publisher.status(), "drained": rt.routes.drained if rt.routes is not None else None}
+        return json_response(doc)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

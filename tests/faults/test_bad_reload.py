@@ -212,6 +212,7 @@ async def test_reload_that_cannot_be_planned_changes_nothing(tmp_path: Path, not
             assert failed == 0 and answered > 0
 
             assert await pids(agent) == before
+            assert "no free port" in ((await agent.status())["config"]["last_reload_failure"] or "")
             st = await agent.status()
             assert {i["name"]: i["state"] for i in st["instances"]} == {"a": "READY", "b": "READY"}
             assert await chat_ok(agent, "b-model")
@@ -234,8 +235,10 @@ async def test_cluster_change_on_reload_is_reported_and_the_live_part_applies(tm
         await agent.wait_state("extra", "READY")
         assert (await pids(agent))["a"] == before["a"]
         assert any("[cluster] changed; restart needed" in ln for ln in agent.log_lines())
-        # Still standalone: the cluster section waits for the restart.
-        assert (await agent.status())["mode"] == "standalone"
+        # Still standalone: the cluster section waits for the restart, and /v1/status says so.
+        st = await agent.status()
+        assert st["mode"] == "standalone"
+        assert st["config"] == {"last_reload_failure": None, "restart_needed": ["cluster"]}
 
 
 def test_startup_with_an_unplannable_config_exits_78(tmp_path: Path) -> None:
