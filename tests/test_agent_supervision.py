@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -147,10 +148,16 @@ command = ["sh", "-c", "{script}"]
         await wait_until(lambda: not pid_alive(server["pid"]), timeout=10, what="server stopped by its shim")
         await wait_until(lambda: not pid_alive(worker), timeout=10, what="worker stopped with its group")
         assert pid_alive(escaped)  # the gap that the registry closes
-    async with AgentProcess(tmp_path, cfg, port) as agent2:
-        await wait_until(lambda: not pid_alive(escaped), timeout=10, what="escaped worker reaped")
-        await wait_until(lambda: any("previous agent" in ln and "forker" in ln for ln in agent2.log_lines()))
-        await agent2.wait_state("forker", "READY")
+    try:
+        async with AgentProcess(tmp_path, cfg, port) as agent2:
+            await wait_until(lambda: not pid_alive(escaped), timeout=10, what="escaped worker reaped")
+            await wait_until(lambda: any("previous agent" in ln and "forker" in ln for ln in agent2.log_lines()))
+            await agent2.wait_state("forker", "READY")
+    finally:
+        # The second run forked an escaped worker of its own, and nothing starts after it to reap it.
+        for pid in map(int, re.findall(r"escaped=(\d+)", (tmp_path / "logs" / "forker.log").read_text())):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_over_committed_gpu_memory_is_refused(tmp_path: Path) -> None:

@@ -12,19 +12,26 @@ stops for good the shims take the servers down (no orphan).
 
 from __future__ import annotations
 
-import array
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import aiohttp
 import pytest
 from etcd_fixtures import EtcdCluster
-from helpers import AgentProcess, agent_toml, as_node, cluster_toml, free_port, instance_toml, pid_alive, wait_until
+from helpers import (
+    AgentProcess,
+    NotifySocket,
+    agent_toml,
+    as_node,
+    cluster_toml,
+    free_port,
+    instance_toml,
+    pid_alive,
+    wait_until,
+)
 
 from gpufleet.keyspace import Keyspace
 
@@ -44,40 +51,23 @@ os.execv(sys.executable, [sys.executable, "-m", "agent", *sys.argv[1:]])
 """
 
 
-class FakeFdStore:
+class FakeFdStore(NotifySocket):
     """The part of systemd's notify socket that keeps descriptors for a service."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
         self.fds: dict[str, list[int]] = {}
-        self.messages: list[str] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(path)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
-            except OSError:
-                return
-            fds = []
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds += list(array.array("i", payload[: len(payload) - len(payload) % 4]))
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            with self.lock:
-                self.messages.append(data.decode())
-                name = fields.get("FDNAME", "stored")
-                if fields.get("FDSTORE") == "1":
-                    self.fds.setdefault(name, []).extend(fds)
-                elif fields.get("FDSTOREREMOVE") == "1":
-                    for fd in self.fds.pop(name, []):
-                        os.close(fd)
-                else:
-                    for fd in fds:
-                        os.close(fd)
+    def received(self, message: str, fds: list[int]) -> None:
+        fields = dict(line.split("=", 1) for line in message.splitlines() if "=" in line)
+        name = fields.get("FDNAME", "stored")
+        if fields.get("FDSTORE") == "1":
+            self.fds.setdefault(name, []).extend(fds)
+        elif fields.get("FDSTOREREMOVE") == "1":
+            for fd in self.fds.pop(name, []):
+                os.close(fd)
+        else:
+            super().received(message, fds)
 
     def names(self) -> set[str]:
         with self.lock:

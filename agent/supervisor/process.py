@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -374,20 +374,23 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def stopped_members(pgid: int) -> list[int]:
-    """Members of process group ``pgid`` that are stopped (state T, or t under ptrace)."""
-    out = []
+def _proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, fields of /proc/PID/stat after the command name) of every process: [0] state,
+    [2] process group, [3] session, [19] start time. The command name (field 2) may contain
+    spaces and parentheses, hence the split after the last ')'."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry.name}/stat").read_text()
         except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # [0] state, [2] process group
-        if fields[0] in ("T", "t") and int(fields[2]) == pgid:
-            out.append(int(entry.name))
-    return out
+            continue  # gone meanwhile
+        yield int(entry.name), stat[stat.rfind(")") + 2 :].split()
+
+
+def stopped_members(pgid: int) -> list[int]:
+    """Members of process group ``pgid`` that are stopped (state T, or t under ptrace)."""
+    return [pid for pid, f in _proc_stats() if f[0] in ("T", "t") and int(f[2]) == pgid]
 
 
 async def spawn(
@@ -455,19 +458,8 @@ def proc_start_ticks(pid: int) -> int | None:
 
 
 def _session_members(sid: int, not_before: int) -> list[int]:
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        # fields[3] is the session id; start time guards against an unrelated reuse of the id.
-        if int(fields[3]) == sid and int(fields[19]) >= not_before:
-            out.append(int(entry.name))
-    return out
+    # The start time guards against an unrelated reuse of the session id.
+    return [pid for pid, f in _proc_stats() if int(f[3]) == sid and int(f[19]) >= not_before]
 
 
 def is_alive(rec: GroupRecord) -> bool:

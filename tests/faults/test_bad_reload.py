@@ -15,50 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import TOKEN, AgentProcess, agent_toml, free_port, instance_toml, wait_until
+from helpers import TOKEN, AgentProcess, NotifySocket, agent_toml, free_port, instance_toml, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class NotifySocket:
-    """systemd's end of NOTIFY_SOCKET: a thread collects the agent's sd_notify datagrams in order
-    (the kernel queues only a few datagrams; undrained, the agent's sends would stall)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[str] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return
-            with self.lock:
-                self.messages.append(data.decode())
-
-    def ready_after_reload(self, n: int = 1) -> str | None:
-        """The first READY=1 after the ``n``-th RELOADING=1, once both arrived."""
-        with self.lock:
-            msgs = list(self.messages)
-        starts = [i for i, m in enumerate(msgs) if "RELOADING=1" in m.splitlines()]
-        if len(starts) < n:
-            return None
-        return next((m for m in msgs[starts[n - 1] + 1 :] if "READY=1" in m.splitlines()), None)
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
 
 
 @pytest.fixture
