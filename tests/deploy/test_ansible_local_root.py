@@ -1,5 +1,10 @@
 """The Ansible deployment (ansible/) run for real against this machine, into a temporary root.
 
+A deployment test (``-m deploy``, CI's second step): four playbook runs take minutes. The
+booted-hosts tests beside it deploy the same playbook onto real systemd hosts; this one covers
+what they do not: a deployment that touches no services, users or packages (a root of its own),
+and ``--check`` mode.
+
 Everything lands under a temporary ``gpufleet_root``: no systemctl (``gpufleet_manage_services``
 false), no users or chown (``gpufleet_manage_users`` false), no apt (``gpufleet_etcd_install_package``
 false). The package is installed from a wheel of this checkout into the temporary venv.
@@ -9,8 +14,8 @@ file the role wrote (TLS, client certificate auth), the playbook runs again to c
 ``gpufleet`` user and role and enable auth with etcdctl, and the agent's rendered config is used
 to write under ``/gpufleet/`` through gpufleet's own client (the client certificate has no CN).
 
-Then: a second run changes nothing, a ``--check`` run passes and changes nothing, and
-``ansible-lint --profile production`` passes when installed (``pip install -e '.[deploy]'``).
+Then: a second run changes nothing, and a ``--check`` run passes and changes nothing.
+(``ansible-lint --profile production``: tests/test_ansible_lint.py, in the default run.)
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
 BIN = Path(sys.executable).parent
 
@@ -39,11 +44,11 @@ def _tool(name: str) -> str | None:
 
 
 PLAYBOOK = _tool("ansible-playbook")
-LINT = _tool("ansible-lint")
 ETCD = os.environ.get("GPUFLEET_ETCD_BIN") or shutil.which("etcd")
 ETCDCTL = shutil.which("etcdctl", path=str(Path(ETCD).parent)) if ETCD else None
 
 pytestmark = [
+    pytest.mark.deploy,
     pytest.mark.skipif(PLAYBOOK is None, reason="ansible-playbook not installed (pip install -e '.[deploy]')"),
     pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed"),
     pytest.mark.timeout(900),
@@ -149,7 +154,7 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory):
+def local_root(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("ansible")
     d = Deployment(base)
     t0 = time.monotonic()
@@ -175,9 +180,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
         print("ansible timings:", {k: round(v, 1) for k, v in d.timings.items()})
 
 
-def test_first_run_installs_everything(deployment: Deployment) -> None:
-    r = deployment.root
-    assert deployment.first["failed"] == 0 and deployment.first["changed"] > 0
+def test_first_run_installs_everything(local_root: Deployment) -> None:
+    r = local_root.root
+    assert local_root.first["failed"] == 0 and local_root.first["changed"] > 0
     venv = r / "opt/gpufleet/venv/bin"
     for name in ("agent.toml", "admin-token", "etcd-ca.pem", "etcd-client.pem", "etcd-client-key.pem", "etcd-password"):
         assert (r / "etc/gpu-agent" / name).is_file(), name
@@ -198,26 +203,26 @@ def test_first_run_installs_everything(deployment: Deployment) -> None:
     assert stat.S_IMODE((r / "etc/etcd/pki/server-key.pem").stat().st_mode) == 0o600
 
 
-def test_client_certificate_has_no_common_name(deployment: Deployment) -> None:
+def test_client_certificate_has_no_common_name(local_root: Deployment) -> None:
     x509 = pytest.importorskip("cryptography.x509")
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    cert = x509.load_pem_x509_certificate((deployment.root / "etc/gpu-agent/etcd-client.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((local_root.root / "etc/gpu-agent/etcd-client.pem").read_bytes())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) == []
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
-    server = x509.load_pem_x509_certificate((deployment.root / "etc/etcd/pki/server.pem").read_bytes())
+    server = x509.load_pem_x509_certificate((local_root.root / "etc/etcd/pki/server.pem").read_bytes())
     eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.SERVER_AUTH in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku
 
 
 @pytest.mark.skipif(not (ETCD and ETCDCTL), reason="etcd/etcdctl not installed")
-async def test_auth_limits_the_gpufleet_user_to_its_prefix(deployment: Deployment) -> None:
+async def test_auth_limits_the_gpufleet_user_to_its_prefix(local_root: Deployment) -> None:
     from agent.config import load_config
     from gpufleet.etcd import EtcdAuthError
 
-    assert deployment.with_auth is not None and deployment.with_auth["changed"] > 0
-    cfg = load_config(deployment.root / "etc/gpu-agent/agent.toml")
+    assert local_root.with_auth is not None and local_root.with_auth["changed"] > 0
+    cfg = load_config(local_root.root / "etc/gpu-agent/agent.toml")
     async with cfg.cluster.client() as etcd:
         await etcd.put("/gpufleet/ci/probe", "ok")
         kv = await etcd.get("/gpufleet/ci/probe")
@@ -226,24 +231,11 @@ async def test_auth_limits_the_gpufleet_user_to_its_prefix(deployment: Deploymen
             await etcd.put("/elsewhere", "no")
 
 
-def test_second_run_changes_nothing(deployment: Deployment) -> None:
-    recap, out = deployment.play(label="second run")
+def test_second_run_changes_nothing(local_root: Deployment) -> None:
+    recap, out = local_root.play(label="second run")
     assert recap["changed"] == 0, out[-8000:]
 
 
-def test_check_mode_passes(deployment: Deployment) -> None:
-    recap, out = deployment.play("--check", "--diff", label="check run")
+def test_check_mode_passes(local_root: Deployment) -> None:
+    recap, out = local_root.play("--check", "--diff", label="check run")
     assert recap["failed"] == 0 and recap["changed"] == 0, out[-8000:]
-
-
-@pytest.mark.skipif(LINT is None, reason="ansible-lint not installed (pip install -e '.[deploy]')")
-def test_ansible_lint_production_profile() -> None:
-    res = subprocess.run(
-        [LINT, "-c", str(ANSIBLE_DIR / ".ansible-lint"), "--profile", "production", "--nocolor", str(ANSIBLE_DIR)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
-    )
-    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-4000:]
