@@ -342,12 +342,22 @@ def test_config_enforces_keepalive_budget(tmp_path: Path) -> None:
 # --- publish policy: pure ------------------------------------------------------------------
 
 
-def _node(temp: float = 50, util: float = 20, state: str = "READY", ready: bool = True) -> NodeRecord:
+def _node(
+    temp: float = 50, util: float = 20, state: str = "READY", ready: bool = True, health: float = 1.0
+) -> NodeRecord:
     gpu = GpuRecord(
         index=0, uuid="u", name="A100", gpu_class="A100", temperature_celsius=temp, utilization_percent=util
     )
     inst = InstanceRecord(
-        name="a", model="m", backend="vllm", state=state, state_since=0, port=1, gpus=[0], gpu_memory_fraction=0.5
+        name="a",
+        model="m",
+        backend="vllm",
+        state=state,
+        state_since=0,
+        port=1,
+        gpus=[0],
+        gpu_memory_fraction=0.5,
+        health_ratio=health,
     )  # type: ignore[arg-type]
     return NodeRecord(
         node="n",
@@ -374,6 +384,9 @@ def _node(temp: float = 50, util: float = 20, state: str = "READY", ready: bool 
         (_node(), _node(util=30), Change("gpu 0 utilization 20 -> 30", urgent=False)),
         (_node(), _node(state="UNHEALTHY", ready=True), Change("instance a READY -> UNHEALTHY", urgent=True)),
         (_node(), _node(ready=False, temp=80), Change("ready True -> False", urgent=True)),
+        (_node(), _node(health=0.5), None),
+        (_node(), _node(health=0.0), Change("instance a out of rotation", urgent=True)),
+        (_node(health=0.0), _node(health=0.5), Change("instance a back in rotation", urgent=True)),
     ],
 )
 def test_change_reason_table(prev: NodeRecord | None, cur: NodeRecord, change: Change | None) -> None:

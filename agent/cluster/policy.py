@@ -56,6 +56,10 @@ def _instance_change(a: InstanceRecord, b: InstanceRecord) -> str | None:
         return f"instance {b.name} {a.state} -> {b.state}"
     if (a.port, a.model, a.gpus) != (b.port, b.model, b.gpus):
         return f"instance {b.name} reconfigured"
+    if (a.health_ratio == 0.0) != (b.health_ratio == 0.0):
+        # Ejected by passive health (it stays READY, see agent/supervisor/rotation.py), or back:
+        # other nodes should hear at once, not at the next refresh 30 s later.
+        return f"instance {b.name} {'out of' if b.health_ratio == 0.0 else 'back in'} rotation"
     return None
 
 
