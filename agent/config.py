@@ -150,6 +150,10 @@ class ProxySection(StrictSection):
     # A non-streaming answer (servers send headers with the whole answer: prefill + every
     # token). 300 s covers ~4k tokens at 15 tokens/s; longer generations should stream.
     response_timeout_s: PositiveFloat = 300.0
+    # Between two chunks of a stream, once it has begun: an engine that hangs after its first
+    # token. Generous (a server may preempt a sequence under KV-cache pressure and recompute
+    # it); the stream then ends with an error event, counted against the instance.
+    stream_idle_timeout_s: PositiveFloat = 120.0
     total_timeout_s: PositiveFloat = 900.0
     # Passive health (outlier ejection): this many consecutive gateway failures of real requests
     # on an instance (timeouts, refused/reset connections, 5xx judged its fault) take it out of

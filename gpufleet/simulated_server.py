@@ -158,6 +158,8 @@ class Simulator:
         for i, token in enumerate(tokens):
             if tps > 0:  # deadlines counted from t0, so timer slop does not add up over long outputs
                 await asyncio.sleep(max(0.0, t0 + (i + 1) / tps - loop.time()))
+            if not self.engine_free.is_set():  # a step stuck mid-generation stops every sequence
+                await self.engine_free.wait()
             if i == 0:  # time to first token includes queueing, as in vLLM
                 ttft = time.monotonic() - started
                 self.ttft_sum += ttft

@@ -362,6 +362,37 @@ async def test_total_timeout_mid_stream_and_non_stream(tmp_path: Path) -> None:
             assert (await r.json())["error"]["message"] == "upstream timeout: no complete answer within 1s"
 
 
+async def test_stream_that_stalls_after_its_first_token_ends_with_an_error_event(tmp_path: Path) -> None:
+    """An engine step stuck mid-generation: the stream has begun (nothing can be retried), so it
+    ends stream_idle_timeout_s after the last chunk with an error event, counted as the
+    instance's timeout, instead of hanging until the total deadline."""
+    port = free_port()
+    inst = instance_toml("a", model="m", args='["--tokens-per-second", "20"]')
+    proxy = "\n[proxy]\nstream_idle_timeout_s = 0.5\n"
+    async with AgentProcess(tmp_path, agent_toml(tmp_path, port, inst + proxy), port) as agent:
+        a = await agent.wait_state("a", "READY")
+        assert agent.http is not None
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 200, "stream": True}
+        async with agent.http.post(agent.base + CHAT, json=body) as r:
+            assert r.status == 200
+            first = await r.content.readany()
+            assert first.startswith(b"data: ")
+            control = f"http://127.0.0.1:{a['port']}/sim/control"
+            async with agent.http.post(control, json={"hang_inference": True}) as c:
+                assert c.status == 200
+            t0 = time.monotonic()
+            rest = await r.read()
+            waited = time.monotonic() - t0
+        assert waited < 5, waited  # the total deadline is 900 s
+        last = json.loads(rest.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
+        assert last["error"]["message"] == "upstream sent nothing for 0.5s mid-stream"
+        assert (await agent.instance("a"))["errors_total"] >= 1
+        async with agent.http.get(agent.base + "/metrics") as m:
+            assert 'kind="timeout"' in await m.text()
+        async with agent.http.post(control, json={"hang_inference": False}) as c:
+            assert c.status == 200
+
+
 async def test_non_streaming_answer_past_its_limit_is_retried_on_the_sibling(tmp_path: Path) -> None:
     """response_timeout_s is the first-byte limit of a non-streaming request: an instance that
     sits on it is abandoned, counted as an error and a timeout, and the sibling answers."""

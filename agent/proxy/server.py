@@ -485,20 +485,32 @@ class Proxy:
         await resp.prepare(request)
         ctx.done(resp)
         recorder = self.degrader.recorder() if ctx.cache_key is not None else None
+        # Between chunks the upstream has stream_idle_timeout_s to send the next one: the scope
+        # is pulled in around each read and put back to the total deadline around each write, so
+        # a client slow to read is never taken for a stalled server.
+        total, idle_s, loop = self._loop_deadline(ctx), self.cfg.stream_idle_timeout_s, asyncio.get_running_loop()
         try:
             await resp.write(first)
             if recorder is not None:
                 recorder.add(first)
-            async for chunk in upstream.content.iter_any():
+            while True:
+                scope.reschedule(min(total, loop.time() + idle_s))
+                chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                scope.reschedule(total)
                 await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
                 if recorder is not None:
                     recorder.add(chunk)
         except asyncio.CancelledError:
             if not scope.expired():
                 raise  # the client went away: nobody to tell
-            # The total deadline passed mid-stream. Swallowing the cancellation is how an
-            # asyncio.Timeout scope is told we handled it; the client gets an error event.
-            await self._stream_error(resp, inst, ctx, "timeout", "total timeout exceeded mid-stream")
+            # Swallowing the cancellation is how an asyncio.Timeout scope is told we handled
+            # it; the client gets an error event.
+            if (scope.when() or total) >= total:
+                await self._stream_error(resp, inst, ctx, "timeout", "total timeout exceeded mid-stream")
+            else:
+                await self._stream_stalled(resp, inst, ctx, idle_s)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
             inst.request_probe()
             log.warning("upstream stream ended early", request_id=ctx.rid, instance=inst.name, error=str(e))
@@ -507,6 +519,19 @@ class Proxy:
             self.degrader.store_stream(ctx.cache_key, upstream.status, headers, recorder)
         await resp.write_eof()
         return resp
+
+    async def _stream_stalled(
+        self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: Ctx, idle_s: float
+    ) -> None:
+        """The upstream sent nothing for ``idle_s`` mid-stream: an engine hung after its first
+        token. Nothing can be retried (the client has part of an answer); it counts against the
+        instance like a timeout, so passive health ejects (and in the end restarts) it."""
+        detail = f"{inst.name}: no data for {idle_s:g}s mid-stream"
+        log.warning("upstream stream stalled", request_id=ctx.rid, instance=inst.name, idle_s=idle_s)
+        inst.request_probe()
+        if not isinstance(inst, RemoteTarget) and inst.passive_failure(detail):
+            self.metrics.ejections.labels(ctx.model, inst.name).inc()
+        await self._stream_error(resp, inst, ctx, "timeout", f"upstream sent nothing for {idle_s:g}s mid-stream")
 
     async def _stream_error(
         self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: Ctx, kind: str, message: str
