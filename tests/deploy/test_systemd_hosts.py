@@ -119,6 +119,10 @@ def test_gpuctl_check_passes_from_an_agent_host(deployment: Deployment) -> None:
     # The leader's advertised URL must be reachable from another host (it was http://<id>:8090).
     leader = json.loads(deployment.etcdctl("get", "--print-value-only", f"/gpufleet/{CLUSTER}/leader").stdout or "{}")
     assert leader.get("address") == deployment.coordinator_url(), leader
+    # The coordinator keeps the highest epoch it has seen in its StateDirectory= (epochs must
+    # keep growing after etcd is restored from a backup while the coordinators restart too).
+    recorded = deployment.ssh(CONTROL, "cat /var/lib/gpu-coordinator/epoch").stdout.strip()
+    assert int(recorded) >= leader["epoch"] > 0, (recorded, leader)
     out = nspawn.wait_for(
         lambda: _check_output(deployment), 90, "gpuctl check passing (routes with 2 READY endpoints)", interval=2
     )
