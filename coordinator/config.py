@@ -3,6 +3,8 @@
 [coordinator]  id, listen address, logging
 [etcd]         endpoints, cluster, TLS, auth (shared EtcdSettings)
 [election]     lease TTL, renew deadline, retry period, grace period of a new leader
+The five policy sections below (Structs in gpufleet/policyconfig.py) are the cluster's policy:
+it lives in etcd at /gpufleet/<cluster>/config; this file's values are only its bootstrap default.
 [health]       samples, staleness, temperature limit, ejection
 [weights]      base weight per GPU class, default for unknown classes
 [failover]     cross-class failover, panic threshold
@@ -21,9 +23,18 @@ import msgspec
 from msgspec import Meta
 
 from gpufleet.etcdconfig import EtcdSettings
-from gpufleet.gpuclasses import BASE_WEIGHTS
 from gpufleet.httpserver import ApiSection
 from gpufleet.keyspace import InvalidName, check_name
+from gpufleet.policyconfig import (
+    ClusterPolicy,
+    DegradationSection,
+    FailoverSection,
+    HealthSection,
+    PlacementSection,
+    WeightsSection,
+    from_sections,
+    policy_problems,
+)
 from gpufleet.tomlconfig import (
     ConfigError,
     ConfigProblem,
@@ -35,6 +46,10 @@ from gpufleet.tomlconfig import (
     StrictSection,
     load_sections,
 )
+
+# [health] [weights] [failover] [placement] [degradation]: the cluster's policy. This file's
+# values only bootstrap /gpufleet/<cluster>/config; afterwards `gpuctl config` edits it there.
+POLICY_SECTIONS = ("health", "weights", "failover", "placement", "degradation")
 
 DEFAULT_CONFIG_PATH = "/etc/gpu-coordinator/coordinator.toml"
 
@@ -63,54 +78,6 @@ class ElectionSection(StrictSection):
     grace_s: NonNegFloat = 10.0
 
 
-class HealthSection(StrictSection):
-    bad_samples: Annotated[int, Meta(ge=1)] = 3
-    good_samples: Annotated[int, Meta(ge=1)] = 3
-    stale_after_s: PositiveFloat = 90.0
-    temp_limit_c: float = 90.0
-    eject_base_s: NonNegFloat = 30.0
-    eject_max_s: NonNegFloat = 300.0
-    eject_forget_after_s: NonNegFloat = 300.0
-
-
-class WeightsSection(StrictSection):
-    # Replaces the built-in table (gpufleet/gpuclasses.py: article 001's A10 100, A100 220,
-    # H100 380, and every other known class by memory bandwidth) when set.
-    base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=lambda: dict(BASE_WEIGHTS))
-    default_base: Annotated[int, Meta(ge=0)] = 100
-
-
-class FailoverSection(StrictSection):
-    cross_class: bool = False
-    panic_threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
-
-
-class PlacementSection(StrictSection):
-    enabled: bool = True
-    # Replicas on a node that went DOWN are placed elsewhere after this long: a node that
-    # restarts (agent upgrade, reboot of the agent) gets them back without a reload elsewhere.
-    reschedule_after_s: NonNegFloat = 30.0
-    # Placement runs at most this often (at once when the registry changes): a pass over 10,000
-    # nodes with many models costs seconds of CPU (docs/benchmarks.md), the route table must
-    # not wait for it, and nothing in placement needs sub-second reactions.
-    interval_s: PositiveFloat = 2.0
-    # Sum of gpu_memory_fraction on one GPU may not exceed this (same as the agent's budget).
-    memory_budget: Annotated[float, Meta(gt=0, le=1)] = 0.95
-
-
-class DegradationSection(StrictSection):
-    enabled: bool = True
-    # Error rates at which levels 1 (response cache), 2 (fallback model), 3 (static answer) start.
-    thresholds: list[Annotated[float, Meta(gt=0, le=1)]] = msgspec.field(default_factory=lambda: [0.05, 0.15, 0.30])
-    window_s: PositiveFloat = 60.0
-    min_samples: Annotated[int, Meta(ge=1)] = 50
-    hysteresis: Annotated[float, Meta(ge=0, lt=1)] = 0.02
-    min_hold_s: NonNegFloat = 30.0
-    # The record is rewritten at least this often, so agents can tell a live level from the
-    # last word of a coordinator that is gone (they ignore one older than 90 s).
-    refresh_s: Annotated[float, Meta(gt=0, le=60)] = 30.0
-
-
 class CoordinatorConfig(msgspec.Struct, kw_only=True):
     coordinator: CoordinatorSection
     etcd: EtcdSettings
@@ -126,6 +93,12 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True):
     @property
     def id(self) -> str:
         return self.coordinator.id or socket.gethostname()
+
+    @property
+    def policy(self) -> ClusterPolicy:
+        """This file's policy sections: the bootstrap default of the cluster's policy, which
+        lives in etcd (gpufleet/policyconfig.py); the leader applies the cluster's."""
+        return from_sections({name: getattr(self, name) for name in POLICY_SECTIONS})
 
     @property
     def advertise_url(self) -> str:
@@ -168,12 +141,7 @@ def validate(cfg: CoordinatorConfig) -> list[ConfigProblem]:
             check_name(kind, name)
         except InvalidName as e:
             out.append(ConfigProblem(at, str(e)))
-    d = cfg.degradation
-    t = d.thresholds
-    if len(t) != 3 or not t[0] < t[1] < t[2]:
-        out.append(ConfigProblem("$.degradation.thresholds", "must be 3 rates, strictly increasing (levels 1, 2, 3)"))
-    elif d.hysteresis >= t[0]:
-        out.append(ConfigProblem("$.degradation.hysteresis", f"must be below the first threshold ({t[0]:g})"))
+    out += policy_problems(cfg.policy)
     e = cfg.election
     if e.renew_deadline_s >= e.lease_ttl_s:
         out.append(

@@ -9,6 +9,8 @@
     /gpufleet/<cluster>/drain/<node>          DrainRecord         (operator via gpuctl)
     /gpufleet/<cluster>/state/degradation     DegradationRecord   (leader, epoch-guarded)
     /gpufleet/<cluster>/state/placement       PlacementRecord     (leader, epoch-guarded)
+    /gpufleet/<cluster>/config                ClusterPolicy       (first leader; then gpuctl config)
+    /gpufleet/<cluster>/history/config/<rev>  an earlier ClusterPolicy, by its mod revision (gpuctl config)
 
 Names that become path segments are validated: a node or model name can never climb out of
 its folder or collide with another kind of key.
@@ -110,6 +112,20 @@ class Keyspace:
     @property
     def placement(self) -> str:
         return self.prefix + "state/placement"
+
+    @property
+    def config(self) -> str:
+        """The cluster's policy (gpufleet/policyconfig.py): one key, never a prefix."""
+        return self.prefix + "config"
+
+    @property
+    def config_history(self) -> str:
+        return self.prefix + "history/config/"
+
+    def config_version(self, mod_revision: int) -> str:
+        """Where the version of ``/config`` written at ``mod_revision`` is kept once replaced
+        (zero-padded: keys sort in revision order)."""
+        return f"{self.config_history}{mod_revision:020d}"
 
     @staticmethod
     def name_in(prefix: str, key: str) -> str:
