@@ -7,17 +7,23 @@ import sys
 
 from agent.api.auth import token_file_problems
 from agent.config import DEFAULT_CONFIG_PATH, load_config
+from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.logsetup import print_error
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
 
 
+def _config_option(opts: Options) -> None:
+    opts.add_argument("--config", default=DEFAULT_CONFIG_PATH, help=f"TOML config (default {DEFAULT_CONFIG_PATH})")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpu-agent", description="Supervise GPU model servers on this host.")
-    p.add_argument("--config", default=DEFAULT_CONFIG_PATH, help=f"TOML config (default {DEFAULT_CONFIG_PATH})")
+    p = Parser(prog="gpu-agent", description="Supervise GPU model servers on this host.")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("run", help="run the daemon (the default)")
     chk = sub.add_parser("check-config", help="validate a config file and exit (78 on problems)")
     chk.add_argument("file", nargs="?", help="config file (default: --config)")
+    shared_options(p, _config_option)  # --config before or after the subcommand
     return p
 
 

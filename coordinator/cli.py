@@ -5,20 +5,30 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.logsetup import print_error
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
 
 from .config import DEFAULT_CONFIG_PATH, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpu-coordinator", description="Leader-elected brain of a gpufleet cluster.")
-    p.add_argument("--config", default=DEFAULT_CONFIG_PATH, help=f"TOML config (default {DEFAULT_CONFIG_PATH})")
+def _config_option(opts: Options) -> None:
+    opts.add_argument("--config", default=DEFAULT_CONFIG_PATH, help=f"TOML config (default {DEFAULT_CONFIG_PATH})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = Parser(prog="gpu-coordinator", description="Leader-elected brain of a gpufleet cluster.")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("run", help="run the daemon (the default)")
     chk = sub.add_parser("check-config", help="validate a config file and exit (78 on problems)")
-    chk.add_argument("file", nargs="?")
-    args = p.parse_args(argv)
+    chk.add_argument("file", nargs="?", help="config file (default: --config)")
+    shared_options(p, _config_option)  # --config before or after the subcommand
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     path = (args.file if args.cmd == "check-config" else None) or args.config
     try:
         cfg = load_config(path)

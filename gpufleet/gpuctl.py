@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.etcd import EtcdClient, EtcdError, EtcdNoLeader, EtcdTimeout, EtcdUnavailable, KeyValue
 from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
@@ -367,11 +368,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return _run_etcd(cmd_check_etcd, args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpuctl", description="Inspect and operate gpufleet.")
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    p.add_argument("--agent", default=os.environ.get("GPUFLEET_AGENT", "http://127.0.0.1:8080"), help="agent base URL")
-    e = p.add_argument_group("etcd (cluster commands)")
+def global_options(opts: Options) -> None:
+    """Options valid before or after any subcommand (``gpuctl nodes -o json``)."""
+    opts.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    opts.add_argument(
+        "--agent", default=os.environ.get("GPUFLEET_AGENT", "http://127.0.0.1:8080"), help="agent base URL"
+    )
+    e = opts.group("etcd (cluster commands)")
     e.add_argument("--etcd", default=os.environ.get("GPUFLEET_ETCD"), help="comma-separated endpoint URLs")
     e.add_argument("--cluster", default=os.environ.get("GPUFLEET_CLUSTER", "default"))
     e.add_argument("--cacert", help="CA bundle for https endpoints")
@@ -380,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--user", help="etcd user")
     e.add_argument("--password-file", help="file holding the etcd user's password")
     e.add_argument("--timeout", type=float, default=5.0, help="deadline of each etcd call in seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="gpuctl", description="Inspect and operate gpufleet.")
+    add_version(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     nodes = sub.add_parser("nodes", help="nodes registered in etcd")
     nodes.set_defaults(func=cmd_nodes)
@@ -412,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chaos", type=float, metavar="SECONDS", help="SIGKILL an A100 agent after this long")
     demo.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0 = until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
+    shared_options(p, global_options)  # last: every subcommand registered above accepts them
     return p
 
 
@@ -422,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:
+    except SystemExit as e:  # --help, --version, or a usage error (one line, see cliargs)
         return EXIT_USAGE if e.code not in (0, None) else EXIT_OK
     try:
         return args.func(args)

@@ -1,0 +1,108 @@
+"""The command lines' conventions, in-process (issue 15 item 6): options before or after the
+subcommand, ``--version``, usage errors exit 64 with one line, human messages for bad URLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main as agent_main
+from coordinator.cli import main as coordinator_main
+from gpufleet import __version__
+from gpufleet.gpuctl import build_parser
+from gpufleet.gpuctl import main as gpuctl_main
+from gpufleet.tomlconfig import EX_CONFIG
+
+EX_USAGE = 64
+
+
+def run(main, argv: list[str]) -> int:  # type: ignore[no-untyped-def]
+    """A CLI's exit status, whether it returns it or exits (argparse)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--etcd", "http://e:2379", "--cluster", "prod", "-o", "json", "nodes"],
+        ["nodes", "--etcd", "http://e:2379", "--cluster", "prod", "-o", "json"],
+        ["-o", "json", "nodes", "--cluster", "prod", "--etcd", "http://e:2379"],
+    ],
+    ids=["before", "after", "mixed"],
+)
+def test_gpuctl_global_options_anywhere(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert (args.cmd, args.output, args.etcd, args.cluster) == ("nodes", "json", "http://e:2379", "prod")
+
+
+def test_gpuctl_global_options_in_nested_subcommands_and_defaults_kept() -> None:
+    args = build_parser().parse_args(["--timeout", "3", "models", "list", "--etcd", "http://e:2379", "--user", "u"])
+    assert (args.models_cmd, args.timeout, args.etcd, args.user, args.output) == (
+        "list",
+        3.0,
+        "http://e:2379",
+        "u",
+        "table",
+    )
+    # A value given before the subcommand is not reset by the subcommand's default.
+    args = build_parser().parse_args(["-o", "json", "--cacert", "ca.pem", "routes"])
+    assert (args.output, args.cacert, args.cluster) == ("json", "ca.pem", "default")
+    # A subcommand's own option of another name is untouched (demo --config is demo's).
+    args = build_parser().parse_args(["demo", "--standalone", "--config", "x.toml", "-o", "json"])
+    assert (args.config, args.output) == ("x.toml", "json")
+
+
+def test_gpuctl_nodes_dash_o_json_after_the_subcommand_reaches_etcd(capfd: pytest.CaptureFixture[str]) -> None:
+    """The issue's example: it used to exit 64; now it gets as far as etcd (unreachable: 2)."""
+    code = gpuctl_main(["nodes", "-o", "json", "--etcd", "http://127.0.0.1:9", "--timeout", "0.2"])
+    assert code == 2, capfd.readouterr().err
+    assert "etcd unreachable" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("main", "prog"), [(gpuctl_main, "gpuctl"), (agent_main, "gpu-agent"), (coordinator_main, "gpu-coordinator")]
+)
+def test_version(main, prog: str, capfd: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    assert run(main, ["--version"]) == 0
+    assert capfd.readouterr().out.strip() == f"{prog} {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "prog"),
+    [
+        (gpuctl_main, ["frobnicate"], "gpuctl"),
+        (gpuctl_main, ["nodes", "--bogus"], "gpuctl"),
+        (gpuctl_main, ["-o", "yaml", "nodes"], "gpuctl"),
+        (agent_main, ["--bogus"], "gpu-agent"),
+        (agent_main, ["run", "extra"], "gpu-agent"),
+        (coordinator_main, ["chek-config"], "gpu-coordinator"),
+    ],
+)
+def test_usage_errors_exit_64_with_one_line(main, argv: list[str], prog: str, capfd) -> None:  # type: ignore[no-untyped-def]
+    assert run(main, argv) == EX_USAGE
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"{prog}") and ": error: " in err and "--help" in err
+
+
+@pytest.mark.parametrize("main", [agent_main, coordinator_main], ids=["agent", "coordinator"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--config", "{f}", "run"],
+        ["run", "--config", "{f}"],
+        ["--config", "{f}", "check-config"],
+        ["check-config", "--config", "{f}"],
+        ["check-config", "{f}"],
+    ],
+)
+def test_daemon_config_option_before_or_after_the_subcommand(  # type: ignore[no-untyped-def]
+    main, argv: list[str], tmp_path: Path, capfd
+) -> None:
+    f = tmp_path / "absent.toml"
+    assert run(main, [a.format(f=f) for a in argv]) == EX_CONFIG
+    assert f"{f}: $: cannot read file" in capfd.readouterr().err
