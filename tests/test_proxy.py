@@ -226,6 +226,10 @@ async def test_proxy_metrics(agent: AgentProcess) -> None:
     assert "gpu_agent_proxy_request_duration_seconds_bucket{" in text
     assert "gpu_agent_proxy_time_to_first_byte_seconds_count{" in text
     assert 'gpu_agent_proxy_in_flight_requests{model="qwen"} 0.0' in text
+    # The response cache (used from degradation level 1) and the limited models' queues.
+    assert 'gpu_agent_proxy_cache_lookups_total{result="hit"}' in text
+    assert "gpu_agent_proxy_cache_entries " in text
+    assert 'gpu_agent_proxy_queued_requests{model="slow"}' in text
 
 
 # --- tests with their own agent: faults ---------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .cache import ResponseCache
 
 # Latency buckets from 1 ms to 10 min: LLM requests span five orders of magnitude.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -79,6 +81,11 @@ class ProxyMetrics:
         # so the children are cached (label sets are bounded: known models × status codes).
         self._done: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
 
+    def watch_state(self, cache: Callable[[], ResponseCache], queued: Callable[[], dict[str, int]]) -> None:
+        """The response cache's hits, misses and size, and each limited model's queue, read at
+        scrape time (the proxy keeps plain counters on its hot path)."""
+        self.registry.register(_State(cache, queued))
+
     def watch_ejected(self, snapshot: Callable[[], list[tuple[str, str, bool]]]) -> None:
         """gpu_agent_proxy_instance_ejected, read at scrape time from (model, instance, ejected)."""
         self.registry.register(_Ejected(snapshot))
@@ -111,3 +118,32 @@ class _Ejected(Collector):
         for model, instance, ejected in self.snapshot():
             g.add_metric([model, instance], 1.0 if ejected else 0.0)
         yield g
+
+
+class _State(Collector):
+    def __init__(self, cache: Callable[[], ResponseCache], queued: Callable[[], dict[str, int]]) -> None:
+        self.cache = cache
+        self.queued = queued
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.cache()
+        # Counted since the cache was last built (start-up, or a reload that changed its bounds):
+        # a counter reset to Prometheus' rate().
+        lookups = CounterMetricFamily(
+            "gpu_agent_proxy_cache_lookups",
+            "Response cache lookups (degradation level 1 and up) by result.",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], c.hits)
+        lookups.add_metric(["miss"], c.misses)
+        yield lookups
+        yield GaugeMetricFamily("gpu_agent_proxy_cache_entries", "Responses held by the cache.", value=len(c))
+        yield GaugeMetricFamily("gpu_agent_proxy_cache_bytes", "Bytes held by the cache.", value=c.bytes)
+        queued = GaugeMetricFamily(
+            "gpu_agent_proxy_queued_requests",
+            "Requests waiting for a slot under a model's [proxy.limits] max_concurrency.",
+            labels=["model"],
+        )
+        for model, n in self.queued().items():
+            queued.add_metric([model], n)
+        yield queued

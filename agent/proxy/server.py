@@ -24,10 +24,10 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from agent.api.errors import error_response, json_response
 from agent.backends import Verdict
 from agent.config import ProxySection
 from agent.supervisor.policy import InstanceState
+from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
 
 from .context import (
@@ -75,6 +75,7 @@ class Proxy:
             lambda: [(i.cfg.client_model, i.name, i.ejected) for i in rt.supervisor.instances.values()]
         )
         self.gates: dict[str, ModelGate] = {}
+        metrics.watch_state(lambda: self.degrader.cache, self._queued)
         self.session: aiohttp.ClientSession | None = None
 
     @property
@@ -94,6 +95,10 @@ class Proxy:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+    def _queued(self) -> dict[str, int]:
+        """Requests waiting per model with a concurrency limit (0 before its first request)."""
+        return {m: g.queued if (g := self.gates.get(m)) is not None else 0 for m in self.cfg.limits}
 
     def gate(self, model: str) -> ModelGate | None:
         limit = self.cfg.limits.get(model)
