@@ -16,6 +16,7 @@ from msgspec import Meta
 
 from agent import serverflags
 from gpufleet.etcdconfig import EtcdSettings
+from gpufleet.facts import BACKENDS, HOT_GPU_C, Backend
 from gpufleet.httpserver import ApiSection
 from gpufleet.keyspace import InvalidName, check_name
 from gpufleet.models import path_problems
@@ -38,7 +39,7 @@ DEFAULT_CONFIG_PATH = "/etc/gpu-agent/agent.toml"
 
 # Instance names become log file names, cgroup names and URL path segments: no slashes, no dots first.
 InstanceName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
-BackendName = Literal["vllm", "ollama", "llamacpp", "koboldcpp", "command"]
+BackendName = Literal[Backend, "command"]  # an instance may also run an operator's own argv
 
 
 class AgentSection(StrictSection):
@@ -192,8 +193,8 @@ class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
     telemetry_min_gap_s: NonNegFloat = 15.0  # temperature/utilization changes: at most one write per gap
     temperature_delta_c: PositiveFloat = 2.0
     # Crossing this temperature (either way) is published at once, as a state change: the
-    # coordinator caps the weight of a GPU above 85 °C at 30 % of its base.
-    temperature_urgent_c: float = 85.0
+    # coordinator caps the weight of a hot GPU (facts.HOT_GPU_C) at 30 % of its base.
+    temperature_urgent_c: float = HOT_GPU_C
     utilization_delta_percent: PositiveFloat = 10.0
 
     @property
@@ -522,7 +523,7 @@ def sizing_problems(inst: InstanceConfig, at: str) -> list[ConfigProblem]:
 
 def models_problems(cfg: AgentConfig) -> list[ConfigProblem]:
     out = []
-    backends = ("vllm", "ollama", "llamacpp", "koboldcpp")
+    backends = BACKENDS
     for backend, argv in cfg.models.launchers.items():
         if backend not in backends:
             known = ", ".join(backends)

@@ -31,16 +31,14 @@ from agent.supervisor import Supervisor
 from agent.supervisor.handover import API, FdStore
 from agent.supervisor.plan import PlanError, PlanErrorCode
 from gpufleet import __version__
+from gpufleet.facts import EX_CONFIG, EX_OSERR, EX_SOFTWARE, EX_UNAVAILABLE
 from gpufleet.httpserver import ConnectionGuard, GuardedRunner, listener_guard
 from gpufleet.keyspace.records import NodeRecord, ProxyCounters
 from gpufleet.sdnotify import SystemdNotifier
-from gpufleet.tomlconfig import EX_CONFIG, ConfigError
+from gpufleet.tomlconfig import ConfigError
 
 log = structlog.get_logger("agent")
 
-EX_UNAVAILABLE = 69  # sysexits.h: a required service (NVML) is unavailable
-EX_OSERR = 71  # cannot bind the API port
-EX_SOFTWARE = 70  # the supervision loop died: an internal error, systemd restarts the agent
 ADOPT_SETTLE_S = 15.0  # longest a restart keeps its clients waiting for the adopted servers' first probe
 
 

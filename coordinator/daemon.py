@@ -18,10 +18,10 @@ import structlog
 from aiohttp import web
 
 from gpufleet import __version__
+from gpufleet.facts import EX_CONFIG, EX_OSERR
 from gpufleet.httpserver import ConnectionMetrics, GuardedRunner, listener_guard
 from gpufleet.keyspace import Keyspace
 from gpufleet.sdnotify import SystemdNotifier
-from gpufleet.tomlconfig import EX_CONFIG
 
 from .api import build_app
 from .config import CoordinatorConfig
@@ -30,7 +30,6 @@ from .leader import Leader
 from .metrics import CoordinatorMetrics
 
 log = structlog.get_logger("coordinator")
-EX_OSERR = 71
 
 
 def _epoch_file() -> Path | None:

@@ -18,13 +18,14 @@ import aiohttp
 import msgspec
 
 from gpufleet.etcd import EtcdClient, EtcdError, Status
+from gpufleet.facts import HOT_GPU_C
 from gpufleet.gpuclasses import UNKNOWN
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DegradationRecord, LeaderRecord, NodeRecord, RouteRecord, epoch_of
 
 AGENT_CONFIG = "/etc/gpu-agent/agent.toml"  # agent.config.DEFAULT_CONFIG_PATH
 GPU_MEMORY_LIMIT = 0.85  # article 001: nvidia-smi memory use <= 85 %
-GPU_TEMPERATURE_LIMIT_C = 85.0  # above this the weight is capped at 30 %
+GPU_TEMPERATURE_LIMIT_C = HOT_GPU_C  # above this the weight is capped at 30 %
 
 
 class CheckResult(msgspec.Struct):

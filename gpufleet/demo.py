@@ -87,13 +87,14 @@ class StopFlag:
 def run_standalone_demo(config: Path, duration: float, show_status: Callable[[str], None]) -> int:
     """One agent, no etcd: examples/standalone-demo.toml."""
     from agent.config import load_config
+    from gpufleet.facts import EX_USAGE
     from gpufleet.tomlconfig import ConfigError
 
     try:
         cfg = load_config(config)
     except ConfigError as e:
         print(e, file=sys.stderr)
-        return 64
+        return EX_USAGE
     logs = Path(cfg.agent.log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{cfg.agent.listen_port}"

@@ -27,12 +27,13 @@ import msgspec
 from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.etcd import EtcdClient, EtcdError, EtcdNoLeader, EtcdTimeout, EtcdUnavailable, KeyValue
 from gpufleet.etcdconfig import EtcdSettings
+from gpufleet.facts import EX_USAGE
 from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
 from gpufleet.keyspace.records import DrainRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord, epoch_of
 
 T = TypeVar("T")
 
-EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2, 64
+EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2, EX_USAGE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "examples" / "standalone-demo.toml"
 

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from gpufleet.etcd import Compare, EtcdClient, Op
+from gpufleet.facts import BACKENDS, DEFAULT_BACKEND
 from gpufleet.keyspace import InvalidName, Keyspace, check_model, decode_or_skip, encode
 from gpufleet.keyspace.records import ModelRecord, NodeRecord, PlacementRecord
 from gpufleet.models import model_digest, model_size, validate_model
@@ -157,7 +158,7 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     add = msub.add_parser("add", help="register a model; the leader places its replicas")
     add.add_argument("name", help="the model name clients ask for")
     add.add_argument("--path", required=True, help="absolute path on shared storage, the same on every host")
-    add.add_argument("--backend", choices=["vllm", "ollama", "llamacpp", "koboldcpp"], default="vllm")
+    add.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
     add.add_argument("--replicas", type=int, default=1)
     add.add_argument("--min-vram-gib", type=float, help="GPU memory one replica needs (default: a whole GPU)")
     add.add_argument("--gpu-memory-fraction", type=float, help="share of the GPU to give the backend")

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from gpufleet import facts
+
 # Field types shared by the daemons' configs.
 Port = Annotated[int, Meta(ge=1, le=65535)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
@@ -31,7 +33,7 @@ class StrictSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A config section: unknown keys are errors (a typo must not be silently ignored)."""
 
 
-EX_CONFIG = 78  # sysexits.h: configuration error; systemd units use RestartPreventExitStatus=78
+EX_CONFIG = facts.EX_CONFIG  # re-exported: the daemons and CLIs import it from here
 
 _AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpufleet.facts import HOT_GPU_C
 from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
 
 
@@ -25,7 +26,7 @@ class PublishPolicy:
     min_gap_s: float = 1.0
     telemetry_gap_s: float = 15.0
     temperature_delta_c: float = 2.0
-    temperature_urgent_c: float = 85.0  # crossing it is a state change (the weight cap)
+    temperature_urgent_c: float = HOT_GPU_C  # crossing it is a state change (the weight cap)
     utilization_delta_percent: float = 10.0
 
 

@@ -13,6 +13,7 @@ import msgspec
 from aiohttp import web
 
 from agent.api.errors import error_response
+from gpufleet.facts import HOP_BY_HOP_HEADERS
 from gpufleet.keyspace.records import RouteRecord
 
 if TYPE_CHECKING:
@@ -21,22 +22,7 @@ if TYPE_CHECKING:
     from .limits import ModelGate
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-# RFC 9110 §7.6.1 hop-by-hop headers, plus those aiohttp sets itself.
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Host",
-        "Content-Length",
-    )
-)
+HOP_BY_HOP = HOP_BY_HOP_HEADERS  # RFC 9110 §7.6.1, plus those aiohttp sets itself
 # A request body arrives decoded (aiohttp decodes the Content-Encodings agent/api/errors.py
 # allows, and refuses the others with 415): labelled as still encoded, the upstream would fail on it.
 REQUEST_HOP_BY_HOP = HOP_BY_HOP | {"content-encoding"}

@@ -33,6 +33,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from agent.config import DegradationSection
+from gpufleet.facts import DEGRADED_HEADER, REQUEST_ID_HEADER
+from gpufleet.facts import DOWNGRADED_HEADER as DOWNGRADED_HEADER  # re-exported for the proxy
+from gpufleet.facts import FALLBACK_REQUEST_HEADER as FALLBACK_REQUEST_HEADER
 
 from .cache import CachedResponse, ResponseCache, StreamRecorder, cache_key, json_object
 
@@ -42,10 +45,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agent.degradation")
 
 STATIC_BODY = msgspec.json.encode({"status": "degraded", "message": "High load, using fallback response"})
-DEGRADED_HEADER = "X-Gpufleet-Degraded"
-DOWNGRADED_HEADER = "X-Model-Downgraded"
-# On a downgraded request forwarded to another node: "not counted in the error rate there either".
-FALLBACK_REQUEST_HEADER = "X-Gpufleet-Fallback-For"
 # The leader refreshes a non-zero level at least every 30 s; three missed refreshes = gone.
 STALE_AFTER_S = 90.0
 
@@ -121,7 +120,7 @@ class Degrader:
             status=self.cfg.static_status,
             body=STATIC_BODY,
             content_type="application/json",
-            headers={DEGRADED_HEADER: "static", "X-Request-ID": rid},
+            headers={DEGRADED_HEADER: "static", REQUEST_ID_HEADER: rid},
         )
 
     def cached(self, key: bytes | None) -> CachedResponse | None:
@@ -130,7 +129,7 @@ class Degrader:
     async def replay(self, request: web.Request, hit: CachedResponse, rid: str) -> web.StreamResponse:
         headers = CIMultiDict(hit.headers)
         headers[DEGRADED_HEADER] = "cache"
-        headers["X-Request-ID"] = rid
+        headers[REQUEST_ID_HEADER] = rid
         if hit.body is not None:
             return web.Response(status=hit.status, body=hit.body, headers=headers)
         resp = web.StreamResponse(status=hit.status, headers=headers)
@@ -154,7 +153,7 @@ class Degrader:
 
 
 def _replayable(headers: CIMultiDict[str]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.items() if k.lower() != "x-request-id"]
+    return [(k, v) for k, v in headers.items() if k.lower() != REQUEST_ID_HEADER.lower()]
 
 
 def _with_model(body: bytes, model: str) -> bytes | None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from agent.backends import Judgement, Upstream, judge_status
+from gpufleet.facts import HOPS_HEADER as HOPS_HEADER  # re-exported for the proxy
 from gpufleet.keyspace.records import RouteRecord
 
 from .context import Failure
@@ -29,7 +30,6 @@ from .routing import SmoothWeighted
 
 T = TypeVar("T")
 
-HOPS_HEADER = "X-GPUFleet-Hops"
 MAX_HOPS = 1
 SUSPECT_S = 10.0  # an endpoint that just failed is tried last for this long
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gpufleet.facts import HOT_GPU_C
 from gpufleet.gpuclasses import BASE_WEIGHTS
 from gpufleet.keyspace.records import InstanceRecord, NodeRecord
 
@@ -46,7 +47,7 @@ class WeightPolicy:
     temp_floor: float = 0.3
     temp_ceiling: float = 1.0  # see the module docstring
     health_floor: float = 0.2  # health_score = floor + (1 − floor) × health_ratio
-    hot_c: float = 85.0
+    hot_c: float = HOT_GPU_C
     hot_cap: float = 0.3
 
     def __post_init__(self) -> None:

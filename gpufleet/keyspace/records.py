@@ -12,6 +12,8 @@ from typing import Literal
 
 import msgspec
 
+from gpufleet.facts import DEFAULT_BACKEND, Backend
+
 NODE_SCHEMA_VERSION = 1
 
 InstanceStateName = Literal["STARTING", "WARMING", "READY", "UNHEALTHY", "RESTARTING", "FAILED", "STOPPED"]
@@ -170,7 +172,7 @@ class RouteRecord(msgspec.Struct, kw_only=True):
     panic_classes: list[str] = []
 
 
-ModelBackend = Literal["vllm", "ollama", "llamacpp", "koboldcpp"]
+ModelBackend = Backend
 
 
 class ModelRecord(msgspec.Struct, kw_only=True):
@@ -182,7 +184,7 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     schema: int = MODEL_SCHEMA_VERSION
     name: str
     path: str  # absolute path on shared storage, the same on every host
-    backend: ModelBackend = "vllm"
+    backend: ModelBackend = DEFAULT_BACKEND
     replicas: int = 1
     # GPU memory one replica needs; None: a whole GPU (vLLM's default share, 0.9).
     min_vram_gib: float | None = None
