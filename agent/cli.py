@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent.api.auth import token_file_problems
 from agent.config import DEFAULT_CONFIG_PATH, load_config
 from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.logsetup import print_error
+from gpufleet.tokenfile import token_file_problems
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
 
 

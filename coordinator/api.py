@@ -9,8 +9,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.api.errors import bad_input_middleware, json_response
-from agent.api.server import error_middleware
+from gpufleet.httperrors import bad_input_middleware, error_middleware, json_response
 
 if TYPE_CHECKING:
     from .daemon import CoordinatorRuntime

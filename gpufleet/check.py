@@ -214,7 +214,7 @@ async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Fact
 
 def local_token_file(config: str = AGENT_CONFIG) -> tuple[list[str], list[str]] | None:
     """Problems with the admin token file of the agent configured on this machine, if any."""
-    from agent.api.auth import token_file_problems
+    from gpufleet.tokenfile import token_file_problems
 
     try:
         with open(config, "rb") as fh:

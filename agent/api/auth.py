@@ -7,7 +7,8 @@ never logged; only the file path is.
 Permissions: a token file others can read is a warning (at start-up, from ``check-config`` and
 ``gpuctl check``): anyone on the host can then restart or stop instances. One others can *write*
 is refused (fail closed: the agent does not start, and a running agent refuses admin requests):
-anyone could set the token to one they know.
+anyone could set the token to one they know. The permission checks are gpufleet/tokenfile.py's
+(``gpuctl check`` uses them too).
 """
 
 from __future__ import annotations
@@ -15,47 +16,17 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import stat
 from pathlib import Path
 
 import structlog
+
+from gpufleet.tokenfile import permission_problems
 
 log = structlog.get_logger("agent.auth")
 
 
 class TokenError(Exception):
     pass
-
-
-def permission_problems(st: os.stat_result, path: object) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about who else can use the token file: errors refuse it."""
-    errors, warnings = [], []
-    if st.st_mode & stat.S_IWOTH:
-        errors.append(
-            f"admin token file {path} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}): chmod 600"
-        )
-    if st.st_mode & stat.S_IWGRP:
-        warnings.append(f"admin token file {path} is writable by its group (mode {stat.S_IMODE(st.st_mode):04o})")
-    if st.st_mode & stat.S_IROTH:
-        warnings.append(
-            f"admin token file {path} is readable by every user (mode {stat.S_IMODE(st.st_mode):04o}): "
-            "anyone on this host can use the admin API; chmod 600"
-        )
-    return errors, warnings
-
-
-def token_file_problems(path: str | None) -> tuple[list[str], list[str]]:
-    """(errors, warnings) for ``check-config`` and ``gpuctl check``; nothing when there is no
-    file yet (``admin_token_generate`` creates it 0600)."""
-    if not path:
-        return [], []
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return [], []
-    except OSError as e:
-        return [f"cannot read admin token file {path}: {e.strerror or e}"], []
-    return permission_problems(st, path)
 
 
 class AdminToken:

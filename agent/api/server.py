@@ -6,7 +6,7 @@ One aiohttp application on the agent's port, shared with the OpenAI-compatible p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
@@ -17,10 +17,10 @@ from agent.cluster.publisher import MembershipCollector
 from agent.proxy import Proxy, add_proxy_routes
 from agent.proxy.metrics import ProxyMetrics
 from agent.supervisor import UnknownInstance
+from gpufleet.httperrors import bad_input_middleware, error_middleware, error_response, json_response
 from gpufleet.httpserver import ConnectionMetrics
 from gpufleet.logsetup import dropped_lines
 
-from .errors import bad_input_middleware, error_response, json_response
 from .metrics import LogDropCollector, make_registry
 
 if TYPE_CHECKING:
@@ -36,19 +36,6 @@ class GpuChange(msgspec.Struct, forbid_unknown_fields=True):
     power_w: float | None = None
     memory_used_gib: float | None = None
     lost: bool | None = None
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status >= 400 and e.content_type != "application/json":
-            return error_response(e.status, e.reason, "invalid_request_error" if e.status < 500 else "server_error")
-        raise
-    except Exception as e:  # one bad request must never take the server down
-        log.exception("unhandled error in API handler", path=request.path, error=str(e))
-        return error_response(500, "internal error", "server_error")
 
 
 def build_app(rt: AgentRuntime) -> web.Application:

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import msgspec
 from aiohttp import web
 
-from agent.api.errors import error_response
 from gpufleet.facts import HOP_BY_HOP_HEADERS
+from gpufleet.httperrors import error_response
 from gpufleet.keyspace.records import RouteRecord
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 HOP_BY_HOP = HOP_BY_HOP_HEADERS  # RFC 9110 §7.6.1, plus those aiohttp sets itself
-# A request body arrives decoded (aiohttp decodes the Content-Encodings agent/api/errors.py
+# A request body arrives decoded (aiohttp decodes the Content-Encodings gpufleet/httperrors.py
 # allows, and refuses the others with 415): labelled as still encoded, the upstream would fail on it.
 REQUEST_HOP_BY_HOP = HOP_BY_HOP | {"content-encoding"}
 UNKNOWN_MODEL_LABEL = "_unknown"  # keeps a client's random model names out of metric labels

@@ -1,11 +1,15 @@
-"""JSON error bodies in the OpenAI shape, used by the API and the proxy alike; and the checks
-that turn a client's unreadable request into a 4xx before any handler reads it."""
+"""JSON error bodies in the OpenAI shape, used by both daemons' APIs and the agent's proxy; the
+middleware that turns an unhandled exception into one; and the checks that turn a client's
+unreadable request into a 4xx before any handler reads it.
+
+Middleware order in an application: ``[error_middleware, bad_input_middleware, ...]``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import msgspec
+import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
@@ -16,6 +20,8 @@ try:  # which Content-Encodings aiohttp decodes depends on what is installed
     from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 except ImportError:  # pragma: no cover - older aiohttp
     HAS_BROTLI = HAS_ZSTD = False
+
+log = structlog.get_logger("gpufleet.httperrors")
 
 # Request bodies with these codings are decoded by aiohttp as they are read (the decoded size
 # counts against client_max_size: a decompression bomb gets 413) and forwarded decoded.
@@ -32,6 +38,21 @@ def error_response(
     status: int, message: str, type_: str, code: str | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:
     return json_response({"error": {"message": message, "type": type_, "code": code}}, status, headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The outermost middleware: an HTTP error aiohttp raises as text becomes a JSON error in
+    OpenAI's shape, and an exception a handler lets escape becomes a logged 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":
+            return error_response(e.status, e.reason, "invalid_request_error" if e.status < 500 else "server_error")
+        raise
+    except Exception as e:  # one bad request must never take the server down
+        log.exception("unhandled error in API handler", path=request.path, error=str(e))
+        return error_response(500, "internal error", "server_error")
 
 
 def _not_utf8(value: str) -> bool:
