@@ -1,7 +1,7 @@
 """The import contract between the packages (docs/architecture.md, "Layers"), checked by reading
 every module with ``ast``: no import may point down-to-up.
 
-    tools        gpufleet.gpuctl, gpuctl_models, check, demo, simulated_server  (may import anything)
+    tools        gpufleet.gpuctl*, check, demo, simulated_server               (may import anything)
     agent        gpu-agent            coordinator   gpu-coordinator           (neither imports the other)
     library      the rest of gpufleet                                          (imports neither daemon nor a tool)
 
@@ -21,16 +21,10 @@ PACKAGES = ("agent", "coordinator", "gpufleet")
 
 # CLIs and dev tools: they sit above both daemons (gpuctl drives agents and reads a coordinator's
 # keys; demo starts both; check judges both). They live in gpufleet/ until they get packages of
-# their own (issue 15 item 1); nothing below them may import them.
-TOOLS = frozenset(
-    {
-        "gpufleet.gpuctl",
-        "gpufleet.gpuctl_models",
-        "gpufleet.check",
-        "gpufleet.demo",
-        "gpufleet.simulated_server",
-    }
-)
+# their own (issue 15 item 1); nothing below them may import them. Every ``gpufleet/gpuctl*.py``
+# (gpuctl and its subcommand modules) is a tool.
+TOOLS = frozenset({"gpufleet.check", "gpufleet.demo", "gpufleet.simulated_server"})
+TOOL_PREFIX = "gpufleet.gpuctl"
 
 # layer -> the layers it must not import
 FORBIDDEN = {
@@ -46,7 +40,8 @@ def layer_of(module: str) -> str | None:
     if top not in PACKAGES:
         return None  # stdlib or third-party
     if top == "gpufleet":
-        return "tools" if any(module == t or module.startswith(t + ".") for t in TOOLS) else "library"
+        tool = module.startswith(TOOL_PREFIX) or any(module == t or module.startswith(t + ".") for t in TOOLS)
+        return "tools" if tool else "library"
     return top
 
 
@@ -122,6 +117,7 @@ def test_the_checker_sees_wrong_way_imports(tmp_path: Path) -> None:
         "tools",
     ]
     assert layer_of("gpufleet.httperrors") == "library"
+    assert layer_of("gpufleet.gpuctl_models") == "tools"
     assert layer_of("aiohttp.web") is None
 
 
