@@ -8,6 +8,7 @@ Relative paths in the file are resolved against the file's directory.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -31,8 +32,9 @@ from gpufleet.tomlconfig import (
     Port,
     PositiveFloat,
     StrictSection,
+    convert_sections,
     load_document,
-    load_sections,
+    url_problem,
 )
 
 DEFAULT_CONFIG_PATH = "/etc/gpu-agent/agent.toml"
@@ -367,40 +369,38 @@ def live_reloadable(running: AgentConfig, new: AgentConfig) -> AgentConfig:
     return live
 
 
+SECTIONS: dict[str, type] = {
+    "agent": AgentSection,
+    "gpu": GpuSection,
+    "supervisor": SupervisorSection,
+    "proxy": ProxySection,
+    "cluster": ClusterSection,
+    "models": ModelsSection,
+    "degradation": DegradationSection,
+    "api": ApiSection,
+}
+
+
 def load_config(path: str | Path) -> AgentConfig:
-    """Parse and validate; raises :class:`ConfigError` listing every problem found."""
+    """Parse and validate; raises :class:`ConfigError` listing every problem found.
+
+    Type errors and cross-field problems come together: the cross-field rules run on the
+    sections that decoded (see :func:`validate`)."""
     path = Path(path)
     data = load_document(path)
-    parts = load_sections(
-        path,
-        sections={
-            "agent": AgentSection,
-            "gpu": GpuSection,
-            "supervisor": SupervisorSection,
-            "proxy": ProxySection,
-            "cluster": ClusterSection,
-            "models": ModelsSection,
-            "degradation": DegradationSection,
-            "api": ApiSection,
-        },
-        lists={"instances": InstanceConfig},
-        data=data,
-    )
+    problems: list[ConfigProblem] = []
+    parts = convert_sections(data, SECTIONS, {"instances": InstanceConfig}, problems)
+    decoded = {name for name in SECTIONS if name in parts}
+    if "instances" in parts and None not in parts["instances"]:
+        decoded.add("instances")
     cfg = AgentConfig(
-        agent=parts["agent"],
-        gpu=parts["gpu"],
-        supervisor=parts["supervisor"],
-        instances=parts["instances"],
-        proxy=parts["proxy"],
-        cluster=parts["cluster"],
-        models=parts["models"],
-        degradation=parts["degradation"],
-        api=parts["api"],
+        **{name: parts[name] if name in parts else typ() for name, typ in SECTIONS.items()},
+        instances=parts["instances"] if "instances" in decoded else [],
         source_path=str(path),
         instances_declared="instances" in data,
     )
     _resolve_paths(cfg, path.parent)
-    problems = validate(cfg)
+    problems.extend(validate(cfg, decoded))
     if problems:
         raise ConfigError(str(path), problems)
     return cfg
@@ -418,24 +418,51 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
     cfg.cluster.resolve(base)
 
 
-def validate(cfg: AgentConfig) -> list[ConfigProblem]:
-    """Cross-field rules that a type cannot express. Pure: no I/O."""
+def validate(cfg: AgentConfig, decoded: Collection[str] | None = None) -> list[ConfigProblem]:
+    """Cross-field rules that a type cannot express. Pure: no I/O.
+
+    ``decoded`` names the sections that decoded without a type error ("instances": all of
+    them); default: all. A rule that reads a section with a type error is skipped (its verdict
+    would rest on defaults); the others run, so one check-config lists everything at once."""
     out: list[ConfigProblem] = []
+    for needs, rule in _RULES:
+        if decoded is None or needs <= set(decoded):
+            out.extend(rule(cfg))
+    return out
+
+
+def supervisor_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    out = []
     sup = cfg.supervisor
     if sup.backoff_max_s < sup.backoff_initial_s:
         out.append(ConfigProblem("$.supervisor.backoff_max_s", "must be >= backoff_initial_s"))
     if sup.probe_timeout_s >= sup.probe_interval_s:
         out.append(ConfigProblem("$.supervisor.probe_timeout_s", "must be shorter than probe_interval_s"))
+    return out
+
+
+def gpu_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    out = []
     if cfg.gpu.source == "simulated" and not cfg.gpu.simulated:
         out.append(ConfigProblem("$.gpu.simulated", 'source = "simulated" needs at least one [[gpu.simulated]]'))
     if cfg.gpu.source == "nvml" and cfg.gpu.simulated:
         out.append(ConfigProblem("$.gpu.simulated", 'simulated GPUs are declared but source = "nvml"'))
-    n_sim = len(cfg.gpu.simulated) if cfg.gpu.source == "simulated" else None
+    return out
+
+
+def agent_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    out = []
     if cfg.agent.admin_token_generate and not cfg.agent.admin_token_file:
         out.append(ConfigProblem("$.agent.admin_token_generate", "needs admin_token_file"))
+    if cfg.agent.advertise_url is not None and (problem := url_problem(cfg.agent.advertise_url)):
+        out.append(ConfigProblem("$.agent.advertise_url", problem))
+    return out
 
+
+def instance_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    out: list[ConfigProblem] = []
     seen_names: dict[str, int] = {}
-    seen_ports: dict[int, int] = {cfg.agent.listen_port: -1}
+    seen_ports: dict[int, int] = {}
     for i, inst in enumerate(cfg.instances):
         at = f"$.instances[{i}]"
         if inst.name in seen_names:
@@ -445,9 +472,7 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
         seen_names.setdefault(inst.name, i)
         if inst.port is not None:
             other = seen_ports.get(inst.port)
-            if other == -1:
-                out.append(ConfigProblem(f"{at}.port", f"{inst.port} is the agent's own listen_port"))
-            elif other is not None:
+            if other is not None:
                 out.append(ConfigProblem(f"{at}.port", f"{inst.port} is also used by instances[{other}]"))
             else:
                 seen_ports[inst.port] = i
@@ -474,12 +499,6 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
                 )
             if len(set(inst.gpus)) != len(inst.gpus):
                 out.append(ConfigProblem(f"{at}.gpus", "lists a GPU twice"))
-            if n_sim is not None:
-                for g in inst.gpus:
-                    if g >= n_sim:
-                        out.append(
-                            ConfigProblem(f"{at}.gpus", f"GPU {g} does not exist ({n_sim} simulated GPUs declared)")
-                        )
         elif inst.gpu_memory_fraction is not None:
             out.append(ConfigProblem(f"{at}.gpu_memory_fraction", "set but gpus is empty (CPU-only instance)"))
         if inst.health_path is not None and not inst.health_path.startswith("/"):
@@ -487,13 +506,27 @@ def validate(cfg: AgentConfig) -> list[ConfigProblem]:
         if inst.metrics_path is not None and not inst.metrics_path.startswith("/"):
             out.append(ConfigProblem(f"{at}.metrics_path", "must start with /"))
         out.extend(sizing_problems(inst, at))
-
-    out.extend(memory_budget_problems(cfg))
-    out.extend(port_span_problems(cfg))
-    out.extend(proxy_problems(cfg))
-    out.extend(cluster_problems(cfg))
-    out.extend(models_problems(cfg))
     return out
+
+
+def listen_port_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    return [
+        ConfigProblem(f"$.instances[{i}].port", f"{inst.port} is the agent's own listen_port")
+        for i, inst in enumerate(cfg.instances)
+        if inst.port == cfg.agent.listen_port
+    ]
+
+
+def simulated_gpu_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    if cfg.gpu.source != "simulated":
+        return []
+    n_sim = len(cfg.gpu.simulated)
+    return [
+        ConfigProblem(f"$.instances[{i}].gpus", f"GPU {g} does not exist ({n_sim} simulated GPUs declared)")
+        for i, inst in enumerate(cfg.instances)
+        for g in inst.gpus
+        if g >= n_sim
+    ]
 
 
 def sizing_problems(inst: InstanceConfig, at: str) -> list[ConfigProblem]:
@@ -622,6 +655,22 @@ def memory_budget_problems(cfg: AgentConfig) -> list[ConfigProblem]:
                 )
             )
     return out
+
+
+# Each cross-field rule and the sections it reads (validate skips it while one has a type error).
+_RULES: tuple[tuple[frozenset[str], Callable[[AgentConfig], list[ConfigProblem]]], ...] = (
+    (frozenset({"supervisor"}), supervisor_problems),
+    (frozenset({"gpu"}), gpu_problems),
+    (frozenset({"agent"}), agent_problems),
+    (frozenset({"instances"}), instance_problems),
+    (frozenset({"agent", "instances"}), listen_port_problems),
+    (frozenset({"gpu", "instances"}), simulated_gpu_problems),
+    (frozenset({"gpu", "instances"}), memory_budget_problems),
+    (frozenset({"agent", "supervisor", "instances"}), port_span_problems),
+    (frozenset({"proxy", "instances"}), proxy_problems),
+    (frozenset({"agent", "cluster"}), cluster_problems),
+    (frozenset({"models"}), models_problems),
+)
 
 
 __all__ = ["DEFAULT_CONFIG_PATH", "AgentConfig", "ConfigError", "InstanceConfig", "load_config"]

@@ -30,6 +30,7 @@ from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.facts import EX_USAGE
 from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
 from gpufleet.keyspace.records import DrainRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord, epoch_of
+from gpufleet.tomlconfig import problem_from_validation
 
 T = TypeVar("T")
 
@@ -157,26 +158,41 @@ def cmd_demo_standalone(args: argparse.Namespace) -> int:
     return run_standalone_demo(config, args.duration, lambda url: print(format_status(_request(url + "/v1/status")[1])))
 
 
+_OPTION_OF = {
+    "endpoints": "--etcd",
+    "cluster": "--cluster",
+    "ca_file": "--cacert",
+    "cert_file": "--cert",
+    "key_file": "--key",
+    "username": "--user",
+    "password_file": "--password-file",
+    "timeout_s": "--timeout",
+}
+
+
 def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
     endpoints = [e.strip() for e in (args.etcd or "").split(",") if e.strip()]
     if not endpoints:
         raise UsageError("give --etcd URLS (or set GPUFLEET_ETCD)")
+    given = {
+        "endpoints": endpoints,
+        "cluster": args.cluster,
+        "ca_file": args.cacert,
+        "cert_file": args.cert,
+        "key_file": args.key,
+        "username": args.user,
+        "password_file": args.password_file,
+        "timeout_s": args.timeout,
+    }
     try:
-        settings = msgspec.convert(
-            {
-                "endpoints": endpoints,
-                "cluster": args.cluster,
-                "ca_file": args.cacert,
-                "cert_file": args.cert,
-                "key_file": args.key,
-                "username": args.user,
-                "password_file": args.password_file,
-                "timeout_s": args.timeout,
-            },
-            EtcdSettings,
-        )
+        settings = msgspec.convert(given, EtcdSettings)
         Keyspace(settings.cluster)
-    except (msgspec.ValidationError, InvalidName) as e:
+    except msgspec.ValidationError as e:
+        # Said in the command line's words: "--etcd: 127.0.0.1:2379 is not a URL; write http://…"
+        problem = problem_from_validation(e, "$", EtcdSettings, given)
+        field = problem.path.removeprefix("$.").split("[")[0].split(".")[0]
+        raise UsageError(f"{_OPTION_OF.get(field, field)}: {problem.message}") from None
+    except InvalidName as e:
         raise UsageError(str(e)) from None
     if problems := settings.problems("$"):
         raise UsageError("; ".join(p.message for p in problems))
@@ -396,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gpufleet.gpuctl_models import add_model_commands
 
     add_model_commands(sub)
+    from gpufleet.gpuctl_config import add_config_commands
+
+    add_config_commands(sub)
     sub.add_parser("check", help="production-readiness checklist (exit 1 on any failure)").set_defaults(func=cmd_check)
     drain = sub.add_parser("drain", help="take a node out of rotation (no new requests)")
     drain.add_argument("node")

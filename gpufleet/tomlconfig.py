@@ -56,12 +56,103 @@ class ConfigError(Exception):
         return "\n".join(p.format(self.file) for p in self.problems)
 
 
-def problem_from_validation(err: msgspec.ValidationError, prefix: str) -> ConfigProblem:
-    """Turn msgspec's "Expected `int`, got `str` - at `$.port`" into a path + message."""
+def problem_from_validation(
+    err: msgspec.ValidationError, prefix: str, typ: Any = None, value: Any = None
+) -> ConfigProblem:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.port`" into a path + message.
+
+    Given the type that was decoded and the value it was decoded from, a message an operator
+    cannot act on is made human: a Literal or enum names its allowed values, a URL field says
+    how to write the URL."""
     m = _AT_RE.match(str(err))
     assert m is not None
     sub = m.group("path") or "$"
-    return ConfigProblem(prefix + sub[1:], m.group("msg").strip())
+    message = m.group("msg").strip()
+    if typ is not None:
+        steps = _steps(sub)
+        if steps is not None:
+            message = _explain(message, _type_at(msgspec.inspect.type_info(typ), steps), _value_at(value, steps))
+    return ConfigProblem(prefix + sub[1:], message)
+
+
+_STEP_RE = re.compile(r"\.(\w+)|\[(\d+|\.\.\.)\]")
+_MISSING = object()
+
+
+def _steps(path: str) -> list[str | int | None] | None:
+    """``$.routes[0].task`` -> ["routes", 0, "task"]; a dict key msgspec does not name
+    (``[...]``) is None. None for a path this does not understand."""
+    steps: list[str | int | None] = []
+    pos = 1
+    while pos < len(path):
+        m = _STEP_RE.match(path, pos)
+        if m is None:
+            return None
+        name, index = m.groups()
+        steps.append(name if name is not None else (None if index == "..." else int(index)))
+        pos = m.end()
+    return steps
+
+
+def _type_at(t: Any, steps: list[str | int | None]) -> Any:
+    for step in steps:
+        while isinstance(t, msgspec.inspect.UnionType):  # Optional[X]: the non-None member
+            members = [u for u in t.types if not isinstance(u, msgspec.inspect.NoneType)]
+            if len(members) != 1:
+                return None
+            t = members[0]
+        if isinstance(step, str) and isinstance(t, msgspec.inspect.StructType):
+            t = next((f.type for f in t.fields if f.encode_name == step), None)
+        elif isinstance(step, int) and isinstance(t, msgspec.inspect.ListType | msgspec.inspect.SetType):
+            t = t.item_type
+        elif isinstance(t, msgspec.inspect.DictType):
+            t = t.value_type
+        else:
+            return None
+    return t
+
+
+def _value_at(value: Any, steps: list[str | int | None]) -> Any:
+    for step in steps:
+        if isinstance(step, str) and isinstance(value, dict) and step in value:
+            value = value[step]
+        elif isinstance(step, int) and isinstance(value, list) and step < len(value):
+            value = value[step]
+        else:
+            return _MISSING
+    return value
+
+
+def _explain(message: str, t: Any, value: Any) -> str:
+    while isinstance(t, msgspec.inspect.UnionType):
+        members = [u for u in t.types if not isinstance(u, msgspec.inspect.NoneType)]
+        t = members[0] if len(members) == 1 else None
+    choices: tuple[Any, ...] = ()
+    if isinstance(t, msgspec.inspect.LiteralType):
+        choices = t.values
+    elif isinstance(t, msgspec.inspect.EnumType):
+        choices = tuple(e.value for e in t.cls)
+    if choices and message.startswith("Invalid enum value"):
+        return f"{value!r} is not one of " + ", ".join(repr(c) for c in choices)
+    pattern = getattr(t, "pattern", None)
+    if pattern and pattern.startswith("^https?://") and isinstance(value, str):
+        return url_problem(value) or message
+    return message
+
+
+BASE_URL_RE = re.compile(r"^https?://[^/\s]+(:\d+)?/?$")  # what etcd endpoints and advertise URLs are
+
+
+def url_problem(value: str) -> str | None:
+    """What is wrong with ``value`` as an http(s)://host[:port] URL, said so it can be fixed."""
+    if BASE_URL_RE.match(value):
+        return None
+    if "://" not in value:
+        return f"{value} is not a URL; write http://{value}"
+    scheme = value.partition("://")[0]
+    if scheme not in ("http", "https"):
+        return f"{value}: the scheme must be http:// or https://, not {scheme}://"
+    return f"{value} is not a base URL; write {scheme}://HOST[:PORT] with nothing after the port"
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -99,7 +190,7 @@ def convert_sections(
         try:
             out[key] = msgspec.convert(data.get(key, {}), typ, strict=True)
         except msgspec.ValidationError as e:
-            problems.append(problem_from_validation(e, f"$.{key}"))
+            problems.append(problem_from_validation(e, f"$.{key}", typ, data.get(key, {})))
     for key, typ in lists.items():
         items = data.get(key, [])
         if not isinstance(items, list):
@@ -110,7 +201,7 @@ def convert_sections(
             try:
                 converted.append(msgspec.convert(item, typ, strict=True))
             except msgspec.ValidationError as e:
-                problems.append(problem_from_validation(e, f"$.{key}[{i}]"))
+                problems.append(problem_from_validation(e, f"$.{key}[{i}]", typ, item))
                 converted.append(None)
         out[key] = converted
     return out

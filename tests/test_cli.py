@@ -106,3 +106,16 @@ def test_daemon_config_option_before_or_after_the_subcommand(  # type: ignore[no
     f = tmp_path / "absent.toml"
     assert run(main, [a.format(f=f) for a in argv]) == EX_CONFIG
     assert f"{f}: $: cannot read file" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--etcd", "127.0.0.1:2379"], "--etcd: 127.0.0.1:2379 is not a URL; write http://127.0.0.1:2379"),
+        (["--etcd", "http://a:1,ftp://b"], "--etcd: ftp://b: the scheme must be http:// or https://, not ftp://"),
+        (["--etcd", "http://a:1", "--timeout", "0"], "--timeout: Expected `float` > 0.0"),
+    ],
+)
+def test_gpuctl_etcd_option_errors_are_human(argv: list[str], message: str, capfd) -> None:  # type: ignore[no-untyped-def]
+    assert gpuctl_main(["nodes", *argv]) == EX_USAGE
+    assert capfd.readouterr().err.strip() == f"error: {message}"

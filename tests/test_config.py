@@ -47,7 +47,7 @@ def test_coordinator_example_and_rules(tmp_path: Path) -> None:
     bad.write_text('[etcd]\nendpoints = ["ftp://x"]\n[election]\nlease_ttl_s = 10\nrenew_deadline_s = 12\n')
     with pytest.raises(ConfigError) as e:
         load_coordinator(bad)
-    assert "$.etcd.endpoints[0]: Expected `str` matching regex" in str(e.value)
+    assert "$.etcd.endpoints[0]: ftp://x: the scheme must be http:// or https://, not ftp://" in str(e.value)
     bad.write_text('[etcd]\nendpoints = ["http://x:2379"]\n[election]\nlease_ttl_s = 10\nrenew_deadline_s = 12\n')
     with pytest.raises(ConfigError) as e:
         load_coordinator(bad)
@@ -422,3 +422,55 @@ def test_check_config_notes_a_file_that_runs_nothing(tmp_path: Path) -> None:
     res = run_agent("check-config", str(f))
     assert res.returncode == 0
     assert res.stderr.strip() == f"{f}: note: no [[instances]] and no [cluster] endpoints: it runs nothing"
+
+
+# --- human messages, and all problems at once (issue 15 item 6) -------------------------------
+
+
+def test_enum_errors_list_the_allowed_values(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    lines = problems(
+        tmp_path,
+        BASE.replace('"simulated"', '"simulatd"')
+        + '[agent]\nlog_level = "verbose"\n'
+        + '[[instances]]\nname = "a"\nbackend = "vlm"\nmodel = "m"\n'
+        + '[[proxy.routes]]\nmodel = "m"\ntask = "video"\ninstances = ["a"]\n',
+    )
+    assert f"{f}: $.agent.log_level: 'verbose' is not one of 'debug', 'error', 'info', 'warning'" in lines
+    assert f"{f}: $.gpu.source: 'simulatd' is not one of 'nvml', 'simulated'" in lines
+    assert f"{f}: $.proxy.routes[0].task: 'video' is not one of 'document', 'image', 'text'" in lines
+    [backend] = [line for line in lines if "$.instances[0].backend" in line]
+    assert "'vlm' is not one of " in backend and "'vllm'" in backend and "'command'" in backend
+
+
+def test_url_errors_say_how_to_write_the_url(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    lines = problems(
+        tmp_path,
+        BASE + '[agent]\nadvertise_url = "gpu-1:8080"\n[cluster]\nendpoints = ["127.0.0.1:2379"]\n',
+    )
+    assert f"{f}: $.cluster.endpoints[0]: 127.0.0.1:2379 is not a URL; write http://127.0.0.1:2379" in lines
+    assert f"{f}: $.agent.advertise_url: gpu-1:8080 is not a URL; write http://gpu-1:8080" in lines
+
+
+def test_cross_field_problems_come_with_type_errors(tmp_path: Path) -> None:
+    """A type error in [agent] no longer hides the instances' over-commit and duplicate names
+    (the README's "all at once"); a rule that reads a section with a type error is skipped."""
+    f = tmp_path / "agent.toml"
+    two = (
+        '[[instances]]\nname = "a"\nbackend = "vllm"\nmodel = "m"\ngpus = [0]\ngpu_memory_fraction = 0.6\n'
+        '[[instances]]\nname = "a"\nbackend = "vllm"\nmodel = "m"\ngpus = [0]\ngpu_memory_fraction = 0.5\n'
+    )
+    lines = problems(tmp_path, BASE + '[agent]\nlisten_port = "eighty"\n' + two)
+    assert lines == [
+        f"{f}: $.agent.listen_port: Expected `int`, got `str`",
+        f"{f}: $.instances[1].name: duplicate name 'a' (also instances[0])",
+        f"{f}: $.instances[1].gpu_memory_fraction: GPU 0 over-committed: a (0.6), a (0.5) sum to 1.10 "
+        "> memory_budget 0.95",
+    ]
+    # [gpu] has a type error: the over-commit (which reads its memory_budget) is not judged.
+    lines = problems(tmp_path, BASE.replace('source = "simulated"', 'source = "simulated"\nmemory_budget = "x"') + two)
+    assert lines == [
+        f"{f}: $.gpu.memory_budget: Expected `float`, got `str`",
+        f"{f}: $.instances[1].name: duplicate name 'a' (also instances[0])",
+    ]
