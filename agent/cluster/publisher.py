@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent.config import ClusterSection
+from gpufleet.backoff import HALF_JITTER, backoff_delay
 from gpufleet.etcd import Compare, EtcdClient, EtcdError, EtcdLeaseNotFound, Op
 from gpufleet.keyspace import Keyspace, encode
 from gpufleet.keyspace.records import NodeRecord
@@ -166,7 +167,7 @@ class ClusterPublisher:
                 self._set_state("unreachable", error=str(e))
                 # Back off, jittered so 1,000 agents do not arrive at a recovering etcd together,
                 # and capped at TTL/3 (see top).
-                delay = min(10.0, self.cfg.lease_ttl_s / 3, 0.5 * 2 ** min(failures, 5)) * random.uniform(0.5, 1.0)
+                delay = backoff_delay(failures, 0.5, min(10.0, self.cfg.lease_ttl_s / 3), HALF_JITTER)
                 await asyncio.sleep(delay)
             except Exception as e:  # a bug must not end cluster membership for good
                 log.exception("cluster publisher error", error=str(e))

@@ -9,6 +9,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from gpufleet.backoff import backoff_delay
+
 
 class InstanceState(enum.StrEnum):
     STARTING = "STARTING"  # process spawned, waiting for the backend to say it is ready
@@ -88,7 +90,7 @@ class RestartPolicy:
                 f"crash loop: {len(self._failures)} failures within {self.crash_loop_window_s:g}s "
                 f"(limit {self.crash_loop_restarts} restarts)",
             )
-        delay = min(self.initial_s * (2**self._streak), self.max_s)
+        delay = backoff_delay(self._streak, self.initial_s, self.max_s)
         self._streak += 1
         return RestartDecision(False, delay)
 
@@ -191,4 +193,4 @@ def after_failure(
 
 def _eject(o: Outlier, now: float, p: OutlierPolicy, answered: bool) -> Outlier:
     n = o.ejections + 1
-    return Outlier(0, n, now + min(p.base_s * 2 ** (n - 1), p.max_s), o.strikes + 1, answered)
+    return Outlier(0, n, now + backoff_delay(n - 1, p.base_s, p.max_s), o.strikes + 1, answered)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
+
+from gpufleet.backoff import HALF_JITTER, backoff_delay
 
 from .errors import EtcdCompacted, EtcdHistoryLost
 from .messages import Key, KeyValue, prefix_range_end, to_bytes
@@ -139,7 +140,7 @@ async def list_watch(
             continue  # relisting right away is the fix, not a reason to wait
         except Exception as e:
             failures += 1
-            delay = min(backoff_max, backoff_initial * 2 ** min(failures - 1, 20)) * random.uniform(0.5, 1.0)
+            delay = backoff_delay(failures - 1, backoff_initial, backoff_max, HALF_JITTER)
             log.warning(
                 "etcd list/watch failed; retrying",
                 prefix=_show(prefix),

@@ -39,6 +39,8 @@ import aiohttp
 import msgspec
 import structlog
 
+from gpufleet.backoff import backoff_delay
+
 from .errors import (
     EtcdAuthError,
     EtcdError,
@@ -208,7 +210,7 @@ class Transport:
         deadline = loop.time() + budget
         reasons: dict[str, str] = {}
         failures: list[_Failure] = []
-        pause = _ROUND_PAUSE_MIN
+        rounds = 0  # completed rounds of endpoints: the pause between rounds doubles
         while True:
             order = [normalize_endpoint(endpoint)] if endpoint else self.order()
             round_failures: list[_Failure] = []
@@ -250,8 +252,8 @@ class Transport:
                 if tls:
                     raise tls[-1]
                 raise self._give_up(what, budget, reasons, failures)
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, _ROUND_PAUSE_MAX)
+            await asyncio.sleep(min(backoff_delay(rounds, _ROUND_PAUSE_MIN, _ROUND_PAUSE_MAX), left))
+            rounds += 1
 
     @staticmethod
     def _give_up(
