@@ -48,6 +48,14 @@ class DegradationController:
         self._written_at = 0.0
         self._written_level: int | None = None
 
+    def apply(self, cfg: DegradationSection) -> None:
+        """The cluster policy's [degradation] changed: the level carries on; the window starts
+        anew only when its length changed."""
+        self.cfg = cfg
+        self.policy = policy_from(cfg)
+        if self.window.window_s != self.policy.window_s:
+            self.window = ErrorWindow(self.policy.window_s)
+
     def start_term(self, current: KeyValue | None, now: float) -> None:
         """A new term: a fresh window, and the level the previous leader left."""
         self.window = ErrorWindow(self.policy.window_s)

@@ -14,11 +14,13 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import structlog
 
-from gpufleet.etcd import EtcdClient, EtcdError, KeyMirror, Op
+from gpufleet.etcd import Compare, EtcdClient, EtcdError, KeyMirror, Op
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import DrainRecord, NodeRecord, RouteRecord
+from gpufleet.policyconfig import ClusterPolicy, encode_policy
 
 from .config import CoordinatorConfig
 from .degradation import DegradationController
@@ -29,6 +31,7 @@ from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, dep
 from .policy.placement import NodeView
 from .policy.routes import FailoverPolicy, RoutePlan, compute_routes, routes_differ
 from .policy.weights import CPU_CLASS, WeightPolicy
+from .policysync import PolicyState, file_differs, step_policy
 
 log = structlog.get_logger("coordinator.leader")
 
@@ -54,26 +57,18 @@ class Leader:
         self.election = election
         self.keys = keys
         self.metrics = metrics
-        h = cfg.health
-        self.health_policy = HealthPolicy(
-            bad_samples=h.bad_samples,
-            good_samples=h.good_samples,
-            stale_after_s=h.stale_after_s,
-            temp_limit_c=h.temp_limit_c,
-            eject_base_s=h.eject_base_s,
-            eject_max_s=h.eject_max_s,
-            eject_forget_after_s=h.eject_forget_after_s,
-        )
-        self.weight_policy = WeightPolicy(base=dict(cfg.weights.base), default_base=cfg.weights.default_base)
-        self.failover_policy = FailoverPolicy(
-            cross_class=cfg.failover.cross_class, panic_threshold=cfg.failover.panic_threshold
-        )
         self._changed = asyncio.Event()
         self.nodes = KeyMirror(etcd, keys.nodes, on_change=lambda _: self._changed.set())
         self.drains = KeyMirror(etcd, keys.drains, on_change=lambda _: self._changed.set())
         self.routes = KeyMirror(etcd, keys.routes)
         self.placer = Placer(cfg.placement, etcd, keys, election, metrics, on_change=lambda _: self._changed.set())
         self.degradation = DegradationController(cfg.degradation, keys, election, metrics)
+        # The cluster's policy (/config), mirrored by every replica and applied by each: the
+        # file's sections until etcd's value is seen, and the bootstrap when there is none.
+        self.policy_mirror = KeyMirror(etcd, keys.config, on_change=lambda _: self._changed.set())
+        self.policy_state = PolicyState(cfg.policy)
+        self._file_warned = False
+        self._apply_policy(cfg.policy)
         # Leadership-scoped state: rebuilt from scratch by every new leader term.
         self.node_health: dict[str, NodeHealth] = {}
         self.inst_health: dict[tuple[str, str], InstanceHealth] = {}
@@ -92,12 +87,85 @@ class Leader:
         self._decoded: dict[str, tuple[int, NodeRecord | None]] = {}
         self._rewinds = 0  # etcd history rewinds already acted on (see _rewound)
 
+    def _apply_policy(self, p: ClusterPolicy) -> None:
+        """(Re)build every policy object from the cluster policy's sections."""
+        h = p.health
+        self.health_policy = HealthPolicy(
+            bad_samples=h.bad_samples,
+            good_samples=h.good_samples,
+            stale_after_s=h.stale_after_s,
+            temp_limit_c=h.temp_limit_c,
+            eject_base_s=h.eject_base_s,
+            eject_max_s=h.eject_max_s,
+            eject_forget_after_s=h.eject_forget_after_s,
+        )
+        self.weight_policy = WeightPolicy(base=dict(p.weights.base), default_base=p.weights.default_base)
+        self.failover_policy = FailoverPolicy(
+            cross_class=p.failover.cross_class, panic_threshold=p.failover.panic_threshold
+        )
+        self.placer.apply(p.placement)
+        self.degradation.apply(p.degradation)
+        self._unweighted_logged = set()
+
+    def sync_policy(self) -> bool:
+        """Apply the cluster policy's current value (every replica). True when the key is
+        absent, i.e. a leader should write the policy that applies (the bootstrap)."""
+        if not self.policy_mirror.ready.is_set():
+            return False
+        kv = self.policy_mirror.data.get(self.keys.config)
+        step = step_policy(self.policy_state, kv.value if kv else None, kv.mod_revision if kv else 0)
+        prev, self.policy_state = self.policy_state, step.state
+        if step.invalid is not None:
+            log.error(
+                "invalid cluster policy in etcd skipped; the last good policy stays",
+                key=self.keys.config,
+                mod_revision=step.state.seen,
+                error=step.invalid,
+                applied_revision=step.state.revision,
+            )
+        elif step.state.revision != prev.revision and step.state.revision:
+            if step.changes:
+                self._apply_policy(step.state.policy)
+                log.warning(
+                    "cluster policy changed; applied",
+                    revision=step.state.revision,
+                    by=step.state.policy.updated_by,
+                    changes=step.changes,
+                )
+                self.poke()
+            else:
+                log.info("cluster policy applied", revision=step.state.revision, by=step.state.policy.updated_by)
+            if not self._file_warned:
+                self._file_warned = True
+                for section in file_differs(self.cfg.policy, step.state.policy):
+                    log.warning(
+                        f"[{section}] in the file differs from the cluster's; the cluster's applies; "
+                        "edit with gpuctl config",
+                        file=self.cfg.source_path,
+                        section=section,
+                    )
+        return step.absent
+
+    async def _bootstrap_policy(self, epoch: int) -> None:
+        """No policy in etcd: write the one that applies (the file's, on a new cluster), only
+        while still absent and through the epoch guard."""
+        p = msgspec.structs.replace(
+            self.policy_state.policy,
+            updated_by=f"{self.cfg.id} (bootstrap from {self.cfg.source_path or 'defaults'})",
+            updated_at=time.time(),
+        )
+        res = await self.election.guarded_txn(
+            [Op.put(self.keys.config, encode_policy(p))], extra=[Compare.absent(self.keys.config)]
+        )
+        if res.succeeded:
+            log.info("cluster policy written to etcd from this coordinator's file", key=self.keys.config, epoch=epoch)
+
     def poke(self) -> None:
         self._changed.set()
 
     async def run(self) -> None:
         models, assignments = self.placer.mirrors()
-        async with self.nodes, self.drains, self.routes, models, assignments:
+        async with self.nodes, self.drains, self.routes, models, assignments, self.policy_mirror:
             next_sample = 0.0
             while True:
                 wake = next_sample
@@ -112,6 +180,9 @@ class Leader:
                 if sample:
                     next_sample = now + self.cfg.coordinator.sample_interval_s
                 try:
+                    absent = self.sync_policy()
+                    if absent and self.election.is_leader and self.election.epoch is not None:
+                        await self._bootstrap_policy(self.election.epoch)
                     await self._step(sample)
                 except NotLeader:
                     pass  # the election has stepped down; the next pass starts over as standby
@@ -167,7 +238,7 @@ class Leader:
             log.info("routes updated", epoch=epoch, written=writes, removed=deletes, changes=changes[:10])
 
     def _mirrors(self) -> tuple[KeyMirror, ...]:
-        return (self.nodes, self.drains, self.routes, *self.placer.mirrors())
+        return (self.nodes, self.drains, self.routes, self.policy_mirror, *self.placer.mirrors())
 
     def _rewound(self) -> bool:
         """Whether etcd's history went backwards (restored from a backup, or wiped) since the
@@ -187,6 +258,8 @@ class Leader:
     async def _start_term(self, epoch: int) -> None:
         """A new term: start from the mirrors' complete picture, then a grace period."""
         await asyncio.gather(*(m.wait_ready() for m in self._mirrors()))
+        if self.sync_policy():  # decide nothing under a policy that is not the cluster's
+            await self._bootstrap_policy(epoch)
         self.degradation.start_term(await self.etcd.get(self.keys.degradation), time.monotonic())
         self.placer.start_term()
         self.node_health.clear()

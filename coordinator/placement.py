@@ -53,6 +53,12 @@ class Placer:
         self._next_run = float("-inf")  # monotonic: the earliest next run without a registry change
         self._registry_revision = -1
 
+    def apply(self, cfg: PlacementSection) -> None:
+        """The cluster policy's [placement] changed: the next pass uses it."""
+        self.cfg = cfg
+        self.policy = PlacementPolicy(reschedule_after_s=cfg.reschedule_after_s, memory_budget=cfg.memory_budget)
+        self._next_run = float("-inf")
+
     def mirrors(self) -> tuple[KeyMirror, KeyMirror]:
         return self.models, self.assignments
 
