@@ -6,12 +6,13 @@ One aiohttp application on the agent's port, shared with the OpenAI-compatible p
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from agent.cluster.publisher import MembershipCollector
 from agent.proxy import Proxy, add_proxy_routes
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("agent.api")
 ACTIONS = ("start", "stop", "restart")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class GpuChange(msgspec.Struct, forbid_unknown_fields=True):
@@ -38,69 +40,70 @@ class GpuChange(msgspec.Struct, forbid_unknown_fields=True):
     lost: bool | None = None
 
 
-def build_app(rt: AgentRuntime) -> web.Application:
-    app = web.Application(
-        middlewares=[error_middleware, bad_input_middleware], client_max_size=rt.cfg.proxy.max_body_bytes
-    )
-    registry = make_registry(rt.node_record)
-    if (guard := getattr(rt, "http_guard", None)) is not None:
-        registry.register(ConnectionMetrics(guard, "gpu_agent"))
-    registry.register(
-        LogDropCollector(
-            dropped_lines,
-            lambda: [
-                ([i.name, i.cfg.client_model, i.cfg.backend], i.output.dropped_lines)
-                for i in rt.supervisor.instances.values()
-            ],
-        )
-    )
-    registry.register(MembershipCollector(lambda: rt.publisher))
-    if rt.cfg.proxy.enabled:
-        proxy = Proxy(rt, ProxyMetrics(registry))
+class AgentApi:
+    """The agent's application over one runtime: the routes are methods, and the admin routes
+    are behind one middleware (:meth:`admin_middleware`), not a check in each handler."""
 
+    def __init__(self, rt: AgentRuntime) -> None:
+        self.rt = rt
+        self.admin_routes: set[web.AbstractRoute] = set()
+        self.app = web.Application(
+            middlewares=[error_middleware, bad_input_middleware, self.admin_middleware],
+            client_max_size=rt.cfg.proxy.max_body_bytes,
+        )
+        self.registry = self._registry()
+        if rt.cfg.proxy.enabled:
+            self._add_proxy(Proxy(rt, ProxyMetrics(self.registry)))
+        router = self.app.router
+        router.add_get("/healthz", self.healthz)
+        router.add_get("/readyz", self.readyz)
+        router.add_get("/v1/status", self.status)
+        router.add_get("/metrics", self.metrics)
+        self._add_admin("/admin/instances/{name}/{action}", self.instance_action)
+        self._add_admin("/admin/gpus/{index}", self.set_gpu)
+        self._add_admin("/admin/reload", self.reload)
+
+    def _registry(self) -> CollectorRegistry:
+        rt = self.rt
+        registry = make_registry(rt.node_record)
+        if (guard := getattr(rt, "http_guard", None)) is not None:
+            registry.register(ConnectionMetrics(guard, "gpu_agent"))
+        registry.register(
+            LogDropCollector(
+                dropped_lines,
+                lambda: [
+                    ([i.name, i.cfg.client_model, i.cfg.backend], i.output.dropped_lines)
+                    for i in rt.supervisor.instances.values()
+                ],
+            )
+        )
+        registry.register(MembershipCollector(lambda: rt.publisher))
+        return registry
+
+    def _add_proxy(self, proxy: Proxy) -> None:
         async def start_proxy(_: web.Application) -> None:
             await proxy.start()
 
         async def stop_proxy(_: web.Application) -> None:
             await proxy.close()
 
-        app.on_startup.append(start_proxy)
-        app.on_cleanup.append(stop_proxy)
-        add_proxy_routes(app, proxy)
+        self.app.on_startup.append(start_proxy)
+        self.app.on_cleanup.append(stop_proxy)
+        add_proxy_routes(self.app, proxy)
 
-    async def healthz(_: web.Request) -> web.Response:
-        # Answering proves the loop runs; a stale tick means supervision itself is stuck.
-        age = rt.tick_age()
-        limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.probe_timeout_s
-        if age is not None and age > limit:
-            return json_response({"status": "stalled", "last_tick_age_s": round(age, 1)}, 503)
-        if dead := rt.supervision_failures():
-            return json_response({"status": "supervision failed", "instances": dead}, 503)
-        if rt.publisher is not None and rt.publisher.refused_by is not None:
-            # Still 200: this agent serves locally, and a restart would not fix a duplicate node_id.
-            return json_response({"status": "ok", "cluster": rt.publisher.status()})
-        return json_response({"status": "ok"})
+    def _add_admin(self, path: str, handler: Handler) -> None:
+        self.admin_routes.add(self.app.router.add_post(path, handler))
 
-    async def readyz(_: web.Request) -> web.Response:
-        rec = rt.node_record()
-        if rec.ready:
-            return json_response({"status": "ready"})
-        waiting = {i.name: i.state for i in rec.instances if i.state != "READY"}
-        reason = "agent is not serving yet" if not rt.serving else "instances not ready"
-        return json_response({"status": "not ready", "reason": reason, "instances": waiting}, 503)
+    # --- admin check ----------------------------------------------------------------------------
 
-    async def status(_: web.Request) -> web.Response:
-        doc = msgspec.to_builtins(rt.node_record())
-        # What the file says that is not running: a refused reload, settings waiting for a restart.
-        doc["config"] = {"last_reload_failure": rt.reload_failure, "restart_needed": rt.restart_needed}
-        if rt.publisher is not None:
-            doc["cluster"] = {**rt.publisher.status(), "drained": rt.routes.drained if rt.routes is not None else None}
-        return json_response(doc)
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    def require_admin(request: web.Request) -> web.Response | None:
+    @web.middleware
+    async def admin_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Runs inside the bad-input middleware, before any admin handler reads the request: 403
+        while no token file is configured, 401 without the right bearer token. Other routes
+        (and 404/405 for paths and methods no route has) pass through."""
+        if request.match_info.route not in self.admin_routes:
+            return await handler(request)
+        rt = self.rt
         if not rt.admin_token.configured:
             return error_response(
                 403, "admin API disabled: set agent.admin_token_file", "permission_error", "admin_disabled"
@@ -114,25 +117,61 @@ def build_app(rt: AgentRuntime) -> web.Application:
                 "unauthorized",
                 headers={"WWW-Authenticate": 'Bearer realm="gpu-agent"'},
             )
-        return None
+        return await handler(request)
 
-    async def instance_action(request: web.Request) -> web.Response:
-        if (denied := require_admin(request)) is not None:
-            return denied
+    # --- health, status, metrics --------------------------------------------------------------
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        rt = self.rt
+        # Answering proves the loop runs; a stale tick means supervision itself is stuck.
+        age = rt.tick_age()
+        limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.probe_timeout_s
+        if age is not None and age > limit:
+            return json_response({"status": "stalled", "last_tick_age_s": round(age, 1)}, 503)
+        if dead := rt.supervision_failures():
+            return json_response({"status": "supervision failed", "instances": dead}, 503)
+        if rt.publisher is not None and rt.publisher.refused_by is not None:
+            # Still 200: this agent serves locally, and a restart would not fix a duplicate node_id.
+            return json_response({"status": "ok", "cluster": rt.publisher.status()})
+        return json_response({"status": "ok"})
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        rt = self.rt
+        rec = rt.node_record()
+        if rec.ready:
+            return json_response({"status": "ready"})
+        waiting = {i.name: i.state for i in rec.instances if i.state != "READY"}
+        reason = "agent is not serving yet" if not rt.serving else "instances not ready"
+        return json_response({"status": "not ready", "reason": reason, "instances": waiting}, 503)
+
+    async def status(self, _: web.Request) -> web.Response:
+        rt = self.rt
+        doc = msgspec.to_builtins(rt.node_record())
+        # What the file says that is not running: a refused reload, settings waiting for a restart.
+        doc["config"] = {"last_reload_failure": rt.reload_failure, "restart_needed": rt.restart_needed}
+        if rt.publisher is not None:
+            doc["cluster"] = {**rt.publisher.status(), "drained": rt.routes.drained if rt.routes is not None else None}
+        return json_response(doc)
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # --- admin actions (behind admin_middleware) ----------------------------------------------
+
+    async def instance_action(self, request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
         if action not in ACTIONS:
             return error_response(
                 404, f"unknown action {action!r}; use one of {', '.join(ACTIONS)}", "invalid_request_error"
             )
         try:
-            inst = rt.supervisor.command(name, action)  # type: ignore[arg-type]
+            inst = self.rt.supervisor.command(name, action)  # type: ignore[arg-type]
         except UnknownInstance:
             return error_response(404, f"no instance named {name!r}", "invalid_request_error", "unknown_instance")
         return json_response({"accepted": action, "instance": inst.record()}, 202)
 
-    async def set_gpu(request: web.Request) -> web.Response:
-        if (denied := require_admin(request)) is not None:
-            return denied
+    async def set_gpu(self, request: web.Request) -> web.Response:
+        rt = self.rt
         if rt.gpu_source.kind != "simulated":
             return error_response(409, "GPU state can only be changed for simulated GPUs", "invalid_request_error")
         try:
@@ -147,19 +186,12 @@ def build_app(rt: AgentRuntime) -> web.Application:
         rt.changed()
         return json_response({g.index: g for g in rt.supervisor.gpus}.get(index))
 
-    async def reload(request: web.Request) -> web.Response:
-        if (denied := require_admin(request)) is not None:
-            return denied
+    async def reload(self, _: web.Request) -> web.Response:
         # 200 applied; 422 the file has errors, 409 it cannot be applied now: the running config
         # is kept either way, and the body names the problems.
-        outcome = await rt.reload()
+        outcome = await self.rt.reload()
         return json_response(outcome.body, outcome.http_status)
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/admin/instances/{name}/{action}", instance_action)
-    app.router.add_post("/admin/gpus/{index}", set_gpu)
-    app.router.add_post("/admin/reload", reload)
-    return app
+
+def build_app(rt: AgentRuntime) -> web.Application:
+    return AgentApi(rt).app
