@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import tomllib
@@ -243,3 +244,44 @@ def gpuctl_config_dataerr() -> int:
 
 async def _ok(got: object, want: int) -> bool:
     return await got == want  # type: ignore[misc]
+
+
+async def test_edit_validates_and_writes_compare_on_revision(etcd: EtcdCluster) -> None:
+    """`gpuctl config edit` with a scripted $EDITOR; a write from a stale read is refused."""
+    from gpufleet.gpuctl_config import Conflict, _write
+
+    keys = Keyspace("policy-edit")
+    async with etcd.client() as client:
+        await client.put(keys.config, encode_policy(ClusterPolicy()))
+
+        async def edit(sed: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *("-m", "gpufleet.gpuctl", "--etcd", ",".join(etcd.endpoints), "--cluster", keys.cluster),
+                *("config", "edit"),
+                env={**os.environ, "EDITOR": f"sed -i '{sed}'", "VISUAL": ""},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            return proc.returncode or 0, out.decode(), err.decode()
+
+        try:
+            rc, out, err = await edit("s/^eject_base_s = 30.0$/eject_base_s = 7.0/")
+            assert rc == 0 and "health.eject_base_s: 30 -> 7" in out, (out, err)
+            kv = await client.get(keys.config)
+            assert decode_policy(kv.value).health.eject_base_s == 7.0
+            rc, out, err = await edit("s/^eject_base_s = 7.0$/eject_base_s = -1.0/")
+            assert rc == 65 and "$.health.eject_base_s" in err and "nothing written" in err, (out, err)
+            assert (await client.get(keys.config)).mod_revision == kv.mod_revision
+            # The history keeps the replaced version.
+            hist = await client.get_prefix(keys.config_history)
+            assert [decode_policy(h.value).health.eject_base_s for h in hist.kvs] == [30.0]
+            # A write based on a read that is no longer current changes nothing.
+            await client.put(keys.config, encode_policy(ClusterPolicy()))
+            with pytest.raises(Conflict):
+                await _write(client, keys, kv, _set(ClusterPolicy(), "health.eject_base_s=9"))
+            assert decode_policy((await client.get(keys.config)).value).health.eject_base_s == 30.0
+        finally:
+            await client.delete_prefix(keys.prefix)
