@@ -126,15 +126,15 @@ class Leader:
         elif step.state.revision != prev.revision and step.state.revision:
             if step.changes:
                 self._apply_policy(step.state.policy)
-                log.warning(
-                    "cluster policy changed; applied",
-                    revision=step.state.revision,
-                    by=step.state.policy.updated_by,
-                    changes=step.changes,
-                )
                 self.poke()
-            else:
-                log.info("cluster policy applied", revision=step.state.revision, by=step.state.policy.updated_by)
+            # The first value seen replaces the file's (at start-up): not a change of policy.
+            first, p = not self._file_warned, step.state.policy
+            (log.info if first else log.warning)(
+                "cluster policy from etcd applied" if first else "cluster policy changed; applied",
+                revision=step.state.revision,
+                by=p.updated_by,
+                changes=step.changes,
+            )
             if not self._file_warned:
                 self._file_warned = True
                 for section in file_differs(self.cfg.policy, step.state.policy):

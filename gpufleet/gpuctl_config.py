@@ -137,12 +137,17 @@ async def _set(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> in
         if kv is None:
             print(f"error: {NO_POLICY}", file=sys.stderr)
             return ctl.EXIT_ERROR
-        base = current if current is not None else ClusterPolicy()
+        if current is None:
+            print(
+                "error: fix the stored policy with gpuctl config edit (set changes fields of a valid one)",
+                file=sys.stderr,
+            )
+            return ctl.EXIT_ERROR
         try:
-            new = with_assignments(base, args.assignments)
+            new = with_assignments(current, args.assignments)
         except InvalidPolicy as e:
             return _problems(e)
-        changes = diff(base, new) if current is not None else ["(replacing an invalid stored policy)"]
+        changes = diff(current, new)
         if not changes:
             print("no change: the cluster policy already says so")
             return ctl.EXIT_OK

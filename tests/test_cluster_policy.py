@@ -195,16 +195,19 @@ async def test_coordinators_apply_the_clusters_policy(etcd: EtcdCluster, tmp_pat
             assert rc == 0 and "default_base = 40" in out
             # A second coordinator whose file disagrees applies the cluster's, and says so once.
             c2.start().wait_ready_sync()
-            await wait_until(lambda: _logged(c2, "cluster policy changed"), 10, what="c2 applies etcd's")
+            await wait_until(lambda: _logged(c2, "cluster policy from etcd applied"), 10, what="c2 applies etcd's")
             warned = _logged(c2, "[weights] in the file differs from the cluster's")
             assert len(warned) == 1, warned
-            assert _logged(c2, "cluster policy changed")[0]["changes"] == ["weights.default_base: 90 -> 40"]
+            assert _logged(c2, "cluster policy from etcd applied")[0]["changes"] == ["weights.default_base: 90 -> 40"]
 
             # gpuctl config set: the leader applies it.
             rc, out, _ = await _ctl(etcd, "config", "set", "weights.default_base=70", "health.eject_base_s=5")
             assert rc == 0, out
             assert "weights.default_base: 40 -> 70" in out
             await wait_until(lambda: _ok(weight(), expect(70)), 10, what="weight from default_base 70")
+            for c in (c1, c2):  # logged field by field by every replica
+                await wait_until(lambda c=c: _logged(c, "cluster policy changed"), 10, what=f"{c.ident} logs it")
+                assert "weights.default_base: 40 -> 70" in _logged(c, "cluster policy changed")[-1]["changes"]
             # An invalid value is refused with its field path; nothing is written.
             before = (await client.get(KEYS.config)).mod_revision
             rc, _, err = await _ctl(etcd, "config", "set", "health.eject_base_s=-1")
