@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent.config import DEFAULT_CONFIG_PATH, load_config
+from agent.config import DEFAULT_CONFIG_PATH, config_warnings, load_config
 from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.logsetup import print_error
 from gpufleet.tokenfile import token_file_problems
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             print_error(f"{path}: $.agent.admin_token_file: {problem}")
         for problem in warnings:
             print_error(f"{path}: warning: $.agent.admin_token_file: {problem}")
+        for warning in config_warnings(cfg):
+            print_error(f"{path}: warning: {warning.path}: {warning.message}")
         if errors:
             return EX_CONFIG
         print(f"{path}: ok ({len(cfg.instances)} instances, gpu source {cfg.gpu.source})")
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     import structlog
 
     structlog.contextvars.bind_contextvars(node=cfg.node_id)
+    for warning in config_warnings(cfg):
+        structlog.get_logger("agent").warning("config_warning", field=warning.path, problem=warning.message)
 
     import uvloop
 

@@ -7,10 +7,12 @@ Relative paths in the file are resolved against the file's directory.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -429,6 +431,31 @@ def validate(cfg: AgentConfig, decoded: Collection[str] | None = None) -> list[C
         if decoded is None or needs <= set(decoded):
             out.extend(rule(cfg))
     return out
+
+
+def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
+    """Legal but probably a mistake: said by check-config and at start-up, never refused."""
+    out = []
+    host = cfg.agent.listen_host
+    if cfg.cluster.enabled and _is_loopback(host):
+        advertised = urlsplit(cfg.advertise_url).hostname or ""
+        if cfg.agent.advertise_url is None or _is_loopback(advertised):
+            out.append(
+                ConfigProblem(
+                    "$.agent.listen_host",
+                    f"{host} is a loopback address in cluster mode: other nodes cannot reach this agent "
+                    f"at {cfg.advertise_url} (only processes on this host can); listen on 0.0.0.0 or this "
+                    "host's address, or set advertise_url to a proxy in front of it",
+                )
+            )
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost" or host.lower().rstrip(".").endswith(".localhost")
 
 
 def supervisor_problems(cfg: AgentConfig) -> list[ConfigProblem]:

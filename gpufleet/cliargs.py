@@ -14,8 +14,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from gpufleet import __version__
-
-EX_USAGE = 64
+from gpufleet.facts import EX_USAGE
 
 
 class Parser(argparse.ArgumentParser):

@@ -3,9 +3,12 @@ subcommand, ``--version``, usage errors exit 64 with one line, human messages fo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from agent.cli import main as agent_main
 from coordinator.cli import main as coordinator_main
@@ -15,6 +18,17 @@ from gpufleet.gpuctl import main as gpuctl_main
 from gpufleet.tomlconfig import EX_CONFIG
 
 EX_USAGE = 64
+
+
+@pytest.fixture(autouse=True)
+def _no_global_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The CLIs configure structlog for the whole process (level, writer, cached loggers): in
+    this test process that would change the logging of the tests that run after these."""
+    import gpufleet.logsetup
+
+    monkeypatch.setattr(gpufleet.logsetup, "configure_logging", lambda *a, **k: None)
+    yield
+    structlog.contextvars.clear_contextvars()
 
 
 def run(main, argv: list[str]) -> int:  # type: ignore[no-untyped-def]
@@ -119,3 +133,66 @@ def test_daemon_config_option_before_or_after_the_subcommand(  # type: ignore[no
 def test_gpuctl_etcd_option_errors_are_human(argv: list[str], message: str, capfd) -> None:  # type: ignore[no-untyped-def]
     assert gpuctl_main(["nodes", *argv]) == EX_USAGE
     assert capfd.readouterr().err.strip() == f"error: {message}"
+
+
+CLUSTER_BASE = """
+[gpu]
+source = "simulated"
+[[gpu.simulated]]
+name = "NVIDIA A100-SXM4-80GB"
+[cluster]
+endpoints = ["http://127.0.0.1:2379"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("agent_section", "warned"),
+    [
+        ('listen_host = "127.0.0.1"', True),
+        ('listen_host = "::1"\nnode_id = "gpu-1"', True),
+        ('listen_host = "localhost"\nadvertise_url = "http://127.0.0.1:8080"', True),
+        ('listen_host = "127.0.0.1"\nadvertise_url = "https://gpu-1.example:443"', False),  # a proxy in front
+        ('listen_host = "0.0.0.0"', False),
+    ],
+)
+def test_check_config_warns_of_cluster_mode_on_loopback(  # type: ignore[no-untyped-def]
+    agent_section: str, warned: bool, tmp_path: Path, capfd
+) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(CLUSTER_BASE + "[agent]\n" + agent_section + "\n")
+    assert run(agent_main, ["check-config", str(f)]) == 0  # a warning, not a failure
+    err = capfd.readouterr().err
+    assert ("other nodes cannot reach this agent" in err) is warned, err
+    if warned:
+        assert f"{f}: warning: $.agent.listen_host: " in err
+
+
+def test_standalone_on_loopback_is_not_warned(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "agent.toml"
+    f.write_text(
+        CLUSTER_BASE.replace('endpoints = ["http://127.0.0.1:2379"]', "") + '[agent]\nlisten_host = "127.0.0.1"\n'
+    )
+    assert run(agent_main, ["check-config", str(f)]) == 0
+    assert "cannot reach" not in capfd.readouterr().err
+
+
+def test_the_agent_warns_of_cluster_mode_on_loopback_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.daemon
+
+    class Runtime:  # stands in for the daemon: only the start-up warning is wanted
+        def __init__(self, cfg: object) -> None:
+            pass
+
+        async def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(agent.daemon, "AgentRuntime", Runtime)
+    f = tmp_path / "agent.toml"
+    f.write_text(CLUSTER_BASE + '[agent]\nlisten_host = "127.0.0.1"\n')
+    with capture_logs() as logs:
+        assert run(agent_main, ["run", "--config", str(f)]) == 0
+    [warning] = [e for e in logs if e["event"] == "config_warning"]
+    assert warning["log_level"] == "warning" and warning["field"] == "$.agent.listen_host"
+    assert "other nodes cannot reach this agent" in warning["problem"]
