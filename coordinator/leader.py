@@ -68,6 +68,7 @@ class Leader:
         self.policy_mirror = KeyMirror(etcd, keys.config, on_change=lambda _: self._changed.set())
         self.policy_state = PolicyState(cfg.policy)
         self._file_warned = False
+        self._policy_rewinds = 0
         self._apply_policy(cfg.policy)
         # Leadership-scoped state: rebuilt from scratch by every new leader term.
         self.node_health: dict[str, NodeHealth] = {}
@@ -112,6 +113,9 @@ class Leader:
         absent, i.e. a leader should write the policy that applies (the bootstrap)."""
         if not self.policy_mirror.ready.is_set():
             return False
+        if self.policy_mirror.rewinds != self._policy_rewinds:  # etcd restored: revisions name other writes
+            self._policy_rewinds = self.policy_mirror.rewinds
+            self.policy_state = PolicyState(self.policy_state.policy)
         kv = self.policy_mirror.data.get(self.keys.config)
         step = step_policy(self.policy_state, kv.value if kv else None, kv.mod_revision if kv else 0)
         prev, self.policy_state = self.policy_state, step.state
@@ -129,12 +133,13 @@ class Leader:
                 self.poke()
             # The first value seen replaces the file's (at start-up): not a change of policy.
             first, p = not self._file_warned, step.state.policy
-            (log.info if first else log.warning)(
-                "cluster policy from etcd applied" if first else "cluster policy changed; applied",
-                revision=step.state.revision,
-                by=p.updated_by,
-                changes=step.changes,
-            )
+            if first or step.changes:
+                (log.info if first else log.warning)(
+                    "cluster policy from etcd applied" if first else "cluster policy changed; applied",
+                    revision=step.state.revision,
+                    by=p.updated_by,
+                    changes=step.changes,
+                )
             if not self._file_warned:
                 self._file_warned = True
                 for section in file_differs(self.cfg.policy, step.state.policy):
