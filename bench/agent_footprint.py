@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cpu_seconds, free_port
 
+from gpufleet import tomlwrite
+
 
 def memory(pid: int) -> dict[str, float]:
     out = {}
@@ -73,33 +75,26 @@ def sim_argv(port: int, name: str) -> list[str]:
 
 def run_agent(tmp: Path, n: int, seconds: float) -> dict:
     port = free_port()
-    instances = "".join(
-        f"""
-[[instances]]
-name = "sim-{i}"
-backend = "vllm"
-launcher = ["{{python}}", "-m", "gpufleet.simulated_server", "serve"]
-model = "model-{i}"
-gpus = [{i % 4}]
-gpu_memory_fraction = 0.2
-args = ["--disable-uvicorn-access-log"]
-"""
+    instances = [
+        {
+            "name": f"sim-{i}",
+            "backend": "vllm",
+            "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+            "model": f"model-{i}",
+            "gpus": [i % 4],
+            "gpu_memory_fraction": 0.2,
+            "args": ["--disable-uvicorn-access-log"],
+        }
         for i in range(n)
-    )
-    gpus = '[[gpu.simulated]]\nname = "NVIDIA A100-SXM4-80GB"\n' * 4
+    ]
     cfg = tmp / "agent.toml"
-    cfg.write_text(f"""
-[agent]
-listen_port = {port}
-state_dir = "{tmp}/state"
-log_dir = "{tmp}/logs"
-log_format = "json"
-[gpu]
-source = "simulated"
-{gpus}
-[supervisor]
-port_base = 18100
-{instances}""")
+    doc = {
+        "agent": {"listen_port": port, "state_dir": tmp / "state", "log_dir": tmp / "logs", "log_format": "json"},
+        "gpu": {"source": "simulated", "simulated": [{"name": "NVIDIA A100-SXM4-80GB"}] * 4},
+        "supervisor": {"port_base": 18100},
+        "instances": instances,
+    }
+    cfg.write_text(tomlwrite.dumps(doc))
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "--config", str(cfg)],
         stdout=subprocess.DEVNULL,

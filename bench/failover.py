@@ -69,6 +69,7 @@ from _common import free_port, pct
 
 from coordinator.policy.health import step_instance, step_node
 from coordinator.policy.routes import compute_routes, routes_differ
+from gpufleet import tomlwrite
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, decode, encode
 from gpufleet.keyspace.records import GpuRecord, InstanceLoad, InstanceRecord, NodeRecord, RouteRecord
@@ -225,39 +226,33 @@ class Fleet:
         token = d / "admin-token"
         token.write_text(TOKEN + "\n")
         token.chmod(0o600)
-        return f"""
-[agent]
-node_id = "{node}"
-listen_port = {port}
-advertise_url = "http://127.0.0.1:{port}"
-state_dir = "{d / "state"}"
-log_dir = "{d / "logs"}"
-admin_token_file = "{token}"
-log_format = "json"
-log_level = "info"
-
-[gpu]
-source = "simulated"
-[[gpu.simulated]]
-name = "{AGENTS[node]}"
-memory_total_gib = 80
-temperature_c = 50
-utilization_percent = 20
-
-[[instances]]
-name = "m"
-backend = "vllm"
-launcher = ["{{python}}", "-m", "gpufleet.simulated_server", "serve"]
-model = "m"
-port = {model_port}
-gpus = [0]
-gpu_memory_fraction = 0.5
-args = ["--tokens-per-second", "0", "--disable-uvicorn-access-log"]
-
-[cluster]
-endpoints = ["{self.etcd_url}"]
-cluster = "{CLUSTER}"
-"""
+        gpu = {"name": AGENTS[node], "memory_total_gib": 80, "temperature_c": 50, "utilization_percent": 20}
+        instance = {
+            "name": "m",
+            "backend": "vllm",
+            "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+            "model": "m",
+            "port": model_port,
+            "gpus": [0],
+            "gpu_memory_fraction": 0.5,
+            "args": ["--tokens-per-second", "0", "--disable-uvicorn-access-log"],
+        }
+        doc = {
+            "agent": {
+                "node_id": node,
+                "listen_port": port,
+                "advertise_url": f"http://127.0.0.1:{port}",
+                "state_dir": d / "state",
+                "log_dir": d / "logs",
+                "admin_token_file": token,
+                "log_format": "json",
+                "log_level": "info",
+            },
+            "gpu": {"source": "simulated", "simulated": [gpu]},
+            "instances": [instance],
+            "cluster": {"endpoints": [self.etcd_url], "cluster": CLUSTER},
+        }
+        return tomlwrite.dumps(doc)
 
     def start_agent(self, node: str) -> Agent:
         """Start (or restart, same config and ports) one agent; wait with wait_agent_ready."""
@@ -290,17 +285,18 @@ cluster = "{CLUSTER}"
         else:
             port = free_port()
             cfg = self.tmp / f"{ident}.toml"
-            cfg.write_text(f"""
-[coordinator]
-id = "{ident}"
-listen_port = {port}
-advertise_url = "http://127.0.0.1:{port}"
-log_format = "json"
-log_level = "info"
-[etcd]
-endpoints = ["{self.etcd_url}"]
-cluster = "{CLUSTER}"
-""")
+            coordinator = {
+                "id": ident,
+                "listen_port": port,
+                "advertise_url": f"http://127.0.0.1:{port}",
+                "log_format": "json",
+                "log_level": "info",
+            }
+            cfg.write_text(
+                tomlwrite.dumps(
+                    {"coordinator": coordinator, "etcd": {"endpoints": [self.etcd_url], "cluster": CLUSTER}}
+                )
+            )
             argv = [self.python, "-m", "coordinator", "--config", str(cfg)]
             c = Coordinator(ident, port, Proc(ident, argv, self.tmp / f"{ident}.log"))
             self.coords[ident] = c

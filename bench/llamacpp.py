@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import free_port  # noqa: E402
 from tinymodel import write_tiny_llama  # noqa: E402
 
+from gpufleet import tomlwrite  # noqa: E402
+
 
 def llama_server() -> str:
     out = subprocess.run([str(ROOT / "scripts" / "build-llama-server"), "--cached"], capture_output=True, text=True)
@@ -96,13 +98,21 @@ def instance(port: int) -> dict:
 def agent_trial(binary: str, model: Path, tmp: Path) -> tuple[float, float]:
     port = free_port()
     cfg = tmp / "agent.toml"
-    cfg.write_text(
-        f'[agent]\nlisten_port = {port}\nstate_dir = "{tmp}/state"\nlog_dir = "{tmp}/logs"\nlog_format = "json"\n'
-        '[gpu]\nsource = "simulated"\n[[gpu.simulated]]\nname = "NVIDIA A10"\n'
-        f"[supervisor]\nport_base = {free_port()}\nport_span = 1\n"
-        f'[[instances]]\nname = "llama"\nbackend = "llamacpp"\nlauncher = ["{binary}"]\nmodel = "{model}"\n'
-        'served_model_name = "tiny"\ncpu_quota = 1.0\n'
-    )
+    instance = {
+        "name": "llama",
+        "backend": "llamacpp",
+        "launcher": [binary],
+        "model": model,
+        "served_model_name": "tiny",
+        "cpu_quota": 1.0,
+    }
+    doc = {
+        "agent": {"listen_port": port, "state_dir": tmp / "state", "log_dir": tmp / "logs", "log_format": "json"},
+        "gpu": {"source": "simulated", "simulated": [{"name": "NVIDIA A10"}]},
+        "supervisor": {"port_base": free_port(), "port_span": 1},
+        "instances": [instance],
+    }
+    cfg.write_text(tomlwrite.dumps(doc))
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "--config", str(cfg)],

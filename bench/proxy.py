@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import aiohttp
 from _common import free_port, pct
 
+from gpufleet import tomlwrite
+
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
 
 
@@ -58,26 +60,20 @@ def get_json(url: str) -> dict:
 def start_agent(tmp: Path) -> tuple[subprocess.Popen, int, int]:
     port = free_port()
     cfg = tmp / "agent.toml"
-    cfg.write_text(f"""
-[agent]
-listen_port = {port}
-state_dir = "{tmp}/state"
-log_dir = "{tmp}/logs"
-log_format = "json"
-[gpu]
-source = "simulated"
-[[gpu.simulated]]
-name = "NVIDIA A100-SXM4-80GB"
-[supervisor]
-port_base = {free_port()}
-port_span = 1
-[[instances]]
-name = "backend"
-backend = "vllm"
-launcher = ["{{python}}", "-m", "gpufleet.simulated_server", "serve"]
-model = "m"
-args = ["--tokens-per-second", "0", "--disable-uvicorn-access-log"]
-""")
+    instance = {
+        "name": "backend",
+        "backend": "vllm",
+        "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+        "model": "m",
+        "args": ["--tokens-per-second", "0", "--disable-uvicorn-access-log"],
+    }
+    doc = {
+        "agent": {"listen_port": port, "state_dir": tmp / "state", "log_dir": tmp / "logs", "log_format": "json"},
+        "gpu": {"source": "simulated", "simulated": [{"name": "NVIDIA A100-SXM4-80GB"}]},
+        "supervisor": {"port_base": free_port(), "port_span": 1},
+        "instances": [instance],
+    }
+    cfg.write_text(tomlwrite.dumps(doc))
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "--config", str(cfg)],
         stdout=subprocess.DEVNULL,

@@ -40,6 +40,7 @@ from etcd_load import PROBE_S, FakeNode
 from agent.cluster.publisher import ClusterPublisher
 from agent.cluster.routes import RouteTable
 from agent.config import ClusterSection
+from gpufleet import tomlwrite
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, decode
 from gpufleet.keyspace.records import NodeRecord
@@ -53,10 +54,8 @@ HOT_C = 88.0
 def start_coordinator(tmp: Path, ident: str, url: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cfg = tmp / f"{ident}.toml"
-    cfg.write_text(
-        f'[coordinator]\nid = "{ident}"\nlisten_port = {port}\nlog_format = "json"\nlog_level = "warning"\n'
-        f'[etcd]\nendpoints = ["{url}"]\ncluster = "{CLUSTER}"\n'
-    )
+    coordinator = {"id": ident, "listen_port": port, "log_format": "json", "log_level": "warning"}
+    cfg.write_text(tomlwrite.dumps({"coordinator": coordinator, "etcd": {"endpoints": [url], "cluster": CLUSTER}}))
     log = open(tmp / f"{ident}.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "coordinator", "--config", str(cfg)], stdout=log, stderr=log)
     return proc, port

@@ -22,6 +22,8 @@ from typing import Any
 
 import aiohttp
 
+from gpufleet.tomlwrite import dumps as toml_dumps
+
 TOKEN = "test-admin-token-0123456789abcdef"
 
 
@@ -64,7 +66,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-SIM_LAUNCHER = '["{python}", "-m", "gpufleet.simulated_server", "serve"]'
+SIM_LAUNCHER_ARGV = ["{python}", "-m", "gpufleet.simulated_server", "serve"]
+SIM_LAUNCHER = '["{python}", "-m", "gpufleet.simulated_server", "serve"]'  # the same, as TOML text
+
+# The builders below write what they know from dicts through the one TOML writer (gpufleet.tomlwrite),
+# so any value round-trips; the ``str`` parameters (gpus, args, extra, supervisor, instances) are TOML
+# text the caller wrote, inserted as given.
+
+
+def _toml_value(text: str) -> Any:
+    import tomllib
+
+    return tomllib.loads(f"v = {text}")["v"]
 
 
 def instance_toml(
@@ -76,17 +89,16 @@ def instance_toml(
     extra: str = "",
     model: str | None = None,
 ) -> str:
-    frac = f"gpu_memory_fraction = {fraction}\n" if fraction is not None else ""
-    return f"""
-[[instances]]
-name = "{name}"
-backend = "vllm"
-launcher = {SIM_LAUNCHER}
-model = "{model or name + "-model"}"
-gpus = {gpus}
-{frac}args = {args}
-{extra}
-"""
+    inst = {
+        "name": name,
+        "backend": "vllm",
+        "launcher": SIM_LAUNCHER_ARGV,
+        "model": model or name + "-model",
+        "gpus": _toml_value(gpus),
+        "gpu_memory_fraction": fraction,
+        "args": _toml_value(args),
+    }
+    return "\n" + toml_dumps({"instances": [inst]}) + extra + "\n"
 
 
 def agent_toml(
@@ -96,41 +108,37 @@ def agent_toml(
     if token:
         token_file.write_text(TOKEN + "\n")
         token_file.chmod(0o600)
-    gpus = (
-        gpus
-        if gpus is not None
-        else """
-[[gpu.simulated]]
-name = "NVIDIA A100-SXM4-80GB"
-memory_total_gib = 80
-"""
+    if gpus is None:  # constant text (no values to escape), as [[gpu.simulated]] so a test may add more GPUs
+        gpus = '\n[[gpu.simulated]]\nname = "NVIDIA A100-SXM4-80GB"\nmemory_total_gib = 80\n'
+    agent = {
+        "node_id": "test-node",
+        "listen_port": port,
+        "state_dir": tmp / "state",
+        "log_dir": tmp / "logs",
+        "admin_token_file": token_file if token else None,
+        "log_format": "json",
+        "log_level": "debug",
+    }
+    sup = {
+        "probe_interval_s": 0.5,
+        "probe_timeout_s": 0.4,
+        "failure_threshold": 3,
+        "backoff_initial_s": 0.2,
+        "backoff_max_s": 2.0,
+        "stop_grace_s": 5,
+        "startup_timeout_s": 30,
+        "port_base": free_port_block(),
+    }
+    return (
+        "\n"
+        + toml_dumps({"agent": agent, "gpu": {"source": "simulated"}})
+        + gpus
+        + "\n"
+        + toml_dumps({"supervisor": sup})
+        + supervisor
+        + "\n"
+        + instances
     )
-    return f"""
-[agent]
-node_id = "test-node"
-listen_port = {port}
-state_dir = "{tmp / "state"}"
-log_dir = "{tmp / "logs"}"
-{'admin_token_file = "' + str(token_file) + '"' if token else ""}
-log_format = "json"
-log_level = "debug"
-
-[gpu]
-source = "simulated"
-{gpus}
-
-[supervisor]
-probe_interval_s = 0.5
-probe_timeout_s = 0.4
-failure_threshold = 3
-backoff_initial_s = 0.2
-backoff_max_s = 2.0
-stop_grace_s = 5
-startup_timeout_s = 30
-port_base = {free_port_block()}
-{supervisor}
-{instances}
-"""
 
 
 def as_node(text: str, node: str, advertise_url: str | None = None, listen_host: str | None = None) -> str:
@@ -153,18 +161,15 @@ def cluster_toml(
     extra: str = "",
 ) -> str:
     """The [cluster] section of a test agent: keep-alives every second, short deadlines."""
-    import json
-
-    gap = f"telemetry_min_gap_s = {telemetry_min_gap_s}\n" if telemetry_min_gap_s is not None else ""
-    return f"""
-[cluster]
-endpoints = {json.dumps(endpoints)}
-cluster = "{cluster}"
-lease_ttl_s = {lease_ttl_s}
-keepalive_interval_s = 1.0
-timeout_s = {timeout_s}
-{gap}{extra}
-"""
+    section = {
+        "endpoints": endpoints,
+        "cluster": cluster,
+        "lease_ttl_s": lease_ttl_s,
+        "keepalive_interval_s": 1.0,
+        "timeout_s": timeout_s,
+        "telemetry_min_gap_s": telemetry_min_gap_s,
+    }
+    return "\n" + toml_dumps({"cluster": section}) + extra + "\n"
 
 
 def free_port_block(span: int = 20) -> int:
@@ -322,8 +327,6 @@ class CoordinatorProcess:
         extra: str = "",
         wrapper: list[str] | None = None,
     ) -> None:
-        import json as _json
-
         self.tmp = tmp
         self.wrapper = wrapper or []  # e.g. env(1) with libfaketime: a coordinator with its own wall clock
         self.ident = ident
@@ -331,25 +334,19 @@ class CoordinatorProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         tmp.mkdir(parents=True, exist_ok=True)
         self.config = tmp / f"{ident}.toml"
-        self.config.write_text(f"""
-[coordinator]
-id = "{ident}"
-listen_port = {self.port}
-advertise_url = "{self.base}"
-log_format = "json"
-log_level = "debug"
-sample_interval_s = 0.5
-[etcd]
-endpoints = {_json.dumps(endpoints)}
-cluster = "{cluster}"
-timeout_s = 1.0
-[election]
-lease_ttl_s = 3
-renew_deadline_s = 2.0
-retry_period_s = 0.5
-grace_s = 1.0
-{extra}
-""")
+        doc = {
+            "coordinator": {
+                "id": ident,
+                "listen_port": self.port,
+                "advertise_url": self.base,
+                "log_format": "json",
+                "log_level": "debug",
+                "sample_interval_s": 0.5,
+            },
+            "etcd": {"endpoints": endpoints, "cluster": cluster, "timeout_s": 1.0},
+            "election": {"lease_ttl_s": 3, "renew_deadline_s": 2.0, "retry_period_s": 0.5, "grace_s": 1.0},
+        }
+        self.config.write_text("\n" + toml_dumps(doc) + extra + "\n")
         self.log_path = tmp / f"{ident}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
