@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 from agent.backends import Verdict
 from agent.config import ProxySection
 from agent.supervisor.policy import InstanceState
+from gpufleet.facts import REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
 
@@ -128,7 +129,7 @@ class Proxy:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         ctx = Ctx(rid=rid, started=started)
         try:
             resp = await self._forward(request, ctx)
@@ -150,13 +151,13 @@ class Proxy:
                     f"request body larger than {self.cfg.max_body_bytes} bytes",
                     "invalid_request_error",
                     "body_too_large",
-                    {"X-Request-ID": ctx.rid},
+                    {REQUEST_ID_HEADER: ctx.rid},
                 )
             )
         head = parse_head(body)
         if isinstance(head, web.Response):
             self.metrics.rejected.labels("bad_request").inc()
-            head.headers["X-Request-ID"] = ctx.rid
+            head.headers[REQUEST_ID_HEADER] = ctx.rid
             return ctx.done(head)
         ctx.model, ctx.stream = head.model, head.stream
         forwarded = HOPS_HEADER in request.headers
@@ -173,7 +174,7 @@ class Proxy:
                     f"The model `{head.model}` does not exist.",
                     "invalid_request_error",
                     "model_not_found",
-                    {"X-Request-ID": ctx.rid},
+                    {REQUEST_ID_HEADER: ctx.rid},
                 )
             )
         ctx.model_label = head.model
@@ -238,7 +239,7 @@ class Proxy:
                     f"too many requests for {ctx.model}: {e}",
                     "rate_limit_error",
                     "queue_full",
-                    {"Retry-After": str(self.cfg.retry_after_s), "X-Request-ID": ctx.rid},
+                    {"Retry-After": str(self.cfg.retry_after_s), REQUEST_ID_HEADER: ctx.rid},
                 )
             )
         except TimeoutError:
@@ -302,7 +303,7 @@ class Proxy:
                         f"no instance of {ctx.model} is ready ({states}){remote}",
                         "service_unavailable",
                         "model_not_ready",
-                        {"Retry-After": str(self.cfg.retry_after_s), "X-Request-ID": ctx.rid},
+                        {"Retry-After": str(self.cfg.retry_after_s), REQUEST_ID_HEADER: ctx.rid},
                     )
                 )
             tried.add(target.name)
@@ -327,7 +328,7 @@ class Proxy:
                             f"upstream failed: {f.detail}",
                             "server_error",
                             "upstream_error",
-                            {"X-Request-ID": ctx.rid},
+                            {REQUEST_ID_HEADER: ctx.rid},
                         )
                     )
                 ctx.retries += 1
@@ -371,7 +372,7 @@ class Proxy:
     ) -> web.StreamResponse:
         assert self.session is not None
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_HOP_BY_HOP)
-        headers["X-Request-ID"] = ctx.rid
+        headers[REQUEST_ID_HEADER] = ctx.rid
         headers["X-Forwarded-For"] = request.remote or ""
         if isinstance(inst, RemoteTarget):
             headers[HOPS_HEADER] = str(hops_of(request.headers.get(HOPS_HEADER)) + 1)
@@ -553,7 +554,7 @@ class Proxy:
         h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
         h.popall("Date", None)
         h.popall("Server", None)
-        h["X-Request-ID"] = ctx.rid
+        h[REQUEST_ID_HEADER] = ctx.rid
         if ctx.downgraded is not None:
             h[DOWNGRADED_HEADER] = ctx.downgraded
             h[DEGRADED_HEADER] = "fallback"
@@ -561,7 +562,7 @@ class Proxy:
 
     def _timeout_response(self, ctx: Ctx, what: str) -> web.Response:
         return error_response(
-            504, f"upstream timeout: {what}", "timeout_error", "upstream_timeout", {"X-Request-ID": ctx.rid}
+            504, f"upstream timeout: {what}", "timeout_error", "upstream_timeout", {REQUEST_ID_HEADER: ctx.rid}
         )
 
     def _account(self, request: web.Request, ctx: Ctx) -> None:
