@@ -23,6 +23,7 @@ HOT_GPU_C = 85.0
 # --- Exit codes (sysexits.h) -----------------------------------------------------------------------
 EX_OK = 0
 EX_USAGE = 64  # a command-line usage error
+EX_DATAERR = 65  # the input data was incorrect (gpuctl config: a value the policy refuses)
 EX_UNAVAILABLE = 69  # a required service (NVML) is unavailable
 EX_SOFTWARE = 70  # an internal error: systemd restarts the daemon
 EX_OSERR = 71  # cannot bind the listen port

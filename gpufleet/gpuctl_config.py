@@ -30,6 +30,7 @@ from pathlib import Path
 import msgspec
 
 from gpufleet.etcd import Compare, EtcdClient, KeyValue, Op
+from gpufleet.facts import EX_DATAERR
 from gpufleet.keyspace import Keyspace
 from gpufleet.policyconfig import (
     ClusterPolicy,
@@ -45,7 +46,7 @@ from gpufleet.policyconfig import (
 
 from . import gpuctl as ctl
 
-EXIT_DATAERR = 65  # sysexits.h: the input data was incorrect (a value the policy refuses)
+EXIT_DATAERR = EX_DATAERR  # a value the policy refuses
 HISTORY_KEEP = 20
 SET_ATTEMPTS = 5
 NO_POLICY = "no cluster policy in etcd yet: the first coordinator to lead writes its file's (start one)"
