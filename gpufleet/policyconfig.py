@@ -15,7 +15,6 @@ same Structs, and the library imports nothing of the coordinator.
 from __future__ import annotations
 
 import json
-import math
 import re
 import tomllib
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from gpufleet import tomlwrite
 from gpufleet.gpuclasses import BASE_WEIGHTS
 from gpufleet.tomlconfig import ConfigProblem, NonNegFloat, PositiveFloat, StrictSection, problem_from_validation
 
@@ -255,43 +255,6 @@ def with_assignments(p: ClusterPolicy, assignments: Iterable[tuple[list[str], An
     return policy_from_builtins(doc)
 
 
-# --- TOML, for `gpuctl config show|edit` -------------------------------------------------------
-
-
-def _toml_key(k: str) -> str:
-    return k if k.replace("_", "a").replace("-", "a").isalnum() else json.dumps(k)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"no TOML for {type(v).__name__}")
-
-
 def to_toml(p: ClusterPolicy) -> str:
-    """The policy sections as TOML (tables for nested dicts), what a coordinator file holds."""
-    lines: list[str] = []
-
-    def table(name: str, data: dict[str, Any]) -> None:
-        lines.append(f"[{name}]")
-        subs = {k: v for k, v in data.items() if isinstance(v, dict)}
-        for k, v in data.items():
-            if k not in subs:
-                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-        lines.append("")
-        for k, v in subs.items():
-            table(f"{name}.{_toml_key(k)}", v)
-
-    for name, data in settings(p).items():
-        table(name, data)
-    return "\n".join(lines)
+    """The policy sections as TOML, what a coordinator file holds (for `gpuctl config show|edit`)."""
+    return tomlwrite.dumps(settings(p))
