@@ -42,6 +42,12 @@ log = structlog.get_logger("agent")
 ADOPT_SETTLE_S = 15.0  # longest a restart keeps its clients waiting for the adopted servers' first probe
 
 
+# Handing over to the next agent: connections idle this long are closed, and in-flight requests
+# get this long before the rest of the shutdown (they go on afterwards, up to aiohttp's limit).
+HANDOVER_IDLE_S = 0.5
+HANDOVER_DRAIN_S = 5.0
+
+
 class StartupError(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -303,12 +309,14 @@ class AgentRuntime:
                 )
 
     async def _cleanup(self) -> None:
+        handing_over = hasattr(self, "supervisor") and self.serving_stopped_for_handover()
+        if handing_over:
+            await self._drain_for_handover()
         # Deregister first: the cluster moves traffic away before the instances go down.
         if self.models is not None:
             await self.models.stop()
         if self.routes is not None:
             await self.routes.stop()
-        handing_over = hasattr(self, "supervisor") and self.serving_stopped_for_handover()
         if self.publisher is not None:
             await self.publisher.stop(revoke=not handing_over)
         if hasattr(self, "supervisor"):
@@ -323,6 +331,18 @@ class AgentRuntime:
             await self._http.close()
         if hasattr(self, "gpu_source"):
             self.gpu_source.close()
+
+    async def _drain_for_handover(self) -> None:
+        """Stop accepting (new connections wait in the socket's backlog for the next agent) and
+        let the connections we hold end cleanly while everything still serves: a kept-alive
+        connection closed under a client sending on it fails that request (see
+        ConnectionGuard.drain)."""
+        if self._runner is None or self.http_guard is None:
+            return
+        for site in list(self._runner.sites):
+            await site.stop()
+        left = await self.http_guard.drain(idle_s=HANDOVER_IDLE_S, timeout_s=HANDOVER_DRAIN_S)
+        log.info("connections handed over", still_open=left)
 
     # --- reload ---------------------------------------------------------------------------------
 

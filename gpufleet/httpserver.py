@@ -24,6 +24,7 @@ shedding logs one line when it starts and one when it ends; counters are in /met
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import re
 import resource
@@ -157,6 +158,8 @@ class ConnectionGuard:
         self._episode: tuple[float, int, int] | None = None  # since, evicted and refused at its start
         self._timeout_log = {k: Throttle(rate=0.1, burst=1) for k in self.timeouts}
         self.bad_request_log = Throttle(rate=10, burst=100)
+        self.draining = False  # handing over: every answer closes its connection (see drain)
+        self._all_closed: asyncio.Event | None = None
 
     # The handlers call these.
 
@@ -183,6 +186,8 @@ class ConnectionGuard:
     def release(self, handler: GuardedRequestHandler) -> None:
         self._waiting.pop(handler, None)
         self.open -= 1
+        if self._all_closed is not None and self.open <= 0:
+            self._all_closed.set()
         if self._episode is not None and self.open <= self.cap * 0.9:
             since, evicted, refused = self._episode
             self._episode = None
@@ -194,6 +199,29 @@ class ConnectionGuard:
                 evicted=self.shed["evicted"] - evicted,
                 refused=self.shed["refused"] - refused,
             )
+
+    async def drain(self, idle_s: float, timeout_s: float) -> int:
+        """Before the listening socket goes to the next process (the caller stopped accepting):
+        empty this listener's connections without resetting a client. Each answer from now on
+        closes its connection (``Connection: close``); connections still idle after ``idle_s``
+        are closed; then at most ``timeout_s`` in all for requests in progress. Closing an idle
+        kept-alive connection at once would race a client sending its next request on it: it
+        sees a reset, and a POST is not retried. Returns how many connections were left open."""
+        self.draining = True
+        self._all_closed = asyncio.Event()
+        if self.open <= 0:
+            return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for wait_until in (loop.time() + min(idle_s, timeout_s), deadline):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(wait_until):
+                    await self._all_closed.wait()
+            if self.open <= 0:
+                return 0
+            for handler in [h for h in self._waiting if h.idle]:
+                handler.force_close()  # nothing came on it for idle_s: close
+        return max(0, self.open)
 
     def timed_out(self, phase: str, remote: str | None) -> None:
         self.timeouts[phase] += 1
@@ -315,6 +343,11 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
             self._guard.release(self)
         self.force_close()
 
+    @property
+    def idle(self) -> bool:
+        """Kept alive between requests, nothing of the next one received yet."""
+        return self._phase is Phase.IDLE
+
     # --- phases -------------------------------------------------------------------------------
 
     def _enter(self, phase: Phase) -> None:
@@ -369,6 +402,8 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        if self._guard.draining:
+            resp.force_close()  # "Connection: close": the client opens its next one elsewhere
         try:
             return await super().finish_response(request, resp, start_time)
         finally:

@@ -588,3 +588,30 @@ async def test_at_the_cap_waiting_connections_are_evicted_and_busy_ones_kept() -
         srv.release.set()
         for reader, _ in busy:
             assert (await read_response(reader)).startswith(b"HTTP/1.1 200")  # the busy ones were kept
+
+
+async def test_drain_for_a_handover_closes_every_connection_without_a_reset() -> None:
+    """Before the listening socket goes to the next agent: a kept-alive connection that gets its
+    next request is answered and closed (Connection: close), not reset under the client; one
+    that stays idle is closed after idle_s; a request in progress finishes first."""
+    async with Listener(cap=8) as srv:
+        reusing, quiet, busy = [await srv.connect() for _ in range(3)]
+        for _, w in (reusing, quiet):
+            w.write(GET % b"fast")
+        for r, _ in (reusing, quiet):
+            assert (await read_response(r)).startswith(b"HTTP/1.1 200")
+        busy[1].write(GET % b"slow")
+        await wait_until(lambda: srv.guard.open == 3 and sum(h.idle for h in srv.guard._waiting) == 2, timeout=5)
+        t0 = time.monotonic()
+        drain = asyncio.create_task(srv.guard.drain(idle_s=0.3, timeout_s=5))
+        reusing[1].write(GET % b"fast")  # the client's next request, as the drain begins
+        answer = await read_response(reusing[0])
+        assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer, answer
+        assert await reusing[0].read() == b""
+        assert await quiet[0].read() == b""  # closed, without an answer
+        assert 0.25 <= time.monotonic() - t0 < 3
+        assert not drain.done()  # the slow request is still in progress
+        srv.release.set()
+        answer = await read_response(busy[0])
+        assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer, answer
+        assert await asyncio.wait_for(drain, 5) == 0
