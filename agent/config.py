@@ -176,8 +176,10 @@ class ProxySection(StrictSection):
     max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
     retry_budget_s: PositiveFloat = 15.0
     retry_after_s: Annotated[int, Meta(ge=1)] = 2
-    # Keep-alive connections kept per upstream instance.
-    upstream_keepalive: Annotated[int, Meta(ge=0)] = 64
+    # Deprecated: never had an effect (aiohttp's pool keeps every idle upstream connection for
+    # 30 s and offers no separate idle cap). Accepted so that existing files still load; a
+    # warning says to remove it.
+    upstream_keepalive: Annotated[int, Meta(ge=0)] | None = None
     limits: dict[str, ModelLimit] = {}
     routes: list[TaskRoute] = []
     # When the instances a task route names are not READY, use any READY instance of the model.
@@ -448,6 +450,8 @@ def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
                     "host's address, or set advertise_url to a proxy in front of it",
                 )
             )
+    if cfg.proxy.upstream_keepalive is not None:
+        out.append(ConfigProblem("$.proxy.upstream_keepalive", "has no effect and is deprecated: remove it"))
     return out
 
 

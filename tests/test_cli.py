@@ -176,6 +176,16 @@ def test_standalone_on_loopback_is_not_warned(tmp_path: Path, capfd) -> None:  #
     assert "cannot reach" not in capfd.readouterr().err
 
 
+def test_a_dead_knob_still_loads_with_a_deprecation_warning(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
+    """[proxy] upstream_keepalive never had an effect: old files load, and are told to drop it."""
+    f = tmp_path / "agent.toml"
+    f.write_text(
+        CLUSTER_BASE.replace('endpoints = ["http://127.0.0.1:2379"]', "") + "[proxy]\nupstream_keepalive = 64\n"
+    )
+    assert run(agent_main, ["check-config", str(f)]) == 0
+    assert f"{f}: warning: $.proxy.upstream_keepalive: has no effect and is deprecated" in capfd.readouterr().err
+
+
 def test_the_agent_warns_of_cluster_mode_on_loopback_at_start_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
