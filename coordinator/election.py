@@ -257,7 +257,11 @@ class Election:
             except EtcdHistoryLost:
                 # The revisions we watched from belong to a history that is gone: look at the key
                 # as the restored store has it, and watch on from there.
-                current = await self.etcd.range(self.keys.leader)
+                try:
+                    current = await self.etcd.range(self.keys.leader)
+                except EtcdError:  # not from this watcher task's caller: retry here
+                    await asyncio.sleep(self.retry_period)
+                    continue
                 if not self._owns(current.kvs[0] if current.kvs else None):
                     self._step_down("leader key lost: etcd's history went backwards (restored or wiped)")
                     return

@@ -205,7 +205,9 @@ class Leader:
                 log.info("no longer leading; dropping leadership state", epoch=self._term)
                 self._term = None
             return
-        if self._term != epoch or self._rewound():
+        # _rewound() is always asked: it also takes note of the rewinds a new term starts after.
+        rewound = self._rewound()
+        if self._term != epoch or rewound:
             await self._start_term(epoch)
         t0 = time.perf_counter()
         # Decisions run on the monotonic clock (see policy/health.py, "Clocks"); the wall clock

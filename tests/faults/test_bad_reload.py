@@ -176,8 +176,8 @@ async def test_reload_that_cannot_be_planned_changes_nothing(tmp_path: Path, not
             assert failed == 0 and answered > 0
 
             assert await pids(agent) == before
-            assert "no free port" in ((await agent.status())["config"]["last_reload_failure"] or "")
             st = await agent.status()
+            assert "no free port" in (st["config"]["last_reload_failure"] or "")
             assert {i["name"]: i["state"] for i in st["instances"]} == {"a": "READY", "b": "READY"}
             assert await chat_ok(agent, "b-model")
             no_unretrieved_task_errors(agent)
