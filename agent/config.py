@@ -22,7 +22,7 @@ from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.facts import BACKENDS, HOT_GPU_C, Backend
 from gpufleet.httpserver import ApiSection
 from gpufleet.keyspace import InvalidName, check_name
-from gpufleet.models import path_problems
+from gpufleet.registry import path_problems
 from gpufleet.tomlconfig import (
     ConfigError,
     ConfigProblem,

@@ -64,7 +64,7 @@ def sim_argv(port: int, name: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "gpufleet.simulated_server",
+        "gpufleet_dev.simulated_server",
         "serve",
         name,
         "--port",
@@ -79,7 +79,7 @@ def run_agent(tmp: Path, n: int, seconds: float) -> dict:
         {
             "name": f"sim-{i}",
             "backend": "vllm",
-            "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+            "launcher": ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"],
             "model": f"model-{i}",
             "gpus": [i % 4],
             "gpu_memory_fraction": 0.2,

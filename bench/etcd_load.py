@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import cpu_seconds, etcd_puts, pct, start_etcd
 
-from agent.cluster.policy import PublishPolicy
+from agent.cluster.publish_policy import PublishPolicy
 from agent.cluster.publisher import ClusterPublisher
 from agent.config import ClusterSection
 from agent.gpu.smoothing import UtilizationSmoother

@@ -230,7 +230,7 @@ class Fleet:
         instance = {
             "name": "m",
             "backend": "vllm",
-            "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+            "launcher": ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"],
             "model": "m",
             "port": model_port,
             "gpus": [0],

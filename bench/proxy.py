@@ -63,7 +63,7 @@ def start_agent(tmp: Path) -> tuple[subprocess.Popen, int, int]:
     instance = {
         "name": "backend",
         "backend": "vllm",
-        "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+        "launcher": ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"],
         "model": "m",
         "args": ["--tokens-per-second", "0", "--disable-uvicorn-access-log"],
     }

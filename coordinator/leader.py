@@ -23,10 +23,10 @@ from gpufleet.keyspace.records import DrainRecord, NodeRecord, RouteRecord
 from gpufleet.policyconfig import ClusterPolicy, encode_policy
 
 from .config import CoordinatorConfig
-from .degradation import DegradationController
+from .degradation_loop import DegradationController
 from .election import Election, NotLeader
 from .metrics import CoordinatorMetrics
-from .placement import Placer
+from .placement_loop import Placer
 from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, departed, step_instance, step_node
 from .policy.placement import NodeView
 from .policy.routes import FailoverPolicy, RoutePlan, compute_routes, routes_differ

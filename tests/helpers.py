@@ -66,8 +66,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-SIM_LAUNCHER_ARGV = ["{python}", "-m", "gpufleet.simulated_server", "serve"]
-SIM_LAUNCHER = '["{python}", "-m", "gpufleet.simulated_server", "serve"]'  # the same, as TOML text
+SIM_LAUNCHER_ARGV = ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"]
+SIM_LAUNCHER = '["{python}", "-m", "gpufleet_dev.simulated_server", "serve"]'  # the same, as TOML text
 
 # The builders below write what they know from dicts through the one TOML writer (gpufleet.tomlwrite),
 # so any value round-trips; the ``str`` parameters (gpus, args, extra, supervisor, instances) are TOML

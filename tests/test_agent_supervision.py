@@ -125,7 +125,7 @@ async def test_forked_workers_go_with_the_server_or_the_next_agent(tmp_path: Pat
     script = (
         "sleep 600 & echo worker=$! ; "
         "{python} -c 'import os, time; os.setpgid(0, 0); time.sleep(601)' & echo escaped=$! ; "
-        "exec {python} -m gpufleet.simulated_server serve m --port {port}"
+        "exec {python} -m gpufleet_dev.simulated_server serve m --port {port}"
     )
     inst = f"""
 [[instances]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.supervisor.policy import RestartPolicy
+from agent.supervisor.supervision_policy import RestartPolicy
 from gpufleet.backoff import HALF_JITTER, NO_JITTER, backoff_delay
 
 

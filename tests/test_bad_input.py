@@ -44,7 +44,7 @@ from agent.proxy.cache import cache_key
 from agent.proxy.context import Head, parse_head
 from gpufleet.keyspace import InvalidName, Keyspace, assigned_instance_name, check_model, check_name, decode_or_skip
 from gpufleet.keyspace import records as R
-from gpufleet.models import path_problems, validate_model
+from gpufleet.registry import path_problems, validate_model
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -478,7 +478,7 @@ def test_admin_token_file_permissions(tmp_path: Path, mode: int, starts: bool, w
     assert code == (0 if starts else 78), err.getvalue()
     assert ("$.agent.admin_token_file" in err.getvalue()) is (warns or not starts), err.getvalue()
     # ... and so does gpuctl check, for the agent configured on the machine it runs on.
-    from gpufleet.check import Facts, judge, local_token_file
+    from gpuctl.check import Facts, judge, local_token_file
 
     facts = Facts(endpoints=[], statuses={}, local_token_file=local_token_file(str(config)))
     verdict = {r.name: r.status for r in judge(facts)}["admin token file readable by the agent only"]

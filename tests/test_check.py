@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpufleet.check import Facts, judge
+from gpuctl.check import Facts, judge
 from gpufleet.etcd import Status
 from gpufleet.keyspace.records import (
     DegradationRecord,

@@ -12,9 +12,9 @@ from structlog.testing import capture_logs
 
 from agent.cli import main as agent_main
 from coordinator.cli import main as coordinator_main
+from gpuctl.main import build_parser
+from gpuctl.main import main as gpuctl_main
 from gpufleet import __version__
-from gpufleet.gpuctl import build_parser
-from gpufleet.gpuctl import main as gpuctl_main
 from gpufleet.tomlconfig import EX_CONFIG
 
 EX_USAGE = 64

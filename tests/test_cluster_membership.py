@@ -24,12 +24,12 @@ from helpers import AgentProcess, agent_toml, as_node, cluster_toml, free_port, 
 
 from agent.cluster.assignments import CheckState, ModelFollower, Wanted
 from agent.cluster.identity import agent_identity, other_holder
-from agent.cluster.policy import Change, PublishPolicy, change_reason, publish_reason
+from agent.cluster.publish_policy import Change, PublishPolicy, change_reason, publish_reason
 from agent.config import ModelsSection
 from gpufleet.etcd import EtcdClient, EtcdLeaseNotFound, Event, KeyValue
 from gpufleet.keyspace import Keyspace, decode
 from gpufleet.keyspace.records import AssignedInstance, GpuRecord, InstanceRecord, NodeRecord
-from gpufleet.models import PathCheck
+from gpufleet.registry import PathCheck
 
 TTL = 4
 
@@ -302,7 +302,7 @@ password_file = "{tmp_path / "pw"}"
 
 
 def gpuctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gpufleet.gpuctl", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "gpuctl.main", *args], capture_output=True, text=True, timeout=60)
 
 
 async def test_gpuctl_nodes_skips_malformed_records(tmp_path: Path, etcd: EtcdCluster, etcd_client: EtcdClient) -> None:

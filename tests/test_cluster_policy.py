@@ -146,7 +146,7 @@ async def _ctl(etcd: EtcdCluster, *argv: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gpufleet.gpuctl",
+        "gpuctl.main",
         "--etcd",
         ",".join(etcd.endpoints),
         "--cluster",
@@ -240,7 +240,7 @@ async def test_coordinators_apply_the_clusters_policy(etcd: EtcdCluster, tmp_pat
 
 
 def gpuctl_config_dataerr() -> int:
-    from gpufleet.gpuctl_config import EXIT_DATAERR
+    from gpuctl.cmd_config import EXIT_DATAERR
 
     return EXIT_DATAERR
 
@@ -251,7 +251,7 @@ async def _ok(got: object, want: int) -> bool:
 
 async def test_edit_validates_and_writes_compare_on_revision(etcd: EtcdCluster) -> None:
     """`gpuctl config edit` with a scripted $EDITOR; a write from a stale read is refused."""
-    from gpufleet.gpuctl_config import Conflict, _write
+    from gpuctl.cmd_config import Conflict, _write
 
     keys = Keyspace("policy-edit")
     async with etcd.client() as client:
@@ -260,7 +260,7 @@ async def test_edit_validates_and_writes_compare_on_revision(etcd: EtcdCluster) 
         async def edit(sed: str) -> tuple[int, str, str]:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                *("-m", "gpufleet.gpuctl", "--etcd", ",".join(etcd.endpoints), "--cluster", keys.cluster),
+                *("-m", "gpuctl.main", "--etcd", ",".join(etcd.endpoints), "--cluster", keys.cluster),
                 *("config", "edit"),
                 env={**os.environ, "EDITOR": f"sed -i '{sed}'", "VISUAL": ""},
                 stdin=asyncio.subprocess.DEVNULL,

@@ -197,7 +197,7 @@ async def test_heating_an_a100_lowers_then_caps_its_weight(fleet: Fleet) -> None
 
 
 def gpuctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gpufleet.gpuctl", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "gpuctl.main", *args], capture_output=True, text=True, timeout=60)
 
 
 async def test_drain_and_undrain(fleet: Fleet) -> None:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def gpuctl(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gpufleet.gpuctl", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "gpuctl.main", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

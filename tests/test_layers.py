@@ -1,9 +1,10 @@
 """The import contract between the packages (docs/architecture.md, "Layers"), checked by reading
 every module with ``ast``: no import may point down-to-up.
 
-    tools        gpufleet.gpuctl*, check, demo, simulated_server               (may import anything)
-    agent        gpu-agent            coordinator   gpu-coordinator           (neither imports the other)
-    library      the rest of gpufleet                                          (imports neither daemon nor a tool)
+    cli          gpuctl/          the operator's command line                  (may import anything)
+    dev          gpufleet_dev/    demo, simulated server, local-fleet harness   (not the cli)
+    agent        agent/           gpu-agent     coordinator/  gpu-coordinator  (neither imports the other)
+    library      gpufleet/        etcd client, keyspace, config, HTTP, daemon base (imports none of the above)
 
 Every import counts, wherever it is written: at the top, inside a function, or under
 ``TYPE_CHECKING`` (a type-only import still ties the layers together for a reader).
@@ -17,32 +18,28 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("agent", "coordinator", "gpufleet")
-
-# CLIs and dev tools: they sit above both daemons (gpuctl drives agents and reads a coordinator's
-# keys; demo starts both; check judges both). They live in gpufleet/ until they get packages of
-# their own (issue 15 item 1); nothing below them may import them. Every ``gpufleet/gpuctl*.py``
-# (gpuctl and its subcommand modules) is a tool.
-TOOLS = frozenset({"gpufleet.check", "gpufleet.demo", "gpufleet.simulated_server"})
-TOOL_PREFIX = "gpufleet.gpuctl"
+LAYER_OF_PACKAGE = {
+    "gpufleet": "library",
+    "agent": "agent",
+    "coordinator": "coordinator",
+    "gpufleet_dev": "dev",
+    "gpuctl": "cli",
+}
+PACKAGES = tuple(LAYER_OF_PACKAGE)
 
 # layer -> the layers it must not import
 FORBIDDEN = {
-    "library": ("agent", "coordinator", "tools"),
-    "agent": ("coordinator", "tools"),
-    "coordinator": ("agent", "tools"),
-    "tools": (),
+    "library": ("agent", "coordinator", "dev", "cli"),
+    "agent": ("coordinator", "dev", "cli"),
+    "coordinator": ("agent", "dev", "cli"),
+    "dev": ("cli",),
+    "cli": (),
 }
 
 
 def layer_of(module: str) -> str | None:
-    top = module.split(".")[0]
-    if top not in PACKAGES:
-        return None  # stdlib or third-party
-    if top == "gpufleet":
-        tool = module.startswith(TOOL_PREFIX) or any(module == t or module.startswith(t + ".") for t in TOOLS)
-        return "tools" if tool else "library"
-    return top
+    """None for the standard library and third-party packages."""
+    return LAYER_OF_PACKAGE.get(module.split(".")[0])
 
 
 def module_name(path: Path) -> str:
@@ -108,22 +105,22 @@ def test_the_checker_sees_wrong_way_imports(tmp_path: Path) -> None:
         "    from agent.daemon import AgentRuntime\n"
         "from ..check import judge\n"
     )
-    found = {target for _, target in imported_modules(src, "gpufleet.etcd.mod")}
-    assert {"agent.config", "coordinator.api", "gpufleet.demo", "agent.daemon", "gpufleet.check.judge"} <= found
-    assert [layer_of(t) for t in ("agent.config", "coordinator.api", "gpufleet.demo", "gpufleet.check.judge")] == [
+    found = {target for _, target in imported_modules(src, "gpuctl.sub.mod")}
+    assert {"agent.config", "coordinator.api", "gpufleet.demo", "agent.daemon", "gpuctl.check.judge"} <= found
+    assert [layer_of(t) for t in ("agent.config", "coordinator.api", "gpufleet_dev.demo", "gpuctl.check")] == [
         "agent",
         "coordinator",
-        "tools",
-        "tools",
+        "dev",
+        "cli",
     ]
     assert layer_of("gpufleet.httperrors") == "library"
-    assert layer_of("gpufleet.gpuctl_models") == "tools"
     assert layer_of("aiohttp.web") is None
 
 
-def test_tool_list_names_real_modules() -> None:
-    for tool in TOOLS:
-        assert (ROOT / (tool.replace(".", "/") + ".py")).is_file(), f"{tool} is in TOOLS but does not exist"
+def test_every_package_has_a_layer() -> None:
+    """A new top-level package must be placed in the contract, not slip past it."""
+    tops = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench", "build"}
+    assert tops == set(LAYER_OF_PACKAGE)
 
 
 def _loaded_by(module: str) -> set[str]:

@@ -12,7 +12,7 @@ import pytest
 from helpers import agent_toml, free_port
 
 from agent.cluster.assignments import instance_config, outside_roots
-from agent.cluster.policy import PublishPolicy, change_reason
+from agent.cluster.publish_policy import PublishPolicy, change_reason
 from agent.config import ModelsSection, load_config
 from coordinator.config import load_config as load_coordinator_config
 from gpufleet.keyspace import assigned_instance_name
@@ -24,7 +24,7 @@ from gpufleet.keyspace.records import (
     NodeRecord,
     ProxyCounters,
 )
-from gpufleet.models import GIB, check_path, memory_share, model_digest, model_size, path_problems, validate_model
+from gpufleet.registry import GIB, check_path, memory_share, model_digest, model_size, path_problems, validate_model
 from gpufleet.tomlconfig import ConfigError
 
 

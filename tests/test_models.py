@@ -41,7 +41,7 @@ from helpers import (
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, assigned_instance_name, decode
 from gpufleet.keyspace.records import AssignmentRecord, NodeRecord, PlacementRecord, RouteRecord
-from gpufleet.models import model_digest
+from gpufleet.registry import model_digest
 
 CLUSTER = "models"
 KEYS = Keyspace(CLUSTER)
@@ -76,7 +76,7 @@ class Fleet:
     coord: CoordinatorProcess | None = None
 
     def gpuctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "gpufleet.gpuctl", "--etcd", ",".join(self.etcd.endpoints), "--cluster", CLUSTER]
+        argv = [sys.executable, "-m", "gpuctl.main", "--etcd", ",".join(self.etcd.endpoints), "--cluster", CLUSTER]
         return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
 
 

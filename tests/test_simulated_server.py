@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gpufleet.simulated_server import parse_args
+from gpufleet_dev.simulated_server import parse_args
 
 MODEL = "sim-model"
 pytestmark = pytest.mark.timeout(30)
@@ -87,7 +87,7 @@ async def start(tmp_path: Path, session: aiohttp.ClientSession) -> AsyncIterator
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "gpufleet.simulated_server",
+                "gpufleet_dev.simulated_server",
                 "serve",
                 MODEL,
                 "--port",

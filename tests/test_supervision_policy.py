@@ -7,7 +7,8 @@ import socket
 import pytest
 
 from agent.supervisor.admission import GIB, Claim, check_admission
-from agent.supervisor.policy import (
+from agent.supervisor.ports import PortPlanError, plan_ports, port_is_free
+from agent.supervisor.supervision_policy import (
     HealthWindow,
     Outlier,
     OutlierPolicy,
@@ -17,7 +18,6 @@ from agent.supervisor.policy import (
     in_rotation,
     may_eject,
 )
-from agent.supervisor.ports import PortPlanError, plan_ports, port_is_free
 from gpufleet.keyspace.records import GpuRecord
 
 

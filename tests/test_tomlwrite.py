@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import agent_toml, cluster_toml, instance_toml
 
-from gpufleet import demo
+from gpufleet_dev import demo
 from gpufleet.tomlwrite import dumps
 
 AWKWARD = ["plain", 'a "quoted" word', "back\\slash", "C:\\new\\table", "line\nbreak", "tab\there", "ünïcode °C", "#"]

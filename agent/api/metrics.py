@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent.supervisor.policy import InstanceState
+from agent.supervisor.supervision_policy import InstanceState
 from gpufleet.keyspace.records import NodeRecord
 
 

@@ -39,7 +39,7 @@ from agent.threads import in_daemon_thread
 from gpufleet.etcd import EtcdClient, KeyMirror
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import AssignedInstance, AssignmentRecord, ModelAvailability, ModelRecord
-from gpufleet.models import PathCheck, check_path, validate_model
+from gpufleet.registry import PathCheck, check_path, validate_model
 
 log = structlog.get_logger("agent.models")
 

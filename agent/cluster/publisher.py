@@ -48,7 +48,7 @@ from gpufleet.keyspace import Keyspace, encode
 from gpufleet.keyspace.records import NodeRecord
 
 from .identity import OtherHolder, agent_identity, other_holder
-from .policy import PublishPolicy, publish_reason
+from .publish_policy import PublishPolicy, publish_reason
 
 log = structlog.get_logger("agent.cluster")
 

@@ -7,7 +7,7 @@ before the first response byte (connect error, 5xx, 429, no first byte within it
 instance leaving rotation) is retried on another instance of the model in rotation within a
 bounded number of attempts and time; after the first byte nothing is retried (the client has
 part of an answer), and a dying upstream ends an SSE stream with an error event. Gateway
-failures on a local instance feed its passive health (outlier ejection, supervisor/policy.py).
+failures on a local instance feed its passive health (outlier ejection, supervisor/supervision_policy.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 
 from agent.backends import Verdict
 from agent.config import ProxySection
-from agent.supervisor.policy import InstanceState
+from agent.supervisor.supervision_policy import InstanceState
 from gpufleet.facts import REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord

@@ -32,10 +32,10 @@ from agent.backends import Backend, Judgement, Upstream, get_backend
 from agent.config import InstanceConfig, SupervisorSection
 from gpufleet.keyspace.records import InstanceLoad, InstanceRecord
 
-from .policy import HealthWindow, InstanceState, OutlierPolicy, RestartPolicy
 from .ports import port_is_free
 from .process import ChildProcess, RotatingLog, spawn
 from .rotation import Rotation
+from .supervision_policy import HealthWindow, InstanceState, OutlierPolicy, RestartPolicy
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor

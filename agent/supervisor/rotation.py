@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .policy import CLEAN, OutlierPolicy, after_failure, after_success, in_rotation
+from .supervision_policy import CLEAN, OutlierPolicy, after_failure, after_success, in_rotation
 
 
 class Rotation:

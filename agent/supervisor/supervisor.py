@@ -28,8 +28,8 @@ from .cgroups import CgroupManager
 from .handover import FdStore, lifeline_name, output_name
 from .instance import Command, Instance
 from .plan import InstancePlan, PlanError, ReloadPlan, Running, plan_instances, plan_reload
-from .policy import InstanceState
 from .process import ChildProcess, GroupRecord, GroupRegistry, RotatingLog, adopt, is_alive, kill_session
+from .supervision_policy import InstanceState
 
 log = structlog.get_logger("agent.supervisor")
 

@@ -54,7 +54,7 @@ from gpufleet.keyspace.records import (
     ModelRecord,
     NodeRecord,
 )
-from gpufleet.models import GIB, memory_share
+from gpufleet.registry import GIB, memory_share
 
 # Instance states whose memory is not (or no longer) in the GPU's measured free memory.
 _NOT_HOLDING = frozenset({"STARTING", "RESTARTING", "FAILED", "STOPPED"})

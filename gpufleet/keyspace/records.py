@@ -178,7 +178,7 @@ ModelBackend = Backend
 class ModelRecord(msgspec.Struct, kw_only=True):
     """``/models/<name>``: a model registered by an operator, on shared storage.
 
-    Validated by ``gpufleet.models.validate_model`` (gpuctl refuses a bad one; the leader skips
+    Validated by ``gpufleet.registry.validate_model`` (gpuctl refuses a bad one; the leader skips
     one that is bad in etcd)."""
 
     schema: int = MODEL_SCHEMA_VERSION
@@ -190,7 +190,7 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     min_vram_gib: float | None = None
     classes: list[str] = []  # allowed GPU classes; [] = any
     size_bytes: int | None = None  # file size, or the sum of the files under a directory
-    sha256: str | None = None  # of the file, or of a directory's manifest (see gpufleet.models)
+    sha256: str | None = None  # of the file, or of a directory's manifest (see gpufleet.registry)
     fallback: str | None = None  # model answering in degradation level 2
     args: list[str] = []  # extra backend arguments
     gpu_memory_fraction: float | None = None  # overrides the share computed from min_vram_gib

@@ -92,16 +92,16 @@ class Deployment:
         return {int(k): (ppid, cmd) for k, (ppid, cmd) in json.loads(out).items()}
 
     def model_servers(self, host: str) -> dict[int, tuple[int, str]]:
-        """Every process of a model server: the server itself (``-m gpufleet.simulated_server``)
+        """Every process of a model server: the server itself (``-m gpufleet_dev.simulated_server``)
         and whatever wraps it (a keeper process that holds it across agent restarts, if any)."""
-        return {p: v for p, v in self.processes(host).items() if "gpufleet.simulated_server" in v[1]}
+        return {p: v for p, v in self.processes(host).items() if "gpufleet_dev.simulated_server" in v[1]}
 
     def orphans(self, host: str) -> dict[int, tuple[int, str]]:
         """Model-server processes the running agent does not account for: a server whose pid is
         not an instance's pid in /v1/status, or a wrapper none of whose children is one."""
         procs = self.model_servers(host)
         supervised = self.instance_pids(host)
-        servers = {p for p, (_, cmd) in procs.items() if cmd.split()[1:3] == ["-m", "gpufleet.simulated_server"]}
+        servers = {p for p, (_, cmd) in procs.items() if cmd.split()[1:3] == ["-m", "gpufleet_dev.simulated_server"]}
         wrappers = set(procs) - servers
         out = {p: procs[p] for p in servers - supervised}
         for w in wrappers:

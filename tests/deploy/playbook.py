@@ -77,7 +77,7 @@ def default_vars(workdir: Path, wheel: Path) -> dict[str, Any]:
             {
                 "name": "qwen-a",
                 "backend": "vllm",
-                "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+                "launcher": ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"],
                 "model": "/mnt/models/Qwen2.5-7B-Instruct",
                 "served_model_name": MODEL,
                 "gpus": [0],

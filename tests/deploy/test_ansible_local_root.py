@@ -102,7 +102,7 @@ class Deployment:
                 {
                     "name": "qwen-a",
                     "backend": "vllm",
-                    "launcher": ["{python}", "-m", "gpufleet.simulated_server", "serve"],
+                    "launcher": ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"],
                     "model": "/mnt/models/Qwen2.5-7B-Instruct",
                     "served_model_name": "qwen2.5-7b",
                     "gpus": [0],

@@ -85,7 +85,7 @@ async def test_leader_crash_mid_failover_the_next_leader_completes_it(etcd: Etcd
         c1.wait_ready_sync()
         await wait_until(lambda: c1.status()["is_leader"], timeout=20, what="c1 leads")
         c2 = CoordinatorProcess(tmp_path, "c2", etcd.endpoints, CLUSTER, EXTRA).start().wait_ready_sync()
-        gpuctl = [sys.executable, "-m", "gpufleet.gpuctl", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER]
+        gpuctl = [sys.executable, "-m", "gpuctl.main", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER]
         add = [*gpuctl, "models", "add", "qwen", "--path", str(shared / "qwen.gguf"), "--classes", "A100"]
         r = subprocess.run([*add, "--min-vram-gib", "20"], capture_output=True, text=True, timeout=30)  # noqa: ASYNC221
         assert r.returncode == 0, r.stderr

@@ -84,7 +84,7 @@ def leading(*coordinators: CoordinatorProcess | None) -> dict[str, Any] | None:
 
 
 def gpuctl(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "gpufleet.gpuctl", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER]
+    argv = [sys.executable, "-m", "gpuctl.main", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER]
     return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60)
 
 

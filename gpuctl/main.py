@@ -10,64 +10,37 @@ the agent unreachable, 64 usage error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
-
 from gpufleet.cliargs import Options, Parser, add_version, shared_options
-from gpufleet.etcd import EtcdClient, EtcdError, EtcdNoLeader, EtcdTimeout, EtcdUnavailable, KeyValue
-from gpufleet.etcdconfig import EtcdSettings
-from gpufleet.facts import EX_USAGE
+from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
 from gpufleet.keyspace.records import DrainRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord, epoch_of
-from gpufleet.tomlconfig import problem_from_validation
+
+from .common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Unreachable,
+    UsageError,
+    decode_all,
+    emit,
+    render_table,
+    request,
+    run_etcd,
+)
 
 T = TypeVar("T")
 
-EXIT_OK, EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2, EX_USAGE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "examples" / "standalone-demo.toml"
-
-
-class Unreachable(Exception):
-    pass
-
-
-class UsageError(Exception):
-    pass
-
-
-def _request(url: str, method: str = "GET", token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as e:
-        body = e.read()
-        try:
-            return e.code, json.loads(body)
-        except ValueError:
-            return e.code, {"error": {"message": body.decode(errors="replace")}}
-    except (urllib.error.URLError, OSError) as e:
-        raise Unreachable(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
-
-
-def render_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
 
 
 def _gib(n: int | None) -> str:
@@ -114,8 +87,8 @@ def format_status(st: dict[str, Any]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.etcd:
-        return _run_etcd(cmd_cluster_status, args)
-    code, st = _request(args.agent.rstrip("/") + "/v1/status")
+        return run_etcd(cmd_cluster_status, args)
+    code, st = request(args.agent.rstrip("/") + "/v1/status")
     if code != 200:
         print(f"error: agent answered HTTP {code}: {st}", file=sys.stderr)
         return EXIT_ERROR
@@ -128,7 +101,7 @@ def cmd_instance(args: argparse.Namespace) -> int:
     if not token:
         print("error: give --token-file or set GPUFLEET_ADMIN_TOKEN", file=sys.stderr)
         return EXIT_USAGE
-    code, body = _request(f"{args.agent.rstrip('/')}/admin/instances/{args.name}/{args.action}", "POST", token)
+    code, body = request(f"{args.agent.rstrip('/')}/admin/instances/{args.name}/{args.action}", "POST", token)
     if code != 202:
         print(f"error: HTTP {code}: {body.get('error', {}).get('message', body)}", file=sys.stderr)
         return EXIT_ERROR
@@ -139,64 +112,23 @@ def cmd_instance(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.standalone:
         return cmd_demo_standalone(args)
-    from gpufleet.demo import CLUSTER, run_cluster_demo
+    from gpufleet_dev.demo import CLUSTER, run_cluster_demo
 
     def show_status(etcd: str) -> None:
         ns = argparse.Namespace(**{**vars(args), "etcd": etcd, "cluster": CLUSTER, "output": "table"})
-        _run_etcd(cmd_cluster_status, ns)
+        run_etcd(cmd_cluster_status, ns)
 
     return run_cluster_demo(args.base_port, args.duration, args.chaos, show_status)
 
 
 def cmd_demo_standalone(args: argparse.Namespace) -> int:
-    from gpufleet.demo import run_standalone_demo
+    from gpufleet_dev.demo import run_standalone_demo
 
     config = Path(args.config)
     if not config.exists():
         print(f"error: demo config {config} not found (run from a checkout of the repository)", file=sys.stderr)
         return EXIT_USAGE
-    return run_standalone_demo(config, args.duration, lambda url: print(format_status(_request(url + "/v1/status")[1])))
-
-
-_OPTION_OF = {
-    "endpoints": "--etcd",
-    "cluster": "--cluster",
-    "ca_file": "--cacert",
-    "cert_file": "--cert",
-    "key_file": "--key",
-    "username": "--user",
-    "password_file": "--password-file",
-    "timeout_s": "--timeout",
-}
-
-
-def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
-    endpoints = [e.strip() for e in (args.etcd or "").split(",") if e.strip()]
-    if not endpoints:
-        raise UsageError("give --etcd URLS (or set GPUFLEET_ETCD)")
-    given = {
-        "endpoints": endpoints,
-        "cluster": args.cluster,
-        "ca_file": args.cacert,
-        "cert_file": args.cert,
-        "key_file": args.key,
-        "username": args.user,
-        "password_file": args.password_file,
-        "timeout_s": args.timeout,
-    }
-    try:
-        settings = msgspec.convert(given, EtcdSettings)
-        Keyspace(settings.cluster)
-    except msgspec.ValidationError as e:
-        # Said in the command line's words: "--etcd: 127.0.0.1:2379 is not a URL; write http://…"
-        problem = problem_from_validation(e, "$", EtcdSettings, given)
-        field = problem.path.removeprefix("$.").split("[")[0].split(".")[0]
-        raise UsageError(f"{_OPTION_OF.get(field, field)}: {problem.message}") from None
-    except InvalidName as e:
-        raise UsageError(str(e)) from None
-    if problems := settings.problems("$"):
-        raise UsageError("; ".join(p.message for p in problems))
-    return settings
+    return run_standalone_demo(config, args.duration, lambda url: print(format_status(request(url + "/v1/status")[1])))
 
 
 def _age(ts: float) -> str:
@@ -224,49 +156,14 @@ def format_nodes(nodes: list[NodeRecord]) -> str:
     return render_table(rows, ["NODE", "ADDRESS", "READY", "CLASSES", "GPUS", "INSTANCES", "HOTTEST", "UPDATED"])
 
 
-def _decode_all(kvs: list[KeyValue], typ: type[T]) -> list[T]:
-    out = []
-    for kv in kvs:
-        rec = decode_or_skip(kv.key_str, kv.value, typ, kv.mod_revision)
-        if rec is None:
-            print(f"warning: skipped invalid record at {kv.key_str}", file=sys.stderr)
-        else:
-            out.append(rec)
-    return out
-
-
-def _run_etcd(
-    fn: Callable[[EtcdClient, Keyspace, argparse.Namespace], Awaitable[int]], args: argparse.Namespace
-) -> int:
-    """Run one etcd-backed command with etcdctl-style exit codes."""
-    settings = etcd_settings(args)
-
-    async def go() -> int:
-        async with settings.client() as etcd:
-            return await fn(etcd, Keyspace(settings.cluster), args)
-
-    try:
-        return asyncio.run(go())
-    except (EtcdUnavailable, EtcdTimeout, EtcdNoLeader) as e:
-        print(f"error: etcd unreachable: {e}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except (EtcdError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-def _emit(args: argparse.Namespace, obj: object, table: str) -> None:
-    print(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode() if args.output == "json" else table)
-
-
 async def cmd_nodes_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
-    nodes = sorted(_decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord), key=lambda n: n.node)
-    _emit(args, nodes, format_nodes(nodes) if nodes else f"no nodes registered in cluster {keys.cluster!r}")
+    nodes = sorted(decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord), key=lambda n: n.node)
+    emit(args, nodes, format_nodes(nodes) if nodes else f"no nodes registered in cluster {keys.cluster!r}")
     return EXIT_OK
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    return _run_etcd(cmd_nodes_etcd, args)
+    return run_etcd(cmd_nodes_etcd, args)
 
 
 def format_routes(routes: list[RouteRecord]) -> str:
@@ -279,20 +176,20 @@ def format_routes(routes: list[RouteRecord]) -> str:
 
 
 async def cmd_routes_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
-    routes = sorted(_decode_all((await etcd.get_prefix(keys.routes)).kvs, RouteRecord), key=lambda r: r.model)
-    _emit(args, routes, format_routes(routes) if routes else "no routes (is a coordinator leading?)")
+    routes = sorted(decode_all((await etcd.get_prefix(keys.routes)).kvs, RouteRecord), key=lambda r: r.model)
+    emit(args, routes, format_routes(routes) if routes else "no routes (is a coordinator leading?)")
     return EXIT_OK
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    return _run_etcd(cmd_routes_etcd, args)
+    return run_etcd(cmd_routes_etcd, args)
 
 
 async def cmd_cluster_status(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
     leader_kv = await etcd.get(keys.leader)
     leader = decode_or_skip(keys.leader, leader_kv.value, LeaderRecord) if leader_kv else None
-    nodes = sorted(_decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord), key=lambda n: n.node)
-    routes = sorted(_decode_all((await etcd.get_prefix(keys.routes)).kvs, RouteRecord), key=lambda r: r.model)
+    nodes = sorted(decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord), key=lambda n: n.node)
+    routes = sorted(decode_all((await etcd.get_prefix(keys.routes)).kvs, RouteRecord), key=lambda r: r.model)
     drained = {Keyspace.name_in(keys.drains, kv.key_str) for kv in (await etcd.get_prefix(keys.drains)).kvs}
     per_node: dict[str, list[RouteEndpoint]] = {}
     for r in routes:
@@ -347,7 +244,7 @@ async def cmd_cluster_status(etcd: EtcdClient, keys: Keyspace, args: argparse.Na
         ["NODE", "CLASSES", "TEMP", "UTIL", "STATE", "WEIGHT"],
     )
     text = f"cluster {keys.cluster}  leader: {lead}\n\n{table}\n\n" + (format_routes(routes) if routes else "no routes")
-    _emit(args, doc, text)
+    emit(args, doc, text)
     return EXIT_OK if leader is not None else EXIT_ERROR
 
 
@@ -368,21 +265,21 @@ def cmd_drain(args: argparse.Namespace) -> int:
         check_name("node", args.node)
     except InvalidName as e:
         raise UsageError(str(e)) from None
-    return _run_etcd(cmd_drain_etcd, args)
+    return run_etcd(cmd_drain_etcd, args)
 
 
 async def cmd_check_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
-    from gpufleet.check import gather, judge
+    from gpuctl.check import gather, judge
 
     results = judge(await gather(etcd, keys, list(etcd.endpoints)))
     table = "\n".join(f"{r.status:<4}  {r.name}: {r.detail}" for r in results)
     failed = sum(r.status == "FAIL" for r in results)
-    _emit(args, results, table + f"\n\n{len(results) - failed} of {len(results)} checks passed or skipped")
+    emit(args, results, table + f"\n\n{len(results) - failed} of {len(results)} checks passed or skipped")
     return EXIT_ERROR if failed else EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    return _run_etcd(cmd_check_etcd, args)
+    return run_etcd(cmd_check_etcd, args)
 
 
 def global_options(opts: Options) -> None:
@@ -409,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="nodes registered in etcd")
     nodes.set_defaults(func=cmd_nodes)
     sub.add_parser("routes", help="the coordinator's route table").set_defaults(func=cmd_routes)
-    from gpufleet.gpuctl_models import add_model_commands
+    from gpuctl.cmd_models import add_model_commands
 
     add_model_commands(sub)
-    from gpufleet.gpuctl_config import add_config_commands
+    from gpuctl.cmd_config import add_config_commands
 
     add_config_commands(sub)
     sub.add_parser("check", help="production-readiness checklist (exit 1 on any failure)").set_defaults(func=cmd_check)
@@ -464,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Through the canonical module, so ``python -m gpufleet.gpuctl`` and gpuctl_models share
+    # Through the canonical module, so ``python -m gpuctl.main`` and gpuctl_models share
     # one set of classes (UsageError) instead of __main__'s copies.
-    from gpufleet.gpuctl import main as canonical_main
+    from gpuctl.main import main as canonical_main
 
     sys.exit(canonical_main())

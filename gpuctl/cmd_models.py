@@ -18,9 +18,9 @@ from gpufleet.etcd import Compare, EtcdClient, Op
 from gpufleet.facts import BACKENDS, DEFAULT_BACKEND
 from gpufleet.keyspace import InvalidName, Keyspace, check_model, decode_or_skip, encode
 from gpufleet.keyspace.records import ModelRecord, NodeRecord, PlacementRecord
-from gpufleet.models import model_digest, model_size, validate_model
+from gpufleet.registry import model_digest, model_size, validate_model
 
-from . import gpuctl as ctl
+from . import common as ctl
 
 
 def _model_from_args(args: argparse.Namespace) -> ModelRecord:
@@ -64,7 +64,7 @@ async def _add(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> in
 
 def cmd_add(args: argparse.Namespace) -> int:
     args.record = _model_from_args(args)
-    return ctl._run_etcd(_add, args)
+    return ctl.run_etcd(_add, args)
 
 
 async def _rm(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
@@ -81,7 +81,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         check_model(args.name)
     except InvalidName as e:
         raise ctl.UsageError(str(e)) from None
-    return ctl._run_etcd(_rm, args)
+    return ctl.run_etcd(_rm, args)
 
 
 def model_rows(
@@ -129,17 +129,17 @@ def format_models(rows: list[dict[str, Any]]) -> str:
 
 
 async def _list(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
-    models = sorted(ctl._decode_all((await etcd.get_prefix(keys.models)).kvs, ModelRecord), key=lambda m: m.name)
-    nodes = ctl._decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord)
+    models = sorted(ctl.decode_all((await etcd.get_prefix(keys.models)).kvs, ModelRecord), key=lambda m: m.name)
+    nodes = ctl.decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord)
     kv = await etcd.get(keys.placement)
     placement = decode_or_skip(keys.placement, kv.value, PlacementRecord, kv.mod_revision) if kv else None
     rows = model_rows(models, placement, nodes)
-    ctl._emit(args, rows, format_models(rows) if rows else f"no models registered in cluster {keys.cluster!r}")
+    ctl.emit(args, rows, format_models(rows) if rows else f"no models registered in cluster {keys.cluster!r}")
     return ctl.EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    return ctl._run_etcd(_list, args)
+    return ctl.run_etcd(_list, args)
 
 
 def cmd_digest(args: argparse.Namespace) -> int:
@@ -148,7 +148,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"error: {args.path}: {e.strerror or e}", file=sys.stderr)
         return ctl.EXIT_ERROR
-    ctl._emit(args, {"path": args.path, "size_bytes": size, "sha256": digest}, f"{digest}  {size}  {args.path}")
+    ctl.emit(args, {"path": args.path, "size_bytes": size, "sha256": digest}, f"{digest}  {size}  {args.path}")
     return ctl.EXIT_OK
 
 

@@ -150,7 +150,7 @@ def _wait(what: str, cond, timeout: float, procs: Processes) -> None:  # type: i
 
 
 def _agent_config(node: str, gpu: str, models: list[str], port: int, etcd: str, workdir: Path) -> str:
-    launcher = ["{python}", "-m", "gpufleet.simulated_server", "serve"]
+    launcher = ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"]
     instances = [
         {
             "name": m.split(".")[0],
@@ -323,7 +323,7 @@ def _register_demo_model(etcd: str, procs: Processes) -> None:
     store = DEMO_DIR / "models"
     store.mkdir(exist_ok=True)
     (store / "qwen2-7b.gguf").write_bytes(b"GGUF" + os.urandom(4096))
-    argv = [sys.executable, "-m", "gpufleet.gpuctl", "--etcd", etcd, "--cluster", CLUSTER, "models", "add"]
+    argv = [sys.executable, "-m", "gpuctl.main", "--etcd", etcd, "--cluster", CLUSTER, "models", "add"]
     argv += ["qwen2-7b", "--path", str(store / "qwen2-7b.gguf"), "--replicas", "2", "--min-vram-gib", "16"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     print(res.stdout.strip() or res.stderr.strip(), flush=True)

@@ -17,14 +17,14 @@ import structlog
 from gpufleet.etcd import Change, EtcdClient, KeyMirror, Op
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import AssignedInstance, AssignmentRecord, ModelRecord, PlacementRecord
-from gpufleet.models import validate_model
+from gpufleet.registry import validate_model
 
 from .config import PlacementSection
 from .election import Election
 from .metrics import CoordinatorMetrics
 from .policy.placement import NodeView, PlacementPlan, PlacementPolicy, place
 
-log = structlog.get_logger("coordinator.placement")
+log = structlog.get_logger("coordinator.placement_loop")
 
 
 class Placer:

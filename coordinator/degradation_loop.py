@@ -22,7 +22,7 @@ from .election import Election
 from .metrics import CoordinatorMetrics
 from .policy.degradation import INITIAL, DegradationPolicy, ErrorWindow, LevelState, next_level
 
-log = structlog.get_logger("coordinator.degradation")
+log = structlog.get_logger("coordinator.degradation_loop")
 
 
 def policy_from(cfg: DegradationSection) -> DegradationPolicy:

@@ -44,7 +44,7 @@ from gpufleet.policyconfig import (
     with_assignments,
 )
 
-from . import gpuctl as ctl
+from . import common as ctl
 
 EXIT_DATAERR = EX_DATAERR  # a value the policy refuses
 HISTORY_KEEP = 20
@@ -205,7 +205,7 @@ async def _history(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -
         ],
         ["REVISION", "AT", "BY", "CHANGES"],
     )
-    ctl._emit(args, rows, table if rows else NO_POLICY)
+    ctl.emit(args, rows, table if rows else NO_POLICY)
     return ctl.EXIT_OK
 
 
@@ -257,7 +257,7 @@ async def _edit_read(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    code = ctl._run_etcd(_edit_read, args)
+    code = ctl.run_etcd(_edit_read, args)
     if code != ctl.EXIT_OK:
         return code
     current = args.read_policy or ClusterPolicy()
@@ -272,7 +272,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     args.new_policy = out
     if args.read_policy is None:
         args.read_policy = ClusterPolicy()
-    return ctl._run_etcd(_edit_write, args)
+    return ctl.run_etcd(_edit_write, args)
 
 
 def cmd_set(args: argparse.Namespace) -> int:
@@ -280,7 +280,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         args.assignments = [parse_assignment(a) for a in args.settings]
     except ValueError as e:
         raise ctl.UsageError(str(e)) from None
-    return ctl._run_etcd(_set, args)
+    return ctl.run_etcd(_set, args)
 
 
 def add_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -290,7 +290,7 @@ def add_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     csub = config.add_subparsers(dest="config_cmd", required=True)
     show = csub.add_parser("show", help="the cluster policy as TOML (or JSON with -o json)")
     show.add_argument("--revision", type=int, help="an earlier version (see history)")
-    show.set_defaults(func=lambda a: ctl._run_etcd(_show, a))
+    show.set_defaults(func=lambda a: ctl.run_etcd(_show, a))
     st = csub.add_parser("set", help="change fields: SECTION.FIELD=VALUE ... (validated; all or nothing)")
     st.add_argument("settings", nargs="+", metavar="SECTION.FIELD=VALUE", help="e.g. health.eject_base_s=10")
     st.set_defaults(func=cmd_set)
@@ -298,5 +298,5 @@ def add_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         func=cmd_edit
     )
     csub.add_parser("history", help=f"the last {HISTORY_KEEP} versions, what each changed").set_defaults(
-        func=lambda a: ctl._run_etcd(_history, a)
+        func=lambda a: ctl.run_etcd(_history, a)
     )

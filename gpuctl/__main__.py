@@ -1,0 +1,5 @@
+import sys
+
+from gpuctl.main import main
+
+sys.exit(main())
