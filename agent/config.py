@@ -7,7 +7,6 @@ Relative paths in the file are resolved against the file's directory.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -35,6 +34,7 @@ from gpufleet.tomlconfig import (
     PositiveFloat,
     StrictSection,
     convert_sections,
+    is_loopback,
     load_document,
     url_problem,
 )
@@ -439,9 +439,9 @@ def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
     """Legal but probably a mistake: said by check-config and at start-up, never refused."""
     out = []
     host = cfg.agent.listen_host
-    if cfg.cluster.enabled and _is_loopback(host):
+    if cfg.cluster.enabled and is_loopback(host):
         advertised = urlsplit(cfg.advertise_url).hostname or ""
-        if cfg.agent.advertise_url is None or _is_loopback(advertised):
+        if cfg.agent.advertise_url is None or is_loopback(advertised):
             out.append(
                 ConfigProblem(
                     "$.agent.listen_host",
@@ -453,13 +453,6 @@ def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
     if cfg.proxy.upstream_keepalive is not None:
         out.append(ConfigProblem("$.proxy.upstream_keepalive", "has no effect and is deprecated: remove it"))
     return out
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host.lower().rstrip(".") == "localhost" or host.lower().rstrip(".").endswith(".localhost")
 
 
 def supervisor_problems(cfg: AgentConfig) -> list[ConfigProblem]:

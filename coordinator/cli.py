@@ -9,7 +9,7 @@ from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.logsetup import print_error
 from gpufleet.tomlconfig import EX_CONFIG, ConfigError
 
-from .config import DEFAULT_CONFIG_PATH, load_config
+from .config import DEFAULT_CONFIG_PATH, config_warnings, load_config
 
 
 def _config_option(opts: Options) -> None:
@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print_error(str(e))
         return EX_CONFIG
+    warnings = config_warnings(cfg)
     if args.cmd == "check-config":
+        for w in warnings:
+            print_error(f"{path}: warning: {w.path}: {w.message}")
         print(f"{path}: ok (cluster {cfg.etcd.cluster}, {len(cfg.etcd.endpoints)} etcd endpoints)")
         return 0
 
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(cfg.coordinator.log_format, cfg.coordinator.log_level)
     structlog.contextvars.bind_contextvars(coordinator=cfg.id)
+    for w in warnings:
+        structlog.get_logger("coordinator").warning("config_warning", field=w.path, problem=w.message)
     return uvloop.run(CoordinatorRuntime(cfg).run())
 
 

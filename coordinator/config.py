@@ -16,8 +16,10 @@ it lives in etcd at /gpufleet/<cluster>/config; this file's values are only its 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -44,7 +46,10 @@ from gpufleet.tomlconfig import (
     Port,
     PositiveFloat,
     StrictSection,
-    load_sections,
+    convert_sections,
+    is_loopback,
+    load_document,
+    url_problem,
 )
 
 # [health] [weights] [failover] [placement] [degradation]: the cluster's policy. This file's
@@ -106,42 +111,77 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True):
         return c.advertise_url or f"http://{self.id}:{c.listen_port}"
 
 
+SECTIONS: dict[str, type] = {
+    "coordinator": CoordinatorSection,
+    "etcd": EtcdSettings,
+    "election": ElectionSection,
+    "health": HealthSection,
+    "weights": WeightsSection,
+    "failover": FailoverSection,
+    "placement": PlacementSection,
+    "degradation": DegradationSection,
+    "api": ApiSection,
+}
+
+
 def load_config(path: str | Path) -> CoordinatorConfig:
+    """Parse and validate; raises ConfigError listing every problem found.
+
+    Type errors and cross-field problems come together: the cross-field rules run on the
+    sections that decoded (a section with a type error takes its defaults for the build, and
+    the rules that read it are skipped, as in the agent's config)."""
     path = Path(path)
-    parts = load_sections(
-        path,
-        sections={
-            "coordinator": CoordinatorSection,
-            "etcd": EtcdSettings,
-            "election": ElectionSection,
-            "health": HealthSection,
-            "weights": WeightsSection,
-            "failover": FailoverSection,
-            "placement": PlacementSection,
-            "degradation": DegradationSection,
-            "api": ApiSection,
-        },
-        lists={},
+    problems: list[ConfigProblem] = []
+    parts = convert_sections(load_document(path), SECTIONS, {}, problems)
+    cfg = CoordinatorConfig(
+        **{name: parts[name] if name in parts else typ() for name, typ in SECTIONS.items()},
+        source_path=str(path),
     )
-    cfg = CoordinatorConfig(**parts, source_path=str(path))
     cfg.etcd.resolve(path.parent)
-    problems = validate(cfg)
+    problems.extend(validate(cfg, set(parts)))
     if problems:
         raise ConfigError(str(path), problems)
     return cfg
 
 
-def validate(cfg: CoordinatorConfig) -> list[ConfigProblem]:
+def validate(cfg: CoordinatorConfig, decoded: Collection[str] | None = None) -> list[ConfigProblem]:
+    """Cross-field rules that a type cannot express. Pure: no I/O.
+
+    ``decoded`` names the sections that decoded without a type error (default: all); a rule
+    that reads a section with a type error is skipped, since its verdict would rest on defaults."""
+    out: list[ConfigProblem] = []
+    for needs, rule in _RULES:
+        if decoded is None or needs <= set(decoded):
+            out.extend(rule(cfg))
+    return out
+
+
+def etcd_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
     out = cfg.etcd.problems("$.etcd")
     if not cfg.etcd.endpoints:
         out.append(ConfigProblem("$.etcd.endpoints", "required: the coordinator lives in etcd"))
-    names = (("$.etcd.cluster", "cluster", cfg.etcd.cluster), ("$.coordinator.id", "coordinator", cfg.id))
-    for at, kind, name in names:
-        try:
-            check_name(kind, name)
-        except InvalidName as e:
-            out.append(ConfigProblem(at, str(e)))
-    out += policy_problems(cfg.policy)
+    try:
+        check_name("cluster", cfg.etcd.cluster)
+    except InvalidName as e:
+        out.append(ConfigProblem("$.etcd.cluster", str(e)))
+    return out
+
+
+def coordinator_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
+    out = []
+    try:
+        check_name("coordinator", cfg.id)
+    except InvalidName as e:
+        out.append(ConfigProblem("$.coordinator.id", str(e)))
+    # The leader publishes this URL in its leader key and gpuctl status|check reach its API
+    # there: a typo would surface only when someone needs the leader.
+    if cfg.coordinator.advertise_url is not None and (problem := url_problem(cfg.coordinator.advertise_url)):
+        out.append(ConfigProblem("$.coordinator.advertise_url", problem))
+    return out
+
+
+def election_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
+    out = []
     e = cfg.election
     if e.renew_deadline_s >= e.lease_ttl_s:
         out.append(
@@ -151,11 +191,57 @@ def validate(cfg: CoordinatorConfig) -> list[ConfigProblem]:
                 "can expire and another take over",
             )
         )
+    return out
+
+
+def election_timing_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
+    e = cfg.election
     if e.retry_period_s + cfg.etcd.timeout_s > e.renew_deadline_s:
-        out.append(
+        return [
             ConfigProblem(
                 "$.election.retry_period_s",
                 "retry_period_s + etcd.timeout_s must fit in renew_deadline_s (at least one renewal attempt)",
+            )
+        ]
+    return []
+
+
+def degradation_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
+    return policy_problems(cfg.policy)  # the same rules gpuctl config applies to the policy in etcd
+
+
+# Each cross-field rule and the sections it reads (validate skips it while one has a type error).
+_RULES: tuple[tuple[frozenset[str], Callable[[CoordinatorConfig], list[ConfigProblem]]], ...] = (
+    (frozenset({"etcd"}), etcd_problems),
+    (frozenset({"coordinator"}), coordinator_problems),
+    (frozenset({"election"}), election_problems),
+    (frozenset({"election", "etcd"}), election_timing_problems),
+    (frozenset({"degradation"}), degradation_problems),
+)
+
+
+def config_warnings(cfg: CoordinatorConfig) -> list[ConfigProblem]:
+    """Legal but probably a mistake: said by check-config and at start-up, never refused."""
+    out = []
+    c = cfg.coordinator
+    if is_loopback(c.listen_host):
+        advertised = urlsplit(cfg.advertise_url).hostname or ""
+        if c.advertise_url is None or is_loopback(advertised):
+            out.append(
+                ConfigProblem(
+                    "$.coordinator.listen_host",
+                    f"{c.listen_host} is a loopback address: gpuctl on other hosts and metrics scrapers cannot "
+                    f"reach this coordinator at {cfg.advertise_url}, the address it publishes when it leads "
+                    "(only processes on this host can); listen on 0.0.0.0 or this host's address, or set "
+                    "advertise_url to a proxy in front of it",
+                )
+            )
+    elif c.advertise_url is not None and is_loopback(urlsplit(c.advertise_url).hostname or ""):
+        out.append(
+            ConfigProblem(
+                "$.coordinator.advertise_url",
+                f"{c.advertise_url} is a loopback address: other hosts would reach themselves, not this "
+                "coordinator; advertise this host's name or address",
             )
         )
     return out

@@ -8,6 +8,7 @@ Semantic checks (cross-field rules) append to the same list.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -153,6 +154,15 @@ def url_problem(value: str) -> str | None:
     if scheme not in ("http", "https"):
         return f"{value}: the scheme must be http:// or https://, not {scheme}://"
     return f"{value} is not a base URL; write {scheme}://HOST[:PORT] with nothing after the port"
+
+
+def is_loopback(host: str) -> bool:
+    """A listen host or URL host only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        name = host.lower().rstrip(".")
+        return name == "localhost" or name.endswith(".localhost")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -474,3 +474,117 @@ def test_cross_field_problems_come_with_type_errors(tmp_path: Path) -> None:
         f"{f}: $.gpu.memory_budget: Expected `float`, got `str`",
         f"{f}: $.instances[1].name: duplicate name 'a' (also instances[0])",
     ]
+
+
+# --- the coordinator's file: all problems at once, and warnings -------------------------------
+
+
+def coordinator_check(tmp_path: Path, text: str, capfd) -> tuple[int, list[str]]:  # type: ignore[no-untyped-def]
+    """``gpu-coordinator check-config`` on ``text``: (exit status, stderr lines)."""
+    from coordinator.cli import main as coordinator_main
+
+    f = tmp_path / "coordinator.toml"
+    f.write_text(text)
+    rc = coordinator_main(["check-config", str(f)])
+    return rc, capfd.readouterr().err.splitlines()
+
+
+def test_coordinator_cross_field_problems_come_with_type_errors(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
+    """A type error in [coordinator] does not hide the election, etcd and degradation rules; a
+    rule that reads a section with a type error is skipped (its verdict would rest on defaults)."""
+    f = tmp_path / "coordinator.toml"
+    rc, lines = coordinator_check(
+        tmp_path,
+        '[coordinator]\nlisten_port = "x"\nadvertise_url = "gpu-1:8090"\n'
+        '[etcd]\nendpoints = ["http://e1:2379"]\ncluster = "Bad Name"\n'
+        "[election]\nlease_ttl_s = 10\nrenew_deadline_s = 12\n"
+        "[degradation]\nthresholds = [0.3, 0.1, 0.2]\n",
+        capfd,
+    )
+    assert rc == EX_CONFIG
+    assert lines[0] == f"{f}: $.coordinator.listen_port: Expected `int`, got `str`"
+    assert any(line.startswith(f"{f}: $.etcd.cluster: ") for line in lines), lines
+    assert f"{f}: $.election.renew_deadline_s: must be shorter than lease_ttl_s (10s): " in "\n".join(lines)
+    assert f"{f}: $.degradation.thresholds: must be 3 rates, strictly increasing (levels 1, 2, 3)" in lines
+    assert not any("advertise_url" in line for line in lines)  # [coordinator] did not decode: not judged
+    # [etcd] has a type error: the election timing rule (which reads etcd.timeout_s) is not judged.
+    rc, lines = coordinator_check(
+        tmp_path,
+        '[etcd]\nendpoints = ["http://e1:2379"]\ntimeout_s = "2"\n[election]\nretry_period_s = 9.5\n',
+        capfd,
+    )
+    assert lines == [f"{f}: $.etcd.timeout_s: Expected `float`, got `str`"]
+
+
+def test_coordinator_advertise_url_is_checked(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "coordinator.toml"
+    rc, lines = coordinator_check(
+        tmp_path, '[coordinator]\nadvertise_url = "coord-1:8090"\n[etcd]\nendpoints = ["http://e1:2379"]\n', capfd
+    )
+    assert (rc, lines) == (
+        EX_CONFIG,
+        [f"{f}: $.coordinator.advertise_url: coord-1:8090 is not a URL; write http://coord-1:8090"],
+    )
+    rc, lines = coordinator_check(
+        tmp_path,
+        '[coordinator]\nadvertise_url = "ftp://coord-1:8090"\n[etcd]\nendpoints = ["http://e1:2379"]\n',
+        capfd,
+    )
+    assert lines == [
+        f"{f}: $.coordinator.advertise_url: ftp://coord-1:8090: the scheme must be http:// or https://, not ftp://"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "warned_field"),
+    [
+        ('listen_host = "127.0.0.1"', "listen_host"),  # the default
+        ('listen_host = "::1"\nid = "coord-1"', "listen_host"),
+        ('listen_host = "localhost"\nadvertise_url = "http://127.0.0.1:8090"', "listen_host"),
+        ('listen_host = "0.0.0.0"\nadvertise_url = "http://localhost:8090"', "advertise_url"),
+        ('listen_host = "127.0.0.1"\nadvertise_url = "https://coord-1.example:443"', None),  # a proxy in front
+        ('listen_host = "0.0.0.0"', None),
+    ],
+)
+def test_coordinator_check_config_warns_of_loopback(  # type: ignore[no-untyped-def]
+    section: str, warned_field: str | None, tmp_path: Path, capfd
+) -> None:
+    f = tmp_path / "coordinator.toml"
+    rc, lines = coordinator_check(
+        tmp_path, f'[coordinator]\n{section}\n[etcd]\nendpoints = ["http://e1:2379"]\n', capfd
+    )
+    assert rc == 0  # a warning, not a failure
+    if warned_field is None:
+        assert lines == []
+    else:
+        [warning] = lines
+        assert warning.startswith(f"{f}: warning: $.coordinator.{warned_field}: ")
+        assert "loopback" in warning
+
+
+def test_the_coordinator_warns_of_loopback_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import structlog
+    from structlog.testing import capture_logs
+
+    import coordinator.daemon
+    import gpufleet.logsetup
+    from coordinator.cli import main as coordinator_main
+
+    class Runtime:  # stands in for the daemon: only the start-up warning is wanted
+        def __init__(self, cfg: object) -> None:
+            pass
+
+        async def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(coordinator.daemon, "CoordinatorRuntime", Runtime)
+    monkeypatch.setattr(gpufleet.logsetup, "configure_logging", lambda *a, **k: None)  # keep capture_logs'
+    monkeypatch.setattr(structlog.contextvars, "bind_contextvars", lambda **kw: None)  # bound for the test only
+    f = tmp_path / "coordinator.toml"
+    f.write_text(
+        '[coordinator]\nlisten_host = "127.0.0.1"\nlog_format = "json"\n[etcd]\nendpoints = ["http://e1:2379"]\n'
+    )
+    with capture_logs() as logs:
+        assert coordinator_main(["run", "--config", str(f)]) == 0
+    [warning] = [e for e in logs if e["event"] == "config_warning"]
+    assert warning["log_level"] == "warning" and warning["field"] == "$.coordinator.listen_host"
