@@ -525,6 +525,16 @@ def test_drained_nodes_assigned_replica_serves_until_another_is_ready(
     assert (ep.weight > 0) == (moving_state == "READY")
 
 
+def test_panic_is_applied_before_the_drained_standby_rule() -> None:
+    """The model's only other endpoint is held back (its node DEGRADED), but it is the whole of
+    its class, so panic routes it; the model is then served, and the drained replica is not."""
+    nodes = {"n1": _assigned("n1"), "a0": class_node("a0", "H100")}
+    plan = plan_for(nodes, node_health={"a0": nh(Health.DEGRADED)}, drained={"n1"})
+    assert "H100" in plan.panic
+    states = {e.node: e.state for e in plan.routes["qwen3"].endpoints}
+    assert states == {"a0": "READY", "n1": "DRAINED"}
+
+
 def test_drained_nodes_own_instances_are_never_routed() -> None:
     """An instance of the node's config file is not moved anywhere: the drain takes it out."""
     ep = plan_for({"n1": class_node("n1")}, drained={"n1"}).routes["qwen3"].endpoints[0]

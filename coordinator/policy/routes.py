@@ -23,9 +23,11 @@ over the instances, then a pass over the panic candidates only.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from gpufleet.keyspace.records import NodeRecord, RouteEndpoint, RouteRecord
+from gpufleet.keyspace.records import InstanceRecord, NodeRecord, RouteEndpoint, RouteRecord
 
 from .health import InstanceHealth, NodeHealth, routable_or_new
 from .weights import DEFAULT_WEIGHTS, WeightPolicy, endpoint_weight, instance_telemetry
@@ -77,87 +79,135 @@ def compute_routes(
     least 1 (a READY endpoint whose formula rounds to 0 is still routable: READY always means
     "may receive traffic", weight only says how much).
     """
-    by_model: dict[str, list[RouteEndpoint]] = {}
-    plan_weights: dict[tuple[str, str], int] = {}
-    # Per class: the non-drained nodes serving it, and those of them with a routable instance of it.
-    class_nodes: dict[str, set[str]] = {}
-    class_healthy: dict[str, set[str]] = {}
-    # Per class: endpoints the leader holds back but the agent reports READY (panic may release them).
-    candidates: dict[str, list[tuple[RouteEndpoint, tuple[str, str], float | None, float | None, float]]] = {}
-    # Per model: assigned replicas on drained nodes that would be READY but for the drain.
-    moving: dict[str, list[tuple[RouteEndpoint, tuple[str, str], float | None, float | None, float]]] = {}
-
+    survey = _Survey(weights)
     for name, rec in nodes.items():
-        nh = node_health.get(name)
+        survey.add_node(name, rec, node_health.get(name), name in drained, inst_health)
+    panic = _panic_classes(survey.class_nodes, survey.class_healthy, failover.panic_threshold)
+    _route_in_panic(survey, panic)
+    _route_standbys_of_unserved_models(survey)
+    routes = {model: _route_record(model, eps, panic, epoch, now, failover) for model, eps in survey.by_model.items()}
+    return RoutePlan(routes=routes, panic=panic, weights=survey.weights)
+
+
+class _HeldBack(NamedTuple):
+    """An endpoint the first pass did not route, with what it takes to weigh it if a later rule does."""
+
+    endpoint: RouteEndpoint
+    key: tuple[str, str]  # (node, instance)
+    util: float | None
+    temp: float | None
+    health_ratio: float
+
+
+class _Survey:
+    """The first pass over every instance: its endpoint, by model, with state and weight; and what
+    the later rules need: per GPU class the nodes serving it and those with a routable instance
+    (panic), the endpoints held back that panic may release, and the drained nodes' standbys."""
+
+    def __init__(self, policy: WeightPolicy) -> None:
+        self.policy = policy
+        self.by_model: dict[str, list[RouteEndpoint]] = {}
+        self.weights: dict[tuple[str, str], int] = {}  # (node, instance) -> weight
+        # Per class: the non-drained nodes serving it, and those of them with a routable instance of it.
+        self.class_nodes: dict[str, set[str]] = {}
+        self.class_healthy: dict[str, set[str]] = {}
+        # Per class: endpoints the leader holds back but the agent reports READY (panic may release them).
+        self.panic_candidates: dict[str, list[_HeldBack]] = {}
+        # Per model: assigned replicas on drained nodes that would be READY but for the drain.
+        self.standbys: dict[str, list[_HeldBack]] = {}
+
+    def add_node(
+        self,
+        name: str,
+        rec: NodeRecord,
+        nh: NodeHealth | None,
+        is_drained: bool,
+        inst_health: dict[tuple[str, str], InstanceHealth],
+    ) -> None:
         # `==`, not `is`: a caller may hold states as plain strings (StrEnum compares equal).
         node_down = nh is not None and nh.state == "DOWN"
         node_ready = nh is None or nh.state == "READY"
-        is_drained = name in drained
-        address = rec.address
         for inst in rec.instances:
-            gpu_class, util, temp = instance_telemetry(rec, inst)
             key = (name, inst.name)
-            weight = 0
-            if node_down:
-                state = "DOWN"
-            elif is_drained:
-                state = "DRAINED"
-            else:
-                ih = inst_health.get(key)
-                inst_ok = inst.state == "READY" if ih is None else ih.state == "READY"
-                if node_ready and inst_ok:
-                    state = "READY"
-                    weight = endpoint_weight(gpu_class, util, temp, inst.health_ratio, weights) or 1
-                else:
-                    state = "DEGRADED"
+            ih = inst_health.get(key)
+            gpu_class, util, temp = instance_telemetry(rec, inst)
+            state = _endpoint_state(node_down, is_drained, node_ready, inst, ih)
+            weight = self.weight(gpu_class, util, temp, inst.health_ratio) if state == "READY" else 0
             ep = RouteEndpoint(
-                node=name, address=address, instance=inst.name, gpu_class=gpu_class, weight=weight, state=state
+                node=name, address=rec.address, instance=inst.name, gpu_class=gpu_class, weight=weight, state=state
             )
-            eps = by_model.get(inst.model)
-            if eps is None:
-                by_model[inst.model] = [ep]
-            else:
-                eps.append(ep)
-            plan_weights[key] = weight
+            self.by_model.setdefault(inst.model, []).append(ep)
+            self.weights[key] = weight
             if is_drained:
-                if inst.assigned and node_ready and inst.state == "READY" and routable_or_new(inst_health.get(key)):
-                    moving.setdefault(inst.model, []).append((ep, key, util, temp, inst.health_ratio))
-                continue
-            members = class_nodes.get(gpu_class)
-            if members is None:
-                members = class_nodes[gpu_class] = set()
-                class_healthy[gpu_class] = set()
-            members.add(name)
-            if weight:
-                class_healthy[gpu_class].add(name)
-            elif state == "DEGRADED" and inst.state == "READY":
-                candidates.setdefault(gpu_class, []).append((ep, key, util, temp, inst.health_ratio))
+                if inst.assigned and node_ready and inst.state == "READY" and routable_or_new(ih):
+                    self.standbys.setdefault(inst.model, []).append(_HeldBack(ep, key, util, temp, inst.health_ratio))
+            else:
+                self._count_class(ep, inst, key, util, temp)
 
-    panic = _panic_classes(class_nodes, class_healthy, failover.panic_threshold)
+    def _count_class(
+        self, ep: RouteEndpoint, inst: InstanceRecord, key: tuple[str, str], util: float | None, temp: float | None
+    ) -> None:
+        """Panic bookkeeping for an endpoint on a node that is not drained."""
+        gpu_class = ep.gpu_class
+        members = self.class_nodes.get(gpu_class)
+        if members is None:
+            members = self.class_nodes[gpu_class] = set()
+            self.class_healthy[gpu_class] = set()
+        members.add(ep.node)
+        if ep.weight:
+            self.class_healthy[gpu_class].add(ep.node)
+        elif ep.state == "DEGRADED" and inst.state == "READY":
+            self.panic_candidates.setdefault(gpu_class, []).append(_HeldBack(ep, key, util, temp, inst.health_ratio))
+
+    def weight(self, gpu_class: str, util: float | None, temp: float | None, health_ratio: float) -> int:
+        """A READY endpoint's weight: at least 1, READY always means "may receive traffic"."""
+        return endpoint_weight(gpu_class, util, temp, health_ratio, self.policy) or 1
+
+    def route(self, held: Iterable[_HeldBack]) -> None:
+        """Make held-back endpoints READY, with their weight."""
+        for h in held:
+            h.endpoint.state = "READY"
+            h.endpoint.weight = self.weights[h.key] = self.weight(h.endpoint.gpu_class, h.util, h.temp, h.health_ratio)
+
+
+def _endpoint_state(
+    node_down: bool, is_drained: bool, node_ready: bool, inst: InstanceRecord, ih: InstanceHealth | None
+) -> str:
+    """The first match of: node DOWN → DOWN; drained → DRAINED; node DEGRADED or instance not routable
+    → DEGRADED; else READY."""
+    if node_down:
+        return "DOWN"
+    if is_drained:
+        return "DRAINED"
+    inst_ok = inst.state == "READY" if ih is None else ih.state == "READY"
+    return "READY" if node_ready and inst_ok else "DEGRADED"
+
+
+def _route_in_panic(survey: _Survey, panic: dict[str, str]) -> None:
+    """Panic mode: a panicking class's endpoints that the agent reports READY are routed anyway."""
     for gpu_class in panic:
-        for ep, key, util, temp, ratio in candidates.get(gpu_class, ()):
-            ep.state = "READY"
-            ep.weight = plan_weights[key] = endpoint_weight(gpu_class, util, temp, ratio, weights) or 1
+        survey.route(survey.panic_candidates.get(gpu_class, ()))
 
-    for model, standby in moving.items():
-        if not any(e.weight for e in by_model[model]):
-            for ep, key, util, temp, ratio in standby:
-                ep.state = "READY"
-                ep.weight = plan_weights[key] = endpoint_weight(ep.gpu_class, util, temp, ratio, weights) or 1
 
-    routes: dict[str, RouteRecord] = {}
-    for model, eps in by_model.items():
-        eps.sort(key=_endpoint_sort_key)
-        panic_classes = sorted({e.gpu_class for e in eps}.intersection(panic)) if panic else []
-        routes[model] = RouteRecord(
-            model=model,
-            epoch=epoch,
-            updated_at=now,
-            endpoints=eps,
-            cross_class=failover.cross_class,
-            panic_classes=panic_classes,
-        )
-    return RoutePlan(routes=routes, panic=panic, weights=plan_weights)
+def _route_standbys_of_unserved_models(survey: _Survey) -> None:
+    """Make before break: a drained node's assigned replicas serve while their model has no other
+    routed endpoint (after panic mode had its say)."""
+    for model, standbys in survey.standbys.items():
+        if not any(e.weight for e in survey.by_model[model]):
+            survey.route(standbys)
+
+
+def _route_record(
+    model: str, eps: list[RouteEndpoint], panic: dict[str, str], epoch: int, now: float, failover: FailoverPolicy
+) -> RouteRecord:
+    return RouteRecord(
+        model=model,
+        epoch=epoch,
+        updated_at=now,
+        endpoints=sorted(eps, key=_endpoint_sort_key),
+        cross_class=failover.cross_class,
+        panic_classes=sorted({e.gpu_class for e in eps}.intersection(panic)) if panic else [],
+    )
 
 
 def _panic_classes(
