@@ -533,6 +533,24 @@ def test_fewer_replicas_then_ready_nodes_then_name() -> None:
     assert sorted(where(place(models(model(replicas=2)), nodes, current, NOW))) == ["n2", "n3"]
 
 
+def test_a_duplicate_assignment_on_one_node_is_removed() -> None:
+    """One replica per (model, node): a second copy in the same assignment record goes."""
+    nodes = views(node("n1", gpus=[gpu(0), gpu(1)], instances=[rinst("qwen")]))
+    plan = place(models(model()), nodes, {"n1": [assigned(gpu_index=1), assigned(gpu_index=0)]}, NOW)
+    assert where(plan) == {"n1": [0]}  # the first in (name, model, gpus) order stays
+    assert plan.moved == ["removed qwen from n1: duplicate assignment"]
+
+
+def test_a_kept_replica_on_a_gpu_of_unknown_memory_keeps_its_fraction() -> None:
+    """Nothing to compute a share from: the replica keeps what it was given, and nothing is
+    charged as pending on that GPU."""
+    nodes = views(node("n1", gpus=[gpu(0, total=None, free=None)], instances=[rinst("qwen")]))
+    plan = place(models(model()), nodes, {"n1": [assigned(frac=0.7)]}, NOW)
+    (a,) = plan.assignments["n1"]
+    assert (a.gpus, a.gpu_memory_fraction) == ([0], 0.7)
+    assert plan.moved == []
+
+
 def test_zero_replicas_removes_every_assignment() -> None:
     plan = place(models(model(replicas=0)), views(node("n1")), {"n1": [assigned()]}, NOW)
     assert plan.assignments == {}

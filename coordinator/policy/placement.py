@@ -208,10 +208,7 @@ def _retire(
     retiring: list[tuple[str, AssignedInstance, str]],
     holders: set[str],
     placed_now: int,
-    nodes: dict[str, NodeView],
-    plan: dict[str, dict[str, AssignedInstance]],
-    moved: list[str],
-    look: _Lookup,
+    draft: _Draft,
 ) -> None:
     """Rule 7: keep the retiring replicas of ``m`` while replacements are on their way
     (``placed_now`` of them placed by this pass: the move starts, and is logged, now)."""
@@ -219,20 +216,22 @@ def _retire(
         return
     ready = 0
     for node in holders:
-        rec = nodes[node].record
-        inst = look.instance(rec, assigned_instance_name(m.name)) if rec else None
+        rec = draft.nodes[node].record
+        inst = draft.look.instance(rec, assigned_instance_name(m.name)) if rec else None
         ready += inst is not None and inst.state == "READY"
     waiting = len(holders) - ready  # replacements assigned, not READY yet
     for node, a, cause in retiring:
         if node in holders:
-            moved.append(f"removed {m.name} from {node}: {cause}")  # placed there anew (another GPU)
+            draft.moved.append(f"removed {m.name} from {node}: {cause}")  # placed there anew (another GPU)
         elif ready < m.replicas and waiting > 0:
-            plan.setdefault(node, {})[m.name] = a  # unchanged: no assignment write, keeps running
+            draft.by_node.setdefault(node, {})[m.name] = a  # unchanged: no assignment write, keeps running
             if placed_now:
-                moved.append(f"moving {m.name} off {node}: {cause}; it serves there until its replacement is READY")
+                draft.moved.append(
+                    f"moving {m.name} off {node}: {cause}; it serves there until its replacement is READY"
+                )
         else:
             done = "; its replacement is READY" if ready else ""
-            moved.append(f"removed {m.name} from {node}: {cause}{done}")
+            draft.moved.append(f"removed {m.name} from {node}: {cause}{done}")
 
 
 def _keep_rank(
@@ -364,81 +363,131 @@ def place(
     policy: PlacementPolicy = DEFAULT_PLACEMENT,
 ) -> PlacementPlan:
     """The assignments for every registered model (see the module docstring for the rules)."""
-    plan: dict[str, dict[str, AssignedInstance]] = {}  # node -> model -> replica
-    moved: list[str] = []
     look = _Lookup()
-    ledger = _Ledger(nodes, look)
+    draft = _Draft(nodes, look, _Ledger(nodes, look))
+    kept, retiring = _sort_current(models, nodes, current, now, policy, draft)
+    for name in sorted(kept):
+        _keep(models[name], kept[name], draft)
+    status: dict[str, ModelPlacement] = {}
+    # Largest models first (first-fit decreasing packs better).
+    for name in sorted(models, key=lambda n: (-look.share(models[n], _SIZE_REF_BYTES)[1], n)):
+        m = models[name]
+        holders = {node for node, reps in draft.by_node.items() if name in reps}
+        before = len(holders)
+        why = _place_missing(m, holders, policy, draft)
+        _retire(m, retiring.get(name, []), holders, len(holders) - before, draft)
+        status[name] = _status(m, holders, why, policy)
+    return PlacementPlan(assignments=draft.assignments(), status=dict(sorted(status.items())), moved=draft.moved)
 
-    # Keep phase: current assignments without a cause to move stay where they are.
+
+class _Draft:
+    """The plan being built: node -> model -> replica, the ledger it charges, and what changed."""
+
+    def __init__(self, nodes: dict[str, NodeView], look: _Lookup, ledger: _Ledger) -> None:
+        self.nodes = nodes
+        self.look = look
+        self.ledger = ledger
+        self.by_node: dict[str, dict[str, AssignedInstance]] = {}
+        self.moved: list[str] = []  # for the log
+
+    def assign(self, node: str, m: ModelRecord, gpu: int, frac: float | None, need: int) -> None:
+        self.by_node.setdefault(node, {})[m.name] = inst = _replica(m, gpu, frac)
+        self.ledger.charge(node, self.nodes[node].record, inst, need)
+
+    def assignments(self) -> dict[str, list[AssignedInstance]]:
+        return {
+            node: sorted(reps.values(), key=lambda a: a.name) for node, reps in sorted(self.by_node.items()) if reps
+        }
+
+
+def _sort_current(
+    models: dict[str, ModelRecord],
+    nodes: dict[str, NodeView],
+    current: dict[str, list[AssignedInstance]],
+    now: float,
+    policy: PlacementPolicy,
+    draft: _Draft,
+) -> tuple[dict[str, list[tuple[str, AssignedInstance]]], dict[str, list[tuple[str, AssignedInstance, str]]]]:
+    """Rules 4 and 7: each current assignment is kept, retiring (decided after placing), or removed.
+    Returns (kept, retiring), both by model."""
     kept: dict[str, list[tuple[str, AssignedInstance]]] = {}
-    retiring: dict[str, list[tuple[str, AssignedInstance, str]]] = {}  # rule 7, decided after placing
+    retiring: dict[str, list[tuple[str, AssignedInstance, str]]] = {}
     for node in sorted(current):
         for a in sorted(current[node], key=lambda a: (a.name, a.model, a.gpus)):
             if any(n == node for n, _ in kept.get(a.model, ())):
-                moved.append(f"removed {a.model} from {node}: duplicate assignment")
-            elif cause := _keep_cause(models.get(a.model), nodes.get(node), a, now, policy, look):
-                if a.model in models and _serving(nodes.get(node), a, look):
+                draft.moved.append(f"removed {a.model} from {node}: duplicate assignment")
+            elif cause := _keep_cause(models.get(a.model), nodes.get(node), a, now, policy, draft.look):
+                if a.model in models and _serving(nodes.get(node), a, draft.look):
                     retiring.setdefault(a.model, []).append((node, a, cause))
                 else:
-                    moved.append(f"removed {a.model} from {node}: {cause}")
+                    draft.moved.append(f"removed {a.model} from {node}: {cause}")
             else:
                 kept.setdefault(a.model, []).append((node, a))
-    for name in sorted(kept):
-        m = models[name]
-        entries = sorted(kept[name], key=lambda e: _keep_rank(nodes, e, look))
-        for node, _ in entries[max(m.replicas, 0) :]:
-            moved.append(f"removed {name} from {node}: replicas reduced to {m.replicas}")
-        for node, a in entries[: max(m.replicas, 0)]:
-            rec = nodes[node].record
-            g = next((g for g in rec.gpus if g.index == a.gpus[0]), None) if rec else None
-            frac, need = a.gpu_memory_fraction, 0  # memory unknown: keep what the replica was given
-            if g is not None and g.memory_total_bytes:
-                frac, need = look.share(m, g.memory_total_bytes)
-            plan.setdefault(node, {})[name] = inst = _replica(m, a.gpus[0], frac)
-            ledger.charge(node, rec, inst, need)
+    return kept, retiring
 
-    # Place phase: largest models first. One scan of the nodes per model: placing a replica on
-    # a node changes only that node's ledger, and that node is then out (one replica per node),
-    # so the other candidates' slots stay valid for the model's next replica.
-    status: dict[str, ModelPlacement] = {}
-    order = sorted(models, key=lambda n: (-look.share(models[n], _SIZE_REF_BYTES)[1], n))
-    for name in order:
-        m = models[name]
-        holders = {node for node, reps in plan.items() if name in reps}
-        before = len(holders)
-        why = _Why()
-        if len(holders) < m.replicas:
-            why.eligible = len(holders)  # a holder is (or, DOWN within the grace time, was) eligible
-            why.class_seen = bool(holders)
-            inst_name = assigned_instance_name(name)
-            candidates = []
-            for node in sorted(nodes):
-                view = nodes[node]
-                if node in holders or (rec := _eligible(m, inst_name, node, view, why, look)) is None:
-                    continue
-                why.eligible += 1
-                if (slot := _best_gpu(m, node, rec, ledger, policy, why)) is None:
-                    continue
-                av = look.availability(rec, name)
-                verified = av is not None and av.available is True
-                candidates.append(
-                    ((not verified, view.state != "READY", len(plan.get(node, {})), -slot[0], node), slot)
-                )
-            candidates.sort()
-            for (*_, node), (_, gpu, frac, need) in candidates[: m.replicas - len(holders)]:
-                plan.setdefault(node, {})[name] = inst = _replica(m, gpu, frac)
-                ledger.charge(node, nodes[node].record, inst, need)
-                holders.add(node)
-                moved.append(f"placed {name} on {node} GPU {gpu}")
-        _retire(m, retiring.get(name, []), holders, len(holders) - before, nodes, plan, moved, look)
-        unplaced = max(m.replicas - len(holders), 0)
-        status[name] = ModelPlacement(
-            model=name,
-            desired=m.replicas,
-            nodes=sorted(holders),
-            unplaced=unplaced,
-            reasons=why.reasons(m, policy) if unplaced else [],
-        )
 
-    assignments = {node: sorted(reps.values(), key=lambda a: a.name) for node, reps in sorted(plan.items()) if reps}
-    return PlacementPlan(assignments=assignments, status=dict(sorted(status.items())), moved=moved)
+def _keep(m: ModelRecord, kept: list[tuple[str, AssignedInstance]], draft: _Draft) -> None:
+    """Rule 4: up to ``replicas`` kept replicas stay on their node and GPU, refreshed from the model
+    record; the rest are dropped in ``_keep_rank`` order."""
+    entries = sorted(kept, key=lambda e: _keep_rank(draft.nodes, e, draft.look))
+    for node, _ in entries[max(m.replicas, 0) :]:
+        draft.moved.append(f"removed {m.name} from {node}: replicas reduced to {m.replicas}")
+    for node, a in entries[: max(m.replicas, 0)]:
+        rec = draft.nodes[node].record
+        g = next((g for g in rec.gpus if g.index == a.gpus[0]), None) if rec else None
+        frac, need = a.gpu_memory_fraction, 0  # memory unknown: keep what the replica was given
+        if g is not None and g.memory_total_bytes:
+            frac, need = draft.look.share(m, g.memory_total_bytes)
+        draft.assign(node, m, a.gpus[0], frac, need)
+
+
+def _place_missing(m: ModelRecord, holders: set[str], policy: PlacementPolicy, draft: _Draft) -> _Why:
+    """Rule 5: the replicas ``m`` lacks go to the best eligible nodes; ``holders`` gains them.
+
+    One scan of the nodes per model: placing a replica on a node changes only that node's ledger,
+    and that node is then out (one replica per node), so the other candidates' slots stay valid
+    for the model's next replica."""
+    why = _Why()
+    if len(holders) >= m.replicas:
+        return why
+    why.eligible = len(holders)  # a holder is (or, DOWN within the grace time, was) eligible
+    why.class_seen = bool(holders)
+    candidates = _candidates(m, holders, policy, draft, why)
+    for (*_, node), (_, gpu, frac, need) in candidates[: m.replicas - len(holders)]:
+        draft.assign(node, m, gpu, frac, need)
+        holders.add(node)
+        draft.moved.append(f"placed {m.name} on {node} GPU {gpu}")
+    return why
+
+
+def _candidates(
+    m: ModelRecord, holders: set[str], policy: PlacementPolicy, draft: _Draft, why: _Why
+) -> list[tuple[tuple[bool, bool, int, int, str], tuple[int, int, float, int]]]:
+    """(rank, slot) of every eligible node without a replica of ``m`` that has a fitting GPU, best first."""
+    inst_name = assigned_instance_name(m.name)
+    candidates = []
+    for node in sorted(draft.nodes):
+        view = draft.nodes[node]
+        if node in holders or (rec := _eligible(m, inst_name, node, view, why, draft.look)) is None:
+            continue
+        why.eligible += 1
+        if (slot := _best_gpu(m, node, rec, draft.ledger, policy, why)) is None:
+            continue
+        av = draft.look.availability(rec, m.name)
+        verified = av is not None and av.available is True
+        rank = (not verified, view.state != "READY", len(draft.by_node.get(node, {})), -slot[0], node)
+        candidates.append((rank, slot))
+    candidates.sort()
+    return candidates
+
+
+def _status(m: ModelRecord, holders: set[str], why: _Why, policy: PlacementPolicy) -> ModelPlacement:
+    """Rule 6: where the model runs, and why replicas are missing."""
+    unplaced = max(m.replicas - len(holders), 0)
+    return ModelPlacement(
+        model=m.name,
+        desired=m.replicas,
+        nodes=sorted(holders),
+        unplaced=unplaced,
+        reasons=why.reasons(m, policy) if unplaced else [],
+    )
