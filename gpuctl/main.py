@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gpuctl.cmd_config import add_config_commands
 
     add_config_commands(sub)
+    from gpuctl.cmd_keys import add_key_commands
+
+    add_key_commands(sub)
     sub.add_parser("check", help="production-readiness checklist (exit 1 on any failure)").set_defaults(func=cmd_check)
     drain = sub.add_parser("drain", help="take a node out of rotation (no new requests)")
     drain.add_argument("node")
@@ -358,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `gpuctl keys list | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
     /gpufleet/<cluster>/drain/<node>          DrainRecord         (operator via gpuctl)
     /gpufleet/<cluster>/state/degradation     DegradationRecord   (leader, epoch-guarded)
     /gpufleet/<cluster>/state/placement       PlacementRecord     (leader, epoch-guarded)
+    /gpufleet/<cluster>/keys/<name>           ApiKeyRecord        (operator via gpuctl keys; never deleted)
     /gpufleet/<cluster>/config                ClusterPolicy       (first leader; then gpuctl config)
     /gpufleet/<cluster>/history/config/<rev>  an earlier ClusterPolicy, by its mod revision (gpuctl config)
 
@@ -81,6 +82,10 @@ class Keyspace:
     def drains(self) -> str:
         return self.prefix + "drain/"
 
+    @property
+    def api_keys(self) -> str:
+        return self.prefix + "keys/"
+
     # single keys
     def node(self, node: str) -> str:
         return self.nodes + check_name("node", node)
@@ -104,6 +109,9 @@ class Keyspace:
 
     def drain(self, node: str) -> str:
         return self.drains + check_name("node", node)
+
+    def api_key(self, name: str) -> str:
+        return self.api_keys + check_name("key", name)
 
     @property
     def degradation(self) -> str:

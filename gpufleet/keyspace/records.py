@@ -122,6 +122,7 @@ ASSIGNMENT_SCHEMA_VERSION = 1
 DRAIN_SCHEMA_VERSION = 1
 DEGRADATION_SCHEMA_VERSION = 1
 PLACEMENT_SCHEMA_VERSION = 1
+APIKEY_SCHEMA_VERSION = 1
 
 # READY: routable. DEGRADED: the leader's view says no (bad samples, stale telemetry, too hot,
 # ejected). DOWN: the node's lease is gone. DRAINED: an operator took the node out.
@@ -258,3 +259,27 @@ class DegradationRecord(msgspec.Struct, kw_only=True):
     window_s: float
     epoch: int
     updated_at: float
+
+
+class KeySecret(msgspec.Struct, kw_only=True, frozen=True):
+    sha256: str  # hex digest of the whole secret
+    hint: str  # its last four characters
+    created_at: float
+    retires_at: float | None = None  # set by a rotation: valid until then
+
+
+class ApiKeyRecord(msgspec.Struct, kw_only=True, frozen=True):
+    """``/keys/<name>``: an API key (or one entry of a standalone agent's keys file). Only the
+    secrets' digests are stored; the format and the rules are in ``gpufleet/apikeys.py``."""
+
+    schema: int = APIKEY_SCHEMA_VERSION
+    name: str
+    owner: str = ""
+    models: list[str] = []  # models this key may use; [] = every model
+    rpm: int | None = None  # requests per minute, across the fleet
+    tpm: int | None = None  # prompt + completion tokens per minute, across the fleet
+    max_concurrency: int | None = None  # requests in flight at once, across the fleet
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    secrets: list[KeySecret] = []  # newest first
