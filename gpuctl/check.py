@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import subprocess
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,13 +55,18 @@ class Facts:
 
 
 def judge(f: Facts) -> list[CheckResult]:
-    out: list[CheckResult] = []
+    """Every check, in the order printed: each rule judges one part of the facts."""
+    return [result for rule in _RULES for result in rule(f)]
 
-    def add(name: str, ok: bool | None, detail: str) -> None:
-        out.append(CheckResult(name, "SKIP" if ok is None else ("PASS" if ok else "FAIL"), detail))
 
+def _result(name: str, ok: bool | None, detail: str) -> CheckResult:
+    """``ok`` None: the check does not apply here (SKIP)."""
+    return CheckResult(name, "SKIP" if ok is None else ("PASS" if ok else "FAIL"), detail)
+
+
+def _etcd_healthy(f: Facts) -> Iterator[CheckResult]:
     bad = {ep: s for ep, s in f.statuses.items() if isinstance(s, str) or s.leader == 0 or s.errors}
-    add(
+    yield _result(
         "etcd endpoints healthy, with a raft leader, no alarms",
         not bad and bool(f.statuses),
         "; ".join(
@@ -69,28 +75,43 @@ def judge(f: Facts) -> list[CheckResult]:
         )
         or f"{len(f.statuses)} endpoints ok",
     )
+
+
+def _etcd_tls(f: Facts) -> Iterator[CheckResult]:
     plain = [e for e in f.endpoints if not e.startswith("https://")]
-    add("etcd spoken to over TLS", not plain, f"plain http: {', '.join(plain)}" if plain else "all https")
-    add(
+    yield _result("etcd spoken to over TLS", not plain, f"plain http: {', '.join(plain)}" if plain else "all https")
+
+
+def _coordinator_leads(f: Facts) -> Iterator[CheckResult]:
+    yield _result(
         "a coordinator leads",
         f.leader is not None,
         f"{f.leader.coordinator} epoch {f.leader_epoch}" if f.leader else "no /leader key: no coordinator is leading",
     )
     if f.leader is not None:
-        add(
+        yield _result(
             "the leader's /readyz and /metrics answer",
             bool(f.coordinator_ready and f.coordinator_metrics),
             f"{f.leader.address}: readyz {'ok' if f.coordinator_ready else 'failed'}, "
             f"metrics {'ok' if f.coordinator_metrics else 'failed'}",
         )
-    add("agents registered", bool(f.nodes), f"{len(f.nodes)} nodes" if f.nodes else "no node records")
-    add("node records valid", not f.invalid_node_records, ", ".join(f.invalid_node_records) or "all decode")
+
+
+def _agents_registered(f: Facts) -> Iterator[CheckResult]:
+    yield _result("agents registered", bool(f.nodes), f"{len(f.nodes)} nodes" if f.nodes else "no node records")
+    yield _result("node records valid", not f.invalid_node_records, ", ".join(f.invalid_node_records) or "all decode")
+
+
+def _instances_ready(f: Facts) -> Iterator[CheckResult]:
     not_ready = [
         f"{n.node}: " + ", ".join(f"{i.name} {i.state}" for i in n.instances if i.state != "READY")
         for n in f.nodes
         if not n.ready
     ]
-    add("every instance READY", not not_ready and bool(f.nodes), "; ".join(not_ready) or "all READY")
+    yield _result("every instance READY", not not_ready and bool(f.nodes), "; ".join(not_ready) or "all READY")
+
+
+def _gpu_memory(f: Facts) -> Iterator[CheckResult]:
     full = [
         f"{n.node} gpu {g.index} {g.memory_used_bytes / g.memory_total_bytes:.0%}"
         for n in f.nodes
@@ -99,7 +120,10 @@ def judge(f: Facts) -> list[CheckResult]:
         and g.memory_used_bytes is not None
         and g.memory_used_bytes / g.memory_total_bytes > GPU_MEMORY_LIMIT
     ]
-    add(f"GPU memory at or below {GPU_MEMORY_LIMIT:.0%}", not full, "; ".join(full) or "ok")
+    yield _result(f"GPU memory at or below {GPU_MEMORY_LIMIT:.0%}", not full, "; ".join(full) or "ok")
+
+
+def _gpu_temperature(f: Facts) -> Iterator[CheckResult]:
     hot = [
         f"{n.node} gpu {g.index} {g.temperature_celsius:.0f}°C"
         for n in f.nodes
@@ -107,55 +131,96 @@ def judge(f: Facts) -> list[CheckResult]:
         if g.temperature_celsius is not None and g.temperature_celsius > GPU_TEMPERATURE_LIMIT_C
     ]
     lost = [f"{n.node} gpu {g.index}" for n in f.nodes for g in n.gpus if g.lost]
-    add(f"no GPU lost or over {GPU_TEMPERATURE_LIMIT_C:.0f} °C", not hot and not lost, "; ".join(hot + lost) or "ok")
+    yield _result(
+        f"no GPU lost or over {GPU_TEMPERATURE_LIMIT_C:.0f} °C", not hot and not lost, "; ".join(hot + lost) or "ok"
+    )
+
+
+def _gpu_classes(f: Facts) -> Iterator[CheckResult]:
     unknown = [f"{n.node} gpu {g.index} {g.name!r}" for n in f.nodes for g in n.gpus if g.gpu_class == UNKNOWN]
-    add(
+    yield _result(
         "every GPU of a known class (weighted by its own measure, not as a default)",
         not unknown,
         ("unknown: " + "; ".join(unknown) + " (agent [gpu] classes, coordinator [weights] base)") if unknown else "ok",
     )
+
+
+def _failover_possible(f: Facts) -> Iterator[CheckResult]:
     single = [r.model for r in f.routes if sum(e.state == "READY" and e.weight > 0 for e in r.endpoints) < 2]
-    add(
+    yield _result(
         "every model has 2+ READY endpoints (failover possible)",
         bool(f.routes) and not single,
         ("models with fewer: " + ", ".join(single))
         if single
         else (f"{len(f.routes)} models" if f.routes else "no routes"),
     )
+
+
+def _model_paths(f: Facts) -> Iterator[CheckResult]:
     registered = {m.model for n in f.nodes for m in n.models}
     unreadable = [f"{m.model} on {n.node}: {m.error}" for n in f.nodes for m in n.models if m.available is False]
-    add(
+    yield _result(
         "registered model paths readable on every node",
         None if not registered else not unreadable,
         "; ".join(unreadable) or (f"{len(registered)} models" if registered else "no models registered"),
     )
+
+
+def _not_degraded(f: Facts) -> Iterator[CheckResult]:
     d = f.degradation
-    add(
+    yield _result(
         "cluster not degraded",
         d is None or d.level == 0,
         "level 0"
         if d is None or d.level == 0
         else f"level {d.level}: error rate {d.error_rate:.1%} ({d.samples} attempts)",
     )
+
+
+def _agent_endpoints(f: Facts) -> Iterator[CheckResult]:
     silent = sorted(n for n, ok in f.agent_metrics.items() if not ok)
-    add("agents' /metrics answer", bool(f.agent_metrics) and not silent, ", ".join(silent) or "all answer")
+    yield _result("agents' /metrics answer", bool(f.agent_metrics) and not silent, ", ".join(silent) or "all answer")
     open_admin = sorted(n for n, p in f.admin_protected.items() if p is not True)
-    add(
+    yield _result(
         "agents' admin API protected by a token",
         bool(f.admin_protected) and not open_admin,
         ("no token file (admin disabled) or unreachable: " + ", ".join(open_admin))
         if open_admin
         else "401 without token",
     )
+
+
+def _local_token_file(f: Facts) -> Iterator[CheckResult]:
     if f.local_token_file is not None:  # an agent is configured on this machine
         problems = f.local_token_file[0] + f.local_token_file[1]
-        add("admin token file readable by the agent only", not problems, "; ".join(problems) or "ok")
+        yield _result("admin token file readable by the agent only", not problems, "; ".join(problems) or "ok")
+
+
+def _watchdogs(f: Facts) -> Iterator[CheckResult]:
     for unit, usec in sorted(f.watchdogs.items()):
         if usec is None:
-            add(f"{unit} watchdog active", None, "unit not installed on this machine")
+            yield _result(f"{unit} watchdog active", None, "unit not installed on this machine")
         else:
-            add(f"{unit} watchdog active", usec not in ("0", "infinity", ""), f"WatchdogUSec={usec}")
-    return out
+            yield _result(f"{unit} watchdog active", usec not in ("0", "infinity", ""), f"WatchdogUSec={usec}")
+
+
+# The order in which the checks are printed.
+_RULES: tuple[Callable[[Facts], Iterator[CheckResult]], ...] = (
+    _etcd_healthy,
+    _etcd_tls,
+    _coordinator_leads,
+    _agents_registered,
+    _instances_ready,
+    _gpu_memory,
+    _gpu_temperature,
+    _gpu_classes,
+    _failover_possible,
+    _model_paths,
+    _not_degraded,
+    _agent_endpoints,
+    _local_token_file,
+    _watchdogs,
+)
 
 
 async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Facts:

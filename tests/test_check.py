@@ -128,3 +128,30 @@ def test_unknown_gpu_class_is_reported() -> None:
     res = {r.name: r for r in judge(f)}
     got = res["every GPU of a known class (weighted by its own measure, not as a default)"]
     assert got.status == "FAIL" and "b gpu 0 'NVIDIA Future X1'" in got.detail
+
+
+def test_rules_not_covered_above() -> None:
+    f = healthy()
+    f.coordinator_ready = False
+    f.invalid_node_records = ["/gpufleet/c/nodes/x"]
+    f.nodes[0].gpus[0].lost = True
+    f.local_token_file = (["mode 0644: readable by others"], [])
+    detail = {r.name: (r.status, r.detail) for r in judge(f)}
+    assert detail["the leader's /readyz and /metrics answer"] == ("FAIL", "http://c1: readyz failed, metrics ok")
+    assert detail["node records valid"] == ("FAIL", "/gpufleet/c/nodes/x")
+    assert detail["no GPU lost or over 85 °C"] == ("FAIL", "a gpu 0")
+    assert detail["admin token file readable by the agent only"] == ("FAIL", "mode 0644: readable by others")
+
+
+def test_checks_that_apply_only_sometimes() -> None:
+    """No leader: its endpoints are not checked; no agent configured here: no token-file check;
+    no nodes at all fails rather than passes vacuously."""
+    f = healthy()
+    f.leader = None
+    f.nodes = []
+    names = [r.name for r in judge(f)]
+    assert "the leader's /readyz and /metrics answer" not in names
+    assert "admin token file readable by the agent only" not in names
+    res = statuses(f)
+    assert res["agents registered"] == "FAIL"
+    assert res["every instance READY"] == "FAIL"
