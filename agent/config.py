@@ -48,18 +48,20 @@ BackendName = Literal[Backend, "command"]  # an instance may also run an operato
 
 class AgentSection(StrictSection):
     node_id: str | None = None  # default: the host name
+    # The API and proxy port. In cluster mode other nodes' proxies and the coordinator reach it at
+    # advertise_url: a loopback address is warned of.
     listen_host: str = "127.0.0.1"
     listen_port: Port = 8080
     # URL other hosts use to reach this agent; default http://<node_id>:<listen_port>
     advertise_url: str | None = None
-    state_dir: str = "/var/lib/gpu-agent"
-    log_dir: str = "/var/log/gpu-agent"
+    state_dir: str = "/var/lib/gpu-agent"  # what survives a restart: the servers handed over, the epoch seen
+    log_dir: str = "/var/log/gpu-agent"  # each instance's stdout and stderr, as <name>.log (rotated)
     # Admin endpoints are refused (403) unless a token file is configured.
     admin_token_file: str | None = None
     # Create the token file with a random token (mode 0600) if it does not exist. For demos and
     # first boots; production installs write the file themselves (the Ansible role does).
     admin_token_generate: bool = False
-    log_format: LogFormat = "auto"
+    log_format: LogFormat = "auto"  # auto: text on a terminal, JSON lines otherwise (journald)
     log_level: LogLevel = "info"
 
 
@@ -71,18 +73,18 @@ class GpuScriptStep(StrictSection):
     utilization_percent: Percent | None = None
     power_w: NonNegFloat | None = None
     memory_used_gib: NonNegFloat | None = None
-    lost: bool | None = None
+    lost: bool | None = None  # true: the GPU stops answering, as a GPU fallen off the bus
 
 
 class SimulatedGpu(StrictSection):
-    name: str = "NVIDIA A100-SXM4-80GB"
+    name: str = "NVIDIA A100-SXM4-80GB"  # as NVML names it: the GPU class is derived from it
     memory_total_gib: PositiveFloat = 80.0
     memory_used_gib: NonNegFloat = 0.0  # used by something other than our instances
     temperature_c: float = 40.0
     utilization_percent: Percent = 0.0
     power_w: NonNegFloat = 60.0
-    uuid: str | None = None
-    script: list[GpuScriptStep] = []
+    uuid: str | None = None  # default: derived from the host and index
+    script: list[GpuScriptStep] = []  # changes over time (heat, load, loss), for demos and tests
 
 
 class GpuSection(StrictSection):
@@ -92,29 +94,34 @@ class GpuSection(StrictSection):
     memory_budget: Fraction = 0.95
     # Extra name-substring -> class rules, checked before the built-in table (first match wins).
     classes: dict[str, str] = {}
-    simulated: list[SimulatedGpu] = []
+    simulated: list[SimulatedGpu] = []  # the GPUs of source = "simulated", one table each
     probe_timeout_s: PositiveFloat = 5.0
     # EWMA weight of a new utilization sample in what the agent reports (1 = raw NVML values).
     utilization_smoothing: Fraction = 0.3
 
 
 class SupervisorSection(StrictSection):
-    probe_interval_s: PositiveFloat = 5.0
+    probe_interval_s: PositiveFloat = 5.0  # health probe of each READY instance
     # A health endpoint on localhost answers in milliseconds; one that has not in 2 s is hung
     # (or SIGSTOPped). The first failed probe takes the instance out of rotation and the next
     # comes within a second, so a frozen server is out in at most interval + timeout.
     probe_timeout_s: PositiveFloat = 2.0
-    failure_threshold: Annotated[int, Meta(ge=1)] = 3
+    failure_threshold: Annotated[int, Meta(ge=1)] = 3  # consecutive failed probes that restart an instance
     recovery_window: Annotated[int, Meta(ge=1)] = 20  # probes kept for health_ratio
+    # Restart delay after a failure: backoff_initial_s, doubling per failure up to backoff_max_s;
+    # back to the start after a run that stayed READY.
     backoff_initial_s: PositiveFloat = 1.0
     backoff_max_s: PositiveFloat = 60.0
+    # More failures than crash_loop_restarts within crash_loop_window_s: the instance is FAILED
+    # and not restarted until an operator (or a reload) starts it.
     crash_loop_restarts: Annotated[int, Meta(ge=1)] = 5
     crash_loop_window_s: PositiveFloat = 600.0
-    stop_grace_s: NonNegFloat = 30.0
+    stop_grace_s: NonNegFloat = 30.0  # SIGTERM, then SIGKILL after this long (requests in flight drain)
     # Grace when the server is not answering, so there is nothing to drain: a restart after a
     # failure (probes, warm-up, start-up), or any stop while its last probe failed or it is
     # ejected. A stopped (SIGSTOP) server gets none.
     failed_stop_grace_s: NonNegFloat = 5.0
+    # From start to the first passing health probe (model loading); an instance may set its own.
     startup_timeout_s: PositiveFloat = 600.0
     # Ports for instances without an explicit one are taken from [port_base, port_base + port_span).
     port_base: Port = 8100
@@ -124,6 +131,7 @@ class SupervisorSection(StrictSection):
     # (agent/supervisor/handover.py). false: every exit stops them, as `systemctl stop` does.
     # Read at start-up (a reload does not change it).
     keep_servers_on_restart: bool = True
+    # Each instance's log in log_dir is rotated at log_max_bytes, keeping log_backups old files.
     log_max_bytes: Annotated[int, Meta(ge=4096)] = 10 * 1024 * 1024
     log_backups: Annotated[int, Meta(ge=0, le=100)] = 5
 
@@ -132,23 +140,23 @@ class ModelLimit(StrictSection):
     """Per-model admission at the proxy: at most ``max_concurrency`` requests upstream at once,
     ``max_queue`` more waiting for a slot; beyond that, 429."""
 
-    max_concurrency: Annotated[int, Meta(ge=1)]
-    max_queue: Annotated[int, Meta(ge=0)] = 0
+    max_concurrency: Annotated[int, Meta(ge=1)]  # requests upstream at once, over all the model's instances
+    max_queue: Annotated[int, Meta(ge=0)] = 0  # requests waiting for a slot; one more gets 429
 
 
 class TaskRoute(StrictSection):
     """Route one kind of request for a model to a group of its instances (article 000: images to
     one instance, documents to another, the rest to a third)."""
 
-    model: str
-    task: Literal["image", "document", "text"]
-    instances: list[str]
+    model: str  # the model clients ask for (an instance's served_model_name)
+    task: Literal["image", "document", "text"]  # image: a request with an image part; document: a file part
+    instances: list[str]  # names of [[instances]] serving this model
 
 
 class ProxySection(StrictSection):
-    enabled: bool = True
+    enabled: bool = True  # the OpenAI-compatible proxy on the agent's port (/v1/...)
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 32 * 1024 * 1024  # base64 images are large
-    connect_timeout_s: PositiveFloat = 2.0
+    connect_timeout_s: PositiveFloat = 2.0  # to an instance; past it the attempt goes elsewhere
     # A stream's first chunk (the first token: prefill plus queueing; a 70B model's prefill of
     # a long prompt takes tens of seconds). Past it the attempt is abandoned and retried elsewhere.
     ttfb_timeout_s: PositiveFloat = 120.0
@@ -159,7 +167,7 @@ class ProxySection(StrictSection):
     # token. Generous (a server may preempt a sequence under KV-cache pressure and recompute
     # it); the stream then ends with an error event, counted against the instance.
     stream_idle_timeout_s: PositiveFloat = 120.0
-    total_timeout_s: PositiveFloat = 900.0
+    total_timeout_s: PositiveFloat = 900.0  # the whole request, retries and streaming included
     # Passive health (outlier ejection): this many consecutive gateway failures of real requests
     # on an instance (timeouts, refused/reset connections, 5xx judged its fault) take it out of
     # rotation for eject_base_s, doubling per ejection up to eject_max_s; then one trial request
@@ -174,34 +182,35 @@ class ProxySection(StrictSection):
     restart_after_ejections: Annotated[int, Meta(ge=0)] = 3
     # Attempts on distinct instances when a failure happens before the first response byte.
     max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
-    retry_budget_s: PositiveFloat = 15.0
-    retry_after_s: Annotated[int, Meta(ge=1)] = 2
+    retry_budget_s: PositiveFloat = 15.0  # no new attempt starts this long after the request came
+    retry_after_s: Annotated[int, Meta(ge=1)] = 2  # Retry-After of a 429 or 503 answer
     # Deprecated: never had an effect (aiohttp's pool keeps every idle upstream connection for
     # 30 s and offers no separate idle cap). Accepted so that existing files still load; a
     # warning says to remove it.
     upstream_keepalive: Annotated[int, Meta(ge=0)] | None = None
-    limits: dict[str, ModelLimit] = {}
-    routes: list[TaskRoute] = []
+    limits: dict[str, ModelLimit] = {}  # per model (the name clients ask for)
+    routes: list[TaskRoute] = []  # task routes: a kind of request to a group of the model's instances
     # When the instances a task route names are not READY, use any READY instance of the model.
     route_fallback: bool = True
-    access_log: bool = True
+    access_log: bool = True  # one log line per proxied request
 
 
 class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
     """Cluster mode: set ``endpoints`` and the agent registers in etcd; leave it empty for a
     standalone host."""
 
+    # The node's etcd lease: its records vanish this long after the agent stops renewing it.
     lease_ttl_s: Annotated[int, Meta(ge=3, le=300)] = 10
     keepalive_interval_s: PositiveFloat | None = None  # default: lease_ttl_s / 3
     # Publish the node record on a meaningful change, and at least this often.
     publish_interval_s: PositiveFloat = 30.0
     publish_min_gap_s: NonNegFloat = 1.0  # state changes (failover-relevant): merged within this gap
     telemetry_min_gap_s: NonNegFloat = 15.0  # temperature/utilization changes: at most one write per gap
-    temperature_delta_c: PositiveFloat = 2.0
+    temperature_delta_c: PositiveFloat = 2.0  # a change this large is published (at most one per telemetry gap)
     # Crossing this temperature (either way) is published at once, as a state change: the
     # coordinator caps the weight of a hot GPU (facts.HOT_GPU_C) at 30 % of its base.
     temperature_urgent_c: float = HOT_GPU_C
-    utilization_delta_percent: PositiveFloat = 10.0
+    utilization_delta_percent: PositiveFloat = 10.0  # likewise for GPU utilization
 
     @property
     def enabled(self) -> bool:
@@ -229,7 +238,7 @@ class ModelsSection(StrictSection):
     recheck_interval_s: PositiveFloat = 30.0  # presence/readability re-check (mounts go away)
     check_timeout_s: PositiveFloat = 10.0  # a hung network file system is reported, not waited on
     checksum_timeout_s: PositiveFloat = 3600.0  # sha256 of a large model takes a while
-    verify_checksums: bool = True
+    verify_checksums: bool = True  # check a registered size and sha256 (false: presence and readability only)
 
 
 class DegradationSection(StrictSection):
@@ -237,7 +246,9 @@ class DegradationSection(StrictSection):
     1 = identical requests answered from a response cache, 2 = the model's fallback serves,
     3 = a static JSON answer."""
 
-    enabled: bool = True
+    enabled: bool = True  # false: this proxy serves normally at every level
+    # Level 1's response cache: an answer is reused for cache_ttl_s, within the entry, byte and
+    # per-answer limits below (the least recently used goes first).
     cache_ttl_s: PositiveFloat = 60.0
     cache_max_entries: Annotated[int, Meta(ge=1)] = 1024
     cache_max_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
@@ -245,40 +256,42 @@ class DegradationSection(StrictSection):
     # Share of requests that bypass degradation and go to the model servers, so the error rate
     # keeps being measured and the cluster can recover from level 3.
     probe_share: Fraction = 0.05
-    static_status: Annotated[int, Meta(ge=200, le=599)] = 200
+    static_status: Annotated[int, Meta(ge=200, le=599)] = 200  # HTTP status of level 3's static answer
 
 
 class Warmup(StrictSection):
-    enabled: bool = True
-    kind: Literal["chat", "completion", "embedding"] = "chat"
+    enabled: bool = True  # one small request before the instance is READY (first-request latency)
+    kind: Literal["chat", "completion", "embedding"] = "chat"  # which endpoint it calls
     prompt: str = "Hello"
     max_tokens: Annotated[int, Meta(ge=1)] = 8
     timeout_s: PositiveFloat = 120.0
-    attempts: Annotated[int, Meta(ge=1)] = 3
+    attempts: Annotated[int, Meta(ge=1)] = 3  # all failing: the start failed (restarted with back-off)
 
 
 class InstanceConfig(StrictSection):
-    name: InstanceName
-    backend: BackendName
+    name: InstanceName  # unique on the host: log file, cgroup and URL names
+    backend: BackendName  # the server program; "command": an argv of your own (command below)
     # What the server loads: a path on (shared) storage or a model id.
     model: str = ""
     # The name clients ask for in the request's "model" field; default: ``model``.
     served_model_name: str | None = None
     gpus: list[Annotated[int, Meta(ge=0)]] = []  # [] = CPU only
+    # Share of each listed GPU's memory (vLLM --gpu-memory-utilization); required with gpus.
     gpu_memory_fraction: Fraction | None = None
-    port: Port | None = None
-    host: str = "127.0.0.1"
+    port: Port | None = None  # default: a free port from [supervisor] port_base
+    host: str = "127.0.0.1"  # where the server listens; the agent probes and proxies to it there
     # Replaces the backend's executable (e.g. a venv path, or the simulated server); the backend
     # still appends its own arguments. "{python}" stands for the interpreter running the agent.
     launcher: list[str] | None = None
-    args: list[str] = []
-    env: dict[str, str] = {}
+    args: list[str] = []  # appended to the backend's own arguments
+    env: dict[str, str] = {}  # added to the server's environment
     # backend = "command": the whole argv, with {port}, {host}, {model}, {served_model_name},
     # {gpu_memory_fraction} and {python} placeholders.
     command: list[str] | None = None
     # backend = "command": the path that answers 2xx once the server is ready; unset: /health,
     # falling back to /v1/models on servers without /health.
     health_path: str | None = None
+    # backend = "command": a Prometheus endpoint with vLLM's or llama.cpp's load metrics.
     metrics_path: str | None = None
     # llama.cpp -ngl / KoboldCPP --gpulayers; default: all layers on GPU when gpus is set, else 0.
     gpu_layers: Annotated[int, Meta(ge=0)] | None = None
@@ -295,9 +308,9 @@ class InstanceConfig(StrictSection):
     # through its environment (argv is readable by every local user) and sends it on its own
     # probes, warm-ups and metrics reads and on the requests it proxies to the instance.
     api_key_file: str | None = None
-    startup_timeout_s: PositiveFloat | None = None
-    warmup: Warmup = msgspec.field(default_factory=Warmup)
-    autostart: bool = True
+    startup_timeout_s: PositiveFloat | None = None  # default: [supervisor] startup_timeout_s
+    warmup: Warmup = msgspec.field(default_factory=Warmup)  # a request sent before the instance is READY
+    autostart: bool = True  # false: configured but stopped until started through the admin API
 
     @property
     def client_model(self) -> str:

@@ -60,11 +60,17 @@ DEFAULT_CONFIG_PATH = "/etc/gpu-coordinator/coordinator.toml"
 
 
 class CoordinatorSection(StrictSection):
-    id: str | None = None  # default: the host name
+    """This replica: its identity, the API listener, logging."""
+
+    id: str | None = None  # default: the host name; each replica needs a distinct one
+    # The API (/healthz, /readyz, /metrics, /v1/status). Other hosts (gpuctl, a metrics scraper)
+    # reach the leader's: a loopback address is warned of.
     listen_host: str = "127.0.0.1"
     listen_port: Port = 8090
+    # The URL the leader publishes in its leader key, where gpuctl reaches it; default
+    # http://<id>:<listen_port>
     advertise_url: str | None = None
-    log_format: LogFormat = "auto"
+    log_format: LogFormat = "auto"  # auto: text on a terminal, JSON lines otherwise (journald)
     log_level: LogLevel = "info"
     # How often the leader samples node health (stale telemetry, temperature); changes in node
     # records (instance states, nodes gone) are acted on as they arrive.
@@ -72,12 +78,15 @@ class CoordinatorSection(StrictSection):
 
 
 class ElectionSection(StrictSection):
-    # Kubernetes' leader election: 15 s lease, 10 s renew deadline, 2 s retry period. The leader
-    # stops acting as leader when it could not renew for renew_deadline_s, before anyone else can
-    # take over (only after lease_ttl_s).
+    """Leader election through an etcd lease, with Kubernetes' defaults (15 s lease, 10 s renew
+    deadline, 2 s retry period)."""
+
+    # Another replica can take over this long after the leader's last renewal.
     lease_ttl_s: Annotated[int, Meta(ge=2, le=300)] = 15
+    # The leader stops acting as leader when it could not renew for this long: before anyone else
+    # can take over (only after lease_ttl_s). Must be shorter than lease_ttl_s.
     renew_deadline_s: PositiveFloat = 10.0
-    retry_period_s: PositiveFloat = 2.0
+    retry_period_s: PositiveFloat = 2.0  # how often the leader renews and the others try to acquire
     # A new leader syncs all state, then waits this long before failover decisions, so agents
     # that were mid-re-registration are not declared DOWN by a leader that just woke up.
     grace_s: NonNegFloat = 10.0

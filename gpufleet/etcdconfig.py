@@ -19,11 +19,14 @@ EndpointUrl = Annotated[str, Meta(pattern=r"^https?://[^/\s]+(:\d+)?/?$")]
 
 
 class EtcdSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How to reach etcd: endpoints, TLS, authentication (docs/etcd.md)."""
+
     endpoints: list[EndpointUrl] = []  # empty: standalone, no etcd
-    cluster: str = "default"
-    ca_file: str | None = None
-    cert_file: str | None = None
+    cluster: str = "default"  # the cluster's name: its keys live under /gpufleet/<cluster>/
+    ca_file: str | None = None  # CA bundle that signed the etcd servers' certificates (https:// endpoints)
+    cert_file: str | None = None  # client certificate, with key_file (mutual TLS)
     key_file: str | None = None
+    # etcd user; its password is read from password_file (never written in the TOML, never logged).
     username: str | None = None
     password_file: str | None = None
     # Deadline of one etcd call (failover to other endpoints included).

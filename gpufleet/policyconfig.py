@@ -31,29 +31,50 @@ POLICY_SCHEMA_VERSION = 1
 
 
 class HealthSection(StrictSection):
+    """How the leader judges nodes and instances from their records (coordinator/policy/health.py):
+    a node goes READY -> DEGRADED after ``bad_samples`` bad samples in a row and back after
+    ``good_samples`` good ones; an instance that leaves READY is ejected (Envoy's outlier ejection)."""
+
+    # Consecutive bad samples (one per sample_interval_s) that take a READY node to DEGRADED. A
+    # sample is bad when the node's telemetry is stale, a GPU is lost or one is over temp_limit_c.
     bad_samples: Annotated[int, Meta(ge=1)] = 3
-    good_samples: Annotated[int, Meta(ge=1)] = 3
+    good_samples: Annotated[int, Meta(ge=1)] = 3  # consecutive good samples that take it back to READY
+    # A node record unchanged for this long is stale (agents rewrite theirs at least every
+    # publish_interval_s, 30 s by default), measured on the leader's own clock.
     stale_after_s: PositiveFloat = 90.0
-    temp_limit_c: float = 90.0
+    temp_limit_c: float = 90.0  # a GPU hotter than this makes the sample bad
+    # The n-th ejection of an instance keeps it out of the routes for min(eject_base_s × n,
+    # eject_max_s), even if its agent says READY sooner: a flapping instance stays out longer each time.
     eject_base_s: NonNegFloat = 30.0
     eject_max_s: NonNegFloat = 300.0
-    eject_forget_after_s: NonNegFloat = 300.0
+    eject_forget_after_s: NonNegFloat = 300.0  # n starts over after this long READY
 
 
 class WeightsSection(StrictSection):
+    """Each endpoint's weight is its GPU class's base weight × load, temperature and health
+    factors (coordinator/policy/weights.py); this section sets the base weights."""
+
     # Replaces the built-in table (gpufleet/gpuclasses.py: article 001's A10 100, A100 220,
     # H100 380, and every other known class by memory bandwidth) when set.
     base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=lambda: dict(BASE_WEIGHTS))
-    default_base: Annotated[int, Meta(ge=0)] = 100
+    default_base: Annotated[int, Meta(ge=0)] = 100  # base of a class the table does not name
 
 
 class FailoverSection(StrictSection):
+    """Where a model's traffic may go when its endpoints fail (coordinator/policy/routes.py)."""
+
+    # May proxies send a model's traffic to endpoints of another GPU class (A100 -> H100)?
     cross_class: bool = False
+    # Panic mode (Envoy's): when more than this share of a GPU class's nodes look unhealthy, the
+    # culprit is more likely the checker than the GPUs: the class's endpoints that their agents
+    # report READY are routed anyway, and an alert is raised. 1: never.
     panic_threshold: Annotated[float, Meta(gt=0, le=1)] = 0.5
 
 
 class PlacementSection(StrictSection):
-    enabled: bool = True
+    """Placement of the replicas of registered models (``gpuctl models``) on nodes by the leader."""
+
+    enabled: bool = True  # false: the leader makes no placement passes (replicas placed stay where they are)
     # Replicas on a node that went DOWN are placed elsewhere after this long: a node that
     # restarts (agent upgrade, reboot of the agent) gets them back without a reload elsewhere.
     reschedule_after_s: NonNegFloat = 30.0
@@ -66,13 +87,18 @@ class PlacementSection(StrictSection):
 
 
 class DegradationSection(StrictSection):
-    enabled: bool = True
+    """The cluster's degradation level (coordinator/policy/degradation.py), from the
+    cluster-wide upstream error rate that the agents' proxies report."""
+
+    enabled: bool = True  # false: the leader neither computes nor writes the level
     # Error rates at which levels 1 (response cache), 2 (fallback model), 3 (static answer) start.
     thresholds: list[Annotated[float, Meta(gt=0, le=1)]] = msgspec.field(default_factory=lambda: [0.05, 0.15, 0.30])
-    window_s: PositiveFloat = 60.0
+    window_s: PositiveFloat = 60.0  # the error rate is measured over this sliding window
+    # Fewer upstream attempts than this in the window is no evidence: the level is not raised.
     min_samples: Annotated[int, Meta(ge=1)] = 50
+    # The level goes down only once the rate is this far below the level's threshold ...
     hysteresis: Annotated[float, Meta(ge=0, lt=1)] = 0.02
-    min_hold_s: NonNegFloat = 30.0
+    min_hold_s: NonNegFloat = 30.0  # ... and one level per min_hold_s at most (going up is immediate)
     # The record is rewritten at least this often, so agents can tell a live level from the
     # last word of a coordinator that is gone (they ignore one older than 90 s).
     refresh_s: Annotated[float, Meta(gt=0, le=60)] = 30.0
