@@ -95,9 +95,18 @@ class GpuSection(StrictSection):
     # Extra name-substring -> class rules, checked before the built-in table (first match wins).
     classes: dict[str, str] = {}
     simulated: list[SimulatedGpu] = []  # the GPUs of source = "simulated", one table each
-    probe_timeout_s: PositiveFloat = 5.0
+    # Deadline of one NVML read of every GPU; a driver call that hangs past it yields a probe
+    # without data instead of a stuck agent.
+    nvml_timeout_s: PositiveFloat = 5.0
+    # Deprecated name of nvml_timeout_s (it read like [supervisor] probe_timeout_s, the health
+    # probe's timeout). Still sets nvml_timeout_s, with a warning; giving both is an error.
+    probe_timeout_s: PositiveFloat | None = None
     # EWMA weight of a new utilization sample in what the agent reports (1 = raw NVML values).
     utilization_smoothing: Fraction = 0.3
+
+    def __post_init__(self) -> None:
+        if self.probe_timeout_s is not None:  # the deprecated name (load_config refuses both at once)
+            self.nvml_timeout_s = self.probe_timeout_s
 
 
 class SupervisorSection(StrictSection):
@@ -405,7 +414,7 @@ def load_config(path: str | Path) -> AgentConfig:
     sections that decoded (see :func:`validate`)."""
     path = Path(path)
     data = load_document(path)
-    problems: list[ConfigProblem] = []
+    problems: list[ConfigProblem] = renamed_key_problems(data)
     parts = convert_sections(data, SECTIONS, {"instances": InstanceConfig}, problems)
     decoded = {name for name in SECTIONS if name in parts}
     if "instances" in parts and None not in parts["instances"]:
@@ -448,6 +457,24 @@ def validate(cfg: AgentConfig, decoded: Collection[str] | None = None) -> list[C
     return out
 
 
+# Keys renamed so that one name means one thing: section -> {deprecated name: name}. The old
+# name still loads (config_warnings says to rename it); both in one section is an error.
+RENAMED_KEYS = {"gpu": {"probe_timeout_s": "nvml_timeout_s"}}
+
+
+def renamed_key_problems(data: dict[str, object]) -> list[ConfigProblem]:
+    """A renamed key given under both its old and its new name: which one was meant is unclear."""
+    out = []
+    for section, renames in RENAMED_KEYS.items():
+        raw = data.get(section)
+        for old, new in renames.items():
+            if isinstance(raw, dict) and old in raw and new in raw:
+                out.append(
+                    ConfigProblem(f"$.{section}.{old}", f"is the deprecated name of {new}, also given: keep only {new}")
+                )
+    return out
+
+
 def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
     """Legal but probably a mistake: said by check-config and at start-up, never refused."""
     out = []
@@ -465,6 +492,14 @@ def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
             )
     if cfg.proxy.upstream_keepalive is not None:
         out.append(ConfigProblem("$.proxy.upstream_keepalive", "has no effect and is deprecated: remove it"))
+    if cfg.gpu.probe_timeout_s is not None:
+        out.append(
+            ConfigProblem(
+                "$.gpu.probe_timeout_s",
+                "is deprecated: rename it nvml_timeout_s (the NVML read deadline; "
+                "[supervisor] probe_timeout_s is the health probe's timeout)",
+            )
+        )
     return out
 
 

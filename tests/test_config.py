@@ -588,3 +588,39 @@ def test_the_coordinator_warns_of_loopback_at_start_up(tmp_path: Path, monkeypat
         assert coordinator_main(["run", "--config", str(f)]) == 0
     [warning] = [e for e in logs if e["event"] == "config_warning"]
     assert warning["log_level"] == "warning" and warning["field"] == "$.coordinator.listen_host"
+
+
+def test_nvml_timeout_s_and_its_deprecated_name(tmp_path: Path) -> None:
+    """[gpu] probe_timeout_s was the NVML deadline, easy to mistake for [supervisor]
+    probe_timeout_s: renamed nvml_timeout_s; the old name still loads, with a warning, and
+    both at once is an error naming the field."""
+    from agent.config import config_warnings
+
+    f = tmp_path / "agent.toml"
+    f.write_text(BASE.replace('source = "simulated"', 'source = "simulated"\nnvml_timeout_s = 3.0'))
+    cfg = load_config(f)
+    assert (cfg.gpu.nvml_timeout_s, cfg.gpu.probe_timeout_s) == (3.0, None)
+    assert config_warnings(cfg) == []
+    f.write_text(BASE.replace('source = "simulated"', 'source = "simulated"\nprobe_timeout_s = 4.0'))
+    cfg = load_config(f)
+    assert cfg.gpu.nvml_timeout_s == 4.0
+    [warning] = [w.format(f) for w in config_warnings(cfg)]
+    assert warning == (
+        f"{f}: $.gpu.probe_timeout_s: is deprecated: rename it nvml_timeout_s (the NVML read deadline; "
+        "[supervisor] probe_timeout_s is the health probe's timeout)"
+    )
+    both = 'source = "simulated"\nprobe_timeout_s = 4.0\nnvml_timeout_s = 3.0'
+    assert problems(tmp_path, BASE.replace('source = "simulated"', both)) == [
+        f"{f}: $.gpu.probe_timeout_s: is the deprecated name of nvml_timeout_s, also given: keep only nvml_timeout_s"
+    ]
+
+
+def test_check_config_warns_of_the_deprecated_nvml_timeout_name(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(
+        BASE.replace('source = "simulated"', 'source = "simulated"\nprobe_timeout_s = 4.0')
+        + '[[instances]]\nname = "a"\nbackend = "vllm"\nmodel = "m"\n'
+    )
+    res = run_agent("check-config", str(f))
+    assert res.returncode == 0, res.stderr
+    assert f"{f}: warning: $.gpu.probe_timeout_s: is deprecated: rename it nvml_timeout_s" in res.stderr

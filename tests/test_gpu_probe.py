@@ -182,7 +182,7 @@ def fake(monkeypatch: pytest.MonkeyPatch):
 
 
 def nvml_source(timeout: float = 5.0) -> GpuSource:
-    return open_gpu_source(GpuSection(source="nvml", probe_timeout_s=timeout))
+    return open_gpu_source(GpuSection(source="nvml", nvml_timeout_s=timeout))
 
 
 async def test_nvml_two_healthy_gpus(fake: FakeNvml) -> None:

@@ -42,7 +42,7 @@ def open_gpu_source(cfg: GpuSection, clock: Callable[[], float] = time.monotonic
     if cfg.source == "simulated":
         source = SimulatedSource(cfg.simulated, overrides=cfg.classes, clock=clock)
     else:
-        source = NvmlSource(probe_timeout_s=cfg.probe_timeout_s, overrides=cfg.classes)
+        source = NvmlSource(nvml_timeout_s=cfg.nvml_timeout_s, overrides=cfg.classes)
     source.open()
     return source
 

@@ -33,8 +33,8 @@ def _text(value: str | bytes) -> str:
 class NvmlSource:
     kind = "nvml"
 
-    def __init__(self, *, probe_timeout_s: float = 5.0, overrides: dict[str, str] | None = None):
-        self.probe_timeout_s = probe_timeout_s
+    def __init__(self, *, nvml_timeout_s: float = 5.0, overrides: dict[str, str] | None = None):
+        self.nvml_timeout_s = nvml_timeout_s
         self._overrides = dict(overrides or {})
         self._nv: Any = None  # the pynvml module once open() succeeded
         self._count = 0
@@ -88,9 +88,9 @@ class NvmlSource:
             self._inflight = in_daemon_thread(self._read_all, "nvml-probe")
         try:
             # shield: a timeout abandons the wait, not the read; the thread cannot be interrupted.
-            return await asyncio.wait_for(asyncio.shield(self._inflight), self.probe_timeout_s)
+            return await asyncio.wait_for(asyncio.shield(self._inflight), self.nvml_timeout_s)
         except TimeoutError:
-            return self._without_data("probe", f"timeout after {self.probe_timeout_s:g}s (NVML call hung)")
+            return self._without_data("probe", f"timeout after {self.nvml_timeout_s:g}s (NVML call hung)")
         except nv.NVMLError as err:
             return self._without_data("probe", str(err))
 
