@@ -1,8 +1,9 @@
 """The gpu-coordinator process: election + leader loop + HTTP API, under systemd.
 
-SIGTERM resigns (revokes the leader lease so a standby takes over at once) and exits 0.
-systemd hears READY=1 once the API serves, STATUS= with the role after each tick, WATCHDOG=1
-from the tick loop.
+The skeleton (signals, tick loop, sd_notify, paired start-up and teardown) is
+gpufleet/daemon.py's; this says what is the coordinator's own. SIGTERM resigns (revokes the
+leader lease so a standby takes over at once) and exits 0. A tick publishes the role: STATUS=
+and the leader/epoch gauges.
 """
 
 from __future__ import annotations
@@ -10,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import time
 from pathlib import Path
 
 import structlog
-from aiohttp import web
 
-from gpufleet import __version__
-from gpufleet.facts import EX_CONFIG, EX_OSERR
-from gpufleet.httpserver import ConnectionMetrics, GuardedRunner, listener_guard
+from gpufleet.daemon import DaemonBase, StartupError, Teardown, Tick
+from gpufleet.facts import EX_CONFIG
+from gpufleet.httpserver import ConnectionMetrics, listener_guard
 from gpufleet.keyspace import Keyspace
 from gpufleet.sdnotify import SystemdNotifier
 
@@ -39,88 +38,67 @@ def _epoch_file() -> Path | None:
     return Path(state) / "epoch" if state else None
 
 
-class CoordinatorRuntime:
+class CoordinatorRuntime(DaemonBase[None]):
+    prog = "gpu-coordinator"
+    log = log
+
     def __init__(self, cfg: CoordinatorConfig, notifier: SystemdNotifier | None = None) -> None:
+        super().__init__(notifier, 1.0)
         self.cfg = cfg
-        self.notifier = notifier or SystemdNotifier()
         self.keys = Keyspace(cfg.etcd.cluster)
         self.metrics = CoordinatorMetrics()
-        self.tick_interval = 1.0
-        if self.notifier.watchdog_usec:
-            self.tick_interval = min(self.tick_interval, self.notifier.watchdog_usec / 2e6)
         self.last_tick = time.monotonic()
-        self._stop = asyncio.Event()
 
-    async def run(self) -> int:
-        log.info("gpu-coordinator starting", version=__version__, id=self.cfg.id, cluster=self.cfg.etcd.cluster)
+    def identity(self) -> dict[str, object]:
+        return {"id": self.cfg.id, "cluster": self.cfg.etcd.cluster}
+
+    def listen_address(self) -> tuple[str, int]:
+        return self.cfg.coordinator.listen_host, self.cfg.coordinator.listen_port
+
+    async def start(self, teardown: Teardown) -> None:
+        """Torn down in reverse: resign, stop the election and leader loops, close the API,
+        close the etcd client."""
         try:
             self.etcd = self.cfg.etcd.client()
-        except OSError as e:
-            log.error("cannot start", error=str(e))
-            return EX_CONFIG
+        except OSError as e:  # unreadable TLS or password file
+            raise StartupError(str(e), EX_CONFIG) from None
+        await teardown.context("close the etcd client", self.etcd)
         e = self.cfg.election
-        async with self.etcd:
-            self.election = Election(
-                self.etcd,
-                self.keys,
-                self.cfg.id,
-                self.cfg.advertise_url,
-                ttl=e.lease_ttl_s,
-                renew_deadline=e.renew_deadline_s,
-                retry_period=e.retry_period_s,
-                on_change=self._role_changed,
-                on_rejected=self.metrics.guard_rejections.inc,
-                epoch_file=_epoch_file(),
-            )
-            self.leader = Leader(self.cfg, self.etcd, self.election, self.keys, self.metrics)
-            # Read timeouts and a connection cap under the open-file limit (raised to the hard
-            # limit here): a flood of slow connections cannot make the API unreachable.
-            guard = listener_guard(self.cfg.api, fds_per_connection=1)
-            self.metrics.registry.register(ConnectionMetrics(guard, "gpu_coordinator"))
-            runner = GuardedRunner(build_app(self), guard, access_log=None, handle_signals=False)
-            await runner.setup()
-            c = self.cfg.coordinator
-            site = web.TCPSite(runner, c.listen_host, c.listen_port, reuse_address=True, backlog=self.cfg.api.backlog)
-            try:
-                await site.start()
-            except OSError as err:
-                log.error("cannot listen", address=f"{c.listen_host}:{c.listen_port}", error=err.strerror or str(err))
-                await runner.cleanup()
-                return EX_OSERR
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
-            tasks = [
-                asyncio.create_task(self.election.run(), name="election"),
-                asyncio.create_task(self.leader.run(), name="leader"),
-            ]
-            self.notifier.ready(self._status_line())
-            log.info("gpu-coordinator serving", listen=f"{c.listen_host}:{c.listen_port}")
-            try:
-                await self._tick_loop()
-            finally:
-                self.notifier.stopping()
-                log.info("gpu-coordinator stopping")
-                await self.election.resign()
-                for t in tasks:
-                    t.cancel()
-                for t in tasks:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
-                await runner.cleanup()
-        log.info("gpu-coordinator stopped")
-        return 0
+        self.election = Election(
+            self.etcd,
+            self.keys,
+            self.cfg.id,
+            self.cfg.advertise_url,
+            ttl=e.lease_ttl_s,
+            renew_deadline=e.renew_deadline_s,
+            retry_period=e.retry_period_s,
+            on_change=self._role_changed,
+            on_rejected=self.metrics.guard_rejections.inc,
+            epoch_file=_epoch_file(),
+        )
+        self.leader = Leader(self.cfg, self.etcd, self.election, self.keys, self.metrics)
+        # Read timeouts and a connection cap under the open-file limit (raised to the hard
+        # limit here): a flood of slow connections cannot make the API unreachable.
+        guard = listener_guard(self.cfg.api, fds_per_connection=1)
+        self.metrics.registry.register(ConnectionMetrics(guard, "gpu_coordinator"))
+        runner = await self.http_runner(teardown, build_app(self), guard)
+        await self.listen(runner, *self.listen_address(), backlog=self.cfg.api.backlog)
+        tasks = [
+            asyncio.create_task(self.election.run(), name="election"),
+            asyncio.create_task(self.leader.run(), name="leader"),
+        ]
+        teardown.step("stop the election and leader loops", _cancel, tasks)
+        teardown.step("resign", self.election.resign)
 
-    async def _tick_loop(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.tick_interval)
-            self.last_tick = time.monotonic()
-            self.metrics.is_leader.set(1 if self.election.is_leader else 0)
-            if self.election.is_leader and self.election.epoch is not None:
-                self.metrics.epoch.set(self.election.epoch)
-            self.notifier.status(self._status_line())
-            self.notifier.watchdog()
+    async def ready_status(self) -> str:
+        return self._status_line()
+
+    async def tick(self) -> Tick:
+        self.last_tick = time.monotonic()
+        self.metrics.is_leader.set(1 if self.election.is_leader else 0)
+        if self.election.is_leader and self.election.epoch is not None:
+            self.metrics.epoch.set(self.election.epoch)
+        return Tick(self._status_line())
 
     def _role_changed(self) -> None:
         self.metrics.elections.inc()
@@ -133,3 +111,11 @@ class CoordinatorRuntime:
         if el.is_leader:
             return f"leader, epoch {el.epoch}; {self.leader.decision.summary}"
         return f"standby; leader {el.leader or 'unknown'} (epoch {el.leader_epoch})"
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t

@@ -6,7 +6,7 @@ One aiohttp application on the agent's port, shared with the OpenAI-compatible p
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -81,14 +81,12 @@ class AgentApi:
         return registry
 
     def _add_proxy(self, proxy: Proxy) -> None:
-        async def start_proxy(_: web.Application) -> None:
-            await proxy.start()
-
-        async def stop_proxy(_: web.Application) -> None:
+        async def proxy_session(_: web.Application) -> AsyncIterator[None]:
+            await proxy.start()  # with the app (the runner's setup), closed with it (its cleanup)
+            yield
             await proxy.close()
 
-        self.app.on_startup.append(start_proxy)
-        self.app.on_cleanup.append(stop_proxy)
+        self.app.cleanup_ctx.append(proxy_session)
         add_proxy_routes(self.app, proxy)
 
     def _add_admin(self, path: str, handler: Handler) -> None:
@@ -125,7 +123,7 @@ class AgentApi:
         rt = self.rt
         # Answering proves the loop runs; a stale tick means supervision itself is stuck.
         age = rt.tick_age()
-        limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.nvml_timeout_s
+        limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.probe_timeout_s
         if age is not None and age > limit:
             return json_response({"status": "stalled", "last_tick_age_s": round(age, 1)}, 503)
         if dead := rt.supervision_failures():
