@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gpufleet import data
 from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
@@ -39,8 +40,8 @@ from .common import (
 
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "examples" / "standalone-demo.toml"
+# Shipped as package data (gpufleet/data), so the demo runs from an installed wheel too.
+DEMO_CONFIG = data.example("standalone-demo.toml")
 
 
 def _gib(n: int | None) -> str:
@@ -126,7 +127,7 @@ def cmd_demo_standalone(args: argparse.Namespace) -> int:
 
     config = Path(args.config)
     if not config.exists():
-        print(f"error: demo config {config} not found (run from a checkout of the repository)", file=sys.stderr)
+        print(f"error: demo config {config} not found", file=sys.stderr)
         return EXIT_USAGE
     return run_standalone_demo(config, args.duration, lambda url: print(format_status(request(url + "/v1/status")[1])))
 
@@ -315,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gpuctl.cmd_keys import add_key_commands
 
     add_key_commands(sub)
+    from gpuctl.cmd_files import add_file_commands
+
+    add_file_commands(sub)
     sub.add_parser("check", help="production-readiness checklist (exit 1 on any failure)").set_defaults(func=cmd_check)
     drain = sub.add_parser("drain", help="take a node out of rotation (no new requests)")
     drain.add_argument("node")
