@@ -154,8 +154,8 @@ class ModelLimit(StrictSection):
 
 
 class TaskRoute(StrictSection):
-    """Route one kind of request for a model to a group of its instances (article 000: images to
-    one instance, documents to another, the rest to a third)."""
+    """Route one kind of request for a model to a group of its instances: images to one, documents
+    to another, the rest to a third, as the OpenClaw multi-instance setup does (docs/sources.md)."""
 
     model: str  # the model clients ask for (an instance's served_model_name)
     task: Literal["image", "document", "text"]  # image: a request with an image part; document: a file part

@@ -8,7 +8,7 @@ supervisor with no health probes, metrics or GPU sampling) keeping the same 8 se
 
     .venv/bin/python bench/agent_footprint.py [--seconds 60] [--instances 8]
 
-Prints one JSON document. Goals (issue #2): agent RSS <= 80 MB, CPU <= 1 %.
+Prints one JSON document. Goals: agent RSS <= 80 MB, CPU <= 1 %.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ not weight loading. Three measurements, ``--trials`` each:
 
 1. ``server_alone``: llama-server started by hand, to its first ``/health`` 200, and its RSS:
    with the model's own context (what llama-server does without ``-c``) and with the agent's
-   default ``-c 8192`` (issue 13, mismatch 2).
+   default ``-c 8192``.
 2. ``agent_start_to_ready``: a standalone agent started until its llama.cpp instance is READY
    (spawn under the shim, health, warm-up request), from the agent's start.
 3. ``recovery_after_sigkill``: the server SIGKILLed, until the agent reports it READY again

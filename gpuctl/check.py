@@ -1,4 +1,5 @@
-"""``gpuctl check``: article 001's production-readiness checklist, adapted to gpufleet.
+"""``gpuctl check``: a production LLM gateway's go-live checklist (docs/sources.md, Clawdbot),
+adapted to gpufleet.
 
 Each check is one PASS / FAIL / SKIP line (SKIP: not applicable here, e.g. no systemd on the
 machine running gpuctl); the command exits 1 on any FAIL. Gathering (etcd, HTTP, systemctl)
@@ -25,7 +26,7 @@ from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DegradationRecord, LeaderRecord, NodeRecord, RouteRecord, epoch_of
 
 AGENT_CONFIG = "/etc/gpu-agent/agent.toml"  # agent.config.DEFAULT_CONFIG_PATH
-GPU_MEMORY_LIMIT = 0.85  # article 001: nvidia-smi memory use <= 85 %
+GPU_MEMORY_LIMIT = 0.85  # the checklist's nvidia-smi memory use <= 85 % (headroom for KV-cache growth)
 GPU_TEMPERATURE_LIMIT_C = HOT_GPU_C  # above this the weight is capped at 30 %
 
 

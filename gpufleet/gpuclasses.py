@@ -10,10 +10,11 @@ derived from each card's memory bandwidth (vendor spec sheets, the class's commo
 
     base = round(100 × (bandwidth / 600 GB/s) ** 0.73, -1)
 
-600 GB/s is the A10, the article's 100. The exponent is the least-squares fit, in log space,
-of the article's own two other anchors (A100 = 220, H100 = 380: throughput grows more slowly
-than bandwidth, since batching makes decode partly compute-bound). The article's three classes
-keep the article's numbers exactly (they are the contract in DESIGN.md); for them the formula
+600 GB/s is the A10, whose base is 100 in the gateway article the weights come from
+(docs/sources.md, Clawdbot). The exponent is the least-squares fit, in log space, of that
+article's two other anchors (A100 = 220, H100 = 380: throughput grows more slowly than
+bandwidth, since batching makes decode partly compute-bound). The article's three classes keep
+its measured numbers exactly (the design promises them); for them the formula
 gives 240 and 350, within 9 %. A class the table does not know is UNKNOWN: the agent logs it
 once, ``gpuctl check`` warns about it, and the coordinator weights it ``default_base`` (100)
 and says so once — it is never silently taken for an A10.

@@ -54,8 +54,8 @@ class WeightsSection(StrictSection):
     """Each endpoint's weight is its GPU class's base weight × load, temperature and health
     factors (coordinator/policy/weights.py); this section sets the base weights."""
 
-    # Replaces the built-in table (gpufleet/gpuclasses.py: article 001's A10 100, A100 220,
-    # H100 380, and every other known class by memory bandwidth) when set.
+    # Replaces the built-in table (gpufleet/gpuclasses.py: A10 100, A100 220, H100 380 as the
+    # Clawdbot article measured them, and every other known class by memory bandwidth) when set.
     base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=lambda: dict(BASE_WEIGHTS))
     default_base: Annotated[int, Meta(ge=0)] = 100  # base of a class the table does not name
 

@@ -1,11 +1,12 @@
-"""Response cache for degradation level 1 (article 001): identical requests get the answer already given.
+"""Response cache for degradation level 1: identical requests get the answer already given.
 
 At level 1 the cluster's error rate is 5-15 %: the model servers still answer, but every request
 they are spared helps. A request identical to a recent one (same path, model, messages and
 parameters) is answered from here instead of going upstream.
 
-- TTL 60 s (article 001 §4.2): the cache exists to shed load for the minutes of an incident, not to
-  serve answers that the model would no longer give; a short TTL bounds how stale an answer can be.
+- TTL 60 s, the production gateway's choice (docs/sources.md, Clawdbot): the cache exists to
+  shed load for the minutes of an incident, not to serve answers that the model would no longer
+  give; a short TTL bounds how stale an answer can be.
 - Bounded in entries, in total bytes and per entry: it lives in the agent's memory next to the
   proxy, and a burst of large distinct answers must not grow the agent until the OOM killer picks it.
 - A streamed (SSE) answer is recorded chunk by chunk and replayed as the same chunks: the client

@@ -1,4 +1,4 @@
-"""Applying the cluster's degradation level to one request (article 001 §4.2).
+"""Applying the cluster's degradation level to one request (the three levels of docs/sources.md, Clawdbot).
 
 The coordinator's leader sets the level from the cluster's error rate; every agent's proxy
 applies it to the requests that enter the cluster through it:

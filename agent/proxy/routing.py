@@ -2,7 +2,8 @@
 
 Least in-flight first among READY instances; ties rotate so equal instances share the load
 (a plain "min" would pile every idle-time request onto the first one). Optional task routes send
-requests with images or documents to their own instance groups (article 000).
+requests with images or documents to their own instance groups, so a long document parse does
+not block image requests (the OpenClaw multi-instance setup, docs/sources.md).
 """
 
 from __future__ import annotations

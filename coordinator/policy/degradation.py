@@ -1,4 +1,4 @@
-"""The cluster's degradation level (article 001), from the agents' proxy counters.
+"""The cluster's degradation level (docs/sources.md, Clawdbot), from the agents' proxy counters.
 
 Levels: 0 normal; 1 the proxies answer identical requests from a response cache; 2 they send
 traffic to the fallback model; 3 they answer with a static JSON body. The level follows the

@@ -1,6 +1,6 @@
 """The leader's view of node and instance health, as pure transitions (old, inputs) → new.
 
-Nodes (DESIGN gpu-coordinator item 2)::
+Nodes::
 
     READY --bad_samples consecutive bad samples--> DEGRADED --good_samples good samples--> READY
       any state --node key gone (lease expired/revoked)--> DOWN --key back--> DEGRADED

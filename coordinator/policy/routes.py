@@ -1,6 +1,6 @@
 """Route tables: every instance of every known node, with its state and weight, grouped by model.
 
-Failover (DESIGN gpu-coordinator item 4) is a consequence of the table: a DEGRADED, DOWN or
+Failover is a consequence of the table: a DEGRADED, DOWN or
 DRAINED endpoint gets weight 0, so the proxies send its share to the READY endpoints. Whether
 they may cross GPU classes is the operator's ``cross_class``, which the record carries.
 

@@ -1,4 +1,5 @@
-"""Endpoint weights from GPU class, load, temperature and probe health (article 001 §3.3).
+"""Endpoint weights from GPU class, load, temperature and probe health: the dynamic weights of a
+production qwen3:32b gateway (docs/sources.md, Clawdbot), with its constants.
 
     weight = int(base[class] × load_factor × temp_factor × health_score)
     load_factor  = 1 − util/100 × 0.6
@@ -29,7 +30,7 @@ from gpufleet.facts import HOT_GPU_C
 from gpufleet.gpuclasses import BASE_WEIGHTS
 from gpufleet.keyspace.records import InstanceRecord, NodeRecord
 
-# Article 001's A10/A100/H100 and every other class gpufleet recognises, from one measure
+# The gateway article's A10 100, A100 220, H100 380 and every other class gpufleet recognises, from one measure
 # (memory bandwidth; gpufleet/gpuclasses.py says how).
 DEFAULT_BASE: dict[str, int] = dict(BASE_WEIGHTS)
 
