@@ -54,7 +54,9 @@ class AgentSection(StrictSection):
     listen_port: Port = 8080
     # URL other hosts use to reach this agent; default http://<node_id>:<listen_port>
     advertise_url: str | None = None
-    state_dir: str = "/var/lib/gpu-agent"  # what survives a restart: the servers handed over, the epoch seen
+    # What survives a restart: the model servers' process groups (adopted or cleaned up by the next
+    # agent) and the agent's identity (a restarted agent takes its own node record back at once).
+    state_dir: str = "/var/lib/gpu-agent"
     log_dir: str = "/var/log/gpu-agent"  # each instance's stdout and stderr, as <name>.log (rotated)
     # Admin endpoints are refused (403) unless a token file is configured.
     admin_token_file: str | None = None

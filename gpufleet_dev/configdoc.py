@@ -106,7 +106,7 @@ def _docstring(cls: type) -> str:
 
 
 def _sentence(text: str) -> str:
-    return text + "." if text and text[-1] not in ".!?)`" else text
+    return text + "." if text and text[-1] not in ".!?`" else text
 
 
 def _markdown(text: str) -> str:
@@ -240,14 +240,20 @@ def sections_of(header: str, key: str, cls: type, note: str = "") -> Iterator[Se
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _html_safe(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _html_safe(text: str) -> str:
+    """``<node_id>`` outside a code span would be read as an HTML tag and vanish."""
+    parts = text.split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
 
 
 def render_section(s: Section, restart_only: Collection[str] = ()) -> list[str]:
     out = [f"### `{s.header}`", ""]
     intro = " ".join(x for x in (_docstring(s.cls), s.note) if x)
     if intro:
-        out += [intro, ""]
+        out += [_html_safe(intro), ""]
     out += ["| key | type | default | meaning |", "|---|---|---|---|"]
     section_key = s.header.strip("[]")
     renamed = {old: new for old, new in _renamed_keys().get(section_key, {}).items()}
