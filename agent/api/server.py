@@ -123,7 +123,7 @@ class AgentApi:
         rt = self.rt
         # Answering proves the loop runs; a stale tick means supervision itself is stuck.
         age = rt.tick_age()
-        limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.probe_timeout_s
+        limit = 3 * rt.cfg.supervisor.probe_interval_s + rt.cfg.gpu.nvml_timeout_s
         if age is not None and age > limit:
             return json_response({"status": "stalled", "last_tick_age_s": round(age, 1)}, 503)
         if dead := rt.supervision_failures():
