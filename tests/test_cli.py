@@ -1,4 +1,4 @@
-"""The command lines' conventions, in-process (issue 15 item 6): options before or after the
+"""The command lines' conventions, in-process: options before or after the
 subcommand, ``--version``, usage errors exit 64 with one line, human messages for bad URLs."""
 
 from __future__ import annotations

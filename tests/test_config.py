@@ -277,7 +277,7 @@ context_size = 4096
     assert any("instances[3].context_size" in ln and "'command'" in ln for ln in lines), lines
 
 
-# --- empty files and reload plans (issue 14 item 3) -------------------------------------------
+# --- empty files and reload plans ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -424,7 +424,7 @@ def test_check_config_notes_a_file_that_runs_nothing(tmp_path: Path) -> None:
     assert res.stderr.strip() == f"{f}: note: no [[instances]] and no [cluster] endpoints: it runs nothing"
 
 
-# --- human messages, and all problems at once (issue 15 item 6) -------------------------------
+# --- human messages, and all problems at once ------------------------------------------------
 
 
 def test_enum_errors_list_the_allowed_values(tmp_path: Path) -> None:

@@ -67,7 +67,8 @@ def test_classify(name: str, cls: str) -> None:
 def test_base_weights_keep_the_article_and_follow_bandwidth() -> None:
     from gpufleet.gpuclasses import BASE_WEIGHTS, CLASSES
 
-    # Article 001's numbers are the contract; every other class comes from one measure.
+    # The gateway article's A10/A100/H100 numbers (docs/sources.md) are the contract; every other
+    # class comes from one measure.
     assert (BASE_WEIGHTS["A10"], BASE_WEIGHTS["A100"], BASE_WEIGHTS["H100"]) == (100, 220, 380)
     assert BASE_WEIGHTS["B200"] > BASE_WEIGHTS["H200"] > BASE_WEIGHTS["H100"] > BASE_WEIGHTS["A100"]
     assert BASE_WEIGHTS["L4"] < BASE_WEIGHTS["A10"] < BASE_WEIGHTS["L40S"] < BASE_WEIGHTS["A100"]

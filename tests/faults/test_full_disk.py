@@ -1,4 +1,4 @@
-"""A full log disk must never take serving down (issue 14, item 2).
+"""A full log disk must never take serving down.
 
 Each scenario puts a log on a real tmpfs mount of a few hundred KiB, fills it to the last byte
 (and, for the start-up case, the last inode), and checks what users and operators see: every

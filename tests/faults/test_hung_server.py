@@ -1,4 +1,4 @@
-"""A hung model server under traffic, with a healthy sibling (issue 14, item 6).
+"""A hung model server under traffic, with a healthy sibling.
 
 Two ways a server hangs: frozen whole (SIGSTOP: a debugger, a stalled container; the kernel
 still accepts connections, nothing answers, probes included), and a wedged engine behind a live

@@ -4,7 +4,7 @@ One agent runs several instances of the real server, each set up to show one thi
 instance with the defaults, an embeddings instance, one that requires an API key, one on a CPU
 quota, one with a small shared KV cache, and a ``command`` instance of a server without
 ``/health``. Clients are the official ``openai`` SDK through the agent's proxy. Each mismatch
-found between our backend and the real server (issue 13) has a regression test here.
+found between our backend and the real server has a regression test here.
 """
 
 from __future__ import annotations

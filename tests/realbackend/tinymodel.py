@@ -7,7 +7,7 @@ vocabulary that has the 256 byte-fallback tokens, so any text tokenizes, and a C
 template, so `/v1/chat/completions` works. Its output is random tokens.
 
 ``context_length`` is what the model *declares* as its training context: llama-server sizes its
-KV cache from it unless told otherwise (issue 13, mismatch 2), so tests declare a large one.
+KV cache from it unless told otherwise, so tests declare a large one.
 """
 
 from __future__ import annotations
