@@ -107,8 +107,7 @@ class GpuSection(StrictSection):
     utilization_smoothing: Fraction = 0.3
 
     def __post_init__(self) -> None:
-        if self.probe_timeout_s is not None:  # the deprecated name (load_config refuses both at once)
-            self.nvml_timeout_s = self.probe_timeout_s
+        _apply_renamed_keys(self, "gpu")
 
 
 class SupervisorSection(StrictSection):
@@ -200,10 +199,19 @@ class ProxySection(StrictSection):
     # warning says to remove it.
     upstream_keepalive: Annotated[int, Meta(ge=0)] | None = None
     limits: dict[str, ModelLimit] = {}  # per model (the name clients ask for)
-    routes: list[TaskRoute] = []  # task routes: a kind of request to a group of the model's instances
+    # Task routes: a kind of request (image, document, text) to a group of the model's instances.
+    task_routes: list[TaskRoute] = []
     # When the instances a task route names are not READY, use any READY instance of the model.
-    route_fallback: bool = True
+    task_route_fallback: bool = True
+    # Deprecated name of task_routes ("routes" alone is the cluster's route table). Still
+    # accepted, with a warning; giving both names is an error.
+    routes: list[TaskRoute] | None = None
+    # Deprecated name of task_route_fallback. Still accepted, with a warning; both is an error.
+    route_fallback: bool | None = None
     access_log: bool = True  # one log line per proxied request
+
+    def __post_init__(self) -> None:
+        _apply_renamed_keys(self, "proxy")
 
 
 class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
@@ -356,7 +364,7 @@ class AgentConfig(msgspec.Struct, kw_only=True):
 # their running value until a restart and the reload says so (like Patroni's pending_restart).
 # [agent]: the listen socket, paths, token file and log setup are made once; [gpu]: the GPU
 # source is opened once; [cluster]: the etcd client, lease and watches are made once; [api]: the
-# listener's limits are set when it opens; [proxy]: whether its routes exist, the app's body
+# listener's limits are set when it opens; [proxy]: whether its HTTP routes exist, the app's body
 # limit and the upstream session (connect timeout) are built once; keep_servers_on_restart is
 # given to systemd's fd store at start-up. The rest of [supervisor] and [proxy], [models],
 # [degradation] and the instances apply live.
@@ -459,9 +467,29 @@ def validate(cfg: AgentConfig, decoded: Collection[str] | None = None) -> list[C
     return out
 
 
-# Keys renamed so that one name means one thing: section -> {deprecated name: name}. The old
-# name still loads (config_warnings says to rename it); both in one section is an error.
-RENAMED_KEYS = {"gpu": {"probe_timeout_s": "nvml_timeout_s"}}
+# Keys renamed so that one name means one thing: section -> {deprecated name: (name, why)}. The
+# old name still loads and sets the new one (config_warnings says to rename it); both at once is
+# an error. The Struct keeps the old field, None unless given, so the warning can be told.
+RENAMED_KEYS: dict[str, dict[str, tuple[str, str]]] = {
+    "gpu": {
+        "probe_timeout_s": (
+            "nvml_timeout_s",
+            "the NVML read deadline; [supervisor] probe_timeout_s is the health probe's timeout",
+        ),
+    },
+    "proxy": {
+        "routes": ("task_routes", "routes alone is the cluster's route table"),
+        "route_fallback": ("task_route_fallback", "the fallback of the task routes"),
+    },
+}
+
+
+def _apply_renamed_keys(section: msgspec.Struct, name: str) -> None:
+    """A deprecated key that was given sets the key it was renamed to (see RENAMED_KEYS)."""
+    for old, (new, _) in RENAMED_KEYS[name].items():
+        value = getattr(section, old)
+        if value is not None:
+            setattr(section, new, value)
 
 
 def renamed_key_problems(data: dict[str, object]) -> list[ConfigProblem]:
@@ -469,7 +497,7 @@ def renamed_key_problems(data: dict[str, object]) -> list[ConfigProblem]:
     out = []
     for section, renames in RENAMED_KEYS.items():
         raw = data.get(section)
-        for old, new in renames.items():
+        for old, (new, _) in renames.items():
             if isinstance(raw, dict) and old in raw and new in raw:
                 out.append(
                     ConfigProblem(f"$.{section}.{old}", f"is the deprecated name of {new}, also given: keep only {new}")
@@ -494,14 +522,10 @@ def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
             )
     if cfg.proxy.upstream_keepalive is not None:
         out.append(ConfigProblem("$.proxy.upstream_keepalive", "has no effect and is deprecated: remove it"))
-    if cfg.gpu.probe_timeout_s is not None:
-        out.append(
-            ConfigProblem(
-                "$.gpu.probe_timeout_s",
-                "is deprecated: rename it nvml_timeout_s (the NVML read deadline; "
-                "[supervisor] probe_timeout_s is the health probe's timeout)",
-            )
-        )
+    for section, renames in RENAMED_KEYS.items():
+        for old, (new, why) in renames.items():
+            if getattr(getattr(cfg, section), old) is not None:
+                out.append(ConfigProblem(f"$.{section}.{old}", f"is deprecated: rename it {new} ({why})"))
     return out
 
 
@@ -672,15 +696,16 @@ def cluster_problems(cfg: AgentConfig) -> list[ConfigProblem]:
 def proxy_problems(cfg: AgentConfig) -> list[ConfigProblem]:
     out = []
     by_name = {i.name: i for i in cfg.instances}
-    for j, route in enumerate(cfg.proxy.routes):
+    key = "routes" if cfg.proxy.routes is not None else "task_routes"  # as the file names them
+    for j, route in enumerate(cfg.proxy.task_routes):
         for name in route.instances:
             inst = by_name.get(name)
             if inst is None:
-                out.append(ConfigProblem(f"$.proxy.routes[{j}].instances", f"no instance named {name!r}"))
+                out.append(ConfigProblem(f"$.proxy.{key}[{j}].instances", f"no instance named {name!r}"))
             elif inst.client_model != route.model:
                 out.append(
                     ConfigProblem(
-                        f"$.proxy.routes[{j}].instances",
+                        f"$.proxy.{key}[{j}].instances",
                         f"{name!r} serves {inst.client_model!r}, not {route.model!r}",
                     )
                 )

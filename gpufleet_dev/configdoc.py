@@ -246,7 +246,7 @@ def _cell(text: str) -> str:
 def _html_safe(text: str) -> str:
     """``<node_id>`` outside a code span would be read as an HTML tag and vanish."""
     parts = text.split("`")
-    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
+    return "`".join(p if i % 2 else re.sub(r"<(?=[A-Za-z/!?])", "&lt;", p) for i, p in enumerate(parts))
 
 
 def render_section(s: Section, restart_only: Collection[str] = ()) -> list[str]:

@@ -624,3 +624,36 @@ def test_check_config_warns_of_the_deprecated_nvml_timeout_name(tmp_path: Path) 
     res = run_agent("check-config", str(f))
     assert res.returncode == 0, res.stderr
     assert f"{f}: warning: $.gpu.probe_timeout_s: is deprecated: rename it nvml_timeout_s" in res.stderr
+
+
+def test_task_routes_and_their_deprecated_names(tmp_path: Path) -> None:
+    """[proxy] routes / route_fallback are the task routes: renamed task_routes /
+    task_route_fallback, since "routes" alone is the cluster's route table. The old names still
+    load, warn, and name themselves in problems; both names at once is an error."""
+    from agent.config import config_warnings
+
+    inst = '[[instances]]\nname = "a"\nbackend = "vllm"\nmodel = "m"\n'
+    route = 'model = "m"\ntask = "image"\ninstances = ["{}"]\n'
+    f = tmp_path / "agent.toml"
+    f.write_text(BASE + inst + "[proxy]\ntask_route_fallback = false\n[[proxy.task_routes]]\n" + route.format("a"))
+    cfg = load_config(f)
+    assert [r.instances for r in cfg.proxy.task_routes] == [["a"]] and cfg.proxy.task_route_fallback is False
+    assert config_warnings(cfg) == []
+    f.write_text(BASE + inst + "[proxy]\nroute_fallback = false\n[[proxy.routes]]\n" + route.format("a"))
+    cfg = load_config(f)
+    assert [r.instances for r in cfg.proxy.task_routes] == [["a"]] and cfg.proxy.task_route_fallback is False
+    assert [w.format(f) for w in config_warnings(cfg)] == [
+        f"{f}: $.proxy.routes: is deprecated: rename it task_routes (routes alone is the cluster's route table)",
+        f"{f}: $.proxy.route_fallback: is deprecated: rename it task_route_fallback (the fallback of the task routes)",
+    ]
+    assert problems(tmp_path, BASE + inst + "[[proxy.routes]]\n" + route.format("b")) == [
+        f"{f}: $.proxy.routes[0].instances: no instance named 'b'"
+    ]
+    assert problems(tmp_path, BASE + inst + "[[proxy.task_routes]]\n" + route.format("b")) == [
+        f"{f}: $.proxy.task_routes[0].instances: no instance named 'b'"
+    ]
+    both = "[proxy]\nroute_fallback = true\ntask_route_fallback = false\n"
+    assert problems(tmp_path, BASE + inst + both) == [
+        f"{f}: $.proxy.route_fallback: is the deprecated name of task_route_fallback, also given: "
+        "keep only task_route_fallback"
+    ]

@@ -311,15 +311,15 @@ async def test_task_routes_send_images_to_their_group(tmp_path: Path) -> None:
     port = free_port()
     inst = "".join(instance_toml(n, model="vl") for n in ("vl-img", "vl-doc", "vl-any"))
     routes = """
-[[proxy.routes]]
+[[proxy.task_routes]]
 model = "vl"
 task = "image"
 instances = ["vl-img"]
-[[proxy.routes]]
+[[proxy.task_routes]]
 model = "vl"
 task = "document"
 instances = ["vl-doc"]
-[[proxy.routes]]
+[[proxy.task_routes]]
 model = "vl"
 task = "text"
 instances = ["vl-any"]

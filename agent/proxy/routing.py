@@ -56,8 +56,9 @@ def classify_task(body: bytes) -> Task:
     return "text"
 
 
-def route_group(routes: Iterable[TaskRoute], model: str, task: Task) -> list[str] | None:
-    for r in routes:
+def task_route_group(task_routes: Iterable[TaskRoute], model: str, task: Task) -> list[str] | None:
+    """The instances the first task route for (model, task) names; None: no route applies."""
+    for r in task_routes:
         if r.model == model and r.task == task:
             return r.instances
     return None

@@ -46,7 +46,7 @@ from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
 from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_node_leaves
-from .routing import Picker, classify_task, route_group
+from .routing import Picker, classify_task, task_route_group
 
 if TYPE_CHECKING:
     from agent.daemon import AgentRuntime
@@ -194,7 +194,8 @@ class Proxy:
         plan = Plan(serving=serving, route=None)
         if route is not None and hops_of(request.headers.get(HOPS_HEADER)) < MAX_HOPS:
             plan.route = route
-        plan.group = route_group(self.cfg.routes, head.model, classify_task(body)) if self.cfg.routes else None
+        task_routes = self.cfg.task_routes
+        plan.group = task_route_group(task_routes, head.model, classify_task(body)) if task_routes else None
         gate = self.gate(head.model) if serving else None
         if plan.route is not None and self.remote.candidates(plan.route, self._own_classes(), set()):
             # Remote capacity exists: a drained node sends new work away, and a saturated
@@ -267,7 +268,7 @@ class Proxy:
         ready = [i for i in plan.serving if i.name not in tried and i.routable(suspect_ok=suspect_ok)]
         if plan.group is not None:
             grouped = [i for i in ready if i.name in plan.group]
-            ready = grouped if grouped or not self.cfg.route_fallback else ready
+            ready = grouped if grouped or not self.cfg.task_route_fallback else ready
         return self.picker.pick(ctx.model or "", ready)
 
     def _loop_deadline(self, ctx: Ctx, phase_s: float | None = None) -> float:
