@@ -1,23 +1,16 @@
-"""Helpers shared by the benchmarks (free ports, process CPU, percentiles)."""
+"""Helpers shared by the benchmarks (process CPU, percentiles, etcd); free ports and processes come
+from the local-fleet harness (gpufleet_dev.localfleet), re-exported here."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
+from gpufleet_dev.localfleet import EtcdMember, FleetError, NoEtcd, free_port  # noqa: F401  (free_port: re-exported)
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -31,26 +24,19 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def start_etcd(data_dir: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A single-member etcd on free loopback ports; returns (process, client URL) once it answers."""
-    etcd_bin = shutil.which("etcd") or sys.exit("no etcd on PATH (run scripts/bootstrap)")
-    cport, pport = free_port(), free_port()
-    url, peer = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
-    proc = subprocess.Popen(
-        [etcd_bin, "--data-dir", data_dir, "--listen-client-urls", url, "--advertise-client-urls", url,
-         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"default={peer}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    sys.exit("etcd did not start")
+def start_etcd(data_dir: str) -> tuple[EtcdMember, str]:
+    """A single-member etcd of the local-fleet harness on free loopback ports, its data and log
+    under ``data_dir``; returns (member, client URL) once it is healthy. Stop it with ``stop()``."""
+    try:
+        member = EtcdMember("bench", Path(data_dir)).start()
+    except NoEtcd as e:
+        sys.exit(f"{e} (run scripts/bootstrap)")
+    try:
+        member.wait_healthy_sync(30)
+    except FleetError as e:
+        member.kill()
+        sys.exit(f"etcd did not start: {e}")
+    return member, member.client_url
 
 
 def etcd_puts(url: str) -> float:

@@ -172,12 +172,12 @@ def main() -> None:
     args = ap.parse_args()
     configure_logging("console", "warning")
     with tempfile.TemporaryDirectory() as d:
-        proc, url = start_etcd(d)
+        etcd, url = start_etcd(d)
         try:
             results = []
             for n in args.agents:
                 for naive in (False, True):
-                    results.append(asyncio.run(run(n, args.seconds, url, proc.pid, naive)))
+                    results.append(asyncio.run(run(n, args.seconds, url, etcd.pid, naive)))
             print(
                 json.dumps(
                     {
@@ -191,8 +191,7 @@ def main() -> None:
                 )
             )
         finally:
-            proc.terminate()
-            proc.wait(10)
+            etcd.stop()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +73,8 @@ from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, decode, encode
 from gpufleet.keyspace.records import GpuRecord, InstanceLoad, InstanceRecord, NodeRecord, RouteRecord
 from gpufleet.logsetup import configure_logging
+from gpufleet_dev.localetcd import ETCD_BIN, EtcdMember
+from gpufleet_dev.localfleet import Daemon, get_json, wait_for
 
 CLUSTER = "bench"
 KEYS = Keyspace(CLUSTER)
@@ -90,75 +91,36 @@ ARTICLE_001_MEAN_RECOVERY_S = 23.0
 # --- processes ---------------------------------------------------------------------------------
 
 
-class Proc:
-    """A daemon in its own session (so its whole group can be killed), output to a log file."""
+class Proc(Daemon):
+    """A daemon of the local-fleet harness in its own session, from a fixed argv. Signals go to the
+    daemon alone: its model servers must die by the daemon's own lifelines, as in production;
+    ``stop()`` then SIGKILLs whatever is left in the session."""
+
+    stop_timeout = 40.0
 
     def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name, self.argv, self.log_path = name, argv, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(log_path, new_session=True)
+        self.name, self._argv = name, argv
 
-    def start(self) -> Proc:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
+    def argv(self) -> list[str]:
+        return list(self._argv)
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def send(self, sig: int) -> None:
+        if self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    signal = send
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.running()
 
-    def check(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.pid, sig)
-
-    def stop(self, timeout: float = 40.0) -> None:
-        """SIGTERM (after SIGCONT), SIGKILL if it lingers; then SIGKILL whatever is left in its group."""
+    def stop(self, timeout: float | None = None) -> None:
         if self.proc is None:
             return
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait()
+        super().stop(timeout)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)  # the session we created; empty unless something forked
-
-
-def get_json(url: str, timeout: float = 2.0) -> dict[str, Any]:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def wait_for(cond: Any, timeout: float, what: str, procs: list[Proc] = (), interval: float = 0.05) -> Any:  # type: ignore[assignment]
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        for p in procs:
-            p.check()
-        try:
-            last = cond()
-            if last:
-                return last
-        except OSError as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -199,7 +161,7 @@ class Fleet:
     tmp: Path
     python: str
     etcd_url: str = ""
-    etcd: Proc | None = None
+    etcd: EtcdMember | None = None
     agents: dict[str, Agent] = field(default_factory=dict)
     coords: dict[str, Coordinator] = field(default_factory=dict)
     model_pids: set[int] = field(default_factory=set)  # every simulated server seen; checked at the end
@@ -207,18 +169,12 @@ class Fleet:
     # etcd -------------------------------------------------------------------------------------
 
     def start_etcd(self) -> None:
-        etcd_bin = shutil.which("etcd") or sys.exit("no etcd on PATH (run scripts/bootstrap)")
-        cport, pport = free_port(), free_port()
-        self.etcd_url = f"http://127.0.0.1:{cport}"
-        peer = f"http://127.0.0.1:{pport}"
-        argv = [
-            etcd_bin, "--name", "bench", "--data-dir", str(self.tmp / "etcd-data"),
-            "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"bench={peer}", "--initial-cluster-state", "new",
-        ]  # fmt: skip
-        self.etcd = Proc("etcd", argv, self.tmp / "etcd.log").start()
-        wait_for(lambda: get_json(self.etcd_url + "/health").get("health") == "true", 30, "etcd healthy", [self.etcd])
+        """A member of the local-fleet harness (data and log under tmp/bench*)."""
+        if ETCD_BIN is None:
+            sys.exit("no etcd on PATH (run scripts/bootstrap)")
+        self.etcd = EtcdMember("bench", self.tmp, new_session=True).start()
+        self.etcd_url = self.etcd.client_url
+        self.etcd.wait_healthy_sync(30)
 
     # agents -----------------------------------------------------------------------------------
 

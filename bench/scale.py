@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,20 +44,19 @@ from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, decode
 from gpufleet.keyspace.records import NodeRecord
 from gpufleet.logsetup import configure_logging
+from gpufleet_dev.localfleet import CoordinatorProcess
 
 CLUSTER = "scale"
 MODEL = "qwen3-32b"
 HOT_C = 88.0
 
 
-def start_coordinator(tmp: Path, ident: str, url: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_coordinator(tmp: Path, ident: str, url: str) -> tuple[CoordinatorProcess, int]:
+    """A coordinator of the local-fleet harness with the defaults of a deployment (warnings only)."""
     port = free_port()
-    cfg = tmp / f"{ident}.toml"
     coordinator = {"id": ident, "listen_port": port, "log_format": "json", "log_level": "warning"}
-    cfg.write_text(tomlwrite.dumps({"coordinator": coordinator, "etcd": {"endpoints": [url], "cluster": CLUSTER}}))
-    log = open(tmp / f"{ident}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "--config", str(cfg)], stdout=log, stderr=log)
-    return proc, port
+    text = tomlwrite.dumps({"coordinator": coordinator, "etcd": {"endpoints": [url], "cluster": CLUSTER}})
+    return CoordinatorProcess(tmp, ident, [url], CLUSTER, port=port, config_text=text).start(), port
 
 
 def leader_of(ports: dict[str, int]) -> str | None:
@@ -192,8 +190,7 @@ async def run(args: argparse.Namespace, url: str, etcd_pid: int, tmp: Path) -> d
         for c in mirrors_clients:
             await c.__aexit__(None, None, None)
         for p in procs.values():
-            p.terminate()
-            p.wait(20)
+            p.stop()
 
 
 def main() -> None:
@@ -205,12 +202,11 @@ def main() -> None:
     args = ap.parse_args()
     configure_logging("console", "warning")
     with tempfile.TemporaryDirectory() as d:
-        proc, url = start_etcd(d + "/etcd")
+        etcd, url = start_etcd(d + "/etcd")
         try:
-            print(json.dumps(asyncio.run(run(args, url, proc.pid, Path(d))), indent=2))
+            print(json.dumps(asyncio.run(run(args, url, etcd.pid, Path(d))), indent=2))
         finally:
-            proc.terminate()
-            proc.wait(10)
+            etcd.stop()
 
 
 if __name__ == "__main__":

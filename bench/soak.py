@@ -86,6 +86,7 @@ from failover import (
 
 from gpufleet.etcd import EtcdClient
 from gpufleet.logsetup import configure_logging
+from gpufleet_dev.localfleet import Daemon
 
 VICTIMS = ["a100-1", "a100-2", "a100-3"]
 WATCHED_AGENTS = [ENTRY, "h100-1"]  # never killed: their memory series span the whole run
@@ -208,12 +209,12 @@ class Soak:
 
     async def sample_memory(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            procs: list[tuple[str, Proc | None]] = [("etcd", self.fleet.etcd)]
+            procs: list[tuple[str, Daemon | None]] = [("etcd", self.fleet.etcd)]
             procs += [(f"agent {n}", self.fleet.agents[n].proc) for n in WATCHED_AGENTS]
             procs += [(f"coordinator {c.ident}", c.proc) for c in self.fleet.coords.values()]
             for name, p in procs:
-                if p is not None and p.alive():
-                    with contextlib.suppress(OSError, StopIteration):  # it may die between alive() and the read
+                if p is not None and p.running():
+                    with contextlib.suppress(OSError, StopIteration):  # it may die between running() and the read
                         rss, pss = memory_mb(p.pid)
                         self.memory.setdefault((name, p.pid), []).append((time.time(), rss, pss, cpu_seconds(p.pid)))
             with contextlib.suppress(TimeoutError):

@@ -21,6 +21,8 @@ from typing import Any
 
 import nspawn
 
+from gpufleet_dev.fleetconfig import SIM_LAUNCHER_ARGV
+
 ANSIBLE_DIR = nspawn.ROOT / "ansible"
 BIN = Path(sys.executable).parent
 RECAP = re.compile(
@@ -60,6 +62,28 @@ class Recap:
         return out
 
 
+def simulated_vars(**qwen: Any) -> dict[str, Any]:
+    """The fleet every test deployment runs, in inventory variables: one simulated A100 and the
+    simulated vLLM server ``qwen-a`` serving MODEL on it (``qwen``: more of that instance's
+    fields). The one place for them: the booted-hosts tests and the local-root test both start here."""
+    instance = {
+        "name": "qwen-a",
+        "backend": "vllm",
+        "launcher": SIM_LAUNCHER_ARGV,
+        "model": "/mnt/models/Qwen2.5-7B-Instruct",
+        "served_model_name": MODEL,
+        "gpus": [0],
+        "gpu_memory_fraction": 0.4,
+        **qwen,
+    }
+    return {
+        "gpufleet_gpu_source": "simulated",
+        "gpufleet_agent_simulated_gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_total_gib": 80}],
+        "gpufleet_agent_instances": [instance],
+        "gpufleet_agent_settings": {"supervisor": {"startup_timeout_s": 120}},
+    }
+
+
 def default_vars(workdir: Path, wheel: Path) -> dict[str, Any]:
     """Inventory variables of the test deployment: simulated GPUs and vLLM servers, the local
     package sources, a short watchdog so the watchdog test does not wait 30 s + abort."""
@@ -71,21 +95,7 @@ def default_vars(workdir: Path, wheel: Path) -> dict[str, Any]:
         "gpufleet_pip_extra_args": f"--no-index --find-links {nspawn.WHEELS_MOUNT}",
         "gpufleet_etcd_password": ETCD_PASSWORD,
         "gpufleet_etcd_root_password": ETCD_ROOT_PASSWORD,
-        "gpufleet_gpu_source": "simulated",
-        "gpufleet_agent_simulated_gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_total_gib": 80}],
-        "gpufleet_agent_instances": [
-            {
-                "name": "qwen-a",
-                "backend": "vllm",
-                "launcher": ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"],
-                "model": "/mnt/models/Qwen2.5-7B-Instruct",
-                "served_model_name": MODEL,
-                "gpus": [0],
-                "gpu_memory_fraction": 0.4,
-                "args": ["--tokens-per-second", "200"],
-            }
-        ],
-        "gpufleet_agent_settings": {"supervisor": {"startup_timeout_s": 120}},
+        **simulated_vars(args=["--tokens-per-second", "200"]),
         "gpufleet_agent_ready_timeout_s": 300,
         "gpufleet_agent_unit_overrides": {"WatchdogSec": 15},
     }

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 import pytest
+from playbook import MODEL, simulated_vars
+
+from gpufleet_dev.localfleet import Daemon, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
@@ -57,10 +59,23 @@ pytestmark = [
 RECAP = re.compile(r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class RoleEtcd(Daemon):
+    """etcd as the role configured it: no flags, its settings from the environment file the role
+    wrote (TLS, client certificate auth), and nothing else from ours."""
+
+    name = "etcd"
+
+    def __init__(self, base: Path, env_file: Path) -> None:
+        super().__init__(base / "etcd.log")
+        self.env = {"PATH": os.environ.get("PATH", "")}
+        for line in env_file.read_text().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                self.env[key] = value.strip('"')
+
+    def argv(self) -> list[str]:
+        assert ETCD is not None
+        return [ETCD]
 
 
 class Deployment:
@@ -70,14 +85,19 @@ class Deployment:
         self.pki = base / "pki"
         self.inventory = base / "inventory.ini"
         self.vars_file = base / "vars.json"
-        self.etcd_proc: subprocess.Popen | None = None
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
+        self.etcd: RoleEtcd | None = None
+        self.client_port = free_port()
+        self.peer_port = free_port()
         self.timings: dict[str, float] = {}
 
     def write(self, wheel: Path, configure_auth: bool) -> None:
         host = f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}"
         self.inventory.write_text("".join(f"[{group}]\n{host}\n" for group in ("etcd", "coordinators", "gpu_nodes")))
+        fleet = simulated_vars(warmup={"prompt": 'Say "hi"', "max_tokens": 2})
+        fleet["gpufleet_agent_instances"].append(
+            {"name": "embed", "backend": "vllm", "model": "/mnt/models/bge-m3", "warmup": {"kind": "embedding"}}
+        )
+        fleet["gpufleet_agent_settings"]["proxy"] = {"limits": {MODEL: {"max_concurrency": 4, "max_queue": 8}}}
         variables = {
             "gpufleet_root": str(self.root),
             "gpufleet_manage_services": False,
@@ -96,25 +116,7 @@ class Deployment:
             "gpufleet_cluster": "ci",
             "gpufleet_etcd_password": "gpufleet-secret",
             "gpufleet_etcd_root_password": "root-secret",
-            "gpufleet_gpu_source": "simulated",
-            "gpufleet_agent_simulated_gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_total_gib": 80}],
-            "gpufleet_agent_instances": [
-                {
-                    "name": "qwen-a",
-                    "backend": "vllm",
-                    "launcher": ["{python}", "-m", "gpufleet_dev.simulated_server", "serve"],
-                    "model": "/mnt/models/Qwen2.5-7B-Instruct",
-                    "served_model_name": "qwen2.5-7b",
-                    "gpus": [0],
-                    "gpu_memory_fraction": 0.4,
-                    "warmup": {"prompt": 'Say "hi"', "max_tokens": 2},
-                },
-                {"name": "embed", "backend": "vllm", "model": "/mnt/models/bge-m3", "warmup": {"kind": "embedding"}},
-            ],
-            "gpufleet_agent_settings": {
-                "supervisor": {"startup_timeout_s": 120},
-                "proxy": {"limits": {"qwen2.5-7b": {"max_concurrency": 4, "max_queue": 8}}},
-            },
+            **fleet,
             "gpufleet_coordinator_settings": {"weights": {"base": {"A100": 220, "H100": 380}}},
         }
         self.vars_file.write_text(json.dumps(variables))
@@ -139,18 +141,11 @@ class Deployment:
         return {"ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed}, out
 
     def start_etcd(self) -> None:
-        env = {"PATH": os.environ.get("PATH", "")}
-        for line in (self.root / "etc/default/etcd").read_text().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                env[key] = value.strip('"')
-        with open(self.base / "etcd.log", "wb") as log:
-            self.etcd_proc = subprocess.Popen([ETCD], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.etcd = RoleEtcd(self.base, self.root / "etc/default/etcd").start()
 
     def stop_etcd(self) -> None:
-        if self.etcd_proc is not None and self.etcd_proc.poll() is None:
-            self.etcd_proc.kill()
-            self.etcd_proc.wait(timeout=10)
+        if self.etcd is not None:
+            self.etcd.kill()
 
 
 @pytest.fixture(scope="module")
