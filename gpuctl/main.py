@@ -118,12 +118,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def show_status(etcd: str) -> None:
         ns = argparse.Namespace(**{**vars(args), "etcd": etcd, "cluster": CLUSTER, "output": "table"})
         run_etcd(cmd_cluster_status, ns)
+        print(
+            "(WEIGHT SUM: a node's endpoint weights added up over every model it serves; the route table\n"
+            " gives each endpoint's own weight, its share of that model's traffic)",
+            flush=True,
+        )
 
     return run_cluster_demo(args.base_port, args.duration, args.chaos, show_status)
 
 
 def cmd_demo_standalone(args: argparse.Namespace) -> int:
-    from gpufleet_dev.demo import run_standalone_demo
+    from gpufleet_dev.demo_standalone import run_standalone_demo
 
     config = Path(args.config)
     if not config.exists():
@@ -242,7 +247,7 @@ async def cmd_cluster_status(etcd: EtcdClient, keys: Keyspace, args: argparse.Na
             ]
             for r in node_rows
         ],
-        ["NODE", "CLASSES", "TEMP", "UTIL", "STATE", "WEIGHT"],
+        ["NODE", "CLASSES", "TEMP", "UTIL", "STATE", "WEIGHT SUM"],
     )
     text = f"cluster {keys.cluster}  leader: {lead}\n\n{table}\n\n" + (format_routes(routes) if routes else "no routes")
     emit(args, doc, text)
