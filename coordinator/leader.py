@@ -169,8 +169,8 @@ class Leader:
         self._changed.set()
 
     async def run(self) -> None:
-        models, assignments = self.placer.mirrors()
-        async with self.nodes, self.drains, self.routes, models, assignments, self.policy_mirror:
+        registry, assignments = self.placer.mirrors()
+        async with self.nodes, self.drains, self.routes, registry, assignments, self.policy_mirror:
             next_sample = 0.0
             while True:
                 wake = next_sample

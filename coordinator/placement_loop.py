@@ -42,7 +42,7 @@ class Placer:
         self.keys = keys
         self.election = election
         self.metrics = metrics
-        self.models = KeyMirror(etcd, keys.models, on_change=on_change)
+        self.registry_mirror = KeyMirror(etcd, keys.models, on_change=on_change)  # /models/: the registry
         self.assignments = KeyMirror(etcd, keys.assignments)
         self.plan: PlacementPlan | None = None
         # This term's own writes, until the mirror shows them (as the leader does for routes).
@@ -60,7 +60,7 @@ class Placer:
         self._next_run = float("-inf")
 
     def mirrors(self) -> tuple[KeyMirror, KeyMirror]:
-        return self.models, self.assignments
+        return self.registry_mirror, self.assignments
 
     def start_term(self) -> None:
         self._registry_revision = -1  # revisions of an older history (etcd restored) must not match
@@ -71,7 +71,7 @@ class Placer:
 
     def registry(self) -> dict[str, ModelRecord]:
         out = {}
-        for key, kv in self.models.data.items():
+        for key, kv in self.registry_mirror.data.items():
             rec = decode_or_skip(key, kv.value, ModelRecord, kv.mod_revision)
             if rec is None:
                 continue
@@ -100,63 +100,92 @@ class Placer:
     async def step(self, views: dict[str, NodeView], epoch: int, now: float) -> list[str]:
         """Place, write what changed; returns the log lines of what moved.
 
-        Runs at most every ``interval_s``, or at once when the registry changed. ``place`` runs
-        in a worker thread: it is pure, its inputs are fresh dicts of immutable records, and the
-        event loop keeps renewing the leader lease while it computes."""
-        if not self.cfg.enabled:
-            return []
+        Runs at most every ``interval_s``, or at once when the registry changed."""
         mono = time.monotonic()
-        registry_changed = self.models.revision != self._registry_revision
-        if not registry_changed and mono < self._next_run:
+        if not self.cfg.enabled or not self._due(mono):
             return []
-        self._registry_revision = self.models.revision
         current = self.current()
+        self._view_unknown_nodes(views, current, now)
+        plan = await self._place(views, current, now, mono)
+        wall = time.time()
+        status = PlacementRecord(epoch=epoch, updated_at=wall, models=[plan.status[m] for m in sorted(plan.status)])
+        prev = self._status_written
+        ops = self._assignment_ops(plan, current, epoch, wall)
+        if prev is None or prev.models != status.models or prev.epoch != epoch:
+            ops.append(Op.put(self.keys.placement, encode(status)))
+        await self.election.guarded_writes(ops)
+        self._wrote(plan, current, status, len(ops))
+        _log_plan(plan, prev, epoch)
+        return plan.moved
+
+    def _due(self, mono: float) -> bool:
+        """Whether a pass runs now: the registry changed, or ``interval_s`` (stretched after a long
+        pass) is over."""
+        if self.registry_mirror.revision == self._registry_revision and mono < self._next_run:
+            return False
+        self._registry_revision = self.registry_mirror.revision
+        return True
+
+    def _view_unknown_nodes(
+        self, views: dict[str, NodeView], current: dict[str, list[AssignedInstance]], now: float
+    ) -> None:
+        """A node holding assignments but gone before this term began is DOWN since we noticed."""
         for node in current:
-            if node not in views:  # assigned, but gone before this term began: DOWN since we noticed
+            if node not in views:
                 since = self._unknown_since.setdefault(node, now)
                 views[node] = NodeView(record=None, state="DOWN", down_since=since)
             else:
                 self._unknown_since.pop(node, None)
+
+    async def _place(
+        self, views: dict[str, NodeView], current: dict[str, list[AssignedInstance]], now: float, started: float
+    ) -> PlacementPlan:
+        """``place`` in a worker thread: it is pure, its inputs are fresh dicts of immutable
+        records, and the event loop keeps renewing the leader lease while it computes."""
         plan = await asyncio.to_thread(place, self.registry(), views, current, now, self.policy)
-        took = time.monotonic() - mono
+        took = time.monotonic() - started
         # A pass that took long (a huge fleet, models that fit nowhere: every node scanned for
         # each) waits 4× its duration, so placement never takes more than a fifth of a core.
-        self._next_run = mono + max(self.cfg.interval_s, 5 * took)
+        self._next_run = started + max(self.cfg.interval_s, 5 * took)
         self.metrics.placement_seconds.observe(took)
         self.plan = plan
+        return plan
+
+    def _assignment_ops(
+        self, plan: PlacementPlan, current: dict[str, list[AssignedInstance]], epoch: int, wall: float
+    ) -> list[Op]:
+        """A put for each node whose assignments changed, a delete for each that has none left."""
         ops: list[Op] = []
-        wall = time.time()
         for node in sorted(set(current) | set(plan.assignments)):
             want = plan.assignments.get(node, [])
             if want == current.get(node, []):
                 continue
             if want:
-                ops.append(
-                    Op.put(
-                        self.keys.assignment(node),
-                        encode(AssignmentRecord(node=node, epoch=epoch, updated_at=wall, instances=want)),
-                    )
-                )
+                rec = AssignmentRecord(node=node, epoch=epoch, updated_at=wall, instances=want)
+                ops.append(Op.put(self.keys.assignment(node), encode(rec)))
             else:
                 ops.append(Op.delete(self.keys.assignment(node)))
-        status = PlacementRecord(epoch=epoch, updated_at=wall, models=[plan.status[m] for m in sorted(plan.status)])
-        prev = self._status_written
-        if prev is None or prev.models != status.models or prev.epoch != epoch:
-            ops.append(Op.put(self.keys.placement, encode(status)))
-        await self.election.guarded_writes(ops)
+        return ops
+
+    def _wrote(
+        self, plan: PlacementPlan, current: dict[str, list[AssignedInstance]], status: PlacementRecord, writes: int
+    ) -> None:
+        """Remember this term's writes until the mirror shows them; update the metrics."""
         for node in set(current) | set(plan.assignments):
             self._written[node] = plan.assignments.get(node, [])
         self._status_written = status
-        unplaced = sum(s.unplaced for s in plan.status.values())
-        self.metrics.unplaced_replicas.set(unplaced)
-        if ops:
-            self.metrics.assignment_writes.inc(len(ops))
-        for line in plan.moved:
-            log.info("placement", change=line, epoch=epoch)
-        for s in plan.status.values():
-            if s.unplaced and (prev is None or _reasons(prev, s.model) != s.reasons):
-                log.warning("replicas cannot be placed", model=s.model, unplaced=s.unplaced, reasons=s.reasons)
-        return plan.moved
+        self.metrics.unplaced_replicas.set(sum(s.unplaced for s in plan.status.values()))
+        if writes:
+            self.metrics.assignment_writes.inc(writes)
+
+
+def _log_plan(plan: PlacementPlan, prev: PlacementRecord | None, epoch: int) -> None:
+    """Every move; a model that cannot be placed, when its reasons changed."""
+    for line in plan.moved:
+        log.info("placement", change=line, epoch=epoch)
+    for s in plan.status.values():
+        if s.unplaced and (prev is None or _reasons(prev, s.model) != s.reasons):
+            log.warning("replicas cannot be placed", model=s.model, unplaced=s.unplaced, reasons=s.reasons)
 
 
 def _reasons(rec: PlacementRecord, model: str) -> list[str] | None:

@@ -112,7 +112,7 @@ class ModelFollower:
         self.checks: dict[Wanted, CheckState] = {}
         self._key = keys.assignment(node_id)
         self._wake = asyncio.Event()
-        self._models = KeyMirror(etcd, keys.models, on_change=lambda _: self._wake.set())
+        self._registry = KeyMirror(etcd, keys.models, on_change=lambda _: self._wake.set())
         # A prefix watch on our own key (it also sees "node10" when we are "node1"; filtered).
         self._assignment = KeyMirror(etcd, self._key, on_change=lambda _: self._wake.set())
         self._task: asyncio.Task[None] | None = None
@@ -124,7 +124,7 @@ class ModelFollower:
         self._wake.set()
 
     def start(self) -> None:
-        self._models.start()
+        self._registry.start()
         self._assignment.start()
         self._task = asyncio.create_task(self._run(), name="model-follower")
 
@@ -133,7 +133,7 @@ class ModelFollower:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._models.stop()
+        await self._registry.stop()
         await self._assignment.stop()
 
     # --- what the node record shows ----------------------------------------------------------
@@ -172,7 +172,7 @@ class ModelFollower:
 
     def _read_mirrors(self) -> None:
         registry = {}
-        for key, kv in self._models.data.items():
+        for key, kv in self._registry.data.items():
             rec = decode_or_skip(key, kv.value, ModelRecord, kv.mod_revision)
             if rec is None:
                 continue
