@@ -13,6 +13,7 @@ from gpufleet.httperrors import bad_input_middleware, error_middleware, json_res
 
 if TYPE_CHECKING:
     from .daemon import CoordinatorRuntime
+    from .policysync import PolicyState
 
 
 def status_doc(rt: CoordinatorRuntime) -> dict[str, Any]:
@@ -44,6 +45,7 @@ def status_doc(rt: CoordinatorRuntime) -> dict[str, Any]:
         "nodes": nodes if el.is_leader else [],
         "panic": dict(leader.plan.panic) if leader.plan and el.is_leader else {},
         "guard_rejections": el.guard_rejections,
+        "policy": policy_doc(leader.policy_state),
         "degradation": {
             "level": leader.degradation.state.level,
             "error_rate": leader.degradation.state.rate,
@@ -55,6 +57,21 @@ def status_doc(rt: CoordinatorRuntime) -> dict[str, Any]:
         "placement": [msgspec.to_builtins(s) for s in leader.placer.plan.status.values()]
         if el.is_leader and leader.placer.plan
         else [],
+    }
+
+
+def policy_doc(st: PolicyState) -> dict[str, Any]:
+    """The cluster policy this replica applies (every replica applies etcd's, leader or not), to
+    compare with ``gpuctl config show``: a replica that lags or skipped a value shows here."""
+    p = st.policy
+    return {
+        # The etcd mod revision of the value applied; 0 when none applies from etcd: the file's
+        # sections before the key is first seen, or the last one applied if the key was deleted.
+        "revision": st.revision,
+        # A value in etcd that did not decode or validate, skipped (the last good one stays).
+        "skipped_revision": st.seen if st.seen != st.revision else None,
+        "updated_by": p.updated_by,
+        "updated_at": p.updated_at or None,
     }
 
 

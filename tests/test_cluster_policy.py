@@ -191,6 +191,10 @@ async def test_coordinators_apply_the_clusters_policy(etcd: EtcdCluster, tmp_pat
             await wait_until(lambda: c1.status()["is_leader"], 10, what="c1 leads")
             await wait_until(lambda: client.get(KEYS.config), 10, what="policy bootstrapped")
             await wait_until(lambda: _ok(weight(), expect(40)), 10, what="weight from default_base 40")
+            # /v1/status names the revision of the policy applied, to compare with etcd's.
+            boot = (await client.get(KEYS.config)).mod_revision
+            await wait_until(lambda: _applied(c1, boot), 10, what="c1 shows the bootstrap's revision")
+            assert "bootstrap" in c1.status()["policy"]["updated_by"]
             rc, out, _ = await _ctl(etcd, "config", "show")
             assert rc == 0 and "default_base = 40" in out
             # A second coordinator whose file disagrees applies the cluster's, and says so once.
@@ -205,6 +209,9 @@ async def test_coordinators_apply_the_clusters_policy(etcd: EtcdCluster, tmp_pat
             assert rc == 0, out
             assert "weights.default_base: 40 -> 70" in out
             await wait_until(lambda: _ok(weight(), expect(70)), 10, what="weight from default_base 70")
+            set_rev = (await client.get(KEYS.config)).mod_revision
+            for c in (c1, c2):  # every replica applies it, the standby too
+                await wait_until(lambda c=c: _applied(c, set_rev), 10, what=f"{c.ident} shows revision {set_rev}")
             for c in (c1, c2):  # logged field by field by every replica
                 await wait_until(lambda c=c: _logged(c, "cluster policy changed"), 10, what=f"{c.ident} logs it")
                 assert "weights.default_base: 40 -> 70" in _logged(c, "cluster policy changed")[-1]["changes"]
@@ -223,9 +230,11 @@ async def test_coordinators_apply_the_clusters_policy(etcd: EtcdCluster, tmp_pat
             ]
 
             # A bad value in etcd is skipped by every replica; the last good policy stays.
-            await client.put(KEYS.config, b'{"weights": {"default_base": -3}}')
+            bad = (await client.put(KEYS.config, b'{"weights": {"default_base": -3}}')).revision
             await wait_until(lambda: _logged(c1, "invalid cluster policy"), 10, what="c1 skips it")
             await wait_until(lambda: _logged(c2, "invalid cluster policy"), 10, what="c2 skips it")
+            for c in (c1, c2):  # the status says which value was skipped and which still applies
+                assert c.status()["policy"]["skipped_revision"] == bad and _applied(c, set_rev)
             await client.put(KEYS.config, encode_policy(_set(ClusterPolicy(), "weights.default_base=70")))
 
             # A leader change does not change policy: c2 (file: 90) leads with the cluster's 70.
@@ -237,6 +246,10 @@ async def test_coordinators_apply_the_clusters_policy(etcd: EtcdCluster, tmp_pat
             c1.stop()
             c2.stop()
             await client.delete_prefix(KEYS.prefix)
+
+
+def _applied(c: CoordinatorProcess, revision: int) -> bool:
+    return bool(c.status()["policy"]["revision"] == revision)
 
 
 def gpuctl_config_dataerr() -> int:
