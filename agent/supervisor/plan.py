@@ -95,18 +95,8 @@ def plan_instances(
     staying = {n: r.port for n, r in running.items() if n not in stop}
     releasing = {running[n].port for n in stop}
 
-    problems = []
-    for c in starting:
-        if c.port is None:
-            continue
-        holder = next((n for n, p in staying.items() if p == c.port), None)
-        if holder is not None:
-            problems.append(f"instance {c.name!r}: port {c.port} is held by running instance {holder!r}")
-        elif check_explicit and c.port not in releasing and not is_free(c.port):
-            problems.append(f"instance {c.name!r}: port {c.port} is in use by another process")
-    if problems:
+    if problems := _explicit_port_problems(starting, staying, releasing, check_explicit, is_free):
         raise PlanError("reload_not_applicable", problems)
-
     keep = {**(keep_ports or {}), **{n: mine[n].port for n in changed if new[n].port is None}}
     try:
         ports = plan_ports(
@@ -127,6 +117,27 @@ def plan_instances(
         changed=changed,
         unchanged=[n for n in mine if n in new and n not in changed],
     )
+
+
+def _explicit_port_problems(
+    starting: list[InstanceConfig],
+    staying: Mapping[str, int],
+    releasing: Collection[int],
+    check_explicit: bool,
+    is_free: Callable[[int], bool],
+) -> list[str]:
+    """An explicit port held by an instance that keeps running, or (``check_explicit``) by
+    another process, unless the plan releases it."""
+    problems = []
+    for c in starting:
+        if c.port is None:
+            continue
+        holder = next((n for n, p in staying.items() if p == c.port), None)
+        if holder is not None:
+            problems.append(f"instance {c.name!r}: port {c.port} is held by running instance {holder!r}")
+        elif check_explicit and c.port not in releasing and not is_free(c.port):
+            problems.append(f"instance {c.name!r}: port {c.port} is in use by another process")
+    return problems
 
 
 def plan_reload(
