@@ -502,7 +502,9 @@ class Fleet:
 
     @property
     def state_file(self) -> Path:
-        return runs_dir() / f"{os.getpid()}.json"
+        # Per fleet, not per process: a session may hold two (the deployment's three hosts and
+        # test_host_install.py's bare one), and one's teardown must not drop the other's record.
+        return runs_dir() / f"{os.getpid()}-{self.tag}.json"
 
     # --- bring up ---------------------------------------------------------------------------
 
