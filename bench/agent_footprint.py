@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import cpu_seconds, free_port
 
 from gpufleet import tomlwrite
+from gpufleet_dev.localfleet import AgentProcess
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -87,26 +88,19 @@ def run_agent(tmp: Path, n: int, seconds: float) -> dict:
         }
         for i in range(n)
     ]
-    cfg = tmp / "agent.toml"
     doc = {
         "agent": {"listen_port": port, "state_dir": tmp / "state", "log_dir": tmp / "logs", "log_format": "json"},
         "gpu": {"source": "simulated", "simulated": [{"name": "NVIDIA A100-SXM4-80GB"}] * 4},
         "supervisor": {"port_base": 18100},
         "instances": instances,
     }
-    cfg.write_text(tomlwrite.dumps(doc))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "--config", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp / "agent.log", "wb"),
-    )
+    agent = AgentProcess(tmp, tomlwrite.dumps(doc), port).start()
     try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz")
+        agent.wait_ready_sync(timeout=120)
         time.sleep(5)  # let start-up garbage settle before the idle window
-        return {"instances": n, **measure(proc.pid, seconds)}
+        return {"instances": n, **measure(agent.pid, seconds)}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        agent.stop(60)
 
 
 def run_supervisord(tmp: Path, n: int, seconds: float) -> dict | None:

@@ -40,6 +40,7 @@ from _common import free_port  # noqa: E402
 from tinymodel import write_tiny_llama  # noqa: E402
 
 from gpufleet import tomlwrite  # noqa: E402
+from gpufleet_dev.localfleet import AgentProcess  # noqa: E402
 
 
 def llama_server() -> str:
@@ -97,7 +98,6 @@ def instance(port: int) -> dict:
 
 def agent_trial(binary: str, model: Path, tmp: Path) -> tuple[float, float]:
     port = free_port()
-    cfg = tmp / "agent.toml"
     instance = {
         "name": "llama",
         "backend": "llamacpp",
@@ -112,14 +112,8 @@ def agent_trial(binary: str, model: Path, tmp: Path) -> tuple[float, float]:
         "supervisor": {"port_base": free_port(), "port_span": 1},
         "instances": [instance],
     }
-    cfg.write_text(tomlwrite.dumps(doc))
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "--config", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
+    agent = AgentProcess(tmp, tomlwrite.dumps(doc), port).start()
     try:
         first = wait_for(lambda: (i := instance(port)).get("state") == "READY" and i)
         start_s = time.monotonic() - t0
@@ -134,8 +128,7 @@ def agent_trial(binary: str, model: Path, tmp: Path) -> tuple[float, float]:
         )
         recovery_s = time.monotonic() - t1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        agent.stop(60)
     return start_s, recovery_s
 
 

@@ -39,6 +39,7 @@ import aiohttp
 from _common import free_port, pct
 
 from gpufleet import tomlwrite
+from gpufleet_dev.localfleet import AgentProcess, FleetError
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
 
@@ -57,9 +58,10 @@ def get_json(url: str) -> dict:
         return json.loads(r.read())
 
 
-def start_agent(tmp: Path) -> tuple[subprocess.Popen, int, int]:
+def start_agent(tmp: Path) -> tuple[AgentProcess, int, int]:
+    """An agent of the local-fleet harness proxying to one simulated server: (agent, its port,
+    the server's port) once the server is READY."""
     port = free_port()
-    cfg = tmp / "agent.toml"
     instance = {
         "name": "backend",
         "backend": "vllm",
@@ -73,22 +75,13 @@ def start_agent(tmp: Path) -> tuple[subprocess.Popen, int, int]:
         "supervisor": {"port_base": free_port(), "port_span": 1},
         "instances": [instance],
     }
-    cfg.write_text(tomlwrite.dumps(doc))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "--config", str(cfg)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp / "agent.log", "wb"),
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            st = get_json(f"http://127.0.0.1:{port}/v1/status")
-            if st["instances"][0]["state"] == "READY":
-                return proc, port, st["instances"][0]["port"]
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("agent not ready")
+    agent = AgentProcess(tmp, tomlwrite.dumps(doc), port).start()
+    try:
+        agent.wait_ready_sync(1, timeout=60)
+    except FleetError as e:
+        agent.stop()
+        raise SystemExit(f"agent not ready: {e}") from None
+    return agent, port, agent.status_sync()["instances"][0]["port"]
 
 
 def start_nginx(tmp: Path, backend_port: int) -> tuple[subprocess.Popen, int]:
@@ -297,9 +290,9 @@ def main() -> None:
             print(json.dumps(result, indent=2))
         finally:
             nginx.send_signal(signal.SIGQUIT)
-            agent.send_signal(signal.SIGTERM)
+            agent.terminate()
             nginx.wait(10)
-            agent.wait(60)
+            agent.stop(60)
 
 
 if __name__ == "__main__":
