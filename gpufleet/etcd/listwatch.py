@@ -114,30 +114,18 @@ async def list_watch(
                 async for resp in watch:
                     failures = 0
                     for ev in resp.events:
-                        if ev.type == "PUT":
-                            yield Put(ev.kv)
-                        else:
-                            yield Delete(ev.kv.key, ev.kv.mod_revision)
+                        yield Put(ev.kv) if ev.type == "PUT" else Delete(ev.kv.key, ev.kv.mod_revision)
                         # Advance per event, so a consumer that stops mid-batch resumes right after.
                         next_rev = ev.kv.mod_revision + 1
                     next_rev = max(next_rev, watch.next_revision)
             finally:
                 watch.close()
         except EtcdHistoryLost as e:
-            log.error(
-                "etcd's history went backwards (restored from a backup, or wiped); listing again",
-                prefix=_show(prefix),
-                revision=e.revision,
-                resume_revision=e.resume_revision,
-            )
+            _log_relist(prefix, e)
             need_list = rewound = True
-            continue
         except EtcdCompacted as e:
-            log.warning(
-                "etcd watch revision compacted; relisting", prefix=_show(prefix), compact_revision=e.compact_revision
-            )
-            need_list = True
-            continue  # relisting right away is the fix, not a reason to wait
+            _log_relist(prefix, e)
+            need_list = True  # relisting right away is the fix, not a reason to wait
         except Exception as e:
             failures += 1
             delay = backoff_delay(failures - 1, backoff_initial, backoff_max, HALF_JITTER)
@@ -150,6 +138,21 @@ async def list_watch(
                 retry_in_s=round(delay, 2),
             )
             await asyncio.sleep(delay)
+
+
+def _log_relist(prefix: Key, e: EtcdHistoryLost | EtcdCompacted) -> None:
+    """Why the stream lists again instead of resuming its watch."""
+    if isinstance(e, EtcdHistoryLost):
+        log.error(
+            "etcd's history went backwards (restored from a backup, or wiped); listing again",
+            prefix=_show(prefix),
+            revision=e.revision,
+            resume_revision=e.resume_revision,
+        )
+    else:
+        log.warning(
+            "etcd watch revision compacted; relisting", prefix=_show(prefix), compact_revision=e.compact_revision
+        )
 
 
 def _show(prefix: Key) -> str:
