@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, config_warnings, load_config
 from gpufleet.daemoncli import Checked, DaemonCli, LogSettings
@@ -26,12 +25,6 @@ def _check(cfg: AgentConfig) -> Checked:
     )
 
 
-def _daemon(cfg: AgentConfig) -> Any:
-    from agent.daemon import AgentRuntime
-
-    return AgentRuntime(cfg)
-
-
 CLI = DaemonCli(
     prog="gpu-agent",
     description="Supervise GPU model servers on this host.",
@@ -39,14 +32,12 @@ CLI = DaemonCli(
     load=load_config,
     check=_check,
     logging=lambda cfg: LogSettings(cfg.agent.log_format, cfg.agent.log_level, {"node": cfg.node_id}),
-    daemon=_daemon,
+    runtime="agent.daemon:AgentRuntime",
     logger="agent",
     start_warnings=config_warnings,
 )
 
-
-def main(argv: list[str] | None = None) -> int:
-    return CLI.main(argv)
+main = CLI.main
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 from gpufleet.daemoncli import Checked, DaemonCli, LogSettings
 
@@ -17,12 +16,6 @@ def _check(cfg: CoordinatorConfig) -> Checked:
     )
 
 
-def _daemon(cfg: CoordinatorConfig) -> Any:
-    from .daemon import CoordinatorRuntime
-
-    return CoordinatorRuntime(cfg)
-
-
 CLI = DaemonCli(
     prog="gpu-coordinator",
     description="Leader-elected brain of a gpufleet cluster.",
@@ -30,14 +23,12 @@ CLI = DaemonCli(
     load=load_config,
     check=_check,
     logging=lambda cfg: LogSettings(cfg.coordinator.log_format, cfg.coordinator.log_level, {"coordinator": cfg.id}),
-    daemon=_daemon,
+    runtime="coordinator.daemon:CoordinatorRuntime",
     logger="coordinator",
     start_warnings=config_warnings,
 )
 
-
-def main(argv: list[str] | None = None) -> int:
-    return CLI.main(argv)
+main = CLI.main
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ What the daemon needs (uvloop, aiohttp, the daemon's modules) is imported only t
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,9 @@ class DaemonCli(Generic[C]):
     load: Callable[[str], C]  # raises ConfigError naming the file and fields
     check: Callable[[C], Checked]
     logging: Callable[[C], LogSettings]
-    daemon: Callable[[C], Any]  # the daemon to run (a gpufleet.daemon.DaemonBase), imported here
+    # "module:Class" of the daemon (a gpufleet.daemon.DaemonBase taking the config), imported
+    # only to run it, when it is looked up (tests replace it in its module).
+    runtime: str
     logger: str  # the structlog logger the start-up warnings go to
     # Legal but probably a mistake: logged at start-up (check-config says them through ``check``).
     start_warnings: Callable[[C], list[ConfigProblem]] = _no_warnings
@@ -118,4 +121,6 @@ class DaemonCli(Generic[C]):
         structlog.contextvars.bind_contextvars(**settings.context)
         for w in self.start_warnings(cfg):
             structlog.get_logger(self.logger).warning("config_warning", field=w.path, problem=w.message)
-        return int(uvloop.run(self.daemon(cfg).run()))
+        module, name = self.runtime.split(":")
+        daemon = getattr(importlib.import_module(module), name)(cfg)
+        return int(uvloop.run(daemon.run()))
