@@ -85,11 +85,11 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def model_rows(
-    models: list[ModelRecord], placement: PlacementRecord | None, nodes: list[NodeRecord]
+    registered: list[ModelRecord], placement: PlacementRecord | None, nodes: list[NodeRecord]
 ) -> list[dict[str, Any]]:
     placed = {p.model: p for p in (placement.models if placement else [])}
     rows = []
-    for m in models:
+    for m in registered:
         p = placed.get(m.name)
         checks = [(n.node, a) for n in nodes for a in n.models if a.model == m.name]
         rows.append(
@@ -129,11 +129,11 @@ def format_models(rows: list[dict[str, Any]]) -> str:
 
 
 async def _list(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
-    models = sorted(ctl.decode_all((await etcd.get_prefix(keys.models)).kvs, ModelRecord), key=lambda m: m.name)
+    registered = sorted(ctl.decode_all((await etcd.get_prefix(keys.models)).kvs, ModelRecord), key=lambda m: m.name)
     nodes = ctl.decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord)
     kv = await etcd.get(keys.placement)
     placement = decode_or_skip(keys.placement, kv.value, PlacementRecord, kv.mod_revision) if kv else None
-    rows = model_rows(models, placement, nodes)
+    rows = model_rows(registered, placement, nodes)
     ctl.emit(args, rows, format_models(rows) if rows else f"no models registered in cluster {keys.cluster!r}")
     return ctl.EXIT_OK
 
@@ -153,8 +153,8 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
 
 def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    models = sub.add_parser("models", help="the model registry (models on shared storage)")
-    msub = models.add_subparsers(dest="models_cmd", required=True)
+    models_parser = sub.add_parser("models", help="the model registry (models on shared storage)")
+    msub = models_parser.add_subparsers(dest="models_cmd", required=True)
     add = msub.add_parser("add", help="register a model; the leader places its replicas")
     add.add_argument("name", help="the model name clients ask for")
     add.add_argument("--path", required=True, help="absolute path on shared storage, the same on every host")
