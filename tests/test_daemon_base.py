@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import structlog
 from aiohttp import web
+from helpers import free_port, wait_until
 from structlog.testing import capture_logs
 
 from gpufleet.daemon import DaemonBase, StartupError, Teardown, Tick
 from gpufleet.facts import EX_OSERR, EX_SOFTWARE, EX_UNAVAILABLE
 from gpufleet.httpserver import ApiSection, listener_guard
 from gpufleet.sdnotify import SystemdNotifier
-from tests.helpers import free_port, wait_until
 
 
 class Recorder(SystemdNotifier):
