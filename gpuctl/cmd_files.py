@@ -1,14 +1,14 @@
-"""``gpuctl files [NAME]``: the example configs and systemd units this installation ships.
+"""gpuctl files [NAME]: the example configs and systemd units this installation ships.
 
-Without NAME, a list of the files and where they are on disk. With NAME (``gpu-agent.service``
-or ``systemd/gpu-agent.service``), the file on stdout, ready for a redirect::
+Without NAME, a list of the files and where they are on disk. With NAME (gpu-agent.service or
+systemd/gpu-agent.service), the file on stdout, ready for a redirect:
 
     gpuctl files gpu-agent.service > /etc/systemd/system/gpu-agent.service
     gpuctl files vllm-two-instances.toml > agent.toml
 
 A unit is printed for this installation: the shipped files start the daemons from
-``/opt/gpufleet/venv/bin`` (where the Ansible role and the README install), and that directory
-is replaced by the one holding this installation's scripts, so a unit printed by a virtualenv
+/opt/gpufleet/venv/bin (where the Ansible role and the README install), and that directory is
+replaced by the one holding this installation's scripts, so a unit printed by a virtualenv
 elsewhere starts that virtualenv's daemons. The list shows the files as shipped.
 """
 
