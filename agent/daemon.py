@@ -26,6 +26,7 @@ from agent.cluster.assignments import ModelFollower
 from agent.cluster.routes import RouteTable
 from agent.config import AgentConfig, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
+from agent.proxy.stats import ProxyStats
 from agent.supervisor import Supervisor
 from agent.supervisor.handover import API, FdStore
 from agent.supervisor.plan import PlanError, PlanErrorCode
@@ -33,7 +34,7 @@ from gpufleet import __version__
 from gpufleet.daemon import DaemonBase, StartupError, Teardown, Tick
 from gpufleet.facts import EX_CONFIG, EX_UNAVAILABLE
 from gpufleet.httpserver import ConnectionGuard, listener_guard
-from gpufleet.keyspace.records import NodeRecord, ProxyCounters
+from gpufleet.keyspace.records import NodeRecord
 from gpufleet.sdnotify import SystemdNotifier
 from gpufleet.tomlconfig import ConfigError
 
@@ -79,12 +80,12 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         self.routes: RouteTable | None = None
         self.models: ModelFollower | None = None
         self._said_dead: set[str] = set()  # instances whose dead supervision loop was logged
-        self.proxy_counters = ProxyCounters()  # the proxy counts; the node record carries them
+        self.proxy_stats = ProxyStats()  # the proxy counts (the API hands it to the proxy); the node record reads it
 
     # --- what the API reads ---------------------------------------------------------------
 
     def node_record(self) -> NodeRecord:
-        instances = self.supervisor.records()
+        instances = self.proxy_stats.annotate(self.supervisor.records())
         gpus = self.supervisor.gpus
         return NodeRecord(
             node=self.cfg.node_id,
@@ -99,7 +100,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             instances=instances,
             ready=self.serving and self.supervisor.all_ready(),
             models=self.models.availability() if self.models is not None else [],
-            proxy=msgspec.structs.replace(self.proxy_counters),
+            proxy=self.proxy_stats.snapshot(),
         )
 
     def tick_age(self) -> float | None:

@@ -329,7 +329,7 @@ def test_the_agent_ignores_a_level_it_has_not_seen_refreshed_for_90_s_whatever_t
         return DegradationRecord(level=2, error_rate=0.2, samples=500, window_s=60, epoch=7, updated_at=updated_at)
 
     routes = SimpleNamespace(degradation=record(time.time() + 3600), degradation_seen_at=time.monotonic())
-    degrader = Degrader(SimpleNamespace(routes=routes, cfg=SimpleNamespace(degradation=DegradationSection())))
+    degrader = Degrader(SimpleNamespace(routes=routes, degradation_cfg=DegradationSection()))  # type: ignore[arg-type]
     assert degrader.level() == 2  # the leader's clock an hour ahead: still applied
     routes.degradation = record(time.time() - 3600)
     assert degrader.level() == 2  # an hour behind: still applied (was: ignored as stale)

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from agent.cluster.publisher import MembershipCollector
 from agent.proxy import Proxy, add_proxy_routes
+from agent.proxy.adapter import AgentUpstreams
 from agent.proxy.metrics import ProxyMetrics
 from agent.supervisor import UnknownInstance
 from gpufleet.httperrors import bad_input_middleware, error_middleware, error_response, json_response
@@ -53,7 +54,7 @@ class AgentApi:
         )
         self.registry = self._registry()
         if rt.cfg.proxy.enabled:
-            self._add_proxy(Proxy(rt, ProxyMetrics(self.registry)))
+            self._add_proxy(self._proxy())
         router = self.app.router
         router.add_get("/healthz", self.healthz)
         router.add_get("/readyz", self.readyz)
@@ -79,6 +80,21 @@ class AgentApi:
         )
         registry.register(MembershipCollector(lambda: rt.publisher))
         return registry
+
+    def _proxy(self) -> Proxy:
+        """The proxy over the agent's upstreams, counting into the runtime's ``proxy_stats``
+        (the node record reads them). Route table and model registry appear once the agent
+        has joined its cluster, after this: read when asked."""
+        rt = self.rt
+        metrics = ProxyMetrics(self.registry)
+        # Passive health's ejections are the supervisor's state, exported with the proxy's series.
+        metrics.watch_ejected(
+            lambda: [(i.cfg.client_model, i.name, i.ejected) for i in rt.supervisor.instances.values()]
+        )
+        upstreams = AgentUpstreams(
+            rt.supervisor, cfg=lambda: rt.cfg, routes=lambda: rt.routes, models=lambda: rt.models
+        )
+        return Proxy(upstreams, metrics, rt.proxy_stats)
 
     def _add_proxy(self, proxy: Proxy) -> None:
         async def proxy_session(_: web.Application) -> AsyncIterator[None]:
@@ -166,7 +182,8 @@ class AgentApi:
             inst = self.rt.supervisor.command(name, action)  # type: ignore[arg-type]
         except UnknownInstance:
             return error_response(404, f"no instance named {name!r}", "invalid_request_error", "unknown_instance")
-        return json_response({"accepted": action, "instance": inst.record()}, 202)
+        [record] = self.rt.proxy_stats.annotate([inst.record()])
+        return json_response({"accepted": action, "instance": record}, 202)
 
     async def set_gpu(self, request: web.Request) -> web.Response:
         rt = self.rt

@@ -17,9 +17,8 @@ from gpufleet.httperrors import error_response
 from gpufleet.keyspace.records import RouteRecord
 
 if TYPE_CHECKING:
-    from agent.supervisor import Instance
-
     from .limits import ModelGate
+    from .upstreams import LocalUpstream
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 HOP_BY_HOP = HOP_BY_HOP_HEADERS  # RFC 9110 §7.6.1, plus those aiohttp sets itself
@@ -82,12 +81,13 @@ def parse_head(body: bytes) -> Head | web.Response:
 class Plan:
     """Where one request may go: local instances, and the route table when forwarding is allowed."""
 
-    serving: list[Instance]
+    model: str  # the model served: the one asked for, or its fallback (degradation level 2)
+    serving: list[LocalUpstream]
     route: RouteRecord | None
     group: list[str] | None = None
     # Local instances set aside (saturated or drained) in favour of other nodes: they serve
     # after all if no other node can, so a request is never refused while a local one is READY.
-    deferred: list[Instance] = field(default_factory=list)
+    deferred: list[LocalUpstream] = field(default_factory=list)
     gate: ModelGate | None = None  # the local concurrency gate, once acquired
 
 

@@ -38,9 +38,10 @@ from gpufleet.facts import DOWNGRADED_HEADER as DOWNGRADED_HEADER  # re-exported
 from gpufleet.facts import FALLBACK_REQUEST_HEADER as FALLBACK_REQUEST_HEADER
 
 from .cache import CachedResponse, ResponseCache, StreamRecorder, cache_key, json_object
+from .stats import ProxyStats
 
 if TYPE_CHECKING:
-    from agent.daemon import AgentRuntime
+    from .upstreams import Upstreams
 
 log = structlog.get_logger("agent.degradation")
 
@@ -60,15 +61,16 @@ class Applied:
 
 
 class Degrader:
-    def __init__(self, rt: AgentRuntime) -> None:
-        self.rt = rt
+    def __init__(self, upstreams: Upstreams, stats: ProxyStats | None = None) -> None:
+        self.upstreams = upstreams
+        self.stats = stats if stats is not None else ProxyStats()
         self._cache: ResponseCache | None = None
         self._cache_cfg: DegradationSection | None = None
         self._rng = random.Random()
 
     @property
     def cfg(self) -> DegradationSection:
-        return self.rt.cfg.degradation
+        return self.upstreams.degradation_cfg
 
     @property
     def cache(self) -> ResponseCache:
@@ -79,7 +81,7 @@ class Degrader:
         return self._cache
 
     def level(self) -> int:
-        routes = self.rt.routes
+        routes = self.upstreams.routes
         if routes is None or not self.cfg.enabled or routes.degradation is None:
             return 0
         rec = routes.degradation
@@ -104,13 +106,12 @@ class Degrader:
 
     def _fallback(self, model: str) -> str | None:
         """The registered fallback of ``model``, if something can serve it."""
-        follower = self.rt.models
-        rec = follower.registry.get(model) if follower is not None else None
-        if rec is None or rec.fallback is None:
+        fallback = self.upstreams.fallback_of(model)
+        if fallback is None:
             return None
-        local = any(i.cfg.client_model == rec.fallback for i in self.rt.supervisor.instances.values())
-        if local or (self.rt.routes is not None and self.rt.routes.route(rec.fallback) is not None):
-            return rec.fallback
+        routes = self.upstreams.routes
+        if self.upstreams.local(fallback) or (routes is not None and routes.route(fallback) is not None):
+            return fallback
         return None
 
     # --- answers ---------------------------------------------------------------------------
@@ -124,7 +125,14 @@ class Degrader:
         )
 
     def cached(self, key: bytes | None) -> CachedResponse | None:
-        return self.cache.get(key) if key is not None else None
+        if key is None:
+            return None
+        hit = self.cache.get(key)
+        if hit is None:
+            self.stats.cache_misses += 1
+        else:
+            self.stats.cache_hits += 1
+        return hit
 
     async def replay(self, request: web.Request, hit: CachedResponse, rid: str) -> web.StreamResponse:
         headers = CIMultiDict(hit.headers)

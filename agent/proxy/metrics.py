@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .cache import ResponseCache
+from .stats import ProxyStats
 
 # Latency buckets from 1 ms to 10 min: LLM requests span five orders of magnitude.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -81,10 +82,12 @@ class ProxyMetrics:
         # so the children are cached (label sets are bounded: known models × status codes).
         self._done: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
 
-    def watch_state(self, cache: Callable[[], ResponseCache], queued: Callable[[], dict[str, int]]) -> None:
-        """The response cache's hits, misses and size, and each limited model's queue, read at
-        scrape time (the proxy keeps plain counters on its hot path)."""
-        self.registry.register(_State(cache, queued))
+    def watch_state(
+        self, stats: ProxyStats, cache: Callable[[], ResponseCache], queued: Callable[[], dict[str, int]]
+    ) -> None:
+        """The response cache's hits and misses (the proxy's stats), its size, and each limited
+        model's queue, read at scrape time (the proxy keeps plain counters on its hot path)."""
+        self.registry.register(_State(stats, cache, queued))
 
     def watch_ejected(self, snapshot: Callable[[], list[tuple[str, str, bool]]]) -> None:
         """gpu_agent_proxy_instance_ejected, read at scrape time from (model, instance, ejected)."""
@@ -121,21 +124,22 @@ class _Ejected(Collector):
 
 
 class _State(Collector):
-    def __init__(self, cache: Callable[[], ResponseCache], queued: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self, stats: ProxyStats, cache: Callable[[], ResponseCache], queued: Callable[[], dict[str, int]]
+    ) -> None:
+        self.stats = stats
         self.cache = cache
         self.queued = queued
 
     def collect(self) -> Iterator[Metric]:
         c = self.cache()
-        # Counted since the cache was last built (start-up, or a reload that changed its bounds):
-        # a counter reset to Prometheus' rate().
         lookups = CounterMetricFamily(
             "gpu_agent_proxy_cache_lookups",
             "Response cache lookups (degradation level 1 and up) by result.",
             labels=["result"],
         )
-        lookups.add_metric(["hit"], c.hits)
-        lookups.add_metric(["miss"], c.misses)
+        lookups.add_metric(["hit"], self.stats.cache_hits)
+        lookups.add_metric(["miss"], self.stats.cache_misses)
         yield lookups
         yield GaugeMetricFamily("gpu_agent_proxy_cache_entries", "Responses held by the cache.", value=len(c))
         yield GaugeMetricFamily("gpu_agent_proxy_cache_bytes", "Bytes held by the cache.", value=c.bytes)

@@ -35,15 +35,15 @@ SUSPECT_S = 10.0  # an endpoint that just failed is tried last for this long
 
 
 class RemoteTarget:
-    """A remote endpoint, with the attributes the proxy's attempt loop uses on a local instance."""
+    """A remote endpoint, with the attributes the proxy's attempt loop uses on a local instance
+    (its counters are in the proxy's stats, under ``name``)."""
 
-    __slots__ = ("errors_total", "in_flight", "instance", "name", "node", "requests_total", "suspect_until", "upstream")
+    __slots__ = ("instance", "name", "node", "suspect_until", "upstream")
 
     def __init__(self, node: str, instance: str, address: str) -> None:
         self.node, self.instance = node, instance
         self.name = f"{node}/{instance}"
         self.upstream = Upstream(address.rstrip("/"))
-        self.in_flight = self.requests_total = self.errors_total = 0
         self.suspect_until = 0.0
 
     @property

@@ -8,8 +8,8 @@ not block image requests (the OpenClaw multi-instance setup, docs/sources.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Literal, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -19,8 +19,11 @@ Task = Literal["image", "document", "text"]
 
 
 class Candidate(Protocol):
-    name: str
-    in_flight: int
+    @property
+    def name(self) -> str: ...
+
+
+C = TypeVar("C", bound=Candidate)
 
 
 class _Part(msgspec.Struct):
@@ -70,13 +73,15 @@ class Picker:
     def __init__(self) -> None:
         self._cursor: dict[str, int] = {}
 
-    def pick(self, model: str, ready: Sequence[Candidate]) -> Candidate | None:
+    def pick(self, model: str, ready: Sequence[C], in_flight: Callable[[str], int]) -> C | None:
+        """``in_flight``: requests now on the candidate of that name (the proxy's count)."""
         if not ready:
             return None
         if len(ready) == 1:
             return ready[0]
-        least = min(c.in_flight for c in ready)
-        tied = [c for c in ready if c.in_flight == least]
+        loads = [in_flight(c.name) for c in ready]
+        least = min(loads)
+        tied = [c for c, n in zip(ready, loads, strict=True) if n == least]
         n = self._cursor.get(model, 0)
         self._cursor[model] = n + 1
         return tied[n % len(tied)]

@@ -1,13 +1,15 @@
-"""The OpenAI-compatible proxy on the agent's port.
+"""The OpenAI-compatible proxy on the agent's port: which upstream serves a request, and retries.
 
-Bytes go through untouched: the request body is forwarded as received (we decode only
-``model`` and ``stream``), SSE chunks are written to the client as they arrive, each in its own
-write, never re-serialised (LiteLLM's re-serialisation is where its 3–12 ms go). A failure
-before the first response byte (connect error, 5xx, 429, no first byte within its limit, the
-instance leaving rotation) is retried on another instance of the model in rotation within a
-bounded number of attempts and time; after the first byte nothing is retried (the client has
-part of an answer), and a dying upstream ends an SSE stream with an error event. Gateway
-failures on a local instance feed its passive health (outlier ejection, supervisor/supervision_policy.py).
+A request is read and its ``model`` and ``stream`` decoded (nothing else), degradation applied
+(degrade.py), then sent to an instance of the model: local ones in rotation first, then other
+nodes by the route table (remote.py). A failure before the first response byte (connect error,
+5xx, 429, no first byte within its limit, the instance leaving rotation) is retried on another
+instance within a bounded number of attempts and time; after the first byte nothing is retried
+(the client has part of an answer). One attempt, and the bytes of its answer, are relay.py's.
+Gateway failures on a local instance are reported back through the ``Upstreams`` interface
+(upstreams.py), which is all the proxy knows of the rest of the agent: they feed the instance's
+passive health (outlier ejection, supervisor/supervision_policy.py). The proxy's counters are
+its own (stats.py).
 """
 
 from __future__ import annotations
@@ -16,46 +18,27 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import aiohttp
-import msgspec
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
-from agent.backends import Verdict
 from agent.config import ProxySection
-from agent.supervisor.supervision_policy import InstanceState
 from gpufleet.facts import REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
 
-from .context import (
-    HOP_BY_HOP,
-    REQUEST_HOP_BY_HOP,
-    ROUTES,
-    UNKNOWN_MODEL_LABEL,
-    Ctx,
-    Failure,
-    Head,
-    Plan,
-    parse_head,
-)
-from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
+from .context import ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, parse_head
+from .degrade import FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
+from .relay import BUSY, CAPACITY, Relay, Target
 from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_node_leaves
 from .routing import Picker, classify_task, task_route_group
-
-if TYPE_CHECKING:
-    from agent.daemon import AgentRuntime
-    from agent.supervisor import Instance
+from .stats import ProxyStats
+from .upstreams import LocalUpstream, Upstreams
 
 log = structlog.get_logger("agent.proxy")
-# Failure kinds (and metric labels) of an instance that is full, not failing: not probed.
-BUSY = "status_429"  # it said 429: counts toward the error rate (overload is what degrades)
-CAPACITY = "capacity"  # its backend knows the request did not fit right now: counts nothing
 # Failures that say the instance is not serving (Envoy's "gateway failures"): passive health.
 GATEWAY_FAILURES = frozenset({"connect", "status_5xx", "timeout", "midstream"})
 # The client waited for an answer that never came: retried even past retry_budget_s.
@@ -64,38 +47,38 @@ access = structlog.get_logger("agent.access")
 T = TypeVar("T")
 
 
+class _Reply(Exception):
+    """The request is answered before any upstream (refused, unknown model, degraded): the
+    pipeline in ``Proxy._forward`` stops and the client gets ``response``."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+
 class Proxy:
-    def __init__(self, rt: AgentRuntime, metrics: ProxyMetrics) -> None:
-        self.rt = rt
+    """The proxy over an :class:`~agent.proxy.upstreams.Upstreams`; its counters in ``stats``."""
+
+    def __init__(self, upstreams: Upstreams, metrics: ProxyMetrics, stats: ProxyStats | None = None) -> None:
+        self.upstreams = upstreams
         self.metrics = metrics
+        self.stats = stats if stats is not None else ProxyStats()
         self.picker = Picker()
-        self.remote = RemotePicker(rt.cfg.node_id)
-        self.degrader = Degrader(rt)
-        metrics.degradation_level.set_function(self.degrader.level)
-        metrics.watch_ejected(
-            lambda: [(i.cfg.client_model, i.name, i.ejected) for i in rt.supervisor.instances.values()]
-        )
+        self.remote = RemotePicker(upstreams.node_id)
+        self.degrader = Degrader(upstreams, self.stats)
+        self.relay = Relay(upstreams, self.stats, metrics, self.degrader)
         self.gates: dict[str, ModelGate] = {}
-        metrics.watch_state(lambda: self.degrader.cache, self._queued)
-        self.session: aiohttp.ClientSession | None = None
+        metrics.degradation_level.set_function(self.degrader.level)
+        metrics.watch_state(self.stats, lambda: self.degrader.cache, self._queued)
 
     @property
     def cfg(self) -> ProxySection:
-        return self.rt.cfg.proxy  # read live, so a reload applies
+        return self.upstreams.proxy_cfg  # read live, so a reload applies
 
     async def start(self) -> None:
-        c = self.cfg
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=None),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s),
-            auto_decompress=False,  # pass compressed bodies through as they are
-            cookie_jar=aiohttp.DummyCookieJar(),
-            read_bufsize=2**16,
-        )
+        await self.relay.start()
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        await self.relay.close()
 
     def _queued(self) -> dict[str, int]:
         """Requests waiting per model with a concurrency limit (0 before its first request)."""
@@ -113,16 +96,15 @@ class Proxy:
     # --- handlers ---------------------------------------------------------------------------
 
     async def models(self, _: web.Request) -> web.Response:
-        seen: dict[str, Instance] = {}
-        for inst in self.rt.supervisor.instances.values():
-            if inst.state is InstanceState.READY:
-                seen.setdefault(inst.cfg.client_model, inst)
+        local = self.upstreams.ready_models()
         data = [
-            {"id": m, "object": "model", "created": int(i.state_since), "owned_by": "gpufleet", "root": i.cfg.model}
-            for m, i in sorted(seen.items())
+            {"id": m.id, "object": "model", "created": int(m.created), "owned_by": "gpufleet", "root": m.root}
+            for m in local
         ]
-        if self.rt.routes is not None:  # models served elsewhere in the cluster, reachable through us
-            for m, route in sorted(self.rt.routes.routes.items()):
+        routes = self.upstreams.routes
+        if routes is not None:  # models served elsewhere in the cluster, reachable through us
+            seen = {m.id for m in local}
+            for m, route in sorted(routes.routes.items()):
                 if m not in seen and any(e.state == "READY" and e.weight > 0 for e in route.endpoints):
                     data.append({"id": m, "object": "model", "created": int(route.updated_at), "owned_by": "gpufleet"})
         return json_response({"object": "list", "data": data})
@@ -140,12 +122,28 @@ class Proxy:
             self._account(request, ctx)
         return resp
 
+    # --- one request, step by step ------------------------------------------------------------
+
     async def _forward(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
+        try:
+            body, head = await self._read_head(request, ctx)
+            forwarded = self._entered(request, ctx)
+            serving, route = self._known(head.model, ctx)
+            if (fallback := await self._degrade(request, body, head, forwarded, ctx)) is not None:
+                body, head = fallback
+                serving, route = self._where(head.model)
+            plan = self._plan(request, body, head.model, serving, route)
+            return await self._dispatch(request, body, plan, ctx)
+        except _Reply as r:
+            return ctx.done(r.response)
+
+    async def _read_head(self, request: web.Request, ctx: Ctx) -> tuple[bytes, Head]:
+        """The body, and the ``model`` and ``stream`` it asks for; 413 or 400 if unreadable."""
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             self.metrics.rejected.labels("too_large").inc()
-            return ctx.done(
+            raise _Reply(
                 error_response(
                     413,
                     f"request body larger than {self.cfg.max_body_bytes} bytes",
@@ -153,84 +151,117 @@ class Proxy:
                     "body_too_large",
                     {REQUEST_ID_HEADER: ctx.rid},
                 )
-            )
+            ) from None
         head = parse_head(body)
         if isinstance(head, web.Response):
             self.metrics.rejected.labels("bad_request").inc()
             head.headers[REQUEST_ID_HEADER] = ctx.rid
-            return ctx.done(head)
+            raise _Reply(head)
         ctx.model, ctx.stream = head.model, head.stream
-        forwarded = HOPS_HEADER in request.headers
-        if not forwarded:
-            self.rt.proxy_counters.requests += 1
-        elif FALLBACK_REQUEST_HEADER in request.headers:
+        return body, head
+
+    def _entered(self, request: web.Request, ctx: Ctx) -> bool:
+        """Count a request entering the cluster here; True when another node forwarded it (it
+        was counted there, and attempts for a fallback there are not counted here either)."""
+        if HOPS_HEADER not in request.headers:
+            self.stats.counters.requests += 1
+            return False
+        if FALLBACK_REQUEST_HEADER in request.headers:
             ctx.counted = False
-        serving, route = self._serving(head.model)
+        return True
+
+    def _where(self, model: str) -> tuple[list[LocalUpstream], RouteRecord | None]:
+        """Local instances of ``model``, and its cluster route (None in standalone mode)."""
+        routes = self.upstreams.routes
+        return self.upstreams.local(model), routes.route(model) if routes is not None else None
+
+    def _known(self, model: str, ctx: Ctx) -> tuple[list[LocalUpstream], RouteRecord | None]:
+        """``_where``, or 404 when neither this node nor the cluster serves the model."""
+        serving, route = self._where(model)
         if not serving and route is None:
             ctx.model_label = UNKNOWN_MODEL_LABEL
-            return ctx.done(
+            raise _Reply(
                 error_response(
                     404,
-                    f"The model `{head.model}` does not exist.",
+                    f"The model `{model}` does not exist.",
                     "invalid_request_error",
                     "model_not_found",
                     {REQUEST_ID_HEADER: ctx.rid},
                 )
             )
-        ctx.model_label = head.model
+        ctx.model_label = model
+        return serving, route
+
+    async def _degrade(
+        self, request: web.Request, body: bytes, head: Head, forwarded: bool, ctx: Ctx
+    ) -> tuple[bytes, Head] | None:
+        """Apply the cluster's degradation level: the static answer or a cached one end the
+        request (``_Reply``); the fallback model comes back as the body and head to serve.
+        None: serve the request as asked (storing its answer in the cache, at level 1 and up)."""
         applied = self.degrader.plan(request, body, head.model, forwarded)
-        if applied.level:
-            if applied.level >= 3:
-                return self._degraded(ctx, "static", self.degrader.static_response(ctx.rid))
-            hit = self.degrader.cached(applied.cache_key)
-            if hit is not None:
-                return self._degraded(ctx, "cache", await self.degrader.replay(request, hit, ctx.rid))
-            ctx.cache_key = applied.cache_key
-            if applied.fallback is not None and applied.body is not None:
-                self._count_degraded(ctx, "fallback")
-                ctx.downgraded, ctx.counted = applied.fallback, False
-                body, head = applied.body, Head(applied.fallback, head.stream)
-                serving, route = self._serving(head.model)
-        plan = Plan(serving=serving, route=None)
+        if not applied.level:
+            return None
+        if applied.level >= 3:
+            raise _Reply(self._degraded(ctx, "static", self.degrader.static_response(ctx.rid)))
+        hit = self.degrader.cached(applied.cache_key)
+        if hit is not None:
+            raise _Reply(self._degraded(ctx, "cache", await self.degrader.replay(request, hit, ctx.rid)))
+        ctx.cache_key = applied.cache_key
+        if applied.fallback is None or applied.body is None:
+            return None
+        self._count_degraded(ctx, "fallback")
+        ctx.downgraded, ctx.counted = applied.fallback, False
+        return applied.body, Head(applied.fallback, head.stream)
+
+    def _count_degraded(self, ctx: Ctx, kind: str) -> None:
+        ctx.degraded = kind
+        self.stats.counters.degraded += 1
+        self.metrics.degraded.labels(kind).inc()
+
+    def _degraded(self, ctx: Ctx, kind: str, resp: web.StreamResponse) -> web.StreamResponse:
+        self._count_degraded(ctx, kind)
+        return resp
+
+    def _plan(
+        self, request: web.Request, body: bytes, model: str, serving: list[LocalUpstream], route: RouteRecord | None
+    ) -> Plan:
+        plan = Plan(model=model, serving=serving, route=None)
         if route is not None and hops_of(request.headers.get(HOPS_HEADER)) < MAX_HOPS:
             plan.route = route
         task_routes = self.cfg.task_routes
-        plan.group = task_route_group(task_routes, head.model, classify_task(body)) if task_routes else None
-        gate = self.gate(head.model) if serving else None
-        if plan.route is not None and self.remote.candidates(plan.route, self._own_classes(), set()):
-            # Remote capacity exists: a drained node sends new work away, and a saturated
-            # model overflows to other nodes instead of queueing here.
-            drained = self.rt.routes is not None and self.rt.routes.drained
-            if drained or (gate is not None and gate.active >= gate.max_concurrency):
-                plan.deferred, plan.serving = plan.serving, []
-        self.metrics.in_flight.labels(head.model).inc()
+        plan.group = task_route_group(task_routes, model, classify_task(body)) if task_routes else None
+        return plan
+
+    def _overflows(self, plan: Plan, gate: ModelGate | None) -> bool:
+        """Should the local instances wait until no other node can take the request? When
+        remote capacity exists: a drained node sends new work away, and a saturated model
+        overflows to other nodes instead of queueing here."""
+        if plan.route is None or not self.remote.candidates(plan.route, self.upstreams.gpu_classes(), set()):
+            return False
+        routes = self.upstreams.routes
+        drained = routes is not None and routes.drained
+        return drained or (gate is not None and gate.active >= gate.max_concurrency)
+
+    async def _dispatch(self, request: web.Request, body: bytes, plan: Plan, ctx: Ctx) -> web.StreamResponse:
+        """Through the model's concurrency gate (local instances only) to the attempts."""
+        gate = self.gate(plan.model) if plan.serving else None
+        if self._overflows(plan, gate):
+            plan.deferred, plan.serving = plan.serving, []
+        in_flight = self.metrics.in_flight.labels(plan.model)
+        in_flight.inc()
         try:
             if plan.serving and gate is not None and (refused := await self._enter_gate(gate, plan, ctx)):
                 return refused
             return await self._attempts(request, body, plan, ctx)
         finally:
-            self.metrics.in_flight.labels(head.model).dec()
+            in_flight.dec()
             if plan.gate is not None:
                 plan.gate.release()
-
-    def _serving(self, model: str) -> tuple[list[Instance], RouteRecord | None]:
-        """Local instances of ``model``, and its cluster route (None in standalone mode)."""
-        serving = [i for i in self.rt.supervisor.instances.values() if i.cfg.client_model == model]
-        return serving, self.rt.routes.route(model) if self.rt.routes is not None else None
-
-    def _count_degraded(self, ctx: Ctx, kind: str) -> None:
-        ctx.degraded = kind
-        self.rt.proxy_counters.degraded += 1
-        self.metrics.degraded.labels(kind).inc()
-
-    def _degraded(self, ctx: Ctx, kind: str, resp: web.StreamResponse) -> web.StreamResponse:
-        self._count_degraded(ctx, kind)
-        return ctx.done(resp)
 
     async def _enter_gate(self, gate: ModelGate, plan: Plan, ctx: Ctx) -> web.Response | None:
         """Wait for a local slot (bounded queue); a response if refused, None once admitted."""
         try:
-            async with asyncio.timeout_at(self._loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
+            async with asyncio.timeout_at(self.relay.loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
                 await gate.acquire()
         except QueueFull as e:
             self.metrics.rejected.labels("queue_full").inc()
@@ -244,42 +275,15 @@ class Proxy:
                 )
             )
         except TimeoutError:
-            return ctx.done(self._timeout_response(ctx, "waiting for a free slot"))
+            return ctx.done(self.relay.timeout_response(ctx, "waiting for a free slot"))
         plan.gate = gate
         return None
 
-    def _own_classes(self) -> set[str]:
-        return {g.gpu_class for g in self.rt.supervisor.gpus}
-
-    def _next_target(self, plan: Plan, tried: set[str], ctx: Ctx) -> Instance | RemoteTarget | None:
-        """Local instances in rotation first (least in-flight); then other nodes by route
-        weight; then local READY ones whose last probe failed (a slow probe answer, or a server
-        about to be restarted: better than a 503 while nothing else can serve)."""
-        local = self._pick_local(plan, tried, ctx, suspect_ok=False)
-        if local is not None:
-            return local
-        if plan.route is not None:
-            candidates = self.remote.candidates(plan.route, self._own_classes(), tried)
-            if (remote := self.remote.pick(ctx.model or "", candidates)) is not None:
-                return remote
-        return self._pick_local(plan, tried, ctx, suspect_ok=True)
-
-    def _pick_local(self, plan: Plan, tried: set[str], ctx: Ctx, *, suspect_ok: bool) -> Instance | None:
-        ready = [i for i in plan.serving if i.name not in tried and i.routable(suspect_ok=suspect_ok)]
-        if plan.group is not None:
-            grouped = [i for i in ready if i.name in plan.group]
-            ready = grouped if grouped or not self.cfg.task_route_fallback else ready
-        return self.picker.pick(ctx.model or "", ready)
-
-    def _loop_deadline(self, ctx: Ctx, phase_s: float | None = None) -> float:
-        """Event-loop time at which the current phase must end: the phase's own limit, capped by
-        the request's total deadline."""
-        end = ctx.loop_started + self.cfg.total_timeout_s
-        if phase_s is not None:
-            end = min(end, asyncio.get_running_loop().time() + phase_s)
-        return end
+    # --- attempts -----------------------------------------------------------------------------
 
     async def _attempts(self, request: web.Request, body: bytes, plan: Plan, ctx: Ctx) -> web.StreamResponse:
+        """Attempt after attempt, each on an upstream not tried yet, until one answers or the
+        request runs out of candidates, attempts or budget."""
         retry_deadline = ctx.started + self.cfg.retry_budget_s
         tried: set[str] = set()
         last: Failure | None = None
@@ -287,26 +291,11 @@ class Proxy:
         while True:
             target = self._next_target(plan, tried, ctx)
             if target is None and plan.deferred:
-                # No other node could take it: the local instances we set aside serve after all.
-                plan.serving, plan.deferred = plan.deferred, []
-                gate = self.gate(ctx.model or "")
-                if gate is not None and (refused := await self._enter_gate(gate, plan, ctx)):
+                if refused := await self._serve_deferred(plan, ctx):
                     return refused
                 continue
             if target is None:
-                if last is not None and last.response is not None:
-                    return ctx.done(last.response)
-                states = ", ".join(f"{i.name} {i.state.value}" for i in plan.serving) or "no local instance"
-                remote = " and no eligible remote endpoint" if plan.route is not None else ""
-                return ctx.done(
-                    error_response(
-                        503,
-                        f"no instance of {ctx.model} is ready ({states}){remote}",
-                        "service_unavailable",
-                        "model_not_ready",
-                        {"Retry-After": str(self.cfg.retry_after_s), REQUEST_ID_HEADER: ctx.rid},
-                    )
-                )
+                return ctx.done(self._unavailable(plan, last, ctx))
             tried.add(target.name)
             ctx.instance = target.name
             try:
@@ -314,257 +303,94 @@ class Proxy:
             except Failure as f:
                 last = f
                 self._failed(target, f, ctx)
-                # Timeouts and targets that left under an attempt are retried even past the
-                # budget: the client has waited for an answer that never came. A second timeout
-                # is not: a request slow on two instances is likely slow itself (a huge prompt),
-                # and a third try would only burn another prefill.
                 timeouts += f.kind == "timeout"
-                over_budget = time.monotonic() >= retry_deadline and f.kind not in ABANDONED
-                if len(tried) >= self.cfg.max_attempts or over_budget or timeouts > 1:
-                    if f.response is not None:
-                        return ctx.done(f.response)
-                    return ctx.done(
-                        error_response(
-                            502,
-                            f"upstream failed: {f.detail}",
-                            "server_error",
-                            "upstream_error",
-                            {REQUEST_ID_HEADER: ctx.rid},
-                        )
-                    )
+                if self._out_of_retries(f, len(tried), timeouts, retry_deadline):
+                    return ctx.done(self._given_up(f, ctx))
                 ctx.retries += 1
                 self.metrics.retries.labels(ctx.model).inc()
 
-    def _failed(self, target: Instance | RemoteTarget, f: Failure, ctx: Ctx) -> None:
-        """Count a failed attempt, and tell the instance's health about it."""
+    async def _serve_deferred(self, plan: Plan, ctx: Ctx) -> web.Response | None:
+        """No other node could take it: the local instances set aside serve after all."""
+        plan.serving, plan.deferred = plan.deferred, []
+        gate = self.gate(plan.model)
+        return await self._enter_gate(gate, plan, ctx) if gate is not None else None
+
+    def _out_of_retries(self, f: Failure, attempts: int, timeouts: int, retry_deadline: float) -> bool:
+        # Timeouts and targets that left under an attempt are retried even past the budget:
+        # the client has waited for an answer that never came. A second timeout is not: a
+        # request slow on two instances is likely slow itself (a huge prompt), and a third try
+        # would only burn another prefill.
+        over_budget = time.monotonic() >= retry_deadline and f.kind not in ABANDONED
+        return attempts >= self.cfg.max_attempts or over_budget or timeouts > 1
+
+    def _given_up(self, f: Failure, ctx: Ctx) -> web.StreamResponse:
+        if f.response is not None:
+            return f.response
+        return error_response(
+            502, f"upstream failed: {f.detail}", "server_error", "upstream_error", {REQUEST_ID_HEADER: ctx.rid}
+        )
+
+    def _unavailable(self, plan: Plan, last: Failure | None, ctx: Ctx) -> web.StreamResponse:
+        """Nothing (more) to try: the last failure's answer, else 503."""
+        if last is not None and last.response is not None:
+            return last.response
+        states = ", ".join(f"{i.name} {i.state.value}" for i in plan.serving) or "no local instance"
+        remote = " and no eligible remote endpoint" if plan.route is not None else ""
+        return error_response(
+            503,
+            f"no instance of {ctx.model} is ready ({states}){remote}",
+            "service_unavailable",
+            "model_not_ready",
+            {"Retry-After": str(self.cfg.retry_after_s), REQUEST_ID_HEADER: ctx.rid},
+        )
+
+    def _next_target(self, plan: Plan, tried: set[str], ctx: Ctx) -> Target | None:
+        """Local instances in rotation first (least in-flight); then other nodes by route
+        weight; then local READY ones whose last probe failed (a slow probe answer, or a server
+        about to be restarted: better than a 503 while nothing else can serve)."""
+        local = self._pick_local(plan, tried, ctx, suspect_ok=False)
+        if local is not None:
+            return local
+        if plan.route is not None:
+            candidates = self.remote.candidates(plan.route, self.upstreams.gpu_classes(), tried)
+            if (remote := self.remote.pick(ctx.model or "", candidates)) is not None:
+                return remote
+        return self._pick_local(plan, tried, ctx, suspect_ok=True)
+
+    def _pick_local(self, plan: Plan, tried: set[str], ctx: Ctx, *, suspect_ok: bool) -> LocalUpstream | None:
+        in_flight = self.stats.in_flight
+        ready = [
+            i for i in plan.serving if i.name not in tried and i.routable(in_flight(i.name), suspect_ok=suspect_ok)
+        ]
+        if plan.group is not None:
+            grouped = [i for i in ready if i.name in plan.group]
+            ready = grouped if grouped or not self.cfg.task_route_fallback else ready
+        return self.picker.pick(ctx.model or "", ready, in_flight)
+
+    async def _try(self, request: web.Request, body: bytes, target: Target, ctx: Ctx) -> web.StreamResponse:
+        """One attempt on one target (local or on another node), abandoned (Failure) if the
+        target leaves before it has answered."""
+        attempt = self.relay.attempt(request, body, target, ctx)
+        if not isinstance(target, RemoteTarget):
+            return await unless_instance_leaves(attempt, target, lambda: ctx.ttfb is not None)
+        routes = self.upstreams.routes
+        if routes is None:
+            return await attempt
+        gone = routes.node_gone(target.node)
+        return await unless_node_leaves(attempt, gone, lambda: ctx.ttfb is not None, target.name)
+
+    def _failed(self, target: Target, f: Failure, ctx: Ctx) -> None:
+        """Count a failed attempt, and report it to the target's health."""
         if f.counted:
-            target.errors_total += 1
-            if _counted(ctx, target):
-                self.rt.proxy_counters.attempt_errors += 1
+            self.relay.count_error(target, ctx)
         self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
         log.warning("upstream attempt failed", request_id=ctx.rid, instance=target.name, kind=f.kind, detail=f.detail)
         if f.kind not in (BUSY, CAPACITY):
             target.request_probe()  # active health: look at it now / steer away from it
-        local = not isinstance(target, RemoteTarget)
-        if f.kind in GATEWAY_FAILURES and local and target.passive_failure(f.detail, f.kind == "status_5xx"):
+        if f.kind not in GATEWAY_FAILURES or isinstance(target, RemoteTarget):
+            return
+        if target.report_failure(f.detail, f.kind == "status_5xx"):
             self.metrics.ejections.labels(ctx.model, target.name).inc()
-
-    def _first_byte(self, inst: Instance | RemoteTarget, ctx: Ctx) -> None:
-        """The upstream answered: the client gets this attempt's answer, whatever follows."""
-        ctx.ttfb = time.monotonic() - ctx.started
-        if not isinstance(inst, RemoteTarget):
-            inst.passive_ok()
-
-    async def _try(
-        self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx
-    ) -> web.StreamResponse:
-        """One attempt on one instance (local or on another node). Raises Failure while nothing
-        has reached the client."""
-        attempt = self._attempt(request, body, inst, ctx)
-        if not isinstance(inst, RemoteTarget):
-            return await unless_instance_leaves(attempt, inst, lambda: ctx.ttfb is not None)
-        if self.rt.routes is None:
-            return await attempt
-        gone = self.rt.routes.node_gone(inst.node)
-        return await unless_node_leaves(attempt, gone, lambda: ctx.ttfb is not None, inst.name)
-
-    async def _attempt(
-        self, request: web.Request, body: bytes, inst: Instance | RemoteTarget, ctx: Ctx
-    ) -> web.StreamResponse:
-        assert self.session is not None
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_HOP_BY_HOP)
-        headers[REQUEST_ID_HEADER] = ctx.rid
-        headers["X-Forwarded-For"] = request.remote or ""
-        if isinstance(inst, RemoteTarget):
-            headers[HOPS_HEADER] = str(hops_of(request.headers.get(HOPS_HEADER)) + 1)
-            if ctx.downgraded is not None:
-                headers[FALLBACK_REQUEST_HEADER] = ctx.model or ""
-        headers.update(inst.upstream.headers)  # the instance's own API key, not the client's
-        url = inst.base_url + request.path_qs
-        inst.in_flight += 1
-        inst.requests_total += 1
-        if _counted(ctx, inst):
-            self.rt.proxy_counters.attempts += 1
-        # One timeout scope per attempt. A stream must show its first body chunk (the first
-        # token: servers send headers at once) within ttfb_timeout_s; a non-streaming answer
-        # (headers come with the whole answer) within response_timeout_s. Then the scope moves
-        # out to the total deadline.
-        limit_s = self._first_byte_limit(ctx, inst)
-        scope = asyncio.timeout_at(self._loop_deadline(ctx, limit_s))
-        try:
-            async with scope:
-                upstream = await self._post(url, body, headers, inst)
-                async with upstream:
-                    if upstream.status >= 400:
-                        return self._error_answer(upstream, await self._read(upstream, inst), inst, ctx)
-                    try:
-                        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                            # Hold the client's headers back until the first chunk is here: until
-                            # then a dead upstream can still be retried elsewhere.
-                            first = await upstream.content.readany()
-                            if not first:
-                                raise aiohttp.ClientPayloadError("stream closed before its first chunk")
-                            self._first_byte(inst, ctx)
-                            scope.reschedule(self._loop_deadline(ctx))
-                            return await self._stream(request, upstream, first, inst, ctx, scope)
-                        scope.reschedule(self._loop_deadline(ctx))  # its headers are here: answering
-                        payload = await upstream.read()
-                    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-                        raise Failure("midstream", None, f"{inst.name}: answer cut off: {e}") from None
-                    self._first_byte(inst, ctx)
-                    headers = self._response_headers(upstream, ctx)
-                    if ctx.cache_key is not None and upstream.status == 200:
-                        self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
-                    return ctx.done(web.Response(status=upstream.status, body=payload, headers=headers))
-        except TimeoutError:
-            if scope.when() == ctx.loop_started + self.cfg.total_timeout_s:  # the total deadline
-                limit_s = self.cfg.total_timeout_s
-            what = f"no first chunk within {limit_s:g}s" if ctx.stream else f"no complete answer within {limit_s:g}s"
-            raise Failure("timeout", self._timeout_response(ctx, what), f"{inst.name}: {what}") from None
-        finally:
-            inst.in_flight -= 1
-
-    def _first_byte_limit(self, ctx: Ctx, inst: Instance | RemoteTarget) -> float:
-        limit = self.cfg.ttfb_timeout_s if ctx.stream else self.cfg.response_timeout_s
-        # Another node's proxy runs the same limit on its own instance and may retry once after
-        # it: give it room for both, or we would give up just as its retry begins.
-        return 2 * limit if isinstance(inst, RemoteTarget) else limit
-
-    async def _post(
-        self, url: str, body: bytes, headers: CIMultiDict[str], inst: Instance | RemoteTarget
-    ) -> aiohttp.ClientResponse:
-        """Send the request; a kept-alive connection the upstream closed as we reused it (it
-        restarted, or its idle timeout fired) is retried once on a new connection, as nginx
-        and browsers do: nothing was answered on it, and the same instance is fine."""
-        assert self.session is not None
-        for stale_retry in (True, False):
-            try:
-                return await self.session.post(url, data=body, headers=headers)
-            except aiohttp.ClientConnectorError as e:  # refused, unreachable: the instance is not there
-                raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-                if not stale_retry:
-                    raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
-                log.debug("upstream closed a kept-alive connection; retrying on a new one", instance=inst.name)
-            except aiohttp.ClientConnectionError as e:
-                raise Failure("connect", None, f"{inst.name}: {type(e).__name__}: {e}") from None
-        raise AssertionError("unreachable")
-
-    async def _read(self, upstream: aiohttp.ClientResponse, inst: Instance | RemoteTarget) -> bytes:
-        try:
-            return await upstream.read()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-            raise Failure("midstream", None, f"{inst.name}: answer cut off: {e}") from None
-
-    def _error_answer(
-        self, upstream: aiohttp.ClientResponse, payload: bytes, inst: Instance | RemoteTarget, ctx: Ctx
-    ) -> web.Response:
-        """An error status: the client's answer if the request was at fault (nothing counted,
-        nothing retried), else a Failure to retry elsewhere. The backend decides which."""
-        judgement = inst.judge(upstream.status, payload)
-        status, body = judgement.rewrite or (upstream.status, payload)
-        headers = self._response_headers(upstream, ctx)
-        if judgement.rewrite is not None:
-            headers["Content-Type"] = "application/json"
-        resp = web.Response(status=status, body=body, headers=headers)
-        if judgement.verdict is Verdict.ANSWER:
-            self._first_byte(inst, ctx)
-            return ctx.done(resp)
-        if judgement.verdict is Verdict.BUSY:
-            kind = BUSY if judgement.counted else CAPACITY
-            raise Failure(kind, resp, f"{inst.name}: full, HTTP {upstream.status}", counted=judgement.counted)
-        raise Failure("status_5xx", resp, f"{inst.name}: HTTP {upstream.status}: {payload[:200]!r}")
-
-    async def _stream(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        first: bytes,
-        inst: Instance | RemoteTarget,
-        ctx: Ctx,
-        scope: asyncio.Timeout,
-    ) -> web.StreamResponse:
-        headers = self._response_headers(upstream, ctx)
-        headers["Cache-Control"] = "no-cache"
-        headers["X-Accel-Buffering"] = "no"  # tells nginx in front of us not to buffer either
-        resp = web.StreamResponse(status=upstream.status, headers=headers)
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        ctx.done(resp)
-        recorder = self.degrader.recorder() if ctx.cache_key is not None else None
-        # Between chunks the upstream has stream_idle_timeout_s to send the next one: the scope
-        # is pulled in around each read and put back to the total deadline around each write, so
-        # a client slow to read is never taken for a stalled server.
-        total, idle_s, loop = self._loop_deadline(ctx), self.cfg.stream_idle_timeout_s, asyncio.get_running_loop()
-        try:
-            await resp.write(first)
-            if recorder is not None:
-                recorder.add(first)
-            while True:
-                scope.reschedule(min(total, loop.time() + idle_s))
-                chunk = await upstream.content.readany()
-                if not chunk:
-                    break
-                scope.reschedule(total)
-                await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
-                if recorder is not None:
-                    recorder.add(chunk)
-        except asyncio.CancelledError:
-            if not scope.expired():
-                raise  # the client went away: nobody to tell
-            # Swallowing the cancellation is how an asyncio.Timeout scope is told we handled
-            # it; the client gets an error event.
-            if (scope.when() or total) >= total:
-                await self._stream_error(resp, inst, ctx, "timeout", "total timeout exceeded mid-stream")
-            else:
-                await self._stream_stalled(resp, inst, ctx, idle_s)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-            inst.request_probe()
-            log.warning("upstream stream ended early", request_id=ctx.rid, instance=inst.name, error=str(e))
-            await self._stream_error(resp, inst, ctx, "midstream", f"upstream instance {inst.name} failed mid-stream")
-        if recorder is not None and ctx.cache_key is not None and not ctx.stream_error and upstream.status == 200:
-            self.degrader.store_stream(ctx.cache_key, upstream.status, headers, recorder)
-        await resp.write_eof()
-        return resp
-
-    async def _stream_stalled(
-        self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: Ctx, idle_s: float
-    ) -> None:
-        """The upstream sent nothing for ``idle_s`` mid-stream: an engine hung after its first
-        token. Nothing can be retried (the client has part of an answer); it counts against the
-        instance like a timeout, so passive health ejects (and in the end restarts) it."""
-        detail = f"{inst.name}: no data for {idle_s:g}s mid-stream"
-        log.warning("upstream stream stalled", request_id=ctx.rid, instance=inst.name, idle_s=idle_s)
-        inst.request_probe()
-        if not isinstance(inst, RemoteTarget) and inst.passive_failure(detail):
-            self.metrics.ejections.labels(ctx.model, inst.name).inc()
-        await self._stream_error(resp, inst, ctx, "timeout", f"upstream sent nothing for {idle_s:g}s mid-stream")
-
-    async def _stream_error(
-        self, resp: web.StreamResponse, inst: Instance | RemoteTarget, ctx: Ctx, kind: str, message: str
-    ) -> None:
-        inst.errors_total += 1
-        if _counted(ctx, inst):
-            self.rt.proxy_counters.attempt_errors += 1
-        ctx.stream_error = True
-        self.metrics.upstream_errors.labels(ctx.model, inst.name, kind).inc()
-        err = {"error": {"message": message, "type": "server_error", "code": "upstream_stream_error"}}
-        await resp.write(b"data: " + msgspec.json.encode(err) + b"\n\n")
-
-    def _response_headers(self, upstream: aiohttp.ClientResponse, ctx: Ctx) -> CIMultiDict[str]:
-        h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
-        h.popall("Date", None)
-        h.popall("Server", None)
-        h[REQUEST_ID_HEADER] = ctx.rid
-        if ctx.downgraded is not None:
-            h[DOWNGRADED_HEADER] = ctx.downgraded
-            h[DEGRADED_HEADER] = "fallback"
-        return h
-
-    def _timeout_response(self, ctx: Ctx, what: str) -> web.Response:
-        return error_response(
-            504, f"upstream timeout: {what}", "timeout_error", "upstream_timeout", {REQUEST_ID_HEADER: ctx.rid}
-        )
 
     def _account(self, request: web.Request, ctx: Ctx) -> None:
         duration = time.monotonic() - ctx.started
@@ -587,15 +413,9 @@ class Proxy:
             )
 
 
-def _counted(ctx: Ctx, target: Instance | RemoteTarget) -> bool:
-    """Does this attempt count toward the cluster error rate? Each node counts attempts on its
-    own instances only (a forwarded request is counted once, where it ran), and not those made
-    for a fallback (``ctx.counted``)."""
-    return ctx.counted and not isinstance(target, RemoteTarget)
-
-
 class Watched(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def watch(self, on_leave: Callable[[], None]) -> None: ...
     def unwatch(self, on_leave: Callable[[], None]) -> None: ...

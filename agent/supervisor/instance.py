@@ -66,10 +66,6 @@ class Instance:
         self.restarts = 0
         self.load: InstanceLoad | None = None
         self.child: ChildProcess | None = None
-        # Maintained by the proxy: requests now upstream, and counters for the node record.
-        self.in_flight = 0
-        self.requests_total = 0
-        self.errors_total = 0
         self.health = HealthWindow(self.sup.failure_threshold, self.sup.recovery_window)
         self.rotation = Rotation(self.log)
         self.policy = self._new_policy()
@@ -137,10 +133,11 @@ class Instance:
 
     # --- rotation (what the proxy may send requests to) ------------------------------------
 
-    def routable(self, *, suspect_ok: bool = False) -> bool:
-        """May the proxy send it a request? ``suspect_ok``: even though its last probe failed
-        (when nothing else can serve: one slow probe answer must not turn into 503s)."""
-        return self.state is InstanceState.READY and self.rotation.routable(self.in_flight, suspect_ok)
+    def routable(self, in_flight: int, *, suspect_ok: bool = False) -> bool:
+        """May the proxy send it a request? ``in_flight``: the proxy's requests on it now (a
+        half-open instance takes one trial at a time). ``suspect_ok``: even though its last probe
+        failed (when nothing else can serve: one slow probe answer must not turn into 503s)."""
+        return self.state is InstanceState.READY and self.rotation.routable(in_flight, suspect_ok)
 
     @property
     def ejected(self) -> bool:
@@ -154,11 +151,13 @@ class Instance:
     def unwatch(self, on_leave: Callable[[], None]) -> None:
         self.rotation.unwatch(on_leave)
 
-    def passive_ok(self) -> None:
+    # --- outcomes the proxy reports (agent/proxy/upstreams.py: LocalUpstream) -----------------
+
+    def report_success(self) -> None:
         """A real request got its first byte from this instance."""
         self.rotation.success()
 
-    def passive_failure(self, detail: str, answered: bool = False) -> bool:
+    def report_failure(self, detail: str, answered: bool = False) -> bool:
         """A gateway failure of a real request on this instance (timeout, connection refused or
         reset, a 5xx judged its fault: ``answered``). True when it has just been ejected
         (logged, once)."""
@@ -225,8 +224,7 @@ class Instance:
             last_error=last_error,
             health_ratio=health_ratio,
             load=self.load,
-            requests_total=self.requests_total,
-            errors_total=self.errors_total,
+            # requests_total and errors_total are the proxy's counts (ProxyStats.annotate)
             assigned=self.assigned,
         )
 

@@ -1,0 +1,323 @@
+"""One attempt on one upstream: the request out, the answer back to the client.
+
+Bytes go through untouched: the request body as received, a non-streaming answer read whole
+and returned, an SSE stream copied chunk by chunk, one client write per upstream chunk, never
+re-serialised (LiteLLM's re-serialisation is where its 3–12 ms go). Until the first byte has
+reached the client an attempt raises :class:`~agent.proxy.context.Failure` (the attempt loop in
+server.py retries it elsewhere); a stream's response headers are held back until its first chunk
+is here for that reason. After the first byte a failure ends the stream with an SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from agent.backends import Verdict
+from agent.config import ProxySection
+from gpufleet.facts import REQUEST_ID_HEADER
+from gpufleet.httperrors import error_response
+
+from .cache import StreamRecorder
+from .context import HOP_BY_HOP, REQUEST_HOP_BY_HOP, Ctx, Failure
+from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
+from .metrics import ProxyMetrics
+from .remote import HOPS_HEADER, RemoteTarget, hops_of
+from .stats import ProxyStats
+from .upstreams import LocalUpstream, Upstreams
+
+log = structlog.get_logger("agent.proxy")
+# Failure kinds (and metric labels) of an instance that is full, not failing: not probed.
+BUSY = "status_429"  # it said 429: counts toward the error rate (overload is what degrades)
+CAPACITY = "capacity"  # its backend knows the request did not fit right now: counts nothing
+CUT_OFF = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
+
+Target = LocalUpstream | RemoteTarget
+
+
+def counted(ctx: Ctx, target: Target) -> bool:
+    """Does this attempt count toward the cluster error rate? Each node counts attempts on its
+    own instances only (a forwarded request is counted once, where it ran), and not those made
+    for a fallback (``ctx.counted``)."""
+    return ctx.counted and not isinstance(target, RemoteTarget)
+
+
+class Relay:
+    def __init__(self, upstreams: Upstreams, stats: ProxyStats, metrics: ProxyMetrics, degrader: Degrader) -> None:
+        self.upstreams = upstreams
+        self.stats = stats
+        self.metrics = metrics
+        self.degrader = degrader
+        self.session: aiohttp.ClientSession | None = None
+
+    @property
+    def cfg(self) -> ProxySection:
+        return self.upstreams.proxy_cfg  # read live, so a reload applies
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
+            auto_decompress=False,  # pass compressed bodies through as they are
+            cookie_jar=aiohttp.DummyCookieJar(),
+            read_bufsize=2**16,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    # --- shared with the attempt loop ----------------------------------------------------------
+
+    def loop_deadline(self, ctx: Ctx, phase_s: float | None = None) -> float:
+        """Event-loop time at which the current phase must end: the phase's own limit, capped by
+        the request's total deadline."""
+        end = ctx.loop_started + self.cfg.total_timeout_s
+        if phase_s is not None:
+            end = min(end, asyncio.get_running_loop().time() + phase_s)
+        return end
+
+    def timeout_response(self, ctx: Ctx, what: str) -> web.Response:
+        return error_response(
+            504, f"upstream timeout: {what}", "timeout_error", "upstream_timeout", {REQUEST_ID_HEADER: ctx.rid}
+        )
+
+    def count_error(self, target: Target, ctx: Ctx) -> None:
+        self.stats.upstream(target.name).errors += 1
+        if counted(ctx, target):
+            self.stats.counters.attempt_errors += 1
+
+    def first_byte(self, target: Target, ctx: Ctx) -> None:
+        """The upstream answered: the client gets this attempt's answer, whatever follows."""
+        ctx.ttfb = time.monotonic() - ctx.started
+        if not isinstance(target, RemoteTarget):
+            target.report_success()
+
+    # --- one attempt ------------------------------------------------------------------------------
+
+    async def attempt(self, request: web.Request, body: bytes, target: Target, ctx: Ctx) -> web.StreamResponse:
+        """Send the request to ``target`` and relay its answer. Raises Failure while nothing has
+        reached the client."""
+        headers = self._request_headers(request, target, ctx)
+        url = target.base_url + request.path_qs
+        upstream_stats = self.stats.upstream(target.name)
+        upstream_stats.in_flight += 1
+        upstream_stats.requests += 1
+        if counted(ctx, target):
+            self.stats.counters.attempts += 1
+        # One timeout scope per attempt. A stream must show its first body chunk (the first
+        # token: servers send headers at once) within ttfb_timeout_s; a non-streaming answer
+        # (headers come with the whole answer) within response_timeout_s. Then the scope moves
+        # out to the total deadline.
+        limit_s = self._first_byte_limit(ctx, target)
+        scope = asyncio.timeout_at(self.loop_deadline(ctx, limit_s))
+        try:
+            async with scope:
+                upstream = await self._post(url, body, headers, target)
+                async with upstream:
+                    return await self._answer(request, upstream, target, ctx, scope)
+        except TimeoutError:
+            raise self._timed_out(ctx, target, scope, limit_s) from None
+        finally:
+            upstream_stats.in_flight -= 1
+
+    def _request_headers(self, request: web.Request, target: Target, ctx: Ctx) -> CIMultiDict[str]:
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_HOP_BY_HOP)
+        headers[REQUEST_ID_HEADER] = ctx.rid
+        headers["X-Forwarded-For"] = request.remote or ""
+        if isinstance(target, RemoteTarget):
+            headers[HOPS_HEADER] = str(hops_of(request.headers.get(HOPS_HEADER)) + 1)
+            if ctx.downgraded is not None:
+                headers[FALLBACK_REQUEST_HEADER] = ctx.model or ""
+        headers.update(target.upstream.headers)  # the instance's own API key, not the client's
+        return headers
+
+    def _first_byte_limit(self, ctx: Ctx, target: Target) -> float:
+        limit = self.cfg.ttfb_timeout_s if ctx.stream else self.cfg.response_timeout_s
+        # Another node's proxy runs the same limit on its own instance and may retry once after
+        # it: give it room for both, or we would give up just as its retry begins.
+        return 2 * limit if isinstance(target, RemoteTarget) else limit
+
+    def _timed_out(self, ctx: Ctx, target: Target, scope: asyncio.Timeout, limit_s: float) -> Failure:
+        if scope.when() == ctx.loop_started + self.cfg.total_timeout_s:  # the total deadline
+            limit_s = self.cfg.total_timeout_s
+        what = f"no first chunk within {limit_s:g}s" if ctx.stream else f"no complete answer within {limit_s:g}s"
+        return Failure("timeout", self.timeout_response(ctx, what), f"{target.name}: {what}")
+
+    async def _post(self, url: str, body: bytes, headers: CIMultiDict[str], target: Target) -> aiohttp.ClientResponse:
+        """Send the request; a kept-alive connection the upstream closed as we reused it (it
+        restarted, or its idle timeout fired) is retried once on a new connection, as nginx
+        and browsers do: nothing was answered on it, and the same instance is fine."""
+        assert self.session is not None
+        for stale_retry in (True, False):
+            try:
+                return await self.session.post(url, data=body, headers=headers)
+            except aiohttp.ClientConnectorError as e:  # refused, unreachable: the instance is not there
+                raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                if not stale_retry:
+                    raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
+                log.debug("upstream closed a kept-alive connection; retrying on a new one", instance=target.name)
+            except aiohttp.ClientConnectionError as e:
+                raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")
+
+    async def _answer(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        target: Target,
+        ctx: Ctx,
+        scope: asyncio.Timeout,
+    ) -> web.StreamResponse:
+        """Relay what the upstream answered: an error status as its backend judges it, an SSE
+        stream once its first chunk is here, anything else read whole."""
+        if upstream.status >= 400:
+            return self._error_answer(upstream, await self._read(upstream, target), target, ctx)
+        try:
+            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                # Hold the client's headers back until the first chunk is here: until then a
+                # dead upstream can still be retried elsewhere.
+                first = await upstream.content.readany()
+                if not first:
+                    raise aiohttp.ClientPayloadError("stream closed before its first chunk")
+                self.first_byte(target, ctx)
+                scope.reschedule(self.loop_deadline(ctx))
+                return await self._stream(request, upstream, first, target, ctx, scope)
+            scope.reschedule(self.loop_deadline(ctx))  # its headers are here: answering
+            payload = await upstream.read()
+        except CUT_OFF as e:
+            raise Failure("midstream", None, f"{target.name}: answer cut off: {e}") from None
+        self.first_byte(target, ctx)
+        headers = self._response_headers(upstream, ctx)
+        if ctx.cache_key is not None and upstream.status == 200:
+            self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
+        return ctx.done(web.Response(status=upstream.status, body=payload, headers=headers))
+
+    async def _read(self, upstream: aiohttp.ClientResponse, target: Target) -> bytes:
+        try:
+            return await upstream.read()
+        except CUT_OFF as e:
+            raise Failure("midstream", None, f"{target.name}: answer cut off: {e}") from None
+
+    def _error_answer(self, upstream: aiohttp.ClientResponse, payload: bytes, target: Target, ctx: Ctx) -> web.Response:
+        """An error status: the client's answer if the request was at fault (nothing counted,
+        nothing retried), else a Failure to retry elsewhere. The backend decides which."""
+        judgement = target.judge(upstream.status, payload)
+        status, body = judgement.rewrite or (upstream.status, payload)
+        headers = self._response_headers(upstream, ctx)
+        if judgement.rewrite is not None:
+            headers["Content-Type"] = "application/json"
+        resp = web.Response(status=status, body=body, headers=headers)
+        if judgement.verdict is Verdict.ANSWER:
+            self.first_byte(target, ctx)
+            return ctx.done(resp)
+        if judgement.verdict is Verdict.BUSY:
+            kind = BUSY if judgement.counted else CAPACITY
+            raise Failure(kind, resp, f"{target.name}: full, HTTP {upstream.status}", counted=judgement.counted)
+        raise Failure("status_5xx", resp, f"{target.name}: HTTP {upstream.status}: {payload[:200]!r}")
+
+    def _response_headers(self, upstream: aiohttp.ClientResponse, ctx: Ctx) -> CIMultiDict[str]:
+        h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
+        h.popall("Date", None)
+        h.popall("Server", None)
+        h[REQUEST_ID_HEADER] = ctx.rid
+        if ctx.downgraded is not None:
+            h[DOWNGRADED_HEADER] = ctx.downgraded
+            h[DEGRADED_HEADER] = "fallback"
+        return h
+
+    # --- streams ----------------------------------------------------------------------------------
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        target: Target,
+        ctx: Ctx,
+        scope: asyncio.Timeout,
+    ) -> web.StreamResponse:
+        """Start the client's stream with ``first`` and copy the rest; cache it if asked to."""
+        headers = self._response_headers(upstream, ctx)
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"  # tells nginx in front of us not to buffer either
+        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        ctx.done(resp)
+        recorder = self.degrader.recorder() if ctx.cache_key is not None else None
+        await self._copy(resp, upstream, first, target, ctx, scope, recorder)
+        if recorder is not None and ctx.cache_key is not None and not ctx.stream_error and upstream.status == 200:
+            self.degrader.store_stream(ctx.cache_key, upstream.status, headers, recorder)
+        await resp.write_eof()
+        return resp
+
+    async def _copy(
+        self,
+        resp: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        first: bytes,
+        target: Target,
+        ctx: Ctx,
+        scope: asyncio.Timeout,
+        recorder: StreamRecorder | None,
+    ) -> None:
+        """Copy the stream chunk by chunk; a stall, the total deadline or the upstream failing
+        ends it with an error event (the client already has part of an answer)."""
+        # Between chunks the upstream has stream_idle_timeout_s to send the next one: the scope
+        # is pulled in around each read and put back to the total deadline around each write, so
+        # a client slow to read is never taken for a stalled server.
+        total, idle_s, loop = self.loop_deadline(ctx), self.cfg.stream_idle_timeout_s, asyncio.get_running_loop()
+        try:
+            await resp.write(first)
+            if recorder is not None:
+                recorder.add(first)
+            while True:
+                scope.reschedule(min(total, loop.time() + idle_s))
+                chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                scope.reschedule(total)
+                await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
+                if recorder is not None:
+                    recorder.add(chunk)
+        except asyncio.CancelledError:
+            if not scope.expired():
+                raise  # the client went away: nobody to tell
+            # Swallowing the cancellation is how an asyncio.Timeout scope is told we handled
+            # it; the client gets an error event.
+            if (scope.when() or total) >= total:
+                await self._stream_error(resp, target, ctx, "timeout", "total timeout exceeded mid-stream")
+            else:
+                await self._stream_stalled(resp, target, ctx, idle_s)
+        except CUT_OFF as e:
+            target.request_probe()
+            log.warning("upstream stream ended early", request_id=ctx.rid, instance=target.name, error=str(e))
+            await self._stream_error(
+                resp, target, ctx, "midstream", f"upstream instance {target.name} failed mid-stream"
+            )
+
+    async def _stream_stalled(self, resp: web.StreamResponse, target: Target, ctx: Ctx, idle_s: float) -> None:
+        """The upstream sent nothing for ``idle_s`` mid-stream: an engine hung after its first
+        token. Nothing can be retried (the client has part of an answer); it counts against the
+        instance like a timeout, so passive health ejects (and in the end restarts) it."""
+        detail = f"{target.name}: no data for {idle_s:g}s mid-stream"
+        log.warning("upstream stream stalled", request_id=ctx.rid, instance=target.name, idle_s=idle_s)
+        target.request_probe()
+        if not isinstance(target, RemoteTarget) and target.report_failure(detail):
+            self.metrics.ejections.labels(ctx.model, target.name).inc()
+        await self._stream_error(resp, target, ctx, "timeout", f"upstream sent nothing for {idle_s:g}s mid-stream")
+
+    async def _stream_error(self, resp: web.StreamResponse, target: Target, ctx: Ctx, kind: str, message: str) -> None:
+        self.count_error(target, ctx)
+        ctx.stream_error = True
+        self.metrics.upstream_errors.labels(ctx.model, target.name, kind).inc()
+        err = {"error": {"message": message, "type": "server_error", "code": "upstream_stream_error"}}
+        await resp.write(b"data: " + msgspec.json.encode(err) + b"\n\n")
