@@ -42,6 +42,14 @@ class ProxyMetrics:
         self.in_flight = Gauge(
             "gpu_agent_proxy_in_flight_requests", "Requests being proxied.", ["model"], registry=registry
         )
+        self._upstream_series(registry)
+        self._refusal_series(registry)
+        # labels() takes a lock and hashes the label tuple; the proxy calls these per request,
+        # so the children are cached (label sets are bounded: known models × status codes).
+        self._done: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
+
+    def _upstream_series(self, registry: CollectorRegistry) -> None:
+        """What happened upstream: retries, failed attempts, ejections."""
         self.retries = Counter(
             "gpu_agent_proxy_retries",
             "Retries on another instance before the first byte.",
@@ -61,6 +69,9 @@ class ProxyMetrics:
             ["model", "instance"],
             registry=registry,
         )
+
+    def _refusal_series(self, registry: CollectorRegistry) -> None:
+        """Requests answered without an upstream: refused, or degraded."""
         self.rejected = Counter(
             "gpu_agent_proxy_rejected",
             "Requests refused before any upstream (by reason).",
@@ -78,9 +89,6 @@ class ProxyMetrics:
             "Degradation level this proxy applies (0 normal, 1 cache, 2 fallback model, 3 static answer).",
             registry=registry,
         )
-        # labels() takes a lock and hashes the label tuple; the proxy calls these per request,
-        # so the children are cached (label sets are bounded: known models × status codes).
-        self._done: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
 
     def watch_state(
         self, stats: ProxyStats, cache: Callable[[], ResponseCache], queued: Callable[[], dict[str, int]]
