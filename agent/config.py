@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from agent import serverflags
+from agent.keys.config import AuthSection, auth_problems, auth_warnings
 from gpufleet.etcdconfig import EtcdSettings
 from gpufleet.facts import BACKENDS, HOT_GPU_C, Backend
 from gpufleet.httpserver import ApiSection
@@ -346,6 +347,7 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     models: ModelsSection = msgspec.field(default_factory=ModelsSection)
     degradation: DegradationSection = msgspec.field(default_factory=DegradationSection)
     api: ApiSection = msgspec.field(default_factory=ApiSection)  # the listener's timeouts and limits
+    auth: AuthSection = msgspec.field(default_factory=AuthSection)  # who may use the OpenAI routes
     source_path: str = ""
     # The file has an ``instances`` key (``[[instances]]`` tables, or ``instances = []`` for "none
     # on purpose"). A reload refuses a file that would stop every instance by omission.
@@ -414,6 +416,7 @@ SECTIONS: dict[str, type] = {
     "models": ModelsSection,
     "degradation": DegradationSection,
     "api": ApiSection,
+    "auth": AuthSection,
 }
 
 
@@ -452,6 +455,7 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
     if a.admin_token_file:
         a.admin_token_file = resolve(a.admin_token_file)
     cfg.cluster.resolve(base)
+    cfg.auth.resolve(base)
 
 
 def validate(cfg: AgentConfig, decoded: Collection[str] | None = None) -> list[ConfigProblem]:
@@ -520,6 +524,7 @@ def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
                     "host's address, or set advertise_url to a proxy in front of it",
                 )
             )
+    out.extend(auth_warnings(cfg.auth, host))
     if cfg.proxy.upstream_keepalive is not None:
         out.append(ConfigProblem("$.proxy.upstream_keepalive", "has no effect and is deprecated: remove it"))
     for section, renames in RENAMED_KEYS.items():
@@ -769,6 +774,7 @@ _RULES: tuple[tuple[frozenset[str], Callable[[AgentConfig], list[ConfigProblem]]
     (frozenset({"proxy", "instances"}), proxy_problems),
     (frozenset({"agent", "cluster"}), cluster_problems),
     (frozenset({"models"}), models_problems),
+    (frozenset({"agent", "cluster", "auth"}), lambda c: auth_problems(c.auth, c.agent.listen_host, c.cluster.enabled)),
 )
 
 
