@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,6 +27,8 @@ from agent.cluster.assignments import ModelFollower
 from agent.cluster.routes import RouteTable
 from agent.config import AgentConfig, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
+from agent.keys.gate import KeyGate
+from agent.keys.source import EtcdKeySource, FileKeySource, KeysFileError, KeySource
 from agent.proxy.stats import ProxyStats
 from agent.supervisor import Supervisor
 from agent.supervisor.handover import API, FdStore
@@ -33,6 +36,7 @@ from agent.supervisor.plan import PlanError, PlanErrorCode
 from gpufleet import __version__
 from gpufleet.daemon import DaemonBase, StartupError, Teardown, Tick
 from gpufleet.facts import EX_CONFIG, EX_UNAVAILABLE
+from gpufleet.hopauth import HopAuthError
 from gpufleet.httpserver import ConnectionGuard, listener_guard
 from gpufleet.keyspace.records import NodeRecord
 from gpufleet.sdnotify import SystemdNotifier
@@ -81,6 +85,11 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         self.models: ModelFollower | None = None
         self._said_dead: set[str] = set()  # instances whose dead supervision loop was logged
         self.proxy_stats = ProxyStats()  # the proxy counts (the API hands it to the proxy); the node record reads it
+        # API keys: the proxy's gate (made with the proxy, None without it) and where the keys
+        # come from (a standalone agent's keys file; in a cluster, etcd once joined).
+        self.key_gate: KeyGate | None = None
+        self.key_source: KeySource | None = None
+        self._entry_nodes = (0.0, 1)  # (when counted, nodes in the route table): see entry_nodes
 
     # --- what the API reads ---------------------------------------------------------------
 
@@ -102,6 +111,18 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             models=self.models.availability() if self.models is not None else [],
             proxy=self.proxy_stats.snapshot(),
         )
+
+    def entry_nodes(self) -> int:
+        """The nodes a client may enter the cluster through (each enforces its share of a key's
+        limits): those in the route table, counted at most once a second; 1 standalone."""
+        counted_at, n = self._entry_nodes
+        now = time.monotonic()
+        if self.routes is not None and now - counted_at >= 1.0:
+            nodes = {e.node for rec in self.routes.routes.values() for e in rec.endpoints}
+            nodes.add(self.cfg.node_id)
+            n = len(nodes)
+            self._entry_nodes = (now, n)
+        return n
 
     def tick_age(self) -> float | None:
         last = self.supervisor.last_tick
@@ -162,6 +183,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         # upstream request, so a model server stops generating for nobody.
         self.http_guard = listener_guard(self.cfg.api, fds_per_connection=2)
         self._runner = await self.http_runner(teardown, build_app(self), self.http_guard, handler_cancellation=True)
+        self._open_keys()
         handed_over = self._handed_over_socket()
         if handed_over is None:
             await self._listen(self._runner)
@@ -197,6 +219,11 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         teardown.step(
             "withdraw from the cluster", lambda: publisher.stop(revoke=not self.serving_stopped_for_handover())
         )
+        # Mirrored whatever the mode, so a reload that turns keys on has them at once.
+        keys = EtcdKeySource(publisher.etcd, publisher.keys, Path(self.cfg.agent.state_dir))
+        self.key_source = keys
+        await keys.start()
+        teardown.step("stop following API keys", keys.stop)
         self.routes = RouteTable(publisher.etcd, publisher.keys, self.cfg.node_id, on_rewound=publisher.republish)
         self.routes.start()
         teardown.step("stop following routes", self.routes.stop)
@@ -212,6 +239,41 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         )
         self.models.start()
         teardown.step("stop following assignments", self.models.stop)
+
+    def _open_keys(self) -> None:
+        """The hop secret, and a standalone agent's keys file: unreadable ones stop the start
+        (exit 78), as nothing may fall back to letting everyone in."""
+        if self.key_gate is None:
+            return
+        try:
+            self.key_gate.load_hop_secret()
+            if self.cfg.auth.keys_file and not self.cfg.cluster.enabled:
+                self.key_source = FileKeySource(Path(self.cfg.auth.keys_file))
+        except (OSError, HopAuthError, KeysFileError) as e:
+            raise StartupError(str(e), EX_CONFIG) from None
+        if self.key_gate.keys_required:
+            log.info("API keys required on the OpenAI routes", source="etcd" if self.cfg.cluster.enabled else "file")
+
+    def _reload_keys(self) -> None:
+        """After a reload: the hop secret and keys file read again; an unreadable one keeps the
+        one in force (and says so)."""
+        if self.key_gate is None:
+            return
+        try:
+            self.key_gate.load_hop_secret()
+        except (OSError, HopAuthError) as e:
+            log.error("hop secret not reloaded; the one in force stays", error=str(e))
+        if self.cfg.cluster.enabled:
+            return
+        path = self.cfg.auth.keys_file
+        source = self.key_source
+        if isinstance(source, FileKeySource) and path and source.path == Path(path):
+            source.reload()
+            return
+        try:
+            self.key_source = FileKeySource(Path(path)) if path else None
+        except KeysFileError as e:
+            log.error("keys file not loaded; the keys in force stay", error=str(e))
 
     async def _start_supervisor(self, teardown: Teardown) -> None:
         # Registered before the start: a start that fails half-way stops what it started.
@@ -308,6 +370,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         except PlanError as e:
             return self._refused(e.code, e.problems)
         self.cfg = self.supervisor.cfg
+        self._reload_keys()
         self.reload_failure = None
         self.restart_needed = plan.restart_needed
         body = {

@@ -36,6 +36,8 @@ DOWNGRADED_HEADER = "X-Model-Downgraded"  # a fallback model answered
 # On a downgraded request forwarded to another node: "not counted in the error rate there either".
 FALLBACK_REQUEST_HEADER = "X-Gpufleet-Fallback-For"
 HOPS_HEADER = "X-GPUFleet-Hops"  # proxy-to-proxy forwards so far (loop guard)
+HOP_AUTH_HEADER = "X-Gpufleet-Hop-Auth"  # a forward's signature with the cluster's hop secret (hopauth.py)
+KEY_NAME_HEADER = "X-Gpufleet-Key"  # on a signed forward: the API key the entry node accepted
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those aiohttp sets itself; lower-case.
 HOP_BY_HOP_HEADERS = frozenset(
     h.lower()

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from agent.cluster.publisher import MembershipCollector
+from agent.keys.gate import KeyGate
 from agent.proxy import Proxy, add_proxy_routes
 from agent.proxy.adapter import AgentUpstreams
 from agent.proxy.metrics import ProxyMetrics
@@ -94,7 +95,14 @@ class AgentApi:
         upstreams = AgentUpstreams(
             rt.supervisor, cfg=lambda: rt.cfg, routes=lambda: rt.routes, models=lambda: rt.models
         )
-        return Proxy(upstreams, metrics, rt.proxy_stats)
+        rt.key_gate = KeyGate(
+            auth=lambda: rt.cfg.auth,
+            listen_host=rt.cfg.agent.listen_host,
+            source=lambda: rt.key_source,
+            entry_nodes=rt.entry_nodes,
+            registry=self.registry,
+        )
+        return Proxy(upstreams, metrics, rt.proxy_stats, rt.key_gate)
 
     def _add_proxy(self, proxy: Proxy) -> None:
         async def proxy_session(_: web.Application) -> AsyncIterator[None]:

@@ -17,6 +17,9 @@ from gpufleet.httperrors import error_response
 from gpufleet.keyspace.records import RouteRecord
 
 if TYPE_CHECKING:
+    from agent.keys.usage import Usage
+    from gpufleet.keyspace.records import ApiKeyRecord
+
     from .limits import ModelGate
     from .upstreams import LocalUpstream
 
@@ -95,11 +98,15 @@ class Ctx:
     """What the access log and metrics need to know about one request."""
 
     __slots__ = (
+        "auth_headers",
         "cache_key",
         "counted",
         "degraded",
         "downgraded",
+        "hide_usage",
         "instance",
+        "key",
+        "key_name",
         "loop_started",
         "model",
         "model_label",
@@ -110,6 +117,7 @@ class Ctx:
         "stream",
         "stream_error",
         "ttfb",
+        "usage",
     )
 
     def __init__(self, rid: str, started: float) -> None:
@@ -131,6 +139,14 @@ class Ctx:
         # rate must keep measuring the primary models, or degrading would hide the failure that
         # caused it and the level would flap.
         self.counted = True
+        # API keys (agent/keys/gate.py): the key this node accepted (None: open mode, or a signed
+        # forward, whose key name the entry node passed on), the x-ratelimit-* headers of the
+        # answer, whether to hide the usage event asked for on the client's behalf, and the usage.
+        self.key: ApiKeyRecord | None = None
+        self.key_name: str | None = None
+        self.auth_headers: dict[str, str] | None = None
+        self.hide_usage = False
+        self.usage: Usage | None = None
         self.loop_started = asyncio.get_running_loop().time()
 
     def done(self, resp: web.StreamResponse) -> web.StreamResponse:

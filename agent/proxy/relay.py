@@ -21,6 +21,8 @@ from multidict import CIMultiDict
 
 from agent.backends import Verdict
 from agent.config import ProxySection
+from agent.keys.gate import CREDENTIAL_HEADERS, KeyGate
+from agent.keys.usage import StreamUsage, usage_of_body
 from gpufleet.facts import REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response
 
@@ -49,8 +51,16 @@ def counted(ctx: Ctx, target: Target) -> bool:
 
 
 class Relay:
-    def __init__(self, upstreams: Upstreams, stats: ProxyStats, metrics: ProxyMetrics, degrader: Degrader) -> None:
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        stats: ProxyStats,
+        metrics: ProxyMetrics,
+        degrader: Degrader,
+        gate: KeyGate | None = None,
+    ) -> None:
         self.upstreams = upstreams
+        self.gate = gate
         self.stats = stats
         self.metrics = metrics
         self.degrader = degrader
@@ -104,7 +114,7 @@ class Relay:
     async def attempt(self, request: web.Request, body: bytes, target: Target, ctx: Ctx) -> web.StreamResponse:
         """Send the request to ``target`` and relay its answer. Raises Failure while nothing has
         reached the client."""
-        headers = self._request_headers(request, target, ctx)
+        headers = self._request_headers(request, body, target, ctx)
         url = target.base_url + request.path_qs
         upstream_stats = self.stats.upstream(target.name)
         upstream_stats.in_flight += 1
@@ -127,14 +137,22 @@ class Relay:
         finally:
             upstream_stats.in_flight -= 1
 
-    def _request_headers(self, request: web.Request, target: Target, ctx: Ctx) -> CIMultiDict[str]:
+    def _request_headers(self, request: web.Request, body: bytes, target: Target, ctx: Ctx) -> CIMultiDict[str]:
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_HOP_BY_HOP)
         headers[REQUEST_ID_HEADER] = ctx.rid
         headers["X-Forwarded-For"] = request.remote or ""
-        if isinstance(target, RemoteTarget):
-            headers[HOPS_HEADER] = str(hops_of(request.headers.get(HOPS_HEADER)) + 1)
+        gate = self.gate
+        if gate is not None and gate.strips_credentials:
+            for name in CREDENTIAL_HEADERS:  # the client's key is ours: it goes no further
+                headers.popall(name, None)
+        remote = isinstance(target, RemoteTarget)
+        if remote:
+            hops = hops_of(request.headers.get(HOPS_HEADER)) + 1
+            headers[HOPS_HEADER] = str(hops)
             if ctx.downgraded is not None:
                 headers[FALLBACK_REQUEST_HEADER] = ctx.model or ""
+            if gate is not None:  # the next node trusts our signature instead of the client's key
+                headers.update(gate.upstream_headers(True, request.path_qs, hops, body, ctx))
         headers.update(target.upstream.headers)  # the instance's own API key, not the client's
         return headers
 
@@ -195,6 +213,8 @@ class Relay:
         except CUT_OFF as e:
             raise Failure("midstream", None, f"{target.name}: answer cut off: {e}") from None
         self.first_byte(target, ctx)
+        if ctx.key is not None:
+            ctx.usage = usage_of_body(payload)
         headers = self._response_headers(upstream, ctx)
         if ctx.cache_key is not None and upstream.status == 200:
             self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
@@ -228,6 +248,8 @@ class Relay:
         h.popall("Date", None)
         h.popall("Server", None)
         h[REQUEST_ID_HEADER] = ctx.rid
+        if ctx.auth_headers:  # x-ratelimit-* of the key this node admitted
+            h.update(ctx.auth_headers)
         if ctx.downgraded is not None:
             h[DOWNGRADED_HEADER] = ctx.downgraded
             h[DEGRADED_HEADER] = "fallback"
@@ -275,19 +297,20 @@ class Relay:
         # is pulled in around each read and put back to the total deadline around each write, so
         # a client slow to read is never taken for a stalled server.
         total, idle_s, loop = self.loop_deadline(ctx), self.cfg.stream_idle_timeout_s, asyncio.get_running_loop()
+        # The usage of a stream this node admitted under a key: read as it passes (the event
+        # asked for on the client's behalf is taken out).
+        usage = StreamUsage(ctx.hide_usage) if ctx.key is not None else None
         try:
-            await resp.write(first)
-            if recorder is not None:
-                recorder.add(first)
+            await self._pass_on(resp, first, usage, recorder)
             while True:
                 scope.reschedule(min(total, loop.time() + idle_s))
                 chunk = await upstream.content.readany()
                 if not chunk:
                     break
                 scope.reschedule(total)
-                await resp.write(chunk)  # one write per upstream chunk: no merging, no delay
-                if recorder is not None:
-                    recorder.add(chunk)
+                await self._pass_on(resp, chunk, usage, recorder)  # one write per upstream chunk
+            if usage is not None:
+                await self._pass_on(resp, usage.finish(), None, recorder)
         except asyncio.CancelledError:
             if not scope.expired():
                 raise  # the client went away: nobody to tell
@@ -303,6 +326,22 @@ class Relay:
             await self._stream_error(
                 resp, target, ctx, "midstream", f"upstream instance {target.name} failed mid-stream"
             )
+        finally:
+            if usage is not None:
+                ctx.usage = usage.usage
+
+    @staticmethod
+    async def _pass_on(
+        resp: web.StreamResponse, chunk: bytes, usage: StreamUsage | None, recorder: StreamRecorder | None
+    ) -> None:
+        """One chunk to the client as it came (no merging, no delay), minus a hidden usage event."""
+        if usage is not None:
+            chunk = usage.feed(chunk)
+            if not chunk:
+                return
+        await resp.write(chunk)
+        if recorder is not None:
+            recorder.add(chunk)
 
     async def _stream_stalled(self, resp: web.StreamResponse, target: Target, ctx: Ctx, idle_s: float) -> None:
         """The upstream sent nothing for ``idle_s`` mid-stream: an engine hung after its first

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from agent.config import ProxySection
+from agent.keys.gate import KeyGate, Refusal
 from gpufleet.facts import REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
@@ -58,14 +59,21 @@ class _Reply(Exception):
 class Proxy:
     """The proxy over an :class:`~agent.proxy.upstreams.Upstreams`; its counters in ``stats``."""
 
-    def __init__(self, upstreams: Upstreams, metrics: ProxyMetrics, stats: ProxyStats | None = None) -> None:
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        metrics: ProxyMetrics,
+        stats: ProxyStats | None = None,
+        key_gate: KeyGate | None = None,
+    ) -> None:
         self.upstreams = upstreams
+        self.key_gate = key_gate  # API keys (agent/keys/gate.py); None: every request is let through
         self.metrics = metrics
         self.stats = stats if stats is not None else ProxyStats()
         self.picker = Picker()
         self.remote = RemotePicker(upstreams.node_id)
         self.degrader = Degrader(upstreams, self.stats)
-        self.relay = Relay(upstreams, self.stats, metrics, self.degrader)
+        self.relay = Relay(upstreams, self.stats, metrics, self.degrader, key_gate)
         self.gates: dict[str, ModelGate] = {}
         metrics.degradation_level.set_function(self.degrader.level)
         metrics.watch_state(self.stats, lambda: self.degrader.cache, self._queued)
@@ -127,6 +135,7 @@ class Proxy:
     async def _forward(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         try:
             body, head = await self._read_head(request, ctx)
+            body = self._authorize(request, body, head, ctx)
             forwarded = self._entered(request, ctx)
             serving, route = self._known(head.model, ctx)
             if (fallback := await self._degrade(request, body, head, forwarded, ctx)) is not None:
@@ -159,6 +168,15 @@ class Proxy:
             raise _Reply(head)
         ctx.model, ctx.stream = head.model, head.stream
         return body, head
+
+    def _authorize(self, request: web.Request, body: bytes, head: Head, ctx: Ctx) -> bytes:
+        """The key check (401/403/429/503 end the request); the body to send on."""
+        if self.key_gate is None:
+            return body
+        try:
+            return self.key_gate.admit(request, body, head, hops_of(request.headers.get(HOPS_HEADER)), ctx)
+        except Refusal as r:
+            raise _Reply(r.response) from None
 
     def _entered(self, request: web.Request, ctx: Ctx) -> bool:
         """Count a request entering the cluster here; True when another node forwarded it (it
@@ -393,6 +411,8 @@ class Proxy:
             self.metrics.ejections.labels(ctx.model, target.name).inc()
 
     def _account(self, request: web.Request, ctx: Ctx) -> None:
+        if self.key_gate is not None:
+            self.key_gate.finish(ctx)
         duration = time.monotonic() - ctx.started
         self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if self.cfg.access_log:
@@ -408,6 +428,7 @@ class Proxy:
                 ttfb_ms=None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
                 duration_ms=round(duration * 1000, 2),
                 retries=ctx.retries,
+                **({"key": ctx.key_name} if ctx.key_name else {}),
                 **({"stream_error": True} if ctx.stream_error else {}),
                 **({"degraded": ctx.degraded} if ctx.degraded else {}),
             )

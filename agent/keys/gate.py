@@ -1,0 +1,250 @@
+"""The check every OpenAI request passes before the proxy routes it, and its accounting after.
+
+A request that enters the cluster here presents an API key (``Authorization: Bearer`` or
+``x-api-key``); the key must be known, current and allowed the model (401/403 otherwise), and
+this node's share of the key's limits must have room (429 with ``Retry-After`` and OpenAI's
+``x-ratelimit-*`` headers). The client's key never reaches a model server (the relay strips it
+and sends the instance's own key, if it has one). A request another node forwarded carries that
+node's signature instead of the client's key (``gpufleet/hopauth.py``): it was authenticated and
+counted at the entry node, so here it is only checked for the signature — a hop header from
+anyone else gets 401.
+
+Accounting: the entry node learns each answer's token usage (``usage.py``; streams are asked for
+it on the client's behalf) and charges it to the key's token window and to the per-key
+Prometheus counters.
+
+Shares: a node enforces ``1 / entry nodes`` of each fleet-wide limit (the number of nodes in the
+cluster's route table; 1 standalone), so the fleet can never admit more than the limit whatever
+the client does. Shares divided by demand (``gpufleet.keylimits.divide``, reported demand
+rebalanced by the leader) are the next step; until then a client that uses one entry node of N
+gets 1/N of its limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
+
+from gpufleet.apikeys import Denial, presented_key
+from gpufleet.facts import HOP_AUTH_HEADER, HOPS_HEADER, KEY_NAME_HEADER, REQUEST_ID_HEADER
+from gpufleet.hopauth import body_digest, check_secret, sign, verify
+from gpufleet.httperrors import error_response
+from gpufleet.keylimits import Limiter
+
+from .config import AuthSection, effective_mode
+from .usage import ask_for_usage, encode_request
+
+if TYPE_CHECKING:
+    from agent.proxy.context import Ctx, Head
+
+    from .source import KeySource
+
+log = structlog.get_logger("agent.keys")
+
+# Headers that carry a client's credential: never passed to a model server or another node.
+CREDENTIAL_HEADERS = ("Authorization", "x-api-key", HOP_AUTH_HEADER, KEY_NAME_HEADER)
+# Routes whose streams can be asked for usage with stream_options (OpenAI's chat and completions).
+_USAGE_OPTION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+_decoder = msgspec.json.Decoder()
+
+
+def read_hop_secret(path: str) -> bytes:
+    """The cluster's hop secret; raises OSError or HopAuthError with the file named."""
+    return check_secret(Path(path).read_bytes(), path)
+
+
+class KeyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "gpu_agent_key_requests",
+            "Requests this entry node admitted, per API key, model and HTTP status.",
+            ["key", "model", "status"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "gpu_agent_key_tokens",
+            "Tokens used by requests admitted here, per API key, model and kind (prompt, completion), "
+            "from the model server's usage.",
+            ["key", "model", "kind"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "gpu_agent_key_refusals",
+            "Requests refused by the key check: missing/invalid/expired/revoked key, model not allowed, "
+            "a limit, a bad hop signature, no key set yet.",
+            ["reason"],
+            registry=registry,
+        )
+
+
+class KeyGate:
+    def __init__(
+        self,
+        auth: Callable[[], AuthSection],
+        listen_host: str,
+        source: Callable[[], KeySource | None],
+        entry_nodes: Callable[[], int],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._auth = auth  # read live: a reload applies
+        self.listen_host = listen_host  # fixed until a restart, as the listener is
+        self._source = source
+        self._entry_nodes = entry_nodes
+        self.limiter = Limiter()
+        self.hop_secrets: list[bytes] = []
+        self.metrics = KeyMetrics(registry)
+
+    @property
+    def keys_required(self) -> bool:
+        return effective_mode(self._auth(), self.listen_host) == "keys"
+
+    def load_hop_secret(self) -> None:
+        """Read the hop secret file (at start, and on every reload). Raises at start; the reload
+        path catches and keeps the secret in force."""
+        path = self._auth().hop_secret_file
+        self.hop_secrets = [read_hop_secret(path)] if path else []
+
+    def share(self) -> float:
+        return 1.0 / max(1, self._entry_nodes())
+
+    # --- before routing -----------------------------------------------------------------------
+
+    def admit(self, request: web.Request, body: bytes, head: Head, hops: int, ctx: Ctx) -> bytes:
+        """The body to forward (asking for usage where needed), or ``Refusal`` with the answer
+        when the request may not go on. ``hops``: the forwards so far, as the proxy reads them."""
+        if HOPS_HEADER in request.headers:
+            self._admit_forwarded(request, body, hops, ctx)
+            return body
+        if not self.keys_required:
+            return body
+        source = self._source()
+        index = source.index if source is not None else None
+        if index is None:
+            self.metrics.refused.labels("no_keys_yet").inc()
+            raise Refusal(
+                error_response(
+                    503,
+                    "this node has not loaded the cluster's API keys yet; try again shortly",
+                    "server_error",
+                    "keys_unavailable",
+                    {"Retry-After": "2", REQUEST_ID_HEADER: ctx.rid},
+                )
+            )
+        presented = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+        now = time.time()
+        verdict = index.check(presented, head.model, now)
+        if verdict.denial is not None:
+            self._refuse_key(request, verdict.denial, verdict.message, ctx)
+        key = verdict.key
+        assert key is not None
+        admission = self.limiter.admit(key, self.share(), now)
+        if not admission.allowed:
+            self.metrics.refused.labels(f"limit_{admission.limit}").inc()
+            what = {"requests": "requests per minute", "tokens": "tokens per minute"}.get(admission.limit)
+            message = (
+                f"Rate limit reached for key {key.name!r} on {what}; try again in {admission.retry_after_s:.0f}s."
+                if what
+                else f"Key {key.name!r} has its maximum of requests in flight; try again when one ends."
+            )
+            headers = {**admission.headers, "Retry-After": f"{admission.retry_after_s:.0f}", REQUEST_ID_HEADER: ctx.rid}
+            raise Refusal(error_response(429, message, admission.limit, "rate_limit_exceeded", headers))
+        ctx.key, ctx.key_name, ctx.auth_headers = key, key.name, dict(admission.headers)
+        return self._asking_for_usage(request, body, head, ctx)
+
+    def _refuse_key(self, request: web.Request, denial: Denial, message: str, ctx: Ctx) -> None:
+        self.metrics.refused.labels(denial.name.lower()).inc()
+        log.info(
+            "request refused by the key check", reason=denial.name.lower(), path=request.path, remote=request.remote
+        )
+        kind = "permission_error" if denial.status == 403 else "invalid_request_error"
+        headers = {REQUEST_ID_HEADER: ctx.rid}
+        if denial.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="gpufleet"'
+        raise Refusal(error_response(denial.status, message, kind, denial.code, headers))
+
+    def _admit_forwarded(self, request: web.Request, body: bytes, hops: int, ctx: Ctx) -> None:
+        """A request with a hop header: another node's forward, signed, or refused."""
+        if not self.keys_required and not self.hop_secrets:
+            return  # an open cluster: a hop header only guards against loops
+        problem = (
+            verify(
+                self.hop_secrets,
+                request.headers.get(HOP_AUTH_HEADER),
+                request.method,
+                request.path_qs,
+                hops,
+                body_digest(body),
+                request.headers.get(KEY_NAME_HEADER, ""),
+                time.time(),
+            )
+            if self.hop_secrets
+            else "forwarded requests are not accepted here (no hop secret configured)"
+        )
+        if problem is not None:
+            self.metrics.refused.labels("bad_hop_signature").inc()
+            log.warning("forwarded request refused", reason=problem, path=request.path, remote=request.remote)
+            raise Refusal(
+                error_response(
+                    401,
+                    f"not a forward from a cluster member: {problem}",
+                    "invalid_request_error",
+                    "invalid_hop_signature",
+                    {REQUEST_ID_HEADER: ctx.rid},
+                )
+            )
+        ctx.key_name = request.headers.get(KEY_NAME_HEADER) or None
+
+    def _asking_for_usage(self, request: web.Request, body: bytes, head: Head, ctx: Ctx) -> bytes:
+        """A stream is asked for its usage on the client's behalf (and the extra event hidden)."""
+        if not head.stream or request.path not in _USAGE_OPTION_ROUTES:
+            return body
+        try:
+            doc = _decoder.decode(body)
+        except msgspec.DecodeError:
+            return body
+        if isinstance(doc, dict) and ask_for_usage(doc):
+            ctx.hide_usage = True
+            return encode_request(doc)
+        return body
+
+    # --- on the way out -------------------------------------------------------------------------
+
+    def upstream_headers(self, forward_to_node: bool, path_qs: str, hops: int, body: bytes, ctx: Ctx) -> dict[str, str]:
+        """What replaces the client's credential on an attempt: nothing for a model server (the
+        instance's own key is added by the relay), a signature for another node."""
+        if not forward_to_node or not self.hop_secrets:
+            return {}
+        key_name = ctx.key_name or ""
+        signature = sign(self.hop_secrets[0], "POST", path_qs, hops, int(time.time()), body_digest(body), key_name)
+        return {HOP_AUTH_HEADER: signature, KEY_NAME_HEADER: key_name} if key_name else {HOP_AUTH_HEADER: signature}
+
+    @property
+    def strips_credentials(self) -> bool:
+        """Keys are ours in keys mode: the client's never goes further. In open mode a client's
+        Authorization goes to the model server as before (it may be the server's own key)."""
+        return self.keys_required or bool(self.hop_secrets)
+
+    def finish(self, ctx: Ctx) -> None:
+        """A request admitted here ended: free its concurrency, charge its tokens, count it."""
+        key = ctx.key
+        if key is None:
+            return
+        usage = ctx.usage
+        self.limiter.done(key, usage.total if usage is not None else 0, time.time())
+        model = ctx.model_label
+        self.metrics.requests.labels(key.name, model, str(ctx.status)).inc()
+        if usage is not None:
+            self.metrics.tokens.labels(key.name, model, "prompt").inc(usage.prompt_tokens)
+            self.metrics.tokens.labels(key.name, model, "completion").inc(usage.completion_tokens)
+
+
+class Refusal(Exception):
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
