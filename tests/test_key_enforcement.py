@@ -265,3 +265,18 @@ async def test_a_forward_carries_a_signature_not_the_clients_key(keyed_client: A
     assert body["served_by"] == "there"
     assert body["authorization"] is None and body["key_name"] == "team"
     assert body["hop_auth"].startswith("v1 ")
+
+
+async def test_the_model_list_needs_a_key_and_shows_only_the_keys_models(keyed_client: Any, serve: Any) -> None:  # noqa: F811
+    narrow, narrow_s = make_key("narrow", models=["m"])
+    wide, wide_s = make_key("wide")
+    url = await serve(echo("a"))
+    client = await keyed_client(
+        FakeUpstreams([FakeInstance("a", url), FakeInstance("b", url, model="n")]), [narrow, wide]
+    )
+    r = await client.get("/v1/models")
+    assert r.status == 401 and (await r.json())["error"]["code"] == "missing_api_key"
+    listed = await (await client.get("/v1/models", headers=bearer(narrow_s))).json()
+    assert [m["id"] for m in listed["data"]] == ["m"]
+    listed = await (await client.get("/v1/models", headers=bearer(wide_s))).json()
+    assert sorted(m["id"] for m in listed["data"]) == ["m", "n"]

@@ -32,11 +32,12 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from gpufleet.apikeys import Denial, presented_key
+from gpufleet.apikeys import Denial, KeyIndex, presented_key
 from gpufleet.facts import HOP_AUTH_HEADER, HOPS_HEADER, KEY_NAME_HEADER, REQUEST_ID_HEADER
 from gpufleet.hopauth import body_digest, check_secret, sign, verify
 from gpufleet.httperrors import error_response
 from gpufleet.keylimits import Limiter
+from gpufleet.keyspace.records import ApiKeyRecord
 
 from .config import AuthSection, effective_mode
 from .usage import ask_for_usage, encode_request
@@ -116,14 +117,20 @@ class KeyGate:
 
     # --- before routing -----------------------------------------------------------------------
 
-    def admit(self, request: web.Request, body: bytes, head: Head, hops: int, ctx: Ctx) -> bytes:
-        """The body to forward (asking for usage where needed), or ``Refusal`` with the answer
-        when the request may not go on. ``hops``: the forwards so far, as the proxy reads them."""
-        if HOPS_HEADER in request.headers:
-            self._admit_forwarded(request, body, hops, ctx)
-            return body
+    def listing(self, request: web.Request) -> ApiKeyRecord | None:
+        """``GET /v1/models``: the key must be valid (any model); its model list narrows the
+        answer. None: no key needed (open mode)."""
         if not self.keys_required:
-            return body
+            return None
+        index = self._index(request.headers.get(REQUEST_ID_HEADER, ""))
+        verdict = index.check(
+            presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key")), None, time.time()
+        )
+        if verdict.denial is not None:
+            self._refuse_key(request, verdict.denial, verdict.message, request.headers.get(REQUEST_ID_HEADER, ""))
+        return verdict.key
+
+    def _index(self, rid: str) -> KeyIndex:
         source = self._source()
         index = source.index if source is not None else None
         if index is None:
@@ -134,14 +141,25 @@ class KeyGate:
                     "this node has not loaded the cluster's API keys yet; try again shortly",
                     "server_error",
                     "keys_unavailable",
-                    {"Retry-After": "2", REQUEST_ID_HEADER: ctx.rid},
+                    {"Retry-After": "2", REQUEST_ID_HEADER: rid},
                 )
             )
+        return index
+
+    def admit(self, request: web.Request, body: bytes, head: Head, hops: int, ctx: Ctx) -> bytes:
+        """The body to forward (asking for usage where needed), or ``Refusal`` with the answer
+        when the request may not go on. ``hops``: the forwards so far, as the proxy reads them."""
+        if HOPS_HEADER in request.headers:
+            self._admit_forwarded(request, body, hops, ctx)
+            return body
+        if not self.keys_required:
+            return body
+        index = self._index(ctx.rid)
         presented = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
         now = time.time()
         verdict = index.check(presented, head.model, now)
         if verdict.denial is not None:
-            self._refuse_key(request, verdict.denial, verdict.message, ctx)
+            self._refuse_key(request, verdict.denial, verdict.message, ctx.rid)
         key = verdict.key
         assert key is not None
         admission = self.limiter.admit(key, self.share(), now)
@@ -158,13 +176,13 @@ class KeyGate:
         ctx.key, ctx.key_name, ctx.auth_headers = key, key.name, dict(admission.headers)
         return self._asking_for_usage(request, body, head, ctx)
 
-    def _refuse_key(self, request: web.Request, denial: Denial, message: str, ctx: Ctx) -> None:
+    def _refuse_key(self, request: web.Request, denial: Denial, message: str, rid: str) -> None:
         self.metrics.refused.labels(denial.name.lower()).inc()
         log.info(
             "request refused by the key check", reason=denial.name.lower(), path=request.path, remote=request.remote
         )
         kind = "permission_error" if denial.status == 403 else "invalid_request_error"
-        headers = {REQUEST_ID_HEADER: ctx.rid}
+        headers = {REQUEST_ID_HEADER: rid}
         if denial.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="gpufleet"'
         raise Refusal(error_response(denial.status, message, kind, denial.code, headers))

@@ -103,7 +103,21 @@ class Proxy:
 
     # --- handlers ---------------------------------------------------------------------------
 
-    async def models(self, _: web.Request) -> web.Response:
+    async def models(self, request: web.Request) -> web.Response:
+        allowed: set[str] | None = None  # None: every model
+        if self.key_gate is not None:
+            try:
+                key = self.key_gate.listing(request)
+            except Refusal as r:
+                return r.response
+            if key is not None and key.models:
+                allowed = set(key.models)
+        listed = await self._models()
+        if allowed is not None:  # a key limited to some models sees only those
+            listed["data"] = [m for m in listed["data"] if m["id"] in allowed]
+        return json_response(listed)
+
+    async def _models(self) -> dict[str, Any]:
         local = self.upstreams.ready_models()
         data = [
             {"id": m.id, "object": "model", "created": int(m.created), "owned_by": "gpufleet", "root": m.root}
@@ -115,7 +129,7 @@ class Proxy:
             for m, route in sorted(routes.routes.items()):
                 if m not in seen and any(e.state == "READY" and e.weight > 0 for e in route.endpoints):
                     data.append({"id": m, "object": "model", "created": int(route.updated_at), "owned_by": "gpufleet"})
-        return json_response({"object": "list", "data": data})
+        return {"object": "list", "data": data}
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
