@@ -49,6 +49,8 @@ class Facts:
     routes: list[RouteRecord] = field(default_factory=list)
     agent_metrics: dict[str, bool] = field(default_factory=dict)  # node -> /metrics answered with gpu_agent_*
     admin_protected: dict[str, bool | None] = field(default_factory=dict)  # node -> 401 (True), 403 (False)
+    # node -> its OpenAI routes need an API key (401 without one: True; answered: False)
+    keys_required: dict[str, bool | None] = field(default_factory=dict)
     watchdogs: dict[str, str | None] = field(default_factory=dict)  # unit -> WatchdogUSec, None: not installed
     degradation: DegradationRecord | None = None
     # This machine's agent admin token file: (errors, warnings); None: no agent config here.
@@ -191,6 +193,17 @@ def _agent_endpoints(f: Facts) -> Iterator[CheckResult]:
     )
 
 
+def _keys_required(f: Facts) -> Iterator[CheckResult]:
+    """An agent that answers /v1/models without a key lets anyone who reaches it use the GPUs
+    ([auth] mode = "open", or the default on a loopback listen address)."""
+    open_ = sorted(n for n, required in f.keys_required.items() if required is False)
+    yield _result(
+        "agents' OpenAI routes need an API key",
+        None if not f.keys_required else not open_,
+        ('open ([auth] mode = "open"): ' + ", ".join(open_)) if open_ else "401 without a key",
+    )
+
+
 def _local_token_file(f: Facts) -> Iterator[CheckResult]:
     if f.local_token_file is not None:  # an agent is configured on this machine
         problems = f.local_token_file[0] + f.local_token_file[1]
@@ -219,6 +232,7 @@ _RULES: tuple[Callable[[Facts], Iterator[CheckResult]], ...] = (
     _model_paths,
     _not_degraded,
     _agent_endpoints,
+    _keys_required,
     _local_token_file,
     _watchdogs,
 )
@@ -270,6 +284,8 @@ async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Fact
             f.agent_metrics[n.node] = await status_of("GET", base + "/metrics", "gpu_agent_") == 200
             code = await status_of("POST", base + "/admin/reload")
             f.admin_protected[n.node] = True if code == 401 else (False if code == 403 else None)
+            code = await status_of("GET", base + "/v1/models")
+            f.keys_required[n.node] = True if code == 401 else (False if code == 200 else None)
 
         await asyncio.gather(*(probe_agent(n) for n in f.nodes))
     for unit in ("gpu-agent.service", "gpu-coordinator.service"):

@@ -71,6 +71,7 @@ def healthy() -> Facts:
         routes=[RouteRecord(model="m", epoch=7, updated_at=0, endpoints=eps)],
         agent_metrics={"a": True, "b": True},
         admin_protected={"a": True, "b": True},
+        keys_required={"a": True, "b": True},
         watchdogs={"gpu-agent.service": "30s", "gpu-coordinator.service": None},
     )
 
@@ -95,6 +96,7 @@ def test_each_failure_is_reported() -> None:
     f.routes[0].endpoints[1].state = "DOWN"
     f.agent_metrics["a"] = False
     f.admin_protected["a"] = False
+    f.keys_required["a"] = False
     f.watchdogs["gpu-agent.service"] = "0"
     f.nodes[0].models = [ModelAvailability(model="qwen", path="/mnt/q", available=False, error="/mnt/q: gone")]
     f.degradation = DegradationRecord(level=2, error_rate=0.2, samples=500, window_s=60, epoch=7, updated_at=0)
@@ -109,6 +111,7 @@ def test_each_failure_is_reported() -> None:
         "every model has 2+ READY endpoints (failover possible)",
         "agents' /metrics answer",
         "agents' admin API protected by a token",
+        "agents' OpenAI routes need an API key",
         "gpu-agent.service watchdog active",
         "registered model paths readable on every node",
         "cluster not degraded",
@@ -155,3 +158,16 @@ def test_checks_that_apply_only_sometimes() -> None:
     res = statuses(f)
     assert res["agents registered"] == "FAIL"
     assert res["every instance READY"] == "FAIL"
+
+
+def test_open_openai_routes_fail_the_check() -> None:
+    from gpuctl.check import Facts, judge
+
+    def verdict(keys_required: dict[str, bool | None]) -> str:
+        f = Facts(endpoints=[], statuses={}, keys_required=keys_required)
+        [r] = [r for r in judge(f) if r.name == "agents' OpenAI routes need an API key"]
+        return f"{r.status}: {r.detail}"
+
+    assert verdict({}) == "SKIP: 401 without a key"
+    assert verdict({"a": True, "b": True}) == "PASS: 401 without a key"
+    assert verdict({"a": True, "b": False}) == 'FAIL: open ([auth] mode = "open"): b'
