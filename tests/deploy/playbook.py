@@ -62,6 +62,20 @@ class Recap:
         return out
 
 
+def ansible_env(workdir: Path, **more: str) -> dict[str, str]:
+    """The environment every test's ``ansible-playbook`` runs in: the project's ansible.cfg, its
+    temporary files under ``workdir``, no colours, this virtualenv's tools first; ``more`` on top."""
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
+        ANSIBLE_LOCAL_TEMP=str(workdir / "ansible-tmp"),
+        ANSIBLE_NOCOLOR="1",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        **more,
+    )
+    return env
+
+
 def simulated_vars(**qwen: Any) -> dict[str, Any]:
     """The fleet every test deployment runs, in inventory variables: one simulated A100 and the
     simulated vLLM server ``qwen-a`` serving MODEL on it (``qwen``: more of that instance's
@@ -136,18 +150,13 @@ class Playbook:
         self.inventory.write_text("\n".join(lines))
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
-            ANSIBLE_LOCAL_TEMP=str(self.workdir / "ansible-tmp"),
+        return ansible_env(
+            self.workdir,
             ANSIBLE_SSH_CONTROL_PATH_DIR=str(self.workdir / "ansible-cp"),
             ANSIBLE_PIPELINING="True",
-            ANSIBLE_NOCOLOR="1",
             ANSIBLE_FORCE_COLOR="0",
             ANSIBLE_DISPLAY_SKIPPED_HOSTS="False",
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         )
-        return env
 
     def play(
         self,
