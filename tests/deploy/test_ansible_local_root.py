@@ -28,6 +28,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,8 @@ def test_first_run_installs_everything(local_root: Deployment) -> None:
     r = local_root.root
     assert local_root.first["failed"] == 0 and local_root.first["changed"] > 0
     venv = r / "opt/gpufleet/venv/bin"
-    for name in ("agent.toml", "admin-token", "etcd-ca.pem", "etcd-client.pem", "etcd-client-key.pem", "etcd-password"):
+    names = ("agent.toml", "admin-token", "hop-secret", "etcd-ca.pem", "etcd-client.pem", "etcd-client-key.pem")
+    for name in (*names, "etcd-password"):
         assert (r / "etc/gpu-agent" / name).is_file(), name
     assert stat.S_IMODE((r / "etc/gpu-agent/admin-token").stat().st_mode) == 0o600
     assert len((r / "etc/gpu-agent/admin-token").read_text().strip()) >= 40
@@ -182,6 +184,14 @@ def test_first_run_installs_everything(local_root: Deployment) -> None:
     ):
         res = subprocess.run([venv / cmd, "check-config", r / cfg], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stdout + res.stderr
+    # API keys by default, and the hop secret generated once on the control node: the agents
+    # listen on 0.0.0.0 in cluster mode, where check-config refuses "keys" without one.
+    agent = tomllib.loads((r / "etc/gpu-agent/agent.toml").read_text())
+    assert agent["auth"] == {"mode": "keys", "hop_secret_file": str(r / "etc/gpu-agent/hop-secret")}
+    secret = (r / "etc/gpu-agent/hop-secret").read_bytes()
+    assert secret == (local_root.pki / "hop-secret").read_bytes() and len(secret.strip()) >= 32
+    assert stat.S_IMODE((r / "etc/gpu-agent/hop-secret").stat().st_mode) == 0o640
+    assert stat.S_IMODE((local_root.pki / "hop-secret").stat().st_mode) == 0o600
     unit = (r / "etc/systemd/system/gpu-agent.service").read_text()
     assert unit == (ROOT / "systemd/gpu-agent.service").read_text()
     assert (r / "etc/systemd/system/gpu-coordinator.service").is_file()
