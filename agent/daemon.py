@@ -110,6 +110,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             ready=self.serving and self.supervisor.all_ready(),
             models=self.models.availability() if self.models is not None else [],
             proxy=self.proxy_stats.snapshot(),
+            key_demand=self.key_gate.limiter.demand(time.time()) if self.key_gate is not None else {},
         )
 
     def entry_nodes(self) -> int:

@@ -25,6 +25,7 @@ from gpufleet.policyconfig import ClusterPolicy, encode_policy
 from .config import CoordinatorConfig
 from .degradation_loop import DegradationController
 from .election import Election, NotLeader
+from .keyshare_loop import KeyShareController
 from .metrics import CoordinatorMetrics
 from .placement_loop import Placer
 from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, departed, step_instance, step_node
@@ -63,6 +64,7 @@ class Leader:
         self.routes = KeyMirror(etcd, keys.routes)
         self.placer = Placer(cfg.placement, etcd, keys, election, metrics, on_change=lambda _: self._changed.set())
         self.degradation = DegradationController(cfg.degradation, keys, election, metrics)
+        self.keyshares = KeyShareController(keys, election)
         # The cluster's policy (/config), mirrored by every replica and applied by each: the
         # file's sections until etcd's value is seen, and the bootstrap when there is none.
         self.policy_mirror = KeyMirror(etcd, keys.config, on_change=lambda _: self._changed.set())
@@ -237,6 +239,7 @@ class Leader:
         writes, deletes = await self._write_routes(plan, epoch)
         changes += await self.placer.step(self._views(records, drained), epoch, now)
         await self.degradation.step(epoch, time.monotonic())
+        await self.keyshares.step(records, epoch, time.monotonic())
         self.deciding_passes += 1
         if writes or deletes or changes:
             self.decision = Decision(
@@ -269,6 +272,7 @@ class Leader:
             await self._bootstrap_policy(epoch)
         self.degradation.start_term(await self.etcd.get(self.keys.degradation), time.monotonic())
         self.placer.start_term()
+        self.keyshares.start_term()
         self.node_health.clear()
         self.inst_health.clear()
         self.last_seen.clear()

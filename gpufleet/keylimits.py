@@ -21,9 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import msgspec
-
-from gpufleet.keyspace.records import ApiKeyRecord
+from gpufleet.keyspace.records import ApiKeyRecord, KeyDemand
 
 WINDOW_S = 60
 _BUCKETS = WINDOW_S  # one-second buckets
@@ -85,13 +83,7 @@ class KeyUse:
     in_flight: int = 0
 
 
-class Demand(msgspec.Struct, kw_only=True, frozen=True):
-    """One key's use at one entry node over the last window, as the node reports it."""
-
-    requests: int = 0  # admitted
-    refused: int = 0  # refused by this node's quota (demand the node could not serve)
-    tokens: int = 0
-    in_flight: int = 0
+Demand = KeyDemand  # what a node reports: gpufleet/keyspace/records.py
 
 
 @dataclass(frozen=True, slots=True)

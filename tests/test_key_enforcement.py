@@ -108,6 +108,7 @@ def keyed_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
         gate = KeyGate(
             auth=lambda: AuthSection(mode=mode),  # type: ignore[arg-type]
             listen_host="0.0.0.0",
+            node_id="here",
             source=lambda: source,
             entry_nodes=lambda: entry_nodes,
             registry=registry,

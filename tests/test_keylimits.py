@@ -142,3 +142,23 @@ def test_a_fleet_of_entry_nodes_holds_the_rpm_within_ten_percent(nodes: int, spr
         assert in_window <= 1.1 * rpm, (start, in_window)
         if spread != "moving":
             assert in_window >= 0.9 * rpm, (start, in_window)
+
+
+def test_the_leader_divides_every_limited_key_among_the_entry_nodes() -> None:
+    from coordinator.keyshare_loop import divide_all, moved
+    from gpufleet.keyspace.records import KeyShare, NodeRecord
+
+    def rec(node: str, **demand: Demand) -> NodeRecord:
+        return NodeRecord(
+            node=node, address="", agent_version="", started_at=0, updated_at=0, gpu_source="simulated",
+            gpu_classes=[], gpus=[], instances=[], key_demand=demand,
+        )  # fmt: skip
+
+    records = {"a": rec("a", k=Demand(requests=30)), "b": rec("b", k=Demand(requests=10)), "c": rec("c")}
+    shares = divide_all(records)
+    assert shares == {"k": KeyShare(nodes={"a": 0.7125, "b": 0.2375}, idle=0.05)}
+    assert sum(shares["k"].nodes.values()) + shares["k"].idle == pytest.approx(1.0)
+    assert divide_all({"a": rec("a")}) == {}  # no demand: nothing divided, nodes split evenly
+    assert not moved(shares, {"k": KeyShare(nodes={"a": 0.72, "b": 0.2375}, idle=0.05)})  # 1 %: not worth a write
+    assert moved(shares, {"k": KeyShare(nodes={"a": 0.5, "b": 0.45}, idle=0.05)})
+    assert moved(shares, {})  # a key dropped out

@@ -31,6 +31,8 @@ from helpers import (
 )
 
 from gpufleet.facts import HOPS_HEADER
+from gpufleet.keyspace import Keyspace, decode
+from gpufleet.keyspace.records import KeySharesRecord
 from gpufleet.tomlwrite import dumps as toml_dumps
 
 CLUSTER = "keys-e2e"
@@ -41,7 +43,7 @@ def keyed_agent(tmp: Path, node: str, etcd: EtcdCluster, hop_secret: Path, model
     port = free_port()
     text = agent_toml(tmp, port, instance_toml(f"{model}-0", model=model, gpus="[0]", fraction=0.5))
     text = as_node(text, node, f"http://127.0.0.1:{port}")
-    text += cluster_toml(etcd.endpoints, CLUSTER)
+    text += cluster_toml(etcd.endpoints, CLUSTER, telemetry_min_gap_s=1)  # key demand reported within 1 s
     text += "\n" + toml_dumps({"auth": {"mode": "keys", "hop_secret_file": hop_secret}})
     return start_agent_sync(tmp, text, port, ready_instances=1)
 
@@ -111,6 +113,58 @@ async def test_keys_across_a_cluster(etcd: EtcdCluster, tmp_path: Path) -> None:
                 what=f"revocation seen by {agent.base}",
             )
         assert time.monotonic() - revoked_at < 2
+    finally:
+        coordinator.stop()
+        a.stop()
+        b.stop()
+
+
+async def share_of(etcd: EtcdCluster, key: str, node: str) -> float | None:
+    async with etcd.client() as c:
+        kv = await c.get(Keyspace(CLUSTER).keyshares)
+    if kv is None:
+        return None
+    division = decode(kv.value, KeySharesRecord).keys.get(key)
+    return None if division is None else division.nodes.get(node, division.idle)
+
+
+async def test_the_leader_divides_a_keys_limit_by_demand(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """rpm 20 over two entry nodes: a client using only node a first gets a's even share (10),
+    then, once a reports its demand and the leader divides by it, 95 % of the limit (19) — and
+    never more than the limit in the minute."""
+    hop_secret = tmp_path / "hop-secret"
+    hop_secret.write_text("fedcba9876543210" * 4)
+    created = gpuctl(etcd, "keys", "create", "busy", "--rpm", "20", "-o", "json")
+    assert created.returncode == 0, created.stderr
+    auth = {"Authorization": f"Bearer {json.loads(created.stdout)['secret']}"}
+    a = keyed_agent(tmp_path / "a", "a", etcd, hop_secret, "m")
+    b = keyed_agent(tmp_path / "b", "b", etcd, hop_secret, "other")
+    coordinator = CoordinatorProcess(tmp_path, "c1", etcd.endpoints, CLUSTER).start()
+    try:
+        coordinator.wait_ready_sync()
+
+        def a_routes_both() -> bool:  # a counts the entry nodes in its route table
+            req = urllib.request.Request(a.base + "/v1/models", headers=auth)
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return {m["id"] for m in json.loads(r.read())["data"]} == {"m", "other"}
+
+        await wait_until(a_routes_both, 30, what="a routes both nodes")
+        codes = [status_of(a.base, auth) for _ in range(14)]
+        assert codes.count(200) == 10 and codes[10:] == [429] * 4  # the even share: 20 / 2
+
+        async def divided() -> bool:
+            return (await share_of(etcd, "busy", "a") or 0) > 0.9
+
+        await wait_until(divided, 30, what="the leader gives a most of the key")
+        assert await share_of(etcd, "busy", "b") == pytest.approx(0.05)
+
+        async def admitted_again() -> bool:
+            return status_of(a.base, auth) == 200
+
+        await wait_until(admitted_again, 10, what="a admits past its even share")
+        codes = [status_of(a.base, auth) for _ in range(10)]
+        total = 10 + 1 + codes.count(200)
+        assert total == 19, codes  # 0.95 x 20 in the minute: more than the even share, never over the limit
     finally:
         coordinator.stop()
         a.stop()

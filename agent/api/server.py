@@ -98,6 +98,7 @@ class AgentApi:
         rt.key_gate = KeyGate(
             auth=lambda: rt.cfg.auth,
             listen_host=rt.cfg.agent.listen_host,
+            node_id=rt.cfg.node_id,
             source=lambda: rt.key_source,
             entry_nodes=rt.entry_nodes,
             registry=self.registry,

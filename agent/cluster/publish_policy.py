@@ -105,6 +105,8 @@ def change_reason(prev: NodeRecord | None, cur: NodeRecord, p: PublishPolicy) ->
             return Change(why, urgent=False)
     if cur.proxy is not None and (prev.proxy is None or prev.proxy.attempts != cur.proxy.attempts):
         return Change("proxy counters", urgent=False)
+    if prev.key_demand != cur.key_demand:  # the leader divides key limits by it
+        return Change("API key demand", urgent=False)
     return None
 
 

@@ -90,12 +90,14 @@ class KeyGate:
         self,
         auth: Callable[[], AuthSection],
         listen_host: str,
+        node_id: str,
         source: Callable[[], KeySource | None],
         entry_nodes: Callable[[], int],
         registry: CollectorRegistry,
     ) -> None:
         self._auth = auth  # read live: a reload applies
         self.listen_host = listen_host  # fixed until a restart, as the listener is
+        self.node_id = node_id
         self._source = source
         self._entry_nodes = entry_nodes
         self.limiter = Limiter()
@@ -112,8 +114,12 @@ class KeyGate:
         path = self._auth().hop_secret_file
         self.hop_secrets = [read_hop_secret(path)] if path else []
 
-    def share(self) -> float:
-        return 1.0 / max(1, self._entry_nodes())
+    def share(self, key: str) -> float:
+        """This node's share of ``key``'s fleet-wide limits: the leader's division by demand,
+        or an even one (1 / entry nodes) for a key it has not divided."""
+        source = self._source()
+        divided = source.share(key, self.node_id) if source is not None else None
+        return divided if divided is not None else 1.0 / max(1, self._entry_nodes())
 
     # --- before routing -----------------------------------------------------------------------
 
@@ -162,7 +168,7 @@ class KeyGate:
             self._refuse_key(request, verdict.denial, verdict.message, ctx.rid)
         key = verdict.key
         assert key is not None
-        admission = self.limiter.admit(key, self.share(), now)
+        admission = self.limiter.admit(key, self.share(key.name), now)
         if not admission.allowed:
             self.metrics.refused.labels(f"limit_{admission.limit}").inc()
             what = {"requests": "requests per minute", "tokens": "tokens per minute"}.get(admission.limit)

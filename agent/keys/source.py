@@ -27,7 +27,7 @@ from gpufleet.apikeys import KeyIndex, KeysFile
 from gpufleet.etcd import Change, EtcdClient, KeyMirror
 from gpufleet.fileio import atomic_write_bytes
 from gpufleet.keyspace import Keyspace, decode_or_skip
-from gpufleet.keyspace.records import ApiKeyRecord
+from gpufleet.keyspace.records import ApiKeyRecord, KeySharesRecord
 
 log = structlog.get_logger("agent.keys")
 
@@ -70,6 +70,11 @@ class KeySource:
         self.index = KeyIndex(records)
         self.origin, self.revision, self.changed_at = origin, revision, time.monotonic()
 
+    def share(self, key: str, node: str) -> float | None:
+        """This node's share of ``key``'s fleet-wide limits as the leader divided them; None:
+        no division for the key (the gate then divides evenly)."""
+        return None
+
     def status(self) -> dict[str, object]:
         return {"origin": self.origin, "keys": len(self.index) if self.index else None, "revision": self.revision}
 
@@ -108,13 +113,33 @@ class EtcdKeySource(KeySource):
         self.keys = keys
         self.cache = cache_dir / CACHE_NAME if cache_dir else None
         self._mirror = KeyMirror(etcd, keys.api_keys, on_change=self._on_change)
+        # The leader's division of each limited key among the entry nodes (keyshare_loop.py).
+        self._shares_mirror = KeyMirror(etcd, keys.keyshares, on_change=self._on_shares)
+        self.shares: KeySharesRecord | None = None
         self._load_cache()
 
     async def start(self) -> None:
         self._mirror.start()
+        self._shares_mirror.start()
 
     async def stop(self) -> None:
         await self._mirror.stop()
+        await self._shares_mirror.stop()
+
+    def share(self, key: str, node: str) -> float | None:
+        division = self.shares.keys.get(key) if self.shares is not None else None
+        if division is None:
+            return None
+        return division.nodes.get(node, division.idle)
+
+    def _on_shares(self, change: Change) -> None:
+        kv = self._shares_mirror.data.get(self.keys.keyshares)
+        if kv is None:
+            self.shares = None
+            return
+        rec = decode_or_skip(kv.key_str, kv.value, KeySharesRecord, kv.mod_revision)
+        if rec is not None:  # a bad record: the last division stays (it sums to 1 too)
+            self.shares = rec
 
     async def wait_current(self, timeout: float) -> None:
         """Until the set comes from etcd (not from the cache)."""

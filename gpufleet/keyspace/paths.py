@@ -9,6 +9,7 @@
     /gpufleet/<cluster>/drain/<node>          DrainRecord         (operator via gpuctl)
     /gpufleet/<cluster>/state/degradation     DegradationRecord   (leader, epoch-guarded)
     /gpufleet/<cluster>/state/placement       PlacementRecord     (leader, epoch-guarded)
+    /gpufleet/<cluster>/state/keyshares       KeySharesRecord     (leader, epoch-guarded)
     /gpufleet/<cluster>/keys/<name>           ApiKeyRecord        (operator via gpuctl keys; never deleted)
     /gpufleet/<cluster>/config                ClusterPolicy       (first leader; then gpuctl config)
     /gpufleet/<cluster>/history/config/<rev>  an earlier ClusterPolicy, by its mod revision (gpuctl config)
@@ -120,6 +121,10 @@ class Keyspace:
     @property
     def placement(self) -> str:
         return self.prefix + "state/placement"
+
+    @property
+    def keyshares(self) -> str:
+        return self.prefix + "state/keyshares"
 
     @property
     def config(self) -> str:

@@ -93,6 +93,16 @@ class ProxyCounters(msgspec.Struct, kw_only=True, gc=False):
     degraded: int = 0  # of those, answered by degradation (cache, fallback, static)
 
 
+class KeyDemand(msgspec.Struct, kw_only=True, frozen=True):
+    """One API key's use at one entry node over the last minute (gpufleet/keylimits.py): what
+    the leader divides the key's fleet-wide limits by."""
+
+    requests: int = 0  # admitted
+    refused: int = 0  # refused by this node's share (demand it could not serve)
+    tokens: int = 0
+    in_flight: int = 0
+
+
 class NodeRecord(msgspec.Struct, kw_only=True):
     schema: int = NODE_SCHEMA_VERSION
     node: str
@@ -111,6 +121,8 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     # Which agent wrote it (agent/cluster/identity.py): a second agent configured with the same
     # node_id is refused instead of taking the registration over. "" from agents before it.
     agent_id: str = ""
+    # Use of each API key with limits that entered the cluster here (see KeySharesRecord).
+    key_demand: dict[str, KeyDemand] = {}
 
 
 # --- written by the coordinator's leader ---------------------------------------------------------
@@ -123,6 +135,7 @@ DRAIN_SCHEMA_VERSION = 1
 DEGRADATION_SCHEMA_VERSION = 1
 PLACEMENT_SCHEMA_VERSION = 1
 APIKEY_SCHEMA_VERSION = 1
+KEYSHARES_SCHEMA_VERSION = 1
 
 # READY: routable. DEGRADED: the leader's view says no (bad samples, stale telemetry, too hot,
 # ejected). DOWN: the node's lease is gone. DRAINED: an operator took the node out.
@@ -283,3 +296,19 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True, frozen=True):
     expires_at: float | None = None
     revoked_at: float | None = None
     secrets: list[KeySecret] = []  # newest first
+
+
+class KeyShare(msgspec.Struct, kw_only=True, frozen=True):
+    nodes: dict[str, float] = {}  # the share of each entry node that reported demand
+    idle: float = 0.0  # the share of every other entry node
+
+
+class KeySharesRecord(msgspec.Struct, kw_only=True):
+    """``/state/keyshares``: how the leader divides each limited key's fleet-wide limits among
+    the entry nodes, in proportion to their reported demand; each key's shares sum to 1."""
+
+    schema: int = KEYSHARES_SCHEMA_VERSION
+    epoch: int
+    updated_at: float
+    entry_nodes: int
+    keys: dict[str, KeyShare] = {}
