@@ -13,11 +13,10 @@ Accounting: the entry node learns each answer's token usage (``usage.py``; strea
 it on the client's behalf) and charges it to the key's token window and to the per-key
 Prometheus counters.
 
-Shares: a node enforces ``1 / entry nodes`` of each fleet-wide limit (the number of nodes in the
-cluster's route table; 1 standalone), so the fleet can never admit more than the limit whatever
-the client does. Shares divided by demand (``gpufleet.keylimits.divide``, reported demand
-rebalanced by the leader) are the next step; until then a client that uses one entry node of N
-gets 1/N of its limit.
+Shares: a node enforces its share of each fleet-wide limit — the leader's division by demand
+(``/state/keyshares``, coordinator/keyshare_loop.py), or ``1 / entry nodes`` (the nodes in the
+cluster's route table; 1 standalone) for a key not divided — and the shares sum to 1, so the
+fleet can never admit more than the limit whatever the client does.
 """
 
 from __future__ import annotations
