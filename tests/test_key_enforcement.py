@@ -22,6 +22,7 @@ from test_proxy_inprocess import (
     FakeUpstreams,
     chat,
     endpoint,
+    proxy_client,  # noqa: F401  (a fixture)
     serve,  # noqa: F401  (a fixture)
 )
 
@@ -29,8 +30,6 @@ from agent.backends import Upstream
 from agent.keys.config import AuthSection
 from agent.keys.gate import KeyGate
 from agent.keys.source import KeySource
-from agent.proxy import Proxy, add_proxy_routes
-from agent.proxy.metrics import ProxyMetrics
 from gpufleet.apikeys import new_secret, secret_record
 from gpufleet.facts import HOP_AUTH_HEADER, HOPS_HEADER, KEY_NAME_HEADER
 from gpufleet.hopauth import body_digest, sign
@@ -94,7 +93,7 @@ def streaming(usage: dict[str, int]) -> Callable[[web.Request], Awaitable[web.St
 
 
 @pytest.fixture
-def keyed_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
+def keyed_client(proxy_client: Any) -> Callable[..., Awaitable[Any]]:  # noqa: F811
     async def make(
         upstreams: FakeUpstreams,
         keys: list[ApiKeyRecord] | None,
@@ -103,31 +102,21 @@ def keyed_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
         hop_secret: bytes | None = None,
         entry_nodes: int = 1,
     ) -> Any:
-        registry = CollectorRegistry(auto_describe=False)
         source = StaticKeys(keys)
-        gate = KeyGate(
-            auth=lambda: AuthSection(mode=mode),  # type: ignore[arg-type]
-            listen_host="0.0.0.0",
-            node_id="here",
-            source=lambda: source,
-            entry_nodes=lambda: entry_nodes,
-            registry=registry,
-        )
-        if hop_secret:
-            gate.hop_secrets = [hop_secret]
-        proxy = Proxy(upstreams, ProxyMetrics(registry), key_gate=gate)
-        app = web.Application()
 
-        async def session(_: web.Application) -> Any:
-            await proxy.start()
-            yield
-            await proxy.close()
+        def gate(registry: CollectorRegistry) -> KeyGate:
+            g = KeyGate(
+                auth=lambda: AuthSection(mode=mode),  # type: ignore[arg-type]
+                listen_host="0.0.0.0",
+                node_id="here",
+                source=lambda: source,
+                entry_nodes=lambda: entry_nodes,
+                registry=registry,
+            )
+            g.hop_secrets = [hop_secret] if hop_secret else []
+            return g
 
-        app.cleanup_ctx.append(session)
-        add_proxy_routes(app, proxy)
-        client = await aiohttp_client(app)
-        client.registry, client.gate = registry, gate
-        return client
+        return await proxy_client(upstreams, gate)
 
     return make
 

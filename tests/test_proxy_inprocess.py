@@ -163,10 +163,14 @@ async def serve(aiohttp_server: Any) -> Callable[[Handler], Awaitable[str]]:
 
 
 @pytest.fixture
-def proxy_client(aiohttp_client: Any) -> Callable[[FakeUpstreams], Awaitable[Any]]:
-    async def make(upstreams: FakeUpstreams) -> Any:
+def proxy_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
+    """``make(upstreams, key_gate=None)``: a test client in front of a Proxy; ``key_gate`` makes
+    the proxy's KeyGate from the client's registry (test_key_enforcement.py)."""
+
+    async def make(upstreams: FakeUpstreams, key_gate: Callable[[CollectorRegistry], Any] | None = None) -> Any:
         registry = CollectorRegistry(auto_describe=False)
-        proxy = Proxy(upstreams, ProxyMetrics(registry))
+        gate = key_gate(registry) if key_gate is not None else None
+        proxy = Proxy(upstreams, ProxyMetrics(registry), key_gate=gate)
         app = web.Application()
 
         async def session(_: web.Application) -> Any:
@@ -177,7 +181,7 @@ def proxy_client(aiohttp_client: Any) -> Callable[[FakeUpstreams], Awaitable[Any
         app.cleanup_ctx.append(session)
         add_proxy_routes(app, proxy)
         client = await aiohttp_client(app)
-        client.proxy, client.registry = proxy, registry
+        client.proxy, client.registry, client.gate = proxy, registry, gate
         return client
 
     return make
