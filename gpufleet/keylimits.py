@@ -104,6 +104,22 @@ def _reset(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60)}s"
 
 
+def _window_limit(
+    kind: str, limit: int, window: Window, share: float, cost: int, now: float, headers: dict[str, str]
+) -> tuple[str, float] | None:
+    """Check one windowed limit (requests cost 1 now; tokens are charged after the answer, so
+    they cost 0 now and a full window refuses), set its x-ratelimit-* headers, and say (limit,
+    seconds until there is room) when it refuses."""
+    quota = limit * share
+    used = window.total(now)
+    wait = window.free_at(now, max(cost, 1), quota) - now
+    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+    headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(quota - used) - cost))
+    headers[f"x-ratelimit-reset-{kind}"] = _reset(wait if wait > 0 else (WINDOW_S / max(quota, 1) if cost else 0.0))
+    full = used + cost > quota if cost else used >= quota
+    return (kind, wait if quota >= 1 else WINDOW_S) if full else None
+
+
 class Limiter:
     """One entry node's view: its use of each key, checked against its share of each limit."""
 
@@ -127,28 +143,10 @@ class Limiter:
             cap = math.floor(key.max_concurrency * share)
             if u.in_flight + 1 > cap:
                 refusal = ("concurrency", 1.0)
-        if key.rpm is not None:
-            quota = key.rpm * share
-            used = u.requests.total(now)
-            wait = u.requests.free_at(now, 1, quota) - now
-            headers |= {
-                "x-ratelimit-limit-requests": str(key.rpm),
-                "x-ratelimit-remaining-requests": str(max(0, math.floor(quota - used) - 1)),
-                "x-ratelimit-reset-requests": _reset(wait if wait > 0 else WINDOW_S / max(quota, 1)),
-            }
-            if used + 1 > quota and refusal is None:
-                refusal = ("requests", wait if quota >= 1 else WINDOW_S)
-        if key.tpm is not None:
-            quota = key.tpm * share
-            used = u.tokens.total(now)
-            wait = u.tokens.free_at(now, 1, quota) - now
-            headers |= {
-                "x-ratelimit-limit-tokens": str(key.tpm),
-                "x-ratelimit-remaining-tokens": str(max(0, math.floor(quota - used))),
-                "x-ratelimit-reset-tokens": _reset(max(wait, 0.0)),
-            }
-            if used >= quota and refusal is None:
-                refusal = ("tokens", wait if quota >= 1 else WINDOW_S)
+        for kind, limit, window, cost in (("requests", key.rpm, u.requests, 1), ("tokens", key.tpm, u.tokens, 0)):
+            if limit is not None:
+                full = _window_limit(kind, limit, window, share, cost, now, headers)
+                refusal = refusal or full
         if refusal is not None:
             u.refused.add(now)
             limit, wait = refusal
