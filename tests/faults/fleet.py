@@ -25,6 +25,7 @@ from faults.tcpproxy import FaultProxy
 from gpufleet.etcd import Delete, KeyValue, Put, Snapshot, list_watch
 from gpufleet.keyspace import Keyspace, decode
 from gpufleet.keyspace.records import LeaderRecord, RouteRecord
+from gpufleet.tomlwrite import dumps as toml_dumps
 
 CLUSTER = "faults"
 KEYS = Keyspace(CLUSTER)
@@ -53,6 +54,10 @@ def cluster_agent(
     text = as_node(text, node, f"http://{host}:{port}", host)
     endpoints = [endpoint] if isinstance(endpoint, str) else endpoint
     text += cluster_toml(endpoints, CLUSTER, lease_ttl_s=lease_ttl_s, timeout_s=timeout_s)
+    if host != "127.0.0.1":
+        # Reachable from other hosts (a network namespace's link): API keys would be the default,
+        # and these scenarios are about faults, not keys; said plainly, as the config allows.
+        text += "\n" + toml_dumps({"auth": {"mode": "open"}})
     return start_agent_sync(tmp, text, port, ready_instances=1, wrapper=wrapper, host=host)
 
 
