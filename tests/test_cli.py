@@ -152,7 +152,7 @@ endpoints = ["http://127.0.0.1:2379"]
         ('listen_host = "::1"\nnode_id = "gpu-1"', True),
         ('listen_host = "localhost"\nadvertise_url = "http://127.0.0.1:8080"', True),
         ('listen_host = "127.0.0.1"\nadvertise_url = "https://gpu-1.example:443"', False),  # a proxy in front
-        ('listen_host = "0.0.0.0"', False),
+        ('listen_host = "0.0.0.0"\n[auth]\nhop_secret_file = "hop-secret"', False),  # reachable: keys, so a hop secret
     ],
 )
 def test_check_config_warns_of_cluster_mode_on_loopback(  # type: ignore[no-untyped-def]
