@@ -23,6 +23,7 @@ from gpufleet.facts import BACKENDS, HOT_GPU_C, Backend
 from gpufleet.httpserver import ApiSection
 from gpufleet.keyspace import InvalidName, check_name
 from gpufleet.registry import path_problems
+from gpufleet.tlsconfig import TlsSection
 from gpufleet.tomlconfig import (
     ConfigError,
     ConfigProblem,
@@ -348,6 +349,7 @@ class AgentConfig(msgspec.Struct, kw_only=True):
     degradation: DegradationSection = msgspec.field(default_factory=DegradationSection)
     api: ApiSection = msgspec.field(default_factory=ApiSection)  # the listener's timeouts and limits
     auth: AuthSection = msgspec.field(default_factory=AuthSection)  # who may use the OpenAI routes
+    tls: TlsSection = msgspec.field(default_factory=TlsSection)  # HTTPS on the port, and to other nodes
     source_path: str = ""
     # The file has an ``instances`` key (``[[instances]]`` tables, or ``instances = []`` for "none
     # on purpose"). A reload refuses a file that would stop every instance by omission.
@@ -359,7 +361,7 @@ class AgentConfig(msgspec.Struct, kw_only=True):
 
     @property
     def advertise_url(self) -> str:
-        return self.agent.advertise_url or f"http://{self.node_id}:{self.agent.listen_port}"
+        return self.agent.advertise_url or f"{self.tls.scheme}://{self.node_id}:{self.agent.listen_port}"
 
 
 # What a reload cannot change in a running agent: whole sections, or "section.field". They keep
@@ -368,13 +370,15 @@ class AgentConfig(msgspec.Struct, kw_only=True):
 # source is opened once; [cluster]: the etcd client, lease and watches are made once; [api]: the
 # listener's limits are set when it opens; [proxy]: whether its HTTP routes exist, the app's body
 # limit and the upstream session (connect timeout) are built once; keep_servers_on_restart is
-# given to systemd's fd store at start-up. The rest of [supervisor] and [proxy], [models],
+# given to systemd's fd store at start-up; [tls]: the listener's context is made once, but a
+# reload reads its files again (a rotated certificate). The rest of [supervisor] and [proxy], [models],
 # [degradation] and the instances apply live.
 RESTART_ONLY = (
     "agent",
     "gpu",
     "cluster",
     "api",
+    "tls",
     "supervisor.keep_servers_on_restart",
     "proxy.enabled",
     "proxy.max_body_bytes",
@@ -417,6 +421,7 @@ SECTIONS: dict[str, type] = {
     "degradation": DegradationSection,
     "api": ApiSection,
     "auth": AuthSection,
+    "tls": TlsSection,
 }
 
 
@@ -456,6 +461,8 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
         a.admin_token_file = resolve(a.admin_token_file)
     cfg.cluster.resolve(base)
     cfg.auth.resolve(base)
+    cfg.api.resolve(base)
+    cfg.tls.resolve(base)
 
 
 def validate(cfg: AgentConfig, decoded: Collection[str] | None = None) -> list[ConfigProblem]:
@@ -560,6 +567,23 @@ def agent_problems(cfg: AgentConfig) -> list[ConfigProblem]:
     if cfg.agent.advertise_url is not None and (problem := url_problem(cfg.agent.advertise_url)):
         out.append(ConfigProblem("$.agent.advertise_url", problem))
     return out
+
+
+def tls_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    """[tls]'s own rules, and an advertised URL whose scheme the port does not serve: other
+    nodes would forward to it in plain HTTP and fail (or, behind a TLS terminator, the
+    operator advertises that on purpose: https there too)."""
+    out = cfg.tls.problems("$.tls")
+    url = cfg.agent.advertise_url
+    if cfg.tls.enabled and url is not None and urlsplit(url).scheme == "http":
+        out.append(
+            ConfigProblem("$.agent.advertise_url", "the port serves HTTPS ([tls] cert_file): advertise https://")
+        )
+    return out
+
+
+def api_problems(cfg: AgentConfig) -> list[ConfigProblem]:
+    return cfg.api.problems("$.api", admin_token=cfg.agent.admin_token_file is not None)
 
 
 def instance_problems(cfg: AgentConfig) -> list[ConfigProblem]:
@@ -766,6 +790,8 @@ _RULES: tuple[tuple[frozenset[str], Callable[[AgentConfig], list[ConfigProblem]]
     (frozenset({"supervisor"}), supervisor_problems),
     (frozenset({"gpu"}), gpu_problems),
     (frozenset({"agent"}), agent_problems),
+    (frozenset({"agent", "tls"}), tls_problems),
+    (frozenset({"agent", "api"}), api_problems),
     (frozenset({"instances"}), instance_problems),
     (frozenset({"agent", "instances"}), listen_port_problems),
     (frozenset({"gpu", "instances"}), simulated_gpu_problems),

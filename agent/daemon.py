@@ -40,6 +40,7 @@ from gpufleet.hopauth import HopAuthError
 from gpufleet.httpserver import ConnectionGuard, listener_guard
 from gpufleet.keyspace.records import NodeRecord
 from gpufleet.sdnotify import SystemdNotifier
+from gpufleet.tlsconfig import ServerTls, TlsError
 from gpufleet.tomlconfig import ConfigError
 
 log = structlog.get_logger("agent")
@@ -79,6 +80,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         self.restart_needed: list[str] = []  # settings changed in the file that wait for a restart
         self._runner: web.AppRunner | None = None
         self.http_guard: ConnectionGuard | None = None  # the listener's cap and timeouts (start)
+        self.tls: ServerTls | None = None  # HTTPS on the port, and the context other nodes are verified with
         self._http: aiohttp.ClientSession | None = None
         self.publisher: ClusterPublisher | None = None
         self.routes: RouteTable | None = None
@@ -160,6 +162,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         reverse: drain for a handover, leave the cluster (the cluster moves traffic away before
         the instances go down), stop or hand over the instances, close the API, the HTTP client,
         the GPU source."""
+        self.tls = self.open_tls(self.cfg.tls)  # a certificate that does not load stops the start (78)
         try:
             self.gpu_source = open_gpu_source(self.cfg.gpu)
         except GpuSourceUnavailable as e:
@@ -183,7 +186,11 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         # handler_cancellation: a client that disconnects cancels its handler, and with it the
         # upstream request, so a model server stops generating for nobody.
         self.http_guard = listener_guard(self.cfg.api, fds_per_connection=2)
-        self._runner = await self.http_runner(teardown, build_app(self), self.http_guard, handler_cancellation=True)
+        try:
+            app = build_app(self)
+        except OSError as e:  # an unusable status token file
+            raise StartupError(str(e), EX_CONFIG) from None
+        self._runner = await self.http_runner(teardown, app, self.http_guard, handler_cancellation=True)
         self._open_keys()
         handed_over = self._handed_over_socket()
         if handed_over is None:
@@ -194,7 +201,8 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             # have answered a probe: served earlier, they would find no READY instance.
             await self._start_supervisor(teardown)
             await self.supervisor.adopted_settled(ADOPT_SETTLE_S)
-            await web.SockSite(self._runner, handed_over).start()
+            ssl_context = self.tls.server if self.tls is not None else None  # TLS on the handed-over socket too
+            await web.SockSite(self._runner, handed_over, ssl_context=ssl_context).start()
             log.info("serving on the socket the previous agent handed over")
         self.fdstore.close_unclaimed()
         if self.cfg.cluster.enabled:
@@ -276,6 +284,18 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         except KeysFileError as e:
             log.error("keys file not loaded; the keys in force stay", error=str(e))
 
+    def _reload_tls(self) -> None:
+        """After a reload: the certificate, key and CA files read again (rotated in place, as
+        certbot or the playbook do); one that does not load keeps the one in force (and says so)."""
+        if self.tls is None:
+            return
+        try:
+            self.tls.reload()
+        except TlsError as e:
+            log.error("TLS files not reloaded; the certificate in force stays", error=str(e))
+            return
+        log.info("TLS files reloaded", cert_file=self.tls.section.cert_file)
+
     async def _start_supervisor(self, teardown: Teardown) -> None:
         # Registered before the start: a start that fails half-way stops what it started.
         teardown.step("stop the instances", self._stop_instances)
@@ -304,7 +324,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
     async def _listen(self, runner: web.AppRunner) -> None:
         """Serve on a new socket (failing fast if the port is taken) and hand it to systemd,
         so the next agent serves on it without refusing anyone in between."""
-        site = await self.listen(runner, *self.listen_address(), backlog=self.cfg.api.backlog)
+        site = await self.listen(runner, *self.listen_address(), backlog=self.cfg.api.backlog, tls=self.tls)
         server = site._server
         if server is not None and self.fdstore.enabled:
             for listening in server.sockets:  # type: ignore[attr-defined]
@@ -372,6 +392,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             return self._refused(e.code, e.problems)
         self.cfg = self.supervisor.cfg
         self._reload_keys()
+        self._reload_tls()
         self.reload_failure = None
         self.restart_needed = plan.restart_needed
         body = {

@@ -1,4 +1,5 @@
-"""The coordinator's HTTP API: /healthz, /readyz, /v1/status, /metrics."""
+"""The coordinator's HTTP API: /healthz, /readyz, /v1/status, /metrics (the last two as
+``[api] status_access`` and ``status_allow`` say: gpufleet/statusaccess.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpufleet.httperrors import bad_input_middleware, error_middleware, json_response
+from gpufleet.statusaccess import StatusAccess
 
 if TYPE_CHECKING:
     from .daemon import CoordinatorRuntime
@@ -76,7 +78,10 @@ def policy_doc(st: PolicyState) -> dict[str, Any]:
 
 
 def build_app(rt: CoordinatorRuntime) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, bad_input_middleware])
+    """Raises OSError for a status token file that cannot be used ([api] status_access = "token")."""
+    access = StatusAccess(rt.cfg.api, "gpu-coordinator")
+    access.check_files()
+    app = web.Application(middlewares=[error_middleware, bad_input_middleware, access.middleware])
 
     async def healthz(_: web.Request) -> web.Response:
         age = time.monotonic() - rt.last_tick

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from gpufleet.daemoncli import Checked, DaemonCli, LogSettings
+from gpufleet.tlsconfig import file_problems
 
 from .config import DEFAULT_CONFIG_PATH, CoordinatorConfig, config_warnings, load_config
 
@@ -12,6 +13,7 @@ from .config import DEFAULT_CONFIG_PATH, CoordinatorConfig, config_warnings, loa
 def _check(cfg: CoordinatorConfig) -> Checked:
     return Checked(
         summary=f"cluster {cfg.etcd.cluster}, {len(cfg.etcd.endpoints)} etcd endpoints",
+        errors=file_problems(cfg.tls),  # the certificate and key as the coordinator will load them
         warnings=config_warnings(cfg),
     )
 

@@ -10,7 +10,9 @@ it lives in etcd at /gpufleet/<cluster>/config; this file's values are only its 
 [failover]     cross-class failover, panic threshold
 [placement]    rescheduling of replicas of registered models
 [degradation]  error-rate window and thresholds of the 3 degradation levels
-[api]          the HTTP listener's read timeouts and connection limit (gpufleet/httpserver.py)
+[api]          the HTTP listener's read timeouts and connection limit (gpufleet/httpserver.py),
+               who may read /v1/status and /metrics
+[tls]          HTTPS on the API port (gpufleet/tlsconfig.py, the agent's section)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gpufleet.policyconfig import (
     from_sections,
     policy_problems,
 )
+from gpufleet.tlsconfig import TlsSection
 from gpufleet.tomlconfig import (
     ConfigError,
     ConfigProblem,
@@ -102,6 +105,7 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True):
     placement: PlacementSection = msgspec.field(default_factory=PlacementSection)
     degradation: DegradationSection = msgspec.field(default_factory=DegradationSection)
     api: ApiSection = msgspec.field(default_factory=ApiSection)
+    tls: TlsSection = msgspec.field(default_factory=TlsSection)  # HTTPS on the API port
     source_path: str = ""
 
     @property
@@ -117,7 +121,7 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True):
     @property
     def advertise_url(self) -> str:
         c = self.coordinator
-        return c.advertise_url or f"http://{self.id}:{c.listen_port}"
+        return c.advertise_url or f"{self.tls.scheme}://{self.id}:{c.listen_port}"
 
 
 SECTIONS: dict[str, type] = {
@@ -130,6 +134,7 @@ SECTIONS: dict[str, type] = {
     "placement": PlacementSection,
     "degradation": DegradationSection,
     "api": ApiSection,
+    "tls": TlsSection,
 }
 
 
@@ -147,6 +152,8 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         source_path=str(path),
     )
     cfg.etcd.resolve(path.parent)
+    cfg.api.resolve(path.parent)
+    cfg.tls.resolve(path.parent)
     problems.extend(validate(cfg, set(parts)))
     if problems:
         raise ConfigError(str(path), problems)
@@ -215,6 +222,16 @@ def election_timing_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
     return []
 
 
+def tls_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
+    out = cfg.tls.problems("$.tls")
+    url = cfg.coordinator.advertise_url
+    if cfg.tls.enabled and url is not None and urlsplit(url).scheme == "http":
+        out.append(
+            ConfigProblem("$.coordinator.advertise_url", "the port serves HTTPS ([tls] cert_file): advertise https://")
+        )
+    return out
+
+
 def degradation_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
     return policy_problems(cfg.policy)  # the same rules gpuctl config applies to the policy in etcd
 
@@ -226,6 +243,8 @@ _RULES: tuple[tuple[frozenset[str], Callable[[CoordinatorConfig], list[ConfigPro
     (frozenset({"election"}), election_problems),
     (frozenset({"election", "etcd"}), election_timing_problems),
     (frozenset({"degradation"}), degradation_problems),
+    (frozenset({"coordinator", "tls"}), tls_problems),
+    (frozenset({"api"}), lambda c: c.api.problems("$.api")),
 )
 
 

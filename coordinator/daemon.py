@@ -58,6 +58,7 @@ class CoordinatorRuntime(DaemonBase[None]):
     async def start(self, teardown: Teardown) -> None:
         """Torn down in reverse: resign, stop the election and leader loops, close the API,
         close the etcd client."""
+        tls = self.open_tls(self.cfg.tls)  # a certificate that does not load stops the start (78)
         try:
             self.etcd = self.cfg.etcd.client()
         except OSError as e:  # unreadable TLS or password file
@@ -81,8 +82,12 @@ class CoordinatorRuntime(DaemonBase[None]):
         # limit here): a flood of slow connections cannot make the API unreachable.
         guard = listener_guard(self.cfg.api, fds_per_connection=1)
         self.metrics.registry.register(ConnectionMetrics(guard, "gpu_coordinator"))
-        runner = await self.http_runner(teardown, build_app(self), guard)
-        await self.listen(runner, *self.listen_address(), backlog=self.cfg.api.backlog)
+        try:
+            app = build_app(self)
+        except OSError as e:  # an unusable status token file
+            raise StartupError(str(e), EX_CONFIG) from None
+        runner = await self.http_runner(teardown, app, guard)
+        await self.listen(runner, *self.listen_address(), backlog=self.cfg.api.backlog, tls=tls)
         tasks = [
             asyncio.create_task(self.election.run(), name="election"),
             asyncio.create_task(self.leader.run(), name="leader"),

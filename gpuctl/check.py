@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl as ssl_
 import subprocess
 import tomllib
 from collections.abc import Callable, Iterator
@@ -238,7 +239,15 @@ _RULES: tuple[Callable[[Facts], Iterator[CheckResult]], ...] = (
 )
 
 
-async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Facts:
+async def gather(
+    etcd: EtcdClient,
+    keys: Keyspace,
+    endpoints: list[str],
+    ssl: ssl_.SSLContext | bool = True,
+    token: str | None = None,
+) -> Facts:
+    """``ssl``: how https:// agents and coordinators are verified; ``token``: sent to their
+    /metrics (``[api] status_access = "token"``)."""
     f = Facts(endpoints=endpoints, statuses={})
     for ep in endpoints:
         try:
@@ -264,11 +273,14 @@ async def gather(etcd: EtcdClient, keys: Keyspace, endpoints: list[str]) -> Fact
         if (r := decode_or_skip(kv.key_str, kv.value, RouteRecord, kv.mod_revision)) is not None
     ]
     timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl)) as http:
 
         async def status_of(method: str, url: str, needle: str = "") -> int:
+            # The token goes to the status pages only: the admin and OpenAI probes must see
+            # what a caller without credentials sees.
+            headers = {"Authorization": f"Bearer {token}"} if token and url.endswith("/metrics") else {}
             try:
-                async with http.request(method, url) as r:
+                async with http.request(method, url, headers=headers) as r:
                     text = await r.text()
                     return r.status if needle in text else -1
             except (aiohttp.ClientError, TimeoutError, OSError):

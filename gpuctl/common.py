@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -36,12 +39,19 @@ class UsageError(Exception):
     pass
 
 
-def request(url: str, method: str = "GET", token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+def request(
+    url: str,
+    method: str = "GET",
+    token: str | None = None,
+    timeout: float = 5.0,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, Any]:
+    """``context``: how an https:// agent or coordinator is verified (:func:`api_tls`)."""
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
         body = e.read()
@@ -51,6 +61,31 @@ def request(url: str, method: str = "GET", token: str | None = None, timeout: fl
             return e.code, {"error": {"message": body.decode(errors="replace")}}
     except (urllib.error.URLError, OSError) as e:
         raise Unreachable(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+
+
+def api_tls(args: argparse.Namespace) -> ssl.SSLContext:
+    """The context https:// agents and coordinators are reached with: their certificate
+    verified against ``--cacert`` (the cluster's CA; the system's store without it), and
+    ``--cert``/``--key`` presented where they ask for a client certificate (mutual TLS). The
+    same flags as etcd's: the playbook's one CA signs etcd's, the agents' and the coordinators'
+    certificates."""
+    try:
+        ctx = ssl.create_default_context(cafile=args.cacert)
+        if args.cert:
+            ctx.load_cert_chain(args.cert, args.key)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError(f"--cacert/--cert/--key: {e.strerror or e}") from None
+    return ctx
+
+
+def read_token(path: str | None, env: str) -> str | None:
+    """A bearer token from ``path`` (a --token-file) or the environment variable ``env``."""
+    if not path:
+        return os.environ.get(env) or None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as e:
+        raise UsageError(f"--token-file: cannot read {path}: {e.strerror or e}") from None
 
 
 def render_table(rows: list[list[str]], header: list[str]) -> str:

@@ -31,8 +31,10 @@ from .common import (
     EXIT_USAGE,
     Unreachable,
     UsageError,
+    api_tls,
     decode_all,
     emit,
+    read_token,
     render_table,
     request,
     run_etcd,
@@ -89,7 +91,8 @@ def format_status(st: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     if args.etcd:
         return run_etcd(cmd_cluster_status, args)
-    code, st = request(args.agent.rstrip("/") + "/v1/status")
+    token = read_token(args.token_file, "GPUFLEET_STATUS_TOKEN")
+    code, st = request(args.agent.rstrip("/") + "/v1/status", token=token, context=api_tls(args))
     if code != 200:
         print(f"error: agent answered HTTP {code}: {st}", file=sys.stderr)
         return EXIT_ERROR
@@ -102,7 +105,8 @@ def cmd_instance(args: argparse.Namespace) -> int:
     if not token:
         print("error: give --token-file or set GPUFLEET_ADMIN_TOKEN", file=sys.stderr)
         return EXIT_USAGE
-    code, body = request(f"{args.agent.rstrip('/')}/admin/instances/{args.name}/{args.action}", "POST", token)
+    url = f"{args.agent.rstrip('/')}/admin/instances/{args.name}/{args.action}"
+    code, body = request(url, "POST", token, context=api_tls(args))
     if code != 202:
         print(f"error: HTTP {code}: {body.get('error', {}).get('message', body)}", file=sys.stderr)
         return EXIT_ERROR
@@ -277,7 +281,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
 async def cmd_check_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
     from gpuctl.check import gather, judge
 
-    results = judge(await gather(etcd, keys, list(etcd.endpoints)))
+    token = read_token(args.token_file, "GPUFLEET_STATUS_TOKEN")
+    results = judge(await gather(etcd, keys, list(etcd.endpoints), ssl=api_tls(args), token=token))
     table = "\n".join(f"{r.status:<4}  {r.name}: {r.detail}" for r in results)
     failed = sum(r.status == "FAIL" for r in results)
     emit(args, results, table + f"\n\n{len(results) - failed} of {len(results)} checks passed or skipped")
@@ -297,8 +302,8 @@ def global_options(opts: Options) -> None:
     e = opts.group("etcd (cluster commands)")
     e.add_argument("--etcd", default=os.environ.get("GPUFLEET_ETCD"), help="comma-separated endpoint URLs")
     e.add_argument("--cluster", default=os.environ.get("GPUFLEET_CLUSTER", "default"))
-    e.add_argument("--cacert", help="CA bundle for https endpoints")
-    e.add_argument("--cert", help="client certificate")
+    e.add_argument("--cacert", help="CA bundle for https endpoints (etcd, and https:// agents and coordinators)")
+    e.add_argument("--cert", help="client certificate (etcd, and agents and coordinators with mutual TLS)")
     e.add_argument("--key", help="client certificate key")
     e.add_argument("--user", help="etcd user")
     e.add_argument("--password-file", help="file holding the etcd user's password")
@@ -321,10 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
     from gpuctl.cmd_keys import add_key_commands
 
     add_key_commands(sub)
+    from gpuctl.cmd_usage import add_usage_commands
+
+    add_usage_commands(sub)
     from gpuctl.cmd_files import add_file_commands
 
     add_file_commands(sub)
-    sub.add_parser("check", help="production-readiness checklist (exit 1 on any failure)").set_defaults(func=cmd_check)
+    status_token = (
+        'file holding the token of agents and coordinators with [api] status_access = "token" '
+        "(the status token or the admin token; or $GPUFLEET_STATUS_TOKEN)"
+    )
+    check = sub.add_parser("check", help="production-readiness checklist (exit 1 on any failure)")
+    check.add_argument("--token-file", help=status_token)
+    check.set_defaults(func=cmd_check)
     drain = sub.add_parser("drain", help="take a node out of rotation (no new requests)")
     drain.add_argument("node")
     drain.add_argument("--reason", help="why (shown in the drain record)")
@@ -332,9 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     undrain = sub.add_parser("undrain", help="put a drained node back into rotation")
     undrain.add_argument("node")
     undrain.set_defaults(func=cmd_drain)
-    sub.add_parser(
+    status = sub.add_parser(
         "status", help="with --etcd: leader, nodes and routes of the cluster; otherwise one agent's GPUs and instances"
-    ).set_defaults(func=cmd_status)
+    )
+    status.add_argument("--token-file", help=status_token)
+    status.set_defaults(func=cmd_status)
     inst = sub.add_parser("instance", help="start/stop/restart an instance (admin token needed)")
     inst.add_argument("action", choices=["start", "stop", "restart"])
     inst.add_argument("name")

@@ -6,7 +6,8 @@ daemon says only what is its own. The base does, in this order:
 - log ``<prog> starting``; :meth:`DaemonBase.start` the daemon's resources, each registering its
   teardown on a :class:`Teardown` stack right where it is started; a :class:`StartupError` is
   logged ("cannot start") and its exit code returned after what was started is torn down
-  (:meth:`DaemonBase.listen` raises one with 71, EX_OSERR, when the port is taken);
+  (:meth:`DaemonBase.listen` raises one with 71, EX_OSERR, when the port is taken, and
+  :meth:`DaemonBase.open_tls` one with 78 when a certificate or key does not load);
 - SIGTERM/SIGINT stop; SIGHUP reloads, if the daemon :attr:`~DaemonBase.reloads`;
 - ``READY=1`` with :meth:`DaemonBase.ready_status`, then the tick loop: :meth:`DaemonBase.tick` every
   :attr:`~DaemonBase.tick_interval` (at least twice per watchdog period) or sooner when
@@ -34,9 +35,10 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 from aiohttp import web
 
 from gpufleet import __version__
-from gpufleet.facts import EX_OSERR, EX_SOFTWARE
+from gpufleet.facts import EX_CONFIG, EX_OSERR, EX_SOFTWARE
 from gpufleet.httpserver import ConnectionGuard, GuardedRunner
 from gpufleet.sdnotify import SystemdNotifier
+from gpufleet.tlsconfig import ServerTls, TlsError, TlsSection
 
 T = TypeVar("T")
 R = TypeVar("R")  # what a reload answers (the agent's admin API returns it)
@@ -223,9 +225,23 @@ class DaemonBase(abc.ABC, Generic[R]):
         teardown.step("stop the HTTP API", runner.cleanup)
         return runner
 
-    async def listen(self, runner: web.AppRunner, host: str, port: int, backlog: int) -> web.TCPSite:
-        """Serve on host:port, or fail the start with 71 (EX_OSERR) if the port is taken."""
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=backlog)
+    def open_tls(self, section: TlsSection) -> ServerTls | None:
+        """The port's TLS contexts (None: plain HTTP), or fail the start with 78 (EX_CONFIG)
+        naming the field of a certificate, key or CA file that does not load."""
+        if not section.enabled and not section.ca_file:
+            return None
+        try:
+            return ServerTls(section)
+        except TlsError as e:
+            raise StartupError(str(e), EX_CONFIG) from None
+
+    async def listen(
+        self, runner: web.AppRunner, host: str, port: int, backlog: int, tls: ServerTls | None = None
+    ) -> web.TCPSite:
+        """Serve on host:port (HTTPS when ``tls`` has a certificate), or fail the start with 71
+        (EX_OSERR) if the port is taken."""
+        ssl_context = tls.server if tls is not None else None
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=backlog, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import re
 import resource
 import time
@@ -33,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 import structlog
@@ -43,7 +44,7 @@ from msgspec import Meta
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gpufleet.tomlconfig import PositiveFloat, StrictSection
+from gpufleet.tomlconfig import ConfigProblem, PositiveFloat, StrictSection
 
 log = structlog.get_logger("http")
 
@@ -67,6 +68,33 @@ class ApiSection(StrictSection):
     fd_reserve: Annotated[int, Meta(ge=0)] = 256
     # listen(2) backlog; the kernel caps it at net.core.somaxconn.
     backlog: Annotated[int, Meta(ge=1, le=65535)] = 1024
+    # Who may read /v1/status and /metrics (topology, instance ports and PIDs, API key names and
+    # usage). "open": whoever reaches the port (a scraper without credentials); "token": a
+    # bearer token, status_token_file's (Prometheus' authorization credentials_file) or an
+    # agent's admin token (gpuctl status/check --token-file). /healthz and /readyz stay open.
+    status_access: Literal["open", "token"] = "open"
+    status_token_file: str | None = None  # the read-only token of status_access = "token"
+    # Networks (CIDR, e.g. "10.0.0.0/8", "127.0.0.1/32") that may read them at all; [] = any.
+    status_allow: list[str] = msgspec.field(default_factory=list)
+
+    def resolve(self, base: Path) -> None:
+        if self.status_token_file and not Path(self.status_token_file).is_absolute():
+            self.status_token_file = str((base / self.status_token_file).resolve())
+
+    def problems(self, at: str = "$.api", admin_token: bool | None = None) -> list[ConfigProblem]:
+        """``admin_token``: whether the daemon has an admin token, which also opens status in
+        "token" mode (None: it has none to have, as the coordinator)."""
+        out = []
+        if self.status_access == "token" and not self.status_token_file and not admin_token:
+            needs = "status_token_file" + (" or agent.admin_token_file" if admin_token is False else "")
+            out.append(ConfigProblem(f"{at}.status_access", f'"token" needs {needs}'))
+        for i, net in enumerate(self.status_allow):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                problem = f"{net!r} is not a network (CIDR, e.g. 10.0.0.0/8)"
+                out.append(ConfigProblem(f"{at}.status_allow[{i}]", problem))
+        return out
 
 
 # --- the open-file limit ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from agent.api.server import build_app
+from gpufleet.httpserver import ApiSection
 
 AUTH = {"Authorization": "Bearer right-token"}
 
@@ -30,7 +31,7 @@ def runtime(configured: bool) -> Any:
         return SimpleNamespace(body={"applied": True}, http_status=200)
 
     return SimpleNamespace(
-        cfg=SimpleNamespace(proxy=SimpleNamespace(enabled=False, max_body_bytes=1 << 20)),
+        cfg=SimpleNamespace(proxy=SimpleNamespace(enabled=False, max_body_bytes=1 << 20), api=ApiSection()),
         node_record=lambda: None,
         supervisor=SimpleNamespace(instances={}),
         publisher=None,

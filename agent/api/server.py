@@ -23,6 +23,7 @@ from agent.supervisor import UnknownInstance
 from gpufleet.httperrors import bad_input_middleware, error_middleware, error_response, json_response
 from gpufleet.httpserver import ConnectionMetrics
 from gpufleet.logsetup import dropped_lines
+from gpufleet.statusaccess import StatusAccess
 
 from .metrics import LogDropCollector, make_registry
 
@@ -49,8 +50,11 @@ class AgentApi:
     def __init__(self, rt: AgentRuntime) -> None:
         self.rt = rt
         self.admin_routes: set[web.AbstractRoute] = set()
+        # /v1/status and /metrics as [api] status_access says; the admin token opens them too.
+        access = StatusAccess(rt.cfg.api, "gpu-agent", other_token=rt.admin_token.check)
+        access.check_files()  # OSError: the daemon's start fails with 78
         self.app = web.Application(
-            middlewares=[error_middleware, bad_input_middleware, self.admin_middleware],
+            middlewares=[error_middleware, bad_input_middleware, access.middleware, self.admin_middleware],
             client_max_size=rt.cfg.proxy.max_body_bytes,
         )
         self.registry = self._registry()
@@ -103,7 +107,8 @@ class AgentApi:
             entry_nodes=rt.entry_nodes,
             registry=self.registry,
         )
-        return Proxy(upstreams, metrics, rt.proxy_stats, rt.key_gate)
+        tls = getattr(rt, "tls", None)  # other nodes are reached with the cluster's CA (never unverified)
+        return Proxy(upstreams, metrics, rt.proxy_stats, rt.key_gate, peer_ssl=tls.peer if tls is not None else True)
 
     def _add_proxy(self, proxy: Proxy) -> None:
         async def proxy_session(_: web.Application) -> AsyncIterator[None]:

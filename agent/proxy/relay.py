@@ -11,6 +11,7 @@ is here for that reason. After the first byte a failure ends the stream with an 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import aiohttp
@@ -58,8 +59,12 @@ class Relay:
         metrics: ProxyMetrics,
         degrader: Degrader,
         gate: KeyGate | None = None,
+        peer_ssl: ssl.SSLContext | bool = True,
     ) -> None:
         self.upstreams = upstreams
+        # https:// nodes (forwarding) are verified with this: the cluster's CA ([tls] ca_file),
+        # or True, the system's trust store. Never False. Plain-http instances ignore it.
+        self.peer_ssl = peer_ssl
         self.gate = gate
         self.stats = stats
         self.metrics = metrics
@@ -72,7 +77,9 @@ class Relay:
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=None),
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=None, ssl=self.peer_ssl
+            ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
             auto_decompress=False,  # pass compressed bodies through as they are
             cookie_jar=aiohttp.DummyCookieJar(),

@@ -15,6 +15,7 @@ its own (stats.py).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -65,6 +66,7 @@ class Proxy:
         metrics: ProxyMetrics,
         stats: ProxyStats | None = None,
         key_gate: KeyGate | None = None,
+        peer_ssl: ssl.SSLContext | bool = True,
     ) -> None:
         self.upstreams = upstreams
         self.key_gate = key_gate  # API keys (agent/keys/gate.py); None: every request is let through
@@ -73,7 +75,7 @@ class Proxy:
         self.picker = Picker()
         self.remote = RemotePicker(upstreams.node_id)
         self.degrader = Degrader(upstreams, self.stats)
-        self.relay = Relay(upstreams, self.stats, metrics, self.degrader, key_gate)
+        self.relay = Relay(upstreams, self.stats, metrics, self.degrader, key_gate, peer_ssl)
         self.gates: dict[str, ModelGate] = {}
         metrics.degradation_level.set_function(self.degrader.level)
         metrics.watch_state(self.stats, lambda: self.degrader.cache, self._queued)
