@@ -38,6 +38,10 @@ FALLBACK_REQUEST_HEADER = "X-Gpufleet-Fallback-For"
 HOPS_HEADER = "X-GPUFleet-Hops"  # proxy-to-proxy forwards so far (loop guard)
 HOP_AUTH_HEADER = "X-Gpufleet-Hop-Auth"  # a forward's signature with the cluster's hop secret (hopauth.py)
 KEY_NAME_HEADER = "X-Gpufleet-Key"  # on a signed forward: the API key the entry node accepted
+# On every proxied answer: the node and the instance that served it (for an answer from another
+# node, that node's own values), so operators can see where a request went.
+NODE_HEADER = "X-Gpufleet-Node"
+INSTANCE_HEADER = "X-Gpufleet-Instance"
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those aiohttp sets itself; lower-case.
 HOP_BY_HOP_HEADERS = frozenset(
     h.lower()

@@ -15,7 +15,6 @@ import base64
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import random
@@ -30,17 +29,22 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gpufleet_dev.simulated_routes import (
+    MAX_AUDIO_BYTES,
+    ApiError,
+    RestOfApi,
+    add_routes,
+    chat_prompt,
+    embed,
+    json_response,
+    sse,
+    words,
+)
+
 VERSION = "0.0.0-sim"
-WORDS = (
-    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et "
-    "dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip ex ea "
-    "commodo consequat duis aute irure in reprehenderit voluptate velit esse cillum fugiat nulla pariatur"
-).split()
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 NUMERIC_CONTROLS = {"latency_ms": math.inf, "tokens_per_second": math.inf, "error_rate": 1.0}  # name: max
 BOOL_CONTROLS = ("hang", "hang_inference", "fail_health", "crash")
-
-_encode = msgspec.json.Encoder().encode
 
 
 def log(msg: str, level: str = "INFO") -> None:
@@ -58,22 +62,6 @@ def crash(reason: str) -> None:
     # os._exit skips all cleanup, as when a CUDA fault takes the process down.
     log(f"{reason}: CUDA error: an illegal memory access was encountered (simulated)", "ERROR")
     os._exit(1)
-
-
-def json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encode(obj), status=status, content_type="application/json")
-
-
-def sse(obj: Any) -> bytes:
-    return b"data: " + _encode(obj) + b"\n\n"
-
-
-class ApiError(Exception):
-    """Raised anywhere under a handler; the middleware answers it with vLLM's error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
 
 
 async def read_json(request: web.Request) -> Any:
@@ -98,7 +86,7 @@ class Settings:
     hang_inference: bool = False
 
 
-class Simulator:
+class Simulator(RestOfApi):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.names: list[str] = args.served_model_name or [args.model]
@@ -208,8 +196,7 @@ class Simulator:
         prompt_tokens = max(1, len(prompt_text.split()))
         n = self.max_tokens(body, prompt_tokens, "max_completion_tokens" if chat else "max_tokens")
         self.maybe_fail()
-        start = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "big")
-        tokens = [WORDS[(start + i) % len(WORDS)] + " " for i in range(n)]
+        tokens = words(seed_text, n)
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n, "completion_tokens": n}
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "", "created": int(time.time()), "model": model}
@@ -408,23 +395,6 @@ def is_text_or_ids(value: Any) -> bool:
     return isinstance(value, str) or is_token_ids(value)
 
 
-def message_text(content: Any) -> str:
-    """A message's text: content is a string or a list of parts, of which text parts count."""
-    if isinstance(content, list):
-        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return content if isinstance(content, str) else ""
-
-
-def chat_prompt(body: dict[str, Any]) -> tuple[str, str]:
-    """(the text that seeds the answer: the last user message, the whole prompt: all messages)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ApiError(400, "messages must be a non-empty list of message objects.")
-    texts = [message_text(m.get("content")) for m in messages]
-    users = [t for m, t in zip(messages, texts, strict=True) if m.get("role") == "user"]
-    return (users[-1] if users else ""), " ".join(texts)
-
-
 def completion_prompt(body: dict[str, Any]) -> tuple[str, str]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not is_token_ids(prompt):
@@ -434,14 +404,6 @@ def completion_prompt(body: dict[str, Any]) -> tuple[str, str]:
     if not isinstance(prompt, str):
         raise ApiError(400, "prompt must be a string, a list of strings, or token ids.")
     return prompt, prompt
-
-
-def embed(text: str, dim: int) -> bytes:
-    """A unit-norm float32 vector, as little-endian bytes, that depends only on the text."""
-    rng = random.Random(hashlib.sha256(text.encode()).digest())
-    vec = [rng.gauss(0.0, 1.0) for _ in range(dim)]
-    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-    return struct.pack(f"<{dim}f", *(v / norm for v in vec))
 
 
 def build_app(sim: Simulator) -> web.Application:
@@ -454,9 +416,12 @@ def build_app(sim: Simulator) -> web.Application:
         try:
             resp = await handler(request)
         except ApiError as e:
-            resp = json_response(
-                {"object": "error", "message": str(e), "type": e.kind, "param": None, "code": e.status}, e.status
-            )
+            if request.path.startswith("/v1/messages"):  # vLLM's Anthropic router answers in Anthropic's shape
+                resp = json_response({"type": "error", "error": {"type": e.kind, "message": str(e)}}, e.status)
+            else:
+                resp = json_response(
+                    {"object": "error", "message": str(e), "type": e.kind, "param": None, "code": e.status}, e.status
+                )
         except web.HTTPException as exc:  # unknown route or method: FastAPI's JSON shape, as vLLM
             resp = json_response({"detail": exc.reason}, exc.status)
         if not sim.args.disable_uvicorn_access_log:
@@ -471,7 +436,8 @@ def build_app(sim: Simulator) -> web.Application:
     async def version(request: web.Request) -> web.Response:
         return json_response({"version": VERSION})
 
-    app = web.Application(middlewares=[middleware])
+    # Audio uploads are larger than aiohttp's default 1 MiB; vLLM refuses audio over 25 MB itself.
+    app = web.Application(middlewares=[middleware], client_max_size=2 * MAX_AUDIO_BYTES)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
     app.router.add_get("/v1/models", sim.models)
@@ -479,6 +445,7 @@ def build_app(sim: Simulator) -> web.Application:
     app.router.add_post("/v1/chat/completions", functools.partial(sim.generate, chat=True))
     app.router.add_post("/v1/completions", functools.partial(sim.generate, chat=False))
     app.router.add_post("/v1/embeddings", sim.embeddings)
+    add_routes(app, sim)  # responses, messages, rerank, score, audio (simulated_routes.py)
     app.router.add_route("*", "/sim/control", sim.control)
     return app
 

@@ -6,7 +6,8 @@ Non-streaming answers carry ``usage`` in the body. A stream carries it only when
 When the client did not ask, the proxy asks on its behalf (``ask_for_usage``) and removes that
 one extra event from what the client receives (``StreamUsage``): the client sees the bytes it
 would have seen, the agent learns the totals. Anthropic's ``/v1/messages`` reports
-``input_tokens`` in ``message_start`` and a running ``output_tokens`` in ``message_delta``.
+``input_tokens`` in ``message_start`` and a running ``output_tokens`` in ``message_delta``; the
+Responses API's stream reports them in its last event, ``response.completed``.
 
 Only events that mention ``usage`` are decoded; the rest pass through as the bytes they came in.
 """
@@ -45,8 +46,10 @@ def usage_in(doc: Any) -> Usage | None:
         return None
     u = doc.get("usage")
     if not isinstance(u, dict):
-        message = doc.get("message")  # Anthropic's message_start
-        u = message.get("usage") if isinstance(message, dict) else None
+        # Anthropic's message_start has it in "message", the Responses API's
+        # response.completed in "response".
+        outer = next((o for o in (doc.get("message"), doc.get("response")) if isinstance(o, dict)), None)
+        u = outer.get("usage") if outer is not None else None
         if not isinstance(u, dict):
             return None
     return Usage(

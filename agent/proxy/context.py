@@ -16,6 +16,8 @@ from gpufleet.facts import HOP_BY_HOP_HEADERS
 from gpufleet.httperrors import error_response
 from gpufleet.keyspace.records import RouteRecord
 
+from .multipart import FormError, form_fields
+
 if TYPE_CHECKING:
     from agent.keys.usage import Usage
     from gpufleet.keyspace.records import ApiKeyRecord
@@ -23,7 +25,32 @@ if TYPE_CHECKING:
     from .limits import ModelGate
     from .upstreams import LocalUpstream
 
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# The routes forwarded by model, byte for byte. Each body is a JSON object with ``model`` (and
+# ``stream``), except the audio uploads: a multipart form with those as fields (multipart.py).
+# Whether an instance serves a route is its server's business: one that does not answers 404
+# (vLLM has no images or speech; llama.cpp no audio), passed to the client as the request's
+# error, never counted against the instance (Backend.judge: a 4xx is the request's).
+JSON_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",  # OpenAI's Responses API
+    "/v1/rerank",  # Jina/Cohere rerank, as vLLM and llama.cpp serve it
+    "/rerank",
+    "/v2/rerank",
+    "/v1/score",  # vLLM's pairwise score
+    "/score",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+    "/v1/messages",  # Anthropic's Messages API (vLLM, llama.cpp)
+    "/v1/messages/count_tokens",
+)
+FORM_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
+ROUTES = JSON_ROUTES + FORM_ROUTES
+# Refusals on these routes are in Anthropic's error shape (surface.py): its clients read no other.
+ANTHROPIC_ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+_FORM_FIELDS = frozenset({"model", "stream"})
+_TRUE = frozenset({"true", "1", "yes", "on"})  # form booleans as vLLM's (pydantic's) parser reads them
 HOP_BY_HOP = HOP_BY_HOP_HEADERS  # RFC 9110 §7.6.1, plus those aiohttp sets itself
 # A request body arrives decoded (aiohttp decodes the Content-Encodings gpufleet/httperrors.py
 # allows, and refuses the others with 415): labelled as still encoded, the upstream would fail on it.
@@ -50,10 +77,30 @@ def bad_request(message: str, code: str = "invalid_request") -> web.Response:
     return error_response(400, message, "invalid_request_error", code)
 
 
-def parse_head(body: bytes) -> Head | web.Response:
-    """``model`` and ``stream`` of a request body, or the 400 that refuses it.
+def parse_head(body: bytes, path: str = "", content_type: str = "") -> Head | web.Response:
+    """``model`` and ``stream`` of a request body, or the 400 that refuses it: from the form
+    fields on the multipart routes (``FORM_ROUTES``), from the JSON object on the others."""
+    if path in FORM_ROUTES:
+        return form_head(body, content_type)
+    return json_head(body)
 
-    The gate for every body the proxy forwards: what passes here is valid JSON in UTF-8 (msgspec
+
+def form_head(body: bytes, content_type: str) -> Head | web.Response:
+    """``model`` and ``stream`` of a multipart form, read in place (no copy of its file part)."""
+    try:
+        fields = form_fields(body, content_type, _FORM_FIELDS)
+    except FormError as e:
+        return bad_request(f"invalid multipart/form-data body: {e}", "invalid_multipart")
+    model = fields.get("model", "").strip()
+    if not model:
+        return bad_request("you must provide a model parameter", "missing_model")
+    return Head(model, fields.get("stream", "").strip().lower() in _TRUE)
+
+
+def json_head(body: bytes) -> Head | web.Response:
+    """``model`` and ``stream`` of a JSON request body, or the 400 that refuses it.
+
+    The gate for every JSON body the proxy forwards: what passes here is valid JSON in UTF-8 (msgspec
     skips the fields it does not decode without checking their UTF-8, so that is checked here;
     the degradation cache and task routing decode the whole body later) and nested no deeper
     than msgspec decodes (it raises RecursionError past that)."""

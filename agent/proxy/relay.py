@@ -24,7 +24,7 @@ from agent.backends import Verdict
 from agent.config import ProxySection
 from agent.keys.gate import CREDENTIAL_HEADERS, KeyGate
 from agent.keys.usage import StreamUsage, usage_of_body
-from gpufleet.facts import REQUEST_ID_HEADER
+from gpufleet.facts import INSTANCE_HEADER, NODE_HEADER, REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response
 
 from .cache import StreamRecorder
@@ -222,7 +222,7 @@ class Relay:
         self.first_byte(target, ctx)
         if ctx.key is not None:
             ctx.usage = usage_of_body(payload)
-        headers = self._response_headers(upstream, ctx)
+        headers = self._response_headers(upstream, target, ctx)
         if ctx.cache_key is not None and upstream.status == 200:
             self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
         return ctx.done(web.Response(status=upstream.status, body=payload, headers=headers))
@@ -238,7 +238,7 @@ class Relay:
         nothing retried), else a Failure to retry elsewhere. The backend decides which."""
         judgement = target.judge(upstream.status, payload)
         status, body = judgement.rewrite or (upstream.status, payload)
-        headers = self._response_headers(upstream, ctx)
+        headers = self._response_headers(upstream, target, ctx)
         if judgement.rewrite is not None:
             headers["Content-Type"] = "application/json"
         resp = web.Response(status=status, body=body, headers=headers)
@@ -250,10 +250,18 @@ class Relay:
             raise Failure(kind, resp, f"{target.name}: full, HTTP {upstream.status}", counted=judgement.counted)
         raise Failure("status_5xx", resp, f"{target.name}: HTTP {upstream.status}: {payload[:200]!r}")
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse, ctx: Ctx) -> CIMultiDict[str]:
+    def _response_headers(self, upstream: aiohttp.ClientResponse, target: Target, ctx: Ctx) -> CIMultiDict[str]:
         h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
         h.popall("Date", None)
         h.popall("Server", None)
+        # Where it was served: another node's answer already names that node and its instance
+        # (kept: it served); a local instance's is ours to name.
+        if isinstance(target, RemoteTarget):
+            h.setdefault(NODE_HEADER, target.node)
+            h.setdefault(INSTANCE_HEADER, target.instance)
+        else:
+            h[NODE_HEADER] = self.upstreams.node_id
+            h[INSTANCE_HEADER] = target.name
         h[REQUEST_ID_HEADER] = ctx.rid
         if ctx.auth_headers:  # x-ratelimit-* of the key this node admitted
             h.update(ctx.auth_headers)
@@ -274,7 +282,7 @@ class Relay:
         scope: asyncio.Timeout,
     ) -> web.StreamResponse:
         """Start the client's stream with ``first`` and copy the rest; cache it if asked to."""
-        headers = self._response_headers(upstream, ctx)
+        headers = self._response_headers(upstream, target, ctx)
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"  # tells nginx in front of us not to buffer either
         resp = web.StreamResponse(status=upstream.status, headers=headers)

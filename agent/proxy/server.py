@@ -30,7 +30,7 @@ from gpufleet.facts import REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
 
-from .context import ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, parse_head
+from .context import ANTHROPIC_ROUTES, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, parse_head
 from .degrade import FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
@@ -38,6 +38,7 @@ from .relay import BUSY, CAPACITY, Relay, Target
 from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_node_leaves
 from .routing import Picker, classify_task, task_route_group
 from .stats import ProxyStats
+from .surface import labelled
 from .upstreams import LocalUpstream, Upstreams
 
 log = structlog.get_logger("agent.proxy")
@@ -177,7 +178,7 @@ class Proxy:
                     {REQUEST_ID_HEADER: ctx.rid},
                 )
             ) from None
-        head = parse_head(body)
+        head = parse_head(body, request.path, request.headers.get("Content-Type", ""))
         if isinstance(head, web.Response):
             self.metrics.rejected.labels("bad_request").inc()
             head.headers[REQUEST_ID_HEADER] = ctx.rid
@@ -494,4 +495,4 @@ async def unless_instance_leaves(attempt: Coroutine[Any, Any, T], inst: Watched,
 def add_proxy_routes(app: web.Application, proxy: Proxy) -> None:
     app.router.add_get("/v1/models", proxy.models)
     for path in ROUTES:
-        app.router.add_post(path, proxy.forward)
+        app.router.add_post(path, labelled(proxy.forward, proxy.upstreams.node_id, anthropic=path in ANTHROPIC_ROUTES))
