@@ -254,11 +254,11 @@ class Relay:
         h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
         h.popall("Date", None)
         h.popall("Server", None)
-        # Where it was served: another node's answer already names that node and its instance
-        # (kept: it served); a local instance's is ours to name.
+        # Where it was served: another node's answer already names that node (and its instance,
+        # unless that node's proxy answered itself: a refusal); a local instance's is ours to name.
         if isinstance(target, RemoteTarget):
-            h.setdefault(NODE_HEADER, target.node)
-            h.setdefault(INSTANCE_HEADER, target.instance)
+            if NODE_HEADER not in h:  # a node from before these headers: name where we sent it
+                h[NODE_HEADER], h[INSTANCE_HEADER] = target.node, target.instance
         else:
             h[NODE_HEADER] = self.upstreams.node_id
             h[INSTANCE_HEADER] = target.name
