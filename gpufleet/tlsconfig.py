@@ -4,9 +4,10 @@ the listener's :class:`ssl.SSLContext`, and the context an agent verifies other 
 One section for both daemons (the same Struct), because a node's certificate, its key and the
 cluster's CA are one thing whichever daemon serves on it, and the playbook's PKI issues them
 alike. ``cert_file`` set: the port serves HTTPS only (no plain-HTTP fallback on the same port),
-TLS 1.2 or later with Python's default cipher list (forward-secret AEAD suites; no RC4, 3DES,
-SHA-1 MACs or compression). ``client_ca_file`` set: mutual TLS, every client (other nodes,
-gpuctl, Prometheus, API clients) must present a certificate signed by it.
+TLS 1.2 or later; TLS 1.2 with ECDHE and AES-GCM or ChaCha20-Poly1305 only (forward secret,
+AEAD: Mozilla's "intermediate" list without DHE), TLS 1.3 with its own suites; no compression.
+``client_ca_file`` set: mutual TLS, every client (other nodes, gpuctl, Prometheus, API clients)
+must present a certificate signed by it, and by it alone (the system's CAs are not loaded).
 
 Certificate rotation without a restart: :meth:`ServerTls.reload` (the agent's SIGHUP) reads the
 files again into a new context and swaps it in from the handshake's SNI callback, so a file
@@ -25,6 +26,8 @@ from typing import Literal
 
 from gpufleet.tomlconfig import ConfigProblem, StrictSection
 
+# TLS 1.2 suites (1.3's are all AEAD and not set here). Every client of the last decade has them.
+CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20"
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -114,8 +117,11 @@ def _load_ca(ctx: ssl.SSLContext, path: str, field: str) -> None:
 
 def server_context(tls: TlsSection, at: str = "$.tls") -> ssl.SSLContext:
     """The listener's context; raises :class:`TlsError` naming the field of a file that does not load."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # Not create_default_context: for CLIENT_AUTH it loads the system's CAs, and under mutual
+    # TLS a client certificate from any public CA would then pass. Only client_ca_file signs.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[tls.min_version]
+    ctx.set_ciphers(CIPHERS_TLS12)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
     ctx.set_alpn_protocols(["http/1.1"])  # aiohttp's server speaks HTTP/1.1 only
     _load_chain(ctx, tls, at)
@@ -129,10 +135,13 @@ def peer_context(tls: TlsSection, at: str = "$.tls") -> ssl.SSLContext:
     """The context an agent reaches other nodes with: their certificate verified against
     ``ca_file`` (or the system's store), hostname included; with mutual TLS it presents this
     node's own certificate (which must then allow client authentication, or carry no EKU)."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # certificate and host name required
     ctx.minimum_version = _VERSIONS[tls.min_version]
-    if tls.ca_file:
+    ctx.set_ciphers(CIPHERS_TLS12)
+    if tls.ca_file:  # the cluster's CA alone: a public CA's certificate for a node's name does not pass
         _load_ca(ctx, tls.ca_file, f"{at}.ca_file")
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if tls.client_ca_file and tls.enabled:
         _load_chain(ctx, tls, at)
     return ctx

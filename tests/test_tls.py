@@ -300,3 +300,20 @@ async def test_status_allow_lists_networks(aiohttp_client: Any, allow: list[str]
     assert (await client.get("/v1/status")).status == status
     assert (await client.get("/metrics")).status == status
     assert (await client.get("/healthz")).status == 200  # load balancers' probes stay open
+
+
+def test_only_the_configured_ca_is_trusted(tmp_path: Path) -> None:
+    """Under mutual TLS only client_ca_file signs clients, and with ca_file only the cluster's CA
+    signs other nodes: the system's public CAs are not loaded beside them."""
+    from gpufleet.tlsconfig import TlsSection, peer_context, server_context
+
+    pki = make_tls(tmp_path / "pki")
+    tls = TlsSection(cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca, ca_file=pki.ca)
+    server = server_context(tls)
+    assert server.verify_mode == ssl.CERT_REQUIRED and server.cert_store_stats()["x509_ca"] == 1
+    assert server.minimum_version == ssl.TLSVersion.TLSv1_2
+    tls12 = {c["name"] for c in server.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 and all("GCM" in c or "CHACHA20" in c for c in tls12) and all("ECDHE" in c for c in tls12)
+    peer = peer_context(tls)
+    assert peer.check_hostname and peer.verify_mode == ssl.CERT_REQUIRED
+    assert peer.cert_store_stats()["x509_ca"] == 1
