@@ -6,7 +6,7 @@ import sys
 
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, config_warnings, load_config
 from gpufleet.daemoncli import Checked, DaemonCli, LogSettings
-from gpufleet.tlsconfig import file_problems
+from gpufleet.tlsconfig import file_problems, key_warnings
 from gpufleet.tokenfile import token_file_problems
 from gpufleet.tomlconfig import ConfigProblem
 
@@ -19,7 +19,7 @@ def _check(cfg: AgentConfig) -> Checked:
         summary=f"{len(cfg.instances)} instances, gpu source {cfg.gpu.source}",
         # The certificate, key and CA files as the agent will load them (exit 78 at start-up).
         errors=[*(ConfigProblem(token, p) for p in errors), *file_problems(cfg.tls)],
-        warnings=[*(ConfigProblem(token, p) for p in warnings), *config_warnings(cfg)],
+        warnings=[*(ConfigProblem(token, p) for p in warnings), *key_warnings(cfg.tls), *config_warnings(cfg)],
         # Valid (a test or staging host), but usually a file cut short: say so.
         notes=["no [[instances]] and no [cluster] endpoints: it runs nothing"]
         if not cfg.instances and not cfg.cluster.enabled

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from gpufleet.daemoncli import Checked, DaemonCli, LogSettings
-from gpufleet.tlsconfig import file_problems
+from gpufleet.tlsconfig import file_problems, key_warnings
 
 from .config import DEFAULT_CONFIG_PATH, CoordinatorConfig, config_warnings, load_config
 
@@ -14,7 +14,7 @@ def _check(cfg: CoordinatorConfig) -> Checked:
     return Checked(
         summary=f"cluster {cfg.etcd.cluster}, {len(cfg.etcd.endpoints)} etcd endpoints",
         errors=file_problems(cfg.tls),  # the certificate and key as the coordinator will load them
-        warnings=config_warnings(cfg),
+        warnings=[*key_warnings(cfg.tls), *config_warnings(cfg)],
     )
 
 

@@ -21,6 +21,7 @@ Every problem names its field (``$.tls.key_file: ...``): ``check-config`` lists 
 from __future__ import annotations
 
 import ssl
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -159,6 +160,26 @@ def file_problems(tls: TlsSection, at: str = "$.tls") -> list[ConfigProblem]:
             if all(p.path != e.field for p in out):
                 out.append(ConfigProblem(e.field, e.message))
     return out
+
+
+def key_warnings(tls: TlsSection, at: str = "$.tls") -> list[ConfigProblem]:
+    """A private key every user on the host can read (``check-config`` says so; not refused:
+    the operator may have reasons, as with the admin token)."""
+    if not tls.key_file:
+        return []
+    try:
+        mode = Path(tls.key_file).stat().st_mode
+    except OSError:
+        return []  # file_problems says it
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        return [
+            ConfigProblem(
+                f"{at}.key_file",
+                f"{tls.key_file} is readable by every user (mode {stat.S_IMODE(mode):04o}): anyone on this host "
+                "can impersonate the node; chmod 640 (group: the daemon's user) or 600",
+            )
+        ]
+    return []
 
 
 class ServerTls:

@@ -169,6 +169,12 @@ def test_a_bad_certificate_stops_the_start(tmp_path: Path) -> None:
     assert started.returncode == EX_CONFIG
     assert "$.tls.key_file" in started.stdout + started.stderr and "is not the key" in started.stdout + started.stderr
 
+    # The right key, readable by everyone: valid, with a warning naming the field.
+    Path(pki.server_key).chmod(0o644)
+    config.write_text(text + "\n" + toml_dumps({"tls": {"cert_file": pki.server_cert, "key_file": pki.server_key}}))
+    checked = run_daemon("agent", "check-config", str(config))
+    assert checked.returncode == 0 and "warning: $.tls.key_file" in checked.stderr, checked.stderr
+
     # The coordinator: a certificate file that is not there; status_access "token" without a token.
     doc = coordinator_doc("c1", port, ["http://127.0.0.1:1"], CLUSTER)
     doc["coordinator"]["advertise_url"] = f"https://127.0.0.1:{port}"
