@@ -15,6 +15,7 @@ there would hide a regression.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -28,7 +29,7 @@ from typing import Any
 
 import nspawn
 import pytest
-from playbook import ETCD_PASSWORD, Playbook, Recap, default_vars
+from playbook import ETCD_PASSWORD, MODEL, Playbook, Recap, default_vars
 
 CONTROL = "gf-ctl"
 AGENTS = ("gf-gpu-a", "gf-gpu-b")
@@ -36,6 +37,9 @@ GROUPS: Mapping[str, list[str]] = {"etcd": [CONTROL], "coordinators": [CONTROL],
 AGENT_PORT = 8080
 COORDINATOR_PORT = 8090
 CLUSTER = "deploy"
+GPUCTL = "/opt/gpufleet/venv/bin/gpuctl"
+# The API key the tests send their OpenAI traffic with (the role's agents run [auth] mode "keys").
+KEY_NAME = "deploy-tests"
 
 TIMINGS: dict[str, float] = {}
 
@@ -135,12 +139,33 @@ class Deployment:
     def coordinator_url(self) -> str:
         return f"http://{self.address(CONTROL)}:{COORDINATOR_PORT}"
 
-    def http_json(self, url: str, timeout: float = 5) -> tuple[int, Any]:
+    def http_json(
+        self, url: str, timeout: float = 5, *, body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """GET ``url`` (POST ``body`` as JSON when given): the status and the decoded answer."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, headers={**(headers or {})})
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
+
+    def metric(self, host: str, name: str, **labels: str) -> float:
+        """One sample of the agent's /metrics (0 when the series does not exist yet)."""
+        with urllib.request.urlopen(self.agent_url(host) + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            if series.split("{", 1)[0] != name:
+                continue
+            got = ",".join(sorted(series.partition("{")[2].rstrip("}").split(","))) if "{" in series else ""
+            if got == want:
+                return float(value)
+        return 0.0
 
     def agent_status(self, host: str) -> dict[str, Any]:
         code, body = self.http_json(self.agent_url(host) + "/v1/status")
@@ -160,6 +185,41 @@ class Deployment:
             return self.agent_status(host) if code == 200 else None
 
         return nspawn.wait_for(ready, timeout, f"gpu-agent on {host} ready", interval=0.5)
+
+    # --- gpuctl and API keys -------------------------------------------------------------
+
+    def gpuctl(self, host: str, args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``gpuctl ARGS`` on a host against the fleet's etcd, with the etcd client files the
+        playbook installed there (the coordinator's on the control host, the agent's elsewhere)."""
+        cfg = "/etc/gpu-coordinator" if host == CONTROL else "/etc/gpu-agent"
+        return self.ssh(
+            host,
+            f"{GPUCTL} --etcd https://{self.address(CONTROL)}:2379 --cluster {CLUSTER} --cacert {cfg}/etcd-ca.pem "
+            f"--cert {cfg}/etcd-client.pem --key {cfg}/etcd-client-key.pem --user gpufleet "
+            f"--password-file {cfg}/etcd-password {args}",
+            check=check,
+        )
+
+    @functools.cached_property
+    def api_key(self) -> str:
+        """The secret of an API key made with ``gpuctl keys create`` on the control host (once
+        per session); every agent accepts it when this returns (the agents mirror the keys)."""
+        made = json.loads(self.gpuctl(CONTROL, f"keys create {KEY_NAME} --owner tests/deploy -o json").stdout)
+        assert made["name"] == KEY_NAME and made["secret"], made
+        secret: str = made["secret"]
+        for host in self.agents:
+            nspawn.wait_for(
+                lambda h=host: self.chat(h, secret)[0] == 200, 30, f"the agent on {host} accepting the new key"
+            )
+        return secret
+
+    def chat(self, host: str, key: str | None, headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        """A short chat completion through a host's agent with ``key`` (None: no credential)."""
+        auth = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        return self.http_json(
+            self.agent_url(host) + "/v1/chat/completions", 30, body=body, headers={**auth, **(headers or {})}
+        )
 
     # --- etcd from this machine ---------------------------------------------------------
 

@@ -36,13 +36,14 @@ class Traffic:
 
     def __init__(self, d: Deployment) -> None:
         self.d = d
+        self.key = d.api_key  # made here, once, not by the client threads at the same time
         self.stop = threading.Event()
         self.ok: Counter[str] = Counter()
         self.failures: list[tuple[str, float, str]] = []
         self.threads = [threading.Thread(target=self._loop, args=(h,), daemon=True) for h in AGENTS]
 
     def _loop(self, host: str) -> None:
-        client = OpenAI(base_url=self.d.agent_url(host) + "/v1", api_key="unused", timeout=60, max_retries=0)
+        client = OpenAI(base_url=self.d.agent_url(host) + "/v1", api_key=self.key, timeout=60, max_retries=0)
         while not self.stop.is_set():
             try:
                 reply = client.chat.completions.create(

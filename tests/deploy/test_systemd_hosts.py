@@ -16,20 +16,24 @@ systemd hosts"). Each test leaves the fleet deployed and running for the next.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import time
+import tomllib
 
 import nspawn
+import openai
 import pytest
-from conftest import AGENTS, CLUSTER, CONTROL, Deployment
+from conftest import AGENTS, CLUSTER, CONTROL, KEY_NAME, Deployment
 from openai import OpenAI
 from playbook import MODEL
+
+from gpufleet.facts import HOP_AUTH_HEADER, HOPS_HEADER
 
 pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 UNITS = {CONTROL: ("etcd", "gpu-coordinator"), **{a: ("gpu-agent",) for a in AGENTS}}
-GPUCTL = "/opt/gpufleet/venv/bin/gpuctl"
 
 
 def _no_orphans(d: Deployment, host: str) -> None:
@@ -73,7 +77,9 @@ def test_units_are_active_and_ready_with_a_status_line(deployment: Deployment) -
 
 def test_openai_chat_and_streaming_through_each_agent(deployment: Deployment) -> None:
     for host in AGENTS:
-        client = OpenAI(base_url=deployment.agent_url(host) + "/v1", api_key="unused", timeout=30, max_retries=0)
+        client = OpenAI(
+            base_url=deployment.agent_url(host) + "/v1", api_key=deployment.api_key, timeout=30, max_retries=0
+        )
         assert MODEL in [m.id for m in client.models.list()]
         reply = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8
@@ -86,6 +92,82 @@ def test_openai_chat_and_streaming_through_each_agent(deployment: Deployment) ->
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert len(chunks) > 2 and text, chunks
         assert chunks[-1].choices[0].finish_reason or chunks[-2].choices[0].finish_reason
+
+
+def _openai_error(code: int, body: object, status: int) -> dict:
+    """The ``error`` object of an answer in OpenAI's error shape, after checking the status."""
+    assert code == status, (code, body)
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    error = body["error"]
+    assert isinstance(error.get("message"), str) and error["message"], body
+    assert isinstance(error.get("type"), str) and "code" in error, body
+    return error
+
+
+def test_requests_without_a_valid_key_are_refused_with_401(deployment: Deployment) -> None:
+    key = deployment.api_key
+    for host in AGENTS:
+        # No key, a wrong key: 401 in OpenAI's error shape, which the SDK raises as such.
+        _openai_error(*deployment.chat(host, None), 401)
+        _openai_error(*deployment.chat(host, "gfk-" + "0" * 40), 401)
+        client = OpenAI(base_url=deployment.agent_url(host) + "/v1", api_key="sk-wrong", timeout=30, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        # A hop header from outside the cluster, with a made-up signature and no key: a peer's
+        # forward is believed only with a signature made with the cluster's hop secret.
+        forged = {HOPS_HEADER: "1", HOP_AUTH_HEADER: f"v1 {int(time.time())} {'ab' * 32}"}
+        _openai_error(*deployment.chat(host, None, headers=forged), 401)
+        # The key itself still works (also through x-api-key, as Anthropic's clients send it).
+        assert deployment.chat(host, key)[0] == 200
+        code, body = deployment.chat(host, None, headers={"x-api-key": key})
+        assert code == 200, body
+    # The key is the cluster's (etcd): listed by name, no secret anywhere in the listing.
+    listing = deployment.gpuctl(CONTROL, "keys list").stdout
+    assert KEY_NAME in listing and key not in listing, listing
+
+
+def test_the_hop_secret_is_the_same_private_file_on_every_agent(deployment: Deployment) -> None:
+    made = (deployment.workdir / "pki" / "hop-secret").read_bytes()
+    assert len(made.strip()) >= 32
+    for host in AGENTS:
+        st = deployment.ssh(host, "stat -c '%U:%G %a' /etc/gpu-agent/hop-secret").stdout.strip()
+        assert st == "root:gpu-agent 640", (host, st)
+        on_host = deployment.ssh(host, "sha256sum /etc/gpu-agent/hop-secret").stdout.split()[0]
+        assert on_host == hashlib.sha256(made).hexdigest(), host
+        cfg = tomllib.loads(deployment.ssh(host, "cat /etc/gpu-agent/agent.toml").stdout)
+        assert cfg["auth"] == {"mode": "keys", "hop_secret_file": "/etc/gpu-agent/hop-secret"}, cfg["auth"]
+
+
+def test_a_request_forwarded_between_agents_is_served(deployment: Deployment) -> None:
+    """Drained, the entry agent sends its requests to the other one (signed with the hop
+    secret): the client's key is checked once, at the entry, and the request is answered."""
+    entry, other = AGENTS
+    key = deployment.api_key
+    served_there = lambda: deployment.metric(other, "gpu_agent_proxy_requests_total", model=MODEL, code="200")  # noqa: E731
+    deployment.gpuctl(CONTROL, f"drain {entry} --reason tests/deploy")
+    try:
+        nspawn.wait_for(
+            lambda: deployment.agent_status(entry).get("cluster", {}).get("drained") is True, 30, f"{entry} drained"
+        )
+        before = served_there()
+        client = OpenAI(base_url=deployment.agent_url(entry) + "/v1", api_key=key, timeout=30, max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.choices[0].message.content, reply
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Count"}], max_tokens=8, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        # Both were answered by the other agent's proxy, which took the forwarded requests (it
+        # counts a stream once it has sent the end, which may be just after the client read it).
+        nspawn.wait_for(lambda: served_there() == before + 2, 10, f"2 forwarded requests answered by {other}")
+        # Without a key the entry refuses it before forwarding anything.
+        _openai_error(*deployment.chat(entry, None), 401)
+        assert served_there() == before + 2
+    finally:
+        deployment.gpuctl(CONTROL, f"undrain {entry}")
+    nspawn.wait_for(
+        lambda: deployment.agent_status(entry).get("cluster", {}).get("drained") is False, 30, f"{entry} undrained"
+    )
 
 
 def test_etcd_holds_the_fleet_readable_with_the_client_certificate(deployment: Deployment) -> None:
@@ -130,13 +212,7 @@ def test_gpuctl_check_passes_from_an_agent_host(deployment: Deployment) -> None:
 
 
 def _check_output(d: Deployment) -> str | None:
-    res = d.ssh(
-        AGENTS[0],
-        f"{GPUCTL} --etcd https://{d.address(CONTROL)}:2379 --cluster {CLUSTER} --cacert /etc/gpu-agent/etcd-ca.pem "
-        "--cert /etc/gpu-agent/etcd-client.pem --key /etc/gpu-agent/etcd-client-key.pem --user gpufleet "
-        "--password-file /etc/gpu-agent/etcd-password check",
-        check=False,
-    )
+    res = d.gpuctl(AGENTS[0], "check", check=False)
     return res.stdout if res.returncode == 0 else None
 
 
