@@ -27,7 +27,10 @@ from agent.cluster.assignments import ModelFollower
 from agent.cluster.routes import RouteTable
 from agent.config import AgentConfig, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
+from agent.keys.config import effective_mode
 from agent.keys.gate import KeyGate
+from agent.keys.journal import UsageJournal
+from agent.keys.rollup import ROLLED_FILE, EtcdUsageStore, FileUsageStore, UsageRoller, UsageStore
 from agent.keys.source import EtcdKeySource, FileKeySource, KeysFileError, KeySource
 from agent.proxy.stats import ProxyStats
 from agent.supervisor import Supervisor
@@ -91,6 +94,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         # come from (a standalone agent's keys file; in a cluster, etcd once joined).
         self.key_gate: KeyGate | None = None
         self.key_source: KeySource | None = None
+        self.usage_journal: UsageJournal | None = None  # what keyed requests used, until rolled up
         self._entry_nodes = (0.0, 1)  # (when counted, nodes in the route table): see entry_nodes
 
     # --- what the API reads ---------------------------------------------------------------
@@ -176,6 +180,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             connector=aiohttp.TCPConnector(limit=0, force_close=False), auto_decompress=False
         )
         teardown.step("close the HTTP client", self._http.close)
+        self._open_usage_journal(teardown)  # before the listener: closed after its last request
         self.supervisor = Supervisor(
             self.cfg, self.gpu_source, self._http, on_change=self.changed, fdstore=self.fdstore
         )
@@ -207,6 +212,8 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         self.fdstore.close_unclaimed()
         if self.cfg.cluster.enabled:
             await self._join_cluster(teardown)
+        elif self.usage_journal is not None:
+            self._roll_usage(teardown, FileUsageStore(self.usage_journal.directory / ROLLED_FILE))
         # Last to start, first at the stop: only an agent that came up serving hands over.
         teardown.step("drain connections for the handover", self._drain_for_handover)
 
@@ -233,6 +240,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         self.key_source = keys
         await keys.start()
         teardown.step("stop following API keys", keys.stop)
+        self._roll_usage(teardown, EtcdUsageStore(publisher.etcd, publisher.keys, self.cfg.node_id))
         self.routes = RouteTable(publisher.etcd, publisher.keys, self.cfg.node_id, on_rewound=publisher.republish)
         self.routes.start()
         teardown.step("stop following routes", self.routes.stop)
@@ -254,6 +262,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         (exit 78), as nothing may fall back to letting everyone in."""
         if self.key_gate is None:
             return
+        self.key_gate.journal = self.usage_journal
         try:
             self.key_gate.load_hop_secret()
             if self.cfg.auth.keys_file and not self.cfg.cluster.enabled:
@@ -295,6 +304,28 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             log.error("TLS files not reloaded; the certificate in force stays", error=str(e))
             return
         log.info("TLS files reloaded", cert_file=self.tls.section.cert_file)
+
+    def _open_usage_journal(self, teardown: Teardown) -> None:
+        """The usage journal (agent/keys/journal.py). An agent that needs keys and cannot keep
+        it does not start (78); an open one runs without it, and says so."""
+        journal = UsageJournal(Path(self.cfg.agent.state_dir) / "usage")
+        try:
+            journal.open()
+        except OSError as e:
+            if effective_mode(self.cfg.auth, self.cfg.agent.listen_host) == "keys":
+                raise StartupError(f"cannot keep the usage journal in {journal.directory}: {e}", EX_CONFIG) from None
+            log.warning("no usage journal: API key usage would not be kept", dir=str(journal.directory), error=str(e))
+            return
+        self.usage_journal = journal
+        teardown.step("close the usage journal", journal.close)
+
+    def _roll_usage(self, teardown: Teardown, store: UsageStore) -> None:
+        """Roll the journal up into the node's usage record (etcd, or rolled.json standalone)."""
+        if self.usage_journal is None:
+            return
+        roller = UsageRoller(self.usage_journal, store, self.cfg.node_id)
+        roller.start()
+        teardown.step("roll usage up a last time", roller.stop)
 
     async def _start_supervisor(self, teardown: Teardown) -> None:
         # Registered before the start: a start that fails half-way stops what it started.

@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gpuctl.cmd_keys import add_key_commands
 
     add_key_commands(sub)
+    from gpuctl.cmd_usage import add_usage_commands
+
+    add_usage_commands(sub)
     from gpuctl.cmd_files import add_file_commands
 
     add_file_commands(sub)

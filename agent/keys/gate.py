@@ -44,6 +44,7 @@ from .usage import ask_for_usage, encode_request
 if TYPE_CHECKING:
     from agent.proxy.context import Ctx, Head
 
+    from .journal import UsageJournal
     from .source import KeySource
 
 log = structlog.get_logger("agent.keys")
@@ -102,6 +103,7 @@ class KeyGate:
         self.limiter = Limiter()
         self.hop_secrets: list[bytes] = []
         self.metrics = KeyMetrics(registry)
+        self.journal: UsageJournal | None = None  # set by the daemon once open (agent/keys/journal.py)
 
     @property
     def keys_required(self) -> bool:
@@ -255,17 +257,32 @@ class KeyGate:
         return self.keys_required or bool(self.hop_secrets)
 
     def finish(self, ctx: Ctx) -> None:
-        """A request admitted here ended: free its concurrency, charge its tokens, count it."""
+        """A request admitted here ended: free its concurrency, charge its tokens, bill it."""
         key = ctx.key
         if key is None:
             return
         usage = ctx.usage
         self.limiter.done(key, usage.total if usage is not None else 0, time.time())
+        self.bill(ctx)
+
+    def bill(self, ctx: Ctx) -> None:
+        """Count a request admitted here, once, in the counters and the usage journal. Called
+        before the client has the end of its answer — by finish before a body is sent, by the
+        relay when a stream's end event is in hand — so a client that got a whole answer was
+        billed, even if this agent is killed the next instant (docs/architecture.md, API keys)."""
+        key = ctx.key
+        if key is None or ctx.billed:
+            return
+        ctx.billed = True
+        usage = ctx.usage
         model = ctx.model_label
         self.metrics.requests.labels(key.name, model, str(ctx.status)).inc()
         if usage is not None:
             self.metrics.tokens.labels(key.name, model, "prompt").inc(usage.prompt_tokens)
             self.metrics.tokens.labels(key.name, model, "completion").inc(usage.completion_tokens)
+        if self.journal is not None:
+            p, c = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else (0, 0)
+            self.journal.append(time.time(), key.name, model, ctx.status, p, c)
 
 
 class Refusal(Exception):

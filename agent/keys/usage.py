@@ -14,6 +14,7 @@ Only events that mention ``usage`` are decoded; the rest pass through as the byt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -89,12 +90,16 @@ class StreamUsage:
     once. With hiding, whole events go on at once and a trailing partial event waits for its end
     (servers write an event at a time, so in practice nothing waits)."""
 
-    __slots__ = ("_hide", "_pending", "usage")
+    __slots__ = ("_hide", "_on_end", "_pending", "usage")
 
-    def __init__(self, hide_usage_event: bool) -> None:
+    def __init__(self, hide_usage_event: bool, on_end: Callable[[Usage | None], None] | None = None) -> None:
         self._hide = hide_usage_event
         self._pending = b""  # an incomplete event
         self.usage: Usage | None = None
+        # Called once, with the usage, when the event that ends the stream is in hand and before
+        # it goes on: the request is billed before the client has its end (clients such as the
+        # openai SDK hang up at [DONE], without waiting for the end of the HTTP body).
+        self._on_end = on_end
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
@@ -105,6 +110,9 @@ class StreamUsage:
         complete, self._pending = data[: end + 2], data[end + 2 :]
         if b'"usage"' in complete:
             complete = self._scan(complete)
+        if self._on_end is not None and ends_stream(complete):
+            on_end, self._on_end = self._on_end, None
+            on_end(self.usage)
         if not self._hide:
             return chunk
         return complete
@@ -142,6 +150,16 @@ class StreamUsage:
             self.usage.merge(found)
             return self._hide and isinstance(doc, dict) and doc.get("choices") == []
         return False
+
+
+# The events that end a stream, at the start of a line (a model's text cannot put a raw newline
+# there: JSON escapes it): OpenAI's [DONE], Anthropic's message_stop, the Responses API's last.
+_END_MARKERS = (b"data: [DONE]", b"data:[DONE]", b"event: message_stop", b"event: response.completed")
+
+
+def ends_stream(events: bytes) -> bool:
+    """Whether whole SSE ``events`` hold the event that ends the stream."""
+    return any(events.startswith(m) or b"\n" + m in events for m in _END_MARKERS)
 
 
 def encode_request(request: dict[str, Any]) -> bytes:

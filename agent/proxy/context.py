@@ -146,6 +146,7 @@ class Ctx:
 
     __slots__ = (
         "auth_headers",
+        "billed",
         "cache_key",
         "counted",
         "degraded",
@@ -194,6 +195,7 @@ class Ctx:
         self.auth_headers: dict[str, str] | None = None
         self.hide_usage = False
         self.usage: Usage | None = None
+        self.billed = False  # counted and journalled (KeyGate.bill), which happens once
         self.loop_started = asyncio.get_running_loop().time()
 
     def done(self, resp: web.StreamResponse) -> web.StreamResponse:

@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from agent.backends import Verdict
 from agent.config import ProxySection
 from agent.keys.gate import CREDENTIAL_HEADERS, KeyGate
-from agent.keys.usage import StreamUsage, usage_of_body
+from agent.keys.usage import StreamUsage, Usage, usage_of_body
 from gpufleet.facts import INSTANCE_HEADER, NODE_HEADER, REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response
 
@@ -293,6 +293,8 @@ class Relay:
         await self._copy(resp, upstream, first, target, ctx, scope, recorder)
         if recorder is not None and ctx.cache_key is not None and not ctx.stream_error and upstream.status == 200:
             self.degrader.store_stream(ctx.cache_key, upstream.status, headers, recorder)
+        if self.gate is not None:
+            self.gate.bill(ctx)  # a stream without an end event: before its last bytes (once)
         await resp.write_eof()
         return resp
 
@@ -314,7 +316,7 @@ class Relay:
         total, idle_s, loop = self.loop_deadline(ctx), self.cfg.stream_idle_timeout_s, asyncio.get_running_loop()
         # The usage of a stream this node admitted under a key: read as it passes (the event
         # asked for on the client's behalf is taken out).
-        usage = StreamUsage(ctx.hide_usage) if ctx.key is not None else None
+        usage = StreamUsage(ctx.hide_usage, lambda u: self._stream_ends(ctx, u)) if ctx.key is not None else None
         try:
             await self._pass_on(resp, first, usage, recorder)
             while True:
@@ -344,6 +346,13 @@ class Relay:
         finally:
             if usage is not None:
                 ctx.usage = usage.usage
+
+    def _stream_ends(self, ctx: Ctx, usage: Usage | None) -> None:
+        """The stream's last event is in hand, not yet sent: bill it now (KeyGate.bill), so a
+        client that got it was billed even if this agent dies the next instant."""
+        ctx.usage = usage
+        if self.gate is not None:
+            self.gate.bill(ctx)
 
     @staticmethod
     async def _pass_on(

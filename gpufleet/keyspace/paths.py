@@ -11,6 +11,7 @@
     /gpufleet/<cluster>/state/placement       PlacementRecord     (leader, epoch-guarded)
     /gpufleet/<cluster>/state/keyshares       KeySharesRecord     (leader, epoch-guarded)
     /gpufleet/<cluster>/keys/<name>           ApiKeyRecord        (operator via gpuctl keys; never deleted)
+    /gpufleet/<cluster>/usage/<node>          UsageRecord         (that node's agent; no lease: kept after it left)
     /gpufleet/<cluster>/config                ClusterPolicy       (first leader; then gpuctl config)
     /gpufleet/<cluster>/history/config/<rev>  an earlier ClusterPolicy, by its mod revision (gpuctl config)
 
@@ -87,6 +88,10 @@ class Keyspace:
     def api_keys(self) -> str:
         return self.prefix + "keys/"
 
+    @property
+    def usage(self) -> str:
+        return self.prefix + "usage/"
+
     # single keys
     def node(self, node: str) -> str:
         return self.nodes + check_name("node", node)
@@ -113,6 +118,9 @@ class Keyspace:
 
     def api_key(self, name: str) -> str:
         return self.api_keys + check_name("key", name)
+
+    def node_usage(self, node: str) -> str:
+        return self.usage + check_name("node", node)
 
     @property
     def degradation(self) -> str:

@@ -136,6 +136,7 @@ DEGRADATION_SCHEMA_VERSION = 1
 PLACEMENT_SCHEMA_VERSION = 1
 APIKEY_SCHEMA_VERSION = 1
 KEYSHARES_SCHEMA_VERSION = 1
+USAGE_SCHEMA_VERSION = 1
 
 # READY: routable. DEGRADED: the leader's view says no (bad samples, stale telemetry, too hot,
 # ejected). DOWN: the node's lease is gone. DRAINED: an operator took the node out.
@@ -312,3 +313,34 @@ class KeySharesRecord(msgspec.Struct, kw_only=True):
     updated_at: float
     entry_nodes: int
     keys: dict[str, KeyShare] = {}
+
+
+class UsageRow(msgspec.Struct, array_like=True, frozen=True):
+    """One key's use of one model in one hour, as a JSON array (the record holds thousands)."""
+
+    key: str
+    model: str
+    hour: int  # unix time the hour began; 0: everything older than the hours kept, summed
+    requests: int = 0
+    errors: int = 0  # of those, ended with a status >= 400 (or none: cut off)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class JournalMark(msgspec.Struct, kw_only=True, frozen=True):
+    covers: int  # the journal's last sequence number counted in the rows
+    at: float  # when it was last rolled up
+
+
+class UsageRecord(msgspec.Struct, kw_only=True):
+    """``/usage/<node>``: what the requests that entered the cluster at ``node`` used, per key,
+    model and hour, summed since the node first counted. Written only by that node's agent
+    (compare-and-swap on its mod revision) and not under a lease: a node that left still counts.
+    ``journals`` says up to where each of the node's usage journals (a state directory; a new one
+    after it was wiped) is counted, so a roll-up repeated after a crash adds nothing twice."""
+
+    schema: int = USAGE_SCHEMA_VERSION
+    node: str
+    updated_at: float
+    journals: dict[str, JournalMark] = {}
+    rows: list[UsageRow] = []

@@ -1,0 +1,238 @@
+"""Exact usage through a kill -9 (issue 16, item 4): real etcd, a coordinator, agent ``a``
+serving model ``m`` and entry agent ``b`` (keys mode, hop secret) forwarding to it; clients on
+the official ``openai`` SDK send chat requests through ``b`` — plain, streamed with
+``include_usage``, and streamed without it (the usage is then asked for and hidden by ``b``).
+
+``b`` is killed with SIGKILL in the middle of the traffic and started again. The rule
+(docs/architecture.md, "Usage"): every answer a client received whole is billed exactly once;
+a request cut by the kill is billed at most once — it is billed if ``b`` had journalled it,
+which happens just before the client gets the end of its answer. The simulated server's usage
+is a function of the request (prompt words, ``max_tokens``: checked on every answer), so the
+test knows what each cut request would have cost and checks that ``gpuctl usage -o json`` is
+the received answers' usage plus the usage of some subset of the cut requests — with usages
+chosen so different subsets cannot sum alike."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+from etcd_fixtures import EtcdCluster
+from helpers import (
+    AgentProcess,
+    CoordinatorProcess,
+    agent_toml,
+    as_node,
+    cluster_toml,
+    free_port,
+    instance_toml,
+    start_agent_sync,
+    wait_until,
+)
+
+from gpufleet.tomlwrite import dumps as toml_dumps
+
+CLUSTER = "usage-e2e"
+CLIENTS = 6
+
+
+@dataclass
+class Sent:
+    words: int  # the prompt's words: the simulated server's prompt_tokens
+    max_tokens: int  # its completion_tokens
+    kind: str  # "plain", "stream" (include_usage) or "hidden" (a stream the agent asks usage for)
+    ok: bool
+    failure: Exception | None = None
+
+    @property
+    def error(self) -> str:
+        return repr(self.failure)
+
+
+def keyed_agent(tmp: Path, node: str, etcd: EtcdCluster, hop_secret: Path, model: str) -> AgentProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    text = agent_toml(tmp, port, instance_toml(f"{model}-0", model=model, gpus="[0]", fraction=0.5))
+    text = as_node(text, node, f"http://127.0.0.1:{port}")
+    text += cluster_toml(etcd.endpoints, CLUSTER)
+    text += "\n" + toml_dumps({"auth": {"mode": "keys", "hop_secret_file": hop_secret}})
+    return start_agent_sync(tmp, text, port, ready_instances=1)
+
+
+def gpuctl(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "gpuctl", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def fleet_usage(etcd: EtcdCluster, *args: str) -> dict[str, Any]:
+    out = gpuctl(etcd, "usage", *args, "-o", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def one_request(client: openai.OpenAI, words: int, max_tokens: int, kind: str) -> None:
+    """Send one request; raise unless the answer came whole with the usage the server reports."""
+    messages: Any = [{"role": "user", "content": " ".join(["token"] * words)}]
+    if kind == "plain":
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens)
+        assert reply.usage is not None
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (words, max_tokens)
+        return
+    extra: Any = {"stream_options": {"include_usage": True}} if kind == "stream" else {}
+    chunks = list(
+        client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, stream=True, **extra)
+    )
+    reported = [c.usage for c in chunks if c.usage is not None]
+    if kind == "stream":
+        assert len(reported) == 1
+        assert (reported[0].prompt_tokens, reported[0].completion_tokens) == (words, max_tokens)
+    else:
+        assert reported == []  # asked for by the agent, hidden from the client
+    assert sum(len(c.choices[0].delta.content or "") > 0 for c in chunks if c.choices) == max_tokens
+
+
+class Traffic:
+    """CLIENTS threads sending requests until stopped; each request's shape is unique, so its
+    usage names it."""
+
+    def __init__(self, base: str, secret: str, start: int) -> None:
+        self.client = openai.OpenAI(base_url=base + "/v1", api_key=secret, max_retries=0, timeout=30)
+        self.sent: list[Sent] = []
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._shapes = itertools.count(start)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(CLIENTS)]
+        for t in self._threads:
+            t.start()
+
+    def _shape(self) -> tuple[int, int, str]:
+        with self._lock:
+            n = next(self._shapes)
+        # Distinct (words, max_tokens) per request: words = n, and max_tokens from n too.
+        return n, 4 + (n * 7) % 29, ("plain", "stream", "hidden")[n % 3]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            words, max_tokens, kind = self._shape()
+            try:
+                one_request(self.client, words, max_tokens, kind)
+                sent = Sent(words, max_tokens, kind, ok=True)
+            except Exception as e:  # cut by the kill (connection errors), or a wrong answer: asserted on
+                sent = Sent(words, max_tokens, kind, ok=False, failure=e)
+            with self._lock:
+                self.sent.append(sent)
+
+    def ok(self) -> int:
+        with self._lock:
+            return sum(s.ok for s in self.sent)
+
+    def end(self) -> list[Sent]:
+        self.stop.set()
+        for t in self._threads:
+            t.join(60)
+        return self.sent
+
+
+def totals(sent: list[Sent]) -> tuple[int, int, int]:
+    return len(sent), sum(s.words for s in sent), sum(s.max_tokens for s in sent)
+
+
+def billed_cut_subset(billed: tuple[int, int, int], received: tuple[int, int, int], cut: list[Sent]) -> list[Sent]:
+    """The cut requests whose usage, added to what was received, is exactly what was billed."""
+    for r in range(len(cut) + 1):
+        for subset in itertools.combinations(cut, r):
+            extra = totals(list(subset))
+            if tuple(a + b for a, b in zip(received, extra, strict=True)) == billed:
+                return list(subset)
+    raise AssertionError(f"billed {billed} is not received {received} plus any subset of the cut requests {cut}")
+
+
+def billed_of(report: dict[str, Any]) -> tuple[int, int, int]:
+    t = report["total"]
+    assert t["total_tokens"] == t["prompt_tokens"] + t["completion_tokens"]
+    return t["requests"], t["prompt_tokens"], t["completion_tokens"]
+
+
+async def test_usage_is_exact_through_a_kill_of_the_entry_agent(etcd: EtcdCluster, tmp_path: Path) -> None:
+    hop_secret = tmp_path / "hop-secret"
+    hop_secret.write_text("0123456789abcdef" * 4 + "\n")
+    hop_secret.chmod(0o600)
+    created = gpuctl(etcd, "keys", "create", "team", "--models", "m", "-o", "json")
+    assert created.returncode == 0, created.stderr
+    secret = json.loads(created.stdout)["secret"]
+
+    a = keyed_agent(tmp_path / "a", "a", etcd, hop_secret, "m")
+    b = keyed_agent(tmp_path / "b", "b", etcd, hop_secret, "other")
+    coordinator = CoordinatorProcess(tmp_path, "c1", etcd.endpoints, CLUSTER).start()
+    try:
+        coordinator.wait_ready_sync()
+        # A key of its own for the probes: those answered 503 before the route was known are
+        # billed too (as errors), to it, not to the key the test sums.
+        created = gpuctl(etcd, "keys", "create", "probe", "--models", "m", "-o", "json")
+        assert created.returncode == 0, created.stderr
+        probe = openai.OpenAI(base_url=b.base + "/v1", api_key=json.loads(created.stdout)["secret"], max_retries=0)
+
+        def forwards() -> bool:
+            try:
+                one_request(probe, 2, 1, "plain")
+                return True
+            except openai.APIError:
+                return False
+
+        await wait_until(forwards, 30, what="b forwards to a")
+        team = openai.OpenAI(base_url=b.base + "/v1", api_key=secret, max_retries=0, timeout=10)
+
+        # Phase 1: traffic through b, and b killed in the middle of it.
+        traffic = Traffic(b.base, secret, start=10)
+        await wait_until(lambda: traffic.ok() >= 40, 60, what="40 answers through b")
+        traffic.stop.set()  # no new requests; those in flight are cut by the kill
+        b.kill()
+        phase1 = traffic.end()
+        received = [s for s in phase1 if s.ok]
+        cut = [s for s in phase1 if not s.ok]
+        assert 1 <= len(cut) <= CLIENTS, [s.error for s in cut]
+        assert not [s.error for s in cut if isinstance(s.failure, openai.APIStatusError)]  # cut, not refused
+
+        # Restarted, b replays its journal and rolls it into etcd: everything received, once.
+        # Rolled up = the segments it replayed are gone (only the one being written is left).
+        b.start()
+        b.wait_ready_sync(1)
+        journal = tmp_path / "b" / "state" / "usage"
+        await wait_until(lambda: len(list(journal.glob("seg-*"))) == 1, 30, what="b's replayed journal rolled up")
+        report = fleet_usage(etcd, "team")
+        billed1 = billed_of(report)
+        billed_cut = billed_cut_subset(billed1, totals(received), cut)
+        assert report["nodes"] == ["b"]  # counted at the entry node only, not again at a
+        assert report["total"]["errors"] == 0
+        assert [(u["key"], u["model"]) for u in report["usage"]] == [("team", "m")]
+
+        # Phase 2: the restarted b bills on, on top of what it replayed.
+        await wait_until(forwards, 30, what="the restarted b forwards")
+        traffic = Traffic(b.base, secret, start=1_000)
+        await wait_until(lambda: traffic.ok() >= 20, 60, what="20 answers through the restarted b")
+        phase2 = traffic.end()
+        assert all(s.ok for s in phase2), [s.error for s in phase2 if not s.ok]
+        expected = tuple(x + y for x, y in zip(billed1, totals(phase2), strict=True))
+        await wait_until(lambda: billed_of(fleet_usage(etcd, "team")) == expected, 30, what="phase 2 rolled up")
+        assert billed_of(fleet_usage(etcd, "team", "--since", "2h", "--model", "m")) == expected
+
+        # A clean restart rolls up the rest at the stop and replays nothing twice.
+        b.stop()
+        b.start()
+        b.wait_ready_sync(1)
+        await wait_until(forwards, 30, what="the restarted b forwards")
+        one_request(team, 3, 2, "plain")
+        final = tuple(x + y for x, y in zip(expected, (1, 3, 2), strict=True))
+        await wait_until(lambda: billed_of(fleet_usage(etcd, "team")) == final, 30, what="the last request rolled up")
+        print(f"received {len(received)} + {len(phase2)}, cut {len(cut)} of which billed {len(billed_cut)}")
+    finally:
+        coordinator.stop()
+        a.stop()
+        b.stop()
