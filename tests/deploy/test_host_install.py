@@ -11,7 +11,8 @@ The one step that is the operator's own is editing ``agent.toml``: the test writ
 with a simulated A100 and a simulated vLLM server into it at that point, after checking that
 the step before printed the shipped example. Then the rest of the steps run as written, and the
 agent must come up READY under systemd as the service user, answer ``/v1/status`` from another
-host, and accept the admin token it was given (the token is readable by it).
+host, accept the admin token it was given (the token is readable by it), and serve a chat
+completion with the API key the README's ``gpuctl keys create`` printed, refusing one without it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 from conftest import skip_or_fail
 
 from gpufleet import tomlwrite
+from gpufleet.apikeys import KEY_PREFIX, well_formed
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
@@ -63,6 +65,7 @@ def simulated_config(address: str) -> str:
                 "advertise_url": f"http://{address}:{PORT}",
                 "admin_token_file": "/etc/gpu-agent/admin-token",
             },
+            "auth": {"mode": "keys", "keys_file": "/etc/gpu-agent/keys.json"},  # as the example has it
             "gpu": {"source": "simulated", "simulated": [{"name": "NVIDIA A100-SXM4-80GB", "memory_total_gib": 80}]},
             "supervisor": {"startup_timeout_s": 120},
             "instances": [
@@ -90,24 +93,31 @@ class BareHost:
     def address(self) -> str:
         return self.fleet.containers[HOST].address
 
-    def script(self, text: str, timeout: float = 600) -> None:
-        """Shell lines as root in root's home, stopping at the first that fails."""
+    def script(self, text: str, timeout: float = 600) -> str:
+        """Shell lines as root in root's home, stopping at the first that fails; their output."""
         res = self.fleet.ssh(HOST, "bash -euo pipefail -s", input=text, check=False, timeout=timeout)
         out = f"stdout: {res.stdout[-3000:]}\nstderr: {res.stderr[-3000:]}"
         assert res.returncode == 0, f"exit {res.returncode} from:\n{text}\n{out}"
+        return res.stdout
 
     def sh(self, command: str) -> str:
         return self.fleet.ssh(HOST, command).stdout
 
-    def http(self, path: str, method: str = "GET", token: str | None = None) -> tuple[int, object]:
-        req = urllib.request.Request(f"http://{self.address}:{PORT}{path}", method=method)
+    def http(self, path: str, method: str = "GET", token: str | None = None, body: object = None) -> tuple[int, object]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{self.address}:{PORT}{path}", data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
         if token is not None:
             req.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
-            return e.code, None
+            try:
+                return e.code, json.loads(e.read() or b"null")
+            except ValueError:
+                return e.code, None
         except OSError:
             return 0, None
 
@@ -152,7 +162,9 @@ def test_the_readme_host_install_works_on_a_bare_host(bare_host: BareHost) -> No
     shipped = (nspawn.ROOT / "examples/vllm-two-instances.toml").read_text()
     assert h.sh("cat agent.toml") == shipped
     h.fleet.ssh(HOST, "cat > agent.toml", input=simulated_config(h.address))
-    h.script(after_edit)
+    printed = h.script(after_edit)
+    # The API key the README made: its secret, printed once by gpuctl keys create.
+    (secret,) = [w for w in printed.split() if w.startswith(KEY_PREFIX) and well_formed(w)]
 
     def ready() -> bool:
         props = h.sh("systemctl show gpu-agent -p ActiveState -p SubState -p NRestarts")
@@ -177,9 +189,23 @@ def test_the_readme_host_install_works_on_a_bare_host(bare_host: BareHost) -> No
     token = h.sh("cat /etc/gpu-agent/admin-token").strip()
     assert h.http("/admin/reload", "POST", token)[0] == 200
     assert h.http("/admin/reload", "POST", "wrong")[0] == 401
-    modes = h.sh("stat -c '%n %U:%G %a' /etc/gpu-agent /etc/gpu-agent/admin-token /etc/gpu-agent/agent.toml")
-    assert modes.split("\n")[:3] == [
+    modes = h.sh(
+        "stat -c '%n %U:%G %a' /etc/gpu-agent /etc/gpu-agent/admin-token /etc/gpu-agent/agent.toml "
+        "/etc/gpu-agent/keys.json"
+    )
+    assert modes.split("\n")[:4] == [
         "/etc/gpu-agent root:gpu-agent 750",
         "/etc/gpu-agent/admin-token gpu-agent:gpu-agent 600",
         "/etc/gpu-agent/agent.toml root:gpu-agent 640",
+        "/etc/gpu-agent/keys.json root:gpu-agent 640",
     ]
+
+    # The OpenAI API takes the key the README made, and refuses a request without one (401 in
+    # OpenAI's error shape) or with another.
+    chat = {"model": "qwen2.5-7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    code, reply = h.http("/v1/chat/completions", "POST", secret, chat)
+    assert code == 200 and isinstance(reply, dict) and reply["choices"][0]["message"]["content"], (code, reply)
+    for token in (None, "gpf_not-a-key"):
+        code, refused = h.http("/v1/chat/completions", "POST", token, chat)
+        assert code == 401 and isinstance(refused, dict), (token, code, refused)
+        assert refused["error"]["message"] and refused["error"]["type"], refused
