@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -85,10 +86,15 @@ class FileKeyStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        lock = self.path.with_name(self.path.name + ".lock")
-        with open(lock, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        """Changes to the file, one at a time. The lock is on the directory: the file itself is
+        replaced by each change, and a lock file would be litter in /etc."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)
 
     def _read(self) -> KeysFile:
         try:
@@ -101,8 +107,17 @@ class FileKeyStore:
             raise ctl.UsageError(f"{self.path}: not a keys file: {e}") from None
 
     def _write(self, content: KeysFile) -> None:
-        # 0600: the file holds no secrets, but who may use which model is nobody else's business.
-        atomic_write_bytes(self.path, msgspec.json.format(msgspec.json.encode(content), indent=2) + b"\n", 0o600)
+        """Replace the file keeping its mode and owner, so the agent (which reads it as its own
+        user) can still read it after root changed it. A new file is 0640 in the directory's
+        group (the packaging and the playbook make /etc/gpu-agent root:gpu-agent): it holds no
+        secrets, but who may use which model is nobody else's business."""
+        try:
+            st = self.path.stat()
+            mode, owner = st.st_mode & 0o777, (st.st_uid, st.st_gid)
+        except FileNotFoundError:
+            mode, owner = 0o640, (os.geteuid(), self.path.parent.stat().st_gid)
+        data = msgspec.json.format(msgspec.json.encode(content), indent=2) + b"\n"
+        atomic_write_bytes(self.path, data, mode, owner if os.geteuid() == 0 else None)
 
     async def list(self) -> list[ApiKeyRecord]:
         return self._read().keys

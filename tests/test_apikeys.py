@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -232,7 +233,9 @@ async def test_keys_file_for_a_standalone_agent(tmp_path: Path) -> None:
     rc, out, err = await _ctl(None, "keys", "create", "local", "--file", str(path), "--expires", "7d", "-o", "json")
     assert rc == 0, err
     secret = json.loads(out)["secret"]
-    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.stat().st_mode & 0o777 == 0o640  # readable by the agent's group, the directory's
+    assert path.stat().st_gid == tmp_path.stat().st_gid
+    assert not list(tmp_path.glob("*.lock"))  # the lock is on the directory: no litter
     content = msgspec.json.decode(path.read_bytes(), type=KeysFile)
     assert [k.name for k in content.keys] == ["local"] and secret not in path.read_text()
     rc, out, err = await _ctl(None, "keys", "update", "local", "--file", str(path), "--tpm", "1000", "--models", "m")
@@ -262,3 +265,17 @@ async def test_bad_key_commands_are_refused_before_anything_is_written(
     rc, _, err = await _ctl(None, *argv, "--file", str(path))
     assert rc == 64 and message in err
     assert (path.read_bytes() if path.exists() else None) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's group needs root")
+async def test_changing_a_keys_file_keeps_its_owner_and_mode(tmp_path: Path) -> None:
+    """root edits /etc/gpu-agent/keys.json; the agent (another user) must still read it after."""
+    path = tmp_path / "keys.json"
+    assert (await _ctl(None, "keys", "create", "a", "--file", str(path)))[0] == 0
+    os.chown(path, 0, 1)  # root:daemon, as root:gpu-agent on a host
+    path.chmod(0o640)
+    for argv in (["create", "b"], ["revoke", "a"], ["rotate", "b"]):
+        rc, _, err = await _ctl(None, "keys", *argv, "--file", str(path))
+        assert rc == 0, err
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 1, 0o640), argv
