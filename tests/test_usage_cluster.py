@@ -71,6 +71,10 @@ def gpuctl(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
+def local_gpuctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gpuctl", *args], capture_output=True, text=True, timeout=60)
+
+
 def fleet_usage(etcd: EtcdCluster, *args: str) -> dict[str, Any]:
     out = gpuctl(etcd, "usage", *args, "-o", "json")
     assert out.returncode == 0, out.stderr
@@ -236,3 +240,45 @@ async def test_usage_is_exact_through_a_kill_of_the_entry_agent(etcd: EtcdCluste
         coordinator.stop()
         a.stop()
         b.stop()
+
+
+async def test_a_standalone_agents_usage_survives_a_kill(tmp_path: Path) -> None:
+    """A standalone agent (keys file) killed mid-traffic: its journal, replayed and rolled into
+    ``usage/rolled.json``, and ``gpuctl usage --state-dir`` (record + journal) bill by the same
+    rule."""
+    keys_file = tmp_path / "keys.json"
+    created = local_gpuctl("keys", "create", "team", "--file", str(keys_file), "-o", "json")
+    assert created.returncode == 0, created.stderr
+    secret = json.loads(created.stdout)["secret"]
+    port = free_port()
+    text = agent_toml(tmp_path, port, instance_toml("m-0", model="m", gpus="[0]", fraction=0.5))
+    text += "\n" + toml_dumps({"auth": {"mode": "keys", "keys_file": keys_file}})
+    agent = start_agent_sync(tmp_path, text, port, ready_instances=1)
+    state = tmp_path / "state"
+
+    def local_usage() -> tuple[int, int, int]:
+        out = local_gpuctl("usage", "--state-dir", str(state), "-o", "json")
+        assert out.returncode == 0, out.stderr
+        return billed_of(json.loads(out.stdout))
+
+    try:
+        traffic = Traffic(agent.base, secret, start=10)
+        await wait_until(lambda: traffic.ok() >= 30, 60, what="30 answers")
+        traffic.stop.set()
+        agent.kill()
+        sent = traffic.end()
+        received = [s for s in sent if s.ok]
+        cut = [s for s in sent if not s.ok]
+        assert not [s.error for s in cut if isinstance(s.failure, openai.APIStatusError)]
+        billed_cut_subset(local_usage(), totals(received), cut)  # read from the files of the dead agent
+
+        agent.start()
+        agent.wait_ready_sync(1)
+        journal = state / "usage"
+        await wait_until(lambda: len(list(journal.glob("seg-*"))) == 1, 30, what="the journal rolled up")
+        billed = local_usage()
+        billed_cut_subset(billed, totals(received), cut)
+        agent.stop()  # a clean stop rolls up the rest; the record alone then holds everything
+        assert len(list(journal.glob("seg-*"))) == 1 and local_usage() == billed
+    finally:
+        agent.stop()
