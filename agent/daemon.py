@@ -10,6 +10,7 @@ WATCHDOG=1 unless an instance's supervision loop died.
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from pathlib import Path
@@ -307,13 +308,16 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
 
     def _open_usage_journal(self, teardown: Teardown) -> None:
         """The usage journal (agent/keys/journal.py). An agent that needs keys and cannot keep
-        it does not start (78); an open one runs without it, and says so."""
+        it does not start: 78 when the directory is unusable (fix the config or its modes), 69
+        otherwise (a full disk: systemd starts it again); an open one runs without it."""
         journal = UsageJournal(Path(self.cfg.agent.state_dir) / "usage")
         try:
             journal.open()
         except OSError as e:
             if effective_mode(self.cfg.auth, self.cfg.agent.listen_host) == "keys":
-                raise StartupError(f"cannot keep the usage journal in {journal.directory}: {e}", EX_CONFIG) from None
+                unusable = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+                code = EX_CONFIG if unusable else EX_UNAVAILABLE
+                raise StartupError(f"cannot keep the usage journal in {journal.directory}: {e}", code) from None
             log.warning("no usage journal: API key usage would not be kept", dir=str(journal.directory), error=str(e))
             return
         self.usage_journal = journal

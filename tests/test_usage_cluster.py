@@ -282,3 +282,17 @@ async def test_a_standalone_agents_usage_survives_a_kill(tmp_path: Path) -> None
         assert len(list(journal.glob("seg-*"))) == 1 and local_usage() == billed
     finally:
         agent.stop()
+
+
+def test_an_agent_that_needs_keys_does_not_start_without_its_usage_journal(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    assert local_gpuctl("keys", "create", "team", "--file", str(keys_file)).returncode == 0
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "usage").write_text("not a directory\n")
+    port = free_port()
+    text = agent_toml(tmp_path, port, instance_toml("m-0", model="m"))
+    text += "\n" + toml_dumps({"auth": {"mode": "keys", "keys_file": keys_file}})
+    agent = AgentProcess(tmp_path, text, port)
+    agent.start()
+    assert agent.proc is not None and agent.proc.wait(60) == 78
+    assert f"cannot keep the usage journal in {tmp_path / 'state' / 'usage'}" in agent.log_tail()
