@@ -90,7 +90,8 @@ def format_report(rep: UsageReport) -> str:
         if rep.since is None
         else "since " + time.strftime("%Y-%m-%d %H:00 UTC", time.gmtime(rep.since))
     )
-    table = ctl.render_table([row(u) for u in rep.usage] + [row(rep.total)], header)
+    total = msgspec.structs.replace(rep.total, key="(all)", model="")
+    table = ctl.render_table([row(u) for u in rep.usage] + [row(total)], header)
     return f"{table}\n\n{len(rep.nodes)} node record(s), {when}"
 
 
