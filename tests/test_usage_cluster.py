@@ -1,16 +1,17 @@
-"""Exact usage through a kill -9 (issue 16, item 4): real etcd, a coordinator, agent ``a``
+"""Exact usage through a kill -9 (issue 16, item 4): real etcd, two coordinators, agent ``a``
 serving model ``m`` and entry agent ``b`` (keys mode, hop secret) forwarding to it; clients on
 the official ``openai`` SDK send chat requests through ``b`` — plain, streamed with
 ``include_usage``, and streamed without it (the usage is then asked for and hidden by ``b``).
 
-``b`` is killed with SIGKILL in the middle of the traffic and started again. The rule
-(docs/architecture.md, "Usage"): every answer a client received whole is billed exactly once;
+``b`` is killed with SIGKILL in the middle of the traffic and started again, and the leading
+coordinator is killed before more traffic (usage does not go through the coordinators). The rule
+(docs/architecture.md, API keys): every answer a client received whole is billed exactly once;
 a request cut by the kill is billed at most once — it is billed if ``b`` had journalled it,
 which happens just before the client gets the end of its answer. The simulated server's usage
 is a function of the request (prompt words, ``max_tokens``: checked on every answer), so the
 test knows what each cut request would have cost and checks that ``gpuctl usage -o json`` is
-the received answers' usage plus the usage of some subset of the cut requests — with usages
-chosen so different subsets cannot sum alike."""
+the received answers' usage plus the usage of some subset of the cut requests (every request
+has a usage of its own, so a received answer missing or counted twice cannot hide in it)."""
 
 from __future__ import annotations
 
@@ -174,9 +175,10 @@ async def test_usage_is_exact_through_a_kill_of_the_entry_agent(etcd: EtcdCluste
 
     a = keyed_agent(tmp_path / "a", "a", etcd, hop_secret, "m")
     b = keyed_agent(tmp_path / "b", "b", etcd, hop_secret, "other")
-    coordinator = CoordinatorProcess(tmp_path, "c1", etcd.endpoints, CLUSTER).start()
+    coordinators = [CoordinatorProcess(tmp_path, c, etcd.endpoints, CLUSTER).start() for c in ("c1", "c2")]
     try:
-        coordinator.wait_ready_sync()
+        for c in coordinators:
+            c.wait_ready_sync()
         # A key of its own for the probes: those answered 503 before the route was known are
         # billed too (as errors), to it, not to the key the test sums.
         created = gpuctl(etcd, "keys", "create", "probe", "--models", "m", "-o", "json")
@@ -217,6 +219,13 @@ async def test_usage_is_exact_through_a_kill_of_the_entry_agent(etcd: EtcdCluste
         assert report["total"]["errors"] == 0
         assert [(u["key"], u["model"]) for u in report["usage"]] == [("team", "m")]
 
+        # A leader change: usage does not go through the coordinators, so it changes nothing.
+        await wait_until(lambda: any(c.is_leader() for c in coordinators), 30, what="a leader")
+        leader = next(c for c in coordinators if c.is_leader())
+        leader.kill()
+        other = next(c for c in coordinators if c is not leader)
+        await wait_until(other.is_leader, 30, what="the other coordinator leads")
+
         # Phase 2: the restarted b bills on, on top of what it replayed.
         await wait_until(forwards, 30, what="the restarted b forwards")
         traffic = Traffic(b.base, secret, start=1_000)
@@ -237,7 +246,8 @@ async def test_usage_is_exact_through_a_kill_of_the_entry_agent(etcd: EtcdCluste
         await wait_until(lambda: billed_of(fleet_usage(etcd, "team")) == final, 30, what="the last request rolled up")
         print(f"received {len(received)} + {len(phase2)}, cut {len(cut)} of which billed {len(billed_cut)}")
     finally:
-        coordinator.stop()
+        for c in coordinators:
+            c.stop()
         a.stop()
         b.stop()
 
