@@ -11,7 +11,8 @@ which happens just before the client gets the end of its answer. The simulated s
 is a function of the request (prompt words, ``max_tokens``: checked on every answer), so the
 test knows what each cut request would have cost and checks that ``gpuctl usage -o json`` is
 the received answers' usage plus the usage of some subset of the cut requests (every request
-has a usage of its own, so a received answer missing or counted twice cannot hide in it)."""
+has a usage of its own: a received answer missing or counted twice would have to be offset
+exactly, in requests, prompt and completion tokens, by cut ones)."""
 
 from __future__ import annotations
 
