@@ -172,11 +172,12 @@ class KeyIndex:
     def check(self, presented: str | None, model: str | None, now: float) -> Verdict:
         if not presented:
             return self._deny(Denial.MISSING, "", None, model)
-        if not well_formed(presented):
-            return self._deny(Denial.MALFORMED, presented, None, model)
+        # The digest first: a known key is the common case and one SHA-256 and a lookup decide
+        # it; the format (prefix, alphabet, checksum) only tells a typo from a stranger's key.
         found = self.by_digest.get(digest(presented))
         if found is None:
-            return self._deny(Denial.UNKNOWN, presented, None, model)
+            denial = Denial.UNKNOWN if well_formed(presented) else Denial.MALFORMED
+            return self._deny(denial, presented, None, model)
         rec, sec = found
         if rec.revoked_at is not None:
             return self._deny(Denial.REVOKED, presented, rec, model)

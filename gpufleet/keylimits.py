@@ -112,12 +112,22 @@ def _window_limit(
     seconds until there is room) when it refuses."""
     quota = limit * share
     used = window.total(now)
-    wait = window.free_at(now, max(cost, 1), quota) - now
-    headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-    headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(quota - used) - cost))
-    headers[f"x-ratelimit-reset-{kind}"] = _reset(wait if wait > 0 else (WINDOW_S / max(quota, 1) if cost else 0.0))
     full = used + cost > quota if cost else used >= quota
-    return (kind, wait if quota >= 1 else WINDOW_S) if full else None
+    names = _HEADER_NAMES[kind]
+    headers[names[0]] = str(limit)
+    headers[names[1]] = str(max(0, math.floor(quota - used) - cost))
+    if not full:  # room: when one more fits again is the window over the quota, no bucket walk
+        headers[names[2]] = _reset(WINDOW_S / max(quota, 1)) if cost else "0s"
+        return None
+    wait = window.free_at(now, max(cost, 1), quota) - now
+    headers[names[2]] = _reset(wait)
+    return (kind, wait if quota >= 1 else WINDOW_S)
+
+
+_HEADER_NAMES = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+}
 
 
 class Limiter:

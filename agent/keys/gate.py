@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -39,7 +39,7 @@ from gpufleet.keylimits import Limiter
 from gpufleet.keyspace.records import ApiKeyRecord
 
 from .config import AuthSection, effective_mode
-from .usage import ask_for_usage, encode_request
+from .usage import Usage, ask_for_usage, encode_request
 
 if TYPE_CHECKING:
     from agent.proxy.context import Ctx, Head
@@ -76,6 +76,10 @@ class KeyMetrics:
             ["key", "model", "kind"],
             registry=registry,
         )
+        # Labelled children, looked up once per (key, model, ...): labels() costs a lock and a
+        # tuple per call, and these series are never removed.
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._tokens: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.refused = Counter(
             "gpu_agent_key_refusals",
             "Requests refused by the key check: missing/invalid/expired/revoked key, model not allowed, "
@@ -83,6 +87,21 @@ class KeyMetrics:
             ["reason"],
             registry=registry,
         )
+
+    def count(self, key: str, model: str, status: int, usage: Usage | None) -> None:
+        child = self._requests.get((key, model, status))
+        if child is None:
+            child = self._requests[(key, model, status)] = self.requests.labels(key, model, str(status))
+        child.inc()
+        if usage is not None:
+            pair = self._tokens.get((key, model))
+            if pair is None:
+                pair = self._tokens[(key, model)] = (
+                    self.tokens.labels(key, model, "prompt"),
+                    self.tokens.labels(key, model, "completion"),
+                )
+            pair[0].inc(usage.prompt_tokens)
+            pair[1].inc(usage.completion_tokens)
 
 
 class KeyGate:
@@ -276,10 +295,7 @@ class KeyGate:
         ctx.billed = True
         usage = ctx.usage
         model = ctx.model_label
-        self.metrics.requests.labels(key.name, model, str(ctx.status)).inc()
-        if usage is not None:
-            self.metrics.tokens.labels(key.name, model, "prompt").inc(usage.prompt_tokens)
-            self.metrics.tokens.labels(key.name, model, "completion").inc(usage.completion_tokens)
+        self.metrics.count(key.name, model, ctx.status, usage)
         if self.journal is not None:
             p, c = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else (0, 0)
             self.journal.append(time.time(), key.name, model, ctx.status, p, c)

@@ -19,7 +19,6 @@ from typing import Any
 
 import msgspec
 
-_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
@@ -59,13 +58,35 @@ def usage_in(doc: Any) -> Usage | None:
     )
 
 
+class _Carrier(msgspec.Struct):
+    """The only fields usage can be in: decoding just these skips the rest of an answer (the
+    generated text, logprobs) without building it."""
+
+    usage: Any = None
+    message: Any = None
+    response: Any = None
+    choices: Any = msgspec.UNSET  # only whether it is [] matters (the usage-only stream event)
+
+
+_carrier = msgspec.json.Decoder(_Carrier)
+
+
+def _carried(data: bytes) -> _Carrier | None:
+    try:
+        return _carrier.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _usage_of(c: _Carrier) -> Usage | None:
+    return usage_in({"usage": c.usage, "message": c.message, "response": c.response})
+
+
 def usage_of_body(body: bytes) -> Usage | None:
     if b'"usage"' not in body:
         return None
-    try:
-        return usage_in(_decoder.decode(body))
-    except msgspec.DecodeError:
-        return None
+    c = _carried(body)
+    return _usage_of(c) if c is not None else None
 
 
 def ask_for_usage(request: dict[str, Any]) -> bool:
@@ -138,17 +159,14 @@ class StreamUsage:
         for line in event.split(b"\n"):
             if not line.startswith(b"data:"):
                 continue
-            try:
-                doc = _decoder.decode(line[5:].strip())
-            except msgspec.DecodeError:
-                return False
-            found = usage_in(doc)
-            if found is None:
+            c = _carried(line[5:].strip())
+            found = _usage_of(c) if c is not None else None
+            if c is None or found is None:
                 return False
             if self.usage is None:
                 self.usage = Usage()
             self.usage.merge(found)
-            return self._hide and isinstance(doc, dict) and doc.get("choices") == []
+            return self._hide and c.choices == []
         return False
 
 
