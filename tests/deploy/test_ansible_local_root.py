@@ -14,27 +14,36 @@ file the role wrote (TLS, client certificate auth), the playbook runs again to c
 ``gpufleet`` user and role and enable auth with etcdctl, and the agent's rendered config is used
 to write under ``/gpufleet/`` through gpufleet's own client (the client certificate has no CN).
 
-Then: a second run changes nothing, and a ``--check`` run passes and changes nothing.
+A third run turns on HTTPS on the daemons' ports (``gpufleet_api_tls``, as an operator would on
+a running cluster): each host's certificate signed by the cluster's CA, the ``[tls]`` sections,
+https:// advertise URLs; with etcd, the deployed agent and coordinator are started from what the
+play wrote and must answer HTTPS verified against the CA, and nothing in plain HTTP.
+
+Then (with TLS on): a second run changes nothing, and a ``--check`` run passes and changes nothing.
 (``ansible-lint --profile production``: tests/test_ansible_lint.py, in the default run.)
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 from playbook import MODEL, ansible_env, simulated_vars
 
-from gpufleet_dev.localfleet import Daemon, free_port
+from gpufleet_dev.localfleet import Daemon, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
@@ -79,6 +88,19 @@ class RoleEtcd(Daemon):
         return [ETCD]
 
 
+class Deployed(Daemon):
+    """A daemon the play installed, run as its unit would: the deployed virtualenv's command
+    and the config the play wrote (no systemd here)."""
+
+    def __init__(self, base: Path, command: Path, config: Path) -> None:
+        super().__init__(base / f"{command.name}.log")
+        self.name = command.name
+        self.command, self.config = command, config
+
+    def argv(self) -> list[str]:
+        return [str(self.command), "--config", str(self.config)]
+
+
 class Deployment:
     def __init__(self, base: Path):
         self.base = base
@@ -89,9 +111,11 @@ class Deployment:
         self.etcd: RoleEtcd | None = None
         self.client_port = free_port()
         self.peer_port = free_port()
+        self.agent_port = free_port()
+        self.coordinator_port = free_port()
         self.timings: dict[str, float] = {}
 
-    def write(self, wheel: Path, configure_auth: bool) -> None:
+    def write(self, wheel: Path, configure_auth: bool, api_tls: bool = False) -> None:
         host = f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}"
         self.inventory.write_text("".join(f"[{group}]\n{host}\n" for group in ("etcd", "coordinators", "gpu_nodes")))
         fleet = simulated_vars(warmup={"prompt": 'Say "hi"', "max_tokens": 2})
@@ -117,6 +141,9 @@ class Deployment:
             "gpufleet_cluster": "ci",
             "gpufleet_etcd_password": "gpufleet-secret",
             "gpufleet_etcd_root_password": "root-secret",
+            "gpufleet_agent_listen_port": self.agent_port,
+            "gpufleet_coordinator_listen_port": self.coordinator_port,
+            "gpufleet_api_tls": api_tls,
             **fleet,
             "gpufleet_coordinator_settings": {"weights": {"base": {"A100": 220, "H100": 380}}},
         }
@@ -162,6 +189,8 @@ def local_root(tmp_path_factory: pytest.TempPathFactory):
         d.start_etcd()
         d.write(wheel, configure_auth=True)
         d.with_auth, d.with_auth_out = d.play(label="auth run")
+    d.write(wheel, configure_auth=d.with_auth is not None, api_tls=True)
+    d.with_tls, d.with_tls_out = d.play(label="tls run")
     try:
         yield d
     finally:
@@ -237,3 +266,109 @@ def test_second_run_changes_nothing(local_root: Deployment) -> None:
 def test_check_mode_passes(local_root: Deployment) -> None:
     recap, out = local_root.play("--check", "--diff", label="check run")
     assert recap["failed"] == 0 and recap["changed"] == 0, out[-8000:]
+
+
+def test_api_tls_certificate_and_config(local_root: Deployment) -> None:
+    """gpufleet_api_tls: one certificate per host, signed by the cluster's CA (etcd's), with the
+    names clients and the ready check use; installed root-owned with the key closed to others,
+    and named by both daemons' [tls]."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    r, pki = local_root.root, local_root.pki
+    assert local_root.with_tls["changed"] > 0
+    agent_dir, coord_dir = r / "etc/gpu-agent", r / "etc/gpu-coordinator"
+    agent = tomllib.loads((agent_dir / "agent.toml").read_text())
+    assert agent["tls"] == {
+        "cert_file": str(agent_dir / "tls-cert.pem"),
+        "key_file": str(agent_dir / "tls-key.pem"),
+        "ca_file": str(agent_dir / "tls-ca.pem"),
+    }
+    assert agent["agent"]["advertise_url"] == f"https://localhost:{local_root.agent_port}"
+    coordinator = tomllib.loads((coord_dir / "coordinator.toml").read_text())
+    assert coordinator["tls"] == {
+        "cert_file": str(coord_dir / "tls-cert.pem"),
+        "key_file": str(coord_dir / "tls-key.pem"),
+    }
+    assert coordinator["coordinator"]["advertise_url"] == f"https://localhost:{local_root.coordinator_port}"
+
+    for d in (agent_dir, coord_dir):
+        modes = {
+            name: stat.S_IMODE((d / name).stat().st_mode) for name in ("tls-cert.pem", "tls-key.pem", "tls-ca.pem")
+        }
+        assert modes == {"tls-cert.pem": 0o644, "tls-key.pem": 0o640, "tls-ca.pem": 0o644}, d
+        # One certificate per host whichever daemon serves on it; one CA with etcd.
+        assert (d / "tls-cert.pem").read_bytes() == (pki / "api-localhost.pem").read_bytes()
+        assert (d / "tls-key.pem").read_bytes() == (pki / "api-localhost-key.pem").read_bytes()
+        assert (d / "tls-ca.pem").read_bytes() == (agent_dir / "etcd-ca.pem").read_bytes()
+    assert stat.S_IMODE((pki / "api-localhost-key.pem").stat().st_mode) == 0o600
+
+    cert = x509.load_pem_x509_certificate((agent_dir / "tls-cert.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((agent_dir / "tls-ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def _get(url: str, context: ssl.SSLContext | None = None) -> int:
+    with urllib.request.urlopen(url, timeout=5, context=context) as res:
+        return res.status
+
+
+@pytest.mark.skipif(not (ETCD and ETCDCTL), reason="etcd/etcdctl not installed (the daemons are cluster members)")
+def test_deployed_daemons_serve_https_only(local_root: Deployment) -> None:
+    """The agent and the coordinator started from what the play installed answer HTTPS verified
+    against the cluster's CA, by name and at 127.0.0.1 (the restart's ready check, done here with
+    Ansible's uri module as the handler does it); a client without the CA, and plain HTTP, fail."""
+    r = local_root.root
+    venv = r / "opt/gpufleet/venv/bin"
+    ca = ssl.create_default_context(cafile=str(r / "etc/gpu-agent/tls-ca.pem"))
+    daemons = [
+        (Deployed(local_root.base, venv / "gpu-agent", r / "etc/gpu-agent/agent.toml"), local_root.agent_port),
+        (
+            Deployed(local_root.base, venv / "gpu-coordinator", r / "etc/gpu-coordinator/coordinator.toml"),
+            local_root.coordinator_port,
+        ),
+    ]
+    try:
+        for daemon, port in daemons:
+            daemon.start()
+            wait_for(
+                lambda port=port: _get(f"https://localhost:{port}/healthz", ca) == 200,
+                timeout=60,
+                what=f"{daemon.name} https /healthz",
+                daemons=[daemon],
+            )
+            assert _get(f"https://127.0.0.1:{port}/healthz", ca) == 200
+            with pytest.raises(urllib.error.URLError) as no_ca:
+                _get(f"https://localhost:{port}/healthz", ssl.create_default_context())
+            assert isinstance(no_ca.value.reason, ssl.SSLCertVerificationError), no_ca.value
+            # The TLS handshake fails on a plain request: the connection closes (or an alert
+            # comes back, not an HTTP status line).
+            with pytest.raises((OSError, http.client.HTTPException)):
+                _get(f"http://127.0.0.1:{port}/healthz")
+            res = subprocess.run(
+                [
+                    _tool("ansible"),
+                    "localhost",
+                    "-i",
+                    str(local_root.inventory),
+                    "-m",
+                    "ansible.builtin.uri",
+                    "-a",
+                    f"url=https://127.0.0.1:{port}/healthz ca_path={r / 'etc/gpu-agent/tls-ca.pem'}",
+                ],
+                env=ansible_env(local_root.base),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert res.returncode == 0 and '"status": 200' in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
+    finally:
+        for daemon, _ in daemons:
+            daemon.stop()
