@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import agent_toml, cluster_toml, instance_toml
 
-from gpufleet_dev import demo
 from gpufleet.tomlwrite import dumps
+from gpufleet_dev import demo
 
 AWKWARD = ["plain", 'a "quoted" word', "back\\slash", "C:\\new\\table", "line\nbreak", "tab\there", "ünïcode °C", "#"]
 
