@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
@@ -486,7 +487,11 @@ class Fleet:
         self.subnet = self.subnet or os.environ.get("GPUFLEET_DEPLOY_SUBNET", f"10.253.{os.getpid() % 250}")
         self.key = self.workdir / "ssh" / "id_ed25519"
         self.known_hosts = self.workdir / "ssh" / "known_hosts"
-        self.control_dir = self.workdir / "ssh" / "cm"
+        # ssh's control sockets: a Unix socket path holds at most 107 bytes, and ssh adds a
+        # 17-byte suffix while it creates one; under pytest's tmp_path (/tmp/pytest-of-root/
+        # pytest-472/host-install0/ssh/cm/<40 hex>) that is over the limit once the run counter
+        # has three digits, and every ssh then fails as if sshd never answered.
+        self.control_dir = Path(tempfile.gettempdir()) / f"gfcm-{self.tag}-{os.getpid()}"
         for i, name in enumerate(self.names):
             self.containers[name] = Container(
                 name, f"{self.subnet}.{11 + i}", i, self.tag, self.workdir / "hosts" / name
@@ -527,7 +532,7 @@ class Fleet:
 
     def _ssh_identity(self) -> None:
         (self.workdir / "ssh").mkdir(parents=True, exist_ok=True)
-        self.control_dir.mkdir(exist_ok=True)
+        self.control_dir.mkdir(mode=0o700, exist_ok=True)
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"gpufleet-deploy-{self.tag}", "-f", self.key])
         lines = []
         for c in self.containers.values():
@@ -738,6 +743,7 @@ class Fleet:
             attempt(f"close {sock}", lambda argv=argv: run(argv, check=False))
         for name in list(self.containers):
             attempt(f"stop {name}", lambda n=name: self.stop(n))
+        attempt("remove ssh control sockets", lambda: shutil.rmtree(self.control_dir, ignore_errors=True))
         teardown(self.tag, list(self.containers.values()), self.bridge, errors)
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
