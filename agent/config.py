@@ -573,13 +573,7 @@ def tls_problems(cfg: AgentConfig) -> list[ConfigProblem]:
     """[tls]'s own rules, and an advertised URL whose scheme the port does not serve: other
     nodes would forward to it in plain HTTP and fail (or, behind a TLS terminator, the
     operator advertises that on purpose: https there too)."""
-    out = cfg.tls.problems("$.tls")
-    url = cfg.agent.advertise_url
-    if cfg.tls.enabled and url is not None and urlsplit(url).scheme == "http":
-        out.append(
-            ConfigProblem("$.agent.advertise_url", "the port serves HTTPS ([tls] cert_file): advertise https://")
-        )
-    return out
+    return cfg.tls.problems("$.tls") + cfg.tls.advertise_problems(cfg.agent.advertise_url, "$.agent.advertise_url")
 
 
 def api_problems(cfg: AgentConfig) -> list[ConfigProblem]:

@@ -223,13 +223,9 @@ def election_timing_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
 
 
 def tls_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:
-    out = cfg.tls.problems("$.tls")
-    url = cfg.coordinator.advertise_url
-    if cfg.tls.enabled and url is not None and urlsplit(url).scheme == "http":
-        out.append(
-            ConfigProblem("$.coordinator.advertise_url", "the port serves HTTPS ([tls] cert_file): advertise https://")
-        )
-    return out
+    return cfg.tls.problems("$.tls") + cfg.tls.advertise_problems(
+        cfg.coordinator.advertise_url, "$.coordinator.advertise_url"
+    )
 
 
 def degradation_problems(cfg: CoordinatorConfig) -> list[ConfigProblem]:

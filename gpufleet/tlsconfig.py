@@ -24,6 +24,7 @@ import ssl
 import stat
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from gpufleet.tomlconfig import ConfigProblem, StrictSection
 
@@ -74,6 +75,13 @@ class TlsSection(StrictSection):
         if self.client_ca_file is not None and self.cert_file is None:
             out.append(ConfigProblem(f"{at}.client_ca_file", "mutual TLS needs cert_file and key_file (HTTPS)"))
         return out
+
+    def advertise_problems(self, url: str | None, url_at: str) -> list[ConfigProblem]:
+        """An advertised URL whose scheme the port does not serve: other nodes would call it in
+        plain HTTP and fail (behind a TLS terminator the operator advertises https there too)."""
+        if self.enabled and url is not None and urlsplit(url).scheme == "http":
+            return [ConfigProblem(url_at, "the port serves HTTPS ([tls] cert_file): advertise https://")]
+        return []
 
 
 class TlsError(Exception):

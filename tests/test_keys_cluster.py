@@ -8,8 +8,6 @@ a revoked key is refused on every agent within 2 s; usage reaches the entry node
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,38 +17,16 @@ import openai
 import pytest
 from etcd_fixtures import EtcdCluster
 from helpers import (
-    AgentProcess,
     CoordinatorProcess,
-    agent_toml,
-    as_node,
-    cluster_toml,
-    free_port,
-    instance_toml,
-    start_agent_sync,
     wait_until,
 )
+from keyfleet import KeyFleet
 
 from gpufleet.facts import HOPS_HEADER
 from gpufleet.keyspace import Keyspace, decode
 from gpufleet.keyspace.records import KeySharesRecord
-from gpufleet.tomlwrite import dumps as toml_dumps
 
 CLUSTER = "keys-e2e"
-
-
-def keyed_agent(tmp: Path, node: str, etcd: EtcdCluster, hop_secret: Path, model: str) -> AgentProcess:
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    text = agent_toml(tmp, port, instance_toml(f"{model}-0", model=model, gpus="[0]", fraction=0.5))
-    text = as_node(text, node, f"http://127.0.0.1:{port}")
-    text += cluster_toml(etcd.endpoints, CLUSTER, telemetry_min_gap_s=1)  # key demand reported within 1 s
-    text += "\n" + toml_dumps({"auth": {"mode": "keys", "hop_secret_file": hop_secret}})
-    return start_agent_sync(tmp, text, port, ready_instances=1)
-
-
-def gpuctl(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "gpuctl", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER, *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
 def status_of(base: str, headers: dict[str, str], body: dict[str, object] | None = None) -> int:
@@ -71,15 +47,10 @@ def metric(base: str, prefix: str) -> float:
 
 
 async def test_keys_across_a_cluster(etcd: EtcdCluster, tmp_path: Path) -> None:
-    hop_secret = tmp_path / "hop-secret"
-    hop_secret.write_text("0123456789abcdef" * 4 + "\n")
-    hop_secret.chmod(0o600)
-    created = gpuctl(etcd, "keys", "create", "team", "--models", "m", "-o", "json")
-    assert created.returncode == 0, created.stderr
-    secret = json.loads(created.stdout)["secret"]
-
-    a = keyed_agent(tmp_path / "a", "a", etcd, hop_secret, "m")
-    b = keyed_agent(tmp_path / "b", "b", etcd, hop_secret, "other")
+    fleet = KeyFleet(etcd, tmp_path, CLUSTER)
+    secret = fleet.create_key("team", "--models", "m")
+    a = fleet.agent("a", "m", telemetry_min_gap_s=1)
+    b = fleet.agent("b", "other", telemetry_min_gap_s=1)
     coordinator = CoordinatorProcess(tmp_path, "c1", etcd.endpoints, CLUSTER).start()
     try:
         coordinator.wait_ready_sync()
@@ -103,7 +74,7 @@ async def test_keys_across_a_cluster(etcd: EtcdCluster, tmp_path: Path) -> None:
         assert status_of(a.base, {HOPS_HEADER: "1"}) == 401  # a forged hop: no signature
         assert status_of(a.base, {"Authorization": f"Bearer {secret}"}, {"model": "other", "messages": []}) == 403
 
-        revoke = gpuctl(etcd, "keys", "revoke", "team")
+        revoke = fleet.gpuctl("keys", "revoke", "team")
         assert revoke.returncode == 0, revoke.stderr
         revoked_at = time.monotonic()
         for agent in (a, b):
@@ -132,13 +103,11 @@ async def test_the_leader_divides_a_keys_limit_by_demand(etcd: EtcdCluster, tmp_
     """rpm 20 over two entry nodes: a client using only node a first gets a's even share (10),
     then, once a reports its demand and the leader divides by it, 95 % of the limit (19) — and
     never more than the limit in the minute."""
-    hop_secret = tmp_path / "hop-secret"
-    hop_secret.write_text("fedcba9876543210" * 4)
-    created = gpuctl(etcd, "keys", "create", "busy", "--rpm", "20", "-o", "json")
-    assert created.returncode == 0, created.stderr
-    auth = {"Authorization": f"Bearer {json.loads(created.stdout)['secret']}"}
-    a = keyed_agent(tmp_path / "a", "a", etcd, hop_secret, "m")
-    b = keyed_agent(tmp_path / "b", "b", etcd, hop_secret, "other")
+    fleet = KeyFleet(etcd, tmp_path, CLUSTER)
+    auth = {"Authorization": f"Bearer {fleet.create_key('busy', '--rpm', '20')}"}
+    # Key demand reported within a second (the default telemetry gap is 15 s).
+    a = fleet.agent("a", "m", telemetry_min_gap_s=1)
+    b = fleet.agent("b", "other", telemetry_min_gap_s=1)
     coordinator = CoordinatorProcess(tmp_path, "c1", etcd.endpoints, CLUSTER).start()
     try:
         coordinator.wait_ready_sync()

@@ -31,13 +31,12 @@ from helpers import (
     AgentProcess,
     CoordinatorProcess,
     agent_toml,
-    as_node,
-    cluster_toml,
     free_port,
     instance_toml,
     start_agent_sync,
     wait_until,
 )
+from keyfleet import KeyFleet
 
 from gpufleet.tomlwrite import dumps as toml_dumps
 
@@ -58,19 +57,8 @@ class Sent:
         return repr(self.failure)
 
 
-def keyed_agent(tmp: Path, node: str, etcd: EtcdCluster, hop_secret: Path, model: str) -> AgentProcess:
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    text = agent_toml(tmp, port, instance_toml(f"{model}-0", model=model, gpus="[0]", fraction=0.5))
-    text = as_node(text, node, f"http://127.0.0.1:{port}")
-    text += cluster_toml(etcd.endpoints, CLUSTER)
-    text += "\n" + toml_dumps({"auth": {"mode": "keys", "hop_secret_file": hop_secret}})
-    return start_agent_sync(tmp, text, port, ready_instances=1)
-
-
 def gpuctl(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "gpuctl", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER, *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return KeyFleet.gpuctl_on(etcd, CLUSTER, *args)
 
 
 def local_gpuctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -167,15 +155,10 @@ def billed_of(report: dict[str, Any]) -> tuple[int, int, int]:
 
 
 async def test_usage_is_exact_through_a_kill_of_the_entry_agent(etcd: EtcdCluster, tmp_path: Path) -> None:
-    hop_secret = tmp_path / "hop-secret"
-    hop_secret.write_text("0123456789abcdef" * 4 + "\n")
-    hop_secret.chmod(0o600)
-    created = gpuctl(etcd, "keys", "create", "team", "--models", "m", "-o", "json")
-    assert created.returncode == 0, created.stderr
-    secret = json.loads(created.stdout)["secret"]
-
-    a = keyed_agent(tmp_path / "a", "a", etcd, hop_secret, "m")
-    b = keyed_agent(tmp_path / "b", "b", etcd, hop_secret, "other")
+    fleet = KeyFleet(etcd, tmp_path, CLUSTER)
+    secret = fleet.create_key("team", "--models", "m")
+    a = fleet.agent("a", "m")
+    b = fleet.agent("b", "other")
     coordinators = [CoordinatorProcess(tmp_path, c, etcd.endpoints, CLUSTER).start() for c in ("c1", "c2")]
     try:
         for c in coordinators:
