@@ -103,6 +103,7 @@ class Leader:
             eject_forget_after_s=h.eject_forget_after_s,
         )
         self.weight_policy = WeightPolicy(base=dict(p.weights.base), default_base=p.weights.default_base)
+        self.min_weight_change = p.weights.min_weight_change
         self.failover_policy = FailoverPolicy(
             cross_class=p.failover.cross_class, panic_threshold=p.failover.panic_threshold
         )
@@ -425,16 +426,19 @@ class Leader:
                 current[model] = rec
         ops: list[Op] = []
         writes = deletes = 0
+        written: dict[str, RouteRecord] = {}
         for model, rec in plan.routes.items():
-            if routes_differ(current.get(model), rec):
+            if routes_differ(current.get(model), rec, self.min_weight_change):
                 ops.append(Op.put(self.keys.route(model), encode(rec)))
+                written[model] = rec
                 writes += 1
         for model in set(current) - set(plan.routes):
             ops.append(Op.delete(self.keys.route(model)))
             deletes += 1
         await self.election.guarded_writes(ops)
-        for model, rec in plan.routes.items():
-            self._written[model] = rec
+        # Only what was written: the next pass compares with the record in etcd, so weights
+        # that each moved a little are written once their moves add up.
+        self._written.update(written)
         for model in set(current) - set(plan.routes):
             self._written[model] = None
         if ops:

@@ -58,6 +58,10 @@ class WeightsSection(StrictSection):
     # Clawdbot article measured them, and every other known class by memory bandwidth) when set.
     base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=lambda: dict(BASE_WEIGHTS))
     default_base: Annotated[int, Meta(ge=0)] = 100  # base of a class the table does not name
+    # A route is rewritten for a weight that moved by more than this share of itself (every
+    # watching agent receives each write); smaller moves add up until one does. A weight to or
+    # from 0 and every state change are written at once. 0: write every change.
+    min_weight_change: Annotated[float, Meta(ge=0, lt=1)] = 0.05
 
 
 class FailoverSection(StrictSection):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from coordinator.policy import (
@@ -26,7 +27,7 @@ from coordinator.policy import (
     step_node,
 )
 from coordinator.policy.health import departed
-from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
+from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord, RouteRecord
 
 NOW = 10_000.0
 
@@ -705,3 +706,24 @@ def test_thousand_node_cluster() -> None:
 def test_policies_reject_nonsense(make) -> None:
     with pytest.raises(ValueError):
         make()
+
+
+def test_small_weight_moves_are_not_worth_a_write_and_add_up() -> None:
+    nodes = {"n1": class_node("n1"), "n2": class_node("n2")}
+    base = plan_for(nodes).routes["qwen3"]
+
+    def with_weight(rec: RouteRecord, i: int, weight: int, state: str | None = None) -> RouteRecord:
+        eps = list(rec.endpoints)
+        eps[i] = msgspec.structs.replace(eps[i], weight=weight, state=state or eps[i].state)
+        return msgspec.structs.replace(rec, endpoints=eps)
+
+    w = base.endpoints[0].weight
+    assert w > 40
+    assert not routes_differ(base, with_weight(base, 0, w - 1), 0.05)  # under 5 %: not written
+    assert routes_differ(base, with_weight(base, 0, w - 1))  # threshold 0: every change
+    assert routes_differ(base, with_weight(base, 0, int(w * 0.9)), 0.05)  # 10 %: written
+    assert routes_differ(base, with_weight(base, 0, 0), 0.05)  # to 0: always
+    assert routes_differ(base, with_weight(base, 0, w, "DOWN"), 0.5)  # a state: always
+    # Compared with what was written, moves of 2 % each are written once they add up past 5 %.
+    drifted = [with_weight(base, 0, round(w * (1 - 0.02 * k))) for k in range(1, 5)]
+    assert [routes_differ(base, d, 0.05) for d in drifted] == [False, False, True, True]

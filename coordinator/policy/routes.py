@@ -226,23 +226,40 @@ def _panic_classes(
     return panic
 
 
-def routes_differ(old: RouteRecord | None, new: RouteRecord) -> bool:
-    """Whether ``new`` is worth writing over ``old``.
+def routes_differ(old: RouteRecord | None, new: RouteRecord, min_weight_change: float = 0.0) -> bool:
+    """Whether ``new`` is worth writing over ``old`` (the record in etcd).
 
     ``updated_at`` is ignored (it changes every tick). ``epoch`` counts: a new leader rewrites
     each route once, so readers see the epoch of the leader that owns the table and can ignore
-    a deposed leader's writes.
+    a deposed leader's writes. A weight that moved by less than ``min_weight_change`` of itself
+    changes no proxy's choice measurably and is not worth a write that every watcher receives;
+    a weight to or from 0 and every other change (state, endpoints, classes) always is. As
+    ``old`` is what was written, small moves add up until one write carries them.
     """
     if old is None:
         return True
-    return (
+    if (
         old.epoch != new.epoch
         or old.schema != new.schema
         or old.model != new.model
         or old.cross_class != new.cross_class
         or old.panic_classes != new.panic_classes
-        or old.endpoints != new.endpoints
-    )
+        or len(old.endpoints) != len(new.endpoints)
+    ):
+        return True
+    if old.endpoints == new.endpoints:
+        return False
+    return any(_endpoint_differs(a, b, min_weight_change) for a, b in zip(old.endpoints, new.endpoints, strict=True))
+
+
+def _endpoint_differs(a: RouteEndpoint, b: RouteEndpoint, min_weight_change: float) -> bool:
+    if (a.node, a.instance, a.address, a.gpu_class, a.state) != (b.node, b.instance, b.address, b.gpu_class, b.state):
+        return True
+    if a.weight == b.weight:
+        return False
+    if a.weight == 0 or b.weight == 0:
+        return True
+    return abs(a.weight - b.weight) > min_weight_change * max(a.weight, b.weight)
 
 
 def models_removed(old_models: set[str], plan: RoutePlan) -> set[str]:
