@@ -148,12 +148,17 @@ class KeyGate:
         answer. None: no key needed (open mode)."""
         if not self.keys_required:
             return None
-        index = self._index(request.headers.get(REQUEST_ID_HEADER, ""))
-        verdict = index.check(
-            presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key")), None, time.time()
-        )
+        return self._checked_key(request, None, request.headers.get(REQUEST_ID_HEADER, ""), time.time())
+
+    def _checked_key(self, request: web.Request, model: str | None, rid: str, now: float) -> ApiKeyRecord:
+        """The key the request presents, valid for ``model`` (any, when None); ``Refusal``
+        (401/403, or 503 before any key set is known) otherwise."""
+        index = self._index(rid)
+        presented = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+        verdict = index.check(presented, model, now)
         if verdict.denial is not None:
-            self._refuse_key(request, verdict.denial, verdict.message, request.headers.get(REQUEST_ID_HEADER, ""))
+            self._refuse_key(request, verdict.denial, verdict.message, rid)
+        assert verdict.key is not None
         return verdict.key
 
     def _index(self, rid: str) -> KeyIndex:
@@ -180,14 +185,8 @@ class KeyGate:
             return body
         if not self.keys_required:
             return body
-        index = self._index(ctx.rid)
-        presented = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
         now = time.time()
-        verdict = index.check(presented, head.model, now)
-        if verdict.denial is not None:
-            self._refuse_key(request, verdict.denial, verdict.message, ctx.rid)
-        key = verdict.key
-        assert key is not None
+        key = self._checked_key(request, head.model, ctx.rid, now)
         admission = self.limiter.admit(key, self.share(key.name), now)
         if not admission.allowed:
             self.metrics.refused.labels(f"limit_{admission.limit}").inc()
@@ -260,10 +259,10 @@ class KeyGate:
 
     # --- on the way out -------------------------------------------------------------------------
 
-    def upstream_headers(self, forward_to_node: bool, path_qs: str, hops: int, body: bytes, ctx: Ctx) -> dict[str, str]:
-        """What replaces the client's credential on an attempt: nothing for a model server (the
-        instance's own key is added by the relay), a signature for another node."""
-        if not forward_to_node or not self.hop_secrets:
+    def forward_headers(self, path_qs: str, hops: int, body: bytes, ctx: Ctx) -> dict[str, str]:
+        """What replaces the client's credential on a forward to another node: the signature
+        (nothing without a hop secret). A model server gets its instance's own key instead."""
+        if not self.hop_secrets:
             return {}
         key_name = ctx.key_name or ""
         signature = sign(self.hop_secrets[0], "POST", path_qs, hops, int(time.time()), body_digest(body), key_name)

@@ -159,7 +159,7 @@ class Relay:
             if ctx.downgraded is not None:
                 headers[FALLBACK_REQUEST_HEADER] = ctx.model or ""
             if gate is not None:  # the next node trusts our signature instead of the client's key
-                headers.update(gate.upstream_headers(True, request.path_qs, hops, body, ctx))
+                headers.update(gate.forward_headers(request.path_qs, hops, body, ctx))
         headers.update(target.upstream.headers)  # the instance's own API key, not the client's
         return headers
 
