@@ -64,19 +64,15 @@ class KeySource:
         self.index: KeyIndex | None = None
         self.origin = "none"  # "etcd", "cache", "file": where the current set came from
         self.revision = 0  # etcd revision of the set (0 for a file)
-        self.changed_at = 0.0  # monotonic time the set last changed
 
     def _use(self, records: list[ApiKeyRecord], origin: str, revision: int = 0) -> None:
         self.index = KeyIndex(records)
-        self.origin, self.revision, self.changed_at = origin, revision, time.monotonic()
+        self.origin, self.revision = origin, revision
 
     def share(self, key: str, node: str) -> float | None:
         """This node's share of ``key``'s fleet-wide limits as the leader divided them; None:
         no division for the key (the gate then divides evenly)."""
         return None
-
-    def status(self) -> dict[str, object]:
-        return {"origin": self.origin, "keys": len(self.index) if self.index else None, "revision": self.revision}
 
     async def start(self) -> None:
         pass
