@@ -164,10 +164,6 @@ class KeyIndex:
         for rec in records:
             for s in rec.secrets:
                 self.by_digest[s.sha256] = (rec, s)
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def check(self, presented: str | None, model: str | None, now: float) -> Verdict:
         if not presented:
