@@ -232,6 +232,13 @@ class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
     # coordinator caps the weight of a hot GPU (facts.HOT_GPU_C) at 30 % of its base.
     temperature_urgent_c: float = HOT_GPU_C
     utilization_delta_percent: PositiveFloat = 10.0  # likewise for GPU utilization
+    # Route slices (endpoints and weights) are followed for the models served here and those
+    # requested through this node within route_watch_idle_s; at most route_watch_max_models
+    # of the latter (least recently used dropped). Every model's small header is always followed.
+    route_watch_idle_s: PositiveFloat = 600.0
+    route_watch_max_models: Annotated[int, Meta(ge=1)] = 256
+    # The first request for a model not followed yet waits this long for its route from etcd.
+    route_fetch_timeout_s: PositiveFloat = 5.0
 
     @property
     def enabled(self) -> bool:

@@ -126,9 +126,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         counted_at, n = self._entry_nodes
         now = time.monotonic()
         if self.routes is not None and now - counted_at >= 1.0:
-            nodes = {e.node for rec in self.routes.routes.values() for e in rec.endpoints}
-            nodes.add(self.cfg.node_id)
-            n = len(nodes)
+            n = self.routes.node_count(also=self.cfg.node_id)
             self._entry_nodes = (now, n)
         return n
 
@@ -242,7 +240,14 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         await keys.start()
         teardown.step("stop following API keys", keys.stop)
         self._roll_usage(teardown, EtcdUsageStore(publisher.etcd, publisher.keys, self.cfg.node_id))
-        self.routes = RouteTable(publisher.etcd, publisher.keys, self.cfg.node_id, on_rewound=publisher.republish)
+        self.routes = RouteTable(
+            publisher.etcd,
+            publisher.keys,
+            self.cfg.node_id,
+            on_rewound=publisher.republish,
+            pinned=lambda: {i.cfg.client_model for i in self.supervisor.instances.values()},
+            settings=lambda: self.cfg.cluster,
+        )
         self.routes.start()
         teardown.step("stop following routes", self.routes.stop)
         self.models = ModelFollower(

@@ -73,6 +73,7 @@ from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, decode, encode
 from gpufleet.keyspace.records import GpuRecord, InstanceLoad, InstanceRecord, NodeRecord, RouteRecord
 from gpufleet.logsetup import configure_logging
+from gpufleet.routeslices import read_routes
 from gpufleet_dev.localetcd import ETCD_BIN, EtcdMember
 from gpufleet_dev.localfleet import Daemon, get_json, wait_for
 
@@ -320,8 +321,7 @@ class Fleet:
 
 
 async def route(etcd: EtcdClient) -> RouteRecord | None:
-    kv = await etcd.get(KEYS.route("m"))
-    return decode(kv.value, RouteRecord) if kv else None
+    return (await read_routes(etcd, KEYS)).get("m")
 
 
 def ep_state(r: RouteRecord | None, node: str) -> str | None:

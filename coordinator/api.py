@@ -90,7 +90,7 @@ def build_app(rt: CoordinatorRuntime) -> web.Application:
         return json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        synced = rt.leader.nodes.ready.is_set() and rt.leader.routes.ready.is_set()
+        synced = rt.leader.nodes.ready.is_set() and all(m.ready.is_set() for m in rt.leader.routes.mirrors())
         knows_leader = rt.election.is_leader or rt.election.leader is not None
         if synced and knows_leader:
             return json_response({"status": "ready", "role": "leader" if rt.election.is_leader else "standby"})

@@ -56,10 +56,29 @@ from gpufleet.keyspace.records import LeaderRecord, epoch_of
 log = structlog.get_logger("coordinator.election")
 
 MAX_TXN_OPS = 100  # etcd's default --max-txn-ops is 128
+MAX_TXN_BYTES = 1 << 20  # etcd's default --max-request-bytes is 1.5 MiB
 
 
 class NotLeader(Exception):
     """A guarded write was refused: our leader key is gone or belongs to a newer epoch."""
+
+
+def txn_batches(ops: list[Op], max_ops: int = MAX_TXN_OPS, max_bytes: int = MAX_TXN_BYTES) -> list[list[Op]]:
+    """``ops`` cut, in order, into runs of at most ``max_ops`` ops and ``max_bytes`` bytes
+    (an op bigger than ``max_bytes`` alone is a run of its own: etcd will say if it is too big)."""
+    out: list[list[Op]] = []
+    run: list[Op] = []
+    size = 0
+    for op in ops:
+        n = op.size
+        if run and (len(run) >= max_ops or size + n > max_bytes):
+            out.append(run)
+            run, size = [], 0
+        run.append(op)
+        size += n
+    if run:
+        out.append(run)
+    return out
 
 
 class Election:
@@ -135,10 +154,14 @@ class Election:
                 raise NotLeader(f"epoch {epoch} is no longer the leader")
         return res
 
-    async def guarded_writes(self, ops: list[Op]) -> None:
-        """``ops`` through :meth:`guarded_txn`, in transactions small enough for etcd's limit."""
-        for i in range(0, len(ops), MAX_TXN_OPS):
-            await self.guarded_txn(ops[i : i + MAX_TXN_OPS])
+    async def guarded_writes(self, ops: list[Op]) -> int:
+        """``ops`` through :meth:`guarded_txn`, in order, in transactions within etcd's limits
+        (ops per transaction, request bytes); all in one when they fit. Returns how many."""
+        txns = 0
+        for batch in txn_batches(ops):
+            await self.guarded_txn(batch)
+            txns += 1
+        return txns
 
     # --- the loop --------------------------------------------------------------------------------
 

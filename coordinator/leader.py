@@ -18,8 +18,8 @@ import msgspec
 import structlog
 
 from gpufleet.etcd import Compare, EtcdClient, EtcdError, KeyMirror, Op
-from gpufleet.keyspace import Keyspace, decode_or_skip, encode
-from gpufleet.keyspace.records import DrainRecord, NodeRecord, RouteRecord
+from gpufleet.keyspace import Keyspace, decode_or_skip
+from gpufleet.keyspace.records import DrainRecord, NodeRecord
 from gpufleet.policyconfig import ClusterPolicy, encode_policy
 
 from .config import CoordinatorConfig
@@ -30,9 +30,10 @@ from .metrics import CoordinatorMetrics
 from .placement_loop import Placer
 from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, departed, step_instance, step_node
 from .policy.placement import NodeView
-from .policy.routes import FailoverPolicy, RoutePlan, compute_routes, routes_differ
+from .policy.routes import FailoverPolicy, RoutePlan, compute_routes
 from .policy.weights import CPU_CLASS, WeightPolicy
 from .policysync import PolicyState, file_differs, step_policy
+from .route_writer import RouteWriter
 
 log = structlog.get_logger("coordinator.leader")
 
@@ -61,7 +62,7 @@ class Leader:
         self._changed = asyncio.Event()
         self.nodes = KeyMirror(etcd, keys.nodes, on_change=lambda _: self._changed.set())
         self.drains = KeyMirror(etcd, keys.drains, on_change=lambda _: self._changed.set())
-        self.routes = KeyMirror(etcd, keys.routes)
+        self.routes = RouteWriter(etcd, keys, election, metrics)
         self.placer = Placer(cfg.placement, etcd, keys, election, metrics, on_change=lambda _: self._changed.set())
         self.degradation = DegradationController(cfg.degradation, keys, election, metrics)
         self.keyshares = KeyShareController(keys, election)
@@ -85,8 +86,6 @@ class Leader:
         self._term: int | None = None
         self.deciding_passes = 0  # complete passes after this term's grace period (routes written)
         self._grace_until = 0.0
-        # What this term wrote, compared before the mirror catches up with our own writes.
-        self._written: dict[str, RouteRecord | None] = {}
         self._decoded: dict[str, tuple[int, NodeRecord | None]] = {}
         self._rewinds = 0  # etcd history rewinds already acted on (see _rewound)
 
@@ -173,7 +172,8 @@ class Leader:
 
     async def run(self) -> None:
         registry, assignments = self.placer.mirrors()
-        async with self.nodes, self.drains, self.routes, registry, assignments, self.policy_mirror:
+        headers, slices = self.routes.mirrors()
+        async with self.nodes, self.drains, headers, slices, registry, assignments, self.policy_mirror:
             next_sample = 0.0
             while True:
                 wake = next_sample
@@ -249,7 +249,7 @@ class Leader:
             log.info("routes updated", epoch=epoch, written=writes, removed=deletes, changes=changes[:10])
 
     def _mirrors(self) -> tuple[KeyMirror, ...]:
-        return (self.nodes, self.drains, self.routes, self.policy_mirror, *self.placer.mirrors())
+        return (self.nodes, self.drains, *self.routes.mirrors(), self.policy_mirror, *self.placer.mirrors())
 
     def _rewound(self) -> bool:
         """Whether etcd's history went backwards (restored from a backup, or wiped) since the
@@ -264,6 +264,7 @@ class Leader:
             log.warning("etcd's history went backwards; starting the term over", epoch=self._term)
         self._rewinds = rewinds
         self._decoded.clear()
+        self.routes.forget_decoded()
         return True
 
     async def _start_term(self, epoch: int) -> None:
@@ -279,7 +280,7 @@ class Leader:
         self.last_seen.clear()
         self._panic_logged = {}
         self._changed_at.clear()
-        self._written.clear()
+        self.routes.start_term()
         self._term = epoch
         self.deciding_passes = 0
         self._grace_until = time.monotonic() + self.cfg.election.grace_s
@@ -415,32 +416,5 @@ class Leader:
             del self.inst_health[k]
 
     async def _write_routes(self, plan: RoutePlan, epoch: int) -> tuple[int, int]:
-        current: dict[str, RouteRecord] = {}
-        for key, kv in self.routes.data.items():
-            rec = decode_or_skip(key, kv.value, RouteRecord, kv.mod_revision)
-            current[Keyspace.name_in(self.keys.routes, key)] = rec  # type: ignore[assignment]
-        for model, rec in self._written.items():
-            if rec is None:
-                current.pop(model, None)
-            else:
-                current[model] = rec
-        ops: list[Op] = []
-        writes = deletes = 0
-        written: dict[str, RouteRecord] = {}
-        for model, rec in plan.routes.items():
-            if routes_differ(current.get(model), rec, self.min_weight_change):
-                ops.append(Op.put(self.keys.route(model), encode(rec)))
-                written[model] = rec
-                writes += 1
-        for model in set(current) - set(plan.routes):
-            ops.append(Op.delete(self.keys.route(model)))
-            deletes += 1
-        await self.election.guarded_writes(ops)
-        # Only what was written: the next pass compares with the record in etcd, so weights
-        # that each moved a little are written once their moves add up.
-        self._written.update(written)
-        for model in set(current) - set(plan.routes):
-            self._written[model] = None
-        if ops:
-            self.metrics.route_writes.inc(writes + deletes)
-        return writes, deletes
+        count = await self.routes.write(plan, self.min_weight_change)
+        return count.writes, count.deletes

@@ -25,7 +25,14 @@ class CoordinatorMetrics:
         self.transitions = Counter(
             "gpu_coordinator_health_transitions", "Health state changes.", ["kind", "state"], registry=r
         )
-        self.route_writes = Counter("gpu_coordinator_route_writes", "Route records written or removed.", registry=r)
+        self.route_writes = Counter(
+            "gpu_coordinator_route_writes", "Route headers and slices written or removed.", registry=r
+        )
+        self.route_write_bytes = Counter(
+            "gpu_coordinator_route_write_bytes",
+            "Bytes of route headers and slices written (each is sent again to every agent watching it).",
+            registry=r,
+        )
         self.compute_seconds = Histogram(
             "gpu_coordinator_route_compute_seconds",
             "Time to judge health and compute every route.",

@@ -25,6 +25,7 @@ from gpufleet.facts import HOT_GPU_C
 from gpufleet.gpuclasses import UNKNOWN
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DegradationRecord, LeaderRecord, NodeRecord, RouteRecord, epoch_of
+from gpufleet.routeslices import read_routes
 
 AGENT_CONFIG = "/etc/gpu-agent/agent.toml"  # agent.config.DEFAULT_CONFIG_PATH
 GPU_MEMORY_LIMIT = 0.85  # the checklist's nvidia-smi memory use <= 85 % (headroom for KV-cache growth)
@@ -267,11 +268,7 @@ async def gather(
     kv = await etcd.get(keys.degradation)
     if kv is not None:
         f.degradation = decode_or_skip(kv.key_str, kv.value, DegradationRecord, kv.mod_revision)
-    f.routes = [
-        r
-        for kv in (await etcd.get_prefix(keys.routes)).kvs
-        if (r := decode_or_skip(kv.key_str, kv.value, RouteRecord, kv.mod_revision)) is not None
-    ]
+    f.routes = list((await read_routes(etcd, keys)).values())
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl)) as http:
 

@@ -23,6 +23,7 @@ from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
 from gpufleet.keyspace.records import DrainRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord, epoch_of
+from gpufleet.routeslices import read_routes
 
 from .common import (
     EXIT_ERROR,
@@ -186,7 +187,7 @@ def format_routes(routes: list[RouteRecord]) -> str:
 
 
 async def cmd_routes_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
-    routes = sorted(decode_all((await etcd.get_prefix(keys.routes)).kvs, RouteRecord), key=lambda r: r.model)
+    routes = sorted((await read_routes(etcd, keys)).values(), key=lambda r: r.model)
     emit(args, routes, format_routes(routes) if routes else "no routes (is a coordinator leading?)")
     return EXIT_OK
 
@@ -199,7 +200,7 @@ async def cmd_cluster_status(etcd: EtcdClient, keys: Keyspace, args: argparse.Na
     leader_kv = await etcd.get(keys.leader)
     leader = decode_or_skip(keys.leader, leader_kv.value, LeaderRecord) if leader_kv else None
     nodes = sorted(decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord), key=lambda n: n.node)
-    routes = sorted(decode_all((await etcd.get_prefix(keys.routes)).kvs, RouteRecord), key=lambda r: r.model)
+    routes = sorted((await read_routes(etcd, keys)).values(), key=lambda r: r.model)
     drained = {Keyspace.name_in(keys.drains, kv.key_str) for kv in (await etcd.get_prefix(keys.drains)).kvs}
     per_node: dict[str, list[RouteEndpoint]] = {}
     for r in routes:

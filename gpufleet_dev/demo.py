@@ -24,8 +24,9 @@ from pathlib import Path
 
 from gpufleet import tomlwrite
 from gpufleet.etcd import EtcdClient
-from gpufleet.keyspace import Keyspace, decode_or_skip
+from gpufleet.keyspace import Keyspace
 from gpufleet.keyspace.records import RouteRecord
+from gpufleet.routeslices import read_routes
 
 from .demo_base import StopFlag, demo_dir, run_demo, write_token
 from .demo_traffic import format_answers, reachable_models, send_chats
@@ -109,9 +110,7 @@ def _routes(etcd: str) -> dict[str, RouteRecord]:
     async def read() -> dict[str, RouteRecord]:
         keys = Keyspace(CLUSTER)
         async with EtcdClient([etcd], timeout=2.0) as c:
-            kvs = (await c.get_prefix(keys.routes)).kvs
-        found = (decode_or_skip(kv.key_str, kv.value, RouteRecord, kv.mod_revision) for kv in kvs)
-        return {r.model: r for r in found if r is not None}
+            return await read_routes(c, keys)
 
     return asyncio.run(read())
 

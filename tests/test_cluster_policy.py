@@ -24,8 +24,8 @@ from helpers import CoordinatorProcess, wait_until
 from coordinator.config import load_config
 from coordinator.policy.weights import WeightPolicy, instance_weight
 from coordinator.policysync import PolicyState, step_policy
-from gpufleet.keyspace import Keyspace, decode, encode
-from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord, RouteRecord
+from gpufleet.keyspace import Keyspace, encode
+from gpufleet.keyspace.records import GpuRecord, InstanceRecord, NodeRecord
 from gpufleet.policyconfig import (
     ClusterPolicy,
     InvalidPolicy,
@@ -37,6 +37,7 @@ from gpufleet.policyconfig import (
     to_toml,
     with_assignments,
 )
+from gpufleet.routeslices import read_routes
 from gpufleet.tomlconfig import ConfigError
 
 # --- pure: validation, diff, the apply decision ------------------------------------------------
@@ -177,8 +178,8 @@ async def test_coordinators_apply_the_clusters_policy(etcd: EtcdCluster, tmp_pat
         await client.put(KEYS.node("n1"), encode(node))
 
         async def weight() -> int | None:
-            kv = await client.get(KEYS.route("m"))
-            return decode(kv.value, RouteRecord).endpoints[0].weight if kv else None
+            r = (await read_routes(client, KEYS)).get("m")
+            return r.endpoints[0].weight if r and r.endpoints else None
 
         def expect(default_base: int) -> int:
             return instance_weight(node, node.instances[0], WeightPolicy(default_base=default_base))

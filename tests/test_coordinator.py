@@ -39,7 +39,8 @@ from coordinator.election import Election, NotLeader
 from coordinator.policy.weights import instance_weight
 from gpufleet.etcd import EtcdClient, Op
 from gpufleet.keyspace import Keyspace, decode
-from gpufleet.keyspace.records import NodeRecord, RouteRecord
+from gpufleet.keyspace.records import NodeRecord, RouteRecord, RouteSlice
+from gpufleet.routeslices import RouteAssembly, read_routes
 
 CLUSTER = "fleet"
 KEYS = Keyspace(CLUSTER)
@@ -110,8 +111,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 async def route(etcd: EtcdClient, model: str = "m") -> RouteRecord | None:
-    kv = await etcd.get(KEYS.route(model))
-    return decode(kv.value, RouteRecord) if kv else None
+    return (await read_routes(etcd, KEYS)).get(model)
 
 
 def ep(r: RouteRecord, node: str):  # type: ignore[no-untyped-def]
@@ -328,14 +328,16 @@ async def test_frozen_leader_is_fenced_and_steps_down(fleet: Fleet) -> None:
         assert any("stepping down" in ln for ln in leader.log_lines())
         assert await admin(fleet.agents["h100-1"], "/admin/gpus/0", {"temperature_c": 50}) == 200
         await route_where(etcd, lambda r: ep(r, "h100-1").weight == int(380 * 0.88), what="cooled")
-        # Epoch audit: every route write since the freeze, in revision order. Once the new epoch
-        # has written, no write of the old epoch ever lands.
+        # Epoch audit: every route write (header or slice) since the freeze, in revision order.
+        # Once the new epoch has written, no write of the old epoch ever lands.
         epochs = []
-        async with etcd.watch(KEYS.routes, start_revision=start_rev) as w:
+        routes = RouteAssembly(KEYS)
+        async with etcd.watch(KEYS.prefix, start_revision=start_rev) as w:
             async for resp in w:
                 for ev in resp.events:
-                    if ev.type == "PUT":
-                        epochs.append(decode(ev.kv.value, RouteRecord).epoch)
+                    if ev.type == "PUT" and routes.model_of(ev.kv.key_str) is not None:
+                        typ = RouteRecord if ev.kv.key_str.startswith(KEYS.routes) else RouteSlice
+                        epochs.append(decode(ev.kv.value, typ).epoch)
                 if resp.events and resp.events[-1].kv.mod_revision >= (await etcd.get_prefix(KEYS.routes)).revision:
                     break
         assert new_epoch in epochs

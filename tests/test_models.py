@@ -42,6 +42,7 @@ from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, assigned_instance_name, decode
 from gpufleet.keyspace.records import AssignmentRecord, NodeRecord, PlacementRecord, RouteRecord
 from gpufleet.registry import model_digest
+from gpufleet.routeslices import read_routes
 
 CLUSTER = "models"
 KEYS = Keyspace(CLUSTER)
@@ -251,8 +252,7 @@ async def test_model_placed_on_a_fitting_node_served_and_routed(fleet: Fleet) ->
         assert kv is not None and decode(kv.value, AssignmentRecord).instances[0].path == str(qwen)
 
         async def routed() -> RouteRecord | None:
-            kv = await etcd.get(KEYS.route("qwen"))
-            rr = decode(kv.value, RouteRecord) if kv else None
+            rr = (await read_routes(etcd, KEYS)).get("qwen")
             return rr if rr and [(e.node, e.state) for e in rr.endpoints] == [(node, "READY")] else None
 
         await wait_until(routed, timeout=20, what="qwen routed to its node")

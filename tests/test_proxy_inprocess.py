@@ -80,8 +80,15 @@ class FakeRoutes:
         self.degradation_seen_at = 0.0
         self._gone: dict[str, asyncio.Event] = {}
 
+    @property
+    def headers(self) -> Mapping[str, RouteRecord]:
+        return self.routes  # schema-1 records: each holds its endpoints, as a header may
+
     def route(self, model: str) -> RouteRecord | None:
         return self.routes.get(model)
+
+    async def want(self, model: str) -> None:
+        return None
 
     def node_gone(self, node: str) -> asyncio.Event:
         return self._gone.setdefault(node, asyncio.Event())

@@ -4,35 +4,114 @@ Mirrored from etcd with list-then-watch, decoded once per change. When etcd or t
 coordinator goes away the mirror keeps the last table: the data plane outlives the control
 plane. A record that fails to decode is skipped (and logged once) and the previous good one
 for that model is kept.
+
+What is watched (docs/architecture.md, "Routes in slices"): every model's *header* (a few
+hundred bytes; it changes when an endpoint's state or the slice list changes, not on weights),
+and the *slices* (the endpoints and their weights) only of the models this node may forward:
+those it serves itself (it fails over to other nodes) and those requested through it in the
+last ``route_watch_idle_s``, at most ``route_watch_max_models`` of the latter (least recently
+used dropped first). A node that never forwards a model never receives that model's weight
+changes. The first request for a model not followed yet waits for one etcd list of its slices.
+
+A model's route is assembled from its header and slices only when they agree
+(gpufleet/routeslices.py), after a whole etcd transaction has been applied (``Put.last``):
+until then the previous route stays, so a proxy never sees a model without endpoints during a
+rewrite, nor two leaders' tables mixed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import structlog
 
 from gpufleet.etcd import Change, Delete, EtcdClient, KeyMirror, Put, Snapshot
 from gpufleet.keyspace import Keyspace, decode_or_skip
-from gpufleet.keyspace.records import DegradationRecord, DrainRecord, RouteRecord
+from gpufleet.keyspace.records import DegradationRecord, DrainRecord, RouteRecord, RouteSlice
+from gpufleet.routeslices import assemble
 
 log = structlog.get_logger("agent.routes")
+
+SWEEP_INTERVAL_S = 30.0  # how often idle slice watches are dropped and pinned ones started
+
+
+class WatchSettings(NamedTuple):
+    """What ``[cluster]`` says about following route slices (agent/config.py's ClusterSection
+    has the same fields)."""
+
+    route_watch_idle_s: float = 600.0
+    route_watch_max_models: int = 256
+    route_fetch_timeout_s: float = 5.0
+
+
+class _SliceWatch:
+    """One model's slices, decoded, with the route last assembled from them."""
+
+    def __init__(self, etcd: EtcdClient, keys: Keyspace, model: str, on_batch: Callable[[str], None]) -> None:
+        self.model = model
+        self.keys = keys
+        self.slices: dict[int, RouteSlice] = {}
+        self.used = time.monotonic()
+        self.assembled = asyncio.Event()  # set once a complete route was assembled
+        self._on_batch = on_batch
+        self.mirror = KeyMirror(etcd, keys.model_slices(model), on_change=self._on_change)
+
+    def _on_change(self, change: Change) -> None:
+        if isinstance(change, Snapshot):
+            fresh = {}
+            for kv in change.kvs:
+                where = self.keys.slice_of(kv.key_str)
+                if where is None:
+                    continue
+                rec = decode_or_skip(kv.key_str, kv.value, RouteSlice, kv.mod_revision)
+                if rec is not None:
+                    fresh[where[1]] = rec
+                elif where[1] in self.slices:
+                    fresh[where[1]] = self.slices[where[1]]  # keep the last good one
+            self.slices = fresh
+        elif isinstance(change, Put):
+            where = self.keys.slice_of(change.kv.key_str)
+            rec = decode_or_skip(change.kv.key_str, change.kv.value, RouteSlice, change.kv.mod_revision)
+            if where is not None and rec is not None:
+                self.slices[where[1]] = rec
+        elif isinstance(change, Delete):
+            where = self.keys.slice_of(change.key_str)
+            if where is not None:
+                self.slices.pop(where[1], None)
+        if isinstance(change, Snapshot) or change.last:
+            self._on_batch(self.model)
 
 
 class RouteTable:
     def __init__(
-        self, etcd: EtcdClient, keys: Keyspace, node_id: str, on_rewound: Callable[[], None] | None = None
+        self,
+        etcd: EtcdClient,
+        keys: Keyspace,
+        node_id: str,
+        on_rewound: Callable[[], None] | None = None,
+        *,
+        pinned: Callable[[], Iterable[str]] = frozenset,
+        settings: Callable[[], WatchSettings] = WatchSettings,
     ) -> None:
         self.keys = keys
+        self._etcd = etcd
         # Called when etcd's history went backwards (restored or wiped): the node's own record
         # there may be an old one (see ClusterPublisher.republish).
         self._on_rewound = on_rewound
         self.node_id = node_id
-        self.routes: dict[str, RouteRecord] = {}
+        self.headers: dict[str, RouteRecord] = {}  # every model's header
+        self.routes: dict[str, RouteRecord] = {}  # assembled, for the models followed
         self.drained = False
-        self._routes = KeyMirror(etcd, keys.routes, on_change=self._on_route)
+        self._pinned = pinned  # models served here: always followed
+        self._settings = settings  # read live: a reload applies at once
+        self._watches: dict[str, _SliceWatch] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._headers = KeyMirror(etcd, keys.routes, on_change=self._on_header)
         self._drain_key = keys.drain(node_id)
         self._drains = KeyMirror(etcd, keys.drains, on_change=self._on_drain)
         # node -> set when the node is DOWN in the routes or has left them (see node_gone)
@@ -45,17 +124,110 @@ class RouteTable:
         self._degradation = KeyMirror(etcd, keys.degradation, on_change=self._on_degradation)
 
     def start(self) -> None:
-        self._routes.start()
+        self._headers.start()
         self._drains.start()
         self._degradation.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="route-watch-sweeper")
 
     async def stop(self) -> None:
-        await self._routes.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self._headers.stop()
         await self._drains.stop()
         await self._degradation.stop()
+        watches, self._watches = self._watches, {}
+        await asyncio.gather(*(w.mirror.stop() for w in watches.values()), *self._stopping)
 
     def route(self, model: str) -> RouteRecord | None:
         return self.routes.get(model)
+
+    async def want(self, model: str) -> None:
+        """Follow ``model``'s slices if it has a sliced route and they are not followed yet,
+        and wait (at most ``fetch_timeout_s``) for its first complete route. Marks it used."""
+        if not self._headers.ready.is_set():  # just started: the headers are being listed
+            with contextlib.suppress(TimeoutError):
+                await self._headers.wait_ready(self._settings().route_fetch_timeout_s)
+        header = self.headers.get(model)
+        if header is None or not header.slices:
+            return
+        w = self._watches.get(model) or self._follow(model)
+        w.used = time.monotonic()
+        if model not in self.routes:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._settings().route_fetch_timeout_s):
+                    await w.assembled.wait()
+
+    def followed(self) -> set[str]:
+        """Models whose slices are followed now."""
+        return set(self._watches)
+
+    def node_count(self, also: str = "") -> int:
+        """Nodes listed in the routes (and ``also``): those of the followed routes, and no fewer
+        than the largest count a header states (the routes not followed list theirs there)."""
+        listed = {e.node for rec in self.routes.values() for e in rec.endpoints}
+        if also:
+            listed.add(also)
+        return max(len(listed), max((h.nodes for h in self.headers.values()), default=0))
+
+    def _follow(self, model: str) -> _SliceWatch:
+        w = self._watches[model] = _SliceWatch(self._etcd, self.keys, model, self._assemble)
+        w.mirror.start()
+        log.debug("following a model's route slices", model=model, followed=len(self._watches))
+        pinned = set(self._pinned())
+        on_demand = [m for m in self._watches if m not in pinned]
+        if len(on_demand) > self._settings().route_watch_max_models:
+            lru = min(on_demand, key=lambda m: self._watches[m].used)
+            self._unfollow(lru, "more models than route_watch_max_models")
+        return w
+
+    def _unfollow(self, model: str, why: str) -> None:
+        w = self._watches.pop(model, None)
+        if w is None:
+            return
+        if self.headers.get(model) is None or self.headers[model].slices:
+            self.routes.pop(model, None)
+        task = asyncio.create_task(w.mirror.stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        log.debug("no longer following a model's route slices", model=model, reason=why)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(SWEEP_INTERVAL_S, self._settings().route_watch_idle_s / 4))
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Drop the watches of models not served here and unused for ``watch_idle_s``; follow
+        the models served here."""
+        pinned = set(self._pinned())
+        idle_s = self._settings().route_watch_idle_s
+        for model, w in list(self._watches.items()):
+            if model not in pinned and now - w.used > idle_s:
+                self._unfollow(model, "idle")
+        self._follow_pinned(pinned)
+
+    def _follow_pinned(self, pinned: set[str]) -> None:
+        for model in pinned:
+            h = self.headers.get(model)
+            if h is not None and h.slices and model not in self._watches:
+                self._follow(model)
+
+    def _assemble(self, model: str) -> None:
+        """Put ``model``'s route together from its header and slices, if they agree; else keep
+        the route it had."""
+        header = self.headers.get(model)
+        w = self._watches.get(model)
+        if header is None or (header.slices and w is None):
+            self.routes.pop(model, None)
+        else:
+            rec = assemble(header, w.slices if w is not None else {})
+            if rec is not None and (w is not None or not header.slices):
+                self.routes[model] = rec
+                if w is not None:
+                    w.assembled.set()
+        self._update_gone()
 
     def node_gone(self, node: str) -> asyncio.Event:
         """An event set once ``node`` is DOWN in the routes (its lease ran out) or has left them.
@@ -86,7 +258,7 @@ class RouteTable:
             elif ev.is_set():
                 self._gone[node] = asyncio.Event()  # back: new attempts wait on a fresh one
 
-    def _on_route(self, change: Change) -> None:
+    def _on_header(self, change: Change) -> None:
         if isinstance(change, Snapshot):
             if change.rewound and self._on_rewound is not None:
                 self._on_rewound()
@@ -96,16 +268,26 @@ class RouteTable:
                 model = Keyspace.name_in(self.keys.routes, kv.key_str)
                 if rec is not None:
                     fresh[model] = rec
-                elif model in self.routes:
-                    fresh[model] = self.routes[model]
-            self.routes = fresh
+                elif model in self.headers:
+                    fresh[model] = self.headers[model]  # keep the last good one
+            changed = self.headers.keys() | fresh.keys()
+            self.headers = fresh
         elif isinstance(change, Put):
             rec = decode_or_skip(change.kv.key_str, change.kv.value, RouteRecord, change.kv.mod_revision)
-            if rec is not None:
-                self.routes[Keyspace.name_in(self.keys.routes, change.kv.key_str)] = rec
-        elif isinstance(change, Delete):
-            self.routes.pop(Keyspace.name_in(self.keys.routes, change.key_str), None)
-        self._update_gone()
+            if rec is None:
+                return
+            model = Keyspace.name_in(self.keys.routes, change.kv.key_str)
+            self.headers[model] = rec
+            changed = {model}
+        else:
+            model = Keyspace.name_in(self.keys.routes, change.key_str)
+            self.headers.pop(model, None)
+            changed = {model}
+        for model in changed:
+            if model not in self.headers:
+                self._unfollow(model, "route removed")
+            self._assemble(model)
+        self._follow_pinned(set(self._pinned()))
 
     def _on_drain(self, change: Change) -> None:
         kvs = self._drains.data

@@ -29,6 +29,7 @@ from agent.keys.gate import KeyGate, Refusal
 from gpufleet.facts import REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
+from gpufleet.routeslices import has_ready
 
 from .context import ANTHROPIC_ROUTES, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, parse_head
 from .degrade import FALLBACK_REQUEST_HEADER, Degrader
@@ -129,9 +130,9 @@ class Proxy:
         routes = self.upstreams.routes
         if routes is not None:  # models served elsewhere in the cluster, reachable through us
             seen = {m.id for m in local}
-            for m, route in sorted(routes.routes.items()):
-                if m not in seen and any(e.state == "READY" and e.weight > 0 for e in route.endpoints):
-                    data.append({"id": m, "object": "model", "created": int(route.updated_at), "owned_by": "gpufleet"})
+            for m, header in sorted(routes.headers.items()):
+                if m not in seen and has_ready(header):
+                    data.append({"id": m, "object": "model", "created": int(header.updated_at), "owned_by": "gpufleet"})
         return {"object": "list", "data": data}
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
@@ -154,9 +155,11 @@ class Proxy:
             body, head = await self._read_head(request, ctx)
             body = self._authorize(request, body, head, ctx)
             forwarded = self._entered(request, ctx)
+            await self._want(head.model)
             serving, route = self._known(head.model, ctx)
             if (fallback := await self._degrade(request, body, head, forwarded, ctx)) is not None:
                 body, head = fallback
+                await self._want(head.model)
                 serving, route = self._where(head.model)
             plan = self._plan(request, body, head.model, serving, route)
             return await self._dispatch(request, body, plan, ctx)
@@ -205,6 +208,12 @@ class Proxy:
             ctx.counted = False
         return True
 
+    async def _want(self, model: str) -> None:
+        """Have the model's route followed (the first request for it waits for one etcd list)."""
+        routes = self.upstreams.routes
+        if routes is not None:
+            await routes.want(model)
+
     def _where(self, model: str) -> tuple[list[LocalUpstream], RouteRecord | None]:
         """Local instances of ``model``, and its cluster route (None in standalone mode)."""
         routes = self.upstreams.routes
@@ -213,6 +222,18 @@ class Proxy:
     def _known(self, model: str, ctx: Ctx) -> tuple[list[LocalUpstream], RouteRecord | None]:
         """``_where``, or 404 when neither this node nor the cluster serves the model."""
         serving, route = self._where(model)
+        routes = self.upstreams.routes
+        if not serving and route is None and routes is not None and model in routes.headers:
+            ctx.model_label = model  # known to the cluster, but its route did not arrive in time
+            raise _Reply(
+                error_response(
+                    503,
+                    f"The route of model `{model}` is not available from etcd yet; retry.",
+                    "server_error",
+                    "route_unavailable",
+                    {REQUEST_ID_HEADER: ctx.rid, "Retry-After": str(self.cfg.retry_after_s)},
+                )
+            )
         if not serving and route is None:
             ctx.model_label = UNKNOWN_MODEL_LABEL
             raise _Reply(

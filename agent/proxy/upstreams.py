@@ -76,12 +76,17 @@ class LocalUpstream(Protocol):
 class RouteView(Protocol):
     """This node's copy of the cluster's route table (``agent.cluster.routes.RouteTable``)."""
 
-    routes: Mapping[str, RouteRecord]
+    routes: Mapping[str, RouteRecord]  # assembled routes of the models followed
+    headers: Mapping[str, RouteRecord]  # every model's header (endpoints only in schema-1 ones)
     drained: bool  # an operator drained this node: new work goes to other nodes
     degradation: DegradationRecord | None
     degradation_seen_at: float  # monotonic time the degradation record last changed
 
     def route(self, model: str) -> RouteRecord | None: ...
+
+    async def want(self, model: str) -> None:
+        """Follow ``model``'s route if not yet, waiting (bounded) for it; marks it used."""
+        ...
 
     def node_gone(self, node: str) -> asyncio.Event:
         """Set when ``node`` is DOWN in the routes or has left them."""

@@ -247,9 +247,16 @@ def routes_differ(old: RouteRecord | None, new: RouteRecord, min_weight_change: 
         or len(old.endpoints) != len(new.endpoints)
     ):
         return True
-    if old.endpoints == new.endpoints:
+    return endpoints_differ(old.endpoints, new.endpoints, min_weight_change)
+
+
+def endpoints_differ(old: list[RouteEndpoint], new: list[RouteEndpoint], min_weight_change: float = 0.0) -> bool:
+    """Whether two endpoint lists differ enough to write (see routes_differ)."""
+    if len(old) != len(new):
+        return True
+    if old == new:
         return False
-    return any(_endpoint_differs(a, b, min_weight_change) for a, b in zip(old.endpoints, new.endpoints, strict=True))
+    return any(_endpoint_differs(a, b, min_weight_change) for a, b in zip(old, new, strict=True))
 
 
 def _endpoint_differs(a: RouteEndpoint, b: RouteEndpoint, min_weight_change: float) -> bool:

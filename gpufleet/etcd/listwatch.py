@@ -52,6 +52,9 @@ class Snapshot:
 @dataclass(frozen=True, slots=True)
 class Put:
     kv: KeyValue
+    # False while more events of the same revision (one transaction) follow in this batch: a
+    # consumer that must never show half a transaction acts on the batch when this is True.
+    last: bool = True
 
     @property
     def revision(self) -> int:
@@ -62,6 +65,7 @@ class Put:
 class Delete:
     key: bytes
     revision: int
+    last: bool = True  # as Put.last
 
     @property
     def key_str(self) -> str:
@@ -113,8 +117,13 @@ async def list_watch(
             try:
                 async for resp in watch:
                     failures = 0
-                    for ev in resp.events:
-                        yield Put(ev.kv) if ev.type == "PUT" else Delete(ev.kv.key, ev.kv.mod_revision)
+                    events = resp.events
+                    for i, ev in enumerate(events):
+                        # etcd sends all of one revision's events in one response (no
+                        # fragmenting is asked for), so the revision ends here or at the next.
+                        rev = ev.kv.mod_revision
+                        last = i + 1 == len(events) or events[i + 1].kv.mod_revision != rev
+                        yield Put(ev.kv, last) if ev.type == "PUT" else Delete(ev.kv.key, rev, last)
                         # Advance per event, so a consumer that stops mid-batch resumes right after.
                         next_rev = ev.kv.mod_revision + 1
                     next_rev = max(next_rev, watch.next_revision)

@@ -255,6 +255,13 @@ class Op:
             req["prev_kv"] = True
         return cls("delete", req)
 
+    @property
+    def size(self) -> int:
+        """Bytes this op adds to a transaction: key and value as sent (base64, an upper bound
+        of the raw bytes etcd's request limit counts)."""
+        req = self.request
+        return len(req.get("key", "")) + len(req.get("value", "")) + len(req.get("range_end", ""))
+
     def to_json(self) -> dict[str, Any]:
         return {
             {"put": "request_put", "range": "request_range", "delete": "request_delete_range"}[self.kind]: self.request

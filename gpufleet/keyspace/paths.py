@@ -3,7 +3,8 @@
     /gpufleet/<cluster>/nodes/<node>          NodeRecord          (agent, under its lease)
     /gpufleet/<cluster>/leader                LeaderRecord        (coordinator, under its lease)
     /gpufleet/<cluster>/epoch                 the last epoch      (written with /leader; no lease)
-    /gpufleet/<cluster>/routes/<model>        RouteRecord         (leader, epoch-guarded)
+    /gpufleet/<cluster>/routes/<model>        RouteRecord         (leader, epoch-guarded: the model's header)
+    /gpufleet/<cluster>/routeslices/<model>/@<n>  RouteSlice      (leader, epoch-guarded: ≤ 100 endpoints)
     /gpufleet/<cluster>/models/<model>        ModelRecord         (operator via gpuctl)
     /gpufleet/<cluster>/assignments/<node>    AssignmentRecord    (leader, epoch-guarded)
     /gpufleet/<cluster>/drain/<node>          DrainRecord         (operator via gpuctl)
@@ -71,6 +72,26 @@ class Keyspace:
     @property
     def routes(self) -> str:
         return self.prefix + "routes/"
+
+    @property
+    def route_slices(self) -> str:
+        return self.prefix + "routeslices/"
+
+    def model_slices(self, model: str) -> str:
+        """The prefix of one model's slices. A model-name segment never starts with "@", so the
+        prefix of "qwen" never matches a slice of "qwen/x" (nor "qwen-2" one of "qwen")."""
+        return self.route_slices + check_name("model", model, _MODEL) + "/@"
+
+    def route_slice(self, model: str, n: int) -> str:
+        return f"{self.model_slices(model)}{n:04d}"
+
+    def slice_of(self, key: str) -> tuple[str, int] | None:
+        """(model, slice number) of a key under ``route_slices``; None if it is not one."""
+        rest = key[len(self.route_slices) :] if key.startswith(self.route_slices) else ""
+        model, sep, n = rest.rpartition("/@")
+        if not sep or not n.isdigit() or not _MODEL.match(model):
+            return None
+        return model, int(n)
 
     @property
     def models(self) -> str:

@@ -128,7 +128,7 @@ class NodeRecord(msgspec.Struct, kw_only=True):
 # --- written by the coordinator's leader ---------------------------------------------------------
 
 LEADER_SCHEMA_VERSION = 1
-ROUTES_SCHEMA_VERSION = 1
+ROUTES_SCHEMA_VERSION = 2  # 2: the endpoints moved to slices (RouteSlice); 1: one value held them all
 MODEL_SCHEMA_VERSION = 1
 ASSIGNMENT_SCHEMA_VERSION = 1
 DRAIN_SCHEMA_VERSION = 1
@@ -174,7 +174,15 @@ class RouteEndpoint(msgspec.Struct, kw_only=True, gc=False):  # scalars only: no
 
 
 class RouteRecord(msgspec.Struct, kw_only=True):
-    """``/routes/<model>``: where a model is served, with weights; written only on change."""
+    """``/routes/<model>``: where a model is served, with weights; written only on change.
+
+    In etcd (schema 2) this is the model's *header*: ``endpoints`` is empty and the endpoints
+    live in the slices ``/routeslices/<model>/@<n>`` (:class:`RouteSlice`) it lists in
+    ``slices``; ``gpufleet.routeslices.assemble`` puts header and slices back together into a
+    record with ``endpoints``, which is what every reader works with. A schema-1 record (written
+    before slices) holds every endpoint itself and no ``slices``: readers take it as it is, and
+    the next leader rewrites it as header and slices.
+    """
 
     schema: int = ROUTES_SCHEMA_VERSION
     model: str
@@ -185,6 +193,26 @@ class RouteRecord(msgspec.Struct, kw_only=True):
     cross_class: bool = False
     # Panic mode for these classes: more than half unhealthy, so ejection is suspended.
     panic_classes: list[str] = []
+    # Header only: the slice numbers that hold the endpoints, and two counts over all of them
+    # (READY endpoints with a weight; distinct nodes) for readers that do not fetch the slices.
+    slices: list[int] = []
+    ready_endpoints: int = 0
+    nodes: int = 0
+
+
+class RouteSlice(msgspec.Struct, kw_only=True):
+    """``/routeslices/<model>/@<n>``: up to 100 of a model's endpoints (at most ~32 KB).
+
+    A node's endpoints stay in the slice they were first put in, so a change on one node
+    rewrites one slice, and every watcher receives that slice rather than the whole route.
+    ``epoch`` must equal the header's for the slice to be read with it (no mixing of two
+    leaders' tables)."""
+
+    schema: int = ROUTES_SCHEMA_VERSION
+    model: str
+    epoch: int
+    slice: int
+    endpoints: list[RouteEndpoint] = []
 
 
 ModelBackend = Backend

@@ -25,6 +25,7 @@ from faults.tcpproxy import FaultProxy
 from gpufleet.etcd import Delete, KeyValue, Put, Snapshot, list_watch
 from gpufleet.keyspace import Keyspace, decode
 from gpufleet.keyspace.records import LeaderRecord, RouteRecord
+from gpufleet.routeslices import RouteAssembly, read_routes
 from gpufleet.tomlwrite import dumps as toml_dumps
 
 CLUSTER = "faults"
@@ -64,10 +65,10 @@ def cluster_agent(
 async def endpoint_state(etcd: EtcdCluster, node: str, model: str = "m") -> str | None:
     """The node's state in ``model``'s route; None without a route or an endpoint there."""
     async with etcd.client() as c:
-        kv = await c.get(KEYS.route(model))
-    if kv is None:
+        r = (await read_routes(c, KEYS)).get(model)
+    if r is None:
         return None
-    return next((e.state for e in decode(kv.value, RouteRecord).endpoints if e.node == node), None)
+    return next((e.state for e in r.endpoints if e.node == node), None)
 
 
 def chat(base: str, model: str = "m") -> tuple[int, dict[str, Any]]:
@@ -134,8 +135,8 @@ class Recorder:
         await asyncio.gather(self._task, return_exceptions=True)
         await self._client.__aexit__(None, None, None)
 
-    def _route(self, kv: KeyValue) -> None:
-        now = {e.node: e.state for e in decode(kv.value, RouteRecord).endpoints}
+    def _route(self, route: RouteRecord | None) -> None:
+        now = {e.node: e.state for e in route.endpoints} if route else {}
         for node in self.states.keys() - now.keys():
             now[node] = "ABSENT"  # left the route altogether (e.g. a new leader never saw it)
         for node, state in now.items():
@@ -149,20 +150,30 @@ class Recorder:
             self.leaders.append(now)
 
     async def _run(self) -> None:
-        route_key, leader_key = KEYS.route("m").encode(), KEYS.leader.encode()
+        leader_key = KEYS.leader.encode()
+        routes = RouteAssembly(KEYS)
         async for change in list_watch(self._client, KEYS.prefix, idle_timeout=2.0):
             if isinstance(change, Snapshot):
+                routes = RouteAssembly(KEYS)
                 kvs = {kv.key: kv for kv in change.kvs}
                 self._leader(kvs.get(leader_key))
                 for kv in change.kvs:
-                    if kv.key == route_key:
-                        self._route(kv)
-            elif isinstance(change, Put) and change.kv.key == route_key:
-                self._route(change.kv)
+                    routes.put(kv.key_str, kv.value, kv.mod_revision)
+                self._route(routes.assemble("m"))
             elif isinstance(change, Put) and change.kv.key == leader_key:
                 self._leader(change.kv)
             elif isinstance(change, Delete) and change.key == leader_key:
                 self._leader(None)
+            else:  # a route's header or slice: the route as readers see it once the txn is applied
+                key = change.kv.key_str if isinstance(change, Put) else change.key_str
+                if routes.model_of(key) != "m":
+                    continue
+                if isinstance(change, Put):
+                    routes.put(key, change.kv.value, change.kv.mod_revision)
+                else:
+                    routes.delete(key)
+                if change.last:
+                    self._route(routes.assemble("m"))
 
 
 def endpoint_in_use(log_path: Path) -> str | None:

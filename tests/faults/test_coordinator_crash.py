@@ -33,6 +33,7 @@ from helpers import (
 from faults.fleet import CLUSTER, KEYS, chat, endpoint_state, eq, neq, stop_all
 from gpufleet.keyspace import decode
 from gpufleet.keyspace.records import NodeRecord, PlacementRecord, RouteRecord
+from gpufleet.routeslices import read_routes
 
 EXTRA = "[placement]\nreschedule_after_s = 2.0\ninterval_s = 0.5\n"
 NODES = ("a100-1", "a100-2")
@@ -66,8 +67,7 @@ async def qwen_ready_on(etcd: EtcdCluster) -> tuple[str, ...]:
 
 async def route(etcd: EtcdCluster) -> RouteRecord | None:
     async with etcd.client() as c:
-        kv = await c.get(KEYS.route("qwen"))
-    return decode(kv.value, RouteRecord) if kv else None
+        return (await read_routes(c, KEYS)).get("qwen")
 
 
 def state_of(r: RouteRecord | None, node: str) -> str | None:

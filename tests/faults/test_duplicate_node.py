@@ -20,18 +20,20 @@ from helpers import CoordinatorProcess, wait_until
 from faults.fleet import CLUSTER, KEYS, agent_status, cluster_agent, endpoint_state, eq
 from gpufleet.etcd import Delete, EtcdClient, Put, Snapshot, list_watch
 from gpufleet.keyspace import decode
-from gpufleet.keyspace.records import NodeRecord, RouteRecord
+from gpufleet.keyspace.records import NodeRecord
+from gpufleet.routeslices import RouteAssembly
 
 TTL = 3
 WINDOW_S = 2 * TTL  # long enough for several keep-alives (every second) of both agents
 
 
 class NodeKeyWatch:
-    """Puts and deletes of the node key and of model m's route, from one watch."""
+    """Puts and deletes of the node key, and model m's route after each write of it, from one watch."""
 
     def __init__(self, client: EtcdClient, node: str) -> None:
         self.client = client
-        self.node_key, self.route_key = KEYS.node(node).encode(), KEYS.route("m").encode()
+        self.node_key = KEYS.node(node).encode()
+        self.routes = RouteAssembly(KEYS)
         self.node_puts: list[tuple[int, str]] = []  # (lease, address)
         self.node_deletes = 0
         self.route_addresses: list[list[str]] = []  # the node's endpoint addresses, per route put
@@ -54,9 +56,11 @@ class NodeKeyWatch:
                 self.node_puts.append((change.kv.lease, decode(change.kv.value, NodeRecord).address))
             elif isinstance(change, Delete) and change.key == self.node_key:
                 self.node_deletes += 1
-            elif isinstance(change, Put) and change.kv.key == self.route_key:
-                eps = decode(change.kv.value, RouteRecord).endpoints
-                self.route_addresses.append([e.address for e in eps if e.node == "dup"])
+            elif isinstance(change, Put) and self.routes.model_of(change.kv.key_str) == "m":
+                self.routes.put(change.kv.key_str, change.kv.value, change.kv.mod_revision)
+                route = self.routes.assemble("m") if change.last else None
+                if route is not None:
+                    self.route_addresses.append([e.address for e in route.endpoints if e.node == "dup"])
 
 
 async def test_second_agent_with_the_same_node_id_is_refused(etcd: EtcdCluster, tmp_path: Path) -> None:

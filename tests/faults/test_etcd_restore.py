@@ -29,7 +29,8 @@ from helpers import CoordinatorProcess, wait_until
 
 from faults.fleet import CLUSTER, KEYS, agent_status, chat, cluster_agent, eq, stop_all
 from gpufleet.keyspace import decode
-from gpufleet.keyspace.records import LeaderRecord, RouteRecord
+from gpufleet.keyspace.records import LeaderRecord
+from gpufleet.routeslices import read_routes
 
 
 class Traffic:
@@ -67,8 +68,8 @@ class Traffic:
 
 async def route_states(etcd: EtcdCluster) -> dict[str, str]:
     async with etcd.client() as c:
-        kv = await c.get(KEYS.route("m"))
-    return {e.node: e.state for e in decode(kv.value, RouteRecord).endpoints} if kv else {}
+        r = (await read_routes(c, KEYS)).get("m")
+    return {e.node: e.state for e in r.endpoints} if r else {}
 
 
 def leading(*coordinators: CoordinatorProcess | None) -> dict[str, Any] | None:
