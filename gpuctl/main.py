@@ -23,7 +23,7 @@ from gpufleet.cliargs import Options, Parser, add_version, shared_options
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import InvalidName, Keyspace, check_name, decode_or_skip, encode
 from gpufleet.keyspace.records import DrainRecord, LeaderRecord, NodeRecord, RouteEndpoint, RouteRecord, epoch_of
-from gpufleet.routeslices import read_routes
+from gpufleet.routeslices import read_route_records, read_routes
 
 from .common import (
     EXIT_ERROR,
@@ -177,18 +177,26 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return run_etcd(cmd_nodes_etcd, args)
 
 
-def format_routes(routes: list[RouteRecord]) -> str:
-    rows = [
-        [r.model, e.node, e.instance, e.gpu_class, str(e.weight), e.state, e.address, str(r.epoch)]
-        for r in routes
-        for e in r.endpoints
-    ]
-    return render_table(rows, ["MODEL", "NODE", "INSTANCE", "CLASS", "WEIGHT", "STATE", "ADDRESS", "EPOCH"])
+def format_routes(routes: list[RouteRecord], slices: dict[str, dict[tuple[str, str], int]] | None = None) -> str:
+    """One row per endpoint; SLICE is the slice that lists it (``-`` in a schema-1 route)."""
+    rows = []
+    for r in routes:
+        where = (slices or {}).get(r.model, {})
+        for e in r.endpoints:
+            n = where.get((e.node, e.instance))
+            rows.append(
+                [r.model, e.node, e.instance, e.gpu_class, str(e.weight), e.state, e.address, str(r.epoch)]
+                + ([f"@{n:04d}" if n is not None else "-"] if slices is not None else [])
+            )
+    head = ["MODEL", "NODE", "INSTANCE", "CLASS", "WEIGHT", "STATE", "ADDRESS", "EPOCH"]
+    return render_table(rows, head + (["SLICE"] if slices is not None else []))
 
 
 async def cmd_routes_etcd(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
-    routes = sorted((await read_routes(etcd, keys)).values(), key=lambda r: r.model)
-    emit(args, routes, format_routes(routes) if routes else "no routes (is a coordinator leading?)")
+    table = await read_route_records(etcd, keys)
+    routes = sorted((table.assemble(m) or h for m, h in table.headers.items()), key=lambda r: r.model)
+    slices = {r.model: table.slice_numbers(r.model) for r in routes}
+    emit(args, routes, format_routes(routes, slices) if routes else "no routes (is a coordinator leading?)")
     return EXIT_OK
 
 

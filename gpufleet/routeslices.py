@@ -78,12 +78,18 @@ async def read_routes(etcd: EtcdClient, keys: Keyspace) -> dict[str, RouteRecord
     and the leader keep mirrors instead). An incomplete route, which one consistent read only
     sees if a leader died between the transactions of a rewrite, is returned as its header,
     without endpoints; a bad record is skipped and logged."""
+    routes = await read_route_records(etcd, keys)
+    return {model: routes.assemble(model) or header for model, header in routes.headers.items()}
+
+
+async def read_route_records(etcd: EtcdClient, keys: Keyspace) -> RouteAssembly:
+    """Every header and slice, read at one revision."""
     first = await etcd.get_prefix(keys.routes)
     rest = await etcd.range(keys.route_slices, prefix_range_end(keys.route_slices), revision=first.revision)
     routes = RouteAssembly(keys)
     for kv in [*first.kvs, *rest.kvs]:
         routes.put(kv.key_str, kv.value, kv.mod_revision)
-    return {model: routes.assemble(model) or header for model, header in routes.headers.items()}
+    return routes
 
 
 class RouteAssembly:
@@ -142,3 +148,7 @@ class RouteAssembly:
         if rec is not None:
             self.routes[model] = rec
         return self.routes.get(model)
+
+    def slice_numbers(self, model: str) -> dict[tuple[str, str], int]:
+        """(node, instance) -> the slice that lists it, for ``model`` (what `gpuctl routes` shows)."""
+        return {(e.node, e.instance): n for n, s in self.slices.get(model, {}).items() for e in s.endpoints}

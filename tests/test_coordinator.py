@@ -214,6 +214,8 @@ async def test_drain_and_undrain(fleet: Fleet) -> None:
         await route_where(etcd, all_ready, what="undrained")
         text = gpuctl(*etcd_args, "routes").stdout
         assert "a100-1" in text and "READY" in text
+        row = next(ln for ln in text.splitlines() if "a100-1" in ln)
+        assert row.split()[-1] == "@0000", text  # the slice that lists the endpoint
 
 
 async def test_gpuctl_check_on_a_live_cluster(fleet: Fleet) -> None:

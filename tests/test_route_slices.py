@@ -270,7 +270,7 @@ async def test_agent_follows_only_the_models_it_needs(etcd: EtcdCluster) -> None
             await wait_until(lambda: "served" in rt.routes, timeout=10, what="the model served here followed")
             assert set(rt.headers) == {"a", "b", "c", "served", "old"}
             assert rt.followed() == {"served"} and set(rt.routes) == {"served", "old"}  # old: complete header
-            assert rt.node_count() == 10
+            assert rt.node_count() == 40  # served and old: 10 distinct; a, b, c (not followed): 10 each
             await rt.want("a")
             assert len(rt.route("a").endpoints) == 40  # type: ignore[union-attr]
             await rt.want("b")

@@ -178,7 +178,14 @@ class AgentApi:
         # What the file says that is not running: a refused reload, settings waiting for a restart.
         doc["config"] = {"last_reload_failure": rt.reload_failure, "restart_needed": rt.restart_needed}
         if rt.publisher is not None:
-            doc["cluster"] = {**rt.publisher.status(), "drained": rt.routes.drained if rt.routes is not None else None}
+            routes = rt.routes
+            doc["cluster"] = {
+                **rt.publisher.status(),
+                "drained": routes.drained if routes is not None else None,
+                # Which models' route slices this node follows (served here, or asked for recently).
+                "routes_followed": sorted(routes.followed()) if routes is not None else [],
+                "route_models": len(routes.headers) if routes is not None else 0,
+            }
         return json_response(doc)
 
     async def metrics(self, _: web.Request) -> web.Response:

@@ -164,12 +164,14 @@ class RouteTable:
         return set(self._watches)
 
     def node_count(self, also: str = "") -> int:
-        """Nodes listed in the routes (and ``also``): those of the followed routes, and no fewer
-        than the largest count a header states (the routes not followed list theirs there)."""
+        """Nodes listed in the routes (and ``also``), from above: the distinct nodes of the
+        routes assembled here, plus each other route's node count from its header (a node that
+        serves two of those is counted twice). Key limits divide by it until the leader's
+        division arrives, so too many only makes this node's share smaller: fail closed."""
         listed = {e.node for rec in self.routes.values() for e in rec.endpoints}
         if also:
             listed.add(also)
-        return max(len(listed), max((h.nodes for h in self.headers.values()), default=0))
+        return len(listed) + sum(h.nodes for m, h in self.headers.items() if m not in self.routes)
 
     def _follow(self, model: str) -> _SliceWatch:
         w = self._watches[model] = _SliceWatch(self._etcd, self.keys, model, self._assemble)

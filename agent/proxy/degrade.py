@@ -36,6 +36,7 @@ from agent.config import DegradationSection
 from gpufleet.facts import DEGRADED_HEADER, REQUEST_ID_HEADER
 from gpufleet.facts import DOWNGRADED_HEADER as DOWNGRADED_HEADER  # re-exported for the proxy
 from gpufleet.facts import FALLBACK_REQUEST_HEADER as FALLBACK_REQUEST_HEADER
+from gpufleet.routeslices import has_ready
 
 from .cache import CachedResponse, ResponseCache, StreamRecorder, cache_key, json_object
 from .stats import ProxyStats
@@ -110,8 +111,9 @@ class Degrader:
         if fallback is None:
             return None
         routes = self.upstreams.routes
-        if self.upstreams.local(fallback) or (routes is not None and routes.route(fallback) is not None):
-            return fallback
+        header = routes.headers.get(fallback) if routes is not None else None
+        if self.upstreams.local(fallback) or (header is not None and has_ready(header)):
+            return fallback  # its route is followed before the request goes there
         return None
 
     # --- answers ---------------------------------------------------------------------------
