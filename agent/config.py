@@ -196,10 +196,10 @@ class ProxySection(StrictSection):
     max_attempts: Annotated[int, Meta(ge=1, le=10)] = 3
     retry_budget_s: PositiveFloat = 15.0  # no new attempt starts this long after the request came
     retry_after_s: Annotated[int, Meta(ge=1)] = 2  # Retry-After of a 429 or 503 answer
-    # Deprecated: never had an effect (aiohttp's pool keeps every idle upstream connection for
-    # 30 s and offers no separate idle cap). Accepted so that existing files still load; a
-    # warning says to remove it.
-    upstream_keepalive: Annotated[int, Meta(ge=0)] | None = None
+    # Idle keep-alive connections kept per upstream (an instance here, or another node's agent);
+    # more idle ones are closed, the longest idle first, and none is kept past 30 s idle. 0: a
+    # new connection per request (nginx's `keepalive` in an upstream block).
+    upstream_keepalive: Annotated[int, Meta(ge=0)] = 64
     limits: dict[str, ModelLimit] = {}  # per model (the name clients ask for)
     # Task routes: a kind of request (image, document, text) to a group of the model's instances.
     task_routes: list[TaskRoute] = []
@@ -539,8 +539,6 @@ def config_warnings(cfg: AgentConfig) -> list[ConfigProblem]:
                 )
             )
     out.extend(auth_warnings(cfg.auth, host))
-    if cfg.proxy.upstream_keepalive is not None:
-        out.append(ConfigProblem("$.proxy.upstream_keepalive", "has no effect and is deprecated: remove it"))
     for section, renames in RENAMED_KEYS.items():
         for old, (new, why) in renames.items():
             if getattr(getattr(cfg, section), old) is not None:

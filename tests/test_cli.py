@@ -176,14 +176,16 @@ def test_standalone_on_loopback_is_not_warned(tmp_path: Path, capfd) -> None:  #
     assert "cannot reach" not in capfd.readouterr().err
 
 
-def test_a_dead_knob_still_loads_with_a_deprecation_warning(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
-    """[proxy] upstream_keepalive never had an effect: old files load, and are told to drop it."""
+def test_upstream_keepalive_is_a_live_setting_again(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
+    """[proxy] upstream_keepalive sizes the upstream pools now: no warning; a bad value names its field."""
     f = tmp_path / "agent.toml"
-    f.write_text(
-        CLUSTER_BASE.replace('endpoints = ["http://127.0.0.1:2379"]', "") + "[proxy]\nupstream_keepalive = 64\n"
-    )
+    base = CLUSTER_BASE.replace('endpoints = ["http://127.0.0.1:2379"]', "")
+    f.write_text(base + "[proxy]\nupstream_keepalive = 8\n")
     assert run(agent_main, ["check-config", str(f)]) == 0
-    assert f"{f}: warning: $.proxy.upstream_keepalive: has no effect and is deprecated" in capfd.readouterr().err
+    assert "$.proxy.upstream_keepalive" not in capfd.readouterr().err
+    f.write_text(base + "[proxy]\nupstream_keepalive = -1\n")
+    assert run(agent_main, ["check-config", str(f)]) == 78
+    assert "$.proxy.upstream_keepalive" in capfd.readouterr().err
 
 
 def test_the_agent_warns_of_cluster_mode_on_loopback_at_start_up(

@@ -14,7 +14,6 @@ import asyncio
 import ssl
 import time
 
-import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
@@ -30,6 +29,7 @@ from gpufleet.httperrors import error_response
 from .cache import StreamRecorder
 from .context import HOP_BY_HOP, REQUEST_HOP_BY_HOP, Ctx, Failure
 from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
+from .httpclient import ConnectError, Disconnected, PayloadError, Response, UpstreamClient
 from .metrics import ProxyMetrics
 from .remote import HOPS_HEADER, RemoteTarget, hops_of
 from .stats import ProxyStats
@@ -39,7 +39,7 @@ log = structlog.get_logger("agent.proxy")
 # Failure kinds (and metric labels) of an instance that is full, not failing: not probed.
 BUSY = "status_429"  # it said 429: counts toward the error rate (overload is what degrades)
 CAPACITY = "capacity"  # its backend knows the request did not fit right now: counts nothing
-CUT_OFF = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
+CUT_OFF = (PayloadError, Disconnected)
 
 Target = LocalUpstream | RemoteTarget
 
@@ -69,26 +69,22 @@ class Relay:
         self.stats = stats
         self.metrics = metrics
         self.degrader = degrader
-        self.session: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
 
     @property
     def cfg(self) -> ProxySection:
         return self.upstreams.proxy_cfg  # read live, so a reload applies
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=None, ssl=self.peer_ssl
-            ),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
-            auto_decompress=False,  # pass compressed bodies through as they are
-            cookie_jar=aiohttp.DummyCookieJar(),
-            read_bufsize=2**16,
+        self.client = UpstreamClient(
+            self.peer_ssl,
+            connect_timeout_s=lambda: self.cfg.connect_timeout_s,
+            max_idle=lambda: self.cfg.upstream_keepalive,
         )
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.client is not None:
+            await self.client.close()
 
     # --- shared with the attempt loop ----------------------------------------------------------
 
@@ -122,7 +118,6 @@ class Relay:
         """Send the request to ``target`` and relay its answer. Raises Failure while nothing has
         reached the client."""
         headers = self._request_headers(request, body, target, ctx)
-        url = target.base_url + request.path_qs
         upstream_stats = self.stats.upstream(target.name)
         upstream_stats.in_flight += 1
         upstream_stats.requests += 1
@@ -136,7 +131,7 @@ class Relay:
         scope = asyncio.timeout_at(self.loop_deadline(ctx, limit_s))
         try:
             async with scope:
-                upstream = await self._post(url, body, headers, target)
+                upstream = await self._post(target, request.path_qs, body, headers)
                 async with upstream:
                     return await self._answer(request, upstream, target, ctx, scope)
         except TimeoutError:
@@ -175,28 +170,19 @@ class Relay:
         what = f"no first chunk within {limit_s:g}s" if ctx.stream else f"no complete answer within {limit_s:g}s"
         return Failure("timeout", self.timeout_response(ctx, what), f"{target.name}: {what}")
 
-    async def _post(self, url: str, body: bytes, headers: CIMultiDict[str], target: Target) -> aiohttp.ClientResponse:
-        """Send the request; a kept-alive connection the upstream closed as we reused it (it
-        restarted, or its idle timeout fired) is retried once on a new connection, as nginx
-        and browsers do: nothing was answered on it, and the same instance is fine."""
-        assert self.session is not None
-        for stale_retry in (True, False):
-            try:
-                return await self.session.post(url, data=body, headers=headers)
-            except aiohttp.ClientConnectorError as e:  # refused, unreachable: the instance is not there
-                raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-                if not stale_retry:
-                    raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
-                log.debug("upstream closed a kept-alive connection; retrying on a new one", instance=target.name)
-            except aiohttp.ClientConnectionError as e:
-                raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
-        raise AssertionError("unreachable")
+    async def _post(self, target: Target, path: str, body: bytes, headers: CIMultiDict[str]) -> Response:
+        """Send the request (httpclient.py retries a kept-alive connection the upstream closed
+        as we reused it); refused, unreachable or closed before answering is a Failure."""
+        assert self.client is not None
+        try:
+            return await self.client.post(target.base_url, path, headers.items(), body)
+        except (ConnectError, Disconnected, PayloadError) as e:
+            raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
 
     async def _answer(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         target: Target,
         ctx: Ctx,
         scope: asyncio.Timeout,
@@ -211,7 +197,7 @@ class Relay:
                 # dead upstream can still be retried elsewhere.
                 first = await upstream.content.readany()
                 if not first:
-                    raise aiohttp.ClientPayloadError("stream closed before its first chunk")
+                    raise PayloadError("stream closed before its first chunk")
                 self.first_byte(target, ctx)
                 scope.reschedule(self.loop_deadline(ctx))
                 return await self._stream(request, upstream, first, target, ctx, scope)
@@ -227,13 +213,13 @@ class Relay:
             self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
         return ctx.done(web.Response(status=upstream.status, body=payload, headers=headers))
 
-    async def _read(self, upstream: aiohttp.ClientResponse, target: Target) -> bytes:
+    async def _read(self, upstream: Response, target: Target) -> bytes:
         try:
             return await upstream.read()
         except CUT_OFF as e:
             raise Failure("midstream", None, f"{target.name}: answer cut off: {e}") from None
 
-    def _error_answer(self, upstream: aiohttp.ClientResponse, payload: bytes, target: Target, ctx: Ctx) -> web.Response:
+    def _error_answer(self, upstream: Response, payload: bytes, target: Target, ctx: Ctx) -> web.Response:
         """An error status: the client's answer if the request was at fault (nothing counted,
         nothing retried), else a Failure to retry elsewhere. The backend decides which."""
         judgement = target.judge(upstream.status, payload)
@@ -250,7 +236,7 @@ class Relay:
             raise Failure(kind, resp, f"{target.name}: full, HTTP {upstream.status}", counted=judgement.counted)
         raise Failure("status_5xx", resp, f"{target.name}: HTTP {upstream.status}: {payload[:200]!r}")
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse, target: Target, ctx: Ctx) -> CIMultiDict[str]:
+    def _response_headers(self, upstream: Response, target: Target, ctx: Ctx) -> CIMultiDict[str]:
         h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
         h.popall("Date", None)
         h.popall("Server", None)
@@ -275,7 +261,7 @@ class Relay:
     async def _stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         first: bytes,
         target: Target,
         ctx: Ctx,
@@ -301,7 +287,7 @@ class Relay:
     async def _copy(
         self,
         resp: web.StreamResponse,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         first: bytes,
         target: Target,
         ctx: Ctx,
