@@ -45,6 +45,9 @@ def free_port_block(span: int = 20) -> int:
         ok = True
         for p in range(base, base + span):
             with socket.socket() as s:
+                # As the servers bind (asyncio sets SO_REUSEADDR): a port with connections in
+                # TIME_WAIT is free for them, and on a busy machine most ports have some.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind(("127.0.0.1", p))
                 except OSError:
