@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Literal
+from typing import IO, Literal, NamedTuple
 
 import msgspec
 import structlog
@@ -143,9 +143,15 @@ class LineWriter:
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
 
-    def _emit(self, data: bytes) -> None:
+    def write_lines(self, data: bytes, lines: int) -> None:
+        """Several whole lines (each ending in a newline) in one write(2), with the same
+        handling of failures as one line; ``lines`` counts them if they are dropped."""
+        with self._lock:
+            self._emit(data, lines)
+
+    def _emit(self, data: bytes, lines: int = 1) -> None:
         if self._failing_since is not None and time.monotonic() < self._retry_at:
-            self._drop()
+            self._drop(lines)
             return
         try:
             if self._failing_since is not None:
@@ -154,7 +160,7 @@ class LineWriter:
             self._write_all(data)
         except OSError as e:
             self._failed(e)
-            self._drop()
+            self._drop(lines)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -163,9 +169,9 @@ class LineWriter:
             self._line_start = view[n - 1] == ord("\n") if n else self._line_start
             view = view[n:]
 
-    def _drop(self) -> None:
-        self.dropped_lines += 1
-        self._lost += 1
+    def _drop(self, lines: int = 1) -> None:
+        self.dropped_lines += lines
+        self._lost += lines
 
     def _recovery_notice(self) -> bytes:
         since = self._failing_since or time.time()
@@ -203,6 +209,24 @@ class LineWriter:
 
 
 _writer: LineWriter | None = None
+
+
+class JsonSink(NamedTuple):
+    """For a hot path that renders its own JSON lines (the access log): where they go, the
+    journal priority prefix an info line takes there, and the encoder every line uses."""
+
+    writer: LineWriter
+    info_prefix: bytes  # b"<6>" when stderr is the journal, else b""
+    dumps: Callable[[object], bytes]
+
+
+_json_sink: JsonSink | None = None
+
+
+def json_sink() -> JsonSink | None:
+    """The sink for self-rendered JSON info lines; None when logs are not JSON lines, or info
+    lines are filtered out (then log through structlog, which renders or drops them)."""
+    return _json_sink
 
 
 def dropped_lines() -> int:
@@ -248,6 +272,10 @@ def configure_logging(
         sys.stderr.flush()  # what print() left buffered goes first
     _writer = LineWriter(sys.stderr.fileno(), notice, journal_socket, os.path.basename(sys.argv[0] or "gpufleet"))
     writer = _writer
+    global _json_sink
+    info_lines = _LEVELS.get(level, logging.INFO) <= logging.INFO
+    prefix = b"<6>" if stderr_is_journal() else b""
+    _json_sink = JsonSink(writer, prefix, _encoder.encode) if fmt == "json" and info_lines else None
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),

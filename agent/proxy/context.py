@@ -6,6 +6,8 @@ Kept apart from the forwarding code in server.py so each reads top-down.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,6 +58,16 @@ HOP_BY_HOP = HOP_BY_HOP_HEADERS  # RFC 9110 §7.6.1, plus those aiohttp sets its
 # allows, and refuses the others with 415): labelled as still encoded, the upstream would fail on it.
 REQUEST_HOP_BY_HOP = HOP_BY_HOP | {"content-encoding"}
 UNKNOWN_MODEL_LABEL = "_unknown"  # keeps a client's random model names out of metric labels
+
+
+# X-Request-ID when the client sent none: 32 hex digits, as a uuid4's, but this process's
+# random 64 bits and a counter: unique across the fleet without a random draw per request.
+_RID_PREFIX = os.urandom(8).hex()
+_rid_counter = itertools.count(int.from_bytes(os.urandom(4)))
+
+
+def new_request_id() -> str:
+    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
 class Head(msgspec.Struct):

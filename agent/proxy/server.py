@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
@@ -31,7 +30,8 @@ from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
 from gpufleet.routeslices import has_ready
 
-from .context import ANTHROPIC_ROUTES, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, parse_head
+from .accesslog import AccessLog
+from .context import ANTHROPIC_ROUTES, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, new_request_id, parse_head
 from .degrade import FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
@@ -47,7 +47,6 @@ log = structlog.get_logger("agent.proxy")
 GATEWAY_FAILURES = frozenset({"connect", "status_5xx", "timeout", "midstream"})
 # The client waited for an answer that never came: retried even past retry_budget_s.
 ABANDONED = frozenset({"node_down", "instance_down", "timeout"})
-access = structlog.get_logger("agent.access")
 T = TypeVar("T")
 
 
@@ -79,6 +78,7 @@ class Proxy:
         self.degrader = Degrader(upstreams, self.stats)
         self.relay = Relay(upstreams, self.stats, metrics, self.degrader, key_gate, peer_ssl)
         self.gates: dict[str, ModelGate] = {}
+        self.access_log = AccessLog()
         metrics.degradation_level.set_function(self.degrader.level)
         metrics.watch_state(self.stats, lambda: self.degrader.cache, self._queued)
 
@@ -90,6 +90,7 @@ class Proxy:
         await self.relay.start()
 
     async def close(self) -> None:
+        self.access_log.flush()
         await self.relay.close()
 
     def _queued(self) -> dict[str, int]:
@@ -137,7 +138,7 @@ class Proxy:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         ctx = Ctx(rid=rid, started=started)
         try:
             resp = await self._forward(request, ctx)
@@ -454,8 +455,7 @@ class Proxy:
         duration = time.monotonic() - ctx.started
         self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if self.cfg.access_log:
-            access.info(
-                "request",
+            self.access_log.record(
                 request_id=ctx.rid,
                 method=request.method,
                 path=request.path,
