@@ -67,8 +67,11 @@ async def test_lines_a_full_disk_drops_are_counted(sink) -> None:  # type: ignor
 async def test_without_json_logs_lines_go_through_structlog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(logsetup, "_json_sink", None)
     seen = []
-    monkeypatch.setattr(
-        "agent.proxy.accesslog.access", type("L", (), {"info": lambda self, e, **kw: seen.append((e, kw))})()
-    )
+
+    class Logger:
+        def info(self, event: str, **fields: object) -> None:
+            seen.append((event, fields))
+
+    monkeypatch.setattr("agent.proxy.accesslog.access", Logger())
     AccessLog().record(request_id="x", status=200)
     assert seen == [("request", {"request_id": "x", "status": 200})]
