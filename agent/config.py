@@ -211,6 +211,15 @@ class ProxySection(StrictSection):
     # Deprecated name of task_route_fallback. Still accepted, with a warning; both is an error.
     route_fallback: bool | None = None
     access_log: bool = True  # one log line per proxied request
+    # Between other nodes: "least_loaded" follows the route's weights at rest and moves a request
+    # to a second choice carrying less load per weight (requests this proxy has in flight there);
+    # "round_robin" follows the weights only (smooth weighted round-robin, nginx's).
+    remote_balance: Literal["least_loaded", "round_robin"] = "least_loaded"
+    # Session affinity: requests with the same value of this header (e.g. "X-Session-ID") go to
+    # the same instance or node while it is in rotation and has at most affinity_max_extra more
+    # requests in flight than the least busy one, so its prefix cache is reused. "": off.
+    affinity_header: str = ""
+    affinity_max_extra: Annotated[int, Meta(ge=0)] = 4
 
     def __post_init__(self) -> None:
         _apply_renamed_keys(self, "proxy")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -412,3 +413,61 @@ def test_the_fake_upstreams_has_what_the_interface_names() -> None:
     for obj, proto in ((up, Upstreams), (FakeInstance("a", "http://x"), Local), (up.routes, RouteView)):
         missing = {n for n in members(proto) if not hasattr(obj, n)}
         assert not missing, (proto.__name__, missing)
+
+
+# --- load-aware picks and session affinity -------------------------------------------------------
+
+
+def slow(name: str, delay_s: float) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        await asyncio.sleep(delay_s)
+        return web.json_response({"served_by": name})
+
+    return handle
+
+
+async def test_a_slow_node_sheds_its_share_to_a_fast_one(proxy_client: Any, serve: Any) -> None:
+    """Two nodes of equal weight, one 20x slower: by weight alone each gets half of the
+    requests; by load per weight the fast one takes most of them as requests pile up on the slow."""
+    fast_url, slow_url = await serve(ok("fast")), await serve(slow("slow", 0.2))
+    eps = [
+        RouteEndpoint(node="fast", instance="x", address=fast_url, gpu_class="A100", weight=100, state="READY"),
+        RouteEndpoint(node="slow", instance="x", address=slow_url, gpu_class="A100", weight=100, state="READY"),
+    ]
+    served: dict[str, Counter[str]] = {}
+    for balance in ("round_robin", "least_loaded"):
+        routes = FakeRoutes({"m": RouteRecord(model="m", epoch=1, updated_at=0.0, endpoints=eps)})
+        client = await proxy_client(FakeUpstreams([], routes, remote_balance=balance))
+        served[balance] = Counter()
+
+        async def worker(client: Any = client, seen: Counter[str] = served[balance]) -> None:
+            for _ in range(5):  # a closed loop: the next request when the last is answered
+                r = await client.post(CHAT, json=chat())
+                assert r.status == 200
+                seen[(await r.json())["served_by"]] += 1
+
+        await asyncio.gather(*(worker() for _ in range(4)))
+    assert served["round_robin"] == {"fast": 10, "slow": 10}
+    assert served["least_loaded"]["fast"] >= 15, served
+
+
+async def test_a_session_sticks_to_one_instance_until_it_is_much_busier(proxy_client: Any, serve: Any) -> None:
+    instances = [FakeInstance(n, await serve(ok(n))) for n in ("a", "b", "c")]
+    client = await proxy_client(FakeUpstreams(instances, affinity_header="X-Session-ID", affinity_max_extra=2))
+
+    async def served_by(session: str | None) -> str:
+        r = await client.post(CHAT, json=chat(), headers={"X-Session-ID": session} if session else {})
+        return (await r.json())["served_by"]
+
+    homes = {s: {await served_by(s) for _ in range(4)} for s in ("alice", "bob", "carol", "dave", "erin")}
+    assert all(len(h) == 1 for h in homes.values()), homes  # each session: one instance
+    assert len(set().union(*homes.values())) > 1  # and the sessions spread
+    assert len({await served_by(None) for _ in range(6)}) == 3  # no session: least in-flight, rotating
+    home = next(iter(homes["alice"]))
+    stats = client.proxy.stats.upstream(home)
+    stats.in_flight += 3  # alice's instance is busy: more than 2 above the others
+    try:
+        assert await served_by("alice") != home
+    finally:
+        stats.in_flight -= 3
+    assert await served_by("alice") == home  # and back once it is not

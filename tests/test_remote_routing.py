@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
 
 from agent.proxy.remote import MAX_HOPS, RemotePicker, hops_of
-from agent.proxy.routing import Picker, SmoothWeighted
+from agent.proxy.routing import LeastLoaded, Picker, SmoothWeighted, affine
 from gpufleet.keyspace.records import RouteEndpoint, RouteRecord
 
 
@@ -41,6 +42,36 @@ def test_least_in_flight_with_rotating_ties() -> None:
     assert [p.pick("m", [a, b, c], load.__getitem__).name for _ in range(4)] == ["a", "b", "a", "b"]  # type: ignore[union-attr]
     load["b"] = 1
     assert p.pick("m", [a, b, c], load.__getitem__) is a
+
+
+def test_least_loaded_follows_the_weights_at_rest_and_sheds_load() -> None:
+    ll, rr = LeastLoaded(random.Random(1)), SmoothWeighted()
+    keys = [("a", 5), ("b", 1), ("c", 1)]
+    idle = {"a": 0, "b": 0, "c": 0}
+    assert [ll.pick(keys, idle.__getitem__) for _ in range(14)] == [rr.pick(keys) for _ in range(14)]
+    # "a" is slow: requests pile up there; the second choice takes the request when it carries
+    # less load per weight (b: 1 in flight at weight 1 beats a: 6 at weight 5).
+    busy = {"a": 6, "b": 1, "c": 3}
+    picks = Counter(ll.pick(keys, busy.__getitem__) for _ in range(700))
+    # a (1.2 per weight) sheds part of its 5/7 to b (1.0); c (3.0) is the busiest and gets none.
+    assert picks["a"] < 500 and picks["b"] > 100 and picks["c"] == 0
+    fair = {"a": 5, "b": 1, "c": 1}  # load in proportion to weight: the weights decide alone
+    assert Counter(ll.pick(keys, fair.__getitem__) for _ in range(700)) == {"a": 500, "b": 100, "c": 100}
+    assert ll.pick([], idle.__getitem__) is None and ll.pick([("a", 1)], busy.__getitem__) == "a"
+
+
+def test_a_session_sticks_to_one_key_and_moves_only_when_its_key_leaves() -> None:
+    keys = [("a", 1), ("b", 1), ("c", 1)]
+    home = {s: affine(s, keys, str) for s in (f"session-{i}" for i in range(600))}
+    assert all(affine(s, keys, str) == k for s, k in home.items())  # stable
+    spread = Counter(home.values())
+    assert min(spread.values()) > 150  # about a third each
+    without_c = [("a", 1), ("b", 1)]
+    moved = [s for s, k in home.items() if k != "c" and affine(s, without_c, str) != k]
+    assert moved == []  # only c's sessions move
+    heavy = Counter(affine(s, [("a", 3), ("b", 1)], str) for s in home)
+    assert 400 < heavy["a"] < 500  # weighted: about 3/4
+    assert affine("s", [], str) is None and affine("s", [("a", 0)], str) is None
 
 
 def test_remote_candidates_same_class_only_unless_allowed() -> None:

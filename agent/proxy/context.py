@@ -151,6 +151,7 @@ class Plan:
     # after all if no other node can, so a request is never refused while a local one is READY.
     deferred: list[LocalUpstream] = field(default_factory=list)
     gate: ModelGate | None = None  # the local concurrency gate, once acquired
+    session: str | None = None  # the client's session ([proxy] affinity_header): sticks to one target
 
 
 class Ctx:

@@ -26,7 +26,7 @@ from gpufleet.facts import HOPS_HEADER as HOPS_HEADER  # re-exported for the pro
 from gpufleet.keyspace.records import RouteRecord
 
 from .context import Failure
-from .routing import SmoothWeighted
+from .routing import LeastLoaded, SmoothWeighted
 
 T = TypeVar("T")
 
@@ -73,6 +73,7 @@ class RemotePicker:
         self.node_id = node_id
         self._targets: dict[tuple[str, str], RemoteTarget] = {}
         self._rr: dict[str, SmoothWeighted] = {}
+        self._ll: dict[str, LeastLoaded] = {}
 
     def candidates(self, route: RouteRecord, own_classes: set[str], tried: set[str]) -> list[tuple[RemoteTarget, int]]:
         eps = [e for e in route.endpoints if e.state == "READY" and e.weight > 0 and e.node != self.node_id]
@@ -91,9 +92,18 @@ class RemotePicker:
         healthy = [(t, w) for t, w in out if t.suspect_until <= now]
         return healthy or out
 
-    def pick(self, model: str, weighted: list[tuple[RemoteTarget, int]]) -> RemoteTarget | None:
-        rr = self._rr.setdefault(model, SmoothWeighted())
-        return rr.pick(weighted)  # type: ignore[return-value]
+    def pick(
+        self,
+        model: str,
+        weighted: list[tuple[RemoteTarget, int]],
+        load: Callable[[RemoteTarget], int],
+        balance: str = "least_loaded",
+    ) -> RemoteTarget | None:
+        """By the route's weights (``round_robin``), corrected by ``load``: requests this proxy
+        has in flight there (``least_loaded``, routing.LeastLoaded)."""
+        if balance == "round_robin":
+            return self._rr.setdefault(model, SmoothWeighted()).pick(weighted)  # type: ignore[return-value]
+        return self._ll.setdefault(model, LeastLoaded()).pick(weighted, load)
 
 
 async def unless_node_leaves(

@@ -8,7 +8,10 @@ not block image requests (the OpenClaw multi-instance setup, docs/sources.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import hashlib
+import math
+import random
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Literal, Protocol, TypeVar
 
 import msgspec
@@ -24,6 +27,7 @@ class Candidate(Protocol):
 
 
 C = TypeVar("C", bound=Candidate)
+K = TypeVar("K", bound=Hashable)
 
 
 class _Part(msgspec.Struct):
@@ -113,3 +117,48 @@ class SmoothWeighted:
         if len(self._current) > 2 * len(live):  # forget endpoints that left the route
             self._current = {k: v for k, v in self._current.items() if k in live}
         return best
+
+
+class LeastLoaded:
+    """Smooth weighted round-robin, corrected by load (power of two choices).
+
+    The round-robin names a first choice, so that at rest the weights set each key's share
+    exactly; a second key, drawn at random in proportion to weight, takes the request instead
+    when it carries less load per unit of weight (requests in flight from this proxy / weight).
+    A slow or overloaded key therefore sheds its share as soon as requests pile up on it,
+    without waiting for its telemetry to lower its weight (seconds later), and a key with
+    nothing in flight is never passed over for a busier one. As Envoy's least-request balancer,
+    with a round-robin rather than a random first draw.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rr = SmoothWeighted()
+        self._rng = rng or random.Random()
+
+    def pick(self, weighted: Sequence[tuple[K, int]], load: Callable[[K], int]) -> K | None:
+        first = self._rr.pick(weighted)
+        if first is None or len(weighted) == 1:
+            return first  # type: ignore[return-value]
+        others = [(k, w) for k, w in weighted if k is not first]
+        second = self._rng.choices([k for k, _ in others], [w for _, w in others])[0]
+        w_first = next(w for k, w in weighted if k is first)
+        w_second = next(w for k, w in others if k is second)
+        # load/weight compared without a division: a lighter second choice takes the request.
+        if load(second) * w_first < load(first) * w_second:  # type: ignore[arg-type]
+            return second
+        return first  # type: ignore[return-value]
+
+
+def affine(session: str, keys: Sequence[tuple[K, int]], name: Callable[[K], str]) -> K | None:
+    """The key a session sticks to: weighted rendezvous hashing, so a key leaving moves only
+    its own sessions, and a new key takes its share from every other one alike."""
+    best, best_score = None, -math.inf
+    for key, weight in keys:
+        if weight <= 0:
+            continue
+        digest = hashlib.blake2b(f"{session}\0{name(key)}".encode(), digest_size=8).digest()
+        u = (int.from_bytes(digest) + 0.5) / 2.0**64  # uniform in (0, 1)
+        score = -weight / math.log(u)
+        if score > best_score:
+            best, best_score = key, score
+    return best

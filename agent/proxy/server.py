@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -37,7 +37,7 @@ from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
 from .relay import BUSY, CAPACITY, Relay, Target
 from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_node_leaves
-from .routing import Picker, classify_task, task_route_group
+from .routing import K, Picker, affine, classify_task, task_route_group
 from .stats import ProxyStats
 from .surface import labelled
 from .upstreams import LocalUpstream, Upstreams
@@ -283,6 +283,8 @@ class Proxy:
         self, request: web.Request, body: bytes, model: str, serving: list[LocalUpstream], route: RouteRecord | None
     ) -> Plan:
         plan = Plan(model=model, serving=serving, route=None)
+        if self.cfg.affinity_header:
+            plan.session = request.headers.get(self.cfg.affinity_header) or None
         if route is not None and hops_of(request.headers.get(HOPS_HEADER)) < MAX_HOPS:
             plan.route = route
         task_routes = self.cfg.task_routes
@@ -410,9 +412,26 @@ class Proxy:
             return local
         if plan.route is not None:
             candidates = self.remote.candidates(plan.route, self.upstreams.gpu_classes(), tried)
-            if (remote := self.remote.pick(ctx.model or "", candidates)) is not None:
+            if (remote := self._pick_remote(plan, candidates, ctx)) is not None:
                 return remote
         return self._pick_local(plan, tried, ctx, suspect_ok=True)
+
+    def _pick_remote(self, plan: Plan, candidates: list[tuple[RemoteTarget, int]], ctx: Ctx) -> RemoteTarget | None:
+        in_flight = self.stats.in_flight
+        if plan.session is not None and candidates:
+            sticky = self._sticky(plan.session, candidates, lambda t: in_flight(t.name))
+            if sticky is not None:
+                return sticky
+        return self.remote.pick(ctx.model or "", candidates, lambda t: in_flight(t.name), self.cfg.remote_balance)
+
+    def _sticky(self, session: str, keys: Sequence[tuple[K, int]], load: Callable[[K], int]) -> K | None:
+        """The session's target, unless it has affinity_max_extra more in flight than the
+        least busy one (then the request goes by load, and the session sticks again later)."""
+        target = affine(session, keys, lambda k: k.name)  # type: ignore[attr-defined]
+        if target is None:
+            return None
+        least = min(load(k) for k, _ in keys)
+        return target if load(target) <= least + self.cfg.affinity_max_extra else None
 
     def _pick_local(self, plan: Plan, tried: set[str], ctx: Ctx, *, suspect_ok: bool) -> LocalUpstream | None:
         in_flight = self.stats.in_flight
@@ -422,6 +441,10 @@ class Proxy:
         if plan.group is not None:
             grouped = [i for i in ready if i.name in plan.group]
             ready = grouped if grouped or not self.cfg.task_route_fallback else ready
+        if plan.session is not None and len(ready) > 1:
+            sticky = self._sticky(plan.session, [(i, 1) for i in ready], lambda i: in_flight(i.name))
+            if sticky is not None:
+                return sticky
         return self.picker.pick(ctx.model or "", ready, in_flight)
 
     async def _try(self, request: web.Request, body: bytes, target: Target, ctx: Ctx) -> web.StreamResponse:
