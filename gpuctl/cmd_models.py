@@ -30,6 +30,7 @@ def _model_from_args(args: argparse.Namespace) -> ModelRecord:
         path=args.path,
         backend=args.backend,
         replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica,
         min_vram_gib=args.min_vram_gib,
         classes=classes,
         size_bytes=args.size_bytes,
@@ -115,6 +116,7 @@ def format_models(rows: list[dict[str, Any]]) -> str:
                 m.name,
                 m.backend,
                 f"{len(r['nodes'])}/{m.replicas}",
+                str(m.gpus_per_replica),
                 ",".join(m.classes) or "any",
                 "-" if m.min_vram_gib is None else f"{m.min_vram_gib:g}",
                 m.fallback or "-",
@@ -124,7 +126,8 @@ def format_models(rows: list[dict[str, Any]]) -> str:
         )
         notes.extend(f"{m.name}: {reason}" for reason in r["reasons"])
         notes.extend(f"{m.name}: path unavailable on {node}: {err}" for node, err in r["path_unavailable_on"].items())
-    text = ctl.render_table(table, ["MODEL", "BACKEND", "PLACED", "CLASSES", "VRAM GiB", "FALLBACK", "NODES", "PATH"])
+    head = ["MODEL", "BACKEND", "PLACED", "GPUS", "CLASSES", "VRAM GiB", "FALLBACK", "NODES", "PATH"]
+    text = ctl.render_table(table, head)
     return text + ("\n\n" + "\n".join(notes) if notes else "")
 
 
@@ -160,7 +163,12 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     add.add_argument("--path", required=True, help="absolute path on shared storage, the same on every host")
     add.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
     add.add_argument("--replicas", type=int, default=1)
-    add.add_argument("--min-vram-gib", type=float, help="GPU memory one replica needs (default: a whole GPU)")
+    add.add_argument(
+        "--gpus-per-replica", type=int, default=1, help="GPUs one replica spans, tensor parallel (one class, one node)"
+    )
+    add.add_argument(
+        "--min-vram-gib", type=float, help="GPU memory one replica needs on each of its GPUs (default: a whole GPU)"
+    )
     add.add_argument("--gpu-memory-fraction", type=float, help="share of the GPU to give the backend")
     add.add_argument("--classes", help="allowed GPU classes, comma-separated (default: any)")
     add.add_argument("--size-bytes", type=int, help="checked by each agent before it starts the model")

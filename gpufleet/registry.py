@@ -44,6 +44,8 @@ def validate_model(rec: ModelRecord) -> list[str]:
     out.extend(f"path: {p}" for p in path_problems(rec.path))
     if not 0 <= rec.replicas <= 1000:
         out.append("replicas: must be between 0 and 1000")
+    if not 1 <= rec.gpus_per_replica <= 16:
+        out.append("gpus_per_replica: must be between 1 and 16")
     if rec.min_vram_gib is not None and not 0 < rec.min_vram_gib <= 4096:
         out.append("min_vram_gib: must be more than 0 and at most 4096")
     if rec.gpu_memory_fraction is not None and not 0 < rec.gpu_memory_fraction <= 1:

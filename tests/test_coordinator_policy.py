@@ -163,13 +163,13 @@ def test_heating_lowers_weight_monotonically() -> None:
 @pytest.mark.parametrize(
     ("gpus", "instance_gpus", "expected"),
     [
-        # Mean utilization, hottest GPU, first GPU's class.
-        ([gpu(0, util=20, temp=60), gpu(1, util=40, temp=75)], [0, 1], ("A100", 30.0, 75.0)),
+        # Busiest GPU's utilization, hottest GPU, first GPU's class.
+        ([gpu(0, util=20, temp=60), gpu(1, util=40, temp=75)], [0, 1], ("A100", 40.0, 75.0)),
         ([gpu(0, "H100", util=50, temp=70), gpu(1, "A10")], [0], ("H100", 50.0, 70.0)),
         # Listed out of index order: found by index, not position.
         ([gpu(1, util=80, temp=70), gpu(0, util=20, temp=50)], [0], ("A100", 20.0, 50.0)),
         # A GPU with unknown utilization counts as busy; unknown temperatures are skipped.
-        ([gpu(0, util=None, temp=None), gpu(1, util=0, temp=None)], [0, 1], ("A100", 50.0, None)),
+        ([gpu(0, util=None, temp=None), gpu(1, util=0, temp=None)], [0, 1], ("A100", 100.0, None)),
         # CPU-only instance: class CPU whatever the node's GPUs, no load, neutral temperature.
         ([gpu(0, "A10", util=90, temp=88)], [], ("CPU", 0.0, None)),
         ([], [], ("CPU", 0.0, None)),
@@ -185,7 +185,7 @@ def test_instance_telemetry(
 
 def test_instance_weight_uses_its_gpus_and_health_ratio() -> None:
     rec = node(gpus=[gpu(0, util=20, temp=60), gpu(1, util=40, temp=75), gpu(2, util=100, temp=95)])
-    assert instance_weight(rec, inst(gpus=[0, 1], health=0.5)) == endpoint_weight("A100", 30, 75, 0.5) == 72
+    assert instance_weight(rec, inst(gpus=[0, 1], health=0.5)) == endpoint_weight("A100", 40, 75, 0.5) == 66
     # A CPU-only instance on a GPU-less node: default base × health score.
     assert instance_weight(node(gpus=[]), inst(gpus=[], health=1.0)) == 100
 

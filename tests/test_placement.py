@@ -590,3 +590,77 @@ def test_same_input_same_plan_in_any_dict_order() -> None:
         "n3": [("b", 0)],
         "n4": [("b", 1), ("c", 0)],
     }
+
+
+# --- multi-GPU (tensor-parallel) replicas ---------------------------------------------------------
+
+
+def tp(n: int, replicas: int = 1, vram: float | None = 40, classes: list[str] | None = None) -> ModelRecord:
+    import msgspec
+
+    return msgspec.structs.replace(model(replicas=replicas, vram=vram, classes=classes), gpus_per_replica=n)
+
+
+def test_a_tp2_replica_takes_the_two_freest_gpus_of_one_class_on_one_node() -> None:
+    a = node("a", [gpu(0, free=50), gpu(1, free=79), gpu(2, free=45), gpu(3, free=78)])
+    plan = place(models(tp(2)), views(a), {}, NOW)
+    assert where(plan) == {"a": [1, 3]}
+    assert plan.moved == ["placed qwen on a GPUs 1,3"]
+    (inst,) = plan.assignments["a"]
+    assert inst.gpu_memory_fraction == 0.5  # 40 GiB on each 80 GiB GPU
+
+
+def test_gpus_of_two_classes_do_not_make_one_replica() -> None:
+    mixed = node("mixed", [gpu(0, "A100"), gpu(1, "H100")])
+    plan = place(models(tp(2)), views(mixed), {}, NOW)
+    assert plan.assignments == {}
+    assert plan.status["qwen"].reasons == [
+        "no node has 2 fitting GPUs of one class for a replica (at most 1 on one node)"
+    ]
+    # ...but a node with two of the same class takes it, whatever else it has.
+    h = node("h", [gpu(0, "A100"), gpu(1, "H100"), gpu(2, "H100", free=60)])
+    assert where(place(models(tp(2)), views(mixed, h), {}, NOW)) == {"h": [1, 2]}
+
+
+def test_fragmented_free_memory_does_not_fit_and_says_so() -> None:
+    # Two GPUs with 30 GiB free each: a TP=2 replica needs 40 GiB on each.
+    busy = node("busy", [gpu(0, free=30), gpu(1, free=30), gpu(2, free=79)])
+    plan = place(models(tp(2)), views(busy), {}, NOW)
+    assert plan.assignments == {} and plan.status["qwen"].unplaced == 1
+    reasons = plan.status["qwen"].reasons
+    assert any(r.startswith("insufficient GPU memory: needs 40.0 GiB") for r in reasons)
+    assert "no node has 2 fitting GPUs of one class for a replica (at most 1 on one node)" in reasons
+
+
+def test_tp_replicas_prefer_the_node_whose_chosen_gpus_leave_most_and_charge_each_gpu() -> None:
+    roomy = node("roomy", [gpu(0, free=79), gpu(1, free=70)])
+    tight = node("tight", [gpu(0, free=79), gpu(1, free=45)])
+    plan = place(models(tp(2, replicas=1)), views(roomy, tight), {}, NOW)
+    assert where(plan) == {"roomy": [0, 1]}
+    # Charged on both GPUs: a second model of 40 GiB per GPU no longer fits beside the first.
+    other = msgspec_replace(tp(2), name="other", path="/models/other")
+    plan = place(models(tp(2), other), views(roomy), {}, NOW)
+    assert where(plan, "other") == {"roomy": [0, 1]}  # same size: by name
+    assert where(plan) == {} and plan.status["qwen"].unplaced == 1
+
+
+def test_a_kept_replica_moves_when_its_gpu_count_changes_or_one_gpu_is_lost() -> None:
+    a = node("a", [gpu(0), gpu(1), gpu(2)], instances=[rinst("qwen", gpus=[0, 1])])
+    b = node("b", [gpu(0), gpu(1), gpu(2), gpu(3)])
+    current = {"a": [AssignedInstance(name=assigned_instance_name("qwen"), model="qwen", path="/models/qwen",
+                                      backend="vllm", gpus=[0, 1], gpu_memory_fraction=0.5)]}  # fmt: skip
+    assert where(place(models(tp(2)), views(a, b), current, NOW)) == {"a": [0, 1]}  # kept as it is
+    # Three per replica now: the new one is placed; the old one serves until it is READY.
+    plan = place(models(tp(3)), views(a, b), current, NOW)
+    assert where(plan) == {"a": [0, 1], "b": [0, 1, 2]}
+    # A GPU of the replica lost: it does not serve any more, and goes at once.
+    lost = node("a", [gpu(0), gpu(1, lost=True), gpu(2), gpu(3)], instances=[rinst("qwen", gpus=[0, 1])])
+    plan = place(models(tp(2)), views(lost), current, NOW)
+    assert where(plan) == {"a": [2, 3]}  # GPU 0 still holds the old one's share
+    assert "removed qwen from a: GPU 1 lost" in plan.moved
+
+
+def msgspec_replace(m: ModelRecord, **kw: object) -> ModelRecord:
+    import msgspec
+
+    return msgspec.structs.replace(m, **kw)

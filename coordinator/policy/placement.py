@@ -4,14 +4,15 @@ The leader runs ``place`` every tick on (registered models, its view of the node
 assignments) and writes the assignment records that changed. The rules, in the order applied:
 
 1. One replica per (model, node): replicas are spread so that losing a node costs one replica.
-   A replica uses exactly one GPU; multi-GPU (tensor-parallel) replicas are out of scope.
+   A replica uses ``gpus_per_replica`` GPUs (tensor parallel), all of one class, on one node.
 2. A node is eligible for model M when it has a record, is not DOWN, not drained, has a GPU
    that is not lost and whose class M allows (no classes = any), M's path is not known to be
    unusable there (availability ``False``: missing, unreadable, wrong size or checksum), and M's
    replica there is not FAILED (otherwise it would be placed straight back where it fails).
 3. A GPU fits a new replica when its free memory, less what replicas already placed there will
    take once started ("pending"), covers the replica's need, and the memory fractions promised
-   on it stay within ``memory_budget``. Instances WARMING/READY/UNHEALTHY already hold their
+   on it stay within ``memory_budget``; a replica of N GPUs needs N fitting GPUs of one class
+   (the need is per GPU). Instances WARMING/READY/UNHEALTHY already hold their
    memory, so the measured free memory counts them; STARTING/RESTARTING/FAILED/STOPPED ones and
    replicas without an instance yet do not, so the plan charges them itself.
 4. Stability first: a current assignment is kept unless it has a cause to move (model removed,
@@ -25,8 +26,10 @@ assignments) and writes the assignment records that changed. The rules, in the o
    by node name descending.
 5. Missing replicas go to the best eligible node without one: path verified (True) before not
    yet checked (None), READY before DEGRADED, fewer replicas in this plan, more free memory on
-   the chosen GPU, node name. On the node, the fitting GPU with most free memory (then lowest
-   index). Larger models are placed first (first-fit decreasing packs better); a model with no
+   the chosen GPUs (the least free of them), node name. On the node, the fitting GPUs with most
+   free memory (then lowest index); for N GPUs, of the class whose N best leave the most. The
+   agents do not report the GPUs' interconnect (NVLink, PCIe switches) yet, so it plays no
+   part. Larger models are placed first (first-fit decreasing packs better); a model with no
    size wants a whole GPU, so it counts as the largest.
 6. What cannot be placed is counted in ``unplaced`` with one reason line per distinct cause.
 7. Make before break. A replica with a cause to move that still serves where it is (its
@@ -145,14 +148,16 @@ class _Ledger:
                     self.frac[(node, i)] = self.frac.get((node, i), 0.0) + (inst.gpu_memory_fraction or 0.0)
 
     def charge(self, node: str, rec: NodeRecord | None, inst: AssignedInstance, need: int) -> None:
+        """``need``: bytes on each of the replica's GPUs."""
         if rec is None:
             return
-        key = (node, inst.gpus[0])
         existing = self.look.instance(rec, inst.name)
-        if existing is None:  # with a record, its fraction is counted already
-            self.frac[key] = self.frac.get(key, 0.0) + (inst.gpu_memory_fraction or 0.0)
-        if existing is None or existing.state in _NOT_HOLDING:
-            self.pending[key] = self.pending.get(key, 0) + need
+        for index in inst.gpus:
+            key = (node, index)
+            if existing is None:  # with a record, its fraction is counted already
+                self.frac[key] = self.frac.get(key, 0.0) + (inst.gpu_memory_fraction or 0.0)
+            if existing is None or existing.state in _NOT_HOLDING:
+                self.pending[key] = self.pending.get(key, 0) + need
 
 
 def _keep_cause(
@@ -168,8 +173,8 @@ def _keep_cause(
         return "model no longer registered"
     if view is None:
         return "node unknown"
-    if len(a.gpus) != 1:
-        return "not a single-GPU replica"
+    if len(a.gpus) != m.gpus_per_replica:
+        return f"{len(a.gpus)} GPUs, model wants {m.gpus_per_replica} per replica"
     if view.state == "DOWN" or view.record is None:
         if view.down_since is None:  # the caller cannot say since when: do not wait forever
             return "node DOWN"
@@ -180,11 +185,12 @@ def _keep_cause(
     rec = view.record
     if rec is None:  # DOWN within the grace time: nothing more to check against
         return None
-    g = next((g for g in rec.gpus if g.index == a.gpus[0]), None)
-    if g is None or g.lost:
-        return f"GPU {a.gpus[0]} {'lost' if g else 'gone'}"
-    if not _class_ok(m, g):
-        return f"GPU {g.index} is {g.gpu_class}, model allows {' or '.join(m.classes)}"
+    for index in a.gpus:
+        g = next((g for g in rec.gpus if g.index == index), None)
+        if g is None or g.lost:
+            return f"GPU {index} {'lost' if g else 'gone'}"
+        if not _class_ok(m, g):
+            return f"GPU {g.index} is {g.gpu_class}, model allows {' or '.join(m.classes)}"
     av = look.availability(rec, m.name)
     if av is not None and av.available is False:
         return f"path unavailable: {av.error or 'check failed'}"
@@ -195,12 +201,13 @@ def _keep_cause(
 
 
 def _serving(view: NodeView | None, a: AssignedInstance, look: _Lookup) -> bool:
-    """Rule 7: the replica still serves where it is (READY, on a node not DOWN, GPU not lost)."""
-    if view is None or view.record is None or view.state == "DOWN" or len(a.gpus) != 1:
+    """Rule 7: the replica still serves where it is (READY, on a node not DOWN, no GPU lost)."""
+    if view is None or view.record is None or view.state == "DOWN" or not a.gpus:
         return False
     inst = look.instance(view.record, a.name)
-    g = next((g for g in view.record.gpus if g.index == a.gpus[0]), None)
-    return inst is not None and inst.state == "READY" and g is not None and not g.lost
+    gpus = {g.index: g for g in view.record.gpus}
+    live = all(i in gpus and not gpus[i].lost for i in a.gpus)
+    return inst is not None and inst.state == "READY" and live
 
 
 def _retire(
@@ -243,13 +250,13 @@ def _keep_rank(
     return (inst is None or inst.state != "READY", view.state != "READY", entry[0])
 
 
-def _replica(m: ModelRecord, gpu: int, frac: float | None) -> AssignedInstance:
+def _replica(m: ModelRecord, gpus: list[int], frac: float | None) -> AssignedInstance:
     return AssignedInstance(
         name=assigned_instance_name(m.name),
         model=m.name,
         path=m.path,
         backend=m.backend,
-        gpus=[gpu],
+        gpus=list(gpus),
         gpu_memory_fraction=frac,
         args=list(m.args),
     )
@@ -276,6 +283,7 @@ class _Why:
         self.eligible = 0  # nodes eligible (rule 2), holders included
         self.short: tuple[int, int, str, int] | None = None  # (free, need, node, GPU) most free, too small
         self.budget: tuple[float, float, str, int] | None = None  # (left, frac, node, GPU) most left, too small
+        self.too_few = -1  # multi-GPU replicas: most fitting GPUs of one class on a node, when too few
 
     def add(self, kind: str, node: str, detail: str = "") -> None:  # returns None for _eligible's sake
         self.causes.setdefault((kind, detail), []).append(node)
@@ -297,6 +305,11 @@ class _Why:
             out.append(
                 f"GPU memory budget exceeded: needs a {frac:.2f} share, "
                 f"at most {max(left, 0):.2f} left (budget {policy.memory_budget:.2f}) on {node} GPU {gpu}"
+            )
+        if self.too_few >= 0:
+            out.append(
+                f"no node has {m.gpus_per_replica} fitting GPUs of one class for a replica "
+                f"(at most {self.too_few} on one node)"
             )
         if 0 < self.eligible < m.replicas:  # with none eligible, the lines above say it all
             n = self.eligible
@@ -330,11 +343,12 @@ def _eligible(m: ModelRecord, inst_name: str, node: str, view: NodeView, why: _W
     return rec
 
 
-def _best_gpu(
+def _best_gpus(
     m: ModelRecord, node: str, rec: NodeRecord, ledger: _Ledger, policy: PlacementPolicy, why: _Why
-) -> tuple[int, int, float, int] | None:
-    """(free after pending, GPU index, fraction, need) of the fitting GPU with most free memory, or None."""
-    best = None
+) -> tuple[int, list[int], float, int] | None:
+    """(free after pending on the least free of them, GPU indexes, fraction, need per GPU) of the
+    ``gpus_per_replica`` fitting GPUs of one class with most free memory, or None."""
+    fitting: dict[str, list[tuple[int, int, float, int]]] = {}  # class -> (free, index, frac, need)
     for g in sorted(rec.gpus, key=lambda g: g.index):
         if g.lost or not _class_ok(m, g):
             continue
@@ -350,8 +364,20 @@ def _best_gpu(
         elif frac > left + 1e-9:
             if why.budget is None or left > why.budget[0]:
                 why.budget = (left, frac, node, g.index)
-        elif best is None or free > best[0]:
-            best = (free, g.index, frac, need)
+        else:
+            fitting.setdefault(g.gpu_class, []).append((free, g.index, frac, need))
+    n = m.gpus_per_replica
+    best = None
+    for slots in fitting.values():
+        if len(slots) < n:
+            if n > 1:
+                why.too_few = max(why.too_few, len(slots))
+            continue
+        chosen = sorted(slots, key=lambda s: (-s[0], s[1]))[:n]  # most free, then lowest index
+        least_free = min(s[0] for s in chosen)
+        if best is None or least_free > best[0]:
+            # One fraction for all of the replica's GPUs (one backend flag): the largest needed.
+            best = (least_free, sorted(s[1] for s in chosen), max(s[2] for s in chosen), max(s[3] for s in chosen))
     return best
 
 
@@ -370,7 +396,9 @@ def place(
         _keep(models[name], kept[name], draft)
     status: dict[str, ModelPlacement] = {}
     # Largest models first (first-fit decreasing packs better).
-    for name in sorted(models, key=lambda n: (-look.share(models[n], _SIZE_REF_BYTES)[1], n)):
+    for name in sorted(
+        models, key=lambda n: (-look.share(models[n], _SIZE_REF_BYTES)[1] * models[n].gpus_per_replica, n)
+    ):
         m = models[name]
         holders = {node for node, reps in draft.by_node.items() if name in reps}
         before = len(holders)
@@ -390,8 +418,8 @@ class _Draft:
         self.by_node: dict[str, dict[str, AssignedInstance]] = {}
         self.moved: list[str] = []  # for the log
 
-    def assign(self, node: str, m: ModelRecord, gpu: int, frac: float | None, need: int) -> None:
-        self.by_node.setdefault(node, {})[m.name] = inst = _replica(m, gpu, frac)
+    def assign(self, node: str, m: ModelRecord, gpus: list[int], frac: float | None, need: int) -> None:
+        self.by_node.setdefault(node, {})[m.name] = inst = _replica(m, gpus, frac)
         self.ledger.charge(node, self.nodes[node].record, inst, need)
 
     def assignments(self) -> dict[str, list[AssignedInstance]]:
@@ -438,7 +466,7 @@ def _keep(m: ModelRecord, kept: list[tuple[str, AssignedInstance]], draft: _Draf
         frac, need = a.gpu_memory_fraction, 0  # memory unknown: keep what the replica was given
         if g is not None and g.memory_total_bytes:
             frac, need = draft.look.share(m, g.memory_total_bytes)
-        draft.assign(node, m, a.gpus[0], frac, need)
+        draft.assign(node, m, a.gpus, frac, need)
 
 
 def _place_missing(m: ModelRecord, holders: set[str], policy: PlacementPolicy, draft: _Draft) -> _Why:
@@ -453,16 +481,16 @@ def _place_missing(m: ModelRecord, holders: set[str], policy: PlacementPolicy, d
     why.eligible = len(holders)  # a holder is (or, DOWN within the grace time, was) eligible
     why.class_seen = bool(holders)
     candidates = _candidates(m, holders, policy, draft, why)
-    for (*_, node), (_, gpu, frac, need) in candidates[: m.replicas - len(holders)]:
-        draft.assign(node, m, gpu, frac, need)
+    for (*_, node), (_, gpus, frac, need) in candidates[: m.replicas - len(holders)]:
+        draft.assign(node, m, gpus, frac, need)
         holders.add(node)
-        draft.moved.append(f"placed {m.name} on {node} GPU {gpu}")
+        draft.moved.append(f"placed {m.name} on {node} GPU{'s' if len(gpus) > 1 else ''} {','.join(map(str, gpus))}")
     return why
 
 
 def _candidates(
     m: ModelRecord, holders: set[str], policy: PlacementPolicy, draft: _Draft, why: _Why
-) -> list[tuple[tuple[bool, bool, int, int, str], tuple[int, int, float, int]]]:
+) -> list[tuple[tuple[bool, bool, int, int, str], tuple[int, list[int], float, int]]]:
     """(rank, slot) of every eligible node without a replica of ``m`` that has a fitting GPU, best first."""
     inst_name = assigned_instance_name(m.name)
     candidates = []
@@ -471,7 +499,7 @@ def _candidates(
         if node in holders or (rec := _eligible(m, inst_name, node, view, why, draft.look)) is None:
             continue
         why.eligible += 1
-        if (slot := _best_gpu(m, node, rec, draft.ledger, policy, why)) is None:
+        if (slot := _best_gpus(m, node, rec, draft.ledger, policy, why)) is None:
             continue
         av = draft.look.availability(rec, m.name)
         verified = av is not None and av.available is True

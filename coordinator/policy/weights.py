@@ -106,9 +106,10 @@ def endpoint_weight(
 def instance_telemetry(node: NodeRecord, inst: InstanceRecord) -> tuple[str, float | None, float | None]:
     """(gpu_class, utilization %, temperature °C) of the GPUs an instance runs on.
 
-    Class: that of the instance's first GPU. Utilization: the mean over its GPUs (a GPU with an
-    unknown value counts as 100 %, as in ``endpoint_weight``). Temperature: the hottest known
-    GPU, ``None`` if none is known. A CPU-only instance (``gpus == []``) is of class ``CPU``
+    Class: that of the instance's first GPU. Utilization: its busiest GPU (a GPU with an unknown
+    value counts as 100 %, as in ``endpoint_weight``): a tensor-parallel replica waits for all
+    its shards at every layer, so it runs at the pace of the slowest. Temperature: the hottest
+    known GPU, ``None`` if none is known. A CPU-only instance (``gpus == []``) is of class ``CPU``
     (default base weight, no load, neutral temperature) whatever GPUs its node has: it competes
     with other CPU instances, never with the node's GPU generation.
     """
@@ -116,7 +117,7 @@ def instance_telemetry(node: NodeRecord, inst: InstanceRecord) -> tuple[str, flo
     n = len(gpus)
     gpu_class: str | None = None
     count = 0
-    util_sum = 0.0
+    util_max = 0.0
     temp: float | None = None
     for idx in inst.gpus:
         # GPUs are normally listed in index order, so position == index; search only if not.
@@ -131,9 +132,9 @@ def instance_telemetry(node: NodeRecord, inst: InstanceRecord) -> tuple[str, flo
         count += 1
         u = g.utilization_percent
         if u is None or u != u or u >= 100.0:
-            util_sum += 100.0
-        elif u > 0.0:
-            util_sum += u
+            util_max = 100.0
+        elif u > util_max:
+            util_max = u
         t = g.temperature_celsius
         if t is not None and t == t and (temp is None or t > temp):
             temp = t
@@ -142,7 +143,7 @@ def instance_telemetry(node: NodeRecord, inst: InstanceRecord) -> tuple[str, flo
             return CPU_CLASS, 0.0, None
         # The node no longer reports the instance's GPUs: unknown telemetry, the node's class.
         return (gpus[0].gpu_class if gpus else CPU_CLASS), None, None
-    return gpu_class, util_sum / count, temp
+    return gpu_class, util_max, temp
 
 
 def instance_weight(node: NodeRecord, inst: InstanceRecord, policy: WeightPolicy = DEFAULT_WEIGHTS) -> int:

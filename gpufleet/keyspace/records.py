@@ -229,7 +229,9 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     path: str  # absolute path on shared storage, the same on every host
     backend: ModelBackend = DEFAULT_BACKEND
     replicas: int = 1
-    # GPU memory one replica needs; None: a whole GPU (vLLM's default share, 0.9).
+    # GPUs one replica spans (tensor parallel): all of one class, on one node.
+    gpus_per_replica: int = 1
+    # GPU memory one replica needs on each of its GPUs; None: a whole GPU (vLLM's default share, 0.9).
     min_vram_gib: float | None = None
     classes: list[str] = []  # allowed GPU classes; [] = any
     size_bytes: int | None = None  # file size, or the sum of the files under a directory
