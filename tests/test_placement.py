@@ -405,9 +405,16 @@ def test_drained_node_is_moved_before_it_is_removed() -> None:
     starting = node("n2", instances=[rinst("qwen", state="STARTING")])
     plan = place(models(model(replicas=2)), views(starting, n1=drained), plan.assignments, NOW)
     assert (where(plan), plan.moved) == ({"n1": [0], "n2": [0]}, [])
-    # The replacement READY: now the drained node's replica goes.
+    # The replacement READY, but the model wants 2 and no other node can take the second:
+    # the drained node's replica keeps serving, and the status says so (nothing is logged).
     ready = node("n2", instances=[rinst("qwen")])
     plan = place(models(model(replicas=2)), views(ready, n1=drained), plan.assignments, NOW)
+    assert (where(plan), plan.moved) == ({"n1": [0], "n2": [0]}, [])
+    assert plan.status["qwen"].reasons[-1] == (
+        "kept serving on n1 (node drained): no capacity elsewhere for its replacement"
+    )
+    # One replica wanted: its replacement READY, the drained node's replica goes.
+    plan = place(models(model()), views(ready, n1=drained), plan.assignments, NOW)
     assert where(plan) == {"n2": [0]}
     assert plan.moved == ["removed qwen from n1: node drained; its replacement is READY"]
 
@@ -428,11 +435,18 @@ def test_a_replica_that_does_not_serve_is_removed_at_once(n1: NodeView, cause: s
     assert plan.moved == [f"removed qwen from n1: {cause}", "placed qwen on n2 GPU 0"]
 
 
-def test_drained_node_with_nowhere_to_move_loses_its_replica() -> None:
+def test_drained_node_with_nowhere_to_move_keeps_serving_and_says_so() -> None:
     drained = view(node("n1", instances=[rinst("qwen")]), drained=True)
     plan = place(models(model()), views(n1=drained), {"n1": [assigned()]}, NOW)
-    assert plan.assignments == {}
-    assert plan.moved == ["removed qwen from n1: node drained"]
+    assert where(plan) == {"n1": [0]} and plan.moved == []  # unchanged: nothing to write or log
+    assert plan.status["qwen"].reasons[-1] == (
+        "kept serving on n1 (node drained): no capacity elsewhere for its replacement"
+    )
+    # Capacity appears: the replacement is placed, and the drained one goes once it is READY.
+    plan = place(models(model()), views(node("n2"), n1=drained), {"n1": [assigned()]}, NOW)
+    assert where(plan) == {"n1": [0], "n2": [0]}
+    ready = views(node("n2", instances=[rinst("qwen")]), n1=drained)
+    assert where(place(models(model()), ready, plan.assignments, NOW)) == {"n2": [0]}
 
 
 def test_bad_path_replica_serves_until_its_replacement_is_ready() -> None:

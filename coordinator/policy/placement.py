@@ -38,7 +38,9 @@ assignments) and writes the assignment records that changed. The rules, in the o
    their way elsewhere (assigned but not READY yet) and fewer READY ones than it wants; then it
    goes. Moving a single replica thus never leaves the model with nothing to serve it. (The
    routes keep a drained node's retiring replica routed while its model has no READY endpoint
-   elsewhere: policy/routes.py.) A replica that does not serve any more goes at once.
+   elsewhere: policy/routes.py.) When no replacement fits anywhere and the model lacks READY
+   replicas, the retiring replica keeps serving, and its status says so: a drain never takes
+   the last capacity away unannounced. A replica that does not serve any more goes at once.
 
 Pure: no I/O, no clock, no logging; the same input (in any dict order) gives the same plan.
 """
@@ -216,11 +218,14 @@ def _retire(
     holders: set[str],
     placed_now: int,
     draft: _Draft,
-) -> None:
+) -> list[str]:
     """Rule 7: keep the retiring replicas of ``m`` while replacements are on their way
-    (``placed_now`` of them placed by this pass: the move starts, and is logged, now)."""
+    (``placed_now`` of them placed by this pass: the move starts, and is logged, now), or while
+    the model lacks READY replicas and no replacement fits anywhere (kept serving, and said so:
+    the lines returned go into the model's placement status, not the log of every pass)."""
+    notes: list[str] = []
     if not retiring:
-        return
+        return notes
     ready = 0
     for node in holders:
         rec = draft.nodes[node].record
@@ -230,15 +235,18 @@ def _retire(
     for node, a, cause in retiring:
         if node in holders:
             draft.moved.append(f"removed {m.name} from {node}: {cause}")  # placed there anew (another GPU)
-        elif ready < m.replicas and waiting > 0:
+        elif ready < m.replicas and (waiting > 0 or len(holders) < m.replicas):
             draft.by_node.setdefault(node, {})[m.name] = a  # unchanged: no assignment write, keeps running
             if placed_now:
                 draft.moved.append(
                     f"moving {m.name} off {node}: {cause}; it serves there until its replacement is READY"
                 )
+            elif not waiting:
+                notes.append(f"kept serving on {node} ({cause}): no capacity elsewhere for its replacement")
         else:
             done = "; its replacement is READY" if ready else ""
             draft.moved.append(f"removed {m.name} from {node}: {cause}{done}")
+    return notes
 
 
 def _keep_rank(
@@ -403,8 +411,8 @@ def place(
         holders = {node for node, reps in draft.by_node.items() if name in reps}
         before = len(holders)
         why = _place_missing(m, holders, policy, draft)
-        _retire(m, retiring.get(name, []), holders, len(holders) - before, draft)
-        status[name] = _status(m, holders, why, policy)
+        notes = _retire(m, retiring.get(name, []), holders, len(holders) - before, draft)
+        status[name] = _status(m, holders, why, policy, notes)
     return PlacementPlan(assignments=draft.assignments(), status=dict(sorted(status.items())), moved=draft.moved)
 
 
@@ -509,13 +517,14 @@ def _candidates(
     return candidates
 
 
-def _status(m: ModelRecord, holders: set[str], why: _Why, policy: PlacementPolicy) -> ModelPlacement:
-    """Rule 6: where the model runs, and why replicas are missing."""
+def _status(m: ModelRecord, holders: set[str], why: _Why, policy: PlacementPolicy, notes: list[str]) -> ModelPlacement:
+    """Rule 6: where the model runs, and why replicas are missing (and which of them a retiring
+    replica stands in for)."""
     unplaced = max(m.replicas - len(holders), 0)
     return ModelPlacement(
         model=m.name,
         desired=m.replicas,
         nodes=sorted(holders),
         unplaced=unplaced,
-        reasons=why.reasons(m, policy) if unplaced else [],
+        reasons=(why.reasons(m, policy) if unplaced else []) + notes,
     )
