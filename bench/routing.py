@@ -39,39 +39,19 @@ from agent.config import DegradationSection, ProxySection
 from agent.proxy import Proxy, add_proxy_routes
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.upstreams import LocalUpstream, ServedModel
-from gpufleet.keyspace.records import DegradationRecord, RouteEndpoint, RouteRecord
+from gpufleet.keyspace.records import RouteEndpoint, RouteRecord
 from gpufleet.logsetup import configure_logging
+from gpufleet_dev.staticroutes import StaticRoutes
 
 MODEL = "m"
 NODES = {"fast": 400.0, "slow": 100.0}  # tokens per second
 SHORT, LONG, LONG_SHARE = 8, 64, 0.2
 
 
-class FixedRoutes:
-    """The route table of one model on two nodes, as an agent's RouteTable shows it."""
-
-    def __init__(self, route: RouteRecord) -> None:
-        self.routes = {MODEL: route}
-        self.headers = self.routes
-        self.drained = False
-        self.degradation: DegradationRecord | None = None
-        self.degradation_seen_at = 0.0
-        self._gone: dict[str, asyncio.Event] = {}
-
-    def route(self, model: str) -> RouteRecord | None:
-        return self.routes.get(model)
-
-    async def want(self, model: str) -> None:
-        return None
-
-    def node_gone(self, node: str) -> asyncio.Event:
-        return self._gone.setdefault(node, asyncio.Event())
-
-
 class EntryNode:
     """What the proxy reads from an agent with no instance of its own."""
 
-    def __init__(self, routes: FixedRoutes, balance: str) -> None:
+    def __init__(self, routes: StaticRoutes, balance: str) -> None:
         self.routes = routes
         self.node_id = "entry"
         self.proxy_cfg = ProxySection(remote_balance=balance, access_log=False)  # type: ignore[arg-type]
@@ -122,7 +102,7 @@ async def wait_up(urls: dict[str, str]) -> None:
 
 
 async def start_proxy(route: RouteRecord, balance: str) -> tuple[web.AppRunner, str]:
-    proxy = Proxy(EntryNode(FixedRoutes(route), balance), ProxyMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    proxy = Proxy(EntryNode(StaticRoutes({MODEL: route}), balance), ProxyMetrics(CollectorRegistry()))  # type: ignore[arg-type]
     app = web.Application()
 
     async def session(_: web.Application) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -25,6 +25,7 @@ from agent.proxy.upstreams import LocalUpstream, ServedModel
 from agent.supervisor.supervision_policy import InstanceState
 from gpufleet.facts import HOPS_HEADER, REQUEST_ID_HEADER
 from gpufleet.keyspace.records import RouteEndpoint, RouteRecord
+from gpufleet_dev.staticroutes import StaticRoutes
 
 CHAT = "/v1/chat/completions"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -73,26 +74,7 @@ class FakeInstance:
         return False
 
 
-class FakeRoutes:
-    def __init__(self, routes: Mapping[str, RouteRecord]) -> None:
-        self.routes = dict(routes)
-        self.drained = False
-        self.degradation = None
-        self.degradation_seen_at = 0.0
-        self._gone: dict[str, asyncio.Event] = {}
-
-    @property
-    def headers(self) -> Mapping[str, RouteRecord]:
-        return self.routes  # schema-1 records: each holds its endpoints, as a header may
-
-    def route(self, model: str) -> RouteRecord | None:
-        return self.routes.get(model)
-
-    async def want(self, model: str) -> None:
-        return None
-
-    def node_gone(self, node: str) -> asyncio.Event:
-        return self._gone.setdefault(node, asyncio.Event())
+FakeRoutes = StaticRoutes  # the name the other proxy tests import
 
 
 class FakeUpstreams:
