@@ -208,6 +208,8 @@ def test_dashboard_structure() -> None:
     panels = list(_panels(d["panels"]))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), f"duplicate panel ids: {sorted(i for i in ids if ids.count(i) > 1)}"
+    titles = [p["title"] for p in panels]  # what a reader (and tests/test_observability_live.py) finds them by
+    assert len(titles) == len(set(titles)), f"duplicate titles: {sorted({t for t in titles if titles.count(t) > 1})}"
     problems = []
     for p in panels:
         if p["type"] == "row":
