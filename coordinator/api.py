@@ -1,5 +1,6 @@
 """The coordinator's HTTP API: /healthz, /readyz, /v1/status, /metrics (the last two as
-``[api] status_access`` and ``status_allow`` say: gpufleet/statusaccess.py)."""
+``[api] status_access`` and ``status_allow`` say: gpufleet/statusaccess.py), and the
+dashboard at /ui (coordinator/ui; its data under /ui/api/ follows the same rule)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpufleet.httperrors import bad_input_middleware, error_middleware, json_response
 from gpufleet.statusaccess import StatusAccess
+
+from .ui.app import API_PREFIX, add_dashboard
 
 if TYPE_CHECKING:
     from .daemon import CoordinatorRuntime
@@ -79,7 +82,7 @@ def policy_doc(st: PolicyState) -> dict[str, Any]:
 
 def build_app(rt: CoordinatorRuntime) -> web.Application:
     """Raises OSError for a status token file that cannot be used ([api] status_access = "token")."""
-    access = StatusAccess(rt.cfg.api, "gpu-coordinator")
+    access = StatusAccess(rt.cfg.api, "gpu-coordinator", guarded_prefixes=(API_PREFIX,))
     access.check_files()
     app = web.Application(middlewares=[error_middleware, bad_input_middleware, access.middleware])
 
@@ -107,4 +110,5 @@ def build_app(rt: CoordinatorRuntime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics)
+    add_dashboard(app, rt)
     return app

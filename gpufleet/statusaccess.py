@@ -75,7 +75,15 @@ def _why(e: OSError, path: Path) -> str:
 class StatusAccess:
     """The middleware (:meth:`middleware`) of an app whose ``/v1/status`` and ``/metrics`` are guarded."""
 
-    def __init__(self, api: ApiSection, realm: str, other_token: Callable[[str | None], bool] | None = None) -> None:
+    def __init__(
+        self,
+        api: ApiSection,
+        realm: str,
+        other_token: Callable[[str | None], bool] | None = None,
+        guarded_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        # Paths under these are status views too (the coordinator's dashboard data, /ui/api/).
+        self.guarded_prefixes = guarded_prefixes
         self.token_required = api.status_access == "token"
         self.token = TokenFile(api.status_token_file) if api.status_token_file else None
         self.other_token = other_token  # the agent's admin token also opens them
@@ -110,7 +118,7 @@ class StatusAccess:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in GUARDED:
+        if request.path not in GUARDED and not request.path.startswith(self.guarded_prefixes):
             return await handler(request)
         if not self.allowed_network(request.remote):
             log.info("status request refused: not an allowed network", path=request.path, remote=request.remote)

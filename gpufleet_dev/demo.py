@@ -7,8 +7,9 @@
 Every process comes from the local-fleet harness (gpufleet_dev.localfleet), each in its own
 process group; the state is in ``./.gpufleet-demo/cluster/``. The demo prints the cluster status,
 sends a few chat requests through one agent and shows which node and instance answered each,
-serves until Ctrl-C (or ``--duration``), then stops every process it started. ``--chaos N``
-SIGKILLs the first A100 agent after N seconds and shows its routes going DOWN.
+serves until Ctrl-C (or ``--duration``), then stops every process it started; the guide it
+prints gives each coordinator's dashboard URL (``/ui``). ``--chaos N`` SIGKILLs the first A100
+agent after N seconds and shows its routes going DOWN (on the dashboard too).
 ``--standalone`` (gpufleet_dev.demo_standalone) runs one agent without etcd instead.
 """
 
@@ -188,8 +189,10 @@ class ClusterDemo:
         entry = self.agents[ENTRY].base
         others = ", ".join(a.base for n, a in self.agents.items() if n != ENTRY)
         etcd = self.etcd_url
+        first, *rest = (f"{c.base}/ui" for c in self.coordinators)
         print(
             f"""
+Dashboard:          {first}   (live; any coordinator serves it: also {", ".join(rest)})
 Proxy (any agent):  {entry}/v1   (OpenAI API; also {others})
   curl -s {entry}/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "llama-3.1-70b", "messages": [{{"role": "user", "content": "hi"}}]}}'

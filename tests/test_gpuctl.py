@@ -46,6 +46,7 @@ def test_cluster_demo_with_chaos() -> None:
     assert res.returncode == 0, out[-3000:] + res.stderr[-2000:]
     assert "leader: c" in out and "gpu-h100-1" in out and "qwen2.5-7b" in out
     assert "chaos: gpu-a100-1 DOWN in the routes" in out
+    assert f"Dashboard:          http://127.0.0.1:{base + 20}/ui" in out
     assert "model qwen2-7b registered: 2 replica(s)" in out
     assert "all demo processes stopped" in out
     left = subprocess.run(["pgrep", "-f", f"demo/cluster|127.0.0.1:{base}"], capture_output=True, text=True).stdout

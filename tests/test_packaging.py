@@ -159,6 +159,17 @@ def test_the_examples_and_units_are_shipped(installed: Install) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_the_dashboard_is_shipped(installed: Install) -> None:
+    """The coordinator serves /ui from its package: the page, script and style sheet are in the wheel."""
+    static = sorted(p.name for p in (ROOT / "coordinator/ui/static").iterdir())
+    assert static == ["app.js", "index.html", "style.css"]
+    for name in static:
+        shipped = installed.site / "coordinator/ui/static" / name
+        assert shipped.read_bytes() == (ROOT / "coordinator/ui/static" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_the_standalone_demo_runs_from_the_wheel(installed: Install) -> None:
     def package_files() -> set[Path]:  # bytecode aside, which Python writes on first import
         return {p for p in installed.site.rglob("*") if "__pycache__" not in p.parts}
