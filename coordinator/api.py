@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gpufleet.httperrors import bad_input_middleware, error_middleware, json_response
-from gpufleet.statusaccess import StatusAccess
+from gpufleet.statusaccess import StatusAccess, TokenFile
 
 from .ui.app import API_PREFIX, add_dashboard
 
@@ -80,9 +80,30 @@ def policy_doc(st: PolicyState) -> dict[str, Any]:
     }
 
 
+def admin_token(path: str | None) -> TokenFile | None:
+    """The dashboard's admin token ([coordinator] admin_token_file); raises OSError naming the
+    field for a file that cannot be used (missing, writable by others, too short)."""
+    if not path:
+        return None
+    token = TokenFile(path, "admin token")
+    try:
+        token.load()
+    except OSError as e:
+        why = f"cannot read admin token file {path}: {e.strerror}" if e.strerror else str(e)
+        raise OSError(f"$.coordinator.admin_token_file: {why}") from None
+    return token
+
+
 def build_app(rt: CoordinatorRuntime) -> web.Application:
-    """Raises OSError for a status token file that cannot be used ([api] status_access = "token")."""
-    access = StatusAccess(rt.cfg.api, "gpu-coordinator", guarded_prefixes=(API_PREFIX,))
+    """Raises OSError for a status token file that cannot be used ([api] status_access = "token")
+    or an admin token file that cannot ([coordinator] admin_token_file)."""
+    admin = admin_token(rt.cfg.coordinator.admin_token_file)
+    access = StatusAccess(
+        rt.cfg.api,
+        "gpu-coordinator",
+        other_token=admin.check if admin else None,  # the admin token opens status too, as on an agent
+        guarded_prefixes=(API_PREFIX,),
+    )
     access.check_files()
     app = web.Application(middlewares=[error_middleware, bad_input_middleware, access.middleware])
 
@@ -110,5 +131,5 @@ def build_app(rt: CoordinatorRuntime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics)
-    add_dashboard(app, rt)
+    add_dashboard(app, rt, admin)
     return app

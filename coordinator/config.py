@@ -78,6 +78,10 @@ class CoordinatorSection(StrictSection):
     # How often the leader samples node health (stale telemetry, temperature); changes in node
     # records (instance states, nodes gone) are acted on as they arrive.
     sample_interval_s: PositiveFloat = 5.0
+    # A file holding the bearer token (16+ characters, mode 0600) of the dashboard's drain and
+    # undrain buttons (/ui); it also opens what the status token opens. None: the dashboard is
+    # read-only (drain with gpuctl drain).
+    admin_token_file: str | None = None
 
 
 class ElectionSection(StrictSection):
@@ -152,6 +156,8 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         source_path=str(path),
     )
     cfg.etcd.resolve(path.parent)
+    if cfg.coordinator.admin_token_file and not Path(cfg.coordinator.admin_token_file).is_absolute():
+        cfg.coordinator.admin_token_file = str((path.parent / cfg.coordinator.admin_token_file).resolve())
     cfg.api.resolve(path.parent)
     cfg.tls.resolve(path.parent)
     problems.extend(validate(cfg, set(parts)))

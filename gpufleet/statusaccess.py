@@ -34,8 +34,9 @@ class TokenFile:
     """A bearer token read from a file, again whenever the file changes (rotation without a
     restart); compared in constant time; a file others can write is refused (fail closed)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, what: str = "status token") -> None:
         self.path = Path(path)
+        self.what = what  # how errors name it: "status token", "admin token"
         self._token: bytes | None = None
         self._stamp: tuple[float, int] | None = None
 
@@ -46,10 +47,10 @@ class TokenFile:
         if self._token is None or stamp != self._stamp:
             errors = permission_problems(st, self.path)[0]
             if errors:
-                raise OSError(errors[0].replace("admin token file", "status token file"))
+                raise OSError(errors[0].replace("admin token file", f"{self.what} file"))
             token = self.path.read_bytes().strip()
             if len(token) < 16:
-                raise OSError(f"status token in {self.path} is shorter than 16 characters")
+                raise OSError(f"{self.what} in {self.path} is shorter than 16 characters")
             self._token, self._stamp = token, stamp
         return self._token
 
@@ -60,7 +61,7 @@ class TokenFile:
         try:
             token = self.load()
         except OSError as e:
-            log.error("status token unavailable", error=_why(e, self.path))
+            log.error(f"{self.what} unavailable", error=_why(e, self.path, self.what))
             return False
         try:
             return hmac.compare_digest(given.strip().encode(), token)
@@ -68,8 +69,8 @@ class TokenFile:
             return False
 
 
-def _why(e: OSError, path: Path) -> str:
-    return f"cannot read status token file {path}: {e.strerror}" if e.strerror else str(e)
+def _why(e: OSError, path: Path, what: str = "status token") -> str:
+    return f"cannot read {what} file {path}: {e.strerror}" if e.strerror else str(e)
 
 
 class StatusAccess:

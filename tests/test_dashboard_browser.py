@@ -32,9 +32,10 @@ from helpers import (
 )
 
 from gpufleet.keyspace import Keyspace, decode
-from gpufleet.keyspace.records import NodeRecord
+from gpufleet.keyspace.records import DrainRecord, NodeRecord
 from gpufleet.routeslices import read_routes
 from gpufleet.tomlwrite import dumps as toml_dumps
+from gpufleet_dev.fleetconfig import coordinator_doc
 
 pytestmark = pytest.mark.slow  # a cluster and a browser: ~30 s
 
@@ -48,6 +49,7 @@ GPUS = {  # node -> the [[gpu.simulated]] entries
 }
 VICTIM = "a100-1"
 STATUS_TOKEN = "status-token-0123456789"
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
 NODE_COUNT = "document.querySelectorAll('[data-node]').length"
 
 
@@ -204,8 +206,10 @@ async def test_the_dashboard_shows_the_fleet_and_a_node_going_down(cluster: Clus
         await browser.screenshot(artifacts / "dashboard-node-down.png")
 
 
-def _get(url: str, token: str | None = None) -> int:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def _call(url: str, token: str | None = None, method: str = "GET", body: bytes | None = None) -> int:
+    req = urllib.request.Request(url, body, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=5) as r:
             return r.status
@@ -213,32 +217,82 @@ def _get(url: str, token: str | None = None) -> int:
         return e.code
 
 
-async def test_with_status_access_token_the_page_asks_for_the_token(cluster: Cluster, tmp_path: Path) -> None:
+def _token_file(path: Path, token: str) -> str:
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+async def _drain_record(cluster: Cluster, node: str) -> DrainRecord | None:
+    async with cluster.etcd.client() as etcd:
+        kv = await etcd.get(KEYS.drain(node))
+    return decode(kv.value, DrainRecord) if kv else None
+
+
+def _guarded_coordinator(cluster: Cluster, tmp: Path) -> CoordinatorProcess:
+    """A coordinator whose status needs a token, with an admin token for the drain buttons."""
+    port = free_port()
+    doc = coordinator_doc("c3", port, cluster.etcd.endpoints, CLUSTER)
+    doc["coordinator"]["admin_token_file"] = _token_file(tmp / "admin-token", ADMIN_TOKEN)
+    doc["api"] = {"status_access": "token", "status_token_file": _token_file(tmp / "status-token", STATUS_TOKEN)}
+    return CoordinatorProcess(tmp, "c3", cluster.etcd.endpoints, CLUSTER, port=port, config_text=toml_dumps(doc))
+
+
+async def test_the_page_asks_for_the_status_token_and_drains_with_the_admin_token(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     """The dashboard's data is a status view: ``[api] status_access = "token"`` guards it as it
-    guards /v1/status; the page (no data in it) stays open and asks for the token."""
-    token_file = tmp_path / "status-token"
-    token_file.write_text(STATUS_TOKEN + "\n")
-    token_file.chmod(0o600)
-    extra = "\n" + toml_dumps({"api": {"status_access": "token", "status_token_file": str(token_file)}})
-    coord = CoordinatorProcess(tmp_path, "c3", cluster.etcd.endpoints, CLUSTER, extra).start()
+    guards /v1/status, and the page (no data in it) stays open and asks for the token. Drain and
+    undrain need the admin token, which opens status too; they write /drain/<node> as gpuctl does."""
+    coord = _guarded_coordinator(cluster, tmp_path).start()
     try:
         coord.wait_ready_sync()
-        assert _get(coord.base + "/ui") == 200
-        assert _get(coord.base + "/ui/static/app.js") == 200
-        assert _get(coord.base + "/ui/api/fleet") == 401
-        assert _get(coord.base + "/ui/api/fleet", "wrong-token-0123456789") == 401
-        assert _get(coord.base + "/ui/api/fleet", STATUS_TOKEN) == 200
+        api = coord.base + "/ui/api/"
+        assert _call(coord.base + "/ui") == 200
+        assert _call(coord.base + "/ui/static/app.js") == 200
+        assert _call(api + "fleet") == 401
+        assert _call(api + "fleet", "wrong-token-0123456789") == 401
+        assert _call(api + "fleet", STATUS_TOKEN) == _call(api + "fleet", ADMIN_TOKEN) == 200
+        assert _call(api + "admin", STATUS_TOKEN) == 401 and _call(api + "admin", ADMIN_TOKEN) == 200
+        assert _call(api + "drain/a100-2", STATUS_TOKEN, "PUT") == 401
+        assert _call(api + "drain/..", ADMIN_TOKEN, "PUT") == 400
+        assert _call(api + "drain/a100-2", ADMIN_TOKEN, "PUT", b'{"reason": 5}') == 400
+        assert await _drain_record(cluster, "a100-2") is None
         async with Browser(tmp_path) as browser:
             await browser.goto(coord.base + "/ui")
             form_shown = "!document.getElementById('token-form').hidden"
             await wait_until(lambda: browser.eval(form_shown), 15, what="the token form")
-            assert await browser.eval("document.querySelectorAll('[data-node]').length") == 0
+            assert await browser.eval(NODE_COUNT) == 0
             await browser.eval(
                 f"document.getElementById('token').value = '{STATUS_TOKEN}';"
                 "document.getElementById('token-form').requestSubmit()"
             )
             await wait_until(lambda: browser.eval(NODE_COUNT), 15, what="nodes shown after the token")
             assert await browser.eval(form_shown) is False
+            assert await browser.eval("document.querySelectorAll('button.drain').length") == 0  # not signed in
+            # Sign in as admin, drain a100-2 with a reason, see it DRAINED, undrain it.
+            await browser.eval("document.getElementById('admin-signin').click()")
+            await browser.eval(
+                f"document.getElementById('admin-token').value = '{ADMIN_TOKEN}';"
+                "document.getElementById('admin-form').requestSubmit()"
+            )
+            node = "document.querySelector('[data-node=\"a100-2\"]')"
+            await wait_until(lambda: browser.eval(f"!!{node}.querySelector('button.drain')"), 15, what="drain button")
+            await browser.eval(f"{node}.querySelector('button.drain').click()")
+            await browser.eval(
+                "document.getElementById('drain-reason').value = 'fan swap';"
+                "document.getElementById('drain-confirm').click()"
+            )
+            await wait_until(lambda: browser.eval(f"{node}.dataset.state === 'DRAINED'"), 15, what="a100-2 DRAINED")
+            rec = await _drain_record(cluster, "a100-2")
+            assert rec is not None and rec.reason == "fan swap" and rec.by.startswith("dashboard on c3"), rec
+            assert "fan swap" in await browser.eval(f"{node}.querySelector('.drain').textContent")
+            await browser.screenshot(_artifacts(tmp_path) / "dashboard-drained.png")
+            await browser.eval(f"{node}.querySelector('button.undrain').click()")
+            await wait_until(lambda: browser.eval(f"{node}.dataset.state === 'READY'"), 15, what="a100-2 READY again")
+            assert await _drain_record(cluster, "a100-2") is None
+            events = await browser.eval("[...document.querySelectorAll('#events li')].map((e) => e.textContent)")
+            assert any("node a100-2 drained" in e for e in events), events
     finally:
         coord.stop()
 

@@ -3,12 +3,14 @@
     GET /ui               the page (static/index.html)
     GET /ui/static/...    its script and style sheet
     GET /ui/api/fleet     the view, the recent events and etcd's reachability, as JSON
+    /ui/api/admin, /ui/api/drain/<node>: the drain buttons (admin.py)
 
 The page and its files hold no data and are open; ``/ui/api/`` is a status view and follows
 ``[api] status_access`` / ``status_allow`` exactly as ``/v1/status`` does (the app's
 StatusAccess middleware guards that prefix). With a token required, the page asks for it once
-and sends it as a bearer token. The dashboard is read-only: the coordinator has no admin token,
-and drains stay with ``gpuctl drain``.
+and sends it as a bearer token. Drain and undrain need the admin token besides
+(``[coordinator] admin_token_file``, which also opens status); without one the dashboard is
+read-only.
 
 The page polls ``/ui/api/fleet`` (every 1.5 s) rather than holding a server-sent event stream:
 nothing to clean up when a browser goes, one cached view serves every page, and a page that
@@ -27,7 +29,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gpufleet.httperrors import json_response
+from gpufleet.statusaccess import TokenFile
 
+from .admin import add_admin_routes
 from .watch import FleetWatch
 
 if TYPE_CHECKING:
@@ -37,9 +41,10 @@ STATIC = Path(__file__).parent / "static"
 API_PREFIX = "/ui/api/"
 
 
-def add_dashboard(app: web.Application, rt: CoordinatorRuntime) -> FleetWatch:
+def add_dashboard(app: web.Application, rt: CoordinatorRuntime, admin_token: TokenFile | None) -> FleetWatch:
     """Add the routes, and run the watcher for as long as the app runs."""
     watch = FleetWatch(rt)
+    admin = {"available": admin_token is not None}  # whether the page may offer the drain buttons
 
     async def page(_: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -48,7 +53,7 @@ def add_dashboard(app: web.Application, rt: CoordinatorRuntime) -> FleetWatch:
         raise web.HTTPFound("/ui")
 
     async def fleet(_: web.Request) -> web.Response:
-        return json_response(watch.page(time.time()), headers={"Cache-Control": "no-store"})
+        return json_response(watch.page(time.time()) | {"admin": admin}, headers={"Cache-Control": "no-store"})
 
     async def running(_: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(watch.run(), name="dashboard")
@@ -61,5 +66,6 @@ def add_dashboard(app: web.Application, rt: CoordinatorRuntime) -> FleetWatch:
     app.router.add_get("/ui/", to_page)
     app.router.add_get(API_PREFIX + "fleet", fleet)
     app.router.add_static("/ui/static", STATIC, append_version=False)
+    add_admin_routes(app, rt, admin_token, API_PREFIX)
     app.cleanup_ctx.append(running)
     return watch

@@ -3,6 +3,7 @@
 
 const POLL_MS = 1500;
 const TOKEN_KEY = "gpufleet-status-token";
+const ADMIN_KEY = "gpufleet-admin-token"; // opens status too; sent instead of the status token when set
 const STATES = ["READY", "STARTING", "DEGRADED", "DOWN", "DRAINED"];
 
 let last = null; // the last view received: shown, marked stale, when the coordinator cannot be reached
@@ -42,6 +43,55 @@ function bar(percent, label, level = "") {
   );
 }
 
+function authHeaders() {
+  const token = sessionStorage.getItem(ADMIN_KEY) || sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+const isAdmin = () => Boolean(sessionStorage.getItem(ADMIN_KEY));
+
+function adminControls(v) {
+  if (!v.admin.available) return [];
+  if (isAdmin()) {
+    return [h("button", { class: "pill link", id: "admin-signout", onclick: signOut, title: "forget the admin token in this tab" }, "admin: sign out")];
+  }
+  return [h("button", { class: "pill link", id: "admin-signin", onclick: () => (document.getElementById("admin-form").hidden = false) }, "admin: sign in to drain")];
+}
+
+function signOut() {
+  sessionStorage.removeItem(ADMIN_KEY);
+  poll();
+}
+
+async function changeDrain(node, method, reason) {
+  const r = await fetch(`/ui/api/drain/${encodeURIComponent(node)}`, {
+    method,
+    headers: { ...authHeaders(), "Content-Type": "application/json" },
+    body: method === "PUT" ? JSON.stringify({ reason }) : undefined,
+  });
+  if (!r.ok) {
+    const body = await r.json().catch(() => ({}));
+    showNotice(`${method === "PUT" ? "drain" : "undrain"} ${node} failed: ${body.error?.message || `HTTP ${r.status}`}`);
+    return;
+  }
+  poll();
+}
+
+function drainButton(n) {
+  if (!isAdmin() || !last?.admin.available) return null;
+  if (n.drain) return h("button", { class: "act undrain", onclick: () => changeDrain(n.node, "DELETE") }, "Undrain");
+  return h("button", { class: "act drain", onclick: () => openDrainDialog(n.node) }, "Drain…");
+}
+
+function openDrainDialog(node) {
+  document.getElementById("drain-node").textContent = node;
+  document.getElementById("drain-reason").value = "";
+  const dialog = document.getElementById("drain-dialog");
+  dialog.dataset.drainNode = node;
+  dialog.returnValue = ""; // Esc keeps the last value: only a click on Drain drains
+  dialog.showModal();
+}
+
 function renderHeader(v) {
   document.getElementById("cluster").textContent = `· ${v.cluster}`;
   const role = v.replica.is_leader ? "leader" : "standby";
@@ -58,6 +108,7 @@ function renderHeader(v) {
       h("b", {}, `level ${deg}`),
     ),
     ...counts,
+    ...adminControls(v),
   );
 }
 
@@ -93,7 +144,7 @@ function renderNode(n, temp, generatedAt) {
   return h(
     "article",
     { class: `node s-${n.state.toLowerCase()} ${n.live ? "" : "gone"}`, "data-node": n.node, "data-state": n.state },
-    h("div", { class: "node-head" }, h("b", {}, n.node), badge(n.state, "node-state")),
+    h("div", { class: "node-head" }, h("b", {}, n.node), h("span", {}, drainButton(n), badge(n.state, "node-state"))),
     h("div", { class: "node-meta" }, n.address || "no record", n.live ? ` · record updated ${fmt.age(age)}` : n.updated_at ? ` · last seen ${fmt.time(n.updated_at)}` : ""),
     n.drain ? h("div", { class: "drain" }, `drained by ${n.drain.by || "?"} at ${fmt.time(n.drain.at)}${n.drain.reason ? `: ${n.drain.reason}` : ""}`) : null,
     n.gpus.length ? h("table", { class: "gpus" }, h("tbody", {}, n.gpus.map((g) => renderGpu(g, temp)))) : null,
@@ -198,12 +249,15 @@ function render(v, problem) {
 }
 
 async function poll() {
-  const token = sessionStorage.getItem(TOKEN_KEY);
   try {
-    const r = await fetch("/ui/api/fleet", { headers: token ? { Authorization: `Bearer ${token}` } : {}, cache: "no-store" });
+    const r = await fetch("/ui/api/fleet", { headers: authHeaders(), cache: "no-store" });
     if (r.status === 401) {
+      if (isAdmin()) {
+        sessionStorage.removeItem(ADMIN_KEY); // a rotated admin token: back to the status token
+        return poll();
+      }
       document.getElementById("token-form").hidden = false;
-      showNotice(token ? "That token was refused." : "");
+      showNotice(sessionStorage.getItem(TOKEN_KEY) ? "That token was refused." : "");
       return;
     }
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
@@ -222,6 +276,27 @@ document.getElementById("token-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   sessionStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
   poll();
+});
+
+document.getElementById("admin-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const token = document.getElementById("admin-token").value.trim();
+  const r = await fetch("/ui/api/admin", { headers: { Authorization: `Bearer ${token}` } });
+  if (!r.ok) {
+    showNotice("That admin token was refused.");
+    return;
+  }
+  sessionStorage.setItem(ADMIN_KEY, token);
+  document.getElementById("admin-token").value = "";
+  document.getElementById("admin-form").hidden = true;
+  poll();
+});
+
+document.getElementById("admin-cancel").addEventListener("click", () => (document.getElementById("admin-form").hidden = true));
+
+document.getElementById("drain-dialog").addEventListener("close", (ev) => {
+  const dialog = ev.target;
+  if (dialog.returnValue === "drain") changeDrain(dialog.dataset.drainNode, "PUT", document.getElementById("drain-reason").value.trim());
 });
 
 async function loop() {
