@@ -224,7 +224,7 @@ def test_a_node_going_down_and_its_traffic_moving_to_its_class_peers() -> None:
     ]
     assert events(after, before) == [
         ("node", "info", "node a1 READY (was DOWN)"),
-        ("failover", "info", "m: a1/m back in rotation"),
+        ("failover", "info", "m: a1/m in rotation"),
     ]
 
 
@@ -240,6 +240,9 @@ def test_a_failover_with_no_peer_of_its_class_says_so() -> None:
     assert events(before, crossing)[-1] == ("failover", "warn", "m: traffic off a1/m (DOWN) to h1")
     gone = inputs(routes={"m": route(ep("h1", 0, "DEGRADED", cls="H100"))})
     assert ("failover", "error", "m: traffic off a1/m (removed); no endpoint left") in events(before, gone)
+    # A model that had no endpoint left gets one back; a new model is no failover.
+    assert events(gone, before)[-1] == ("failover", "info", "m: a1/m, h1/m in rotation")
+    assert [e for e in events(inputs(), before) if e[0] == "failover"] == []
 
 
 def test_drains_degradation_and_leader_changes() -> None:

@@ -40,5 +40,5 @@ def test_demo_configs_escape_what_they_are_given(tmp_path: Path) -> None:
     agent = tomllib.loads(demo._agent_config('n"1', "NVIDIA A100-SXM4-80GB", ["m.1"], 7010, 'http://e"\\', work))
     assert agent["agent"]["node_id"] == 'n"1' and agent["agent"]["state_dir"] == str(work / "state")
     assert agent["cluster"]["endpoints"] == ['http://e"\\']
-    coord = tomllib.loads(demo._coordinator_config('c"1', 7020, "http://e"))
-    assert coord["coordinator"]["id"] == 'c"1'
+    coord = tomllib.loads(demo._coordinator_config('c"1', 7020, "http://e", work / "admin-token"))
+    assert coord["coordinator"]["id"] == 'c"1' and coord["coordinator"]["admin_token_file"] == str(work / "admin-token")

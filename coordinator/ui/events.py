@@ -112,14 +112,14 @@ def _leader_events(prev: Snapshot, cur: Snapshot) -> list[Event]:
 def _failover_events(model: str, prev: Weights | None, cur: Weights, cross_class: bool) -> list[Event]:
     """An endpoint that lost its traffic (weight to 0, or gone) is a failover: its share goes to
     the model's other endpoints of its GPU class, or of any class if the route says
-    ``cross_class`` (agent/proxy/remote.py). One that gets traffic again is back in rotation."""
+    ``cross_class`` (agent/proxy/remote.py). One that gets traffic (again) is in rotation."""
     if prev is None:
         return []
     lost = sorted(k for k, (w, _, _) in prev.items() if w > 0 and (k not in cur or cur[k][0] == 0))
     back = sorted(k for k, (w, _, _) in cur.items() if w > 0 and (k not in prev or prev[k][0] == 0))
     out = [_failover(model, k, prev[k][2], cur, cross_class) for k in lost]
-    if back and any(w > 0 for w, _, _ in prev.values()):  # a model's first endpoints are no failback
-        out.append(Event("failover", "info", f"{model}: {', '.join(f'{n}/{i}' for n, i in back)} back in rotation"))
+    if back:
+        out.append(Event("failover", "info", f"{model}: {', '.join(f'{n}/{i}' for n, i in back)} in rotation"))
     return out
 
 
