@@ -220,6 +220,11 @@ class ProxySection(StrictSection):
     # requests in flight than the least busy one, so its prefix cache is reused. "": off.
     affinity_header: str = ""
     affinity_max_extra: Annotated[int, Meta(ge=0)] = 4
+    # On-demand models (registered with min_replicas = 0): a request while no replica is READY
+    # anywhere waits, at most cold_start_queue per model, up to cold_start_timeout_s for the
+    # leader to place one and for it to warm up; past either, 503 with Retry-After.
+    cold_start_queue: Annotated[int, Meta(ge=0)] = 64
+    cold_start_timeout_s: PositiveFloat = 300.0
 
     def __post_init__(self) -> None:
         _apply_renamed_keys(self, "proxy")

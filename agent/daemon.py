@@ -25,6 +25,7 @@ from agent.api.auth import AdminToken, TokenError
 from agent.api.server import build_app
 from agent.cluster import ClusterPublisher
 from agent.cluster.assignments import ModelFollower
+from agent.cluster.demand import DemandTracker
 from agent.cluster.routes import RouteTable
 from agent.config import AgentConfig, load_config
 from agent.gpu import GpuSource, GpuSourceUnavailable, open_gpu_source
@@ -33,6 +34,7 @@ from agent.keys.gate import KeyGate
 from agent.keys.journal import UsageJournal
 from agent.keys.rollup import ROLLED_FILE, EtcdUsageStore, FileUsageStore, UsageRoller, UsageStore
 from agent.keys.source import EtcdKeySource, FileKeySource, KeysFileError, KeySource
+from agent.proxy.coldstart import ColdStart
 from agent.proxy.stats import ProxyStats
 from agent.supervisor import Supervisor
 from agent.supervisor.handover import API, FdStore
@@ -97,6 +99,12 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         self.key_source: KeySource | None = None
         self.usage_journal: UsageJournal | None = None  # what keyed requests used, until rolled up
         self._entry_nodes = (0.0, 1)  # (when counted, nodes in the route table): see entry_nodes
+        # Requests for on-demand models, for the node record (empty until the registry is followed).
+        self.demand = DemandTracker(
+            lambda: self.models.registry if self.models is not None else {},
+            lambda: self.publisher.poke() if self.publisher is not None else None,
+        )
+        self.cold_start: ColdStart | None = None  # the proxy's, made with it (agent/api/server.py)
 
     # --- what the API reads ---------------------------------------------------------------
 
@@ -118,6 +126,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             models=self.models.availability() if self.models is not None else [],
             proxy=self.proxy_stats.snapshot(),
             key_demand=self.key_gate.limiter.demand(time.time()) if self.key_gate is not None else {},
+            model_demand=self.demand.published(),
         )
 
     def entry_nodes(self) -> int:
@@ -146,6 +155,8 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         self.tick_soon()
         if self.publisher is not None:
             self.publisher.poke()
+        if self.cold_start is not None:
+            self.cold_start.poke()  # a local instance may have become READY
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -248,6 +259,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             pinned=lambda: {i.cfg.client_model for i in self.supervisor.instances.values()},
             settings=lambda: self.cfg.cluster,
         )
+        self.routes.on_route = lambda model: self.cold_start.poke(model) if self.cold_start is not None else None
         self.routes.start()
         teardown.step("stop following routes", self.routes.stop)
         self.models = ModelFollower(

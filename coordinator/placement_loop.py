@@ -12,16 +12,18 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import msgspec
 import structlog
 
 from gpufleet.etcd import Change, EtcdClient, KeyMirror, Op
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import AssignedInstance, AssignmentRecord, ModelRecord, PlacementRecord
-from gpufleet.registry import validate_model
+from gpufleet.registry import on_demand, validate_model
 
 from .config import PlacementSection
 from .election import Election
 from .metrics import CoordinatorMetrics
+from .policy.ondemand import DemandSeen, Scale, busy_nodes, changed, scale
 from .policy.placement import NodeView, PlacementPlan, PlacementPolicy, place
 
 log = structlog.get_logger("coordinator.placement_loop")
@@ -52,6 +54,12 @@ class Placer:
         self._unknown_since: dict[str, float] = {}
         self._next_run = float("-inf")  # monotonic: the earliest next run without a registry change
         self._registry_revision = -1
+        # On-demand models (policy/ondemand.py): each node's demand entries and when this term
+        # saw them change; the scaling decision in force and its text for the placement status.
+        self._demand: dict[tuple[str, str], DemandSeen] = {}
+        self._scales: dict[str, Scale] = {}
+        self._scaling: dict[str, str] = {}
+        self._registry_cache: tuple[int, int, dict[str, ModelRecord]] | None = None  # (revision, rewinds, registry)
 
     def apply(self, cfg: PlacementSection) -> None:
         """The cluster policy's [placement] changed: the next pass uses it."""
@@ -68,8 +76,22 @@ class Placer:
         self._status_written = None
         self._unknown_since.clear()
         self._next_run = float("-inf")
+        self._demand.clear()  # entries found now count as seen now: see policy/ondemand.py
+        self._scales.clear()
+        self._scaling.clear()
 
     def registry(self) -> dict[str, ModelRecord]:
+        """The valid registrations, decoded once per registry change (every leader pass asks:
+        on-demand models are decided on each)."""
+        mirror = self.registry_mirror
+        cached = self._registry_cache
+        if cached is not None and cached[:2] == (mirror.revision, mirror.rewinds):
+            return dict(cached[2])
+        out = self._decode_registry()
+        self._registry_cache = (mirror.revision, mirror.rewinds, out)
+        return dict(out)
+
+    def _decode_registry(self) -> dict[str, ModelRecord]:
         out = {}
         for key, kv in self.registry_mirror.data.items():
             rec = decode_or_skip(key, kv.value, ModelRecord, kv.mod_revision)
@@ -100,14 +122,28 @@ class Placer:
     async def step(self, views: dict[str, NodeView], epoch: int, now: float) -> list[str]:
         """Place, write what changed; returns the log lines of what moved.
 
-        Runs at most every ``interval_s``, or at once when the registry changed."""
+        Runs at most every ``interval_s``, or at once when the registry changed or an on-demand
+        model's scaling decision did (a cold start waits on it). ``now``: the monotonic clock."""
         mono = time.monotonic()
-        if not self.cfg.enabled or not self._due(mono):
+        if not self.cfg.enabled:
             return []
+        registry = self.registry()
+        scales = self._decide(registry, views, now)
+        rescaled = {n for n, sc in scales.items() if changed(self._scales.get(n), sc)}
+        if not self._due(mono) and not rescaled:
+            return []
+        models = {
+            n: msgspec.structs.replace(m, replicas=scales[n].replicas) if n in scales else m
+            for n, m in registry.items()
+        }
         current = self.current()
         self._view_unknown_nodes(views, current, now)
-        plan = await self._place(views, current, now, mono)
+        plan = await self._place(models, views, current, now, mono)
         wall = time.time()
+        self._rescaled(scales, rescaled, registry, epoch, wall)
+        for name, text in self._scaling.items():
+            if name in plan.status:
+                plan.status[name] = msgspec.structs.replace(plan.status[name], scaling=text)
         status = PlacementRecord(epoch=epoch, updated_at=wall, models=[plan.status[m] for m in sorted(plan.status)])
         prev = self._status_written
         ops = self._assignment_ops(plan, current, epoch, wall)
@@ -117,6 +153,63 @@ class Placer:
         self._wrote(plan, current, status, len(ops))
         _log_plan(plan, prev, epoch)
         return plan.moved
+
+    def _decide(self, registry: dict[str, ModelRecord], views: dict[str, NodeView], now: float) -> dict[str, Scale]:
+        """Note the demand entries that changed (on this leader's clock) and decide the replica
+        count of every on-demand model."""
+        seen = self._demand
+        for node, view in views.items():
+            for model, value in view.record.model_demand.items() if view.record is not None else ():
+                prev = seen.get((node, model))
+                if prev is None or prev.value != value:
+                    seen[(node, model)] = DemandSeen(node, value, now)
+        wanted = {n: m for n, m in registry.items() if on_demand(m)}
+        for key, d in list(seen.items()):  # forget entries no decision can use any more
+            m = wanted.get(key[1])
+            view = views.get(key[0])
+            # One still in its node's record stays (forgotten, it would count as new next pass).
+            listed = view is not None and view.record is not None and key[1] in view.record.model_demand
+            if not listed and (m is None or now - d.seen_at > m.idle_unload_after_s):
+                del seen[key]
+        if not wanted:
+            return {}
+        demand: dict[str, list[DemandSeen]] = {}
+        for (_, model), d in seen.items():
+            demand.setdefault(model, []).append(d)
+        busy: dict[str, dict[str, float]] | None = None  # scanned only when some model lacks demand
+        out = {}
+        for n, m in wanted.items():
+            sc = scale(m, demand.get(n, []), {}, now)
+            if not sc.wanted:
+                if busy is None:
+                    busy = busy_nodes(v.record for v in views.values() if v.record is not None)
+                sc = scale(m, demand.get(n, []), busy.get(n, {}), now)
+            out[n] = sc
+        return out
+
+    def _rescaled(
+        self, scales: dict[str, Scale], rescaled: set[str], registry: dict[str, ModelRecord], epoch: int, wall: float
+    ) -> None:
+        """Log each scaling decision once, and keep its text for the placement status."""
+        for name in sorted(rescaled):
+            sc, prev = scales[name], self._scales.get(name)
+            at = time.strftime("%H:%M:%S", time.gmtime(wall))
+            verb = "wanted" if sc.wanted else "idle"
+            self._scaling[name] = (
+                f"{verb}: {sc.replicas} of {registry[name].replicas} replicas since {at} UTC ({sc.reason})"
+            )
+            log.info(
+                "on-demand model scaled",
+                model=name,
+                replicas=sc.replicas,
+                previous=prev.replicas if prev is not None else None,
+                wanted=sc.wanted,
+                reason=sc.reason,
+                epoch=epoch,
+            )
+        self._scales = scales
+        for name in [n for n in self._scaling if n not in scales]:
+            del self._scaling[name]
 
     def _due(self, mono: float) -> bool:
         """Whether a pass runs now: the registry changed, or ``interval_s`` (stretched after a long
@@ -138,11 +231,16 @@ class Placer:
                 self._unknown_since.pop(node, None)
 
     async def _place(
-        self, views: dict[str, NodeView], current: dict[str, list[AssignedInstance]], now: float, started: float
+        self,
+        models: dict[str, ModelRecord],
+        views: dict[str, NodeView],
+        current: dict[str, list[AssignedInstance]],
+        now: float,
+        started: float,
     ) -> PlacementPlan:
         """``place`` in a worker thread: it is pure, its inputs are fresh dicts of immutable
         records, and the event loop keeps renewing the leader lease while it computes."""
-        plan = await asyncio.to_thread(place, self.registry(), views, current, now, self.policy)
+        plan = await asyncio.to_thread(place, models, views, current, now, self.policy)
         took = time.monotonic() - started
         # A pass that took long (a huge fleet, models that fit nowhere: every node scanned for
         # each) waits 4× its duration, so placement never takes more than a fifth of a core.

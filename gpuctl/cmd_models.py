@@ -18,7 +18,7 @@ from gpufleet.etcd import Compare, EtcdClient, Op
 from gpufleet.facts import BACKENDS, DEFAULT_BACKEND
 from gpufleet.keyspace import InvalidName, Keyspace, check_model, decode_or_skip, encode
 from gpufleet.keyspace.records import ModelRecord, NodeRecord, PlacementRecord
-from gpufleet.registry import model_digest, model_size, validate_model
+from gpufleet.registry import min_replicas, model_digest, model_size, on_demand, validate_model
 
 from . import common as ctl
 
@@ -39,6 +39,8 @@ def _model_from_args(args: argparse.Namespace) -> ModelRecord:
         args=list(args.arg or []),
         gpu_memory_fraction=args.gpu_memory_fraction,
         created_at=time.time(),
+        min_replicas=args.min_replicas,
+        idle_unload_after_s=args.idle_unload_after,
     )
     if problems := validate_model(rec):
         raise ctl.UsageError("invalid model: " + "; ".join(problems))
@@ -59,7 +61,10 @@ async def _add(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> in
         verb = "registered"
     if rec.fallback is not None and await etcd.get(keys.model(rec.fallback)) is None:
         print(f"warning: fallback {rec.fallback} is not a registered model", file=sys.stderr)
-    print(f"model {rec.name} {verb}: {rec.replicas} replica(s) of {rec.path} ({rec.backend})")
+    demand = ""
+    if on_demand(rec):
+        demand = f", {min_replicas(rec)} while idle for {rec.idle_unload_after_s:g} s (on demand)"
+    print(f"model {rec.name} {verb}: {rec.replicas} replica(s){demand} of {rec.path} ({rec.backend})")
     return ctl.EXIT_OK
 
 
@@ -99,6 +104,7 @@ def model_rows(
                 "nodes": p.nodes if p else [],
                 "unplaced": p.unplaced if p else None,
                 "reasons": p.reasons if p else ["not placed yet (is a coordinator leading?)"],
+                "scaling": p.scaling if p else "",
                 "path_available_on": sorted(node for node, a in checks if a.available),
                 "path_unavailable_on": {node: a.error or "unavailable" for node, a in checks if a.available is False},
             }
@@ -124,6 +130,8 @@ def format_models(rows: list[dict[str, Any]]) -> str:
                 m.path,
             ]
         )
+        if r.get("scaling"):
+            notes.append(f"{m.name}: on demand, {r['scaling']}")
         notes.extend(f"{m.name}: {reason}" for reason in r["reasons"])
         notes.extend(f"{m.name}: path unavailable on {node}: {err}" for node, err in r["path_unavailable_on"].items())
     head = ["MODEL", "BACKEND", "PLACED", "GPUS", "CLASSES", "VRAM GiB", "FALLBACK", "NODES", "PATH"]
@@ -176,6 +184,18 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     add.add_argument("--fallback", help="model that answers at degradation level 2")
     add.add_argument(
         "--arg", action="append", help="extra backend argument, repeatable; write flags as --arg=--max-model-len=8192"
+    )
+    add.add_argument(
+        "--min-replicas",
+        type=int,
+        help="replicas kept while nobody asks for the model (0: loaded on its first request); default: --replicas",
+    )
+    add.add_argument(
+        "--idle-unload-after",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="with --min-replicas: scale down after this long without a request (default 600)",
     )
     add.add_argument("--update", action="store_true", help="replace an existing registration")
     add.set_defaults(func=cmd_add)

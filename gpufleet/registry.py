@@ -32,6 +32,17 @@ DEFAULT_GPU_MEMORY_FRACTION = 0.9  # vLLM's default gpu_memory_utilization: "the
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CLASS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _CHUNK = 1024 * 1024
+MAX_IDLE_UNLOAD_S = 7 * 86400
+
+
+def min_replicas(rec: ModelRecord) -> int:
+    """Replicas the model keeps while nobody asks for it (``replicas`` unless on demand)."""
+    return rec.replicas if rec.min_replicas is None else rec.min_replicas
+
+
+def on_demand(rec: ModelRecord) -> bool:
+    """Whether the model is scaled by demand: fewer replicas while idle than while wanted."""
+    return min_replicas(rec) < rec.replicas
 
 
 def validate_model(rec: ModelRecord) -> list[str]:
@@ -44,6 +55,10 @@ def validate_model(rec: ModelRecord) -> list[str]:
     out.extend(f"path: {p}" for p in path_problems(rec.path))
     if not 0 <= rec.replicas <= 1000:
         out.append("replicas: must be between 0 and 1000")
+    if rec.min_replicas is not None and not 0 <= rec.min_replicas <= rec.replicas:
+        out.append(f"min_replicas: must be between 0 and replicas ({rec.replicas})")
+    if not 1 <= rec.idle_unload_after_s <= MAX_IDLE_UNLOAD_S:
+        out.append(f"idle_unload_after_s: must be between 1 and {MAX_IDLE_UNLOAD_S} (7 days)")
     if not 1 <= rec.gpus_per_replica <= 16:
         out.append("gpus_per_replica: must be between 1 and 16")
     if rec.min_vram_gib is not None and not 0 < rec.min_vram_gib <= 4096:

@@ -18,6 +18,7 @@ from agent.cluster.publisher import MembershipCollector
 from agent.keys.gate import KeyGate
 from agent.proxy import Proxy, add_proxy_routes
 from agent.proxy.adapter import AgentUpstreams
+from agent.proxy.coldstart import ColdStart
 from agent.proxy.metrics import ProxyMetrics
 from agent.supervisor import UnknownInstance
 from gpufleet.httperrors import bad_input_middleware, error_middleware, error_response, json_response
@@ -108,7 +109,18 @@ class AgentApi:
             registry=self.registry,
         )
         tls = getattr(rt, "tls", None)  # other nodes are reached with the cluster's CA (never unverified)
-        return Proxy(upstreams, metrics, rt.proxy_stats, rt.key_gate, peer_ssl=tls.peer if tls is not None else True)
+        demand = getattr(rt, "demand", None)  # on-demand models (agent/cluster/demand.py)
+        cold_start = None
+        if demand is not None:
+            cold_start = rt.cold_start = ColdStart(upstreams, demand, lambda kind: metrics.rejected.labels(kind).inc())
+        return Proxy(
+            upstreams,
+            metrics,
+            rt.proxy_stats,
+            rt.key_gate,
+            peer_ssl=tls.peer if tls is not None else True,
+            cold_start=cold_start,
+        )
 
     def _add_proxy(self, proxy: Proxy) -> None:
         async def proxy_session(_: web.Application) -> AsyncIterator[None]:

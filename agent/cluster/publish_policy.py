@@ -84,6 +84,11 @@ def _state_change(prev: NodeRecord, cur: NodeRecord, p: PublishPolicy) -> str | 
         (m.model, m.path, m.available, m.error) for m in cur.models
     ]:
         return "model path availability changed"  # placement depends on it
+    if any(prev.model_demand.get(m) != t for m, t in cur.model_demand.items()):
+        # A request for an on-demand model (agent/cluster/demand.py limits these to one per
+        # model per idle_unload_after_s / 4): a cold start waits on the leader hearing it.
+        # Entries merely dropped are not worth a write.
+        return "on-demand model requested"
     before = {i.name: i for i in prev.instances}
     after = {i.name: i for i in cur.instances}
     if before.keys() != after.keys():

@@ -116,6 +116,8 @@ class RouteTable:
         self._drains = KeyMirror(etcd, keys.drains, on_change=self._on_drain)
         # node -> set when the node is DOWN in the routes or has left them (see node_gone)
         self._gone: dict[str, asyncio.Event] = {}
+        # Called with a model's name when its header or route changed (a cold start waits on it).
+        self.on_route: Callable[[str], None] | None = None
         self.degradation: DegradationRecord | None = None
         # When this agent last saw the degradation record change (monotonic): its freshness,
         # measured without comparing the leader's clock with ours.
@@ -230,6 +232,8 @@ class RouteTable:
                 if w is not None:
                     w.assembled.set()
         self._update_gone()
+        if self.on_route is not None:
+            self.on_route(model)
 
     def node_gone(self, node: str) -> asyncio.Event:
         """An event set once ``node`` is DOWN in the routes (its lease ran out) or has left them.

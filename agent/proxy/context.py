@@ -163,7 +163,9 @@ class Ctx:
         "cache_key",
         "counted",
         "degraded",
+        "demand",
         "downgraded",
+        "held",
         "hide_usage",
         "instance",
         "key",
@@ -192,6 +194,8 @@ class Ctx:
         self.stream_error = False
         self.retries = 0
         self.ttfb: float | None = None
+        self.demand: str | None = None  # an on-demand model this request keeps wanted (coldstart.py)
+        self.held = 0.0  # seconds held by a cold start (coldstart.py): not in the retry budget
         # Degradation: where to store the answer, the fallback serving instead, how it was degraded.
         self.cache_key: bytes | None = None
         self.downgraded: str | None = None

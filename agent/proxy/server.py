@@ -31,6 +31,7 @@ from gpufleet.keyspace.records import RouteRecord
 from gpufleet.routeslices import has_ready
 
 from .accesslog import AccessLog
+from .coldstart import ColdStart
 from .context import ANTHROPIC_ROUTES, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, new_request_id, parse_head
 from .degrade import FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
@@ -68,8 +69,10 @@ class Proxy:
         stats: ProxyStats | None = None,
         key_gate: KeyGate | None = None,
         peer_ssl: ssl.SSLContext | bool = True,
+        cold_start: ColdStart | None = None,
     ) -> None:
         self.upstreams = upstreams
+        self.cold_start = cold_start  # on-demand models: hold a request while one starts
         self.key_gate = key_gate  # API keys (agent/keys/gate.py); None: every request is let through
         self.metrics = metrics
         self.stats = stats if stats is not None else ProxyStats()
@@ -129,11 +132,18 @@ class Proxy:
             for m in local
         ]
         routes = self.upstreams.routes
+        seen = {m.id for m in local}
         if routes is not None:  # models served elsewhere in the cluster, reachable through us
-            seen = {m.id for m in local}
             for m, header in sorted(routes.headers.items()):
                 if m not in seen and has_ready(header):
+                    seen.add(m)
                     data.append({"id": m, "object": "model", "created": int(header.updated_at), "owned_by": "gpufleet"})
+        if self.cold_start is not None:  # loaded on their first request: listed while unloaded too
+            data += [
+                {"id": m, "object": "model", "created": 0, "owned_by": "gpufleet"}
+                for m in self.cold_start.demand.models()
+                if m not in seen
+            ]
         return {"object": "list", "data": data}
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
@@ -146,6 +156,8 @@ class Proxy:
             ctx.status = 499  # client went away (nginx's code); upstream was cancelled with us
             raise
         finally:
+            if self.cold_start is not None:
+                self.cold_start.end(ctx)  # its model was wanted while it lasted
             self._account(request, ctx)
         return resp
 
@@ -157,6 +169,9 @@ class Proxy:
             body = self._authorize(request, body, head, ctx)
             forwarded = self._entered(request, ctx)
             await self._want(head.model)
+            if self.cold_start is not None:
+                if (held := await self.cold_start.hold(head.model, ctx, wait=not forwarded)) is not None:
+                    raise _Reply(ctx.done(held))
             serving, route = self._known(head.model, ctx)
             if (fallback := await self._degrade(request, body, head, forwarded, ctx)) is not None:
                 body, head = fallback
@@ -343,7 +358,7 @@ class Proxy:
     async def _attempts(self, request: web.Request, body: bytes, plan: Plan, ctx: Ctx) -> web.StreamResponse:
         """Attempt after attempt, each on an upstream not tried yet, until one answers or the
         request runs out of candidates, attempts or budget."""
-        retry_deadline = ctx.started + self.cfg.retry_budget_s
+        retry_deadline = ctx.started + ctx.held + self.cfg.retry_budget_s
         tried: set[str] = set()
         last: Failure | None = None
         timeouts = 0

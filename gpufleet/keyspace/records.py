@@ -123,6 +123,10 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     agent_id: str = ""
     # Use of each API key with limits that entered the cluster here (see KeySharesRecord).
     key_demand: dict[str, KeyDemand] = {}
+    # On-demand models (ModelRecord.min_replicas < replicas) requested through this node: the
+    # wall time of a recent request, refreshed at most every idle_unload_after_s / 4 per model
+    # (agent/cluster/demand.py). The leader reads only *that it changed*, on its own clock.
+    model_demand: dict[str, float] = {}
 
 
 # --- written by the coordinator's leader ---------------------------------------------------------
@@ -240,6 +244,11 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     args: list[str] = []  # extra backend arguments
     gpu_memory_fraction: float | None = None  # overrides the share computed from min_vram_gib
     created_at: float = 0.0
+    # On demand: ``replicas`` run while the model is wanted (a request within
+    # idle_unload_after_s anywhere in the cluster), ``min_replicas`` otherwise. None: always
+    # ``replicas`` (see gpufleet.registry.min_replicas and coordinator/policy/ondemand.py).
+    min_replicas: int | None = None
+    idle_unload_after_s: float = 600.0
 
 
 class AssignedInstance(msgspec.Struct, kw_only=True):
@@ -272,6 +281,8 @@ class ModelPlacement(msgspec.Struct, kw_only=True):
     nodes: list[str] = []  # where its replicas are assigned
     unplaced: int = 0
     reasons: list[str] = []
+    # On-demand models: the leader's last scaling decision, when and why ("" for the others).
+    scaling: str = ""
 
 
 class PlacementRecord(msgspec.Struct, kw_only=True):
