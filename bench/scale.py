@@ -428,11 +428,15 @@ async def run_layout(args: argparse.Namespace, layout: str, n_watchers: int, cod
         async with EtcdClient([url], timeout=10.0) as etcd:
             agents = Agents(args.agents, etcd, url)
             agents.start()
+            bound = asyncio.timeout(args.layout_timeout)
             try:
-                async with asyncio.timeout(args.layout_timeout):
+                async with bound:
                     await measure(args, result, etcd, member.pid, procs, agents, watchers)
-            except TimeoutError:
-                result["error"] = f"stopped after {args.layout_timeout:.0f} s in phase {result['phase']!r}"
+            except TimeoutError as e:
+                if bound.expired():
+                    result["error"] = f"stopped after {args.layout_timeout:.0f} s in phase {result['phase']!r}"
+                else:  # a request of the benchmark's own (etcd's or the leader's /metrics) had no answer
+                    result["error"] = f"phase {result['phase']!r}: {e!r}"
             except EtcdError as e:
                 result["error"] = f"phase {result['phase']!r}: {e!r}"
             finally:
