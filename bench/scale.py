@@ -61,7 +61,7 @@ from agent.cluster.publisher import ClusterPublisher
 from agent.config import ClusterSection
 from coordinator.policy.health import step_instance, step_node
 from coordinator.policy.routes import compute_routes
-from coordinator.policy.slicing import plan_write
+from coordinator.policy.slicing import WritePolicy, plan_write
 from gpufleet import tomlwrite
 from gpufleet.etcd import EtcdClient, EtcdError
 from gpufleet.keyspace import Keyspace, decode, encode
@@ -567,7 +567,8 @@ def inprocess(n: int, runs: int, rate: float) -> dict:
     records = {r.node: r for r in (FakeNode(i, rng).record() for i in range(n))}
     node_health: dict = {}
     inst_health: dict = {}
-    min_change = WeightsSection().min_weight_change
+    w = WeightsSection()
+    policy = WritePolicy(w.min_weight_change, w.urgent_weight_change)
     header: RouteRecord | None = None
     slices: dict[int, RouteSlice] = {}
     compute, diff, written, slices_written, whole_value = [], [], [], [], []
@@ -585,7 +586,7 @@ def inprocess(n: int, runs: int, rate: float) -> dict:
         t0 = time.perf_counter()
         rec = compute_routes(records, node_health, inst_health, set(), 7, now).routes[MODEL]
         t1 = time.perf_counter()
-        write, header, slices = plan_write(rec, header, slices, min_change)
+        write, header, slices = plan_write(rec, header, slices, policy)
         values = [encode(s) for s in write.slices] + ([encode(write.header)] if write.header else [])
         t2 = time.perf_counter()
         if run:

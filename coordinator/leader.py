@@ -31,6 +31,7 @@ from .placement_loop import Placer
 from .policy.health import Health, HealthPolicy, InstanceHealth, NodeHealth, departed, step_instance, step_node
 from .policy.placement import NodeView
 from .policy.routes import FailoverPolicy, RoutePlan, compute_routes
+from .policy.slicing import WritePolicy
 from .policy.weights import CPU_CLASS, WeightPolicy
 from .policysync import PolicyState, file_differs, step_policy
 from .route_writer import RouteWriter
@@ -102,7 +103,8 @@ class Leader:
             eject_forget_after_s=h.eject_forget_after_s,
         )
         self.weight_policy = WeightPolicy(base=dict(p.weights.base), default_base=p.weights.default_base)
-        self.min_weight_change = p.weights.min_weight_change
+        self.route_write_policy = WritePolicy(p.weights.min_weight_change, p.weights.urgent_weight_change)
+        self.weight_drift_interval_s = p.weights.weight_drift_interval_s
         self.failover_policy = FailoverPolicy(
             cross_class=p.failover.cross_class, panic_threshold=p.failover.panic_threshold
         )
@@ -416,5 +418,5 @@ class Leader:
             del self.inst_health[k]
 
     async def _write_routes(self, plan: RoutePlan, epoch: int) -> tuple[int, int]:
-        count = await self.routes.write(plan, self.min_weight_change)
+        count = await self.routes.write(plan, self.route_write_policy, self.weight_drift_interval_s, time.monotonic())
         return count.writes, count.deletes

@@ -13,6 +13,7 @@ route and rewritten as header and slices on the first pass: the migration needs 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import structlog
@@ -24,7 +25,7 @@ from gpufleet.keyspace.records import RouteRecord, RouteSlice
 from .election import Election
 from .metrics import CoordinatorMetrics
 from .policy.routes import RoutePlan
-from .policy.slicing import DEFAULT_SLICE_LIMITS, SliceLimits, plan_write
+from .policy.slicing import DEFAULT_SLICE_LIMITS, SliceLimits, WritePolicy, plan_write
 
 log = structlog.get_logger("coordinator.routes")
 
@@ -55,6 +56,8 @@ class RouteWriter:
         self.slices = KeyMirror(etcd, keys.route_slices)
         # key -> what this term wrote there (None: deleted), until the term ends
         self._written: dict[str, _Record | None] = {}
+        # slice key -> when this term last wrote it (monotonic): drifted weights wait for it
+        self._written_at: dict[str, float] = {}
         # key -> (mod revision, record): decoding 400 slices on every pass would dominate
         self._decoded: dict[str, tuple[int, _Record | None]] = {}
 
@@ -63,12 +66,15 @@ class RouteWriter:
 
     def start_term(self) -> None:
         self._written.clear()
+        self._written_at.clear()
 
     def forget_decoded(self) -> None:
         """etcd's history went backwards: revisions now name other writes."""
         self._decoded.clear()
 
-    async def write(self, plan: RoutePlan, min_weight_change: float) -> WriteCount:
+    async def write(self, plan: RoutePlan, policy: WritePolicy, drift_interval_s: float, now: float) -> WriteCount:
+        """Write what changed (``now``: monotonic; a slice's drifted weights are written
+        ``drift_interval_s`` after this term last wrote it, or with its next urgent write)."""
         headers, slices = self._current()
         puts: list[Op] = []
         header_puts: list[Op] = []
@@ -76,7 +82,8 @@ class RouteWriter:
         written: dict[str, _Record | None] = {}
         for model, rec in plan.routes.items():
             have = slices.get(model, {})
-            w, _, _ = plan_write(rec, headers.get(model), have, min_weight_change, self.limits)
+            due = self._drift_due(model, now - drift_interval_s)
+            w, _, _ = plan_write(rec, headers.get(model), have, policy, self.limits, due)
             for s in w.slices:
                 key = self.keys.route_slice(model, s.slice)
                 puts.append(Op.put(key, encode(s)))
@@ -105,11 +112,20 @@ class RouteWriter:
         # Only what was written: the next pass compares with the record in etcd, so weights
         # that each moved a little are written once their moves add up.
         self._written.update(written)
+        for key, rec in written.items():
+            if isinstance(rec, RouteSlice):
+                self._written_at[key] = now
         put_bytes = sum(len(op.request.get("value", "")) * 3 // 4 for op in ops if op.kind == "put")
         n_deletes = sum(1 for v in written.values() if v is None)
         self.metrics.route_writes.inc(len(ops))
         self.metrics.route_write_bytes.inc(put_bytes)
         return WriteCount(len(ops) - n_deletes, n_deletes, put_bytes, txns)
+
+    def _drift_due(self, model: str, written_before: float) -> Callable[[int], bool]:
+        def due(n: int) -> bool:
+            return self._written_at.get(self.keys.route_slice(model, n), float("-inf")) <= written_before
+
+        return due
 
     def _current(self) -> tuple[dict[str, RouteRecord], dict[str, dict[int, RouteSlice]]]:
         """What etcd holds (as far as the mirrors and this term's writes tell): headers by model,

@@ -58,10 +58,16 @@ class WeightsSection(StrictSection):
     # Clawdbot article measured them, and every other known class by memory bandwidth) when set.
     base: dict[str, Annotated[int, Meta(ge=0)]] = msgspec.field(default_factory=lambda: dict(BASE_WEIGHTS))
     default_base: Annotated[int, Meta(ge=0)] = 100  # base of a class the table does not name
-    # A route is rewritten for a weight that moved by more than this share of itself (every
-    # watching agent receives each write); smaller moves add up until one does. A weight to or
-    # from 0 and every state change are written at once. 0: write every change.
+    # A route slice is rewritten for a weight that moved by more than this share of itself
+    # (every agent following the model receives each write); smaller moves add up until one
+    # does. 0: write every change.
     min_weight_change: Annotated[float, Meta(ge=0, lt=1)] = 0.05
+    # A weight that moved by more than this share of itself (a GPU crossing 85 °C: capped to
+    # 30 % of its base), a weight to or from 0 and every state change are written at once.
+    # Smaller moves (load drifting) go out with the slice's next write, or weight_drift_interval_s
+    # after its last one at the latest: across a fleet every slice drifts all the time.
+    urgent_weight_change: Annotated[float, Meta(ge=0, le=1)] = 0.25
+    weight_drift_interval_s: Annotated[float, Meta(ge=0, le=300)] = 5.0
 
 
 class FailoverSection(StrictSection):

@@ -18,7 +18,7 @@ from agent.cluster.routes import RouteTable, WatchSettings
 from coordinator.election import Election, txn_batches
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy.routes import RoutePlan
-from coordinator.policy.slicing import SliceLimits, endpoint_size, layout, plan_write, split_route
+from coordinator.policy.slicing import SliceLimits, WritePolicy, endpoint_size, layout, plan_write, split_route
 from coordinator.route_writer import RouteWriter
 from gpufleet.etcd import Op
 from gpufleet.keyspace import Keyspace, encode
@@ -26,6 +26,7 @@ from gpufleet.keyspace.records import RouteEndpoint, RouteRecord, RouteSlice
 from gpufleet.routeslices import RouteAssembly, assemble, read_routes
 
 pytestmark = pytest.mark.timeout(120)
+POLICY = WritePolicy(min_weight_change=0.05, urgent_weight_change=0.25)  # the defaults
 
 
 def ep(node: str, i: int = 0, weight: int = 100, state: str = "READY", cls: str = "A100") -> RouteEndpoint:
@@ -45,7 +46,7 @@ def with_endpoint(rec: RouteRecord, node: str, **change: object) -> RouteRecord:
 
 
 def written(rec: RouteRecord, header: RouteRecord | None, slices: dict[int, RouteSlice]):  # type: ignore[no-untyped-def]
-    w, new_header, new_slices = plan_write(rec, header, slices, 0.05)
+    w, new_header, new_slices = plan_write(rec, header, slices, POLICY)
     return w, new_header, new_slices
 
 
@@ -83,6 +84,21 @@ def test_one_nodes_weight_rewrites_one_slice_and_not_the_header() -> None:
     # Under min_weight_change: nothing at all.
     w, _, _ = written(with_endpoint(base, "n00537", weight=97), header, slices)
     assert not w
+
+
+def test_drifting_weights_wait_for_their_slices_interval_and_big_moves_do_not() -> None:
+    base = fleet(300)
+    header, slices = split_route(base, {})
+    drift = with_endpoint(base, "n00042", weight=90)  # -10 %: between min (5 %) and urgent (25 %)
+    w, _, _ = plan_write(drift, header, slices, POLICY, drift_due=lambda n: False)
+    assert not w  # held: the slice was written less than weight_drift_interval_s ago
+    w, _, _ = plan_write(drift, header, slices, POLICY, drift_due=lambda n: True)
+    assert [s.slice for s in w.slices] == [1]
+    hot = with_endpoint(base, "n00042", weight=30)  # capped: -70 %
+    w, _, _ = plan_write(hot, header, slices, POLICY, drift_due=lambda n: False)
+    assert [s.slice for s in w.slices] == [1]  # at once
+    down = with_endpoint(base, "n00042", weight=100, state="DEGRADED")
+    assert [s.slice for s in plan_write(down, header, slices, POLICY, drift_due=lambda n: False)[0].slices] == [1]
 
 
 def test_a_state_change_rewrites_its_slice_and_the_header_count() -> None:
@@ -222,21 +238,26 @@ async def test_writer_migrates_a_schema_1_route_and_splits_a_big_rewrite(etcd: E
         async with writer.headers, writer.slices:
             await asyncio.gather(*(m.wait_ready(10) for m in writer.mirrors()))
             route = fleet(30, epoch=epoch)
-            count = await writer.write(RoutePlan(routes={"m": route}), 0.05)
+            count = await writer.write(RoutePlan(routes={"m": route}), POLICY, 5.0, time.monotonic())
             assert count.writes == 31 and count.txns == 1  # 30 slices + the header, one transaction
             routes = await read_routes(client, keys)
             assert routes["m"].epoch == epoch and len(routes["m"].endpoints) == 120
             raw = await client.get(keys.route("m"))
             assert raw is not None and b'"endpoints":[]' in raw.value  # the header holds none now
             # Nothing changed: nothing written (compared with what this term wrote).
-            assert (await writer.write(RoutePlan(routes={"m": route}), 0.05)).writes == 0
+            assert (await writer.write(RoutePlan(routes={"m": route}), POLICY, 5.0, time.monotonic())).writes == 0
+            # A weight drifting by 10 %: held for weight_drift_interval_s after the slice's write.
+            drifted = with_endpoint(route, "n00003", weight=90)
+            t = time.monotonic()
+            assert (await writer.write(RoutePlan(routes={"m": drifted}), POLICY, 5.0, t)).writes == 0
+            assert (await writer.write(RoutePlan(routes={"m": drifted}), POLICY, 5.0, t + 6)).writes == 1
             # 150 nodes at 4 per slice: 150 ops, more than one transaction; slices before header.
             big = fleet(150, epoch=epoch)
-            count = await writer.write(RoutePlan(routes={"m": big}), 0.05)
+            count = await writer.write(RoutePlan(routes={"m": big}), POLICY, 5.0, time.monotonic())
             assert count.txns == 2 and count.writes == 121  # 120 new slices + the header
             assert len((await read_routes(client, keys))["m"].endpoints) == 600
             # The model goes: its header first, then its slices.
-            count = await writer.write(RoutePlan(routes={}), 0.05)
+            count = await writer.write(RoutePlan(routes={}), POLICY, 5.0, time.monotonic())
             assert count.deletes == 151
             assert await read_routes(client, keys) == {}
             assert (await client.get_prefix(keys.route_slices)).kvs == []

@@ -8,19 +8,23 @@ the lowest-numbered slice with room, else to a new slice. When departures have l
 more than half empty, the model is laid out afresh (every slice rewritten once) rather than
 carrying on fragmented.
 
-What to write: a slice whose endpoints changed (weights by more than ``min_weight_change``, see
-policy/routes.py), the header when anything readers check in it changed (epoch, slice list,
-classes, counts), deletes for slices no longer listed. Order: slices that gain endpoints, then
-the other slices, then the header, then deletes; a reader applying the writes of a split
-rewrite one transaction at a time then sees an endpoint that moved twice (listed once) rather
-than not at all, and the header only once the slices it lists exist.
+What to write: a slice whose endpoints changed *urgently* (an endpoint's state, address or
+membership, a weight to or from 0 or by more than ``urgent_weight_change`` of itself) at once; a
+slice whose weights only *drifted* (by more than ``min_weight_change``, at most the urgent share)
+only when the caller says its drift is due (``weight_drift_interval_s`` after its last write),
+since across a fleet every slice drifts all the time; the header when anything readers check
+in it changed (epoch, slice list, classes, counts); deletes for slices no longer listed.
+Order: slices that gain endpoints, then the other slices, then the header, then deletes; a
+reader applying the writes of a split rewrite one transaction at a time then sees an endpoint
+that moved twice (listed once) rather than not at all, and the header only once the slices it
+lists exist.
 
 Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -160,10 +164,34 @@ def header_differs(old: RouteRecord | None, new: RouteRecord) -> bool:
     )
 
 
-def slice_differs(old: RouteSlice | None, new: RouteSlice, min_weight_change: float = 0.0) -> bool:
+@dataclass(frozen=True)
+class WritePolicy:
+    """How big a change must be to write (gpufleet/policyconfig.py WeightsSection)."""
+
+    min_weight_change: float = 0.0  # smaller weight moves are not written (they add up)
+    urgent_weight_change: float = 0.0  # bigger ones are written at once; between: drift
+
+
+NONE, DRIFT, URGENT = 0, 1, 2
+
+
+def slice_change(old: RouteSlice | None, new: RouteSlice, policy: WritePolicy) -> int:
+    """NONE, DRIFT (only weights moved, each by at most the urgent share) or URGENT."""
     if old is None or old.epoch != new.epoch or old.schema != new.schema or old.model != new.model:
-        return True
-    return endpoints_differ(old.endpoints, new.endpoints, min_weight_change)
+        return URGENT
+    if len(old.endpoints) != len(new.endpoints):
+        return URGENT
+    if old.endpoints == new.endpoints:
+        return NONE
+    if not endpoints_differ(old.endpoints, new.endpoints, policy.min_weight_change):
+        return NONE
+    if endpoints_differ(old.endpoints, new.endpoints, policy.urgent_weight_change):
+        return URGENT  # a state, an address, a weight to or from 0, or a big move
+    return DRIFT
+
+
+def slice_differs(old: RouteSlice | None, new: RouteSlice, min_weight_change: float = 0.0) -> bool:
+    return slice_change(old, new, WritePolicy(min_weight_change, min_weight_change)) != NONE
 
 
 @dataclass
@@ -184,17 +212,20 @@ def plan_write(
     rec: RouteRecord,
     header: RouteRecord | None,
     slices: Mapping[int, RouteSlice],
-    min_weight_change: float = 0.0,
+    policy: WritePolicy = WritePolicy(),
     limits: SliceLimits = DEFAULT_SLICE_LIMITS,
+    drift_due: Callable[[int], bool] = lambda n: True,
 ) -> tuple[RouteWrite, RouteRecord, dict[int, RouteSlice]]:
     """The writes that bring a model from ``header`` and ``slices`` (in etcd) to ``rec`` (the
-    pass's whole route); also the new header and slices."""
+    pass's whole route); also the new header and slices. ``drift_due(n)``: whether slice n's
+    drifted weights may be written now."""
     new_header, new_slices = split_route(rec, membership(slices), limits)
     write = RouteWrite(rec.model)
     old_members = {n: {e.node for e in s.endpoints} for n, s in slices.items()}
     gaining, others = [], []
     for n, s in new_slices.items():
-        if slice_differs(slices.get(n), s, min_weight_change):
+        change = slice_change(slices.get(n), s, policy)
+        if change == URGENT or (change == DRIFT and drift_due(n)):
             gains = any(e.node not in old_members.get(n, ()) for e in s.endpoints)
             (gaining if gains else others).append(s)
     write.slices = gaining + others
