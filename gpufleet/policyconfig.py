@@ -65,9 +65,11 @@ class WeightsSection(StrictSection):
     # A weight that moved by more than this share of itself (a GPU crossing 85 °C: capped to
     # 30 % of its base), a weight to or from 0 and every state change are written at once.
     # Smaller moves (load drifting) go out with the slice's next write, or weight_drift_interval_s
-    # after its last one at the latest: across a fleet every slice drifts all the time.
+    # after its last one at the latest: across a fleet every slice drifts all the time. The
+    # default is twice the agents' telemetry gap (telemetry_min_gap_s, 15 s): weights follow
+    # slow trends, and the proxies' least_loaded choice follows load as it happens.
     urgent_weight_change: Annotated[float, Meta(ge=0, le=1)] = 0.25
-    weight_drift_interval_s: Annotated[float, Meta(ge=0, le=300)] = 5.0
+    weight_drift_interval_s: Annotated[float, Meta(ge=0, le=300)] = 30.0
 
 
 class FailoverSection(StrictSection):
