@@ -19,7 +19,8 @@ which is the same clock in every process on the host):
          by ``timeout``
     <- {"cmd": "stop"} (or end of input): stop the tables, close the clients, exit
 
-Nothing is polled outside a ``watch`` (so the process's CPU in steady state is the mirrors').
+Nothing is polled outside a ``watch`` (so the process's CPU in steady state is the mirrors'),
+and a ``watch`` on tables that report their route changes (``on_route``) polls nothing either.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ async def watch(tables: list[Any], model: str, cmd: dict[str, Any]) -> None:
     seen: dict[int, float] = {}
     last: dict[int, object] = {}
     deadline = time.monotonic() + cmd["timeout"]
+    if all(hasattr(t, "on_route") for t in tables):  # told of each route change: no polling
+        await _watch_events(tables, model, node, holds, seen, deadline)
+        emit(event="seen", id=cmd["id"], times=sorted(seen.values()), missing=len(tables) - len(seen))
+        return
     while len(seen) < len(tables) and time.monotonic() < deadline:
         now = time.monotonic()
         for i, t in enumerate(tables):
@@ -87,6 +92,31 @@ async def watch(tables: list[Any], model: str, cmd: dict[str, Any]) -> None:
                 seen[i] = now
         await asyncio.sleep(POLL_S)
     emit(event="seen", id=cmd["id"], times=sorted(seen.values()), missing=len(tables) - len(seen))
+
+
+async def _watch_events(
+    tables: list[Any], model: str, node: str, holds: Any, seen: dict[int, float], deadline: float
+) -> None:
+    """The same watch through ``RouteTable.on_route`` (the sliced layout's tables): each table
+    is looked at when its route changes, so a pending trial costs the process no CPU of its own."""
+    done = asyncio.Event()
+
+    def check(i: int, t: Any) -> None:
+        if i not in seen and holds(node_weights(t, model, node)):
+            seen[i] = time.monotonic()
+            if len(seen) == len(tables):
+                done.set()
+
+    for i, t in enumerate(tables):
+        t.on_route = lambda m, i=i, t=t: check(i, t) if m == model else None
+        check(i, t)
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await done.wait()
+    finally:
+        for t in tables:
+            t.on_route = None
 
 
 async def commands() -> asyncio.StreamReader:
