@@ -9,6 +9,7 @@ starts when it is loaded. Failures raise :class:`FleetError` with the daemon's l
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -29,10 +30,21 @@ class FleetError(AssertionError):
     tail), as the test harness always did; the demo and the benchmarks catch it by this name."""
 
 
+_handed_out: collections.deque[int] = collections.deque(maxlen=4096)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, and not one this process handed out recently: the socket is
+    closed before the caller binds the port, so two calls in a row can get the same port from
+    the kernel (an etcd member once got it for both its client and peer listeners)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.append(port)
+            return port
+    raise FleetError("no free port that was not handed out already")
 
 
 def free_port_block(span: int = 20) -> int:
@@ -42,8 +54,8 @@ def free_port_block(span: int = 20) -> int:
         base = free_port()
         if base + span > 65000:
             continue
-        ok = True
-        for p in range(base, base + span):
+        ok = not any(p in _handed_out for p in range(base + 1, base + span))
+        for p in range(base, base + span) if ok else ():
             with socket.socket() as s:
                 # As the servers bind (asyncio sets SO_REUSEADDR): a port with connections in
                 # TIME_WAIT is free for them, and on a busy machine most ports have some.
@@ -54,6 +66,7 @@ def free_port_block(span: int = 20) -> int:
                     ok = False
                     break
         if ok:
+            _handed_out.extend(range(base + 1, base + span))
             return base
     raise FleetError("no free port block")
 
