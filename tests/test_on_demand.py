@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,18 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from etcd_fixtures import EtcdCluster
 from helpers import (
-    SIM_LAUNCHER,
-    AgentProcess,
-    CoordinatorProcess,
-    agent_toml,
-    as_node,
-    cluster_toml,
-    free_port,
-    start_agent_sync,
     wait_until,
 )
+from modelfleet import OneNodeFleet, one_node_fleet
 
 from agent.cluster.demand import DemandTracker
 from agent.cluster.publish_policy import PublishPolicy, change_reason
@@ -216,48 +206,21 @@ STARTUP_DELAY_S = 2.0
 IDLE_S = 4.0
 
 
-def agent_text(tmp: Path, port: int, etcd: EtcdCluster, shared: Path, timeout_s: float) -> str:
-    text = as_node(agent_toml(tmp / "n1", port, ""), "n1", f"http://127.0.0.1:{port}")
-    text += cluster_toml(etcd.endpoints, CLUSTER, telemetry_min_gap_s=0.2)
-    text += f'\n[models]\nlaunchers = {{ vllm = {SIM_LAUNCHER} }}\nallowed_roots = ["{shared}"]\n'
-    return text + f"\n[proxy]\ncold_start_timeout_s = {timeout_s}\n"
-
-
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[EtcdCluster, AgentProcess, Path]]:
-    etcd = EtcdCluster(1).start()
-    shared = tmp_path / "shared"
-    (shared / "m").mkdir(parents=True)
-    (shared / "m" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    port = free_port()
-    (tmp_path / "n1").mkdir()
-    agent = coordinator = None
-    try:
-        agent = start_agent_sync(tmp_path / "n1", agent_text(tmp_path, port, etcd, shared, 30), port, 0)
-        coordinator = CoordinatorProcess(tmp_path, "c1", etcd.endpoints, CLUSTER).start()
-        coordinator.wait_ready_sync()
-        yield etcd, agent, shared
-    finally:
-        if coordinator is not None:
-            coordinator.stop()
-        if agent is not None:
-            agent.stop()
-        etcd.destroy()
+def cluster(tmp_path: Path) -> Iterator[OneNodeFleet]:
+    with one_node_fleet(tmp_path, CLUSTER, ["m"], agent_extra=PROXY % 30) as fleet:
+        yield fleet
 
 
-def gpuctl(etcd: EtcdCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "gpuctl.main", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER, *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-
-
+PROXY = "\n[proxy]\ncold_start_timeout_s = %s\n"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
 
 
 @pytest.mark.timeout(90)
-async def test_cold_start_idle_unload_and_timeout(cluster) -> None:  # type: ignore[no-untyped-def]
-    etcd, agent, shared = cluster
-    add = gpuctl(
-        etcd, "models", "add", "m", "--path", str(shared / "m"), "--min-replicas", "0",
+async def test_cold_start_idle_unload_and_timeout(cluster: OneNodeFleet) -> None:
+    etcd, agent, shared = cluster.etcd, cluster.agent, cluster.shared
+    add = cluster.gpuctl(
+        "models", "add", "m", "--path", str(shared / "m"), "--min-replicas", "0",
         "--idle-unload-after", str(IDLE_S), f"--arg=--startup-delay={STARTUP_DELAY_S}",
     )  # fmt: skip
     assert add.returncode == 0, add.stderr
@@ -296,7 +259,7 @@ async def test_cold_start_idle_unload_and_timeout(cluster) -> None:  # type: ign
         assert b"data:" in body
         print(f"\ncold start: time to first token {ttft:.2f} s (simulated load {STARTUP_DELAY_S:g} s)")
         assert ttft >= STARTUP_DELAY_S
-        listed = gpuctl(etcd, "models", "list")
+        listed = cluster.gpuctl("models", "list")
         assert "m: on demand, wanted: 1 of 1 replicas" in listed.stdout, listed.stdout
         log = (agent.tmp / "logs" / f"{assigned_instance_name('m')}.log").read_text()
         assert "Starting to load model" in log
@@ -323,7 +286,7 @@ async def test_cold_start_idle_unload_and_timeout(cluster) -> None:  # type: ign
         await wait_until(unrouted, timeout=15, what="the route without a READY endpoint")
 
     # A cold start longer than cold_start_timeout_s: 503 with Retry-After.
-    agent.config.write_text(agent_text(agent.tmp.parent, agent.port, etcd, shared, 0.5))
+    agent.config.write_text(cluster.agent_config(PROXY % 0.5))
     async with aiohttp.ClientSession() as http:
         agent.http = http
         code, out = await agent.admin("/admin/reload")

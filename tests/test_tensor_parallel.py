@@ -6,25 +6,15 @@ of another class or too full, so the placement has exactly one right answer."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from etcd_fixtures import EtcdCluster
 from helpers import (
-    SIM_LAUNCHER,
-    AgentProcess,
-    CoordinatorProcess,
-    agent_toml,
-    as_node,
-    cluster_toml,
-    free_port,
-    start_agent_sync,
     wait_until,
 )
+from modelfleet import OneNodeFleet, one_node_fleet
 
 from gpufleet.keyspace import Keyspace, assigned_instance_name, decode
 from gpufleet.keyspace.records import NodeRecord, PlacementRecord
@@ -44,39 +34,15 @@ GPUS = "".join(
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[EtcdCluster, AgentProcess, CoordinatorProcess, Path]]:
-    etcd = EtcdCluster(1).start()
-    shared = tmp_path / "shared"
-    (shared / "big").mkdir(parents=True)
-    (shared / "big" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    port = free_port()
-    (tmp_path / "n1").mkdir()
-    text = as_node(agent_toml(tmp_path / "n1", port, "", gpus=GPUS), "n1", f"http://127.0.0.1:{port}")
-    text += cluster_toml(etcd.endpoints, CLUSTER, telemetry_min_gap_s=0.2)
-    text += f'\n[models]\nlaunchers = {{ vllm = {SIM_LAUNCHER} }}\nallowed_roots = ["{shared}"]\n'
-    agent = coordinator = None
-    try:
-        agent = start_agent_sync(tmp_path / "n1", text, port, 0)
-        coordinator = CoordinatorProcess(tmp_path, "c1", etcd.endpoints, CLUSTER).start()
-        coordinator.wait_ready_sync()
-        yield etcd, agent, coordinator, shared
-    finally:
-        if coordinator is not None:
-            coordinator.stop()
-        if agent is not None:
-            agent.stop()
-        etcd.destroy()
+def cluster(tmp_path: Path) -> Iterator[OneNodeFleet]:
+    with one_node_fleet(tmp_path, CLUSTER, ["big"], gpus=GPUS) as fleet:
+        yield fleet
 
 
-def gpuctl(etcd: EtcdCluster, *args: str) -> int:
-    argv = [sys.executable, "-m", "gpuctl.main", "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER, *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=30).returncode
-
-
-async def test_a_tp2_model_is_placed_on_two_gpus_of_one_class_and_served(cluster) -> None:  # type: ignore[no-untyped-def]
-    etcd, agent, _, shared = cluster
-    add = ["models", "add", "big", "--path", str(shared / "big"), "--classes", "A100"]
-    assert gpuctl(etcd, *add, "--gpus-per-replica", "2", "--min-vram-gib", "40") == 0
+async def test_a_tp2_model_is_placed_on_two_gpus_of_one_class_and_served(cluster: OneNodeFleet) -> None:
+    etcd, agent = cluster.etcd, cluster.agent
+    add = ["models", "add", "big", "--path", str(cluster.shared / "big"), "--classes", "A100"]
+    assert cluster.gpuctl(*add, "--gpus-per-replica", "2", "--min-vram-gib", "40").returncode == 0
     name = assigned_instance_name("big")
     async with etcd.client() as c:
 
