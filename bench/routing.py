@@ -36,7 +36,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from agent.config import DegradationSection, ProxySection
-from agent.proxy import Proxy, add_proxy_routes
+from agent.proxy import Proxy, add_proxy
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.upstreams import LocalUpstream, ServedModel
 from gpufleet.keyspace.records import RouteEndpoint, RouteRecord
@@ -104,14 +104,7 @@ async def wait_up(urls: dict[str, str]) -> None:
 async def start_proxy(route: RouteRecord, balance: str) -> tuple[web.AppRunner, str]:
     proxy = Proxy(EntryNode(StaticRoutes({MODEL: route}), balance), ProxyMetrics(CollectorRegistry()))  # type: ignore[arg-type]
     app = web.Application()
-
-    async def session(_: web.Application) -> Any:
-        await proxy.start()
-        yield
-        await proxy.close()
-
-    app.cleanup_ctx.append(session)
-    add_proxy_routes(app, proxy)
+    add_proxy(app, proxy)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()

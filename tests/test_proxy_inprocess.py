@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.backends import Judgement, Upstream, judge_status
 from agent.config import DegradationSection, ProxySection
-from agent.proxy import Proxy, add_proxy_routes
+from agent.proxy import Proxy, add_proxy
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.upstreams import LocalUpstream, ServedModel
 from agent.supervisor.supervision_policy import InstanceState
@@ -162,14 +162,7 @@ def proxy_client(aiohttp_client: Any) -> Callable[..., Awaitable[Any]]:
         gate = key_gate(registry) if key_gate is not None else None
         proxy = Proxy(upstreams, ProxyMetrics(registry), key_gate=gate)
         app = web.Application()
-
-        async def session(_: web.Application) -> Any:
-            await proxy.start()
-            yield
-            await proxy.close()
-
-        app.cleanup_ctx.append(session)
-        add_proxy_routes(app, proxy)
+        add_proxy(app, proxy)
         client = await aiohttp_client(app)
         client.proxy, client.registry, client.gate = proxy, registry, gate
         return client

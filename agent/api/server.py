@@ -6,7 +6,7 @@ One aiohttp application on the agent's port, shared with the OpenAI-compatible p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from agent.cluster.publisher import MembershipCollector
 from agent.keys.gate import KeyGate
-from agent.proxy import Proxy, add_proxy_routes
+from agent.proxy import Proxy, add_proxy
 from agent.proxy.adapter import AgentUpstreams
 from agent.proxy.coldstart import ColdStart
 from agent.proxy.metrics import ProxyMetrics
@@ -123,13 +123,7 @@ class AgentApi:
         )
 
     def _add_proxy(self, proxy: Proxy) -> None:
-        async def proxy_session(_: web.Application) -> AsyncIterator[None]:
-            await proxy.start()  # with the app (the runner's setup), closed with it (its cleanup)
-            yield
-            await proxy.close()
-
-        self.app.cleanup_ctx.append(proxy_session)
-        add_proxy_routes(self.app, proxy)
+        add_proxy(self.app, proxy)
 
     def _add_admin(self, path: str, handler: Handler) -> None:
         self.admin_routes.add(self.app.router.add_post(path, handler))

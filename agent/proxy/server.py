@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -551,7 +551,16 @@ async def unless_instance_leaves(attempt: Coroutine[Any, Any, T], inst: Watched,
     return result
 
 
-def add_proxy_routes(app: web.Application, proxy: Proxy) -> None:
+def add_proxy(app: web.Application, proxy: Proxy) -> None:
+    """The proxy's routes on ``app``; its upstream client opens with the app (the runner's
+    setup) and closes with it (its cleanup)."""
+
+    async def session(_: web.Application) -> AsyncIterator[None]:
+        await proxy.start()
+        yield
+        await proxy.close()
+
+    app.cleanup_ctx.append(session)
     app.router.add_get("/v1/models", proxy.models)
     for path in ROUTES:
         app.router.add_post(path, labelled(proxy.forward, proxy.upstreams.node_id, anthropic=path in ANTHROPIC_ROUTES))
