@@ -40,6 +40,13 @@ def error_response(
     return json_response({"error": {"message": message, "type": type_, "code": code}}, status, headers)
 
 
+def bearer_refused(message: str, realm: str) -> web.Response:
+    """401 for a missing or wrong bearer token, with the challenge that names the realm."""
+    return error_response(
+        401, message, "authentication_error", "unauthorized", {"WWW-Authenticate": f'Bearer realm="{realm}"'}
+    )
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """The outermost middleware: an HTTP error aiohttp raises as text becomes a JSON error in

@@ -20,7 +20,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from gpufleet.httperrors import error_response
+from gpufleet.httperrors import bearer_refused, error_response
 from gpufleet.httpserver import ApiSection
 from gpufleet.tokenfile import permission_problems
 
@@ -127,11 +127,5 @@ class StatusAccess:
                 403, "not allowed from this address ([api] status_allow)", "permission_error", "forbidden"
             )
         if not self.authorized(request.headers.get("Authorization")):
-            return error_response(
-                401,
-                'missing or wrong bearer token ([api] status_access = "token")',
-                "authentication_error",
-                "unauthorized",
-                headers={"WWW-Authenticate": f'Bearer realm="{self.realm}"'},
-            )
+            return bearer_refused('missing or wrong bearer token ([api] status_access = "token")', self.realm)
         return await handler(request)

@@ -21,7 +21,7 @@ from agent.proxy.adapter import AgentUpstreams
 from agent.proxy.coldstart import ColdStart
 from agent.proxy.metrics import ProxyMetrics
 from agent.supervisor import UnknownInstance
-from gpufleet.httperrors import bad_input_middleware, error_middleware, error_response, json_response
+from gpufleet.httperrors import bad_input_middleware, bearer_refused, error_middleware, error_response, json_response
 from gpufleet.httpserver import ConnectionMetrics
 from gpufleet.logsetup import dropped_lines
 from gpufleet.statusaccess import StatusAccess
@@ -144,13 +144,7 @@ class AgentApi:
             )
         if not rt.admin_token.check(request.headers.get("Authorization")):
             log.warning("admin request refused", path=request.path, remote=request.remote)
-            return error_response(
-                401,
-                "missing or wrong bearer token",
-                "authentication_error",
-                "unauthorized",
-                headers={"WWW-Authenticate": 'Bearer realm="gpu-agent"'},
-            )
+            return bearer_refused("missing or wrong bearer token", "gpu-agent")
         return await handler(request)
 
     # --- health, status, metrics --------------------------------------------------------------

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from gpufleet.etcd import EtcdError
-from gpufleet.httperrors import error_response, json_response
+from gpufleet.httperrors import bearer_refused, error_response, json_response
 from gpufleet.keyspace import InvalidName, check_name, encode
 from gpufleet.keyspace.records import DrainRecord
 from gpufleet.statusaccess import TokenFile
@@ -46,12 +46,8 @@ def add_admin_routes(app: web.Application, rt: CoordinatorRuntime, token: TokenF
                 404, "the dashboard is read-only: no [coordinator] admin_token_file", "not_found_error", "read_only"
             )
         if not token.check(request.headers.get("Authorization")):
-            return error_response(
-                401,
-                "missing or wrong admin token ([coordinator] admin_token_file)",
-                "authentication_error",
-                "unauthorized",
-                headers={"WWW-Authenticate": 'Bearer realm="gpu-coordinator admin"'},
+            return bearer_refused(
+                "missing or wrong admin token ([coordinator] admin_token_file)", "gpu-coordinator admin"
             )
         return None
 
