@@ -16,18 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import structlog
-
 from gpufleet.etcd import EtcdClient, KeyMirror, Op
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import RouteRecord, RouteSlice
+from gpufleet.routeslices import decode_slice
 
 from .election import Election
 from .metrics import CoordinatorMetrics
 from .policy.routes import RoutePlan
 from .policy.slicing import DEFAULT_SLICE_LIMITS, SliceLimits, WritePolicy, plan_write
-
-log = structlog.get_logger("coordinator.routes")
 
 _Record = RouteRecord | RouteSlice
 
@@ -141,28 +138,19 @@ class RouteWriter:
 
     def _records(self) -> list[tuple[str, _Record]]:
         recs: dict[str, _Record | None] = {}
-        for mirror, typ in ((self.headers, RouteRecord), (self.slices, RouteSlice)):
+        for mirror in (self.headers, self.slices):
             for key, kv in mirror.data.items():
-                recs[key] = self._decode(key, kv.value, kv.mod_revision, typ)
+                recs[key] = self._decode(key, kv.value, kv.mod_revision, mirror is self.headers)
         recs.update(self._written)
         if len(self._decoded) > 2 * (len(self.headers.data) + len(self.slices.data)) + 100:
             self._decoded = {k: v for k, v in self._decoded.items() if k in recs}
-        return [(k, r) for k, r in recs.items() if r is not None and self._belongs(k, r)]
+        return [(k, r) for k, r in recs.items() if r is not None]
 
-    def _decode(self, key: str, value: bytes, rev: int, typ: type[_Record]) -> _Record | None:
+    def _decode(self, key: str, value: bytes, rev: int, header: bool) -> _Record | None:
+        """Decoded once per revision (so a bad record is logged once, too)."""
         hit = self._decoded.get(key)
         if hit is not None and hit[0] == rev:
             return hit[1]
-        rec = decode_or_skip(key, value, typ, rev)
+        rec = decode_or_skip(key, value, RouteRecord, rev) if header else decode_slice(self.keys, key, value, rev)
         self._decoded[key] = (rev, rec)
         return rec
-
-    def _belongs(self, key: str, rec: _Record) -> bool:
-        """A slice whose key and content disagree (hand-edited) is not one of its model's."""
-        if isinstance(rec, RouteRecord):
-            return True
-        where = self.keys.slice_of(key)
-        if where != (rec.model, rec.slice):
-            log.warning("route slice's content does not match its key; skipped", key=key)
-            return False
-        return True

@@ -25,18 +25,28 @@ from collections.abc import Mapping
 from itertools import chain
 
 import msgspec
+import structlog
 
 from gpufleet.etcd import EtcdClient
 from gpufleet.etcd.messages import prefix_range_end
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import RouteEndpoint, RouteRecord, RouteSlice
 
-__all__ = ["assemble", "has_ready", "is_sliced", "read_routes", "ready_endpoints"]
+__all__ = ["RouteAssembly", "assemble", "decode_slice", "has_ready", "read_routes", "ready_endpoints"]
+
+log = structlog.get_logger("gpufleet.routes")
 
 
-def is_sliced(header: RouteRecord) -> bool:
-    """Whether the header lists slices (schema 2) rather than holding its endpoints (schema 1)."""
-    return bool(header.slices)
+def decode_slice(keys: Keyspace, key: str, value: bytes, mod_revision: int = 0) -> RouteSlice | None:
+    """The slice stored at ``key``; None (logged) when the key is not a slice's, the value does
+    not decode, or its model and number are not those of its key (a hand-edited value): the
+    leader and every reader skip the same records."""
+    where = keys.slice_of(key)
+    rec = decode_or_skip(key, value, RouteSlice, mod_revision) if where is not None else None
+    if rec is None or where == (rec.model, rec.slice):
+        return rec
+    log.warning("route slice's content does not match its key; skipped", key=key, mod_revision=mod_revision)
+    return None
 
 
 def assemble(header: RouteRecord, slices: Mapping[int, RouteSlice]) -> RouteRecord | None:
@@ -139,12 +149,11 @@ class RouteAssembly:
             model = Keyspace.name_in(self.keys.routes, key)
             self.headers[model] = header
             return model
-        where = self.keys.slice_of(key)
-        s = decode_or_skip(key, value, RouteSlice, mod_revision) if where else None
-        if where is None or s is None:
+        s = decode_slice(self.keys, key, value, mod_revision)
+        if s is None:
             return None
-        self.slices.setdefault(where[0], {})[where[1]] = s
-        return where[0]
+        self.slices.setdefault(s.model, {})[s.slice] = s
+        return s.model
 
     def delete(self, key: str) -> str | None:
         if key.startswith(self.keys.routes):

@@ -32,7 +32,7 @@ import structlog
 from gpufleet.etcd import Change, Delete, EtcdClient, KeyMirror, Put, Snapshot
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DegradationRecord, DrainRecord, RouteRecord, RouteSlice
-from gpufleet.routeslices import assemble
+from gpufleet.routeslices import assemble, decode_slice
 
 log = structlog.get_logger("agent.routes")
 
@@ -64,20 +64,16 @@ class _SliceWatch:
         if isinstance(change, Snapshot):
             fresh = {}
             for kv in change.kvs:
-                where = self.keys.slice_of(kv.key_str)
-                if where is None:
-                    continue
-                rec = decode_or_skip(kv.key_str, kv.value, RouteSlice, kv.mod_revision)
+                rec = decode_slice(self.keys, kv.key_str, kv.value, kv.mod_revision)
                 if rec is not None:
-                    fresh[where[1]] = rec
-                elif where[1] in self.slices:
+                    fresh[rec.slice] = rec
+                elif (where := self.keys.slice_of(kv.key_str)) is not None and where[1] in self.slices:
                     fresh[where[1]] = self.slices[where[1]]  # keep the last good one
             self.slices = fresh
         elif isinstance(change, Put):
-            where = self.keys.slice_of(change.kv.key_str)
-            rec = decode_or_skip(change.kv.key_str, change.kv.value, RouteSlice, change.kv.mod_revision)
-            if where is not None and rec is not None:
-                self.slices[where[1]] = rec
+            rec = decode_slice(self.keys, change.kv.key_str, change.kv.value, change.kv.mod_revision)
+            if rec is not None:
+                self.slices[rec.slice] = rec
         elif isinstance(change, Delete):
             where = self.keys.slice_of(change.key_str)
             if where is not None:
@@ -227,7 +223,7 @@ class RouteTable:
             self.routes.pop(model, None)
         else:
             rec = assemble(header, w.slices if w is not None else {})
-            if rec is not None and (w is not None or not header.slices):
+            if rec is not None:
                 self.routes[model] = rec
                 if w is not None:
                     w.assembled.set()

@@ -227,7 +227,9 @@ def _panic_classes(
 
 
 def routes_differ(old: RouteRecord | None, new: RouteRecord, min_weight_change: float = 0.0) -> bool:
-    """Whether ``new`` is worth writing over ``old`` (the record in etcd).
+    """Whether two whole routes differ enough to matter (benchmarks compare successive tables
+    with it; the leader writes per slice: policy/slicing.py ``slice_change``, on the same
+    endpoint rule).
 
     ``updated_at`` is ignored (it changes every tick). ``epoch`` counts: a new leader rewrites
     each route once, so readers see the epoch of the leader that owns the table and can ignore

@@ -190,10 +190,6 @@ def slice_change(old: RouteSlice | None, new: RouteSlice, policy: WritePolicy) -
     return DRIFT
 
 
-def slice_differs(old: RouteSlice | None, new: RouteSlice, min_weight_change: float = 0.0) -> bool:
-    return slice_change(old, new, WritePolicy(min_weight_change, min_weight_change)) != NONE
-
-
 @dataclass
 class RouteWrite:
     """What one pass writes for one model: slices to put (in order), the header (None: as is),
