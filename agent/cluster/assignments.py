@@ -40,6 +40,7 @@ from gpufleet.etcd import EtcdClient, KeyMirror
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import AssignedInstance, AssignmentRecord, ModelAvailability, ModelRecord
 from gpufleet.registry import PathCheck, check_path, validate_model
+from gpufleet.tasks import cancel_and_wait
 
 log = structlog.get_logger("agent.models")
 
@@ -129,10 +130,7 @@ class ModelFollower:
         self._task = asyncio.create_task(self._run(), name="model-follower")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self._registry.stop()
         await self._assignment.stop()
 

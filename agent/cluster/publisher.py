@@ -46,6 +46,7 @@ from gpufleet.backoff import HALF_JITTER, backoff_delay
 from gpufleet.etcd import Compare, EtcdClient, EtcdError, EtcdLeaseNotFound, Op
 from gpufleet.keyspace import Keyspace, encode
 from gpufleet.keyspace.records import NodeRecord
+from gpufleet.tasks import cancel_and_wait
 
 from .identity import OtherHolder, agent_identity, other_holder
 from .publish_policy import PublishPolicy, publish_reason
@@ -129,10 +130,7 @@ class ClusterPublisher:
         """Stop publishing; ``revoke`` the lease unless the next agent takes the registration
         over (a restart that hands the model servers over: the node stays in the routes, and
         requests forwarded here meanwhile wait in the handed-over socket's backlog)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self.lease_id is not None and not revoke:
             log.info("lease left for the next agent to take over", lease=self.lease_id)
             self.lease_id = None

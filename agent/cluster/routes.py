@@ -33,6 +33,7 @@ from gpufleet.etcd import Change, Delete, EtcdClient, KeyMirror, Put, Snapshot
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DegradationRecord, DrainRecord, RouteRecord, RouteSlice
 from gpufleet.routeslices import assemble, decode_slice
+from gpufleet.tasks import cancel_and_wait
 
 log = structlog.get_logger("agent.routes")
 
@@ -128,10 +129,7 @@ class RouteTable:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="route-watch-sweeper")
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await cancel_and_wait(self._sweeper)
         await self._headers.stop()
         await self._drains.stop()
         await self._degradation.stop()

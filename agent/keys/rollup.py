@@ -17,7 +17,6 @@ oldest hours early, with a warning.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from gpufleet.etcd import Compare, EtcdClient, EtcdError, Op
 from gpufleet.fileio import atomic_write_bytes
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import JournalMark, UsageRecord, UsageRow
+from gpufleet.tasks import cancel_and_wait
 
 from .journal import Totals, UsageJournal
 
@@ -207,11 +207,8 @@ class UsageRoller:
 
     async def stop(self) -> None:
         """Stop the loop, then one last roll-up (bounded): a clean restart leaves nothing behind."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         try:
             async with asyncio.timeout(FINAL_ROLL_S):
                 await self.roll_once()

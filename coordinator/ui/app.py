@@ -20,7 +20,6 @@ lost the coordinator simply keeps its last data and says so.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from aiohttp import web
 
 from gpufleet.httperrors import json_response
 from gpufleet.statusaccess import TokenFile
+from gpufleet.tasks import cancel_and_wait
 
 from .admin import add_admin_routes
 from .watch import FleetWatch
@@ -58,9 +58,7 @@ def add_dashboard(app: web.Application, rt: CoordinatorRuntime, admin_token: Tok
     async def running(_: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(watch.run(), name="dashboard")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     app.router.add_get("/ui", page)
     app.router.add_get("/ui/", to_page)

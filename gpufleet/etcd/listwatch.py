@@ -22,7 +22,6 @@ ends when the consumer stops iterating or is cancelled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gpufleet.backoff import HALF_JITTER, backoff_delay
+from gpufleet.tasks import cancel_and_wait
 
 from .errors import EtcdCompacted, EtcdHistoryLost
 from .messages import Key, KeyValue, prefix_range_end, to_bytes
@@ -208,11 +208,8 @@ class KeyMirror:
             self._task = asyncio.create_task(self._run(), name=f"etcd-mirror:{_show(self.prefix)}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         async with asyncio.timeout(timeout):
