@@ -25,12 +25,10 @@ from aiohttp import web
 
 from agent.config import ProxySection
 from agent.supervisor.supervision_policy import InstanceState
-from gpufleet.facts import REQUEST_ID_HEADER
-from gpufleet.httperrors import error_response
 from gpufleet.keyspace.records import ModelRecord
 from gpufleet.routeslices import has_ready
 
-from .context import Ctx
+from .context import Ctx, retry_later
 from .upstreams import Upstreams
 
 log = structlog.get_logger("agent.proxy")
@@ -134,10 +132,11 @@ class ColdStart:
             ctx.demand = None
 
     def _refuse(self, ctx: Ctx, why: str) -> web.Response:
-        return error_response(
+        return retry_later(
             503,
             f"model {ctx.model} is loaded on demand and is not ready: {why}; retry later",
             "service_unavailable",
             "model_starting",
-            {"Retry-After": str(self.cfg.retry_after_s), REQUEST_ID_HEADER: ctx.rid},
+            ctx.rid,
+            self.cfg.retry_after_s,
         )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from aiohttp import web
 
-from gpufleet.facts import HOP_BY_HOP_HEADERS
+from gpufleet.facts import HOP_BY_HOP_HEADERS, REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response
 from gpufleet.keyspace.records import RouteRecord
 
@@ -87,6 +87,12 @@ class Failure(Exception):
 
 def bad_request(message: str, code: str = "invalid_request") -> web.Response:
     return error_response(400, message, "invalid_request_error", code)
+
+
+def retry_later(status: int, message: str, type_: str, code: str, rid: str, retry_after_s: int) -> web.Response:
+    """A refusal the client should retry (a queue full, a model starting): ``Retry-After`` and
+    the request's id."""
+    return error_response(status, message, type_, code, {"Retry-After": str(retry_after_s), REQUEST_ID_HEADER: rid})
 
 
 def parse_head(body: bytes, path: str = "", content_type: str = "") -> Head | web.Response:

@@ -32,7 +32,18 @@ from gpufleet.routeslices import has_ready
 
 from .accesslog import AccessLog
 from .coldstart import ColdStart
-from .context import ANTHROPIC_ROUTES, ROUTES, UNKNOWN_MODEL_LABEL, Ctx, Failure, Head, Plan, new_request_id, parse_head
+from .context import (
+    ANTHROPIC_ROUTES,
+    ROUTES,
+    UNKNOWN_MODEL_LABEL,
+    Ctx,
+    Failure,
+    Head,
+    Plan,
+    new_request_id,
+    parse_head,
+    retry_later,
+)
 from .degrade import FALLBACK_REQUEST_HEADER, Degrader
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
@@ -242,12 +253,13 @@ class Proxy:
         if not serving and route is None and routes is not None and model in routes.headers:
             ctx.model_label = model  # known to the cluster, but its route did not arrive in time
             raise _Reply(
-                error_response(
+                retry_later(
                     503,
                     f"The route of model `{model}` is not available from etcd yet; retry.",
                     "server_error",
                     "route_unavailable",
-                    {REQUEST_ID_HEADER: ctx.rid, "Retry-After": str(self.cfg.retry_after_s)},
+                    ctx.rid,
+                    self.cfg.retry_after_s,
                 )
             )
         if not serving and route is None:
@@ -340,12 +352,13 @@ class Proxy:
         except QueueFull as e:
             self.metrics.rejected.labels("queue_full").inc()
             return ctx.done(
-                error_response(
+                retry_later(
                     429,
                     f"too many requests for {ctx.model}: {e}",
                     "rate_limit_error",
                     "queue_full",
-                    {"Retry-After": str(self.cfg.retry_after_s), REQUEST_ID_HEADER: ctx.rid},
+                    ctx.rid,
+                    self.cfg.retry_after_s,
                 )
             )
         except TimeoutError:
@@ -410,12 +423,13 @@ class Proxy:
             return last.response
         states = ", ".join(f"{i.name} {i.state.value}" for i in plan.serving) or "no local instance"
         remote = " and no eligible remote endpoint" if plan.route is not None else ""
-        return error_response(
+        return retry_later(
             503,
             f"no instance of {ctx.model} is ready ({states}){remote}",
             "service_unavailable",
             "model_not_ready",
-            {"Retry-After": str(self.cfg.retry_after_s), REQUEST_ID_HEADER: ctx.rid},
+            ctx.rid,
+            self.cfg.retry_after_s,
         )
 
     def _next_target(self, plan: Plan, tried: set[str], ctx: Ctx) -> Target | None:
