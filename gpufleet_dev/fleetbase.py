@@ -47,28 +47,54 @@ def free_port() -> int:
     raise FleetError("no free port that was not handed out already")
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to outgoing connections and to ``bind(0)``."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Port blocks come from below the kernel's ephemeral range, walked with a cursor: the kernel never
+# hands those ports to a client connection or to free_port(), so a block cannot collide with them,
+# and walking instead of drawing at random means a process never needs a window that avoids every
+# port it handed out before (with thousands of scattered single ports handed out, a random 260-port
+# window free of all of them was practically never found: CI failed with "no free port block").
+_BLOCK_FLOOR = 10000
+_block_cursor: list[int] = []
+
+
 def free_port_block(span: int = 20) -> int:
     """A base port whose next ``span`` ports are free now (agents side by side, each with a block
-    of ports for its model servers)."""
-    for _ in range(200):
-        base = free_port()
-        if base + span > 65000:
-            continue
-        ok = not any(p in _handed_out for p in range(base + 1, base + span))
-        for p in range(base, base + span) if ok else ():
-            with socket.socket() as s:
-                # As the servers bind (asyncio sets SO_REUSEADDR): a port with connections in
-                # TIME_WAIT is free for them, and on a busy machine most ports have some.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            _handed_out.extend(range(base + 1, base + span))
+    of ports for its model servers). Successive calls in one process get disjoint blocks until the
+    range below the ephemeral ports wraps around; each process starts at its own offset (by pid),
+    and a port some other process holds is skipped by trying to bind it."""
+    ceiling = _ephemeral_floor()
+    size = ceiling - _BLOCK_FLOOR
+    if span > size:
+        raise FleetError(f"no port block of {span} below the ephemeral range ({_BLOCK_FLOOR}-{ceiling})")
+    if not _block_cursor:
+        _block_cursor.append(_BLOCK_FLOOR + (os.getpid() * 7919) % size)
+    for _ in range(2 * size // span + 2):
+        base = _block_cursor[0]
+        if base + span > ceiling:
+            base = _BLOCK_FLOOR
+        _block_cursor[0] = base + span
+        if all(_bindable(p) for p in range(base, base + span)):
             return base
-    raise FleetError("no free port block")
+    raise FleetError(f"no free port block of {span} below {ceiling}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        # As the servers bind (asyncio sets SO_REUSEADDR): a port with connections in TIME_WAIT
+        # is free for them, and on a busy machine many ports have some.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def wait_until(
