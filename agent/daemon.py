@@ -258,6 +258,7 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
             on_rewound=publisher.republish,
             pinned=lambda: {i.cfg.client_model for i in self.supervisor.instances.values()},
             settings=lambda: self.cfg.cluster,
+            classes=lambda: {g.gpu_class for g in self.supervisor.gpus},
         )
         self.routes.on_route = lambda model: self.cold_start.poke(model) if self.cold_start is not None else None
         self.routes.start()

@@ -21,7 +21,7 @@ reader (agents, gpuctl, tests, benchmarks) shares:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from itertools import chain
 
 import msgspec
@@ -32,7 +32,15 @@ from gpufleet.etcd.messages import prefix_range_end
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import RouteEndpoint, RouteRecord, RouteSlice
 
-__all__ = ["RouteAssembly", "assemble", "decode_slice", "has_ready", "read_routes", "ready_endpoints"]
+__all__ = [
+    "RouteAssembly",
+    "assemble",
+    "decode_slice",
+    "has_ready",
+    "read_routes",
+    "ready_classes",
+    "ready_endpoints",
+]
 
 log = structlog.get_logger("gpufleet.routes")
 
@@ -49,16 +57,23 @@ def decode_slice(keys: Keyspace, key: str, value: bytes, mod_revision: int = 0) 
     return None
 
 
-def assemble(header: RouteRecord, slices: Mapping[int, RouteSlice]) -> RouteRecord | None:
-    """The model's route with every endpoint, or None while incomplete (see the module doc)."""
+def assemble(
+    header: RouteRecord, slices: Mapping[int, RouteSlice], only: Collection[int] | None = None
+) -> RouteRecord | None:
+    """The model's route with every endpoint, or None while incomplete (see the module doc).
+
+    With ``only`` (an agent's subset of the slices, agent/cluster/subset.py): the endpoints of
+    the header's slices among those numbers, under the same rule."""
     if not header.slices:
         return header
     parts = []
-    for n in header.slices:
+    for n in header.slices if only is None else [n for n in header.slices if n in only]:
         s = slices.get(n)
         if s is None or s.epoch != header.epoch:
             return None
         parts.append(s.endpoints)
+    if not parts:  # a subset none of whose slices the header lists (a stale window)
+        return None
     if len(parts) == 1:
         endpoints = parts[0]
     else:
@@ -95,6 +110,15 @@ def _once(endpoints: list[RouteEndpoint]) -> list[RouteEndpoint]:
 def ready_endpoints(endpoints: list[RouteEndpoint]) -> int:
     """Endpoints that may receive traffic: READY with a weight."""
     return sum(1 for e in endpoints if e.state == "READY" and e.weight > 0)
+
+
+def ready_classes(endpoints: list[RouteEndpoint]) -> dict[str, int]:
+    """GPU class -> its endpoints that may receive traffic (classes with none left out)."""
+    out: dict[str, int] = {}
+    for e in endpoints:
+        if e.state == "READY" and e.weight > 0:
+            out[e.gpu_class] = out.get(e.gpu_class, 0) + 1
+    return out
 
 
 def has_ready(header: RouteRecord) -> bool:

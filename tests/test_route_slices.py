@@ -15,6 +15,7 @@ from etcd_fixtures import EtcdCluster, etcd  # noqa: F401  (fixture)
 from helpers import wait_until
 
 from agent.cluster.routes import RouteTable, WatchSettings
+from agent.cluster.subset import subset_window, usable, window_runs
 from coordinator.election import Election, txn_batches
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy.routes import RoutePlan
@@ -287,7 +288,9 @@ async def test_agent_follows_only_the_models_it_needs(etcd: EtcdCluster) -> None
         for model in ("a", "b", "c", "served"):
             await put_route(client, keys, fleet(10), model)
         await client.put(keys.route("old"), encode(msgspec.structs.replace(fleet(2, model="old"), schema=1)))
-        rt = table(client, keys, pinned={"served"}, route_watch_max_models=2, route_watch_idle_s=60)
+        rt = table(
+            client, keys, pinned={"served"}, route_watch_max_models=2, route_watch_idle_s=60, route_subset_slices=0
+        )
         rt.start()
         try:
             await wait_until(lambda: "served" in rt.routes, timeout=10, what="the model served here followed")
@@ -310,13 +313,15 @@ async def test_agent_follows_only_the_models_it_needs(etcd: EtcdCluster) -> None
             await rt.stop()
 
 
-async def test_agent_never_sees_an_empty_or_mixed_route_during_a_rewrite(etcd: EtcdCluster) -> None:  # noqa: F811
+@pytest.mark.parametrize("subset", [0, 4], ids=["all-slices", "subset-of-4"])
+async def test_agent_never_sees_an_empty_or_mixed_route_during_a_rewrite(etcd: EtcdCluster, subset: int) -> None:  # noqa: F811
     """Each leader's table has its own weight (100 × epoch): every route the agent shows must
-    have endpoints, and all of one epoch's weight."""
-    keys = Keyspace("rewrite")
+    have endpoints, and all of one epoch's weight; also while its subset of the slices moves
+    because the new leader's layout has fewer slices."""
+    keys = Keyspace(f"rewrite{subset}")
     async with etcd.client() as client:
         await put_route(client, keys, fleet(40, epoch=1, weight=100))
-        rt = table(client, keys)
+        rt = table(client, keys, route_subset_slices=subset)
         rt.start()
         try:
             await rt.want("m")
@@ -337,6 +342,88 @@ async def test_agent_never_sees_an_empty_or_mixed_route_during_a_rewrite(etcd: E
             assert seen and all(n > 0 for _, n, _ in seen), f"a route without endpoints was visible: {seen}"
             assert all(weights == {100 * epoch} for epoch, _, weights in seen), f"epochs mixed: {seen}"
             assert [e for e, _, _ in seen] == sorted(e for e, _, _ in seen)
-            assert len(rt.route("m").endpoints) == 140  # type: ignore[union-attr]
+            window = rt.window("m")
+            assert (window is None) == (subset == 0)
+            want = 140 if window is None else 8 * len(window)  # 8 endpoints per slice here
+            assert len(rt.route("m").endpoints) == want  # type: ignore[union-attr]
+        finally:
+            await rt.stop()
+
+
+# --- subsets: each agent follows a few of a model's slices ---------------------------------------
+
+
+def test_subset_windows_cover_every_slice_evenly_and_barely_move_as_slices_grow() -> None:
+    slices = list(range(40))
+    windows = {f"node-{i:04d}": subset_window(f"node-{i:04d}", "m", slices, 4) for i in range(1000)}
+    followers = {n: 0 for n in slices}
+    for w in windows.values():
+        assert w is not None and len(w) == 4
+        for n in w:
+            followers[n] += 1
+    # 1,000 × 4 / 40 = 100 agents per slice on average; a hash spreads them within a few tens.
+    assert min(followers.values()) >= 60 and max(followers.values()) <= 140, followers
+    assert subset_window("node-0001", "m", slices, 4) == windows["node-0001"]  # deterministic
+    per_model = sum(subset_window(n, "other", slices, 4) != w for n, w in windows.items())
+    assert per_model > 900  # another model's windows are drawn independently
+    # A 41st slice: the windows it starts (~1/41) and those that wrapped past it (~3/41) move.
+    moved = sum(subset_window(node, "m", [*slices, 40], 4) != w for node, w in windows.items())
+    assert moved < 1000 * 0.2, moved
+    assert subset_window("n", "m", slices[:4], 4) is None and subset_window("n", "m", slices, 0) is None
+
+
+def test_a_wrapping_window_is_two_range_watches() -> None:
+    assert window_runs((0, 1, 38, 39), list(range(40))) == [(0, 1), (38, 39)]
+    assert window_runs((5, 6, 7, 8), list(range(40))) == [(5, 8)]
+    assert window_runs((3, 7, 9), [1, 3, 7, 9, 12]) == [(3, 9)]  # consecutive in the header's list
+
+
+def test_a_subset_is_usable_only_with_a_ready_endpoint_elsewhere_of_the_wanted_class() -> None:
+    header = RouteRecord(model="m", epoch=1, updated_at=0, ready_endpoints=3, ready_classes={"H100": 1, "A100": 2})
+    sub = RouteRecord(model="m", epoch=1, updated_at=0, endpoints=[ep("a", cls="A100"), ep("here", cls="H100")])
+    assert usable(sub, header, {"A100"}, "here")
+    assert not usable(sub, header, {"H100"}, "here")  # the H100 READY elsewhere is not in the subset
+    assert usable(sub, header, {"L4"}, "here")  # no L4 anywhere: any class will do
+    down = RouteRecord(model="m", epoch=1, updated_at=0, endpoints=[ep("a", state="DOWN")])
+    assert not usable(down, header, {"A100"}, "here")
+    nothing = RouteRecord(model="m", epoch=1, updated_at=0)
+    assert usable(down, nothing, {"A100"}, "here")  # nothing READY anywhere: widening cannot help
+
+
+async def test_agent_follows_its_subset_widens_when_it_cannot_serve_and_narrows_back(etcd: EtcdCluster) -> None:  # noqa: F811
+    keys = Keyspace("subset")
+    async with etcd.client() as client:
+        await put_route(client, keys, fleet(20))  # 80 endpoints, 8 per slice: 10 slices
+        rt = table(client, keys, pinned={"m"}, route_subset_slices=2)
+        rt.start()
+        try:
+            await wait_until(lambda: rt.route("m") is not None, timeout=10, what="the subset's route")
+            window = rt.window("m")
+            assert window is not None and len(window) == 2
+            assert len(rt.route("m").endpoints) == 16  # type: ignore[union-attr]
+            assert set(rt._watches["m"].slices) == set(window)  # etcd sent no other slice
+            assert rt.node_count() == 20  # from the header: the subset lists only 4 nodes
+            # Every endpoint in the subset goes DOWN, the rest stay READY: follow every slice.
+            in_subset = {e.node for e in rt.route("m").endpoints}  # type: ignore[union-attr]
+            degraded = fleet(20)
+            for node in in_subset:
+                degraded = with_endpoint(degraded, node, state="DOWN")
+            await put_route(client, keys, degraded)
+            await wait_until(
+                lambda: rt.window("m") is None and len(rt.route("m").endpoints) == 80,  # type: ignore[union-attr]
+                timeout=10,
+                what="widened to every slice",
+            )
+            rt.sweep(time.monotonic())  # still nothing READY in the subset: stays wide
+            assert rt.window("m") is None
+            await put_route(client, keys, fleet(20))  # they are back
+            await wait_until(
+                lambda: all(e.state == "READY" for e in rt.route("m").endpoints),  # type: ignore[union-attr]
+                timeout=10,
+                what="the whole route READY again",
+            )
+            rt.sweep(time.monotonic())
+            assert rt.window("m") == window
+            await wait_until(lambda: len(rt.route("m").endpoints) == 16, timeout=10, what="narrowed")  # type: ignore[union-attr]
         finally:
             await rt.stop()

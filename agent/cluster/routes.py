@@ -12,6 +12,8 @@ those it serves itself (it fails over to other nodes) and those requested throug
 last ``route_watch_idle_s``, at most ``route_watch_max_models`` of the latter (least recently
 used dropped first). A node that never forwards a model never receives that model's weight
 changes. The first request for a model not followed yet waits for one etcd list of its slices.
+Of a model with more than ``route_subset_slices`` slices, only a deterministic subset of that
+many is followed, and all of them while the subset has nothing to forward to (subset.py).
 
 A model's route is assembled from its header and slices only when they agree
 (gpufleet/routeslices.py), after a whole etcd transaction has been applied (``Put.last``):
@@ -35,6 +37,8 @@ from gpufleet.keyspace.records import DegradationRecord, DrainRecord, RouteRecor
 from gpufleet.routeslices import assemble, decode_slice
 from gpufleet.tasks import cancel_and_wait
 
+from .subset import subset_window, usable, window_runs
+
 log = structlog.get_logger("agent.routes")
 
 SWEEP_INTERVAL_S = 30.0  # how often idle slice watches are dropped and pinned ones started
@@ -47,38 +51,73 @@ class WatchSettings(NamedTuple):
     route_watch_idle_s: float = 600.0
     route_watch_max_models: int = 256
     route_fetch_timeout_s: float = 5.0
+    route_subset_slices: int = 4
 
 
 class _SliceWatch:
-    """One model's slices, decoded, with the route last assembled from them."""
+    """One model's slices (all, or the numbers in ``window``), decoded, with the route last
+    assembled from them. A window is watched as one etcd range per run of consecutive slices."""
 
-    def __init__(self, etcd: EtcdClient, keys: Keyspace, model: str, on_batch: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        etcd: EtcdClient,
+        keys: Keyspace,
+        model: str,
+        window: tuple[int, ...] | None,
+        slice_list: list[int],
+        on_batch: Callable[[str], None],
+    ) -> None:
         self.model = model
         self.keys = keys
-        self.slices: dict[int, RouteSlice] = {}
+        self.window = window
         self.used = time.monotonic()
         self.assembled = asyncio.Event()  # set once a complete route was assembled
         self._on_batch = on_batch
-        self.mirror = KeyMirror(etcd, keys.model_slices(model), on_change=self._on_change)
+        if window is None:
+            self.ranges: list[tuple[str, str | None]] = [(keys.model_slices(model), None)]  # the prefix
+        else:
+            self.ranges = [keys.slice_range(model, first, last) for first, last in window_runs(window, slice_list)]
+        self.mirrors = [
+            KeyMirror(etcd, start, range_end=end, on_change=self._change_handler(i))
+            for i, (start, end) in enumerate(self.ranges)
+        ]
+        self._parts: list[dict[int, RouteSlice]] = [{} for _ in self.mirrors]  # one per mirror
 
-    def _on_change(self, change: Change) -> None:
+    @property
+    def slices(self) -> dict[int, RouteSlice]:
+        if len(self._parts) == 1:
+            return self._parts[0]
+        return {n: s for part in self._parts for n, s in part.items()}
+
+    def start(self) -> None:
+        for m in self.mirrors:
+            m.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(m.stop() for m in self.mirrors))
+
+    def _change_handler(self, i: int) -> Callable[[Change], None]:
+        return lambda change: self._on_change(i, change)
+
+    def _on_change(self, i: int, change: Change) -> None:
+        part = self._parts[i]
         if isinstance(change, Snapshot):
             fresh = {}
             for kv in change.kvs:
                 rec = decode_slice(self.keys, kv.key_str, kv.value, kv.mod_revision)
                 if rec is not None:
                     fresh[rec.slice] = rec
-                elif (where := self.keys.slice_of(kv.key_str)) is not None and where[1] in self.slices:
-                    fresh[where[1]] = self.slices[where[1]]  # keep the last good one
-            self.slices = fresh
+                elif (where := self.keys.slice_of(kv.key_str)) is not None and where[1] in part:
+                    fresh[where[1]] = part[where[1]]  # keep the last good one
+            self._parts[i] = fresh
         elif isinstance(change, Put):
             rec = decode_slice(self.keys, change.kv.key_str, change.kv.value, change.kv.mod_revision)
             if rec is not None:
-                self.slices[rec.slice] = rec
+                part[rec.slice] = rec
         elif isinstance(change, Delete):
             where = self.keys.slice_of(change.key_str)
             if where is not None:
-                self.slices.pop(where[1], None)
+                part.pop(where[1], None)
         if isinstance(change, Snapshot) or change.last:
             self._on_batch(self.model)
 
@@ -93,6 +132,7 @@ class RouteTable:
         *,
         pinned: Callable[[], Iterable[str]] = frozenset,
         settings: Callable[[], WatchSettings] = WatchSettings,
+        classes: Callable[[], Iterable[str]] = frozenset,
     ) -> None:
         self.keys = keys
         self._etcd = etcd
@@ -105,7 +145,10 @@ class RouteTable:
         self.drained = False
         self._pinned = pinned  # models served here: always followed
         self._settings = settings  # read live: a reload applies at once
+        self._classes = classes  # this node's GPU classes (whom its proxy forwards to first)
         self._watches: dict[str, _SliceWatch] = {}
+        # model -> when (monotonic) its subset was widened to every slice (subset.py)
+        self._widened: dict[str, float] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._headers = KeyMirror(etcd, keys.routes, on_change=self._on_header)
@@ -134,7 +177,7 @@ class RouteTable:
         await self._drains.stop()
         await self._degradation.stop()
         watches, self._watches = self._watches, {}
-        await asyncio.gather(*(w.mirror.stop() for w in watches.values()), *self._stopping)
+        await asyncio.gather(*(w.stop() for w in watches.values()), *self._stopping)
 
     def route(self, model: str) -> RouteRecord | None:
         return self.routes.get(model)
@@ -159,20 +202,34 @@ class RouteTable:
         """Models whose slices are followed now."""
         return set(self._watches)
 
+    def window(self, model: str) -> tuple[int, ...] | None:
+        """The slice numbers of ``model`` followed (None: all of them, or not followed)."""
+        w = self._watches.get(model)
+        return w.window if w is not None else None
+
     def node_count(self, also: str = "") -> int:
         """Nodes listed in the routes (and ``also``), from above: the distinct nodes of the
         routes assembled here, plus each other route's node count from its header (a node that
         serves two of those is counted twice). Key limits divide by it until the leader's
         division arrives, so too many only makes this node's share smaller: fail closed."""
-        listed = {e.node for rec in self.routes.values() for e in rec.endpoints}
+        whole = {m: rec for m, rec in self.routes.items() if self.window(m) is None}  # not a subset
+        listed = {e.node for rec in whole.values() for e in rec.endpoints}
         if also:
             listed.add(also)
-        return len(listed) + sum(h.nodes for m, h in self.headers.items() if m not in self.routes)
+        return len(listed) + sum(h.nodes for m, h in self.headers.items() if m not in whole)
+
+    def _watch(self, model: str) -> _SliceWatch:
+        """A watch of ``model``'s slices, or of its subset of them (not started)."""
+        slices = self.headers[model].slices
+        window = None
+        if model not in self._widened:
+            window = subset_window(self.node_id, model, slices, self._settings().route_subset_slices)
+        return _SliceWatch(self._etcd, self.keys, model, window, slices, self._assemble)
 
     def _follow(self, model: str) -> _SliceWatch:
-        w = self._watches[model] = _SliceWatch(self._etcd, self.keys, model, self._assemble)
-        w.mirror.start()
-        log.debug("following a model's route slices", model=model, followed=len(self._watches))
+        w = self._watches[model] = self._watch(model)
+        w.start()
+        log.debug("following a model's route slices", model=model, window=w.window, followed=len(self._watches))
         pinned = set(self._pinned())
         on_demand = [m for m in self._watches if m not in pinned]
         if len(on_demand) > self._settings().route_watch_max_models:
@@ -186,10 +243,30 @@ class RouteTable:
             return
         if self.headers.get(model) is None or self.headers[model].slices:
             self.routes.pop(model, None)
-        task = asyncio.create_task(w.mirror.stop())
+        self._widened.pop(model, None)
+        self._stop_later(w)
+        log.debug("no longer following a model's route slices", model=model, reason=why)
+
+    def _stop_later(self, w: _SliceWatch) -> None:
+        task = asyncio.create_task(w.stop())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
-        log.debug("no longer following a model's route slices", model=model, reason=why)
+
+    def _rewindow(self, model: str, why: str) -> None:
+        """Follow the slices ``model`` should be followed by now (its header's slice list
+        changed, or the subset was widened or narrowed), if they differ from those followed. The
+        route assembled so far stays until the new watch assembles one."""
+        old = self._watches.get(model)
+        if old is None or model not in self.headers:
+            return
+        new = self._watch(model)
+        if new.ranges == old.ranges:
+            return
+        new.used = old.used
+        self._watches[model] = new
+        new.start()
+        self._stop_later(old)
+        log.info("route slices followed changed", model=model, window=new.window, reason=why)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -205,6 +282,19 @@ class RouteTable:
             if model not in pinned and now - w.used > idle_s:
                 self._unfollow(model, "idle")
         self._follow_pinned(pinned)
+        for model in list(self._widened):
+            self._maybe_narrow(model)
+
+    def _maybe_narrow(self, model: str) -> None:
+        """Back to the subset once the subset's part of the whole route can serve again."""
+        header, w = self.headers.get(model), self._watches.get(model)
+        if header is None or w is None or w.window is not None:
+            return
+        window = subset_window(self.node_id, model, header.slices, self._settings().route_subset_slices)
+        part = assemble(header, w.slices, only=window) if window is not None else None
+        if window is None or (part is not None and usable(part, header, set(self._classes()), self.node_id)):
+            del self._widened[model]
+            self._rewindow(model, "the subset has endpoints to forward to again")
 
     def _follow_pinned(self, pinned: set[str]) -> None:
         for model in pinned:
@@ -220,11 +310,14 @@ class RouteTable:
         if header is None or (header.slices and w is None):
             self.routes.pop(model, None)
         else:
-            rec = assemble(header, w.slices if w is not None else {})
+            rec = assemble(header, w.slices if w is not None else {}, only=w.window if w is not None else None)
             if rec is not None:
                 self.routes[model] = rec
                 if w is not None:
                     w.assembled.set()
+                    if w.window is not None and not usable(rec, header, set(self._classes()), self.node_id):
+                        self._widened[model] = time.monotonic()
+                        self._rewindow(model, "the subset has no endpoint to forward to")
         self._update_gone()
         if self.on_route is not None:
             self.on_route(model)
@@ -286,6 +379,8 @@ class RouteTable:
         for model in changed:
             if model not in self.headers:
                 self._unfollow(model, "route removed")
+            else:
+                self._rewindow(model, "the model's slices changed")
             self._assemble(model)
         self._follow_pinned(set(self._pinned()))
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import msgspec
 
 from gpufleet.keyspace.records import RouteEndpoint, RouteRecord, RouteSlice
-from gpufleet.routeslices import ready_endpoints
+from gpufleet.routeslices import ready_classes, ready_endpoints
 
 from .routes import endpoints_differ
 
@@ -139,6 +139,7 @@ def split_route(
         slices=sorted(slices),
         ready_endpoints=ready_endpoints(rec.endpoints),
         nodes=len({e.node for e in rec.endpoints}),
+        ready_classes=ready_classes(rec.endpoints),
     )
     return header, slices
 
@@ -160,6 +161,7 @@ def header_differs(old: RouteRecord | None, new: RouteRecord) -> bool:
         or old.panic_classes != new.panic_classes
         or old.ready_endpoints != new.ready_endpoints
         or old.nodes != new.nodes
+        or old.ready_classes != new.ready_classes
         or bool(old.endpoints)  # a schema-1 record: its endpoints must go
     )
 

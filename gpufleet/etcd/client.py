@@ -263,13 +263,15 @@ class EtcdClient:
         key: Key,
         *,
         prefix: bool = True,
+        range_end: Key | None = None,
         start_revision: int | None = None,
         progress_notify: bool = True,
         prev_kv: bool = False,
         idle_timeout: float = 15.0,
         timeout: float | None = None,
     ) -> Watch:
-        """A Watch (async iterator of WatchResponse) on ``key``, or every key under it (``prefix``).
+        """A Watch (async iterator of WatchResponse) on ``key``, every key under it (``prefix``),
+        or the keys in [key, range_end).
 
         ``start_revision`` replays history from that revision (EtcdCompacted if it is gone);
         ``timeout`` bounds creating the watch; ``idle_timeout`` is the silence after which the
@@ -279,6 +281,7 @@ class EtcdClient:
             self,
             to_bytes(key),
             prefix=prefix,
+            range_end=range_end,
             start_revision=start_revision,
             progress_notify=progress_notify,
             prev_kv=prev_kv,

@@ -1,6 +1,6 @@
 """List-then-watch: a change stream a consumer can apply to a local map without ever missing a change.
 
-``list_watch(client, prefix)`` yields:
+``list_watch(client, prefix)`` yields (for the keys in [prefix, range_end) with ``range_end``):
 
 1. ``Snapshot(kvs, revision)``: every key under the prefix, read consistently at one revision
    (paginated with ``revision=`` pinned, so a big prefix is not one huge response);
@@ -75,11 +75,18 @@ class Delete:
 Change = Snapshot | Put | Delete
 
 
-async def list_prefix(client: EtcdClient, prefix: Key, *, page_size: int = 1000) -> Snapshot:
-    """Every key under ``prefix`` at one revision, fetched ``page_size`` keys at a time."""
-    first = await client.get_prefix(prefix, limit=page_size)
+async def list_prefix(
+    client: EtcdClient, prefix: Key, *, page_size: int = 1000, range_end: Key | None = None
+) -> Snapshot:
+    """Every key under ``prefix`` (in [prefix, range_end) with ``range_end``) at one revision,
+    fetched ``page_size`` keys at a time."""
+    if range_end is None:
+        first = await client.get_prefix(prefix, limit=page_size)
+        end = prefix_range_end(prefix)  # b"\x00" (to the end of the key space) for an empty prefix
+    else:
+        end = to_bytes(range_end)
+        first = await client.range(prefix, end, limit=page_size)
     kvs, rev, more = list(first.kvs), first.revision, first.more
-    end = prefix_range_end(prefix)  # b"\x00" (to the end of the key space) for an empty prefix
     while more and kvs:
         # The next page starts just after the last key; pinning the revision keeps the pages
         # one consistent snapshot (EtcdCompacted if compaction overtakes us: the caller relists).
@@ -93,6 +100,7 @@ async def list_watch(
     client: EtcdClient,
     prefix: Key,
     *,
+    range_end: Key | None = None,
     page_size: int = 1000,
     idle_timeout: float = 15.0,
     backoff_initial: float = 0.2,
@@ -106,14 +114,16 @@ async def list_watch(
     while True:
         try:
             if need_list:
-                snap = await list_prefix(client, prefix, page_size=page_size)
+                snap = await list_prefix(client, prefix, page_size=page_size, range_end=range_end)
                 if rewound:
                     snap = Snapshot(snap.kvs, snap.revision, rewound=True)
                 need_list = rewound = False
                 next_rev = snap.revision + 1
                 failures = 0
                 yield snap
-            watch = client.watch(prefix, prefix=True, start_revision=next_rev, idle_timeout=idle_timeout)
+            watch = client.watch(
+                prefix, prefix=True, range_end=range_end, start_revision=next_rev, idle_timeout=idle_timeout
+            )
             try:
                 async for resp in watch:
                     failures = 0

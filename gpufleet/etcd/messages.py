@@ -48,9 +48,12 @@ def prefix_range_end(prefix: Key) -> bytes:
     return b"\x00"
 
 
-def range_fields(key: Key, *, prefix: bool) -> dict[str, str]:
-    """``key``/``range_end`` for one key or for every key under a prefix (empty prefix = all keys)."""
+def range_fields(key: Key, *, prefix: bool, range_end: Key | None = None) -> dict[str, str]:
+    """``key``/``range_end`` for one key, for every key under a prefix (empty prefix = all
+    keys), or for the keys in [key, range_end) when ``range_end`` is given."""
     k = to_bytes(key)
+    if range_end is not None:
+        return {"key": b64(k), "range_end": b64(to_bytes(range_end))}
     if not prefix:
         return {"key": b64(k)}
     # An empty key is not valid in etcd; the whole key space is key=\0, range_end=\0.

@@ -77,6 +77,7 @@ class Watch:
         key: Key,
         *,
         prefix: bool = True,
+        range_end: Key | None = None,
         start_revision: int | None = None,
         progress_notify: bool = True,
         prev_kv: bool = False,
@@ -84,8 +85,8 @@ class Watch:
         timeout: float | None = None,
     ) -> None:
         self._client = client
-        self._key, self._prefix = key, prefix
-        self._create: dict[str, Any] = {**range_fields(key, prefix=prefix)}
+        self._key, self._prefix, self._range_end = key, prefix, range_end
+        self._create: dict[str, Any] = {**range_fields(key, prefix=prefix, range_end=range_end)}
         if start_revision:
             self._create["start_revision"] = str(start_revision)
         if progress_notify:
@@ -230,7 +231,14 @@ class Watch:
         """Whether a fresh watch from ``next_revision`` on the same keys sees events at once."""
         start = self.next_revision
         for _ in range(2):  # a second try from the compaction point when ``start`` was compacted
-            probe = Watch(self._client, self._key, prefix=self._prefix, start_revision=start, progress_notify=False)
+            probe = Watch(
+                self._client,
+                self._key,
+                prefix=self._prefix,
+                range_end=self._range_end,
+                start_revision=start,
+                progress_notify=False,
+            )
             try:
                 async with await probe.open():
                     async with asyncio.timeout(PROBE_WAIT_S):

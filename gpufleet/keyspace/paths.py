@@ -85,6 +85,12 @@ class Keyspace:
     def route_slice(self, model: str, n: int) -> str:
         return f"{self.model_slices(model)}{n:04d}"
 
+    def slice_range(self, model: str, first: int, last: int) -> tuple[str, str]:
+        """[start, end) of the keys of ``model``'s slices ``first`` to ``last`` (one range
+        watch for an agent's subset of them: the numbers are zero-padded, so key order is
+        number order)."""
+        return self.route_slice(model, first), self.route_slice(model, last) + "\x00"
+
     def slice_of(self, key: str) -> tuple[str, int] | None:
         """(model, slice number) of a key under ``route_slices``; None if it is not one."""
         rest = key[len(self.route_slices) :] if key.startswith(self.route_slices) else ""

@@ -197,8 +197,10 @@ class RouteRecord(msgspec.Struct, kw_only=True):
     cross_class: bool = False
     # Panic mode for these classes: more than half unhealthy, so ejection is suspended.
     panic_classes: list[str] = []
-    # Header only: the slice numbers that hold the endpoints, and two counts over all of them
-    # (READY endpoints with a weight; distinct nodes) for readers that do not fetch the slices.
+    # Header only: the slice numbers that hold the endpoints, and counts over all of them
+    # (READY endpoints with a weight, in all and per GPU class; distinct nodes) for readers that
+    # do not fetch every slice: an agent following a subset of the slices knows from
+    # ``ready_classes`` whether its subset lacks a class that is READY elsewhere.
     slices: list[int] = []
     ready_endpoints: int = 0
     nodes: int = 0
@@ -229,6 +231,7 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     one that is bad in etcd)."""
 
     schema: int = MODEL_SCHEMA_VERSION
+    ready_classes: dict[str, int] = {}
     name: str
     path: str  # absolute path on shared storage, the same on every host
     backend: ModelBackend = DEFAULT_BACKEND
