@@ -253,6 +253,12 @@ class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
     route_watch_max_models: Annotated[int, Meta(ge=1)] = 256
     # The first request for a model not followed yet waits this long for its route from etcd.
     route_fetch_timeout_s: PositiveFloat = 5.0
+    # Of a model with more slices than this (100 endpoints each), follow a subset of this many
+    # consecutive slices, chosen by a hash of node and model so that the agents' subsets cover
+    # every slice evenly; all slices while the subset has no READY endpoint on another node of
+    # this node's GPU class. Cuts the watch traffic of a weight change by slices / this.
+    # 0: always follow every slice.
+    route_subset_slices: Annotated[int, Meta(ge=0)] = 4
 
     @property
     def enabled(self) -> bool:

@@ -18,6 +18,7 @@ from gpufleet.facts import HOP_BY_HOP_HEADERS, REQUEST_ID_HEADER
 from gpufleet.httperrors import error_response
 from gpufleet.keyspace.records import RouteRecord
 
+from .exchange import Answer, answer_of
 from .multipart import FormError, form_fields
 
 if TYPE_CHECKING:
@@ -79,9 +80,10 @@ class Failure(Exception):
     """An attempt failed before the first byte; ``response`` is what the client gets if no
     retry is left."""
 
-    def __init__(self, kind: str, response: web.StreamResponse | None, detail: str, *, counted: bool = True) -> None:
+    def __init__(self, kind: str, response: web.Response | Answer | None, detail: str, *, counted: bool = True) -> None:
         super().__init__(detail)
-        self.kind, self.response, self.detail = kind, response, detail
+        self.kind, self.detail = kind, detail
+        self.response = answer_of(response) if response is not None else None
         self.counted = counted  # toward the cluster error rate and the instance's errors
 
 
@@ -221,6 +223,8 @@ class Ctx:
         self.billed = False  # counted and journalled (KeyGate.bill), which happens once
         self.loop_started = asyncio.get_running_loop().time()
 
-    def done(self, resp: web.StreamResponse) -> web.StreamResponse:
-        self.status = resp.status
-        return resp
+    def done(self, resp: web.Response | Answer) -> Answer:
+        """The request's answer, as the pipeline returns it; its status for the access log."""
+        answer = answer_of(resp)
+        self.status = answer.status
+        return answer

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
-from aiohttp import web
 from multidict import CIMultiDict
 
 from agent.config import DegradationSection
@@ -39,6 +38,7 @@ from gpufleet.facts import FALLBACK_REQUEST_HEADER as FALLBACK_REQUEST_HEADER
 from gpufleet.routeslices import has_ready
 
 from .cache import CachedResponse, ResponseCache, StreamRecorder, cache_key, json_object
+from .exchange import Answer, Request, Sink
 from .stats import ProxyStats
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class Degrader:
             return 0
         return rec.level
 
-    def plan(self, request: web.Request, body: bytes, model: str, forwarded: bool) -> Applied:
+    def plan(self, request: Request, body: bytes, model: str, forwarded: bool) -> Applied:
         level = 0 if forwarded else self.level()
         if level == 0 or self._rng.random() < self.cfg.probe_share:
             return Applied(0)
@@ -118,13 +118,9 @@ class Degrader:
 
     # --- answers ---------------------------------------------------------------------------
 
-    def static_response(self, rid: str) -> web.Response:
-        return web.Response(
-            status=self.cfg.static_status,
-            body=STATIC_BODY,
-            content_type="application/json",
-            headers={DEGRADED_HEADER: "static", REQUEST_ID_HEADER: rid},
-        )
+    def static_response(self, rid: str) -> Answer:
+        headers = CIMultiDict({"Content-Type": "application/json", DEGRADED_HEADER: "static", REQUEST_ID_HEADER: rid})
+        return Answer(self.cfg.static_status, headers, STATIC_BODY)
 
     def cached(self, key: bytes | None) -> CachedResponse | None:
         if key is None:
@@ -136,19 +132,18 @@ class Degrader:
             self.stats.cache_hits += 1
         return hit
 
-    async def replay(self, request: web.Request, hit: CachedResponse, rid: str) -> web.StreamResponse:
+    async def replay(self, sink: Sink, hit: CachedResponse, rid: str) -> Answer:
+        """The cached answer: returned whole, or a stream replayed chunk by chunk through ``sink``."""
         headers = CIMultiDict(hit.headers)
         headers[DEGRADED_HEADER] = "cache"
         headers[REQUEST_ID_HEADER] = rid
         if hit.body is not None:
-            return web.Response(status=hit.status, body=hit.body, headers=headers)
-        resp = web.StreamResponse(status=hit.status, headers=headers)
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
+            return Answer(hit.status, headers, hit.body)
+        await sink.start(hit.status, headers)
         for chunk in hit.chunks or ():
-            await resp.write(chunk)
-        await resp.write_eof()
-        return resp
+            await sink.write(chunk)
+        await sink.end()
+        return Answer(hit.status, headers, sent=True)
 
     def store(self, key: bytes, status: int, headers: CIMultiDict[str], body: bytes) -> None:
         self.cache.put(key, CachedResponse(status, _replayable(headers), body, None))

@@ -16,7 +16,6 @@ import time
 
 import msgspec
 import structlog
-from aiohttp import web
 from multidict import CIMultiDict
 
 from agent.backends import Verdict
@@ -24,11 +23,11 @@ from agent.config import ProxySection
 from agent.keys.gate import CREDENTIAL_HEADERS, KeyGate
 from agent.keys.usage import StreamUsage, Usage, usage_of_body
 from gpufleet.facts import INSTANCE_HEADER, NODE_HEADER, REQUEST_ID_HEADER
-from gpufleet.httperrors import error_response
 
 from .cache import StreamRecorder
 from .context import HOP_BY_HOP, REQUEST_HOP_BY_HOP, Ctx, Failure
 from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
+from .exchange import Answer, Request, Sink
 from .httpclient import ConnectError, Disconnected, PayloadError, Response, UpstreamClient
 from .metrics import ProxyMetrics
 from .remote import HOPS_HEADER, RemoteTarget, hops_of
@@ -96,10 +95,10 @@ class Relay:
             end = min(end, asyncio.get_running_loop().time() + phase_s)
         return end
 
-    def timeout_response(self, ctx: Ctx, what: str) -> web.Response:
-        return error_response(
-            504, f"upstream timeout: {what}", "timeout_error", "upstream_timeout", {REQUEST_ID_HEADER: ctx.rid}
-        )
+    def timeout_response(self, ctx: Ctx, what: str) -> Answer:
+        err = {"error": {"message": f"upstream timeout: {what}", "type": "timeout_error", "code": "upstream_timeout"}}
+        headers = CIMultiDict({"Content-Type": "application/json", REQUEST_ID_HEADER: ctx.rid})
+        return Answer(504, headers, msgspec.json.encode(err))
 
     def count_error(self, target: Target, ctx: Ctx) -> None:
         self.stats.upstream(target.name).errors += 1
@@ -114,7 +113,7 @@ class Relay:
 
     # --- one attempt ------------------------------------------------------------------------------
 
-    async def attempt(self, request: web.Request, body: bytes, target: Target, ctx: Ctx) -> web.StreamResponse:
+    async def attempt(self, request: Request, sink: Sink, body: bytes, target: Target, ctx: Ctx) -> Answer:
         """Send the request to ``target`` and relay its answer. Raises Failure while nothing has
         reached the client."""
         headers = self._request_headers(request, body, target, ctx)
@@ -133,13 +132,13 @@ class Relay:
             async with scope:
                 upstream = await self._post(target, request.path_qs, body, headers)
                 async with upstream:
-                    return await self._answer(request, upstream, target, ctx, scope)
+                    return await self._answer(sink, upstream, target, ctx, scope)
         except TimeoutError:
             raise self._timed_out(ctx, target, scope, limit_s) from None
         finally:
             upstream_stats.in_flight -= 1
 
-    def _request_headers(self, request: web.Request, body: bytes, target: Target, ctx: Ctx) -> CIMultiDict[str]:
+    def _request_headers(self, request: Request, body: bytes, target: Target, ctx: Ctx) -> CIMultiDict[str]:
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_HOP_BY_HOP)
         headers[REQUEST_ID_HEADER] = ctx.rid
         headers["X-Forwarded-For"] = request.remote or ""
@@ -181,12 +180,12 @@ class Relay:
 
     async def _answer(
         self,
-        request: web.Request,
+        sink: Sink,
         upstream: Response,
         target: Target,
         ctx: Ctx,
         scope: asyncio.Timeout,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """Relay what the upstream answered: an error status as its backend judges it, an SSE
         stream once its first chunk is here, anything else read whole."""
         if upstream.status >= 400:
@@ -200,7 +199,7 @@ class Relay:
                     raise PayloadError("stream closed before its first chunk")
                 self.first_byte(target, ctx)
                 scope.reschedule(self.loop_deadline(ctx))
-                return await self._stream(request, upstream, first, target, ctx, scope)
+                return await self._stream(sink, upstream, first, target, ctx, scope)
             scope.reschedule(self.loop_deadline(ctx))  # its headers are here: answering
             payload = await upstream.read()
         except CUT_OFF as e:
@@ -211,7 +210,7 @@ class Relay:
         headers = self._response_headers(upstream, target, ctx)
         if ctx.cache_key is not None and upstream.status == 200:
             self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
-        return ctx.done(web.Response(status=upstream.status, body=payload, headers=headers))
+        return ctx.done(Answer(upstream.status, headers, payload))
 
     async def _read(self, upstream: Response, target: Target) -> bytes:
         try:
@@ -219,7 +218,7 @@ class Relay:
         except CUT_OFF as e:
             raise Failure("midstream", None, f"{target.name}: answer cut off: {e}") from None
 
-    def _error_answer(self, upstream: Response, payload: bytes, target: Target, ctx: Ctx) -> web.Response:
+    def _error_answer(self, upstream: Response, payload: bytes, target: Target, ctx: Ctx) -> Answer:
         """An error status: the client's answer if the request was at fault (nothing counted,
         nothing retried), else a Failure to retry elsewhere. The backend decides which."""
         judgement = target.judge(upstream.status, payload)
@@ -227,7 +226,7 @@ class Relay:
         headers = self._response_headers(upstream, target, ctx)
         if judgement.rewrite is not None:
             headers["Content-Type"] = "application/json"
-        resp = web.Response(status=status, body=body, headers=headers)
+        resp = Answer(status, headers, body)
         if judgement.verdict is Verdict.ANSWER:
             self.first_byte(target, ctx)
             return ctx.done(resp)
@@ -260,33 +259,31 @@ class Relay:
 
     async def _stream(
         self,
-        request: web.Request,
+        sink: Sink,
         upstream: Response,
         first: bytes,
         target: Target,
         ctx: Ctx,
         scope: asyncio.Timeout,
-    ) -> web.StreamResponse:
+    ) -> Answer:
         """Start the client's stream with ``first`` and copy the rest; cache it if asked to."""
         headers = self._response_headers(upstream, target, ctx)
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"  # tells nginx in front of us not to buffer either
-        resp = web.StreamResponse(status=upstream.status, headers=headers)
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        ctx.done(resp)
+        resp = ctx.done(Answer(upstream.status, headers, sent=True))
+        await sink.start(upstream.status, headers)  # goes out with the first chunk, in one write
         recorder = self.degrader.recorder() if ctx.cache_key is not None else None
-        await self._copy(resp, upstream, first, target, ctx, scope, recorder)
+        await self._copy(sink, upstream, first, target, ctx, scope, recorder)
         if recorder is not None and ctx.cache_key is not None and not ctx.stream_error and upstream.status == 200:
             self.degrader.store_stream(ctx.cache_key, upstream.status, headers, recorder)
         if self.gate is not None:
             self.gate.bill(ctx)  # a stream without an end event: before its last bytes (once)
-        await resp.write_eof()
+        await sink.end()
         return resp
 
     async def _copy(
         self,
-        resp: web.StreamResponse,
+        resp: Sink,
         upstream: Response,
         first: bytes,
         target: Target,
@@ -341,9 +338,7 @@ class Relay:
             self.gate.bill(ctx)
 
     @staticmethod
-    async def _pass_on(
-        resp: web.StreamResponse, chunk: bytes, usage: StreamUsage | None, recorder: StreamRecorder | None
-    ) -> None:
+    async def _pass_on(resp: Sink, chunk: bytes, usage: StreamUsage | None, recorder: StreamRecorder | None) -> None:
         """One chunk to the client as it came (no merging, no delay), minus a hidden usage event."""
         if usage is not None:
             chunk = usage.feed(chunk)
@@ -353,7 +348,7 @@ class Relay:
         if recorder is not None:
             recorder.add(chunk)
 
-    async def _stream_stalled(self, resp: web.StreamResponse, target: Target, ctx: Ctx, idle_s: float) -> None:
+    async def _stream_stalled(self, resp: Sink, target: Target, ctx: Ctx, idle_s: float) -> None:
         """The upstream sent nothing for ``idle_s`` mid-stream: an engine hung after its first
         token. Nothing can be retried (the client has part of an answer); it counts against the
         instance like a timeout, so passive health ejects (and in the end restarts) it."""
@@ -364,7 +359,7 @@ class Relay:
             self.metrics.ejections.labels(ctx.model, target.name).inc()
         await self._stream_error(resp, target, ctx, "timeout", f"upstream sent nothing for {idle_s:g}s mid-stream")
 
-    async def _stream_error(self, resp: web.StreamResponse, target: Target, ctx: Ctx, kind: str, message: str) -> None:
+    async def _stream_error(self, resp: Sink, target: Target, ctx: Ctx, kind: str, message: str) -> None:
         self.count_error(target, ctx)
         ctx.stream_error = True
         self.metrics.upstream_errors.labels(ctx.model, target.name, kind).inc()

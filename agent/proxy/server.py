@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -45,6 +45,7 @@ from .context import (
     retry_later,
 )
 from .degrade import FALLBACK_REQUEST_HEADER, Degrader
+from .exchange import AiohttpRequest, AiohttpSink, Answer, BodyTooLarge, Request, Sink, answer_of
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
 from .relay import BUSY, CAPACITY, Relay, Target
@@ -66,8 +67,8 @@ class _Reply(Exception):
     """The request is answered before any upstream (refused, unknown model, degraded): the
     pipeline in ``Proxy._forward`` stops and the client gets ``response``."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
-        self.response = response
+    def __init__(self, response: web.Response | Answer) -> None:
+        self.response = answer_of(response)
 
 
 class Proxy:
@@ -122,19 +123,20 @@ class Proxy:
 
     # --- handlers ---------------------------------------------------------------------------
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request) -> Answer:
+        """``GET /v1/models``: the models this node can serve, itself or through the cluster."""
         allowed: set[str] | None = None  # None: every model
         if self.key_gate is not None:
             try:
                 key = self.key_gate.listing(request)
             except Refusal as r:
-                return r.response
+                return answer_of(r.response)
             if key is not None and key.models:
                 allowed = set(key.models)
         listed = await self._models()
         if allowed is not None:  # a key limited to some models sees only those
             listed["data"] = [m for m in listed["data"] if m["id"] in allowed]
-        return json_response(listed)
+        return answer_of(json_response(listed))
 
     async def _models(self) -> dict[str, Any]:
         local = self.upstreams.ready_models()
@@ -157,12 +159,14 @@ class Proxy:
             ]
         return {"object": "list", "data": data}
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(self, request: Request, sink: Sink, *, anthropic: bool = False) -> Answer:
+        """Serve one request of a proxied route; the answer goes out through ``sink`` (a stream
+        as it is relayed, a whole answer at the end). ``anthropic``: one of ANTHROPIC_ROUTES."""
         started = time.monotonic()
         rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
         ctx = Ctx(rid=rid, started=started)
         try:
-            resp = await self._forward(request, ctx)
+            answer = await self._forward(request, sink, ctx)
         except asyncio.CancelledError:
             ctx.status = 499  # client went away (nginx's code); upstream was cancelled with us
             raise
@@ -170,11 +174,13 @@ class Proxy:
             if self.cold_start is not None:
                 self.cold_start.end(ctx)  # its model was wanted while it lasted
             self._account(request, ctx)
-        return resp
+        if not answer.sent:  # a stream's headers went out with the relayed answer's
+            await sink.send(labelled(answer, self.upstreams.node_id, anthropic=anthropic))
+        return answer
 
     # --- one request, step by step ------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    async def _forward(self, request: Request, sink: Sink, ctx: Ctx) -> Answer:
         try:
             body, head = await self._read_head(request, ctx)
             body = self._authorize(request, body, head, ctx)
@@ -184,20 +190,20 @@ class Proxy:
                 if (held := await self.cold_start.hold(head.model, ctx, wait=not forwarded)) is not None:
                     raise _Reply(ctx.done(held))
             serving, route = self._known(head.model, ctx)
-            if (fallback := await self._degrade(request, body, head, forwarded, ctx)) is not None:
+            if (fallback := await self._degrade(request, sink, body, head, forwarded, ctx)) is not None:
                 body, head = fallback
                 await self._want(head.model)
                 serving, route = self._where(head.model)
             plan = self._plan(request, body, head.model, serving, route)
-            return await self._dispatch(request, body, plan, ctx)
+            return await self._dispatch(request, sink, body, plan, ctx)
         except _Reply as r:
             return ctx.done(r.response)
 
-    async def _read_head(self, request: web.Request, ctx: Ctx) -> tuple[bytes, Head]:
+    async def _read_head(self, request: Request, ctx: Ctx) -> tuple[bytes, Head]:
         """The body, and the ``model`` and ``stream`` it asks for; 413 or 400 if unreadable."""
         try:
             body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+        except BodyTooLarge:
             self.metrics.rejected.labels("too_large").inc()
             raise _Reply(
                 error_response(
@@ -209,14 +215,14 @@ class Proxy:
                 )
             ) from None
         head = parse_head(body, request.path, request.headers.get("Content-Type", ""))
-        if isinstance(head, web.Response):
+        if not isinstance(head, Head):
             self.metrics.rejected.labels("bad_request").inc()
             head.headers[REQUEST_ID_HEADER] = ctx.rid
             raise _Reply(head)
         ctx.model, ctx.stream = head.model, head.stream
         return body, head
 
-    def _authorize(self, request: web.Request, body: bytes, head: Head, ctx: Ctx) -> bytes:
+    def _authorize(self, request: Request, body: bytes, head: Head, ctx: Ctx) -> bytes:
         """The key check (401/403/429/503 end the request); the body to send on."""
         if self.key_gate is None:
             return body
@@ -225,7 +231,7 @@ class Proxy:
         except Refusal as r:
             raise _Reply(r.response) from None
 
-    def _entered(self, request: web.Request, ctx: Ctx) -> bool:
+    def _entered(self, request: Request, ctx: Ctx) -> bool:
         """Count a request entering the cluster here; True when another node forwarded it (it
         was counted there, and attempts for a fallback there are not counted here either)."""
         if HOPS_HEADER not in request.headers:
@@ -277,7 +283,7 @@ class Proxy:
         return serving, route
 
     async def _degrade(
-        self, request: web.Request, body: bytes, head: Head, forwarded: bool, ctx: Ctx
+        self, request: Request, sink: Sink, body: bytes, head: Head, forwarded: bool, ctx: Ctx
     ) -> tuple[bytes, Head] | None:
         """Apply the cluster's degradation level: the static answer or a cached one end the
         request (``_Reply``); the fallback model comes back as the body and head to serve.
@@ -289,7 +295,7 @@ class Proxy:
             raise _Reply(self._degraded(ctx, "static", self.degrader.static_response(ctx.rid)))
         hit = self.degrader.cached(applied.cache_key)
         if hit is not None:
-            raise _Reply(self._degraded(ctx, "cache", await self.degrader.replay(request, hit, ctx.rid)))
+            raise _Reply(self._degraded(ctx, "cache", await self.degrader.replay(sink, hit, ctx.rid)))
         ctx.cache_key = applied.cache_key
         if applied.fallback is None or applied.body is None:
             return None
@@ -302,12 +308,12 @@ class Proxy:
         self.stats.counters.degraded += 1
         self.metrics.degraded.labels(kind).inc()
 
-    def _degraded(self, ctx: Ctx, kind: str, resp: web.StreamResponse) -> web.StreamResponse:
+    def _degraded(self, ctx: Ctx, kind: str, resp: Answer) -> Answer:
         self._count_degraded(ctx, kind)
         return resp
 
     def _plan(
-        self, request: web.Request, body: bytes, model: str, serving: list[LocalUpstream], route: RouteRecord | None
+        self, request: Request, body: bytes, model: str, serving: list[LocalUpstream], route: RouteRecord | None
     ) -> Plan:
         plan = Plan(model=model, serving=serving, route=None)
         if self.cfg.affinity_header:
@@ -328,7 +334,7 @@ class Proxy:
         drained = routes is not None and routes.drained
         return drained or (gate is not None and gate.active >= gate.max_concurrency)
 
-    async def _dispatch(self, request: web.Request, body: bytes, plan: Plan, ctx: Ctx) -> web.StreamResponse:
+    async def _dispatch(self, request: Request, sink: Sink, body: bytes, plan: Plan, ctx: Ctx) -> Answer:
         """Through the model's concurrency gate (local instances only) to the attempts."""
         gate = self.gate(plan.model) if plan.serving else None
         if self._overflows(plan, gate):
@@ -338,13 +344,13 @@ class Proxy:
         try:
             if plan.serving and gate is not None and (refused := await self._enter_gate(gate, plan, ctx)):
                 return refused
-            return await self._attempts(request, body, plan, ctx)
+            return await self._attempts(request, sink, body, plan, ctx)
         finally:
             in_flight.dec()
             if plan.gate is not None:
                 plan.gate.release()
 
-    async def _enter_gate(self, gate: ModelGate, plan: Plan, ctx: Ctx) -> web.Response | None:
+    async def _enter_gate(self, gate: ModelGate, plan: Plan, ctx: Ctx) -> Answer | None:
         """Wait for a local slot (bounded queue); a response if refused, None once admitted."""
         try:
             async with asyncio.timeout_at(self.relay.loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
@@ -368,7 +374,7 @@ class Proxy:
 
     # --- attempts -----------------------------------------------------------------------------
 
-    async def _attempts(self, request: web.Request, body: bytes, plan: Plan, ctx: Ctx) -> web.StreamResponse:
+    async def _attempts(self, request: Request, sink: Sink, body: bytes, plan: Plan, ctx: Ctx) -> Answer:
         """Attempt after attempt, each on an upstream not tried yet, until one answers or the
         request runs out of candidates, attempts or budget."""
         retry_deadline = ctx.started + ctx.held + self.cfg.retry_budget_s
@@ -386,7 +392,7 @@ class Proxy:
             tried.add(target.name)
             ctx.instance = target.name
             try:
-                return await self._try(request, body, target, ctx)
+                return await self._try(request, sink, body, target, ctx)
             except Failure as f:
                 last = f
                 self._failed(target, f, ctx)
@@ -396,7 +402,7 @@ class Proxy:
                 ctx.retries += 1
                 self.metrics.retries.labels(ctx.model).inc()
 
-    async def _serve_deferred(self, plan: Plan, ctx: Ctx) -> web.Response | None:
+    async def _serve_deferred(self, plan: Plan, ctx: Ctx) -> Answer | None:
         """No other node could take it: the local instances set aside serve after all."""
         plan.serving, plan.deferred = plan.deferred, []
         gate = self.gate(plan.model)
@@ -410,14 +416,14 @@ class Proxy:
         over_budget = time.monotonic() >= retry_deadline and f.kind not in ABANDONED
         return attempts >= self.cfg.max_attempts or over_budget or timeouts > 1
 
-    def _given_up(self, f: Failure, ctx: Ctx) -> web.StreamResponse:
+    def _given_up(self, f: Failure, ctx: Ctx) -> Answer | web.Response:
         if f.response is not None:
             return f.response
         return error_response(
             502, f"upstream failed: {f.detail}", "server_error", "upstream_error", {REQUEST_ID_HEADER: ctx.rid}
         )
 
-    def _unavailable(self, plan: Plan, last: Failure | None, ctx: Ctx) -> web.StreamResponse:
+    def _unavailable(self, plan: Plan, last: Failure | None, ctx: Ctx) -> Answer | web.Response:
         """Nothing (more) to try: the last failure's answer, else 503."""
         if last is not None and last.response is not None:
             return last.response
@@ -476,10 +482,10 @@ class Proxy:
                 return sticky
         return self.picker.pick(ctx.model or "", ready, in_flight)
 
-    async def _try(self, request: web.Request, body: bytes, target: Target, ctx: Ctx) -> web.StreamResponse:
+    async def _try(self, request: Request, sink: Sink, body: bytes, target: Target, ctx: Ctx) -> Answer:
         """One attempt on one target (local or on another node), abandoned (Failure) if the
         target leaves before it has answered."""
-        attempt = self.relay.attempt(request, body, target, ctx)
+        attempt = self.relay.attempt(request, sink, body, target, ctx)
         if not isinstance(target, RemoteTarget):
             return await unless_instance_leaves(attempt, target, lambda: ctx.ttfb is not None)
         routes = self.upstreams.routes
@@ -501,7 +507,7 @@ class Proxy:
         if target.report_failure(f.detail, f.kind == "status_5xx"):
             self.metrics.ejections.labels(ctx.model, target.name).inc()
 
-    def _account(self, request: web.Request, ctx: Ctx) -> None:
+    def _account(self, request: Request, ctx: Ctx) -> None:
         if self.key_gate is not None:
             self.key_gate.finish(ctx)
         duration = time.monotonic() - ctx.started
@@ -566,8 +572,9 @@ async def unless_instance_leaves(attempt: Coroutine[Any, Any, T], inst: Watched,
 
 
 def add_proxy(app: web.Application, proxy: Proxy) -> None:
-    """The proxy's routes on ``app``; its upstream client opens with the app (the runner's
-    setup) and closes with it (its cleanup)."""
+    """The proxy's routes on ``app`` (aiohttp's server in front: the in-process tests, bench,
+    and connections the agent's front protocol handed to aiohttp); its upstream client opens
+    with the app (the runner's setup) and closes with it (its cleanup)."""
 
     async def session(_: web.Application) -> AsyncIterator[None]:
         await proxy.start()
@@ -575,6 +582,20 @@ def add_proxy(app: web.Application, proxy: Proxy) -> None:
         await proxy.close()
 
     app.cleanup_ctx.append(session)
-    app.router.add_get("/v1/models", proxy.models)
+
+    async def models(request: web.Request) -> web.Response:
+        answer = await proxy.models(AiohttpRequest(request))
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+    def forward(anthropic: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            sink = AiohttpSink(request)
+            await proxy.forward(AiohttpRequest(request), sink, anthropic=anthropic)
+            assert sink.response is not None
+            return sink.response
+
+        return handle
+
+    app.router.add_get("/v1/models", models)
     for path in ROUTES:
-        app.router.add_post(path, labelled(proxy.forward, proxy.upstreams.node_id, anthropic=path in ANTHROPIC_ROUTES))
+        app.router.add_post(path, forward(path in ANTHROPIC_ROUTES))

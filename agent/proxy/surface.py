@@ -14,14 +14,11 @@ with the status code unchanged; an error already in Anthropic's shape (vLLM's) o
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import msgspec
-from aiohttp import web
 
 from gpufleet.facts import NODE_HEADER, REQUEST_ID_HEADER
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from .exchange import Answer
 
 # https://docs.anthropic.com/en/api/errors: the type for each status (any other 4xx is
 # invalid_request_error, any other 5xx api_error).
@@ -49,26 +46,19 @@ class _ErrorBody(msgspec.Struct):
     type: str | None = None
 
 
-def labelled(handler: Handler, node_id: str, *, anthropic: bool = False) -> Handler:
-    """``handler`` (the proxy's forward) with this node's name on the answers it made itself,
-    and on Anthropic's routes its errors in Anthropic's shape."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        resp = await handler(request)
-        if resp.prepared:  # a stream: its headers went out with the relayed answer's
-            return resp
-        resp.headers.setdefault(NODE_HEADER, node_id)
-        if anthropic and resp.status >= 400 and isinstance(resp, web.Response):
-            as_anthropic(resp)
-        return resp
-
-    return handle
+def labelled(answer: Answer, node_id: str, *, anthropic: bool = False) -> Answer:
+    """An answer the proxy made or relayed whole, with this node's name on it (a relayed one
+    already names its node), and on Anthropic's routes its errors in Anthropic's shape."""
+    answer.headers.setdefault(NODE_HEADER, node_id)
+    if anthropic and answer.status >= 400:
+        as_anthropic(answer)
+    return answer
 
 
-def as_anthropic(resp: web.Response) -> None:
+def as_anthropic(resp: Answer) -> None:
     """Rewrite an error body in OpenAI's shape to Anthropic's, in place; leave any other."""
     body = resp.body
-    if not isinstance(body, bytes) or b'"error"' not in body:
+    if b'"error"' not in body:
         return
     try:
         decoded = msgspec.json.decode(body, type=_ErrorBody)
@@ -82,4 +72,4 @@ def as_anthropic(resp: web.Response) -> None:
     if rid := resp.headers.get(REQUEST_ID_HEADER):
         doc["request_id"] = rid
     resp.body = msgspec.json.encode(doc)
-    resp.content_type = "application/json"
+    resp.headers["Content-Type"] = "application/json"

@@ -204,6 +204,7 @@ class RouteRecord(msgspec.Struct, kw_only=True):
     slices: list[int] = []
     ready_endpoints: int = 0
     nodes: int = 0
+    ready_classes: dict[str, int] = {}
 
 
 class RouteSlice(msgspec.Struct, kw_only=True):
@@ -231,7 +232,6 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     one that is bad in etcd)."""
 
     schema: int = MODEL_SCHEMA_VERSION
-    ready_classes: dict[str, int] = {}
     name: str
     path: str  # absolute path on shared storage, the same on every host
     backend: ModelBackend = DEFAULT_BACKEND

@@ -1,0 +1,123 @@
+"""What the proxy's pipeline needs of an HTTP exchange: a request and a response sink.
+
+The pipeline (server.py, relay.py, degrade.py, the key gate) depends on these two small
+interfaces instead of aiohttp's ``Request`` and ``StreamResponse``, so the same code runs behind
+two listeners: the agent's own front protocol (front.py: the data path, no aiohttp object per
+request) and aiohttp's server (``add_proxy``: the in-process tests, bench/routing.py, and a
+connection that aiohttp already serves because it began with an admin request).
+
+- :class:`Request`: ``method``, ``path``, ``path_qs``, ``headers`` (case-insensitive),
+  ``remote``, and ``read()``, the whole body, which raises :class:`BodyTooLarge` past
+  ``[proxy] max_body_bytes``.
+- :class:`Sink`: a whole answer (``send``), or a stream (``start``, ``write``..., ``end``). A
+  client that goes away cancels the task running the pipeline (the listener does it, as aiohttp's
+  ``handler_cancellation`` did): that is the "client gone" signal, and it closes the upstream.
+- :class:`Answer`: a whole answer, or the record of a stream already written (``sent``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than ``[proxy] max_body_bytes``: the proxy answers 413."""
+
+
+class Request(Protocol):
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def path_qs(self) -> str: ...
+    @property
+    def headers(self) -> Headers: ...
+    @property
+    def remote(self) -> str | None: ...
+
+    async def read(self) -> bytes: ...
+
+
+class Answer:
+    """A whole answer (status, headers, body), or, with ``sent``, a stream already written
+    through the sink (status and headers kept for the access log and the caller)."""
+
+    __slots__ = ("body", "headers", "sent", "status")
+
+    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes = b"", *, sent: bool = False) -> None:
+        self.status, self.headers, self.body, self.sent = status, headers, body, sent
+
+
+def answer_of(resp: web.Response | Answer) -> Answer:
+    """An answer the shared helpers made as an aiohttp ``Response`` (error_response,
+    json_response, the key gate's refusals): only on refusals, never per relayed answer."""
+    if isinstance(resp, Answer):
+        return resp
+    body = resp.body
+    return Answer(resp.status, CIMultiDict(resp.headers), body if isinstance(body, bytes) else b"")
+
+
+class Sink(Protocol):
+    async def send(self, answer: Answer) -> None:
+        """The whole answer, with its Content-Length."""
+
+    async def start(self, status: int, headers: CIMultiDict[str]) -> None:
+        """Begin a chunked stream; the head may wait to go out with the first ``write``."""
+
+    async def write(self, chunk: bytes) -> None:
+        """One chunk of the stream; waits while the client is slow to read (back-pressure)."""
+
+    async def end(self) -> None:
+        """The stream's end."""
+
+
+# --- the aiohttp side ------------------------------------------------------------------------
+
+
+class AiohttpRequest:
+    """An aiohttp ``Request`` as the pipeline's :class:`Request`."""
+
+    __slots__ = ("_request", "headers", "method", "path", "path_qs", "remote")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.method, self.path, self.path_qs = request.method, request.path, request.path_qs
+        self.headers, self.remote = request.headers, request.remote
+
+    async def read(self) -> bytes:
+        try:
+            return await self._request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge from None
+
+
+class AiohttpSink:
+    """A :class:`Sink` over aiohttp's response objects; ``response`` is what the handler returns."""
+
+    __slots__ = ("_request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response: web.StreamResponse | None = None
+
+    async def send(self, answer: Answer) -> None:
+        self.response = web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+    async def start(self, status: int, headers: CIMultiDict[str]) -> None:
+        resp = self.response = web.StreamResponse(status=status, headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(self._request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(chunk)
+
+    async def end(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
