@@ -265,12 +265,6 @@ class ClusterSection(EtcdSettings, forbid_unknown_fields=True, kw_only=True):
         return bool(self.endpoints)
 
     @property
-    # Of a model with more slices than this (100 endpoints each), follow a subset of this many
-    # consecutive slices, chosen by a hash of node and model so that the agents' subsets cover
-    # every slice evenly; all slices while the subset has no READY endpoint on another node of
-    # this node's GPU class. Cuts the watch traffic of a weight change by slices / this.
-    # 0: always follow every slice.
-    route_subset_slices: Annotated[int, Meta(ge=0)] = 4
     def keepalive_s(self) -> float:
         return self.keepalive_interval_s or self.lease_ttl_s / 3
 
