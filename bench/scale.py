@@ -2,14 +2,15 @@
 """Scale: 1,000 agents and 1,000 route watchers on one etcd, old single-value routes vs slices;
 and the leader's route pass at 10,000 nodes, in-process.
 
-Process run (``--layout old|sliced|both``; each layout on a fresh etcd):
+Process run (``--layout old|sliced|subset|all``; each layout on a fresh etcd):
 - agents: ``--agents`` real ``ClusterPublisher`` (lease, keep-alive, publish policy) fed by the
   synthetic 8-GPU hosts of ``etcd_load.py`` (4 instances of one model each, telemetry
   random-walking every 5 s), sharing one etcd client so 1,000 fit in this process;
 - two real coordinator processes with the production defaults;
 - ``--watchers`` route watchers in processes of ``--per-process`` (bench/scale_watchers.py): the
   agents' real ``RouteTable``, each on its own etcd client, following the model as an agent that
-  serves it does.
+  serves it does: every slice ("sliced"), or ``--subset`` of them as agents do by default
+  ("subset", ``[cluster] route_subset_slices``).
 The "old" layout runs the coordinators and the watchers from commit ``--old-commit`` (one value
 per model holding every endpoint; every agent mirrors all of ``/routes/``), extracted with
 ``git archive``; the agents' node records did not change, so the publishers are today's code.
@@ -18,8 +19,9 @@ Measured over ``--seconds`` of steady state: etcd bytes sent to its clients per 
 (its own /metrics and /proc), the leader's and the standby's CPU, each watcher's CPU and memory
 (its process's, shared among its watchers), the route's size in etcd. Then ``--trials`` times:
 one node's GPUs jump to 88 °C (over the 85 °C cap); from its record in etcd to the capped
-weight (<= 0.3 x 220) at every watcher: the farthest watcher's time per trial (p50/p99/max over
-trials) and the median watcher's. Lease expiries over the whole run (etcd's
+weight (<= 0.3 x 220) at every watcher that follows the node's slice (every watcher, but with
+subsets): the farthest watcher's time per trial (p50/p99/max over trials) and the median
+watcher's. Lease expiries over the whole run (etcd's
 ``etcd_debugging_server_lease_expired_total``) and the agents' re-registrations must be 0. A
 layout that cannot keep up fails within bounded time (``--sync-timeout``, 30 s per trial) and
 says what happened.
@@ -241,9 +243,12 @@ class WatcherProcess:
 class Watchers:
     """``total`` watchers in processes of ``per_process``, importing from ``code``."""
 
-    def __init__(self, total: int, per_process: int, code: Path, pinned: bool, url: str, endpoints: int) -> None:
+    def __init__(
+        self, total: int, per_process: int, code: Path, pinned: bool, url: str, endpoints: int, subset: int
+    ) -> None:
         self.sizes = [min(per_process, total - k) for k in range(0, total, per_process)]
         self.code, self.pinned, self.url, self.endpoints = code, pinned, url, endpoints
+        self.subset = subset  # route_subset_slices of the sliced layout's watchers (0: every slice)
         self.procs: list[WatcherProcess] = []
         self._ids = 0
 
@@ -256,7 +261,7 @@ class Watchers:
             argv = [sys.executable, str(ROOT / "bench" / "scale_watchers.py"), "--url", self.url]
             argv += ["--cluster", CLUSTER, "--model", MODEL, "--endpoints", str(self.endpoints)]
             argv += ["--count", str(count), "--name", f"w{k:02d}", "--code", str(self.code)]
-            argv += ["--pinned"] if self.pinned else []
+            argv += ["--pinned", "--subset", str(self.subset)] if self.pinned else []
             with open(log_dir / f"watchers-{k:02d}.log", "ab") as log:
                 proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, limit=1 << 24
@@ -285,8 +290,9 @@ class Watchers:
         return self.synced() == started
 
     async def seen(self, node: str, capped: bool, timeout: float) -> tuple[list[float], int]:
-        """Ask every process to report when each of its watchers sees ``node`` capped (or not);
-        returns the call's future result: (every watcher's time, watchers that did not)."""
+        """Ask every process to report when each of its watchers that follows ``node``'s slice
+        (all of them, but with subsets) sees ``node`` capped (or not); returns the call's future
+        result: (every such watcher's time, those that did not see it)."""
         self._ids += 1
         for w in self.procs:
             w.send(cmd="watch", id=self._ids, node=node, capped=capped, threshold=CAPPED, timeout=timeout)
@@ -406,6 +412,7 @@ def summarize(trials: list[dict]) -> dict:
         }
         out["etcd_to_median_watcher_s_p50"] = round(pct([t["median_s"] for t in ok], 50), 3)
         out["telemetry_change_to_etcd_s_max"] = round(max(t["publish_s"] for t in ok), 3)
+        out["watchers_of_the_node_per_trial"] = sorted(t["seen"] for t in ok)  # all, unless subsets
     failed = [t for t in trials if t["farthest_s"] is None]
     if failed:
         keys = ("missing", "seen", "capped_in_etcd_at_timeout", "error")
@@ -423,7 +430,8 @@ async def run_layout(args: argparse.Namespace, layout: str, n_watchers: int, cod
     procs = {ident: start_coordinator(tmp, ident, url, code if old else None) for ident in ("c1", "c2")}
     endpoints = 4 * args.agents
     result: dict = {"layout": layout, "agents": args.agents, "endpoints": endpoints, "watchers": n_watchers}
-    watchers = Watchers(n_watchers, args.per_process, code, not old, url, endpoints)
+    subset = args.subset if layout == "subset" else 0
+    watchers = Watchers(n_watchers, args.per_process, code, not old, url, endpoints, subset)
     try:
         async with EtcdClient([url], timeout=10.0) as etcd:
             agents = Agents(args.agents, etcd, url)
@@ -618,7 +626,7 @@ def inprocess(n: int, runs: int, rate: float) -> dict:
 
 
 async def process_runs(args: argparse.Namespace, tmp: Path) -> list[dict]:
-    layouts = ["old", "sliced"] if args.layout == "both" else [args.layout]
+    layouts = ["old", "sliced", "subset"] if args.layout == "all" else [args.layout]
     old_code = extract_tree(args.old_commit, tmp / "old-tree") if "old" in layouts else ROOT
     results = []
     for layout in layouts:
@@ -632,7 +640,13 @@ async def process_runs(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layout", choices=["old", "sliced", "both"], default="both")
+    ap.add_argument(
+        "--layout",
+        choices=["old", "sliced", "subset", "all"],
+        default="all",
+        help="sliced: every watcher follows every slice; subset: --subset slices each, as agents do by default",
+    )
+    ap.add_argument("--subset", type=int, default=4, help="the subset layout's route_subset_slices")
     ap.add_argument("--agents", type=int, default=1000)
     ap.add_argument("--watchers", type=int, nargs="+", default=[1000], help="a run per count and layout")
     ap.add_argument("--per-process", type=int, default=100, help="watchers per watcher process")

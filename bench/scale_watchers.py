@@ -14,9 +14,10 @@ which is the same clock in every process on the host):
     -> {"event": "synced", "t": ...}        every watcher has the model with ``--endpoints`` endpoints
     <- {"cmd": "watch", "id": 1, "node": "sim-0007", "capped": true, "threshold": 66, "timeout": 30}
     -> {"event": "seen", "id": 1, "times": [...], "missing": 0}
-         for each watcher, when it first saw every endpoint of ``node`` at weight <= threshold
-         (``capped``) or all > threshold (not ``capped``); ``missing``: watchers that had not
-         by ``timeout``
+         for each watcher that follows ``node``'s slice (every one, unless it follows a subset of
+         the slices), when it first saw every endpoint of ``node`` at weight <= threshold
+         (``capped``) or all > threshold (not ``capped``); ``missing``: those that had not by
+         ``timeout``
     <- {"cmd": "stop"} (or end of input): stop the tables, close the clients, exit
 
 Nothing is polled outside a ``watch`` (so the process's CPU in steady state is the mirrors'),
@@ -50,6 +51,14 @@ def emit(**event: Any) -> None:
     sys.stdout.flush()
 
 
+def follows(table: Any, model: str, node: str) -> bool:
+    """Whether ``table`` follows the slice that lists ``node`` (every table follows every slice
+    unless it follows a subset)."""
+    if not hasattr(table, "window") or table.window(model) is None:
+        return True
+    return bool(node_weights(table, model, node))
+
+
 def node_weights(table: Any, model: str, node: str) -> list[int]:
     route = table.routes.get(model)
     return [e.weight for e in route.endpoints if e.node == node] if route is not None else []
@@ -58,7 +67,11 @@ def node_weights(table: Any, model: str, node: str) -> list[int]:
 async def wait_synced(tables: list[Any], model: str, endpoints: int) -> None:
     def synced(t: Any) -> bool:
         r = t.routes.get(model)
-        return r is not None and len(r.endpoints) == endpoints
+        if r is None:
+            return False
+        if hasattr(t, "window") and t.window(model) is not None:  # a subset: the header counts them all
+            return t.headers[model].ready_endpoints == endpoints
+        return len(r.endpoints) == endpoints
 
     while not all(synced(t) for t in tables):  # noqa: ASYNC110 - a benchmark's poll
         await asyncio.sleep(SYNC_POLL_S)
@@ -74,6 +87,7 @@ async def watch(tables: list[Any], model: str, cmd: dict[str, Any]) -> None:
             return False
         return max(weights) <= threshold if capped else min(weights) > threshold
 
+    tables = [t for t in tables if follows(t, model, node)]
     seen: dict[int, float] = {}
     last: dict[int, object] = {}
     deadline = time.monotonic() + cmd["timeout"]
@@ -138,9 +152,10 @@ async def main(args: argparse.Namespace) -> None:
     keys = Keyspace(args.cluster)
     clients = [EtcdClient([args.url], timeout=10.0) for _ in range(args.count)]
     tables = []
+    settings = routes_module.WatchSettings(route_subset_slices=args.subset) if args.pinned else None
+    extra = {"pinned": lambda: {args.model}, "settings": lambda: settings} if args.pinned else {}
     for i, c in enumerate(clients):
         await c.__aenter__()
-        extra = {"pinned": lambda: {args.model}} if args.pinned else {}
         t = routes_module.RouteTable(c, keys, f"{args.name}-{i:03d}", **extra)
         t.start()
         tables.append(t)
@@ -175,4 +190,5 @@ if __name__ == "__main__":
     ap.add_argument("--name", default="w", help="prefix of the watchers' node ids")
     ap.add_argument("--code", default=str(Path(__file__).resolve().parent.parent), help="source tree to import")
     ap.add_argument("--pinned", action="store_true", help="follow the model's slices (sliced layout)")
+    ap.add_argument("--subset", type=int, default=0, help="route_subset_slices (sliced layout; 0: every slice)")
     asyncio.run(main(ap.parse_args()))
