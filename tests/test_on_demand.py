@@ -303,6 +303,12 @@ async def test_cold_start_idle_unload_and_timeout(cluster: OneNodeFleet) -> None
         (x["replicas"], x["reason"].split(" ")[0]) for x in lines if x.get("event") == "on-demand model scaled"
     ]
     assert decisions[:3] == [(0, "no"), (1, "request"), (0, "no")], decisions
+    # The cold start of the class's only replica is expected, not an outage: no panic mode.
+    assert not [x for x in lines_all(agent.tmp.parent / "c1.log") if "panic" in x.get("event", "")]
+
+
+def lines_all(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
 
 
 async def _not(check) -> bool:  # type: ignore[no-untyped-def]

@@ -8,7 +8,8 @@ Panic mode (Envoy's): when more than ``panic_threshold`` of a GPU class's nodes 
 the likely culprit is the checker or a shared dependency rather than the GPUs, and ejecting
 them all turns a partial outage into a total one. Then the class's endpoints that the *agent*
 reports READY (on a node that is neither DOWN nor drained) are routed anyway, and the plan
-carries an alert text for the caller to raise.
+carries an alert text for the caller to raise. An instance loading for the first time
+(STARTING or WARMING, never restarted) counts neither way: a cold start is not an outage.
 
 Moving off a drained node (make before break, policy/placement.py rule 7): a replica the
 leader placed (``assigned``) on a drained node keeps serving there until its replacement is
@@ -44,6 +45,7 @@ class FailoverPolicy:
 
 
 DEFAULT_FAILOVER = FailoverPolicy()
+_FIRST_START = frozenset({"STARTING", "WARMING"})  # with restarts == 0: never served yet
 
 
 @dataclass
@@ -148,6 +150,11 @@ class _Survey:
         self, ep: RouteEndpoint, inst: InstanceRecord, key: tuple[str, str], util: float | None, temp: float | None
     ) -> None:
         """Panic bookkeeping for an endpoint on a node that is not drained."""
+        if inst.state in _FIRST_START and not inst.restarts:
+            # Loading for the first time (an on-demand model's cold start, a replica just
+            # placed): not routable yet, but no sign of an unhealthy node or checker. Counted,
+            # a class's only node turned panic on at every cold start.
+            return
         gpu_class = ep.gpu_class
         members = self.class_nodes.get(gpu_class)
         if members is None:
