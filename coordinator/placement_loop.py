@@ -4,6 +4,12 @@ Thin I/O around ``policy.placement.place``. The registry and the assignments are
 every replica (a new leader starts from what its predecessor assigned, so nothing moves on a
 leader change); the leader writes only the assignment records that changed, and the
 placement result (``/state/placement``) when it changed, each fenced by its epoch.
+
+Before placing, it decides the replica count of on-demand models (policy/ondemand.py) and of
+autoscaled ones (policy/autoscale.py), logs each decision once with its reason and keeps it in
+the model's placement status. A scale-down by autoscaling names the replica to stop (one that
+serves nothing): placement is run on the assignments without it, so ``place()`` keeps the
+others rather than dropping by its own order.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import structlog
 from gpufleet.etcd import Change, EtcdClient, KeyMirror, Op
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import AssignedInstance, AssignmentRecord, ModelRecord, PlacementRecord
-from gpufleet.registry import on_demand, validate_model
+from gpufleet.registry import autoscaled, max_replicas, on_demand, validate_model
 
 from .config import PlacementSection
 from .election import Election
 from .metrics import CoordinatorMetrics
+from .policy.autoscale import AutoscaleState, initial, model_loads
+from .policy.autoscale import step as autoscale_step
 from .policy.ondemand import DemandSeen, Scale, busy_nodes, changed, scale
 from .policy.placement import NodeView, PlacementPlan, PlacementPolicy, place
 
@@ -59,7 +67,13 @@ class Placer:
         self._demand: dict[tuple[str, str], DemandSeen] = {}
         self._scales: dict[str, Scale] = {}
         self._scaling: dict[str, str] = {}
+        # Autoscaled models (policy/autoscale.py): each one's state, and this pass's decisions
+        # (model -> reason) and replicas to stop (model -> node).
+        self._auto: dict[str, AutoscaleState] = {}
+        self._decided: dict[str, str] = {}
+        self._victims: dict[str, str] = {}
         self._registry_cache: tuple[int, int, dict[str, ModelRecord]] | None = None  # (revision, rewinds, registry)
+        self._assignments_cache: tuple[int, int, dict[str, list[AssignedInstance]]] | None = None
 
     def apply(self, cfg: PlacementSection) -> None:
         """The cluster policy's [placement] changed: the next pass uses it."""
@@ -79,6 +93,7 @@ class Placer:
         self._demand.clear()  # entries found now count as seen now: see policy/ondemand.py
         self._scales.clear()
         self._scaling.clear()
+        self._auto.clear()  # rebuilt from the assignments the predecessor left (autoscale.initial)
 
     def registry(self) -> dict[str, ModelRecord]:
         """The valid registrations, decoded once per registry change (every leader pass asks:
@@ -107,11 +122,17 @@ class Placer:
         return out
 
     def current(self) -> dict[str, list[AssignedInstance]]:
-        out = {}
-        for key, kv in self.assignments.data.items():
-            rec = decode_or_skip(key, kv.value, AssignmentRecord, kv.mod_revision)
-            if rec is not None and rec.instances:
-                out[Keyspace.name_in(self.keys.assignments, key)] = rec.instances
+        mirror = self.assignments
+        cached = self._assignments_cache
+        if cached is not None and cached[:2] == (mirror.revision, mirror.rewinds):
+            out = dict(cached[2])
+        else:  # decoded once per change: autoscaled models ask on every leader pass
+            out = {}
+            for key, kv in mirror.data.items():
+                rec = decode_or_skip(key, kv.value, AssignmentRecord, kv.mod_revision)
+                if rec is not None and rec.instances:
+                    out[Keyspace.name_in(self.keys.assignments, key)] = rec.instances
+            self._assignments_cache = (mirror.revision, mirror.rewinds, dict(out))
         for node, instances in self._written.items():
             if instances:
                 out[node] = instances
@@ -138,11 +159,13 @@ class Placer:
         }
         current = self.current()
         self._view_unknown_nodes(views, current, now)
-        plan = await self._place(models, views, current, now, mono)
+        plan = await self._place(models, views, self._without_victims(current), now, mono)
         wall = time.time()
         self._rescaled(scales, rescaled, registry, epoch, wall)
         for name, text in self._scaling.items():
             if name in plan.status:
+                blocked = self._auto[name].blocked if name in self._auto else ""
+                text = f"{text}; {blocked}" if blocked else text
                 plan.status[name] = msgspec.structs.replace(plan.status[name], scaling=text)
         status = PlacementRecord(epoch=epoch, updated_at=wall, models=[plan.status[m] for m in sorted(plan.status)])
         prev = self._status_written
@@ -156,7 +179,7 @@ class Placer:
 
     def _decide(self, registry: dict[str, ModelRecord], views: dict[str, NodeView], now: float) -> dict[str, Scale]:
         """Note the demand entries that changed (on this leader's clock) and decide the replica
-        count of every on-demand model."""
+        count of every on-demand and every autoscaled model."""
         seen = self._demand
         for node, view in views.items():
             for model, value in view.record.model_demand.items() if view.record is not None else ():
@@ -164,6 +187,7 @@ class Placer:
                 if prev is None or prev.value != value:
                     seen[(node, model)] = DemandSeen(node, value, now)
         wanted = {n: m for n, m in registry.items() if on_demand(m)}
+        auto = {n: m for n, m in registry.items() if autoscaled(m)}
         for key, d in list(seen.items()):  # forget entries no decision can use any more
             m = wanted.get(key[1])
             view = views.get(key[0])
@@ -171,7 +195,10 @@ class Placer:
             listed = view is not None and view.record is not None and key[1] in view.record.model_demand
             if not listed and (m is None or now - d.seen_at > m.idle_unload_after_s):
                 del seen[key]
-        if not wanted:
+        self._decided, self._victims = {}, {}
+        for name in [n for n in self._auto if n not in auto]:
+            del self._auto[name]
+        if not wanted and not auto:
             return {}
         demand: dict[str, list[DemandSeen]] = {}
         for (_, model), d in seen.items():
@@ -185,6 +212,48 @@ class Placer:
                     busy = busy_nodes(v.record for v in views.values() if v.record is not None)
                 sc = scale(m, demand.get(n, []), busy.get(n, {}), now)
             out[n] = sc
+        if auto:
+            self._autoscale(auto, views, now, out)
+        return out
+
+    def _autoscale(
+        self, auto: dict[str, ModelRecord], views: dict[str, NodeView], now: float, out: dict[str, Scale]
+    ) -> None:
+        """Step each autoscaled model's state (policy/autoscale.py) while it is wanted; ``out``
+        gets its count. An on-demand model that went idle starts over at ``replicas``."""
+        current = self.current()
+        records = [v.record for v in views.values() if v.record is not None]
+        loads = model_loads(auto, records, current)
+        for n, m in auto.items():
+            sc = out.get(n) or Scale(m.replicas, True, "always on")
+            if not sc.wanted:
+                self._auto.pop(n, None)
+                out[n] = sc
+                continue
+            state = self._auto.get(n)
+            reason = sc.reason
+            if state is None:
+                state = initial(m, loads[n].assigned)
+                if not on_demand(m):
+                    reason = f"{state.target} assigned when this leader's term began"
+            st = autoscale_step(m, state, loads[n], now)
+            self._auto[n] = st.state
+            if st.state.blocked and not state.blocked:
+                log.info("model autoscaling waits", model=n, replicas=st.state.target, why=st.state.blocked)
+            if st.decision:
+                self._decided[n] = reason = st.decision
+            if st.victim is not None:
+                self._victims[n] = st.victim
+            out[n] = Scale(st.state.target, True, reason)
+
+    def _without_victims(self, current: dict[str, list[AssignedInstance]]) -> dict[str, list[AssignedInstance]]:
+        """The assignments as placement is to see them: without the replicas this pass's
+        scale-downs stop (each one serving nothing), so that the serving ones are kept."""
+        if not self._victims:
+            return current
+        out = dict(current)
+        for model, node in self._victims.items():
+            out[node] = [a for a in out.get(node, []) if a.model != model]
         return out
 
     def _rescaled(
@@ -192,12 +261,27 @@ class Placer:
     ) -> None:
         """Log each scaling decision once, and keep its text for the placement status."""
         for name in sorted(rescaled):
-            sc, prev = scales[name], self._scales.get(name)
+            sc, prev, m = scales[name], self._scales.get(name), registry[name]
             at = time.strftime("%H:%M:%S", time.gmtime(wall))
             verb = "wanted" if sc.wanted else "idle"
-            self._scaling[name] = (
-                f"{verb}: {sc.replicas} of {registry[name].replicas} replicas since {at} UTC ({sc.reason})"
-            )
+            if autoscaled(m):
+                count = f"{sc.replicas} of {m.replicas}-{max_replicas(m)} replicas since {at} UTC"
+                if name in self._decided:  # the decision's text says which way, and why
+                    self._scaling[name] = f"{sc.reason}; {count}"
+                else:
+                    self._scaling[name] = f"{verb}: {count} ({sc.reason})"
+                log.info(
+                    "model autoscaled" if name in self._decided else "model scaled",
+                    model=name,
+                    replicas=sc.replicas,
+                    previous=prev.replicas if prev is not None else None,
+                    wanted=sc.wanted,
+                    reason=sc.reason,
+                    stopping=self._victims.get(name),
+                    epoch=epoch,
+                )
+                continue
+            self._scaling[name] = f"{verb}: {sc.replicas} of {m.replicas} replicas since {at} UTC ({sc.reason})"
             log.info(
                 "on-demand model scaled",
                 model=name,

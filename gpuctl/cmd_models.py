@@ -1,9 +1,10 @@
 """``gpuctl models add|list|rm|digest``: the model registry under ``/gpufleet/<cluster>/models/``.
 
 ``add`` validates the entry here, before it reaches etcd (the leader would only log and skip
-a bad one), and refuses to overwrite an existing model unless ``--update`` is given: two
-operators registering the same name should not silently replace each other's path. ``list``
-joins the registry with the leader's placement result and the agents' path checks, so one
+a bad one), refuses a ``--max-replicas`` that the registered nodes could never hold, and
+refuses to overwrite an existing model unless ``--update`` is given: two operators registering
+the same name should not silently replace each other's path. ``list`` joins the registry with
+the leader's placement result (with each scaling decision) and the agents' path checks, so one
 command answers "where is it running, and if not, why not".
 """
 
@@ -18,7 +19,16 @@ from gpufleet.etcd import Compare, EtcdClient, Op
 from gpufleet.facts import BACKENDS, DEFAULT_BACKEND
 from gpufleet.keyspace import InvalidName, Keyspace, check_model, decode_or_skip, encode
 from gpufleet.keyspace.records import ModelRecord, NodeRecord, PlacementRecord
-from gpufleet.registry import min_replicas, model_digest, model_size, on_demand, validate_model
+from gpufleet.registry import (
+    autoscaled,
+    fleet_problems,
+    max_replicas,
+    min_replicas,
+    model_digest,
+    model_size,
+    on_demand,
+    validate_model,
+)
 
 from . import common as ctl
 
@@ -41,6 +51,12 @@ def _model_from_args(args: argparse.Namespace) -> ModelRecord:
         created_at=time.time(),
         min_replicas=args.min_replicas,
         idle_unload_after_s=args.idle_unload_after,
+        max_replicas=args.max_replicas,
+        scale_up_waiting=args.scale_up_waiting,
+        scale_up_after_s=args.scale_up_after,
+        scale_down_waiting=args.scale_down_waiting,
+        scale_down_after_s=args.scale_down_after,
+        scale_cooldown_s=args.scale_cooldown,
     )
     if problems := validate_model(rec):
         raise ctl.UsageError("invalid model: " + "; ".join(problems))
@@ -50,6 +66,11 @@ def _model_from_args(args: argparse.Namespace) -> ModelRecord:
 async def _add(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> int:
     rec = args.record
     key = keys.model(rec.name)
+    if autoscaled(rec):  # max_replicas that the registered nodes can never hold is a mistake
+        nodes = ctl.decode_all((await etcd.get_prefix(keys.nodes)).kvs, NodeRecord)
+        if problems := fleet_problems(rec, nodes):
+            print("error: invalid model: " + "; ".join(problems), file=sys.stderr)
+            return ctl.EXIT_ERROR
     if args.update:
         await etcd.put(key, encode(rec))
         verb = "updated"
@@ -64,6 +85,8 @@ async def _add(etcd: EtcdClient, keys: Keyspace, args: argparse.Namespace) -> in
     demand = ""
     if on_demand(rec):
         demand = f", {min_replicas(rec)} while idle for {rec.idle_unload_after_s:g} s (on demand)"
+    if autoscaled(rec):
+        demand += f", up to {max_replicas(rec)} under load (autoscaled)"
     print(f"model {rec.name} {verb}: {rec.replicas} replica(s){demand} of {rec.path} ({rec.backend})")
     return ctl.EXIT_OK
 
@@ -131,7 +154,8 @@ def format_models(rows: list[dict[str, Any]]) -> str:
             ]
         )
         if r.get("scaling"):
-            notes.append(f"{m.name}: on demand, {r['scaling']}")
+            kind = ", ".join(k for k, on in (("on demand", on_demand(m)), ("autoscaled", autoscaled(m))) if on)
+            notes.append(f"{m.name}: {kind}, {r['scaling']}")
         notes.extend(f"{m.name}: {reason}" for reason in r["reasons"])
         notes.extend(f"{m.name}: path unavailable on {node}: {err}" for node, err in r["path_unavailable_on"].items())
     head = ["MODEL", "BACKEND", "PLACED", "GPUS", "CLASSES", "VRAM GiB", "FALLBACK", "NODES", "PATH"]
@@ -196,6 +220,46 @@ def add_model_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         default=600.0,
         metavar="SECONDS",
         help="with --min-replicas: scale down after this long without a request (default 600)",
+    )
+    add.add_argument(
+        "--max-replicas",
+        type=int,
+        help="autoscale: up to this many replicas while the backends' queues stay long (default: --replicas)",
+    )
+    add.add_argument(
+        "--scale-up-waiting",
+        type=float,
+        default=2.0,
+        metavar="N",
+        help="with --max-replicas: mean requests waiting per READY replica above which load is high (default 2)",
+    )
+    add.add_argument(
+        "--scale-up-after",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --max-replicas: one replica more after load stayed high this long (default 30)",
+    )
+    add.add_argument(
+        "--scale-down-waiting",
+        type=float,
+        default=0.5,
+        metavar="N",
+        help="with --max-replicas: mean requests waiting per READY replica at or below which load is low (default 0.5)",
+    )
+    add.add_argument(
+        "--scale-down-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --max-replicas: one idle replica less after load stayed low this long (default 300)",
+    )
+    add.add_argument(
+        "--scale-cooldown",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="with --max-replicas: at most one scaling change this often (default 120)",
     )
     add.add_argument("--update", action="store_true", help="replace an existing registration")
     add.set_defaults(func=cmd_add)

@@ -21,11 +21,12 @@ import math
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from gpufleet.keyspace import InvalidName, check_model
-from gpufleet.keyspace.records import ModelRecord
+from gpufleet.keyspace.records import ModelRecord, NodeRecord
 
 GIB = 1024**3
 DEFAULT_GPU_MEMORY_FRACTION = 0.9  # vLLM's default gpu_memory_utilization: "the whole GPU"
@@ -45,6 +46,16 @@ def on_demand(rec: ModelRecord) -> bool:
     return min_replicas(rec) < rec.replicas
 
 
+def autoscaled(rec: ModelRecord) -> bool:
+    """Whether the leader scales the model between ``replicas`` and ``max_replicas`` by load."""
+    return rec.max_replicas is not None and rec.max_replicas > rec.replicas
+
+
+def max_replicas(rec: ModelRecord) -> int:
+    """The most replicas the model may run (``replicas`` unless autoscaled)."""
+    return rec.max_replicas if autoscaled(rec) and rec.max_replicas is not None else rec.replicas
+
+
 def validate_model(rec: ModelRecord) -> list[str]:
     """Every problem with a registry entry, as ``field: message`` lines (empty: valid)."""
     out = []
@@ -61,6 +72,7 @@ def validate_model(rec: ModelRecord) -> list[str]:
         out.append(f"idle_unload_after_s: must be between 1 and {MAX_IDLE_UNLOAD_S} (7 days)")
     if not 1 <= rec.gpus_per_replica <= 16:
         out.append("gpus_per_replica: must be between 1 and 16")
+    out.extend(_autoscale_problems(rec))
     if rec.min_vram_gib is not None and not 0 < rec.min_vram_gib <= 4096:
         out.append("min_vram_gib: must be more than 0 and at most 4096")
     if rec.gpu_memory_fraction is not None and not 0 < rec.gpu_memory_fraction <= 1:
@@ -83,6 +95,51 @@ def validate_model(rec: ModelRecord) -> list[str]:
         if "\n" in a or "\0" in a:
             out.append("args: an argument contains a newline or NUL")
     return out
+
+
+def _autoscale_problems(rec: ModelRecord) -> list[str]:
+    """``max_replicas`` and its thresholds; the scaling fields are checked even without it (an
+    entry keeps them when max_replicas is set later with --update)."""
+    out = []
+    if rec.max_replicas is not None:
+        if not rec.replicas <= rec.max_replicas <= 1000:
+            out.append(f"max_replicas: must be between replicas ({rec.replicas}) and 1000")
+        elif rec.replicas == 0 and rec.max_replicas > 0:
+            # The load that scales a model up is measured on its running replicas.
+            out.append("max_replicas: needs replicas >= 1 (the load is measured on running replicas)")
+    if not 0 <= rec.scale_down_waiting < rec.scale_up_waiting <= 10000:
+        out.append(
+            "scale_up_waiting, scale_down_waiting: need 0 <= scale_down_waiting < scale_up_waiting <= 10000 "
+            "(the band between them is the hysteresis)"
+        )
+    for name in ("scale_up_after_s", "scale_down_after_s", "scale_cooldown_s"):
+        if not 0 <= getattr(rec, name) <= MAX_IDLE_UNLOAD_S:
+            out.append(f"{name}: must be between 0 and {MAX_IDLE_UNLOAD_S} (7 days)")
+    return out
+
+
+def fleet_problems(rec: ModelRecord, nodes: Iterable[NodeRecord]) -> list[str]:
+    """What the registered fleet cannot hold, whatever the load: ``max_replicas`` replicas need
+    that many nodes (one replica per node) each with ``gpus_per_replica`` GPUs of one allowed
+    class. Empty when no node is registered (nothing to judge by yet)."""
+    nodes = list(nodes)
+    top = max_replicas(rec)
+    if not nodes or not autoscaled(rec):
+        return []
+    fit = 0
+    for n in nodes:
+        per_class: dict[str, int] = {}
+        for g in n.gpus:
+            if not g.lost and (not rec.classes or g.gpu_class in rec.classes):
+                per_class[g.gpu_class] = per_class.get(g.gpu_class, 0) + 1
+        fit += max(per_class.values(), default=0) >= rec.gpus_per_replica
+    if fit >= top:
+        return []
+    where = f" of class {' or '.join(rec.classes)}" if rec.classes else " of one class"
+    return [
+        f"max_replicas: {top} replicas need {top} nodes with {rec.gpus_per_replica} GPU(s){where} each "
+        f"(one replica per node); the cluster has {fit}"
+    ]
 
 
 def path_problems(path: str) -> list[str]:

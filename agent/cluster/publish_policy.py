@@ -7,8 +7,9 @@ at least every ``interval_s`` so ``updated_at`` shows the agent is alive when no
 Two kinds of change. *State* changes (an instance's state, readiness, a GPU lost or crossing
 85 °C, instances added or removed, a model path becoming (un)available) decide failover and placement: they go
 out at once (``min_gap_s`` only merges a burst). *Telemetry* changes (a GPU 2 °C warmer or
-cooler, utilization 10 points off, the proxy's counters that feed the degradation level) only
-shift weights and rates: at most one such write per ``telemetry_gap_s`` per node, so 1,000
+cooler, utilization 10 points off, the proxy's counters that feed the degradation level, an
+instance's backend queue forming or draining, which autoscaling reads) only shift weights,
+rates and replica counts: at most one such write per ``telemetry_gap_s`` per node, so 1,000
 busy nodes stay under 1000 / 15 ≈ 67 writes/s however noisy their sensors are.
 """
 
@@ -64,6 +65,25 @@ def _instance_change(a: InstanceRecord, b: InstanceRecord) -> str | None:
     return None
 
 
+def _queue_class(i: InstanceRecord) -> tuple[bool, int] | None:
+    """An instance's load, coarsely: serving or idle, and its backend queue in powers of two
+    (0, 1, 2-3, 4-7, ...): a queue that forms or drains is worth a telemetry write, one request
+    more or less in a long queue is not."""
+    load = i.load
+    if load is None:
+        return None
+    waiting = int(load.requests_waiting or 0)
+    return bool(load.requests_running or waiting), waiting.bit_length()
+
+
+def _queue_change(prev: NodeRecord, cur: NodeRecord) -> str | None:
+    before = {i.name: _queue_class(i) for i in prev.instances}
+    for i in cur.instances:
+        if i.name in before and before[i.name] != _queue_class(i):
+            return f"instance {i.name} load"
+    return None
+
+
 def _hot(g: GpuRecord, p: PublishPolicy) -> bool:
     return g.temperature_celsius is not None and g.temperature_celsius > p.temperature_urgent_c
 
@@ -108,6 +128,8 @@ def change_reason(prev: NodeRecord | None, cur: NodeRecord, p: PublishPolicy) ->
     for a, b in zip(prev.gpus, cur.gpus, strict=True):
         if (why := _gpu_telemetry(a, b, p)) is not None:
             return Change(why, urgent=False)
+    if (why := _queue_change(prev, cur)) is not None:  # autoscaling reads it (coordinator/policy/autoscale.py)
+        return Change(why, urgent=False)
     if cur.proxy is not None and (prev.proxy is None or prev.proxy.attempts != cur.proxy.attempts):
         return Change("proxy counters", urgent=False)
     if prev.key_demand != cur.key_demand:  # the leader divides key limits by it

@@ -252,6 +252,17 @@ class ModelRecord(msgspec.Struct, kw_only=True):
     # ``replicas`` (see gpufleet.registry.min_replicas and coordinator/policy/ondemand.py).
     min_replicas: int | None = None
     idle_unload_after_s: float = 600.0
+    # Autoscaling (coordinator/policy/autoscale.py): while wanted, between ``replicas`` and
+    # ``max_replicas``, one replica more when the mean of requests waiting per READY replica
+    # stays above ``scale_up_waiting`` for ``scale_up_after_s``, one less when it stays at or
+    # below ``scale_down_waiting`` for ``scale_down_after_s`` (and a replica is idle); at most
+    # one change per ``scale_cooldown_s``. None: fixed at ``replicas``.
+    max_replicas: int | None = None
+    scale_up_waiting: float = 2.0
+    scale_up_after_s: float = 30.0
+    scale_down_waiting: float = 0.5
+    scale_down_after_s: float = 300.0
+    scale_cooldown_s: float = 120.0
 
 
 class AssignedInstance(msgspec.Struct, kw_only=True):
@@ -284,7 +295,8 @@ class ModelPlacement(msgspec.Struct, kw_only=True):
     nodes: list[str] = []  # where its replicas are assigned
     unplaced: int = 0
     reasons: list[str] = []
-    # On-demand models: the leader's last scaling decision, when and why ("" for the others).
+    # On-demand and autoscaled models: the leader's last scaling decision, when and why, and a
+    # scale-down that waits for an idle replica ("" for the others).
     scaling: str = ""
 
 
