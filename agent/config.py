@@ -89,6 +89,12 @@ class SimulatedGpu(StrictSection):
     power_w: NonNegFloat = 60.0
     uuid: str | None = None  # default: derived from the host and index
     script: list[GpuScriptStep] = []  # changes over time (heat, load, loss), for demos and tests
+    # Interconnect, which tensor-parallel placement prefers (NVML's view on real GPUs). GPUs with
+    # the same nvlink_island are NVLink-connected, the same pcie_switch share one PCIe switch,
+    # the same numa_node one CPU socket (a different one: across sockets). Unset: not known.
+    nvlink_island: Annotated[int, Meta(ge=0)] | None = None
+    pcie_switch: Annotated[int, Meta(ge=0)] | None = None
+    numa_node: Annotated[int, Meta(ge=0)] | None = None
 
 
 class GpuSection(StrictSection):

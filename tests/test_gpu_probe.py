@@ -15,11 +15,21 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
+from structlog.testing import capture_logs
 
 import agent.gpu
 from agent.config import GpuScriptStep, GpuSection, SimulatedGpu
 from agent.gpu import GpuSource, GpuSourceUnavailable, classify_gpu, open_gpu_source
 from agent.gpu.simulated import GIB, SimulatedSource
+from gpufleet.keyspace.records import (
+    LINK_HOST_BRIDGE,
+    LINK_NUMA_NODE,
+    LINK_NVLINK,
+    LINK_PCIE_SWITCH,
+    LINK_PCIE_SWITCHES,
+    LINK_SYSTEM,
+    LINK_UNKNOWN,
+)
 
 # --- class table ---------------------------------------------------------------------------------
 
@@ -102,6 +112,12 @@ class FakeNvml:
         self.hang = threading.Event()  # set: the temperature read blocks until `release` is set
         self.release = threading.Event()
         self.shutdowns = 0
+        # Interconnect: NVLink pairs, and NVML's common-ancestor level per pair (else SYSTEM).
+        self.nvlink: set[tuple[int, int]] = set()
+        self.ancestor: dict[tuple[int, int], int] = {}
+        self.p2p_error: Exception | None = None
+        self.ancestor_error: Exception | None = None
+        self.topology_calls = 0
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for fn in [
@@ -115,6 +131,11 @@ class FakeNvml:
             "nvmlDeviceGetUtilizationRates",
             "nvmlDeviceGetTemperature",
             "nvmlDeviceGetPowerUsage",
+            "nvmlDeviceGetP2PStatus",
+            "nvmlDeviceGetTopologyCommonAncestor",
+            "nvmlDeviceGetPciInfo",
+            "nvmlDeviceGetNvLinkState",
+            "nvmlDeviceGetNvLinkRemotePciInfo",
         ]:
             monkeypatch.setattr(pynvml, fn, getattr(self, fn))
 
@@ -160,6 +181,37 @@ class FakeNvml:
 
     def nvmlDeviceGetPowerUsage(self, h: int) -> int:
         return self._field(h, "power_mw")
+
+    def nvmlDeviceGetP2PStatus(self, h1: int, h2: int, index: int) -> int:
+        assert index == pynvml.NVML_P2P_CAPS_INDEX_NVLINK
+        self.topology_calls += 1
+        if self.p2p_error is not None:
+            raise self.p2p_error
+        linked = (min(h1, h2), max(h1, h2)) in self.nvlink
+        return pynvml.NVML_P2P_STATUS_OK if linked else pynvml.NVML_P2P_STATUS_NOT_SUPPORTED
+
+    def nvmlDeviceGetTopologyCommonAncestor(self, h1: int, h2: int) -> int:
+        self.topology_calls += 1
+        if self.ancestor_error is not None:
+            raise self.ancestor_error
+        return self.ancestor.get((min(h1, h2), max(h1, h2)), pynvml.NVML_TOPOLOGY_SYSTEM)
+
+    def nvmlDeviceGetPciInfo(self, h: int) -> SimpleNamespace:
+        return SimpleNamespace(busId=f"00000000:{0x10 + h:02X}:00.0".encode())
+
+    def _peers(self, h: int) -> list[int]:
+        return sorted({b if a == h else a for a, b in self.nvlink if h in (a, b)})
+
+    def nvmlDeviceGetNvLinkState(self, h: int, link: int) -> int:
+        if not self._peers(h):
+            raise nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)  # a GPU without NVLink
+        if link >= len(self._peers(h)):
+            raise nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return pynvml.NVML_FEATURE_ENABLED
+
+    def nvmlDeviceGetNvLinkRemotePciInfo(self, h: int, link: int) -> SimpleNamespace:
+        # A shorter domain and lower case, as some drivers write it: compared as numbers.
+        return SimpleNamespace(busId=f"0000:{0x10 + self._peers(h)[link]:02x}:00.0")
 
 
 def healthy_gpu(i: int, name: str | bytes = "NVIDIA H100 80GB HBM3") -> dict:
@@ -442,3 +494,154 @@ async def test_nvml_count_failure_after_open_is_reported_per_known_gpu(
     recs = await src.sample()
     assert [r.index for r in recs] == [0, 1]
     assert recs[1].uuid.startswith("GPU-00000001") and recs[1].errors == {"probe": "Unknown Error"}
+
+
+# --- interconnect (agent/gpu/topology.py) --------------------------------------------------------
+
+NV, SW, SWS, HB, NUMA, SYS, UNK = (
+    LINK_NVLINK,
+    LINK_PCIE_SWITCH,
+    LINK_PCIE_SWITCHES,
+    LINK_HOST_BRIDGE,
+    LINK_NUMA_NODE,
+    LINK_SYSTEM,
+    LINK_UNKNOWN,
+)
+
+
+def four_gpus(fake: FakeNvml) -> None:
+    """Two NVLink pairs (0-1, 2-3), one per CPU socket; 0 and 2 behind one PCIe switch anyway."""
+    fake.gpus = [healthy_gpu(i) for i in range(4)]
+    fake.nvlink = {(0, 1), (2, 3)}
+    fake.ancestor = {(0, 1): pynvml.NVML_TOPOLOGY_HOSTBRIDGE, (2, 3): pynvml.NVML_TOPOLOGY_NODE}
+    fake.ancestor[(0, 2)] = pynvml.NVML_TOPOLOGY_SINGLE  # more pairs: SYSTEM (the fake's default)
+    fake.ancestor[(1, 3)] = pynvml.NVML_TOPOLOGY_MULTIPLE
+
+
+FOUR_GPU_LINKS = [
+    [0, NV, SW, SYS],
+    [NV, 0, SYS, SWS],
+    [SW, SYS, 0, NV],
+    [SYS, SWS, NV, 0],
+]
+
+
+async def test_nvml_topology_nvlink_first_then_the_pcie_level(fake: FakeNvml) -> None:
+    four_gpus(fake)
+    recs = await nvml_source().sample()
+    assert [r.links for r in recs] == FOUR_GPU_LINKS
+
+
+async def test_nvml_topology_is_probed_once_per_gpu_set(fake: FakeNvml) -> None:
+    four_gpus(fake)
+    src = nvml_source()
+    await src.sample()
+    calls = fake.topology_calls
+    assert calls > 0
+    await src.sample()
+    assert fake.topology_calls == calls  # static: not read again
+    fake.gpus.append(healthy_gpu(4))  # a GPU appeared: the set changed
+    recs = await src.sample()
+    assert fake.topology_calls > calls
+    assert recs[4].links == [SYS, SYS, SYS, SYS, 0] and recs[0].links == [*FOUR_GPU_LINKS[0], SYS]
+
+
+async def test_nvml_topology_without_p2p_status_reads_each_nvlink_peer(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    four_gpus(fake)
+    monkeypatch.delattr(pynvml, "nvmlDeviceGetP2PStatus")  # an old pynvml
+    with capture_logs() as logs:
+        recs = await nvml_source().sample()
+    assert [r.links for r in recs] == FOUR_GPU_LINKS
+    assert [e["problems"] for e in logs] == [["nvmlDeviceGetP2PStatus: not in this pynvml"]]
+
+
+async def test_nvml_topology_not_supported_is_unknown_and_logged_once(fake: FakeNvml) -> None:
+    fake.p2p_error = nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)  # and no NVLink on these GPUs
+    fake.ancestor_error = nvml_error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+    src = nvml_source()
+    with capture_logs() as logs:
+        for _ in range(3):
+            a, b = await src.sample()
+            assert a.links == [] and b.links == []  # nothing known: no preference
+            assert a.errors == {} and a.memory_used_bytes == 10 * GIB  # the sample is unharmed
+    assert len(logs) == 1 and logs[0]["log_level"] == "warning"
+    assert logs[0]["problems"] == [
+        "nvmlDeviceGetP2PStatus: Not Supported",
+        "nvmlDeviceGetTopologyCommonAncestor: Not Supported",
+    ]
+
+
+async def test_nvml_topology_nvlink_known_pcie_level_not(fake: FakeNvml) -> None:
+    four_gpus(fake)
+    fake.ancestor_error = nvml_error(pynvml.NVML_ERROR_UNKNOWN)
+    recs = await nvml_source().sample()
+    assert recs[0].links == [0, NV, UNK, UNK] and recs[3].links == [UNK, UNK, NV, 0]
+
+
+async def test_nvml_topology_unknown_when_nvlink_cannot_be_told(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not knowing the NVLink pairs, a PCIe level could rank an NVLink pair last: report nothing.
+    four_gpus(fake)
+    fake.p2p_error = nvml_error(pynvml.NVML_ERROR_UNKNOWN)
+
+    def broken_state(h: int, link: int) -> int:
+        raise nvml_error(pynvml.NVML_ERROR_UNKNOWN)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetNvLinkState", broken_state)
+    recs = await nvml_source().sample()
+    assert [r.links for r in recs] == [[], [], [], []]
+
+
+async def test_nvml_topology_functions_missing_or_broken_never_break_the_sample(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for fn in ["nvmlDeviceGetP2PStatus", "nvmlDeviceGetTopologyCommonAncestor", "nvmlDeviceGetNvLinkState"]:
+        monkeypatch.delattr(pynvml, fn)
+    a, b = await nvml_source().sample()
+    assert (a.links, b.links) == ([], []) and a.temperature_celsius == 55.0
+
+    def bug(*args: object) -> int:
+        raise RuntimeError("a bug in the topology code")
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetP2PStatus", bug, raising=False)
+    with capture_logs() as logs:
+        a, b = await nvml_source().sample()
+    assert (a.links, b.links) == ([], []) and a.errors == {}
+    assert "a bug in the topology code" in logs[0]["problems"][0]
+
+
+async def test_nvml_topology_of_a_gpu_lost_at_start_is_unknown_and_the_others_known(fake: FakeNvml) -> None:
+    four_gpus(fake)
+    fake.gpus[1]["handle"] = nvml_error(pynvml.NVML_ERROR_GPU_IS_LOST)
+    recs = await nvml_source().sample()
+    assert recs[1].lost is True and recs[1].errors == {"device": "GPU is lost"}
+    assert recs[1].links == [UNK, 0, UNK, UNK]
+    assert recs[0].links == [0, UNK, SW, SYS] and recs[2].links == [SW, UNK, 0, NV]
+
+
+async def test_simulated_topology_two_nvlink_islands_on_two_sockets() -> None:
+    gpus = [SimulatedGpu(nvlink_island=i // 4, numa_node=i // 4, pcie_switch=i // 2) for i in range(8)]
+    src = open_gpu_source(sim_cfg(*gpus), clock=FakeClock())
+    assert isinstance(src, SimulatedSource)
+    recs = await src.sample()
+    assert recs[0].links == [0, NV, NV, NV, SYS, SYS, SYS, SYS]
+    assert recs[5].links == [SYS, SYS, SYS, SYS, NV, 0, NV, NV]
+    src.set_state(5, lost=True)
+    assert (await src.sample())[5].links == recs[5].links  # a lost GPU is still where it was
+
+    # PCIe switches and sockets without NVLink; a GPU that declares nothing is unknown.
+    gpus = [SimulatedGpu(pcie_switch=0, numa_node=0), SimulatedGpu(pcie_switch=0, numa_node=0),
+            SimulatedGpu(pcie_switch=1, numa_node=0), SimulatedGpu()]  # fmt: skip
+    recs = await open_gpu_source(sim_cfg(*gpus), clock=FakeClock()).sample()
+    assert [r.links for r in recs] == [
+        [0, SW, NUMA, UNK],
+        [SW, 0, NUMA, UNK],
+        [NUMA, NUMA, 0, UNK],
+        [UNK, UNK, UNK, 0],
+    ]
+    # Nothing declared: no topology at all.
+    recs = await open_gpu_source(sim_cfg(SimulatedGpu(), SimulatedGpu()), clock=FakeClock()).sample()
+    assert [r.links for r in recs] == [[], []]

@@ -7,6 +7,10 @@ import pytest
 from coordinator.policy.placement import NodeView, PlacementPlan, PlacementPolicy, place
 from gpufleet.keyspace import assigned_instance_name
 from gpufleet.keyspace.records import (
+    LINK_NVLINK,
+    LINK_PCIE_SWITCH,
+    LINK_SYSTEM,
+    LINK_UNKNOWN,
     AssignedInstance,
     GpuRecord,
     InstanceRecord,
@@ -678,3 +682,128 @@ def msgspec_replace(m: ModelRecord, **kw: object) -> ModelRecord:
     import msgspec
 
     return msgspec.structs.replace(m, **kw)
+
+
+# --- interconnect: multi-GPU replicas prefer GPUs that share a fast link -------------------------
+
+NV, SW, SYS, UNK = LINK_NVLINK, LINK_PCIE_SWITCH, LINK_SYSTEM, LINK_UNKNOWN
+
+
+def linked(gpus: list[GpuRecord], islands: list[list[int]], between: int = SYS) -> list[GpuRecord]:
+    """``gpus`` with links: NVLink within each island, ``between`` across islands."""
+    island = {i: n for n, members in enumerate(islands) for i in members}
+    out = []
+    for g in gpus:
+        row = [0 if j == g.index else NV if island.get(j) == island.get(g.index) else between for j in range(len(gpus))]
+        out.append(msgspec_replace_gpu(g, links=row))
+    return out
+
+
+def msgspec_replace_gpu(g: GpuRecord, **kw: object) -> GpuRecord:
+    import msgspec
+
+    return msgspec.structs.replace(g, **kw)
+
+
+TWO_ISLANDS = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize(
+    ("free", "islands", "want"),
+    [
+        # The four freest (0, 1, 4, 5) straddle the islands; island 2's least free has more than island 1's.
+        ([80, 80, 70, 70, 80, 80, 75, 75], TWO_ISLANDS, [4, 5, 6, 7]),
+        # Island 2 fragmented (GPU 6 too full): island 1, although it has less free memory.
+        ([60, 60, 60, 60, 80, 80, 30, 80], TWO_ISLANDS, [0, 1, 2, 3]),
+        # Both fragmented: across the islands, the freest four that fit.
+        ([80, 30, 70, 70, 80, 80, 30, 75], TWO_ISLANDS, [0, 4, 5, 7]),
+        # Topology unknown: the four freest, as without topology.
+        ([80, 80, 70, 70, 80, 80, 75, 75], None, [0, 1, 4, 5]),
+    ],
+)
+def test_a_tp4_replica_takes_an_nvlink_island_when_one_fits(
+    free: list[float], islands: list[list[int]] | None, want: list[int]
+) -> None:
+    gpus = [gpu(i, "H100", free=f) for i, f in enumerate(free)]
+    rec = node("n1", linked(gpus, islands) if islands else gpus)
+    assert where(place(models(tp(4)), views(rec), {}, NOW)) == {"n1": want}
+
+
+def test_a_cross_island_placement_says_why_in_the_log_and_the_status() -> None:
+    free = [80, 30, 70, 70, 80, 80, 30, 75]
+    rec = node("n1", linked([gpu(i, "H100", free=f) for i, f in enumerate(free)], TWO_ISLANDS))
+    plan = place(models(tp(4)), views(rec), {}, NOW)
+    assert plan.moved == [
+        "placed qwen on n1 GPUs 0,4,5,7 linked through the CPU sockets' interconnect: no 4 GPUs on NVLink have room"
+    ]
+    note = "n1 GPUs 0,4,5,7 are linked through the CPU sockets' interconnect (best there: NVLink)"
+    assert plan.status["qwen"].reasons == [note] and plan.status["qwen"].unplaced == 0
+    # Kept on the next pass: the status still says so (and nothing moves).
+    again = place(models(tp(4)), views(rec), plan.assignments, NOW)
+    assert again.moved == [] and again.status["qwen"].reasons == [note]
+    # Within an island, or with the links unknown, there is nothing to say.
+    ok = place(models(tp(2)), views(rec), {}, NOW)
+    assert ok.moved == ["placed qwen on n1 GPUs 4,5"] and ok.status["qwen"].reasons == []
+
+
+def test_the_link_level_decides_before_free_memory_between_classes() -> None:
+    # A100 pair on NVLink, H100 pair (more free) across sockets; the model allows both.
+    gpus = [gpu(0, "A100", free=50), gpu(1, "A100", free=50), gpu(2, "H100", free=80), gpu(3, "H100", free=80)]
+    rec = node("mixed", linked(gpus, [[0, 1], [2], [3]]))
+    assert where(place(models(tp(2)), views(rec), {}, NOW)) == {"mixed": [0, 1]}
+    # Allowed only the H100s: across sockets it is, as nothing better exists for them.
+    plan = place(models(tp(2, classes=["H100"])), views(rec), {}, NOW)
+    assert where(plan) == {"mixed": [2, 3]} and plan.status["qwen"].reasons == []
+
+
+def test_between_nodes_the_link_level_ranks_before_free_memory_after_spreading() -> None:
+    roomy = node("roomy", linked([gpu(i, free=80) for i in range(2)], [[0], [1]]))  # across sockets
+    nvl = node("nvl", linked([gpu(i, free=60) for i in range(2)], [[0, 1]]))
+    unknown = node("unknown", [gpu(i, free=79) for i in range(2)])  # an older agent: no links
+    assert where(place(models(tp(2)), views(roomy, nvl, unknown), {}, NOW)) == {"nvl": [0, 1]}
+    assert where(place(models(tp(2)), views(roomy, unknown), {}, NOW)) == {"roomy": [0, 1]}  # known before unknown
+    # Spreading still comes first: a node that already runs a replica of another model ranks after.
+    other = msgspec_replace(model("other", vram=10), classes=[])
+    plan = place(models(tp(2, vram=40), other), views(nvl, roomy), {"nvl": [assigned("other", 0, 0.13)]}, NOW)
+    assert where(plan) == {"roomy": [0, 1]}
+
+
+def test_single_gpu_replicas_ignore_links() -> None:
+    rec = node("n1", linked([gpu(0, free=50), gpu(1, free=70), gpu(2, free=60)], [[0, 2], [1]]))
+    assert where(place(models(model()), views(rec), {}, NOW)) == {"n1": [1]}
+    assert place(models(model()), views(rec), {}, NOW).status["qwen"].reasons == []
+
+
+def test_partial_or_malformed_links_count_as_unknown_pairs() -> None:
+    # GPU 3 reports no links, GPU 2's row is short: their pairs are unknown, ranked last.
+    gpus = [gpu(i, free=80 - i) for i in range(4)]
+    gpus[0] = msgspec_replace_gpu(gpus[0], links=[0, SW, SW, SW])
+    gpus[1] = msgspec_replace_gpu(gpus[1], links=[SW, 0, NV])
+    gpus[2] = msgspec_replace_gpu(gpus[2], links=[SW, NV])
+    rec = node("n1", gpus)
+    assert where(place(models(tp(2)), views(rec), {}, NOW)) == {"n1": [1, 2]}
+    assert where(place(models(tp(3)), views(rec), {}, NOW)) == {"n1": [0, 1, 2]}  # SW beats UNK via GPU 3
+
+
+def test_sixteen_gpus_choose_eight_is_bounded_and_finds_the_island() -> None:
+    # 16 choose 8 = 12,870 sets: the greedy search (one growth per seed GPU), not every set.
+    # The eight freest straddle the islands (0, 2, 4, 6 have 80 GiB free, the rest 79), and GPU 14
+    # has only 70: the odd island leaves the most.
+    free = [80 if i in (0, 2, 4, 6) else 70 if i == 14 else 79 for i in range(16)]
+    islands = [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15]]
+    rec = node("big", linked([gpu(i, "B200", free=f) for i, f in enumerate(free)], islands))
+    plan = place(models(tp(8)), views(rec), {}, NOW)
+    assert where(plan) == {"big": islands[1]} and plan.status["qwen"].reasons == []
+    # An island short of room: the other one, whatever memory says.
+    free[3] = 30
+    rec = node("big", linked([gpu(i, "B200", free=f) for i, f in enumerate(free)], islands))
+    assert where(place(models(tp(8)), views(rec), {}, NOW)) == {"big": islands[0]}
+
+
+def test_a_link_level_from_a_newer_agent_is_compared_and_named_by_number() -> None:
+    gpus = [gpu(i, free=f) for i, f in enumerate([80, 30, 80, 80])]
+    rows = [[0, NV, 7, 7], [NV, 0, 7, 7], [7, 7, 0, 8], [7, 7, 8, 0]]
+    rec = node("n1", [msgspec_replace_gpu(g, links=row) for g, row in zip(gpus, rows, strict=True)])
+    plan = place(models(tp(2)), views(rec), {}, NOW)
+    assert where(plan) == {"n1": [0, 2]}  # level 7 before 8; GPU 1 is too full for the NVLink pair
+    assert plan.status["qwen"].reasons == ["n1 GPUs 0,2 are linked through link level 7 (best there: NVLink)"]

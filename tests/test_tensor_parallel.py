@@ -1,7 +1,9 @@
 """A registered model with ``gpus_per_replica = 2``, end to end: the leader places a replica on
 two GPUs of one class on one node, the agent starts the (simulated) vLLM server across both
 with ``--tensor-parallel-size 2``, and it serves through the proxy. The node's other GPUs are
-of another class or too full, so the placement has exactly one right answer."""
+of another class or too full, so the placement has exactly one right answer. Then with the
+interconnect declared (two NVLink islands): the replica lands inside one island, although the
+two GPUs with most free memory are in different ones."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from helpers import (
 from modelfleet import OneNodeFleet, one_node_fleet
 
 from gpufleet.keyspace import Keyspace, assigned_instance_name, decode
-from gpufleet.keyspace.records import NodeRecord, PlacementRecord
+from gpufleet.keyspace.records import LINK_NUMA_NODE, LINK_NVLINK, NodeRecord, PlacementRecord
 from gpufleet.routeslices import read_routes
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,3 +75,45 @@ async def test_a_tp2_model_is_placed_on_two_gpus_of_one_class_and_served(cluster
         ) as r,
     ):
         assert r.status == 200 and json.loads(await r.read())["model"] == "big"
+
+
+# Two NVLink islands on one socket, {0, 2} and {1, 3}. By free memory alone (80, 80, 70, 50 GiB)
+# the replica would take GPUs 0 and 1, across the islands; island {0, 2} leaves 70 GiB on its
+# least free GPU, island {1, 3} 50 GiB.
+ISLAND_GPUS = "".join(
+    f"\n[[gpu.simulated]]\n{A100}\nnvlink_island = {island}\nnuma_node = 0\nmemory_used_gib = {used}\n"
+    for island, used in ((0, 0), (1, 0), (0, 10), (1, 30))
+)
+
+
+@pytest.fixture
+def islands(tmp_path: Path) -> Iterator[OneNodeFleet]:
+    with one_node_fleet(tmp_path, CLUSTER, ["big"], gpus=ISLAND_GPUS) as fleet:
+        yield fleet
+
+
+async def test_a_tp2_model_lands_inside_one_nvlink_island(islands: OneNodeFleet) -> None:
+    add = ["models", "add", "big", "--path", str(islands.shared / "big"), "--gpus-per-replica", "2"]
+    assert islands.gpuctl(*add, "--min-vram-gib", "40").returncode == 0
+    name = assigned_instance_name("big")
+    async with islands.etcd.client() as c:
+
+        async def node_record() -> NodeRecord | None:
+            kv = await c.get(KEYS.node("n1"))
+            return decode(kv.value, NodeRecord) if kv else None
+
+        async def ready() -> list[int] | None:
+            rec = await node_record()
+            inst = next((i for i in rec.instances if i.name == name), None) if rec else None
+            return inst.gpus if inst is not None and inst.state == "READY" else None
+
+        assert await wait_until(ready, timeout=60, what="the TP=2 replica READY") == [0, 2]
+        rec = await node_record()
+        assert rec is not None
+        nv, numa = LINK_NVLINK, LINK_NUMA_NODE
+        assert rec.gpus[0].links == [0, numa, nv, numa]  # what the agent published
+        kv = await c.get(KEYS.placement)
+        assert kv is not None
+        status = next(m for m in decode(kv.value, PlacementRecord).models if m.model == "big")
+        assert status.nodes == ["n1"] and status.reasons == []  # inside an island: nothing to say
+    assert "tp=2" in (islands.agent.tmp / "logs" / f"{name}.log").read_text()

@@ -5,6 +5,9 @@ thread under a timeout. The thread is a daemon thread (agent/threads.py) rather 
 ``asyncio.to_thread``: the default executor is joined when the event loop shuts down (and its
 threads at interpreter exit), so one hung NVML call would otherwise hang the agent's shutdown. While a read is
 still hung, no second one is started; callers get the last known identities with an error.
+
+The GPUs' interconnect (agent/gpu/topology.py) is static: it is read in the same worker thread,
+under the same timeout, on the first read and again only when the number of GPUs changes.
 """
 
 from __future__ import annotations
@@ -13,9 +16,15 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
+from agent.gpu.topology import nvml_links, published
 from agent.threads import in_daemon_thread
 from gpufleet.gpuclasses import classify_gpu
 from gpufleet.keyspace.records import GpuRecord
+from gpufleet.tasks import wait_shielded
+
+log = structlog.get_logger("agent.gpu")
 
 
 class GpuSourceUnavailable(RuntimeError):
@@ -41,6 +50,8 @@ class NvmlSource:
         # index -> (uuid, name, class): static, so read once; also names a device after it is lost.
         self._static: dict[int, tuple[str, str, str]] = {}
         self._inflight: asyncio.Future[list[GpuRecord]] | None = None
+        self._links: list[list[int]] = []  # by GPU index: GpuRecord.links
+        self._links_for: int | None = None  # the GPU count they were probed for
 
     def open(self) -> None:
         try:
@@ -88,7 +99,7 @@ class NvmlSource:
             self._inflight = in_daemon_thread(self._read_all, "nvml-probe")
         try:
             # shield: a timeout abandons the wait, not the read; the thread cannot be interrupted.
-            return await asyncio.wait_for(asyncio.shield(self._inflight), self.nvml_timeout_s)
+            return await wait_shielded(self._inflight, self.nvml_timeout_s)
         except TimeoutError:
             return self._without_data("probe", f"timeout after {self.nvml_timeout_s:g}s (NVML call hung)")
         except nv.NVMLError as err:
@@ -98,7 +109,30 @@ class NvmlSource:
 
     def _read_all(self) -> list[GpuRecord]:
         self._count = self._nv.nvmlDeviceGetCount()
+        if self._links_for != self._count:
+            self._links = self._probe_links(self._count)
+            self._links_for = self._count
         return [self._read_device(i) for i in range(self._count)]
+
+    def _probe_links(self, count: int) -> list[list[int]]:
+        nv = self._nv
+        handles = []
+        for i in range(count):
+            try:
+                handles.append(nv.nvmlDeviceGetHandleByIndex(i))
+            except nv.NVMLError:
+                handles.append(None)  # the device read reports it; its pairs stay unknown
+        try:
+            rows, problems = nvml_links(nv, handles)
+        except Exception as err:  # the interconnect is a preference: never worth the GPU sample
+            rows, problems = [[] for _ in range(count)], [f"topology probe failed: {err!r}"]
+        if problems:
+            # Once per GPU set (the probe is not repeated), so this cannot flood the log.
+            log.warning(
+                "GPU interconnect partly unknown; placement prefers no GPUs over others where it is",
+                problems=problems,
+            )
+        return published(rows)
 
     def _read_device(self, index: int) -> GpuRecord:
         nv = self._nv
@@ -145,6 +179,7 @@ class NvmlSource:
             temperature_celsius=float(temp) if temp is not None else None,
             power_watts=power_mw / 1000.0 if power_mw is not None else None,  # NVML reports milliwatts
             errors=errors,
+            links=self._links_of(index),
         )
 
     # --- helpers --------------------------------------------------------------------------------
@@ -152,7 +187,11 @@ class NvmlSource:
     def _record_without_data(self, index: int, errors: dict[str, str], *, lost: bool = False) -> GpuRecord:
         unknown = ("unknown", "unknown", classify_gpu("", self._overrides))
         uuid, name, gpu_class = self._static.get(index, unknown)
-        return GpuRecord(index=index, uuid=uuid, name=name, gpu_class=gpu_class, lost=lost, errors=errors)
+        links = self._links_of(index)
+        return GpuRecord(index=index, uuid=uuid, name=name, gpu_class=gpu_class, lost=lost, errors=errors, links=links)
+
+    def _links_of(self, index: int) -> list[int]:
+        return list(self._links[index]) if index < len(self._links) else []
 
     def _without_data(self, field: str, message: str) -> list[GpuRecord]:
         # Stale numbers would mislead placement, so the live fields are None rather than last values.

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import GpuScriptStep, SimulatedGpu
+from agent.gpu.topology import published, simulated_links
 from gpufleet.gpuclasses import classify_gpu
 from gpufleet.keyspace.records import GpuRecord
 
@@ -37,6 +38,7 @@ class _SimGpu:
     temperature_c: float
     utilization_percent: float
     power_w: float
+    links: list[int]  # declared interconnect (agent/gpu/topology.py); [] unknown
     lost: bool = False
     pending: list[GpuScriptStep] = field(default_factory=list)  # not yet applied, by at_s
 
@@ -54,6 +56,7 @@ class SimulatedSource:
         self._clock = clock
         self._opened_at: float | None = None
         self._owners: dict[str, dict[int, int]] = {}  # instance -> {gpu index: bytes}
+        links = published(simulated_links(gpus))
         self._gpus = [
             _SimGpu(
                 index=i,
@@ -65,6 +68,7 @@ class SimulatedSource:
                 temperature_c=g.temperature_c,
                 utilization_percent=g.utilization_percent,
                 power_w=g.power_w,
+                links=links[i],
                 pending=sorted(g.script, key=lambda s: s.at_s),
             )
             for i, g in enumerate(gpus)
@@ -163,7 +167,7 @@ class SimulatedSource:
     def _record(self, gpu: _SimGpu) -> GpuRecord:
         ident = {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "gpu_class": gpu.gpu_class}
         if gpu.lost:
-            return GpuRecord(**ident, lost=True, errors={"device": "GPU is lost"})
+            return GpuRecord(**ident, lost=True, errors={"device": "GPU is lost"}, links=list(gpu.links))
         held = sum(per_gpu.get(gpu.index, 0) for per_gpu in self._owners.values())
         # A script step may declare more than the total; a real GPU cannot report that.
         used = min(gpu.baseline_used_bytes + held, gpu.total_bytes)
@@ -175,4 +179,5 @@ class SimulatedSource:
             utilization_percent=float(gpu.utilization_percent),
             temperature_celsius=float(gpu.temperature_c),
             power_watts=float(gpu.power_w),
+            links=list(gpu.links),
         )

@@ -25,12 +25,15 @@ assignments) and writes the assignment records that changed. The rules, in the o
    More kept than wanted: drop instances not READY first, then those on nodes not READY, then
    by node name descending.
 5. Missing replicas go to the best eligible node without one: path verified (True) before not
-   yet checked (None), READY before DEGRADED, fewer replicas in this plan, more free memory on
+   yet checked (None), READY before DEGRADED, fewer replicas in this plan, for N > 1 GPUs the
+   better worst link between them (a reported link before an unknown one), more free memory on
    the chosen GPUs (the least free of them), node name. On the node, the fitting GPUs with most
-   free memory (then lowest index); for N GPUs, of the class whose N best leave the most. The
-   agents do not report the GPUs' interconnect (NVLink, PCIe switches) yet, so it plays no
-   part. Larger models are placed first (first-fit decreasing packs better); a model with no
-   size wants a whole GPU, so it counts as the largest.
+   free memory (then lowest index); for N GPUs, the set of one class whose worst link is best
+   where the agent reports the interconnect (NVLink, then PCIe switch, host bridge, NUMA node,
+   sockets: policy/gpusets.py), then the one that leaves the most. A replica whose GPUs are
+   linked worse than N of its class on that node could be says so (log and status). Larger
+   models are placed first (first-fit decreasing packs better); a model with no size wants a
+   whole GPU, so it counts as the largest.
 6. What cannot be placed is counted in ``unplaced`` with one reason line per distinct cause.
 7. Make before break. A replica with a cause to move that still serves where it is (its
    instance READY on a node that is not DOWN: drained, its path gone bad, its class no longer
@@ -48,9 +51,15 @@ Pure: no I/O, no clock, no logging; the same input (in any dict order) gives the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from coordinator.policy.gpusets import Links, choose, node_links, worst
 from gpufleet.keyspace import assigned_instance_name
 from gpufleet.keyspace.records import (
+    LINK_NAMES,
+    LINK_NVLINK,
+    LINK_SELF,
+    LINK_UNKNOWN,
     AssignedInstance,
     GpuRecord,
     InstanceRecord,
@@ -106,6 +115,9 @@ class _Lookup:
         self._insts: dict[int, dict[str, InstanceRecord]] = {}
         self._avail: dict[int, dict[str, ModelAvailability]] = {}
         self._shares: dict[tuple[str, int], tuple[float, int]] = {}
+        self._links: dict[int, Links | None] = {}
+        self._best_link: dict[tuple[int, str, int], int] = {}
+        self._sets: dict[tuple[int, tuple[int, ...], int], tuple[int, list[int]]] = {}
 
     def instance(self, rec: NodeRecord, name: str) -> InstanceRecord | None:
         index = self._insts.get(id(rec))
@@ -118,6 +130,31 @@ class _Lookup:
         if index is None:
             index = self._avail[id(rec)] = {a.model: a for a in rec.models}
         return index.get(model)
+
+    def links(self, rec: NodeRecord) -> Links | None:
+        key = id(rec)
+        if key not in self._links:
+            self._links[key] = node_links(rec)
+        return self._links[key]
+
+    def choose(self, rec: NodeRecord, ranked: tuple[int, ...], n: int) -> tuple[int, list[int]]:
+        """gpusets.choose for the node, remembered: the models of one pass mostly see a node's
+        GPUs in the same memory order (it changes where a replica is placed)."""
+        key = (id(rec), ranked, n)
+        hit = self._sets.get(key)
+        if hit is None:
+            hit = self._sets[key] = choose(ranked, n, self.links(rec))
+        return hit
+
+    def best_link(self, rec: NodeRecord, gpu_class: str, n: int) -> int:
+        """The best worst-link level N GPUs of ``gpu_class`` on the node could have, room or not."""
+        key = (id(rec), gpu_class, n)
+        hit = self._best_link.get(key)
+        if hit is None:
+            ranked = sorted(g.index for g in rec.gpus if g.gpu_class == gpu_class and not g.lost)
+            hit = choose(ranked, n, self.links(rec))[0] if len(ranked) >= n else LINK_UNKNOWN
+            self._best_link[key] = hit
+        return hit
 
     def share(self, m: ModelRecord, total: int) -> tuple[float, int]:
         key = (m.name, total)
@@ -351,11 +388,22 @@ def _eligible(m: ModelRecord, inst_name: str, node: str, view: NodeView, why: _W
     return rec
 
 
+class _Slot(NamedTuple):
+    """Where a replica of a model could go on one node."""
+
+    least_free: int  # free after pending on the least free of its GPUs
+    gpus: list[int]  # ascending
+    frac: float  # one fraction for all of the replica's GPUs (one backend flag): the largest needed
+    need: int  # bytes per GPU
+    level: int  # worst link between two of its GPUs (LINK_*); LINK_SELF for one GPU
+    gpu_class: str
+
+
 def _best_gpus(
     m: ModelRecord, node: str, rec: NodeRecord, ledger: _Ledger, policy: PlacementPolicy, why: _Why
-) -> tuple[int, list[int], float, int] | None:
-    """(free after pending on the least free of them, GPU indexes, fraction, need per GPU) of the
-    ``gpus_per_replica`` fitting GPUs of one class with most free memory, or None."""
+) -> _Slot | None:
+    """The ``gpus_per_replica`` fitting GPUs of one class with the best worst link, then the most
+    free memory on the least free of them (policy/gpusets.py), or None."""
     fitting: dict[str, list[tuple[int, int, float, int]]] = {}  # class -> (free, index, frac, need)
     for g in sorted(rec.gpus, key=lambda g: g.index):
         if g.lost or not _class_ok(m, g):
@@ -376,17 +424,53 @@ def _best_gpus(
             fitting.setdefault(g.gpu_class, []).append((free, g.index, frac, need))
     n = m.gpus_per_replica
     best = None
-    for slots in fitting.values():
+    for gpu_class, slots in fitting.items():
         if len(slots) < n:
             if n > 1:
                 why.too_few = max(why.too_few, len(slots))
             continue
-        chosen = sorted(slots, key=lambda s: (-s[0], s[1]))[:n]  # most free, then lowest index
+        ranked = sorted(slots, key=lambda s: (-s[0], s[1]))  # most free, then lowest index
+        if n > 1 and ledger.look.links(rec) is not None:
+            level, picks = ledger.look.choose(rec, tuple([s[1] for s in ranked]), n)
+        else:  # one GPU, or the links unknown: the freest, as gpusets.choose would say
+            level, picks = (LINK_SELF if n == 1 else LINK_UNKNOWN), list(range(n))
+        chosen = [ranked[p] for p in picks]
         least_free = min(s[0] for s in chosen)
-        if best is None or least_free > best[0]:
-            # One fraction for all of the replica's GPUs (one backend flag): the largest needed.
-            best = (least_free, sorted(s[1] for s in chosen), max(s[2] for s in chosen), max(s[3] for s in chosen))
+        if best is None or (level, -least_free) < (best.level, -best.least_free):
+            gpus = sorted(s[1] for s in chosen)
+            best = _Slot(least_free, gpus, max(s[2] for s in chosen), max(s[3] for s in chosen), level, gpu_class)
     return best
+
+
+def _link_note(rec: NodeRecord, gpus: list[int], look: _Lookup) -> tuple[int, int] | None:
+    """(level, best level there) when a multi-GPU replica on ``gpus`` spans a worse link than N
+    GPUs of its class on that node could have (with room or not); None when it does not, or
+    when the links are not known."""
+    n = len(gpus)
+    if n < 2 or (links := look.links(rec)) is None:
+        return None
+    level = worst(links, gpus)
+    if level <= LINK_NVLINK or level >= LINK_UNKNOWN:
+        return None
+    g = next((g for g in rec.gpus if g.index == gpus[0]), None)
+    best = look.best_link(rec, g.gpu_class, n) if g is not None else LINK_UNKNOWN
+    return (level, best) if best < level else None
+
+
+def _link_name(level: int) -> str:
+    return LINK_NAMES.get(level, f"link level {level}")  # a level from a newer agent
+
+
+def _link_notes(m: ModelRecord, holders: set[str], draft: _Draft) -> list[str]:
+    """Status lines for ``m``'s replicas whose GPUs are linked worse than their node allows."""
+    notes = []
+    for node in sorted(holders):
+        a, rec = draft.by_node[node].get(m.name), draft.nodes[node].record
+        if a is not None and rec is not None and (found := _link_note(rec, a.gpus, draft.look)):
+            level, best = found
+            gpus = ",".join(map(str, a.gpus))
+            notes.append(f"{node} GPUs {gpus} are linked through {_link_name(level)} (best there: {_link_name(best)})")
+    return notes
 
 
 def place(
@@ -412,6 +496,8 @@ def place(
         before = len(holders)
         why = _place_missing(m, holders, policy, draft)
         notes = _retire(m, retiring.get(name, []), holders, len(holders) - before, draft)
+        if m.gpus_per_replica > 1:
+            notes += _link_notes(m, holders, draft)
         status[name] = _status(m, holders, why, policy, notes)
     return PlacementPlan(assignments=draft.assignments(), status=dict(sorted(status.items())), moved=draft.moved)
 
@@ -489,16 +575,21 @@ def _place_missing(m: ModelRecord, holders: set[str], policy: PlacementPolicy, d
     why.eligible = len(holders)  # a holder is (or, DOWN within the grace time, was) eligible
     why.class_seen = bool(holders)
     candidates = _candidates(m, holders, policy, draft, why)
-    for (*_, node), (_, gpus, frac, need) in candidates[: m.replicas - len(holders)]:
-        draft.assign(node, m, gpus, frac, need)
+    for (*_, node), slot in candidates[: m.replicas - len(holders)]:
+        gpus = slot.gpus
+        draft.assign(node, m, gpus, slot.frac, slot.need)
         holders.add(node)
-        draft.moved.append(f"placed {m.name} on {node} GPU{'s' if len(gpus) > 1 else ''} {','.join(map(str, gpus))}")
+        line = f"placed {m.name} on {node} GPU{'s' if len(gpus) > 1 else ''} {','.join(map(str, gpus))}"
+        if (rec := draft.nodes[node].record) is not None and (found := _link_note(rec, gpus, draft.look)):
+            level, best = found
+            line += f" linked through {_link_name(level)}: no {len(gpus)} GPUs on {_link_name(best)} have room"
+        draft.moved.append(line)
     return why
 
 
 def _candidates(
     m: ModelRecord, holders: set[str], policy: PlacementPolicy, draft: _Draft, why: _Why
-) -> list[tuple[tuple[bool, bool, int, int, str], tuple[int, list[int], float, int]]]:
+) -> list[tuple[tuple[bool, bool, int, int, int, str], _Slot]]:
     """(rank, slot) of every eligible node without a replica of ``m`` that has a fitting GPU, best first."""
     inst_name = assigned_instance_name(m.name)
     candidates = []
@@ -511,7 +602,8 @@ def _candidates(
             continue
         av = draft.look.availability(rec, m.name)
         verified = av is not None and av.available is True
-        rank = (not verified, view.state != "READY", len(draft.by_node.get(node, {})), -slot[0], node)
+        replicas = len(draft.by_node.get(node, {}))
+        rank = (not verified, view.state != "READY", replicas, slot.level, -slot.least_free, node)
         candidates.append((rank, slot))
     candidates.sort()
     return candidates

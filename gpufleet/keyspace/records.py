@@ -18,6 +18,29 @@ NODE_SCHEMA_VERSION = 1
 
 InstanceStateName = Literal["STARTING", "WARMING", "READY", "UNHEALTHY", "RESTARTING", "FAILED", "STOPPED"]
 
+# How two GPUs of one node are linked (GpuRecord.links), best (lowest) first: NVLink, then
+# NVML's PCIe levels (nvmlDeviceGetTopologyCommonAncestor: the closest device both sit under).
+# A tensor-parallel replica runs at the pace of its slowest link, so placement compares sets of
+# GPUs by their worst pair (coordinator/policy/placement.py).
+LINK_SELF = 0  # the GPU itself
+LINK_NVLINK = 1  # NVLink, direct or through NVSwitch
+LINK_PCIE_SWITCH = 2  # one PCIe switch, or one board (NVML SINGLE, INTERNAL)
+LINK_PCIE_SWITCHES = 3  # several PCIe switches, no host bridge crossed (MULTIPLE)
+LINK_HOST_BRIDGE = 4  # one PCIe host bridge (HOSTBRIDGE)
+LINK_NUMA_NODE = 5  # host bridges of one NUMA node, i.e. one CPU socket (NODE)
+LINK_SYSTEM = 6  # across CPU sockets (SYSTEM)
+LINK_UNKNOWN = 9  # NVML could not tell; ranks after every known level
+LINK_NAMES = {
+    LINK_SELF: "one GPU",
+    LINK_NVLINK: "NVLink",
+    LINK_PCIE_SWITCH: "one PCIe switch",
+    LINK_PCIE_SWITCHES: "several PCIe switches",
+    LINK_HOST_BRIDGE: "a PCIe host bridge",
+    LINK_NUMA_NODE: "the host bridges of one NUMA node",
+    LINK_SYSTEM: "the CPU sockets' interconnect",
+    LINK_UNKNOWN: "an unknown path",
+}
+
 
 class GpuRecord(msgspec.Struct, kw_only=True):
     """One GPU as the probe saw it. ``None`` means the field could not be read (see ``errors``)."""
@@ -36,6 +59,10 @@ class GpuRecord(msgspec.Struct, kw_only=True):
     lost: bool = False
     # field name -> error text, for fields NVML could not read this round.
     errors: dict[str, str] = {}
+    # How this GPU is linked to each GPU of the node, by GPU index (LINK_* above; its own entry
+    # LINK_SELF). Probed once per GPU set (static). [] = not known: no preference in placement;
+    # also what records from agents before topology decode to.
+    links: list[int] = []
 
 
 class InstanceLoad(msgspec.Struct, kw_only=True):
