@@ -238,7 +238,7 @@ class Placer:
                     reason = f"{state.target} assigned when this leader's term began"
             st = autoscale_step(m, state, loads[n], now)
             self._auto[n] = st.state
-            if st.state.blocked and not state.blocked:
+            if st.state.blocked and st.state.blocked != state.blocked:
                 log.info("model autoscaling waits", model=n, replicas=st.state.target, why=st.state.blocked)
             if st.decision:
                 self._decided[n] = reason = st.decision

@@ -195,15 +195,15 @@ async def test_burst_scales_up_and_back_down(fleet: Fleet) -> None:
 
         # After the burst, one long request on each replica, each entering at its replica's own
         # node (served there): the scale-down falls due 3 s after the queues drained, but both
-        # replicas serve. It waits until the shorter request is over (7 s) and stops that
-        # replica; the other's request (13 s) runs on to its end. Placement's own order for
+        # replicas serve. It waits until the shorter request is over (10 s) and stops that
+        # replica; the other's request (16 s) runs on to its end. Placement's own order for
         # dropping a replica (node name descending) would have stopped the other one.
         short, long = sorted(nodes)  # a100-1, a100-2
         t_end = time.monotonic()
         ends: dict[str, float] = {}
         runs = {
             node: asyncio.create_task(_timed(fleet.agents[node].base, n, ends, node))
-            for node, n in ((short, 140), (long, 260))  # 7 s and 13 s at 20 tokens/s
+            for node, n in ((short, 200), (long, 320))  # 10 s and 16 s at 20 tokens/s
         }
 
         async def waiting_for_idle() -> bool:
@@ -219,7 +219,7 @@ async def test_burst_scales_up_and_back_down(fleet: Fleet) -> None:
         print(f"after the burst: back to one replica in {down_after:.1f} s (the last request on it ended)")
         assert left == [long] and short in ends and long not in ends
         tokens = {node: await t for node, t in runs.items()}
-        assert tokens == {short: 140, long: 260}  # both answered in full
+        assert tokens == {short: 200, long: 320}  # both answered in full
         status = await status_of(etcd, "m")
         assert status is not None and status.desired == 1 and status.nodes == [long]
         listed = fleet.gpuctl("models", "list").stdout

@@ -77,11 +77,12 @@ def test_cool_down_and_a_replica_on_its_way_hold_the_next_scale_up() -> None:
     # Both READY and still long queues: cooled down (120 s since 30) and high for 30 s since 200.
     s3 = step(M, s, busy(2, 10), 230)
     assert s3.state.target == 3
-    # At max_replicas: no further step however long the queue.
+    # At max_replicas: no further step however long the queue, and the status says so.
     s = s3.state
     for t in range(400, 1000, 60):
         s = step(M, s, busy(3, 30), t).state
-    assert s.target == 3
+    assert s.target == 3 and s.blocked == "queues still long at max_replicas (3)"
+    assert step(M, s, busy(3, 3), 1000).state.blocked == ""  # the band: nothing is due
 
 
 def test_cool_down_blocks_a_quick_reversal() -> None:
@@ -103,6 +104,7 @@ def test_scale_down_stops_an_idle_replica_and_waits_while_every_one_serves() -> 
     waiting = step(M, s, busy(3, 0), 300)  # low for 300 s, but nothing idle
     assert waiting.state.target == 3 and waiting.victim is None and not waiting.decision
     assert "waiting for an idle replica" in waiting.state.blocked
+    assert step(M, waiting.state, busy(3, 3), 305).state.blocked == ""  # not low any more: not due
     done = step(M, waiting.state, busy(3, 0, ("n1", "n3")), 310)
     assert done == Step(
         AutoscaleState(target=2, changed_at=310),

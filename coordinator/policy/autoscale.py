@@ -10,7 +10,8 @@ is a full batch doing its job, requests waiting are the ones a replica more woul
 - *High*: the mean of requests waiting per READY replica above ``scale_up_waiting``. Sustained
   for ``scale_up_after_s`` (every leader pass in between saw it high): one replica more, up to
   ``max_replicas``. Not while a replica added before is still on its way (fewer READY than the
-  target): its queue would be counted again before it could take any.
+  target): its queue would be counted again before it could take any. At ``max_replicas`` with
+  the queues still long, the status says so: the model needs more capacity than it may take.
 - *Low*: the mean at most ``scale_down_waiting``. Sustained for ``scale_down_after_s`` (longer
   than the way up, by default 300 s against 30 s): one replica less, down to ``replicas``.
   Hysteresis is the band between the two thresholds and the two windows.
@@ -52,7 +53,10 @@ class AutoscaleState:
     high_since: float | None = None  # since when the queues have been long (None: they are not)
     low_since: float | None = None
     changed_at: float = float("-inf")  # the last change of target (cool-down)
-    blocked: str = ""  # a scale-down that is due but waits for an idle replica
+    # A step that is due but cannot be taken (no idle replica to stop; at max_replicas with the
+    # queues still long), for the status; "" when none. No numbers: the status is rewritten only
+    # when it changes.
+    blocked: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,15 +118,18 @@ def step(m: ModelRecord, state: AutoscaleState, load: Load, now: float) -> Step:
         return Step(replace(state, high_since=None, low_since=None, blocked=""))
     mean = load.waiting / load.ready
     high, low = mean > m.scale_up_waiting, mean <= m.scale_down_waiting
-    state = replace(
+    state = replace(  # what is blocked is judged anew on every step
         state,
         high_since=(now if state.high_since is None else state.high_since) if high else None,
         low_since=(now if state.low_since is None else state.low_since) if low else None,
+        blocked="",
     )
-    if not low:
-        state = replace(state, blocked="")
     cooling = now - state.changed_at < m.scale_cooldown_s
-    if high and state.target < high_bound and not cooling and load.ready >= state.target:
+    if high and state.target >= high_bound:
+        assert state.high_since is not None
+        if now - state.high_since >= m.scale_up_after_s:
+            return Step(replace(state, blocked=f"queues still long at max_replicas ({high_bound})"))
+    elif high and not cooling and load.ready >= state.target:
         assert state.high_since is not None
         held = now - state.high_since
         if held >= m.scale_up_after_s:
