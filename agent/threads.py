@@ -5,7 +5,7 @@ that they can never hold up the agent's exit.
 them at exit (and the event loop's default executor is joined at shutdown), so a single call
 stuck in the kernel keeps the agent from exiting until systemd's stop timeout SIGKILLs it. A
 daemon thread of our own is simply abandoned at exit. Callers bound the wait with a timeout
-(``asyncio.wait_for(asyncio.shield(fut), t)``: the timeout abandons the wait, not the call, which
+(``gpufleet.tasks.wait_shielded(fut, t)``: the timeout abandons the wait, not the call, which
 cannot be interrupted) and do not start a second call while one is still stuck.
 """
 

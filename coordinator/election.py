@@ -52,6 +52,7 @@ from gpufleet.etcd import (
 from gpufleet.fileio import atomic_write_bytes
 from gpufleet.keyspace import Keyspace, decode_or_skip, encode
 from gpufleet.keyspace.records import LeaderRecord, epoch_of
+from gpufleet.tasks import wait_set
 
 log = structlog.get_logger("coordinator.election")
 
@@ -249,8 +250,7 @@ class Election:
                 if not self.is_leader:  # e.g. the process was frozen past the deadline
                     self._step_down("renew deadline passed")
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._deposed.wait(), self.retry_period)
+                await wait_set(self._deposed, self.retry_period)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

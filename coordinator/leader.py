@@ -10,7 +10,6 @@ taken every ``sample_interval_s``. Every write is a transaction fenced by the le
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from gpufleet.etcd import Compare, EtcdClient, EtcdError, KeyMirror, Op
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DrainRecord, NodeRecord
 from gpufleet.policyconfig import ClusterPolicy, encode_policy
+from gpufleet.tasks import wait_set
 
 from .config import CoordinatorConfig
 from .degradation_loop import DegradationController
@@ -182,8 +182,7 @@ class Leader:
                 if self._term is not None and time.monotonic() < self._grace_until:
                     wake = min(wake, self._grace_until)  # decide as soon as the grace period ends
                 timeout = max(0.0, wake - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout)
+                await wait_set(self._changed, timeout)
                 self._changed.clear()
                 now = time.monotonic()
                 sample = now >= next_sample

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gpufleet.tasks import wait_set
 from gpufleet_dev.simulated_routes import (
     MAX_AUDIO_BYTES,
     ApiError,
@@ -462,8 +463,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     # As with vLLM, nothing listens while the weights load: probes meet "connection refused".
     log(f"Starting to load model {args.model} (simulated: {args.startup_delay:g} s)...")
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), args.startup_delay)
+    await wait_set(stop, args.startup_delay)
     if stop.is_set():
         log("Stopped while loading the model.")
         return 0

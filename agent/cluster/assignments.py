@@ -24,7 +24,6 @@ leader moves the replica, which ends it here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +39,7 @@ from gpufleet.etcd import EtcdClient, KeyMirror
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import AssignedInstance, AssignmentRecord, ModelAvailability, ModelRecord
 from gpufleet.registry import PathCheck, check_path, validate_model
-from gpufleet.tasks import cancel_and_wait
+from gpufleet.tasks import cancel_and_wait, wait_set, wait_shielded
 
 log = structlog.get_logger("agent.models")
 
@@ -158,8 +157,7 @@ class ModelFollower:
     async def _run(self) -> None:
         while True:
             interval = self.settings().recheck_interval_s
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+            await wait_set(self._wake, interval)
             self._wake.clear()
             try:
                 self._read_mirrors()
@@ -219,7 +217,7 @@ class ModelFollower:
         fut = in_daemon_thread(check, "model-check")
         fut.add_done_callback(lambda _: setattr(st, "running", False))
         try:
-            res = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            res = await wait_shielded(fut, timeout)
         except TimeoutError:
             res = PathCheck(False, False, f"{w.path}: check did not finish in {timeout:g}s (storage hung?)")
         except Exception as e:

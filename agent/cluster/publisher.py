@@ -46,7 +46,7 @@ from gpufleet.backoff import HALF_JITTER, backoff_delay
 from gpufleet.etcd import Compare, EtcdClient, EtcdError, EtcdLeaseNotFound, Op
 from gpufleet.keyspace import Keyspace, encode
 from gpufleet.keyspace.records import NodeRecord
-from gpufleet.tasks import cancel_and_wait
+from gpufleet.tasks import cancel_and_wait, wait_set
 
 from .identity import OtherHolder, agent_identity, other_holder
 from .publish_policy import PublishPolicy, publish_reason
@@ -253,8 +253,7 @@ class ClusterPublisher:
         while True:
             due = max(self._published_at_loop() + self.policy.interval_s, publish_not_before)
             wait = max(0.0, min(next_keepalive, due) - loop.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), wait)
+            await wait_set(self._poke, wait)
             self._poke.clear()
             if loop.time() >= next_keepalive:
                 try:

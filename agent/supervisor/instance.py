@@ -31,6 +31,7 @@ import structlog
 from agent.backends import Backend, Judgement, Upstream, get_backend
 from agent.config import InstanceConfig, SupervisorSection
 from gpufleet.keyspace.records import InstanceLoad, InstanceRecord
+from gpufleet.tasks import wait_set
 
 from .ports import port_is_free
 from .process import ChildProcess, RotatingLog, spawn
@@ -417,11 +418,8 @@ class Instance:
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake for an operator command."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            return
-        raise _Interrupted
+        if await wait_set(self._wake, seconds):
+            raise _Interrupted
 
     async def _sleep_or_exit(self, seconds: float, probe_event: bool = False) -> None:
         """Sleep until the timeout, a command, the process exiting, or (optionally) a probe request."""

@@ -33,6 +33,7 @@ import msgspec
 import structlog
 
 from gpufleet.fileio import atomic_write_bytes
+from gpufleet.tasks import wait_shielded
 
 log = structlog.get_logger("agent.process")
 
@@ -305,7 +306,7 @@ class ChildProcess:
         await self._gone.wait()
         # Let the pump drain what the process printed last: that is usually the error.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._pump), 1.0)
+            await wait_shielded(self._pump, 1.0)
         code = self.returncode
         assert code is not None
         return code
@@ -342,7 +343,7 @@ class ChildProcess:
             _killpg(self.pid, signal.SIGTERM)
             _killpg(self.pid, signal.SIGCONT)  # as systemd does: one stopped since the check gets it too
             try:
-                await asyncio.wait_for(asyncio.shield(self._gone.wait()), grace_s)
+                await wait_shielded(self._gone.wait(), grace_s)
             except TimeoutError:
                 log.warning("stop grace expired, killing", pid=self.pid, grace_s=grace_s)
         # Whatever the leader did, members of its group (forked workers) must not survive it.

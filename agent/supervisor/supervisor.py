@@ -8,7 +8,6 @@ shared (HTTP session, GPU facts, cgroups, the process-group registry) and answer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from agent.gpu import GpuSource
 from agent.gpu.smoothing import UtilizationSmoother
 from gpufleet.gpuclasses import UNKNOWN
 from gpufleet.keyspace.records import GpuRecord, InstanceRecord
+from gpufleet.tasks import wait_set
 
 from .admission import Claim, check_admission
 from .cgroups import CgroupManager
@@ -121,8 +121,7 @@ class Supervisor:
             if not pending:
                 return
             self._settled.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._settled.wait(), deadline - asyncio.get_running_loop().time())
+            await wait_set(self._settled, deadline - asyncio.get_running_loop().time())
         log.warning("adopted servers not READY in time; serving anyway", timeout_s=timeout_s)
 
     def _take_over_previous(self) -> None:
