@@ -60,6 +60,7 @@ from _common import EtcdMember, cpu_seconds, free_port, pct
 from etcd_load import PROBE_S, FakeNode
 
 from agent.cluster.publisher import ClusterPublisher
+from agent.cluster.subset import subset_window
 from agent.config import ClusterSection
 from coordinator.policy.health import step_instance, step_node
 from coordinator.policy.routes import compute_routes
@@ -567,10 +568,11 @@ def heated(rec: NodeRecord) -> NodeRecord:
     return msgspec.structs.replace(rec, gpus=gpus)
 
 
-def inprocess(n: int, runs: int, rate: float) -> dict:
+def inprocess(n: int, runs: int, rate: float, subset: int) -> dict:
     """The leader's route pass and slice diff at ``n`` nodes x 4 endpoints, one node heated per
     pass; bytes written per change and the watch traffic it fans out (every node serves the
-    model, so every agent follows its slices)."""
+    model: with every agent following every slice, and with each following its subset of
+    ``subset`` slices, counted from the agents' actual windows)."""
     rng = random.Random(n)
     records = {r.node: r for r in (FakeNode(i, rng).record() for i in range(n))}
     node_health: dict = {}
@@ -579,7 +581,8 @@ def inprocess(n: int, runs: int, rate: float) -> dict:
     policy = WritePolicy(w.min_weight_change, w.urgent_weight_change)
     header: RouteRecord | None = None
     slices: dict[int, RouteSlice] = {}
-    compute, diff, written, slices_written, whole_value = [], [], [], [], []
+    compute, diff, written, slices_written, whole_value, fanned = [], [], [], [], [], []
+    followers: dict[int, int] = {}
     now = time.time()
     order = sorted(records)
     for run in range(runs + 1):  # run 0 lays the route out and warms the health state up
@@ -597,7 +600,13 @@ def inprocess(n: int, runs: int, rate: float) -> dict:
         write, header, slices = plan_write(rec, header, slices, policy)
         values = [encode(s) for s in write.slices] + ([encode(write.header)] if write.header else [])
         t2 = time.perf_counter()
+        if not run:  # every agent's window of the layout (a pass changes no slice list here)
+            for node in order:
+                window = subset_window(node, MODEL, header.slices, subset) or header.slices
+                for s in window:
+                    followers[s] = followers.get(s, 0) + 1
         if run:
+            fanned.append(sum(len(encode(s)) * followers.get(s.slice, n) for s in write.slices))
             compute.append(t1 - t0)
             diff.append(t2 - t1)
             written.append(sum(len(v) for v in values))
@@ -605,6 +614,7 @@ def inprocess(n: int, runs: int, rate: float) -> dict:
             whole_value.append(len(encode(rec)))
     ms = lambda v: {"median_ms": round(1e3 * statistics.median(v), 2), "p99_ms": round(1e3 * pct(v, 99), 2)}  # noqa: E731
     sliced, old = statistics.median(written), statistics.median(whole_value)
+    subset_fan_out = statistics.median(fanned)
     return {
         "nodes": n,
         "endpoints": len(rec.endpoints),
@@ -614,8 +624,14 @@ def inprocess(n: int, runs: int, rate: float) -> dict:
         "plan_write_and_encode": ms(diff),
         "slices_written_per_change_max": max(slices_written),
         "bytes_written_per_change": {"sliced": round(sliced), "old_single_value": round(old)},
-        "fan_out_per_change_MB": {"sliced": round(sliced * n / 1e6, 1), "old": round(old * n / 1e6, 1)},
+        "subset_followers_per_slice": {"min": min(followers.values()), "max": max(followers.values())},
+        "fan_out_per_change_MB": {
+            "subset": round(subset_fan_out / 1e6, 2),
+            "sliced": round(sliced * n / 1e6, 1),
+            "old": round(old * n / 1e6, 1),
+        },
         f"watch_traffic_at_{rate:g}_changes_per_s_MB_per_s": {
+            "subset": round(subset_fan_out * rate / 1e6, 2),
             "sliced": round(sliced * n * rate / 1e6, 1),
             "old": round(old * n * rate / 1e6, 1),
         },
@@ -662,7 +678,7 @@ def main() -> None:
     args = ap.parse_args()
     configure_logging("console", "error")
     if args.inprocess:
-        results = [inprocess(n, args.passes, args.change_rate) for n in args.inprocess]
+        results = [inprocess(n, args.passes, args.change_rate, args.subset) for n in args.inprocess]
         print(json.dumps({"benchmark": "scale-inprocess", "results": results}, indent=2))
         return
     with tempfile.TemporaryDirectory() as d:
