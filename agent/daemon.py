@@ -35,6 +35,7 @@ from agent.keys.journal import UsageJournal
 from agent.keys.rollup import ROLLED_FILE, EtcdUsageStore, FileUsageStore, UsageRoller, UsageStore
 from agent.keys.source import EtcdKeySource, FileKeySource, KeysFileError, KeySource
 from agent.proxy.coldstart import ColdStart
+from agent.proxy.front import install_front
 from agent.proxy.stats import ProxyStats
 from agent.supervisor import Supervisor
 from agent.supervisor.handover import API, FdStore
@@ -206,6 +207,9 @@ class AgentRuntime(DaemonBase[ReloadOutcome]):
         except OSError as e:  # an unusable status token file
             raise StartupError(str(e), EX_CONFIG) from None
         self._runner = await self.http_runner(teardown, app, self.http_guard, handler_cancellation=True)
+        # The proxy's data path is served by its own protocol, which hands every other request
+        # to aiohttp on the same port (agent/proxy/front.py); the sites below all make it.
+        install_front(self._runner)
         self._open_keys()
         handed_over = self._handed_over_socket()
         if handed_over is None:

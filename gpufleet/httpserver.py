@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, Protocol, cast
 
 import msgspec
 import structlog
@@ -530,8 +530,19 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         return resp
 
 
+class FrontHook(Protocol):
+    """A protocol factory that takes the listener's connections before aiohttp does (the agent's
+    proxy front, agent/proxy/front.py); it makes aiohttp's protocol with ``GuardedServer.handler``
+    for a connection it hands over, and stops with the runner."""
+
+    def __call__(self) -> asyncio.BaseProtocol: ...
+    def pre_shutdown(self) -> None: ...
+    async def shutdown(self, timeout: float | None) -> None: ...
+
+
 class GuardedServer(web.Server):
-    """aiohttp's Server, making :class:`GuardedRequestHandler` protocols."""
+    """aiohttp's Server, making :class:`GuardedRequestHandler` protocols (or, with ``front``, the
+    front's, which hands connections back through :meth:`handler`)."""
 
     def __init__(self, base: web.Server, guard: ConnectionGuard) -> None:
         # aiohttp builds its Server inside AppRunner.setup(); take over what it was given.
@@ -543,9 +554,26 @@ class GuardedServer(web.Server):
             **base._kwargs,
         )
         self.guard = guard
+        self.front: FrontHook | None = None
 
-    def __call__(self) -> GuardedRequestHandler:
+    def __call__(self) -> asyncio.BaseProtocol:  # type: ignore[override]
+        if self.front is not None:
+            return self.front()
+        return self.handler()
+
+    def handler(self) -> GuardedRequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        if self.front is not None:
+            self.front.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        if self.front is not None:
+            await asyncio.gather(super().shutdown(timeout), self.front.shutdown(timeout))
+        else:
+            await super().shutdown(timeout)
 
 
 class GuardedRunner(web.AppRunner):

@@ -57,7 +57,8 @@ _TRUE = frozenset({"true", "1", "yes", "on"})  # form booleans as vLLM's (pydant
 HOP_BY_HOP = HOP_BY_HOP_HEADERS  # RFC 9110 §7.6.1, plus those aiohttp sets itself
 # A request body arrives decoded (aiohttp decodes the Content-Encodings gpufleet/httperrors.py
 # allows, and refuses the others with 415): labelled as still encoded, the upstream would fail on it.
-REQUEST_HOP_BY_HOP = HOP_BY_HOP | {"content-encoding"}
+# Expect: the body goes out with the head, so an upstream's 100 Continue would only be in the way.
+REQUEST_HOP_BY_HOP = HOP_BY_HOP | {"content-encoding", "expect"}
 UNKNOWN_MODEL_LABEL = "_unknown"  # keeps a client's random model names out of metric labels
 
 

@@ -8,7 +8,7 @@ connection that aiohttp already serves because it began with an admin request).
 
 - :class:`Request`: ``method``, ``path``, ``path_qs``, ``headers`` (case-insensitive),
   ``remote``, and ``read()``, the whole body, which raises :class:`BodyTooLarge` past
-  ``[proxy] max_body_bytes``.
+  ``[proxy] max_body_bytes`` and :class:`BodyUnreadable` when its framing is broken.
 - :class:`Sink`: a whole answer (``send``), or a stream (``start``, ``write``..., ``end``). A
   client that goes away cancels the task running the pipeline (the listener does it, as aiohttp's
   ``handler_cancellation`` did): that is the "client gone" signal, and it closes the upstream.
@@ -27,6 +27,10 @@ Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 class BodyTooLarge(Exception):
     """The request body is larger than ``[proxy] max_body_bytes``: the proxy answers 413."""
+
+
+class BodyUnreadable(Exception):
+    """The request body broke while being received (bad chunking): the proxy answers 400."""
 
 
 class Request(Protocol):

@@ -45,7 +45,7 @@ from .context import (
     retry_later,
 )
 from .degrade import FALLBACK_REQUEST_HEADER, Degrader
-from .exchange import AiohttpRequest, AiohttpSink, Answer, BodyTooLarge, Request, Sink, answer_of
+from .exchange import AiohttpRequest, AiohttpSink, Answer, BodyTooLarge, BodyUnreadable, Request, Sink, answer_of
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
 from .relay import BUSY, CAPACITY, Relay, Target
@@ -211,6 +211,17 @@ class Proxy:
                     f"request body larger than {self.cfg.max_body_bytes} bytes",
                     "invalid_request_error",
                     "body_too_large",
+                    {REQUEST_ID_HEADER: ctx.rid},
+                )
+            ) from None
+        except BodyUnreadable as e:
+            self.metrics.rejected.labels("bad_request").inc()
+            raise _Reply(
+                error_response(
+                    400,
+                    f"the request body could not be read: {e}",
+                    "invalid_request_error",
+                    "bad_body",
                     {REQUEST_ID_HEADER: ctx.rid},
                 )
             ) from None
@@ -571,6 +582,9 @@ async def unless_instance_leaves(attempt: Coroutine[Any, Any, T], inst: Watched,
     return result
 
 
+PROXY_KEY = web.AppKey("proxy", Proxy)  # the app's proxy, for the front protocol (front.py)
+
+
 def add_proxy(app: web.Application, proxy: Proxy) -> None:
     """The proxy's routes on ``app`` (aiohttp's server in front: the in-process tests, bench,
     and connections the agent's front protocol handed to aiohttp); its upstream client opens
@@ -582,6 +596,7 @@ def add_proxy(app: web.Application, proxy: Proxy) -> None:
         await proxy.close()
 
     app.cleanup_ctx.append(session)
+    app[PROXY_KEY] = proxy
 
     async def models(request: web.Request) -> web.Response:
         answer = await proxy.models(AiohttpRequest(request))

@@ -1,0 +1,780 @@
+"""The agent's port, first in line: an ``asyncio.Protocol`` that serves the proxy's data path
+itself and hands every other connection to aiohttp.
+
+Why: aiohttp's server objects (request parsing, routing, middlewares, ``StreamResponse``) were
+most of the proxy's CPU per request once the upstream side had its own client (httpclient.py).
+Here a request head is parsed by httptools (llhttp, C); a request of the data path (``POST`` on
+one of ``context.ROUTES``, ``GET /v1/models``) runs the proxy's pipeline (server.py) with this
+protocol as its :class:`~agent.proxy.exchange.Sink`, and the answer goes out as one precomputed
+head and the body in one ``writelines``.
+
+Anything else goes to aiohttp as it came: the admin API, ``/metrics``, ``/v1/status``, and every
+request that is unusual (a parse error, a line or field past aiohttp's 8190-byte limits, more than
+100 headers, a header or path that is not plain UTF-8, a ``Content-Encoding``, a
+``Transfer-Encoding`` other than chunked, HTTP/1.0, an upgrade, an ``Expect`` other than
+100-continue). The transport is given to a new :class:`~gpufleet.httpserver.GuardedRequestHandler`
+(``transport.set_protocol``) and every byte of the request so far is fed to it, so aiohttp answers
+exactly as it did when it owned the port (its 4xx in JSON, its log line, its decoding of gzip
+bodies), and keeps the connection for the rest of its life (it serves the proxy's routes too,
+through ``add_proxy``).
+
+Keep-alive: a connection that sends data-path requests and then another one is handed over at
+that request, once the answers before it are out. Its bytes are known exactly when they began a
+read (a client that waits for each answer, which is every HTTP client but a pipelining one).
+Pipelining: data-path requests are answered one after the other in order (reading pauses while
+one waits its turn); a request of another kind pipelined behind one in the same read (its first
+byte's position in the read is not known: httptools does not say where a message ended) gets a
+400 asking for its own connection, and the connection closes.
+
+The connection's phases and limits are the listener's (gpufleet/httpserver.py, the same
+``ConnectionGuard`` and ``[api]`` timeouts as aiohttp's connections): head, body (a minimum rate),
+busy, idle (keep-alive); the connection cap; the handover drain. A request body is held whole
+(a retry on another instance needs it again) up to ``[proxy] max_body_bytes``: 413 past it, at
+the head when its Content-Length says so; ``Expect: 100-continue`` is answered when the pipeline
+asks for the body. A client that goes away cancels the request's task, which closes its upstream
+connection (vLLM then aborts the generation). A slow reader: ``write`` waits while the
+transport's buffer is over its high-water mark, the relay stops reading its upstream, and the
+upstream client pauses that socket (httpclient.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+import msgspec
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gpufleet.httpserver import OVERLOADED, REQUEST_TIMEOUT, ConnectionGuard, GuardedServer, Phase, safe_reason
+
+from .context import ANTHROPIC_ROUTES, ROUTES
+from .exchange import Answer, BodyTooLarge, BodyUnreadable
+from .server import PROXY_KEY, Proxy
+
+log = structlog.get_logger("agent.proxy.front")
+
+MODELS_PATH = b"/v1/models"
+_POST_PATHS = frozenset(p.encode() for p in ROUTES)
+_ANTHROPIC = frozenset(ANTHROPIC_ROUTES)
+# aiohttp's limits: a request past them is handed to aiohttp, which refuses it as before.
+MAX_LINE = 8190
+MAX_HEADERS = 100
+# Headers that may come once (aiohttp's http_parser.SINGLETON_HEADERS): twice is aiohttp's 400.
+_SINGLETONS = frozenset(
+    {
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"transfer-encoding",
+        b"user-agent",
+    }
+)
+# A head still incomplete past this many bytes is refused without waiting for more.
+MAX_HEAD_BYTES = 64 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LINGER_S = 10.0  # at most this long reading the rest of a refused body (aiohttp's lingering_time)
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CLOSE = b"Connection: close\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+class _Date:
+    """The ``Date`` header line, formatted once a second, not per answer."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = b"Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode() + b"\r\n"
+        return self._line
+
+
+_date = _Date()
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else f"HTTP/1.1 {status} Status\r\n".encode()
+
+
+def _error_body(message: str, code: str, type_: str = "invalid_request_error") -> bytes:
+    return msgspec.json.encode({"error": {"message": message, "type": type_, "code": code}})
+
+
+class _HandOver(Exception):
+    """Raised in a parser callback to stop the parser at a head that goes to aiohttp."""
+
+
+class FrontRequest:
+    """One request of the data path: the pipeline's :class:`~agent.proxy.exchange.Request`."""
+
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_continued",
+        "_waiter",
+        "anthropic",
+        "broken",
+        "complete",
+        "expect_continue",
+        "headers",
+        "keep_alive",
+        "method",
+        "models",
+        "path",
+        "path_qs",
+        "remote",
+        "size",
+        "too_large",
+    )
+
+    def __init__(self, conn: FrontProtocol, method: str, path: str, path_qs: str, headers: CIMultiDict[str]) -> None:
+        self._conn = conn
+        self.method, self.path, self.path_qs, self.headers = method, path, path_qs, headers
+        self.remote = conn.remote
+        self.models = method == "GET"
+        self.anthropic = path in _ANTHROPIC
+        self._chunks: list[bytes] = []
+        self.size = 0
+        self.complete = False
+        self.too_large = False
+        self.broken: str | None = None  # the body's framing broke (the parser's reason)
+        self.expect_continue = False
+        self._continued = False
+        self.keep_alive = True
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def read(self) -> bytes:
+        if not self.complete and not self.too_large and self.broken is None:
+            if self.expect_continue and not self._continued:
+                self._continued = True
+                self._conn.write_raw(CONTINUE)
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.too_large:
+            raise BodyTooLarge
+        if self.broken is not None:
+            raise BodyUnreadable(self.broken)
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def add(self, data: bytes, limit: int) -> None:
+        if self.too_large:
+            return
+        self.size += len(data)
+        if self.size > limit:
+            self.too_large = True
+            self._chunks = []
+            self.wake()
+            return
+        self._chunks.append(data)
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class Front:
+    """The protocol factory of the agent's port (gpufleet/httpserver.py's ``GuardedServer.front``)
+    and the set of its connections, for the runner's graceful stop."""
+
+    def __init__(
+        self, proxy: Proxy, guard: ConnectionGuard, handler: Callable[[], asyncio.Protocol], *, keep_alive: bool = True
+    ) -> None:
+        self.proxy = proxy
+        self.guard = guard
+        self.handler = handler  # makes aiohttp's protocol for a connection handed over
+        self.connections: set[FrontProtocol] = set()
+        self.stopping = False
+        self.handed_over = 0  # connections given to aiohttp (tests and metrics read it)
+
+    def __call__(self) -> FrontProtocol:
+        return FrontProtocol(self)
+
+    def pre_shutdown(self) -> None:
+        """The listener stopped accepting: idle connections close now, busy ones after their answer."""
+        self.stopping = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+
+    async def shutdown(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for the requests in progress, then cancel what is left."""
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for conn in list(self.connections):
+            conn.force_close()
+
+
+class FrontProtocol(asyncio.Protocol):
+    """One client connection on the agent's port (see the module docstring)."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.proxy = front.proxy
+        self._guard = front.guard
+        self.loop = asyncio.get_running_loop()
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self.remote: str | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._counted = False
+        self._phase = Phase.HEAD
+        self._timer: asyncio.TimerHandle | None = None
+        self._window = 0  # body bytes in the current body_timeout_s window
+        # The request being parsed (from its head on), the one being answered, and those
+        # pipelined behind it.
+        self._parsing: FrontRequest | None = None
+        self._current: FrontRequest | None = None
+        self._queue: deque[FrontRequest] = deque()
+        self.task: asyncio.Task[None] | None = None
+        # Head in progress.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._unusual = False  # past aiohttp's limits, or not plain: aiohttp's to answer
+        self._in_head = False
+        self._head_bytes = 0
+        # Bytes since the start of the current message, for a handover; None when its start
+        # is not known (it began mid-read, after a message that ended in the same read).
+        self._raw: list[bytes] | None = None
+        self._between = True  # no message begun since the last one completed
+        self._between_at_read = True
+        self._completed_in_read = False
+        self._data = b""
+        self._handover = False  # a head for aiohttp was parsed: hand over once it is our turn
+        self._closing = False  # close once the answers in progress are out
+        self._lingering = False  # reading (and dropping) the rest of a body refused with 413
+        self._close_answer: bytes | None = None  # written before that close (a 400)
+        # Writing: the head of a stream goes out with its first chunk.
+        self._pending_head: bytes | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._reading_paused = False
+
+    # --- connection -----------------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        if not self._guard.admit(self):  # type: ignore[arg-type]
+            transport.write(OVERLOADED)
+            transport.close()
+            return
+        self._counted = True
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        self.front.connections.add(self)
+        self._enter(Phase.HEAD)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._release()
+        self.front.connections.discard(self)
+        self.transport = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # the client left: its upstream request goes with it
+        self._wake_writer()
+        for req in (self._parsing, *self._queue):
+            if req is not None and not req.complete:
+                req.broken = "the client closed the connection"
+                req.wake()
+
+    def _release(self) -> None:
+        self._cancel_timer()
+        if self._counted:
+            self._counted = False
+            self._guard.release(self)  # type: ignore[arg-type]
+
+    # ConnectionGuard's interface, as GuardedRequestHandler offers it.
+
+    @property
+    def idle(self) -> bool:
+        return self._phase is Phase.IDLE
+
+    def evict(self) -> None:
+        self._release()
+        self.force_close()
+
+    def force_close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_when_idle(self) -> None:
+        self._closing = True
+        if self.task is None and self._parsing is None:
+            self.force_close()
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._handover:  # waiting for our answers to finish before aiohttp takes over
+            if self._raw is not None:
+                self._raw.append(data)
+            return
+        if self._closing and self._close_answer is not None:
+            return
+        if self._phase is Phase.IDLE:
+            self._enter(Phase.HEAD)
+        elif self._phase is Phase.BODY:
+            self._window += len(data)
+        if self._between:  # this read begins the next message: its bytes are known from here
+            self._raw = [data]
+        elif self._in_head:
+            self._head_bytes += len(data)
+            if self._raw is not None:
+                self._raw.append(data)
+        self._data = data
+        self._between_at_read = self._between
+        self._completed_in_read = False
+        try:
+            self._parser.feed_data(data)
+        except _HandOver:
+            pass
+        except httptools.HttpParserUpgrade:
+            pass  # an upgrade head: marked for aiohttp in on_headers_complete
+        except httptools.HttpParserError as e:
+            if not self._handover:
+                self._parse_error(e)
+                return
+        if self._handover:
+            self._try_hand_over()
+        elif self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._parse_error(None, "request head too large")
+
+    # httptools' callbacks
+
+    def on_message_begin(self) -> None:
+        # Its bytes are known from the start of this read (data_received kept them) if the parser
+        # was between messages when the read began and no message ended in it.
+        if not self._between_at_read or self._completed_in_read:
+            self._raw = None
+        self._between = False
+        self._in_head = True
+        self._head_bytes = len(self._data)
+        self._url = b""
+        self._headers = []
+        self._unusual = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_LINE:
+            self._unusual = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        headers.append((name, value))
+        if len(name) + len(value) > MAX_LINE or len(headers) > MAX_HEADERS:
+            self._unusual = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        req = None if self._unusual else self._data_path_request()
+        if req is None:
+            self._handover = True
+            raise _HandOver
+        req.keep_alive = parser.should_keep_alive()
+        self._parsing = req
+        if self._current is None:
+            self._start(req)
+        else:
+            self._queue.append(req)
+            self._pause_reading()  # pipelined: one at a time
+        if self._phase is not Phase.BUSY:
+            self._enter(Phase.BODY)
+            self._window = 0
+
+    def _data_path_request(self) -> FrontRequest | None:
+        """The request, if its head is one the front serves; None: aiohttp's."""
+        parser = self._parser
+        if parser.get_http_version() != "1.1" or parser.should_upgrade():
+            return None
+        method = parser.get_method()
+        url = self._url
+        path_b = url.partition(b"?")[0]
+        if method == b"POST":
+            if path_b not in _POST_PATHS:
+                return None
+        elif method != b"GET" or path_b != MODELS_PATH:
+            return None
+        raw = self._headers
+        names = {n.lower() for n, _ in raw}
+        if len(names) != len(raw):  # some header came more than once
+            singles = [n for n in (n.lower() for n, _ in raw) if n in _SINGLETONS]
+            if len(singles) != len(set(singles)):
+                return None  # one that may come once came twice: aiohttp's 400
+        try:
+            headers = CIMultiDict((n.decode(), v.decode()) for n, v in raw)
+            path_qs = url.decode()
+        except UnicodeDecodeError:
+            return None  # aiohttp's bad-input check answers it (400 invalid_header / path)
+        if "Content-Encoding" in headers and headers["Content-Encoding"].strip().lower() != "identity":
+            return None  # aiohttp decodes gzip and deflate, and refuses the rest with 415
+        te = headers.get("Transfer-Encoding")
+        if te is not None and te.strip().lower() != "chunked":
+            return None
+        expect = headers.get("Expect")
+        if expect is not None and expect.strip().lower() != "100-continue":
+            return None
+        req = FrontRequest(self, method.decode(), path_b.decode(), path_qs, headers)
+        req.expect_continue = expect is not None
+        length = headers.get("Content-Length")
+        if length is not None and int(length) > self.proxy.cfg.max_body_bytes:
+            req.too_large = True
+        return req
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req is not None:
+            req.add(body, self.proxy.cfg.max_body_bytes)
+
+    def on_message_complete(self) -> None:
+        self._between = True
+        self._completed_in_read = True
+        self._raw = None
+        req = self._parsing
+        self._parsing = None
+        if req is not None:
+            req.complete = True
+            req.wake()
+        if self._lingering:  # the rest of a body we refused has been read: close now
+            self._finish_connection()
+        elif self._phase is Phase.BODY:
+            self._enter(Phase.BUSY)
+
+    def _parse_error(self, exc: BaseException | None, reason: str | None = None) -> None:
+        """Bytes that are not HTTP: aiohttp's to answer if they began the message where they are
+        (its 400, as before); a body that broke under a request being served fails that request."""
+        if self._lingering:
+            self._finish_connection()
+            return
+        if self._raw is not None and self._parsing is None and self._current is None:
+            self._handover = True
+            self._try_hand_over()
+            return
+        req = self._parsing
+        why = safe_reason(exc, reason)
+        if req is not None and not req.complete:
+            req.broken = why  # its read() raises: the pipeline answers 400
+            req.keep_alive = False
+            req.wake()
+            self._parsing = None
+            self._closing = True
+            self._pause_reading()
+            return
+        self._refuse(why, "bad_http_request")
+
+    def _refuse(self, message: str, code: str) -> None:
+        """A 400 for the bytes at the head of the queue, after the answers in progress; then close."""
+        g = self._guard
+        g.bad_requests += 1
+        if g.bad_request_log.allow():
+            log.info(
+                "bad HTTP request refused",
+                status=400,
+                reason=message,
+                remote=self.remote,
+                **g.bad_request_log.take_suppressed(),
+            )
+        body = _error_body(message, code)
+        self._close_answer = (
+            _status_line(400)
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+            + _CLOSE
+            + b"\r\n"
+            + body
+        )
+        self._closing = True
+        self._pause_reading()
+        if self.task is None:
+            self._finish_connection()
+
+    # --- handing over to aiohttp ----------------------------------------------------------------
+
+    def _try_hand_over(self) -> None:
+        if self.task is not None or self._queue:
+            self._pause_reading()
+            return  # once the answers before it are out (_next)
+        raw = self._raw
+        transport = self.transport
+        if transport is None:
+            return
+        if raw is None:  # pipelined behind a request of ours in the same read: position unknown
+            self._handover = False
+            self._refuse("a request pipelined behind another must be sent on its own connection", "pipelined_request")
+            return
+        self._release()
+        self.front.connections.discard(self)
+        self.front.handed_over += 1
+        handler = self.front.handler()
+        transport.set_protocol(handler)
+        self.transport = None
+        handler.connection_made(transport)
+        if self._reading_paused:
+            transport.resume_reading()
+        handler.data_received(b"".join(raw))  # type: ignore[attr-defined]
+
+    # --- answering --------------------------------------------------------------------------------
+
+    def _start(self, req: FrontRequest) -> None:
+        self._current = req
+        self.task = self.loop.create_task(self._serve(req))
+
+    async def _serve(self, req: FrontRequest) -> None:
+        proxy = self.proxy
+        try:
+            if req.models:
+                answer = await proxy.models(req)
+                await self.send(answer)
+            else:
+                await proxy.forward(req, self, anthropic=req.anthropic)
+        except asyncio.CancelledError:
+            self._closing = True
+            if self.transport is not None and self._current is req:
+                raise  # stopping: the runner cancelled what outlived its grace
+            return
+        except Exception as e:  # one request's bug must not take the connection's others down
+            log.error("unhandled error serving a proxy request", path=req.path, error=repr(e), exc_info=e)
+            self._closing = True
+            if self._pending_head is None and self.transport is not None:
+                await self.send(
+                    Answer(
+                        500,
+                        CIMultiDict({"Content-Type": "application/json"}),
+                        _error_body("internal error", "internal_error", "server_error"),
+                    )
+                )
+        finally:
+            self._next(req)
+
+    def _next(self, done: FrontRequest) -> None:
+        """The answer to ``done`` is out: the next pipelined request, a handover, or idle."""
+        self.task = None
+        self._current = None
+        self._pending_head = None
+        if not done.keep_alive or not done.complete or done.too_large:
+            self._closing = True  # Connection: close, or a body refused (413)
+        if self.transport is None:
+            return
+        if not done.complete and done.broken is None and self._parsing is done and not done.expect_continue:
+            # The client is still sending the body we refused: read it to its end (dropped), then
+            # close, so that the close does not reset the connection under our answer (as
+            # aiohttp's lingering). The body timer bounds a slow one, LINGER_S a long one.
+            self._lingering = True
+            self._resume_reading()
+            self._enter(Phase.BODY)
+            self._window = 0
+            self.loop.call_later(LINGER_S, self.force_close)
+            return
+        if self._closing:
+            self._finish_connection()
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+            if not self._queue and not self._handover:
+                self._resume_reading()
+            return
+        if self._handover:
+            self._try_hand_over()
+            return
+        self._resume_reading()
+        if self._parsing is None:
+            self._enter(Phase.HEAD if not self._between else Phase.IDLE)
+
+    def _finish_connection(self) -> None:
+        if self._close_answer is not None:
+            self._close_with(self._close_answer)
+        elif self.transport is not None:
+            self.transport.close()
+
+    def _close_with(self, answer: bytes) -> None:
+        """Write a last answer and close without resetting it away: the write side is shut
+        (the client reads the answer, then EOF) and what the client still sends is read and
+        dropped for up to a second. Closing a socket with unread bytes sends a reset, which can
+        reach the client before it has read the answer (a slow client still sending its head)."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._close_answer = answer
+        self._closing = True
+        transport.write(answer)
+        if not transport.can_write_eof():  # TLS
+            transport.close()
+            return
+        transport.write_eof()
+        self._resume_reading()
+        self.loop.call_later(1.0, self.force_close)
+
+    def _head(self, status: int, headers: CIMultiDict[str], framing: bytes) -> bytes:
+        parts = [_status_line(status)]
+        parts.extend(f"{k}: {v}\r\n".encode("utf-8", "surrogateescape") for k, v in headers.items())
+        parts.append(framing)
+        parts.append(_date.line())
+        if self._closing or self._guard.draining or self.front.stopping or not self._keeps_alive():
+            parts.append(_CLOSE)
+            self._closing = True
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _keeps_alive(self) -> bool:
+        req = self._current
+        return req is None or (req.keep_alive and req.complete and not req.too_large)
+
+    # The Sink interface (agent/proxy/exchange.py), for the current request.
+
+    async def send(self, answer: Answer) -> None:
+        body = answer.body
+        head = self._head(answer.status, answer.headers, b"Content-Length: %d\r\n" % len(body))
+        self.write_raw(head + body if len(body) < 16384 else None, head, body)
+        await self._drained()
+
+    async def start(self, status: int, headers: CIMultiDict[str]) -> None:
+        self._pending_head = self._head(status, headers, _CHUNKED)
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client left: the task's cancellation follows
+        size = b"%x\r\n" % len(chunk)
+        head, self._pending_head = self._pending_head, None
+        if head is not None:
+            transport.writelines((head, size, chunk, b"\r\n"))
+        else:
+            transport.writelines((size, chunk, b"\r\n"))
+        await self._drained()
+
+    async def end(self) -> None:
+        head, self._pending_head = self._pending_head, None
+        self.write_raw(head + _LAST_CHUNK if head is not None else _LAST_CHUNK)
+
+    def write_raw(self, data: bytes | None, *parts: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if data is not None:
+            transport.write(data)
+        else:
+            transport.writelines(parts)
+
+    # --- back-pressure -----------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    async def _drained(self) -> None:
+        """Wait while the client reads slower than the answer comes (the transport's buffer is
+        over its high-water mark)."""
+        if not self._write_paused or self.transport is None:
+            return
+        if self._drain is None:
+            self._drain = self.loop.create_future()
+        await self._drain
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # --- phases and their timer (gpufleet/httpserver.py's, for this protocol) ------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        self._phase = phase
+        if not self._counted:
+            return
+        limits = self._guard.limits
+        if phase is Phase.HEAD:
+            timeout: float | None = limits.header_timeout_s
+        elif phase is Phase.BODY:
+            timeout = limits.body_timeout_s
+        elif phase is Phase.IDLE:
+            timeout = limits.keepalive_timeout_s
+        else:
+            timeout = None
+        if phase is Phase.HEAD or phase is Phase.IDLE:
+            self._guard.waiting(self)  # type: ignore[arg-type]
+        else:
+            self._guard.busy(self)  # type: ignore[arg-type]
+        self._cancel_timer()
+        if timeout is not None:
+            self._timer = self.loop.call_at(self.loop.time() + timeout, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._counted or self.transport is None:
+            return
+        if self._phase is Phase.HEAD:
+            self._guard.timed_out("header", self.remote)
+            got = not self._between
+            if got and self.task is None:
+                self._close_with(REQUEST_TIMEOUT)
+                return
+            self.force_close()
+        elif self._phase is Phase.BODY:
+            limits = self._guard.limits
+            if self._reading_paused or self._window >= max(1, limits.body_min_rate * limits.body_timeout_s):
+                self._window = 0
+                self._enter(Phase.BODY)
+                return
+            self._guard.timed_out("body", self.remote)
+            if self._pending_head is None and self.task is not None and self._current is self._parsing:
+                # The handler waits for this body: its answer is the timeout.
+                self._close_with(REQUEST_TIMEOUT)
+                return
+            self.force_close()
+        elif self._phase is Phase.IDLE:
+            self.force_close()
+
+
+def install_front(runner: web.AppRunner) -> Front | None:
+    """Put the front before aiohttp on every listener ``runner`` serves (its sites are made
+    after this: a new socket, the socket handed over by the previous agent, TLS or not). None
+    when the app has no proxy, or the runner is not a guarded one."""
+    server = runner.server
+    if not isinstance(server, GuardedServer) or runner.app is None or (proxy := runner.app.get(PROXY_KEY)) is None:
+        return None
+    front = server.front = Front(proxy, server.guard, server.handler)
+    return front
