@@ -359,6 +359,28 @@ async def published_hot(etcd: EtcdClient, key: str) -> None:
             await asyncio.sleep(0.005)
 
 
+async def capped_written(etcd: EtcdClient, node: str, layout: str) -> float:
+    """When (monotonic) the leader's write that caps ``node`` reached etcd, from a watch of the
+    route's keys (a slice, or the old layout's single value): the farthest watcher's time is
+    this leader part plus the fan-out after it."""
+    keys = Keyspace(CLUSTER)
+    prefix = keys.route(MODEL) if layout == "old" else keys.model_slices(MODEL)
+    watch = etcd.watch(prefix, prefix=layout != "old", progress_notify=False)
+    try:
+        async for resp in watch:
+            now = time.monotonic()
+            for ev in resp.events:
+                if ev.type != "PUT":
+                    continue
+                rec = decode(ev.kv.value, RouteRecord if layout == "old" else RouteSlice)
+                weights = [e.weight for e in rec.endpoints if e.node == node]
+                if weights and max(weights) <= CAPPED:
+                    return now
+    finally:
+        watch.close()
+    raise EtcdError("watch ended")
+
+
 async def capped_in_etcd(etcd: EtcdClient, node: str) -> bool | None:
     """Whether the route in etcd has ``node`` capped (tells a slow leader from a slow fan-out)."""
     with contextlib.suppress(EtcdError, TimeoutError):
@@ -374,6 +396,7 @@ async def trial(etcd: EtcdClient, agents: Agents, watchers: Watchers, i: int) ->
     name = f"sim-{i:04d}"
     key = Keyspace(CLUSTER).node(name)
     capped = asyncio.create_task(watchers.seen(name, True, TRIAL_TIMEOUT_S))
+    written = asyncio.create_task(capped_written(etcd, name, "sliced" if watchers.pinned else "old"))
     await asyncio.sleep(0.2)  # the watch commands are read before the change
     t0 = time.monotonic()
     agents.set_temperature(i, HOT_C)
@@ -381,9 +404,15 @@ async def trial(etcd: EtcdClient, agents: Agents, watchers: Watchers, i: int) ->
         await published_hot(etcd, key)
     except (TimeoutError, EtcdError) as e:  # a collapsing run: the agent cannot publish
         capped.cancel()
+        written.cancel()
         return {"publish_s": None, "farthest_s": None, "missing": None, "seen": 0, "error": repr(e)}
     t1 = time.monotonic()
     times, missing = await capped
+    leader_s = None
+    with contextlib.suppress(TimeoutError, EtcdError):
+        async with asyncio.timeout(1.0):
+            leader_s = await written - t1
+    written.cancel()
     in_etcd = await capped_in_etcd(etcd, name) if missing else None
     restored = asyncio.create_task(watchers.seen(name, False, 2 * TRIAL_TIMEOUT_S))
     await asyncio.sleep(0.2)
@@ -394,6 +423,7 @@ async def trial(etcd: EtcdClient, agents: Agents, watchers: Watchers, i: int) ->
         "publish_s": t1 - t0,
         "farthest_s": max(delays) if delays and not missing else None,
         "median_s": statistics.median(delays) if delays else None,
+        "leader_s": leader_s,
         "missing": missing,
         "seen": len(times),
         "capped_in_etcd_at_timeout": in_etcd,
@@ -412,6 +442,9 @@ def summarize(trials: list[dict]) -> dict:
             "max": round(max(farthest), 3),
         }
         out["etcd_to_median_watcher_s_p50"] = round(pct([t["median_s"] for t in ok], 50), 3)
+        leader = [t["leader_s"] for t in ok if t["leader_s"] is not None]
+        if leader:  # the leader's part of the farthest watcher's time: record in etcd -> capped write
+            out["etcd_to_capped_write_s"] = {"p50": round(pct(leader, 50), 3), "max": round(max(leader), 3)}
         out["telemetry_change_to_etcd_s_max"] = round(max(t["publish_s"] for t in ok), 3)
         out["watchers_of_the_node_per_trial"] = sorted(t["seen"] for t in ok)  # all, unless subsets
     failed = [t for t in trials if t["farthest_s"] is None]
