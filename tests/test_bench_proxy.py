@@ -1,0 +1,66 @@
+"""bench/proxy.py's own parts, cheaply: the SSE backend streams what it is asked for, the clients
+count every event, and wrk gets a duration it accepts. No timing is asserted."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import free_port
+
+from gpufleet_dev.fleetbase import wait_for
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+import proxy_load as load  # noqa: E402
+
+
+def _open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def sse() -> Iterator[str]:
+    port = free_port()
+    argv = [sys.executable, str(BENCH / "proxy_backends.py"), "sse", "m", "--port", str(port)]
+    proc = subprocess.Popen([*argv, "--events-per-second", "50"])
+    try:
+        wait_for(lambda: _open(port), 20, "SSE backend listening")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_backend_answers_and_streams(sse: str) -> None:
+    c = load.BlockingClient(sse)
+    try:
+        status, _, _, events = c.send(load.request(sse, load.body("m")))
+        assert (status, events) == (200, 0)
+        # 3 tokens: 3 events, the finish event and [DONE], on the same keep-alive connection
+        status, _, first, events = c.send(load.request(sse, load.body("m", stream=True, max_tokens=3)))
+        assert (status, events) == (200, 5) and first > 0
+    finally:
+        c.close()
+
+
+def test_stream_client_counts_every_event(sse: str) -> None:
+    raw = load.request(sse, load.body("m", stream=True, max_tokens=4))
+    r = load.streams(sse, raw, 20, 2, 0.2, 0.1, lambda: None)
+    assert (r["completed"], r["errors"], r["events"]) == (20, 0, 20 * 6)
+    assert len(r["first"]) == 20 and len(r["gaps"]) == 20 * 5
+
+
+@pytest.mark.skipif(not shutil.which("wrk"), reason="wrk not installed")
+def test_wrk_gets_whole_seconds(sse: str, tmp_path: Path) -> None:
+    r = load.wrk(sse, load.body("m"), 1.0, 4, 0, tmp_path)  # a float: wrk rejected "-d1.0s"
+    assert r["wrk_exit"] == 0 and r["requests"] > 0 and r["non_2xx"] == 0, r
