@@ -343,6 +343,7 @@ def main() -> None:
         ).stdout.split("\n")[:-1],
         "machine": machine(),
         "cpus": {"proxy": args.proxy_cpu, "backends_and_load": args.load_cpu},
+        "loadavg_before": os.getloadavg(),  # other work on the machine shares both cores
     }
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as d:
         tmp = Path(d)
@@ -400,6 +401,7 @@ def main() -> None:
                 for row in rps.values():
                     row["vs_direct"] = round(row["rps"] / rps["direct"]["rps"], 3)
             result["goals"] = goals(result)
+            result["loadavg_after"] = os.getloadavg()
         finally:
             for n, t in targets.items():
                 if n not in ("direct", "gpu-agent"):

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""bench/proxy.py's JSON as the markdown table docs/benchmarks.md records:
+
+.venv/bin/python bench/proxy.py > proxy.json && .venv/bin/python bench/proxy_report.py proxy.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+ORDER = ("direct", "gpu-agent", "nginx", "vllm-router", "litellm")
+
+
+def fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        v = f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+    elif isinstance(v, int):
+        v = f"{v:,}"
+    return f"{v}{unit}"
+
+
+def table(r: dict) -> str:
+    names = [n for n in ORDER if n in r["max_rps"]]
+    goals = {g["goal"]: g for g in r.get("goals", [])}
+
+    def verdict(prefix: str) -> str:
+        hits = [g for k, g in goals.items() if k.startswith(prefix)]
+        if not hits:
+            return ""
+        return " / ".join("—" if g["met"] is None else ("met" if g["met"] else "**not met**") for g in hits)
+
+    rows: list[tuple[str, list[str], str, str]] = []
+    rps = r["max_rps"]
+    rows.append(("max req/s, canned backend (wrk, keep-alive)", [fmt(rps[n].get("rps")) for n in names], "", ""))
+    a = rps.get("gpu-agent", {}).get("rps")
+    ratios = []
+    for peer in ("vllm-router", "nginx"):
+        p = rps.get(peer, {}).get("rps")
+        ratios.append(f"{a / p:.2f}× {peer}" if a and p else f"— × {peer}")
+    rows.append(
+        ("gpu-agent's req/s as a share of", ["" for _ in names], "≥ 2× vllm-router, ≥ 0.4× nginx", verdict("req/s"))
+    )
+    rows[-1][1][names.index("gpu-agent")] = ", ".join(ratios) if "gpu-agent" in names else ""
+    rows.append(("proxy CPU per request", [fmt(rps[n].get("cpu_us_per_request"), " µs") for n in names], "", ""))
+    for b, label in (("sim", "simulated vLLM"), ("canned", "canned")):
+        lat = r["latency_c1"][b]
+        rows.append(
+            (
+                f"c=1 p50 / p99, {label} backend",
+                [f"{fmt(lat[n].get('p50_ms'))} / {fmt(lat[n].get('p99_ms'))} ms" for n in names],
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"c=1 **added** p50 / p99, {label} backend",
+                [
+                    "—"
+                    if n == "direct"
+                    else f"{fmt(lat[n].get('added_p50_ms'))} / {fmt(lat[n].get('added_p99_ms'))} ms"
+                    for n in names
+                ],
+                "p50 within 0.1 ms of nginx's",
+                verdict(f"c=1 added p50 within 0.1 ms of nginx's ({b}"),
+            )
+        )
+    sse = r["sse_first_event"]
+    rows.append(
+        (
+            "SSE first event p50 / p99 (overhead)",
+            [
+                f"{fmt(sse[n].get('first_event_p50_ms'))} / {fmt(sse[n].get('first_event_p99_ms'))} ms"
+                + (
+                    ""
+                    if n == "direct"
+                    else f" (+{fmt(sse[n].get('overhead_p50_ms'))} / +{fmt(sse[n].get('overhead_p99_ms'))})"
+                )
+                for n in names
+            ],
+            "overhead p50 ≤ 0.5 ms",
+            verdict("SSE first-event"),
+        )
+    )
+    for i, key in enumerate(k for k in r if k.startswith("streams_")):
+        s = r[key]
+        n_streams = int(key.split("_")[1])
+        rate = next(iter(s.values()))["events_per_second_each"]
+        head = f"{n_streams:,} streams × {rate:g} events/s"
+        rows.append(
+            (
+                f"{head}: events delivered",
+                [
+                    f"{fmt(s[n]['events'])} / {fmt(s[n]['events_expected'])}" + ("" if s[n]["all_delivered"] else " ✘")
+                    for n in names
+                ],
+                "all" if i == 0 else "all (sustained)",
+                verdict(f"{n_streams:,} streams: every") if i == 0 else verdict(f"{n_streams:,} streams on one core"),
+            )
+        )
+        rows.append(
+            (
+                f"{head}: inter-event gap p99 (added)",
+                [
+                    f"{fmt(s[n].get('gap_p99_ms'))} ms"
+                    + ("" if n == "direct" else f" ({fmt(s[n].get('added_gap_p99_ms'))})")
+                    for n in names
+                ],
+                "added ≤ 10 ms" if i == 0 else "",
+                verdict(f"{n_streams:,} streams: added") if i == 0 else "",
+            )
+        )
+        rows.append(
+            (
+                f"{head}: first event p99",
+                [f"{fmt(s[n].get('first_event_p99_ms'))} ms" for n in names],
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"{head}: listen-queue overflows",
+                [fmt(s[n]["listen_overflows"]) for n in names],
+                "0" if i == 0 else "",
+                verdict(f"{n_streams:,} streams: no listen") if i == 0 else "",
+            )
+        )
+        rows.append(
+            (
+                f"{head}: RSS per open stream",
+                [fmt(s[n].get("rss_kb_per_stream"), " KB") for n in names],
+                "≤ 16 KB" if i == 0 else "",
+                verdict(f"{n_streams:,} streams: <= 16") if i == 0 else "",
+            )
+        )
+        rows.append(
+            (
+                f"{head}: proxy CPU per event; load core busy",
+                [f"{fmt(s[n].get('cpu_us_per_event'), ' µs')}; {s[n]['load_core_busy']:.0%}" for n in names],
+                "",
+                "",
+            )
+        )
+        errs = [fmt(s[n]["errors"]) for n in names]
+        if any(e != "0" for e in errs):
+            rows.append((f"{head}: client-side errors", errs, "", ""))
+    out = ["| | " + " | ".join(names) + " | goal (gpu-agent) | gpu-agent |", "|---" * (len(names) + 3) + "|"]
+    for label, cells, goal, met in rows:
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {goal} | {met} |")
+    for n, why in r.get("unavailable", {}).items():
+        out.append(f"\n{n}: unavailable — {why.strip().splitlines()[-1] if why.strip() else why}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(table(json.load(f)))
