@@ -33,8 +33,8 @@ STREAM_BODY = b'{"model": "m", "stream": true, "messages": []}'
 
 
 class Port:
-    def __init__(self, port: int, front: Front, proxy: Proxy) -> None:
-        self.port, self.front, self.proxy = port, front, proxy
+    def __init__(self, port: int, front: Front, proxy: Proxy, runner: web.AppRunner) -> None:
+        self.port, self.front, self.proxy, self.runner = port, front, proxy, runner
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port)
@@ -68,7 +68,7 @@ async def port() -> AsyncIterator[Callable[..., Awaitable[Port]]]:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         assert site._server is not None
-        return Port(site._server.sockets[0].getsockname()[1], front, proxy)  # type: ignore[attr-defined]
+        return Port(site._server.sockets[0].getsockname()[1], front, proxy, runner)  # type: ignore[attr-defined]
 
     yield make
     for r in runners:
@@ -200,6 +200,14 @@ async def test_malformed_heads_get_a_json_400(port: Any, serve: Any, raw: bytes)
     assert status == 400 and headers["content-type"].startswith("application/json")
     assert json.loads(body)["error"]["message"]
     writer.close()
+    # The same bytes after an answered request on a kept-alive connection: aiohttp's as well.
+    reader, writer = await p.connect()
+    writer.write(post(CHAT, BODY))
+    assert (await response(reader))[0] == 200
+    writer.write(raw)
+    status, headers, body = await response(reader)
+    assert status == 400 and json.loads(body)["error"]["message"]
+    writer.close()
 
 
 async def test_broken_chunking_under_a_request_is_400_bad_body(port: Any, serve: Any) -> None:
@@ -324,3 +332,23 @@ async def test_sse_errors_before_the_first_chunk_are_retried_on_the_front(port: 
         assert status == 200 and headers["x-gpufleet-instance"] == "b"
         assert body == b"data: 1\n\ndata: [DONE]\n\n"
         writer.close()
+
+
+async def test_a_stop_lets_requests_in_progress_finish(port: Any, serve: Any) -> None:
+    started = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(0.5)  # the model generating
+        return web.json_response({"done": True})
+
+    p = await port(FakeUpstreams([FakeInstance("a", await serve(slow))]))
+    idle_reader, _ = await p.connect()
+    reader, writer = await p.connect()
+    writer.write(post(CHAT, BODY))
+    await asyncio.wait_for(started.wait(), 10)
+    stopping = asyncio.ensure_future(p.runner.cleanup())
+    assert await idle_reader.read() == b""  # an idle connection is closed at once
+    status, headers, body = await response(reader)  # the one in progress gets its answer
+    assert status == 200 and json.loads(body) == {"done": True} and headers["connection"] == "close"
+    await stopping

@@ -471,8 +471,8 @@ class FrontProtocol(asyncio.Protocol):
         if self._lingering:
             self._finish_connection()
             return
-        if self._raw is not None and self._parsing is None and self._current is None:
-            self._handover = True
+        if self._raw is not None and self._parsing is None:
+            self._handover = True  # after the answers before it (_try_hand_over waits for them)
             self._try_hand_over()
             return
         req = self._parsing
