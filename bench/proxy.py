@@ -131,13 +131,18 @@ def latency_c1(targets: dict[str, Target], backend: str, n: int) -> dict:
     return out
 
 
-def sse_first_event(targets: dict[str, Target], n: int, events: int) -> dict:
+def sse_first_event(targets: dict[str, Target], n: int, events: int, idle: bool = False) -> dict:
+    """c=1 streams of ``events`` events: time to the first ``data:`` line. ``idle``: each target's
+    connection idle for about a second before each request (the issue saw 3-5 ms there)."""
     raw = {
         k: (t.urls["sse"], load.request(t.urls["sse"], load.body("sse", stream=True, max_tokens=events)))
         for k, t in targets.items()
     }
-    load.interleaved(raw, min(50, n), block=10)
-    res = load.interleaved(raw, n, block=10)
+    if idle:
+        res = load.interleaved(raw, n, block=1, pause=1.0 / len(raw))
+    else:
+        load.interleaved(raw, min(50, n), block=10)
+        res = load.interleaved(raw, n, block=10)
     base = [x for x in res.get("direct", {}).get("first", []) if x]
     out = {}
     for name, r in res.items():
@@ -378,6 +383,7 @@ def main() -> None:
             result["unavailable"] = unavailable
             result["latency_c1"] = {b: latency_c1(targets, b, args.requests) for b in ("sim", "canned")}
             result["sse_first_event"] = sse_first_event(targets, max(50, args.requests // 4), 3)
+            result["sse_first_event_after_1s_idle"] = sse_first_event(targets, 3 if args.quick else 15, 3, idle=True)
             result["max_rps"] = {}
             for n, t in targets.items():
                 result["max_rps"][n] = max_rps(t, args, tmp)

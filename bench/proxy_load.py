@@ -100,11 +100,12 @@ class BlockingClient:
 
 
 def interleaved(
-    targets: dict[str, tuple[str, bytes]], n: int, block: int = 50
+    targets: dict[str, tuple[str, bytes]], n: int, block: int = 50, pause: float = 0.0
 ) -> dict[str, dict[str, list[float] | int]]:
     """``n`` requests per target at concurrency 1, targets taking turns in blocks so that drift
-    hits all alike. ``targets``: name -> (base URL, request bytes). Per target: total and
-    first-event seconds, ``data:`` lines per answer, and errors (non-200 or broken)."""
+    hits all alike, ``pause`` seconds before each request. ``targets``: name -> (base URL,
+    request bytes). Per target: total and first-event seconds, ``data:`` lines per answer, and
+    errors (non-200 or broken)."""
     out: dict[str, dict] = {k: {"total": [], "first": [], "events": [], "errors": 0, "error": ""} for k in targets}
     clients = {k: BlockingClient(base) for k, (base, _) in targets.items()}
     try:
@@ -112,6 +113,8 @@ def interleaved(
             for name, (_, raw) in targets.items():
                 r, c = out[name], clients[name]
                 for _ in range(block):
+                    if pause:
+                        time.sleep(pause)
                     try:
                         status, total, first, events = c.send(raw)
                     except OSError as e:

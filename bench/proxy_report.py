@@ -85,6 +85,20 @@ def table(r: dict) -> str:
             verdict("SSE first-event"),
         )
     )
+    idle = r.get("sse_first_event_after_1s_idle")
+    if idle:
+        rows.append(
+            (
+                f"SSE first event after 1 s idle, p50 (overhead), n={idle['direct']['n']}",
+                [
+                    f"{fmt(idle[n].get('first_event_p50_ms'))} ms"
+                    + ("" if n == "direct" else f" (+{fmt(idle[n].get('overhead_p50_ms'))})")
+                    for n in names
+                ],
+                "",
+                "",
+            )
+        )
     for i, key in enumerate(k for k in r if k.startswith("streams_")):
         s = r[key]
         n_streams = int(key.split("_")[1])

@@ -272,6 +272,10 @@ http {{
     nginx.start()
     for p in ports.values():
         wait_port(p, nginx, 10)
+    # the master listens before it forks its worker: wait for the worker, whose CPU is the proxy's
+    deadline = time.monotonic() + 10
+    while len(descendants(nginx.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
     return Target(
         "nginx",
