@@ -10,7 +10,17 @@ from itertools import combinations
 import msgspec
 import pytest
 
-from coordinator.policy.gpusets import EXACT_SETS, Links, _exact, _greedy, choose, link, links_from_rows, worst
+from coordinator.policy.gpusets import (
+    EXACT_SETS,
+    Links,
+    _by_groups,
+    _exact,
+    _greedy,
+    choose,
+    link,
+    links_from_rows,
+    worst,
+)
 from gpufleet.keyspace import decode, encode
 from gpufleet.keyspace.records import (
     LINK_HOST_BRIDGE,
@@ -27,13 +37,19 @@ from gpufleet.keyspace.records import (
 # --- the set choice --------------------------------------------------------------------------------
 
 
-def tree_links(n: int, rng: random.Random) -> Links:
-    """A random machine as NVML describes one: sockets > host bridges > PCIe switches, NVLink
-    islands within a socket. The levels nest, as NVML's common ancestors do."""
+def machine_links(n: int, rng: random.Random, nested: bool) -> Links:
+    """A random machine as NVML describes one: sockets > host bridges > PCIe switches, plus NVLink
+    islands: inside one PCIe switch or over the whole node (NVSwitch) when ``nested``, else
+    anywhere within a socket (NVLink bridges between cards on different switches), where the
+    NVLink and PCIe groups cross."""
     socket = [rng.randrange(2) for _ in range(n)]
     bridge = [s * 10 + rng.randrange(2) for s in socket]
     switch = [b * 10 + rng.randrange(2) for b in bridge]
-    island = [s * 10 + rng.randrange(3) if rng.random() < 0.7 else None for s in socket]
+    if nested and rng.random() < 0.2:
+        island: list[int | None] = [0] * n  # NVSwitch
+    else:
+        within = switch if nested else socket
+        island = [w * 10 + rng.randrange(3) if rng.random() < 0.7 else None for w in within]
 
     def level(i: int, j: int) -> int:
         if i == j:
@@ -54,20 +70,40 @@ def brute(ranked: list[int], n: int, links: Links) -> tuple[int, int]:
     return min((worst(links, [ranked[p] for p in c]), c[-1]) for c in combinations(range(len(ranked)), n))
 
 
+def first_best(ranked: list[int], n: int, links: Links) -> list[int]:
+    """The positions of the first set in memory order with the best (level, least free)."""
+    want = brute(ranked, n, links)
+    sets = combinations(range(len(ranked)), n)
+    return list(next(c for c in sets if (worst(links, [ranked[p] for p in c]), c[-1]) == want))
+
+
 @pytest.mark.parametrize("seed", range(40))
-def test_exact_and_greedy_find_the_best_set_on_nested_topologies(seed: int) -> None:
+def test_nested_links_are_answered_by_the_groups_as_by_every_set(seed: int) -> None:
     rng = random.Random(seed)
     k = rng.randint(4, 12)
     n = rng.randint(2, k - 1)
-    links = tree_links(k, rng)
+    links = machine_links(k, rng, nested=True)
     ranked = rng.sample(range(k), k)  # a memory order
-    want_level, want_last = brute(ranked, n, links)
-    level, picks = choose(ranked, n, links)
-    assert level == want_level == worst(links, [ranked[p] for p in picks])
+    found = _by_groups(ranked, n, links)
+    assert found is not None
+    level, picks = found
+    assert (level, picks) == choose(ranked, n, links)
+    assert (level, picks) == (brute(ranked, n, links)[0], first_best(ranked, n, links))
     d = [[link(links, a, b) for b in ranked] for a in ranked]
-    assert _exact(d, k, n)[0] == want_level and _exact(d, k, n)[1][-1] == want_last
+    assert _exact(d, k, n) == (level, picks)
     g_level, g_picks = _greedy(d, k, n)
-    assert g_level == want_level and len(set(g_picks)) == n  # the level always; memory is best effort
+    assert g_level == level and len(set(g_picks)) == n  # the level always; memory is best effort
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_crossing_links_up_to_8_gpus_get_the_best_set(seed: int) -> None:
+    rng = random.Random(seed)
+    k = rng.randint(4, 8)
+    n = rng.randint(2, k - 1)
+    links = machine_links(k, rng, nested=False)
+    ranked = rng.sample(range(k), k)
+    level, picks = choose(ranked, n, links)
+    assert (level, picks) == (brute(ranked, n, links)[0], first_best(ranked, n, links))
 
 
 def test_no_links_or_one_gpu_is_the_memory_choice() -> None:
@@ -88,6 +124,37 @@ def test_ties_go_to_the_set_the_memory_order_prefers() -> None:
     assert choose([0, 2, 1, 3], 2, links) == (LINK_NVLINK, [0, 2])
 
 
+def hybrid_cube_mesh() -> Links:
+    """DGX-1: two quads of NVLink-connected GPUs (0-3, 4-7), and each GPU NVLinked to its twin
+    in the other quad; PCIe switches pair the GPUs (0-1, 2-3, ...), two pairs share a host
+    bridge, the quads sit on two sockets. The NVLink groups do not nest: 0-1 and 0-4 are
+    NVLinked, 1-4 not."""
+    nvlink = {(a, b) for q in (0, 4) for a, b in combinations(range(q, q + 4), 2)} | {(i, i + 4) for i in range(4)}
+
+    def level(i: int, j: int) -> int:
+        if i == j:
+            return LINK_SELF
+        if (min(i, j), max(i, j)) in nvlink:
+            return LINK_NVLINK
+        if i // 2 == j // 2:
+            return LINK_PCIE_SWITCH
+        return LINK_HOST_BRIDGE if i // 4 == j // 4 else LINK_SYSTEM
+
+    return links_from_rows({i: [level(i, j) for j in range(8)] for i in range(8)})
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_partial_nvlink_mesh_is_searched_set_by_set(seed: int) -> None:
+    rng = random.Random(seed)
+    links = hybrid_cube_mesh()
+    ranked = rng.sample(range(8), 8)
+    for n in (2, 3, 4):
+        level, picks = choose(ranked, n, links)
+        assert (level, picks[-1]) == brute(ranked, n, links)
+    assert _by_groups([0, 4, 1, 5, 2, 6, 3, 7], 3, links) is None  # 0, 4, 1: NVLink 0-4, 0-1, not 1-4
+    assert choose([0, 4, 1, 5, 2, 6, 3, 7], 3, links) == (LINK_NVLINK, [0, 2, 4])  # 0, 1, 2
+
+
 def test_greedy_is_used_beyond_the_exact_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     from math import comb
 
@@ -99,12 +166,25 @@ def test_greedy_is_used_beyond_the_exact_budget(monkeypatch: pytest.MonkeyPatch)
         raise AssertionError("12,870 sets compared")
 
     monkeypatch.setattr(gpusets, "_exact", no_exact)
-    # Two interleaved islands (even, odd): the eight freest (0..7) straddle them.
+
+    # An NVLink ring over 16 GPUs (does not nest); PCIe switches hold 0-7 and 8-15. Memory order
+    # alternates between the halves, so the eight freest straddle them.
+    def level(i: int, j: int) -> int:
+        if i == j:
+            return LINK_SELF
+        if (i - j) % 16 in (1, 15):
+            return LINK_NVLINK
+        return LINK_PCIE_SWITCH if i // 8 == j // 8 else LINK_SYSTEM
+
+    links = links_from_rows({i: [level(i, j) for j in range(16)] for i in range(16)})
+    ranked = [g for pair in zip(range(8), range(8, 16), strict=True) for g in pair]
+    level_, picks = choose(ranked, 8, links)
+    assert (level_, sorted(ranked[p] for p in picks)) == (LINK_PCIE_SWITCH, list(range(8)))
+    # Nested links need neither search: two interleaved islands, answered by the groups.
+    monkeypatch.setattr(gpusets, "_greedy", no_exact)
     rows = {i: [LINK_SELF if i == j else LINK_NVLINK if i % 2 == j % 2 else LINK_SYSTEM for j in range(16)]
             for i in range(16)}  # fmt: skip
-    links = links_from_rows(rows)
-    level, picks = choose(list(range(16)), 8, links)
-    assert (level, picks) == (LINK_NVLINK, [0, 2, 4, 6, 8, 10, 12, 14])
+    assert choose(list(range(16)), 8, links_from_rows(rows)) == (LINK_NVLINK, [0, 2, 4, 6, 8, 10, 12, 14])
 
 
 def test_short_rows_and_odd_pairs_are_unknown() -> None:
@@ -113,7 +193,7 @@ def test_short_rows_and_odd_pairs_are_unknown() -> None:
     assert link(links, 0, 2) == LINK_UNKNOWN  # GPU 0's row is short
     assert link(links, 2, 1) == LINK_SYSTEM
     assert link(links, 3, 3) == LINK_SELF and link(links, 7, 1) == LINK_UNKNOWN
-    assert len(links) == 128  # a malformed index does not size the table
+    assert len(links.table) == 128  # a malformed index does not size the table
 
 
 # --- the record field across versions ----------------------------------------------------------

@@ -8,12 +8,16 @@ free memory on its least free GPU, then the set placement chose before topology 
 N with most free memory, lowest index first), so a node whose agent reports no topology gets
 exactly that choice.
 
-Cost, per node and model, for k fitting GPUs of a class: the k x k link table; nothing more when
-the N freest GPUs already have the best link among the candidates (an idle node, an NVSwitch
-node, a node without topology). Otherwise every set is compared while there are at most
-``EXACT_SETS`` (8 GPUs: at most 70 sets), and beyond that a greedy growth from each GPU as seed
-(O(k^2 N)): exact for NVML's levels, which nest as a tree, and for NVSwitch's all-to-all;
-possibly not the best set for a partial NVLink mesh (DGX-1's hybrid cube) of more than 8 GPUs.
+Cost, per node and model, for k fitting GPUs of a class. The groups of GPUs linked at each level
+or better are worked out once per node and pass. Where the links nest (NVML's PCIe levels form a
+tree; NVSwitch links all GPUs; NVLink islands inside one PCIe switch), the first N GPUs of a group
+in memory order are linked at its level throughout, and the choice is one walk over the k GPUs
+per level: O(levels x k), exact. Where they do not for the GPUs at hand (a partial NVLink mesh
+such as DGX-1's, NVLink bridges between cards on different PCIe switches, a GPU with unknown
+links): the k x k link table; nothing more when the N freest already have the best link among
+the candidates; else every set is compared while there are at most ``EXACT_SETS`` (8 GPUs: at
+most 70 sets), and beyond that a greedy growth from each GPU as seed (O(k^2 N)), which finds the
+best level on nested links but may miss the best set of a crossing mesh of more than 8 GPUs.
 """
 
 from __future__ import annotations
@@ -27,7 +31,43 @@ from gpufleet.keyspace.records import LINK_SELF, LINK_UNKNOWN, NodeRecord
 EXACT_SETS = 128
 _MAX_INDEX = 128  # GPU indexes from here on (a malformed record) have unknown links
 
-Links = list[list[int]]  # [a][b]: the link level between GPUs a and b, by GPU index
+
+class Links:
+    """A node's links: ``table[a][b]``, the level between GPUs a and b by GPU index, and for
+    each level present (ascending) which group every GPU falls in when GPUs linked at that
+    level or better are joined. Built once per node and pass."""
+
+    __slots__ = ("_groups", "table")
+
+    def __init__(self, table: list[list[int]]) -> None:
+        self.table = table
+        self._groups: list[tuple[int, list[int]]] | None = None
+
+    @property
+    def groups(self) -> list[tuple[int, list[int]]]:
+        # Only a choice needs them, not a status line's look at a placed replica's links.
+        if self._groups is None:
+            self._groups = _groups(self.table)
+        return self._groups
+
+
+def _groups(table: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """(level, group of each GPU) for each level in the table, ascending (Kruskal's order)."""
+    size = len(table)
+    parent = list(range(size))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = a = parent[parent[a]]
+        return a
+
+    pairs = sorted((table[a][b], a, b) for a in range(size) for b in range(a + 1, size))
+    out: list[tuple[int, list[int]]] = []
+    for i, (level, a, b) in enumerate(pairs):
+        parent[root(a)] = root(b)
+        if i + 1 == len(pairs) or pairs[i + 1][0] != level:
+            out.append((level, [root(g) for g in range(size)]))
+    return out
 
 
 def links_from_rows(rows: dict[int, list[int]]) -> Links:
@@ -40,11 +80,11 @@ def links_from_rows(rows: dict[int, list[int]]) -> Links:
             continue
         for hi in range(lo + 1, min(len(row), size)):
             table[lo][hi] = table[hi][lo] = row[hi]
-    return table
+    return Links(table)
 
 
 def node_links(rec: NodeRecord) -> Links | None:
-    """The node's link table; None when it reports no links at all (topology unknown)."""
+    """The node's links; None when it reports none at all (topology unknown)."""
     rows = {g.index: g.links for g in rec.gpus if g.links}
     return links_from_rows(rows) if rows else None
 
@@ -52,8 +92,8 @@ def node_links(rec: NodeRecord) -> Links | None:
 def link(links: Links, a: int, b: int) -> int:
     if a == b:
         return LINK_SELF
-    size = len(links)
-    return links[a][b] if 0 <= a < size and 0 <= b < size else LINK_UNKNOWN
+    size = len(links.table)
+    return links.table[a][b] if 0 <= a < size and 0 <= b < size else LINK_UNKNOWN
 
 
 def worst(links: Links | None, gpus: Sequence[int]) -> int:
@@ -73,6 +113,8 @@ def choose(ranked: Sequence[int], n: int, links: Links | None) -> tuple[int, lis
         return LINK_SELF, top
     if links is None:
         return LINK_UNKNOWN, top
+    if (found := _by_groups(ranked, n, links)) is not None:
+        return found
     k = len(ranked)
     d = [[link(links, a, b) for b in ranked] for a in ranked]  # by position: k^2 lookups
     top_level = max(d[a][b] for a, b in combinations(top, 2))
@@ -80,6 +122,26 @@ def choose(ranked: Sequence[int], n: int, links: Links | None) -> tuple[int, lis
     if top_level <= floor:
         return top_level, top
     return _exact(d, k, n) if comb(k, n) <= EXACT_SETS else _greedy(d, k, n)
+
+
+def _by_groups(ranked: Sequence[int], n: int, links: Links) -> tuple[int, list[int]] | None:
+    """The answer in O(levels x k) when the links nest (every group is linked at its level or
+    better throughout: NVML's tree, NVSwitch); None when they do not here.
+
+    Any N GPUs linked at level L or better lie in one group of level L, so at the lowest level
+    where a group has N of the candidates, the best set is the first group to collect N in
+    memory order: its first N, if they are all linked at L or better (else: not nested)."""
+    size = len(links.table)
+    for level, group in links.groups:
+        members: dict[int, list[int]] = {}
+        for pos, g in enumerate(ranked):
+            key = group[g] if 0 <= g < size else -1 - g  # a GPU beyond the table: alone
+            got = members.setdefault(key, [])
+            got.append(pos)
+            if len(got) == n:
+                gpus = [ranked[p] for p in got]
+                return (level, got) if worst(links, gpus) <= level else None
+    return None
 
 
 def _exact(d: list[list[int]], k: int, n: int) -> tuple[int, list[int]]:
