@@ -235,6 +235,44 @@ class Front:
 class FrontProtocol(asyncio.Protocol):
     """One client connection on the agent's port (see the module docstring)."""
 
+    # Slots: thousands of open streams each hold one (issue 18's goal is <= 16 KB per stream).
+    __slots__ = (
+        "_between",
+        "_between_at_read",
+        "_close_answer",
+        "_closing",
+        "_completed_in_read",
+        "_counted",
+        "_current",
+        "_data",
+        "_deadline",
+        "_drain",
+        "_guard",
+        "_handover",
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_lingering",
+        "_parser",
+        "_parsing",
+        "_pending_head",
+        "_phase",
+        "_queue",
+        "_raw",
+        "_reading_paused",
+        "_timer",
+        "_unusual",
+        "_url",
+        "_window",
+        "_write_paused",
+        "front",
+        "loop",
+        "proxy",
+        "remote",
+        "task",
+        "transport",
+    )
+
     def __init__(self, front: Front) -> None:
         self.front = front
         self.proxy = front.proxy
@@ -246,6 +284,7 @@ class FrontProtocol(asyncio.Protocol):
         self._counted = False
         self._phase = Phase.HEAD
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # when the current phase's limit runs out
         self._window = 0  # body bytes in the current body_timeout_s window
         # The request being parsed (from its head on), the one being answered, and those
         # pipelined behind it.
@@ -336,9 +375,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         if self._closing and self._close_answer is not None:
             return
-        if self._phase is Phase.IDLE:
-            self._enter(Phase.HEAD)
-        elif self._phase is Phase.BODY:
+        if self._phase is Phase.BODY:
             self._window += len(data)
         if self._between:  # this read begins the next message: its bytes are known from here
             self._raw = [data]
@@ -363,6 +400,8 @@ class FrontProtocol(asyncio.Protocol):
             self._try_hand_over()
         elif self._in_head and self._head_bytes > MAX_HEAD_BYTES:
             self._parse_error(None, "request head too large")
+        else:
+            self._settle()
 
     # httptools' callbacks
 
@@ -403,9 +442,6 @@ class FrontProtocol(asyncio.Protocol):
         else:
             self._queue.append(req)
             self._pause_reading()  # pipelined: one at a time
-        if self._phase is not Phase.BUSY:
-            self._enter(Phase.BODY)
-            self._window = 0
 
     def _data_path_request(self) -> FrontRequest | None:
         """The request, if its head is one the front serves; None: aiohttp's."""
@@ -462,8 +498,6 @@ class FrontProtocol(asyncio.Protocol):
             req.wake()
         if self._lingering:  # the rest of a body we refused has been read: close now
             self._finish_connection()
-        elif self._phase is Phase.BODY:
-            self._enter(Phase.BUSY)
 
     def _parse_error(self, exc: BaseException | None, reason: str | None = None) -> None:
         """Bytes that are not HTTP: aiohttp's to answer if they began the message where they are
@@ -596,13 +630,13 @@ class FrontProtocol(asyncio.Protocol):
             self._start(self._queue.popleft())
             if not self._queue and not self._handover:
                 self._resume_reading()
+            self._settle(answered=True)
             return
         if self._handover:
             self._try_hand_over()
             return
         self._resume_reading()
-        if self._parsing is None:
-            self._enter(Phase.HEAD if not self._between else Phase.IDLE)
+        self._settle(answered=True)
 
     def _finish_connection(self) -> None:
         if self._close_answer is not None:
@@ -716,6 +750,24 @@ class FrontProtocol(asyncio.Protocol):
 
     # --- phases and their timer (gpufleet/httpserver.py's, for this protocol) ------------------------
 
+    def _settle(self, answered: bool = False) -> None:
+        """The phase after a read, or after an answer: a request that came whole in one read
+        goes from idle to busy without a head or body timer."""
+        if self._lingering:
+            return
+        if self.task is not None:  # answering; the body of the request answered may still come
+            req = self._parsing
+            phase = Phase.BODY if req is not None and req is self._current else Phase.BUSY
+        elif not self._between:  # part of a head is here
+            phase = Phase.HEAD
+        elif answered:
+            phase = Phase.IDLE
+        else:
+            return  # a read of nothing but the blank lines between requests
+        if phase is not self._phase:
+            self._window = 0
+            self._enter(phase)
+
     def _enter(self, phase: Phase) -> None:
         self._phase = phase
         if not self._counted:
@@ -733,9 +785,17 @@ class FrontProtocol(asyncio.Protocol):
             self._guard.waiting(self)  # type: ignore[arg-type]
         else:
             self._guard.busy(self)  # type: ignore[arg-type]
-        self._cancel_timer()
-        if timeout is not None:
-            self._timer = self.loop.call_at(self.loop.time() + timeout, self._on_timer)
+        # One timer per connection, pushed back lazily: a phase moves the deadline, and a timer
+        # that fires before it is set again for it (not a new timer per phase, per request).
+        if timeout is None:
+            self._deadline = None
+            return
+        deadline = self._deadline = self.loop.time() + timeout
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -744,7 +804,11 @@ class FrontProtocol(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self._counted or self.transport is None:
+        deadline = self._deadline
+        if deadline is None or not self._counted or self.transport is None:
+            return
+        if self.loop.time() + 0.001 < deadline:  # the deadline moved since this timer was set
+            self._timer = self.loop.call_at(deadline, self._on_timer)
             return
         if self._phase is Phase.HEAD:
             self._guard.timed_out("header", self.remote)
