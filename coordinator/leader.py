@@ -208,6 +208,7 @@ class Leader:
             if self._term is not None:
                 log.info("no longer leading; dropping leadership state", epoch=self._term)
                 self._term = None
+                self.metrics.observe_plan(None, {})  # a standby exports no weights of its own
             return
         # _rewound() is always asked: it also takes note of the rewinds a new term starts after.
         rewound = self._rewound()
