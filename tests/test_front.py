@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 from test_proxy_inprocess import FakeInstance, FakeUpstreams, ok, serve, sse
 
@@ -352,3 +353,27 @@ async def test_a_stop_lets_requests_in_progress_finish(port: Any, serve: Any) ->
     status, headers, body = await response(reader)  # the one in progress gets its answer
     assert status == 200 and json.loads(body) == {"done": True} and headers["connection"] == "close"
     await stopping
+
+
+async def test_a_bug_in_the_pipeline_is_a_json_500_or_a_cut_stream_never_a_mixed_answer(port: Any, serve: Any) -> None:
+    p = await port(FakeUpstreams([FakeInstance("a", await serve(ok("a")))]))
+
+    async def broken(request: Any, sink: Any, *, anthropic: bool = False) -> None:
+        raise RuntimeError("a bug")
+
+    async def broken_mid_stream(request: Any, sink: Any, *, anthropic: bool = False) -> None:
+        await sink.start(200, CIMultiDict({"Content-Type": "text/event-stream"}))
+        await sink.write(b"data: 1\n\n")
+        raise RuntimeError("a bug")
+
+    p.proxy.forward = broken
+    reader, writer = await p.connect()
+    writer.write(post(CHAT, BODY))
+    status, headers, body = await response(reader)
+    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    assert headers["connection"] == "close" and await reader.read() == b""
+    p.proxy.forward = broken_mid_stream
+    reader, writer = await p.connect()
+    writer.write(post(CHAT, BODY))
+    with pytest.raises(asyncio.IncompleteReadError):  # the stream is cut: no terminating chunk
+        await response(reader)

@@ -260,6 +260,7 @@ class FrontProtocol(asyncio.Protocol):
         "_queue",
         "_raw",
         "_reading_paused",
+        "_sent",
         "_timer",
         "_unusual",
         "_url",
@@ -311,6 +312,7 @@ class FrontProtocol(asyncio.Protocol):
         self._close_answer: bytes | None = None  # written before that close (a 400)
         # Writing: the head of a stream goes out with its first chunk.
         self._pending_head: bytes | None = None
+        self._sent = False  # bytes of the current request's answer went out
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -593,7 +595,8 @@ class FrontProtocol(asyncio.Protocol):
         except Exception as e:  # one request's bug must not take the connection's others down
             log.error("unhandled error serving a proxy request", path=req.path, error=repr(e), exc_info=e)
             self._closing = True
-            if self._pending_head is None and self.transport is not None:
+            self._pending_head = None
+            if not self._sent and self.transport is not None:  # nothing of an answer out yet
                 await self.send(
                     Answer(
                         500,
@@ -609,6 +612,7 @@ class FrontProtocol(asyncio.Protocol):
         self.task = None
         self._current = None
         self._pending_head = None
+        self._sent = False
         if not done.keep_alive or not done.complete or done.too_large:
             self._closing = True  # Connection: close, or a body refused (413)
         if self.transport is None:
@@ -680,6 +684,7 @@ class FrontProtocol(asyncio.Protocol):
     # The Sink interface (agent/proxy/exchange.py), for the current request.
 
     async def send(self, answer: Answer) -> None:
+        self._sent = True
         body = answer.body
         head = self._head(answer.status, answer.headers, b"Content-Length: %d\r\n" % len(body))
         self.write_raw(head + body if len(body) < 16384 else None, head, body)
@@ -694,6 +699,7 @@ class FrontProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return  # the client left: the task's cancellation follows
+        self._sent = True
         size = b"%x\r\n" % len(chunk)
         head, self._pending_head = self._pending_head, None
         if head is not None:
@@ -703,6 +709,7 @@ class FrontProtocol(asyncio.Protocol):
         await self._drained()
 
     async def end(self) -> None:
+        self._sent = True
         head, self._pending_head = self._pending_head, None
         self.write_raw(head + _LAST_CHUNK if head is not None else _LAST_CHUNK)
 
