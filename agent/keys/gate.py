@@ -123,10 +123,17 @@ class KeyGate:
         self.hop_secrets: list[bytes] = []
         self.metrics = KeyMetrics(registry)
         self.journal: UsageJournal | None = None  # set by the daemon once open (agent/keys/journal.py)
+        self._mode: tuple[AuthSection, str] | None = None  # keys_required's, for that [auth]
 
     @property
     def keys_required(self) -> bool:
-        return effective_mode(self._auth(), self.listen_host) == "keys"
+        # Asked per proxied request: the mode is worked out again only when a reload replaced
+        # the [auth] section (effective_mode parses the listen host as an IP address).
+        auth = self._auth()
+        known = self._mode
+        if known is None or known[0] is not auth:
+            known = self._mode = (auth, effective_mode(auth, self.listen_host))
+        return known[1] == "keys"
 
     def load_hop_secret(self) -> None:
         """Read the hop secret file (at start, and on every reload). Raises at start; the reload

@@ -33,10 +33,16 @@ class AgentUpstreams:
         self._cfg = cfg
         self._routes = routes
         self._models = models
+        self._node_id: str | None = None
 
     @property
     def node_id(self) -> str:
-        return self._cfg().node_id
+        # Read per answer; [agent] is restart-only, and the name may come from gethostname(),
+        # a system call per request if it were not kept.
+        node_id = self._node_id
+        if node_id is None:
+            node_id = self._node_id = self._cfg().node_id
+        return node_id
 
     @property
     def proxy_cfg(self) -> ProxySection:
