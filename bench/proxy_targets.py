@@ -22,7 +22,7 @@ from _common import cpu_seconds, free_port
 
 from gpufleet import tomlwrite
 from gpufleet_dev.fleetbase import Daemon
-from gpufleet_dev.localfleet import AgentProcess, FleetError
+from gpufleet_dev.localfleet import AgentProcess, FleetError, free_port_block
 
 BACKENDS = ("sim", "canned", "sse", "sse-slow")  # model names: the agent's instances, LiteLLM's model_list
 PEERS = {  # name: (version, pip requirement). litellm 1.108+ needs `litellm-proxy`, not on PyPI
@@ -204,7 +204,7 @@ def start_agent(
     doc = {
         "agent": {"listen_port": port, "state_dir": tmp / "state", "log_dir": tmp / "logs", "log_format": "json"},
         "gpu": {"source": "simulated", "simulated": [{"name": "NVIDIA A100-SXM4-80GB"}]},
-        "supervisor": {"port_base": free_port(), "port_span": len(instances)},
+        "supervisor": {"port_base": free_port_block(len(instances)), "port_span": len(instances)},
         "instances": instances,
     }
     agent = AgentProcess(tmp, tomlwrite.dumps(doc), port, wrapper=["taskset", "-c", str(cpu)])
