@@ -377,3 +377,30 @@ async def test_a_bug_in_the_pipeline_is_a_json_500_or_a_cut_stream_never_a_mixed
     writer.write(post(CHAT, BODY))
     with pytest.raises(asyncio.IncompleteReadError):  # the stream is cut: no terminating chunk
         await response(reader)
+
+
+async def test_only_the_upstream_stalling_ends_a_stream_not_a_slow_reader(port: Any, serve: Any) -> None:
+    chunk = b"data: " + b"x" * 65_530 + b"\n\n"
+    stall = asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(300):  # ~19 MiB: the proxy waits on the client, not on us
+            await resp.write(chunk)
+        await stall.wait()  # then nothing: an engine stuck mid-generation
+        return resp
+
+    p = await port(FakeUpstreams([FakeInstance("a", await serve(upstream))], stream_idle_timeout_s=0.3))
+    reader, writer = await p.connect()
+    writer.write(post(CHAT, STREAM_BODY))
+    # Not a wait for a condition: the client reads nothing for 1 s, over the 0.3 s idle limit,
+    # while the upstream has plenty to send. That is not the upstream stalling.
+    await asyncio.sleep(1.0)
+    status, _, body = await response(reader)
+    events = body.split(b"\n\n")
+    assert status == 200 and events.count(chunk[:-2]) == 300  # all of it, then the stall's error
+    assert json.loads(events[-2].removeprefix(b"data: "))["error"]["code"] == "upstream_stream_error"
+    assert b"nothing for 0.3s" in events[-2]
+    stall.set()
+    writer.close()
