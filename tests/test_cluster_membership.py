@@ -24,7 +24,7 @@ from helpers import AgentProcess, agent_toml, as_node, cluster_toml, free_port, 
 
 from agent.cluster.assignments import CheckState, ModelFollower, Wanted
 from agent.cluster.identity import agent_identity, other_holder
-from agent.cluster.publish_policy import Change, PublishPolicy, change_reason, publish_reason
+from agent.cluster.publish_policy import Change, PublishPolicy, change_reason, held_for, publish_reason
 from agent.config import ModelsSection
 from gpufleet.etcd import EtcdClient, EtcdLeaseNotFound, Event, KeyValue
 from gpufleet.keyspace import Keyspace, decode
@@ -401,6 +401,11 @@ def test_publish_reason_rate_limits_and_refresh() -> None:
     assert publish_reason(_node(), _node(ready=False), 0.5, p) is None
     assert publish_reason(_node(), _node(ready=False), 1.0, p) == "ready True -> False"
     assert publish_reason(_node(), _node(temp=70), 14.9, p) is None
+    # What is held back, and for how long: the publisher wakes when its gap is over.
+    assert held_for(_node(), _node(ready=False), 0.4, p) == pytest.approx(0.6)
+    assert held_for(_node(), _node(temp=70), 5.0, p) == pytest.approx(10.0)
+    assert held_for(_node(), _node(ready=False), 1.0, p) is None  # due now: publish_reason says so
+    assert held_for(_node(), _node(), 0.5, p) is None and held_for(None, _node(), 0.0, p) is None
     assert publish_reason(_node(), _node(temp=70), 15.0, p) == "gpu 0 temperature 50 -> 70"
 
 

@@ -147,3 +147,15 @@ def publish_reason(prev: NodeRecord | None, cur: NodeRecord, since_last_s: float
     if prev is not None and since_last_s < (p.min_gap_s if change.urgent else p.telemetry_gap_s):
         return None
     return change.reason
+
+
+def held_for(prev: NodeRecord | None, cur: NodeRecord, since_last_s: float, p: PublishPolicy) -> float | None:
+    """A change that ``publish_reason`` holds back for its gap: the seconds until it may go out
+    (None: nothing is held back). The publisher wakes then, not at its next keep-alive or probe:
+    a replica's READY 50 ms after its WARMING was written reached etcd 2-5 s late, and a request
+    held on another node for that replica waited as long (bench/ondemand.py)."""
+    change = change_reason(prev, cur, p) if prev is not None else None
+    if change is None:
+        return None
+    gap = p.min_gap_s if change.urgent else p.telemetry_gap_s
+    return gap - since_last_s if since_last_s < gap else None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +50,7 @@ from gpufleet.keyspace.records import NodeRecord
 from gpufleet.tasks import cancel_and_wait, wait_set
 
 from .identity import OtherHolder, agent_identity, other_holder
-from .publish_policy import PublishPolicy, publish_reason
+from .publish_policy import PublishPolicy, held_for, publish_reason
 
 log = structlog.get_logger("agent.cluster")
 
@@ -250,8 +251,10 @@ class ClusterPublisher:
         lease_deadline = loop.time() + self.cfg.lease_ttl_s
         next_keepalive = loop.time() + self.cfg.keepalive_s
         publish_not_before = 0.0  # after a failed write: when to try again
+        held_until = math.inf  # a change held back by its gap goes out then
         while True:
-            due = max(self._published_at_loop() + self.policy.interval_s, publish_not_before)
+            refresh = self._published_at_loop() + self.policy.interval_s
+            due = max(min(refresh, held_until), publish_not_before)
             wait = max(0.0, min(next_keepalive, due) - loop.time())
             await wait_set(self._poke, wait)
             self._poke.clear()
@@ -278,7 +281,11 @@ class ClusterPublisher:
             if loop.time() < publish_not_before:
                 continue
             cur = self.snapshot()
-            why = publish_reason(self._published, cur, time.monotonic() - self._published_at, self.policy)
+            since = time.monotonic() - self._published_at
+            why = publish_reason(self._published, cur, since, self.policy)
+            held = held_for(self._published, cur, since, self.policy) if why is None else None
+            # Not less than 10 ms: the loop's clock and time.monotonic may disagree by a hair.
+            held_until = loop.time() + max(held, 0.01) if held is not None else math.inf
             if why is not None:
                 try:
                     await self._publish(cur, why)
