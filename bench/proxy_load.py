@@ -274,7 +274,8 @@ async def _streams(base: str, raw: bytes, n: int, start_at: float, ramp: float, 
     try:
         await asyncio.wait_for(rec.all_done.wait(), max(1.0, deadline - time.time()))
     except TimeoutError:
-        rec.error("deadline: stream still open")
+        for _ in range(rec.open):  # one error per stream that never ended
+            rec.error("deadline: stream still open")
     for t in tasks:
         t.cancel()
     return rec

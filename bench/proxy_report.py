@@ -45,6 +45,13 @@ def table(r: dict) -> str:
     )
     rows[-1][1][names.index("gpu-agent")] = ", ".join(ratios) if "gpu-agent" in names else ""
     rows.append(("proxy CPU per request", [fmt(rps[n].get("cpu_us_per_request"), " µs") for n in names], "", ""))
+    per_core = {n: 1e6 / rps[n]["cpu_us_per_request"] for n in names if rps[n].get("cpu_us_per_request")}
+    rows.append(("req/s one core could serve (1 / CPU per request)", [fmt(per_core.get(n)) for n in names], "", ""))
+    a = per_core.get("gpu-agent")
+    ratios = [f"{a / per_core[p]:.2f}× {p}" if a and per_core.get(p) else f"— × {p}" for p in ("vllm-router", "nginx")]
+    rows.append(("gpu-agent's CPU-derived req/s as a share of", ["" for _ in names], "", ""))
+    if "gpu-agent" in names:
+        rows[-1][1][names.index("gpu-agent")] = ", ".join(ratios)
     for b, label in (("sim", "simulated vLLM"), ("canned", "canned")):
         lat = r["latency_c1"][b]
         rows.append(
@@ -125,6 +132,14 @@ def table(r: dict) -> str:
                 ],
                 "added ≤ 10 ms" if i == 0 else "",
                 verdict(f"{n_streams:,} streams: added") if i == 0 else "",
+            )
+        )
+        rows.append(
+            (
+                f"{head}: events that came in one read with the one before",
+                [f"{s[n].get('gaps_zero_share', 0):.1%}" for n in names],
+                "",
+                "",
             )
         )
         rows.append(
