@@ -8,8 +8,9 @@ reach the same backend processes, which gpu-agent supervises as its instances:
 - ``sim``: the simulated vLLM server (gpufleet_dev.simulated_server, aiohttp) — c=1 latency;
 - ``canned``: nginx answering every chat completion with one fixed JSON body — c=1 latency and
   max req/s, where the proxy and not the backend must be the bottleneck;
-- ``sse``: a uvloop server streaming SSE events at 20 events/s (bench/proxy_backends.py) — the
-  first-event overhead and the 1,000 and 5,000 concurrent stream tests.
+- ``sse``: a uvloop server streaming SSE events at ``--rate`` (20) events/s (bench/proxy_backends.py)
+  — the first-event overhead and the 1,000-stream test; ``sse-slow``, the same at ``--slow-rate``
+  (4) events/s — the 5,000-stream test, so that both ask 20,000 events/s of the load core.
 
 Measured per target, as ratios against direct (no proxy) and each other from the same run: max
 req/s (wrk, keep-alive, non-streaming POST) and proxy CPU per request (process CPU seconds from
