@@ -66,8 +66,9 @@ class ApiSection(StrictSection):
     max_connections: Annotated[int, Meta(ge=0)] = 0
     # File descriptors kept out of the cap: model-server pipes, log files, etcd, the listener.
     fd_reserve: Annotated[int, Meta(ge=0)] = 256
-    # listen(2) backlog; the kernel caps it at net.core.somaxconn.
-    backlog: Annotated[int, Meta(ge=1, le=65535)] = 1024
+    # listen(2) backlog; the kernel caps it at net.core.somaxconn (4096 by default since Linux
+    # 5.4). 5,000 clients connecting at once overflowed 1,024 (bench/proxy.py, issue 18).
+    backlog: Annotated[int, Meta(ge=1, le=65535)] = 4096
     # Who may read /v1/status and /metrics (topology, instance ports and PIDs, API key names and
     # usage). "open": whoever reaches the port (a scraper without credentials); "token": a
     # bearer token, status_token_file's (Prometheus' authorization credentials_file) or an
