@@ -218,26 +218,30 @@ def test_digest_matches_coreutils(fleet: Fleet) -> None:
 # --- placement --------------------------------------------------------------------------------
 
 
-async def test_model_placed_on_a_fitting_node_served_and_routed(fleet: Fleet) -> None:
+def register_qwen_and_small(fleet: Fleet) -> None:
+    """qwen (A100, falling back to small) and small (H100); those already registered are left
+    alone, so a test that needs them runs alone too, not only after the placement test."""
+    listed = json.loads(fleet.gpuctl("-o", "json", "models", "list").stdout)
+    have = {r["model"]["name"] for r in listed}
     qwen = fleet.shared / "qwen"
     size = str(sum(p.stat().st_size for p in qwen.iterdir()))
-    r = fleet.gpuctl(
-        "models", "add", "qwen", "--path", str(qwen), "--classes", "A100", "--min-vram-gib", "30",
-        "--size-bytes", size, "--sha256", model_digest(str(qwen)), "--fallback", "small",
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    r = fleet.gpuctl(
-        "models",
-        "add",
-        "small",
-        "--path",
-        str(fleet.shared / "small.gguf"),
-        "--classes",
-        "H100",
-        "--min-vram-gib",
-        "20",
-    )
-    assert r.returncode == 0, r.stderr
+    if "qwen" not in have:
+        r = fleet.gpuctl(
+            "models", "add", "qwen", "--path", str(qwen), "--classes", "A100", "--min-vram-gib", "30",
+            "--size-bytes", size, "--sha256", model_digest(str(qwen)), "--fallback", "small",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    if "small" not in have:
+        r = fleet.gpuctl(
+            "models", "add", "small", "--path", str(fleet.shared / "small.gguf"), "--classes", "H100",
+            "--min-vram-gib", "20",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+
+
+async def test_model_placed_on_a_fitting_node_served_and_routed(fleet: Fleet) -> None:
+    qwen = fleet.shared / "qwen"
+    register_qwen_and_small(fleet)
     async with fleet.etcd.client() as etcd:
         [node] = await wait_placed(etcd, "qwen", 1)
         assert node.startswith("a100-")
@@ -332,6 +336,7 @@ def leader_level(fleet: Fleet) -> int:
 
 
 async def test_degradation_levels_rise_and_fall_with_the_error_rate(fleet: Fleet) -> None:
+    register_qwen_and_small(fleet)
     async with fleet.etcd.client() as etcd:
         [node] = await wait_placed(etcd, "qwen", 1)
         await wait_placed(etcd, "small", 1)
