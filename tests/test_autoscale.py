@@ -13,28 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from etcd_fixtures import EtcdCluster
 from helpers import (
-    SIM_LAUNCHER,
-    AgentProcess,
-    CoordinatorProcess,
-    agent_toml,
-    as_node,
-    cluster_toml,
-    free_port,
-    start_agent_sync,
     wait_until,
 )
+from modelfleet import ModelFleet, model_fleet
 
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, decode
@@ -46,56 +34,15 @@ GPUS = {"a100-1": "NVIDIA A100-SXM4-80GB", "a100-2": "NVIDIA A100-SXM4-80GB", "h
 ENTRY = "h100-1"  # no A100: every model below runs elsewhere
 
 
-@dataclass
-class Fleet:
-    etcd: EtcdCluster
-    tmp: Path
-    shared: Path
-    agents: dict[str, AgentProcess] = field(default_factory=dict)
-    coord: CoordinatorProcess | None = None
-
-    def gpuctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "gpuctl.main", "--etcd", ",".join(self.etcd.endpoints), "--cluster", CLUSTER]
-        return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
-
-    def leader_log(self) -> list[dict[str, Any]]:
-        lines = (self.tmp / "c1.log").read_text().splitlines()
-        return [json.loads(x) for x in lines if x.startswith("{")]
-
-
-def agent_config(fleet: Fleet, node: str, port: int) -> str:
-    tmp = fleet.tmp / node
-    tmp.mkdir(exist_ok=True)
-    gpus = f'\n[[gpu.simulated]]\nname = "{GPUS[node]}"\nmemory_total_gib = 80\ntemperature_c = 50\n'
-    text = as_node(agent_toml(tmp, port, "", gpus=gpus), node, f"http://127.0.0.1:{port}")
-    return (
-        text
-        + cluster_toml(fleet.etcd.endpoints, CLUSTER, telemetry_min_gap_s=0.2)
-        + f'\n[models]\nlaunchers = {{ vllm = {SIM_LAUNCHER} }}\nallowed_roots = ["{fleet.shared}"]\n'
-    )
-
-
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelFleet]:
     tmp = tmp_path_factory.mktemp("autoscale")
     shared = tmp / "shared"
     for name in ("od", "m"):
         (shared / name).mkdir(parents=True)
         (shared / name / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    f = Fleet(EtcdCluster(1).start(), tmp, shared)
-    try:
-        for node in GPUS:
-            port = free_port()
-            f.agents[node] = start_agent_sync(f.tmp / node, agent_config(f, node, port), port, 0)
-        f.coord = CoordinatorProcess(f.tmp, "c1", f.etcd.endpoints, CLUSTER).start()
-        f.coord.wait_ready_sync()
+    with model_fleet(tmp, CLUSTER, GPUS, [shared]) as f:
         yield f
-    finally:
-        if f.coord is not None:
-            f.coord.stop()
-        for a in f.agents.values():
-            a.stop()
-        f.etcd.destroy()
 
 
 async def status_of(etcd: EtcdClient, model: str) -> ModelPlacement | None:
@@ -118,7 +65,7 @@ def chat(model: str, max_tokens: int = 4) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(120)
-async def test_cold_start_on_another_node_is_held_and_forwarded(fleet: Fleet) -> None:
+async def test_cold_start_on_another_node_is_held_and_forwarded(fleet: ModelFleet) -> None:
     add = fleet.gpuctl(
         "models", "add", "od", "--path", str(fleet.shared / "od"), "--classes", "A100", "--min-vram-gib", "10",
         "--min-replicas", "0", "--idle-unload-after", "600", "--arg=--startup-delay=1.5",
@@ -160,7 +107,7 @@ async def _burst(base: str, workers: int, stop: asyncio.Event, answers: list[int
 
 
 @pytest.mark.timeout(180)
-async def test_burst_scales_up_and_back_down(fleet: Fleet) -> None:
+async def test_burst_scales_up_and_back_down(fleet: ModelFleet) -> None:
     add = fleet.gpuctl(
         "models", "add", "m", "--path", str(fleet.shared / "m"), "--classes", "A100", "--min-vram-gib", "10",
         "--max-replicas", "2", "--scale-up-waiting", "2", "--scale-up-after", "1", "--scale-down-waiting", "0",
@@ -248,7 +195,7 @@ async def _len_is(listing: Any, n: int) -> list[str] | None:
     return got if len(got) == n else None
 
 
-def test_max_replicas_is_checked_before_it_reaches_etcd(fleet: Fleet) -> None:
+def test_max_replicas_is_checked_before_it_reaches_etcd(fleet: ModelFleet) -> None:
     path = str(fleet.shared / "m")
     low = fleet.gpuctl("models", "add", "x", "--path", path, "--replicas", "2", "--max-replicas", "1")
     assert low.returncode != 0 and "max_replicas: must be between replicas (2) and 1000" in low.stderr, low.stderr

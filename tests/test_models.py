@@ -16,27 +16,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from etcd_fixtures import EtcdCluster
 from helpers import (
-    SIM_LAUNCHER,
-    AgentProcess,
-    CoordinatorProcess,
-    agent_toml,
-    as_node,
-    cluster_toml,
-    free_port,
-    start_agent_sync,
     wait_until,
 )
+from modelfleet import ModelFleet, model_fleet
 
 from gpufleet.etcd import EtcdClient
 from gpufleet.keyspace import Keyspace, assigned_instance_name, decode
@@ -67,45 +57,17 @@ CAN_HIDE = os.geteuid() == 0 and shutil.which("unshare") is not None
 STATIC = {"status": "degraded", "message": "High load, using fallback response"}
 
 
-@dataclass
-class Fleet:
-    etcd: EtcdCluster
-    tmp: Path
-    shared: Path
-    hidden: Path
-    agents: dict[str, AgentProcess] = field(default_factory=dict)
-    coord: CoordinatorProcess | None = None
-
-    def gpuctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "gpuctl.main", "--etcd", ",".join(self.etcd.endpoints), "--cluster", CLUSTER]
-        return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
-
-
-def agent_config(fleet: Fleet, node: str, port: int) -> str:
-    tmp = fleet.tmp / node
-    tmp.mkdir(exist_ok=True)
-    gpus = f'\n[[gpu.simulated]]\nname = "{GPUS[node]}"\nmemory_total_gib = 80\ntemperature_c = 50\n'
-    text = agent_toml(tmp, port, "", gpus=gpus)
-    text = as_node(text, node, f"http://127.0.0.1:{port}")
-    return (
-        text
-        + cluster_toml(fleet.etcd.endpoints, CLUSTER, telemetry_min_gap_s=0.2)
-        + f"""
-[models]
-launchers = {{ vllm = {SIM_LAUNCHER} }}
-allowed_roots = ["{fleet.shared}", "{fleet.hidden}"]
-recheck_interval_s = 1.0
+AGENT_EXTRA = """recheck_interval_s = 1.0
 
 [degradation]
 probe_share = 0.2
 """
-    )
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelFleet]:
     tmp = tmp_path_factory.mktemp("models")
-    shared, hidden = tmp / "shared", tmp / "hidden"
+    shared, hidden = tmp / "shared", hidden_of(tmp)
     (shared / "qwen").mkdir(parents=True)
     (shared / "qwen" / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
     (shared / "qwen" / "model.safetensors").write_bytes(os.urandom(4096))
@@ -113,25 +75,23 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     (shared / "corrupt.gguf").write_bytes(b"GGUF" + os.urandom(1024))
     hidden.mkdir()
     (hidden / "wide.gguf").write_bytes(b"GGUF" + os.urandom(512))
-    f = Fleet(EtcdCluster(1).start(), tmp, shared, hidden)
-    try:
-        for node in GPUS:
-            port = free_port()
-            wrapper = None
-            if node == "a100-2" and CAN_HIDE:
-                # This host's view of the shared store lacks the "hidden" directory.
-                script = f'mount -t tmpfs tmpfs "{hidden}" && exec "$@"'
-                wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
-            f.agents[node] = start_agent_sync(f.tmp / node, agent_config(f, node, port), port, 0, wrapper=wrapper)
-        f.coord = CoordinatorProcess(f.tmp, "c1", f.etcd.endpoints, CLUSTER, COORD_EXTRA).start()
-        f.coord.wait_ready_sync()
+
+    def wrapper(node: str) -> list[str] | None:
+        if node != "a100-2" or not CAN_HIDE:
+            return None
+        # This host's view of the shared store lacks the "hidden" directory.
+        script = f'mount -t tmpfs tmpfs "{hidden}" && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+
+    with model_fleet(
+        tmp, CLUSTER, GPUS, [shared, hidden], agent_extra=AGENT_EXTRA, coord_extra=COORD_EXTRA, wrapper=wrapper
+    ) as f:
         yield f
-    finally:
-        if f.coord is not None:
-            f.coord.stop()
-        for a in f.agents.values():
-            a.stop()
-        f.etcd.destroy()
+
+
+def hidden_of(tmp: Path) -> Path:
+    """The directory under the shared storage that host a100-2 cannot see."""
+    return tmp / "hidden"
 
 
 # --- reading the cluster ----------------------------------------------------------------------
@@ -183,7 +143,7 @@ async def post(base: str, body: dict[str, Any]) -> tuple[int, dict[str, str], by
 # --- registry ---------------------------------------------------------------------------------
 
 
-def test_registry_refuses_bad_entries_and_duplicates(fleet: Fleet) -> None:
+def test_registry_refuses_bad_entries_and_duplicates(fleet: ModelFleet) -> None:
     bad = fleet.gpuctl("models", "add", "x", "--path", "models/x")
     assert bad.returncode == 64 and "path:" in bad.stderr and "not absolute" in bad.stderr
     bad = fleet.gpuctl("models", "add", "x", "--path", "/mnt/models/../etc")
@@ -206,7 +166,7 @@ def test_registry_refuses_bad_entries_and_duplicates(fleet: Fleet) -> None:
     assert fleet.gpuctl("models", "rm", "dup").returncode == 1
 
 
-def test_digest_matches_coreutils(fleet: Fleet) -> None:
+def test_digest_matches_coreutils(fleet: ModelFleet) -> None:
     out = fleet.gpuctl("-o", "json", "models", "digest", str(fleet.shared / "qwen"))
     doc = json.loads(out.stdout)
     script = "find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum"
@@ -218,7 +178,7 @@ def test_digest_matches_coreutils(fleet: Fleet) -> None:
 # --- placement --------------------------------------------------------------------------------
 
 
-def register_qwen_and_small(fleet: Fleet) -> None:
+def register_qwen_and_small(fleet: ModelFleet) -> None:
     """qwen (A100, falling back to small) and small (H100); those already registered are left
     alone, so a test that needs them runs alone too, not only after the placement test."""
     listed = json.loads(fleet.gpuctl("-o", "json", "models", "list").stdout)
@@ -239,7 +199,7 @@ def register_qwen_and_small(fleet: Fleet) -> None:
         assert r.returncode == 0, r.stderr
 
 
-async def test_model_placed_on_a_fitting_node_served_and_routed(fleet: Fleet) -> None:
+async def test_model_placed_on_a_fitting_node_served_and_routed(fleet: ModelFleet) -> None:
     qwen = fleet.shared / "qwen"
     register_qwen_and_small(fleet)
     async with fleet.etcd.client() as etcd:
@@ -270,9 +230,17 @@ async def test_model_placed_on_a_fitting_node_served_and_routed(fleet: Fleet) ->
 
 
 @pytest.mark.skipif(not CAN_HIDE, reason="hiding a path from one agent needs root and unshare(1)")
-async def test_path_missing_on_one_host_is_not_placed_there_and_reported(fleet: Fleet) -> None:
+async def test_path_missing_on_one_host_is_not_placed_there_and_reported(fleet: ModelFleet) -> None:
     r = fleet.gpuctl(
-        "models", "add", "wide", "--path", str(fleet.hidden / "wide.gguf"), "--replicas", "3", "--min-vram-gib", "10"
+        "models",
+        "add",
+        "wide",
+        "--path",
+        str(hidden_of(fleet.tmp) / "wide.gguf"),
+        "--replicas",
+        "3",
+        "--min-vram-gib",
+        "10",
     )
     assert r.returncode == 0, r.stderr
     async with fleet.etcd.client() as etcd:
@@ -297,7 +265,7 @@ async def test_path_missing_on_one_host_is_not_placed_there_and_reported(fleet: 
         await wait_placed(etcd, "wide", 0)
 
 
-async def test_unplaceable_models_say_why(fleet: Fleet) -> None:
+async def test_unplaceable_models_say_why(fleet: ModelFleet) -> None:
     r = fleet.gpuctl("models", "add", "big", "--path", str(fleet.shared / "small.gguf"), "--min-vram-gib", "100")
     assert r.returncode == 0, r.stderr
     wrong = "0" * 64
@@ -321,7 +289,7 @@ async def test_unplaceable_models_say_why(fleet: Fleet) -> None:
 # --- degradation ------------------------------------------------------------------------------
 
 
-async def sim_control(fleet: Fleet, node: str, model: str, **settings: Any) -> None:
+async def sim_control(fleet: ModelFleet, node: str, model: str, **settings: Any) -> None:
     async with fleet.etcd.client() as etcd:
         rec = await node_record(etcd, node)
     assert rec is not None
@@ -330,12 +298,12 @@ async def sim_control(fleet: Fleet, node: str, model: str, **settings: Any) -> N
         assert r.status == 200
 
 
-def leader_level(fleet: Fleet) -> int:
+def leader_level(fleet: ModelFleet) -> int:
     assert fleet.coord is not None
     return fleet.coord.status()["degradation"]["level"]
 
 
-async def test_degradation_levels_rise_and_fall_with_the_error_rate(fleet: Fleet) -> None:
+async def test_degradation_levels_rise_and_fall_with_the_error_rate(fleet: ModelFleet) -> None:
     register_qwen_and_small(fleet)
     async with fleet.etcd.client() as etcd:
         [node] = await wait_placed(etcd, "qwen", 1)
@@ -418,7 +386,7 @@ async def test_degradation_levels_rise_and_fall_with_the_error_rate(fleet: Fleet
 # --- rescheduling -----------------------------------------------------------------------------
 
 
-async def test_replicas_of_a_killed_node_move_after_the_grace_period(fleet: Fleet) -> None:
+async def test_replicas_of_a_killed_node_move_after_the_grace_period(fleet: ModelFleet) -> None:
     async with fleet.etcd.client() as etcd:
         [node] = await wait_placed(etcd, "qwen", 1)
         other = next(n for n in ("a100-1", "a100-2") if n != node)
