@@ -54,34 +54,36 @@ class WatchSettings(NamedTuple):
     route_subset_slices: int = 4
 
 
+class _Span(NamedTuple):
+    """What of a model's slices is followed: the numbers (None: all of them) and the etcd key
+    ranges that hold them, one per run of consecutive slices (a prefix and no end: all)."""
+
+    window: tuple[int, ...] | None
+    ranges: tuple[tuple[str, str | None], ...]
+
+
 class _SliceWatch:
-    """One model's slices (all, or the numbers in ``window``), decoded, with the route last
-    assembled from them. A window is watched as one etcd range per run of consecutive slices."""
+    """One model's slices (all, or those of its span's window), decoded, with the route last
+    assembled from them."""
 
     def __init__(
-        self,
-        etcd: EtcdClient,
-        keys: Keyspace,
-        model: str,
-        window: tuple[int, ...] | None,
-        slice_list: list[int],
-        on_batch: Callable[[str], None],
+        self, etcd: EtcdClient, keys: Keyspace, model: str, span: _Span, on_batch: Callable[[str], None]
     ) -> None:
         self.model = model
         self.keys = keys
-        self.window = window
+        self.span = span
         self.used = time.monotonic()
         self.assembled = asyncio.Event()  # set once a complete route was assembled
         self._on_batch = on_batch
-        if window is None:
-            self.ranges: list[tuple[str, str | None]] = [(keys.model_slices(model), None)]  # the prefix
-        else:
-            self.ranges = [keys.slice_range(model, first, last) for first, last in window_runs(window, slice_list)]
         self.mirrors = [
             KeyMirror(etcd, start, range_end=end, on_change=self._change_handler(i))
-            for i, (start, end) in enumerate(self.ranges)
+            for i, (start, end) in enumerate(span.ranges)
         ]
         self._parts: list[dict[int, RouteSlice]] = [{} for _ in self.mirrors]  # one per mirror
+
+    @property
+    def window(self) -> tuple[int, ...] | None:
+        return self.span.window
 
     @property
     def slices(self) -> dict[int, RouteSlice]:
@@ -218,13 +220,21 @@ class RouteTable:
             listed.add(also)
         return len(listed) + sum(h.nodes for m, h in self.headers.items() if m not in whole)
 
-    def _watch(self, model: str) -> _SliceWatch:
-        """A watch of ``model``'s slices, or of its subset of them (not started)."""
+    def _span(self, model: str) -> _Span:
+        """What of ``model``'s slices to follow now: its subset, or all of them (widened, or no
+        more slices than the subset's size)."""
         slices = self.headers[model].slices
         window = None
         if model not in self._widened:
             window = subset_window(self.node_id, model, slices, self._settings().route_subset_slices)
-        return _SliceWatch(self._etcd, self.keys, model, window, slices, self._assemble)
+        if window is None:
+            return _Span(None, ((self.keys.model_slices(model), None),))
+        runs = window_runs(window, slices)
+        return _Span(window, tuple(self.keys.slice_range(model, first, last) for first, last in runs))
+
+    def _watch(self, model: str) -> _SliceWatch:
+        """A watch of ``model``'s slices, or of its subset of them (not started)."""
+        return _SliceWatch(self._etcd, self.keys, model, self._span(model), self._assemble)
 
     def _follow(self, model: str) -> _SliceWatch:
         w = self._watches[model] = self._watch(model)
@@ -259,9 +269,10 @@ class RouteTable:
         old = self._watches.get(model)
         if old is None or model not in self.headers:
             return
-        new = self._watch(model)
-        if new.ranges == old.ranges:
+        span = self._span(model)
+        if span == old.span:
             return
+        new = _SliceWatch(self._etcd, self.keys, model, span, self._assemble)
         new.used = old.used
         self._watches[model] = new
         new.start()
