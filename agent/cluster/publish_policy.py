@@ -144,9 +144,14 @@ def publish_reason(prev: NodeRecord | None, cur: NodeRecord, since_last_s: float
     change = change_reason(prev, cur, p)
     if change is None:
         return None
-    if prev is not None and since_last_s < (p.min_gap_s if change.urgent else p.telemetry_gap_s):
+    if prev is not None and since_last_s < _gap(change, p):
         return None
     return change.reason
+
+
+def _gap(change: Change, p: PublishPolicy) -> float:
+    """How long after the last write a change of this kind may go out."""
+    return p.min_gap_s if change.urgent else p.telemetry_gap_s
 
 
 def held_for(prev: NodeRecord | None, cur: NodeRecord, since_last_s: float, p: PublishPolicy) -> float | None:
@@ -157,5 +162,5 @@ def held_for(prev: NodeRecord | None, cur: NodeRecord, since_last_s: float, p: P
     change = change_reason(prev, cur, p) if prev is not None else None
     if change is None:
         return None
-    gap = p.min_gap_s if change.urgent else p.telemetry_gap_s
+    gap = _gap(change, p)
     return gap - since_last_s if since_last_s < gap else None
