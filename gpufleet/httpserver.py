@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import enum
 import ipaddress
+import itertools
 import re
 import resource
 import time
@@ -49,7 +50,10 @@ from gpufleet.tomlconfig import ConfigProblem, PositiveFloat, StrictSection
 log = structlog.get_logger("http")
 
 MIN_CONNECTIONS = 16  # below this the API could not serve a handful of clients at once
-EVICT_GRACE_S = 0.05  # a new connection is not evicted before it had a chance to be read
+# A new connection is not evicted before it had a chance to be read (the loop accepts a whole
+# backlog at once), unless the server has read from it: then it had its chance.
+EVICT_GRACE_S = 0.05
+EVICT_SCAN = 16  # how many of the longest waiting are looked at for one that may be evicted
 
 
 class ApiSection(StrictSection):
@@ -194,16 +198,26 @@ class ConnectionGuard:
 
     def admit(self, handler: GuardedRequestHandler) -> bool:
         if self.open >= self.cap:
-            victim, since = next(iter(self._waiting.items()), (None, 0.0))
-            # A connection accepted a moment ago may not have been read yet (the loop accepts a
-            # whole backlog at once): evicting it would lose a client that did nothing wrong.
-            if victim is None or time.monotonic() - since < EVICT_GRACE_S:
+            victim = self._victim()
+            if victim is None:
                 self._shedding("refused")
                 return False
             self._shedding("evicted")
             victim.evict()
         self.open += 1
         return True
+
+    def _victim(self) -> GuardedRequestHandler | None:
+        """The longest waiting connection that may be evicted: one the server has read from, or
+        one old enough to have been read. A connection accepted a moment ago may not have been
+        read yet: evicting it would lose a client that did nothing wrong. But a flood that
+        reconnects at once keeps the oldest waiter young, so age alone would refuse everyone
+        (the flood's connections have all been read: they sent their first bytes at once)."""
+        now = time.monotonic()
+        for handler, since in itertools.islice(self._waiting.items(), EVICT_SCAN):
+            if handler.heard or now - since >= EVICT_GRACE_S:
+                return handler
+        return None
 
     def waiting(self, handler: GuardedRequestHandler) -> None:
         self._waiting.pop(handler, None)
@@ -330,11 +344,13 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         "_phase",
         "_timer",
         "_window",
+        "heard",
     )
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
+        self.heard = False  # the server has read bytes from it (see ConnectionGuard._victim)
         self._phase = Phase.HEAD
         self._timer: asyncio.TimerHandle | None = None
         self._got_bytes = False  # has the client sent anything of its next request yet
@@ -404,6 +420,7 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         if not self._counted:
             return
         if data:
+            self.heard = True
             if self._phase is Phase.IDLE:
                 self._enter(Phase.HEAD)
             self._got_bytes = True  # in BUSY: the start of a pipelined request

@@ -590,6 +590,30 @@ async def test_at_the_cap_waiting_connections_are_evicted_and_busy_ones_kept() -
             assert (await read_response(reader)).startswith(b"HTTP/1.1 200")  # the busy ones were kept
 
 
+async def test_at_the_cap_a_new_connection_is_evicted_once_read_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection accepted a moment ago is protected from eviction until the server has read
+    from it; one that sent bytes (a flood that reconnects at once and trickles its head) is not,
+    however young, so such a flood cannot keep the oldest waiter young and lock everyone out."""
+    import gpufleet.httpserver as hs
+
+    monkeypatch.setattr(hs, "EVICT_GRACE_S", 3600.0)  # only having been read counts here
+    async with Listener(cap=4) as srv:
+        silent = [await srv.connect() for _ in range(4)]
+        await wait_until(lambda: srv.guard.open == 4, timeout=5)
+        reader, _ = await srv.connect()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 503"), answer  # none was read from: none evicted
+        for _, w in silent:
+            w.write(b"GET /fast HTTP/1.1\r\n")  # a head that never ends
+        waiting = srv.guard._waiting
+        await wait_until(lambda: len(waiting) == 4 and all(h.heard for h in waiting), timeout=5)
+        reader, writer = await srv.connect()
+        writer.write(GET % b"fast")
+        assert (await read_response(reader)).startswith(b"HTTP/1.1 200")
+        assert srv.guard.shed == {"evicted": 1, "refused": 1}
+        assert await silent[0][0].read() == b""  # the longest waiting, closed without an answer
+
+
 async def test_drain_for_a_handover_closes_every_connection_without_a_reset() -> None:
     """Before the listening socket goes to the next agent: a kept-alive connection that gets its
     next request is answered and closed (Connection: close), not reset under the client; one

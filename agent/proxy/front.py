@@ -271,6 +271,7 @@ class FrontProtocol(asyncio.Protocol):
         "proxy",
         "remote",
         "task",
+        "heard",
         "transport",
     )
 
@@ -283,6 +284,7 @@ class FrontProtocol(asyncio.Protocol):
         self.remote: str | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._counted = False
+        self.heard = False  # the server has read bytes from it (see ConnectionGuard._victim)
         self._phase = Phase.HEAD
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None  # when the current phase's limit runs out
@@ -371,6 +373,7 @@ class FrontProtocol(asyncio.Protocol):
     # --- reading --------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         if self._handover:  # waiting for our answers to finish before aiohttp takes over
             if self._raw is not None:
                 self._raw.append(data)
