@@ -22,6 +22,7 @@ from agent.backends import Verdict
 from agent.config import ProxySection
 from agent.keys.gate import CREDENTIAL_HEADERS, KeyGate
 from agent.keys.usage import StreamUsage, Usage, usage_of_body
+from gpufleet.deadlines import Deadline, Deadlines
 from gpufleet.facts import INSTANCE_HEADER, NODE_HEADER, REQUEST_ID_HEADER
 
 from .cache import StreamRecorder
@@ -69,6 +70,9 @@ class Relay:
         self.metrics = metrics
         self.degrader = degrader
         self.client: UpstreamClient | None = None
+        # Every request's time limits on one loop timer (gpufleet/deadlines.py), not three
+        # timers made and cancelled per request by asyncio.timeout_at.
+        self.deadlines = Deadlines()
 
     @property
     def cfg(self) -> ProxySection:
@@ -127,7 +131,7 @@ class Relay:
         # (headers come with the whole answer) within response_timeout_s. Then the scope moves
         # out to the total deadline.
         limit_s = self._first_byte_limit(ctx, target)
-        scope = asyncio.timeout_at(self.loop_deadline(ctx, limit_s))
+        scope = self.deadlines.at(self.loop_deadline(ctx, limit_s))
         try:
             async with scope:
                 upstream = await self._post(target, request.path_qs, body, headers)
@@ -163,7 +167,7 @@ class Relay:
         # it: give it room for both, or we would give up just as its retry begins.
         return 2 * limit if isinstance(target, RemoteTarget) else limit
 
-    def _timed_out(self, ctx: Ctx, target: Target, scope: asyncio.Timeout, limit_s: float) -> Failure:
+    def _timed_out(self, ctx: Ctx, target: Target, scope: Deadline, limit_s: float) -> Failure:
         if scope.when() == ctx.loop_started + self.cfg.total_timeout_s:  # the total deadline
             limit_s = self.cfg.total_timeout_s
         what = f"no first chunk within {limit_s:g}s" if ctx.stream else f"no complete answer within {limit_s:g}s"
@@ -184,7 +188,7 @@ class Relay:
         upstream: Response,
         target: Target,
         ctx: Ctx,
-        scope: asyncio.Timeout,
+        scope: Deadline,
     ) -> Answer:
         """Relay what the upstream answered: an error status as its backend judges it, an SSE
         stream once its first chunk is here, anything else read whole."""
@@ -264,7 +268,7 @@ class Relay:
         first: bytes,
         target: Target,
         ctx: Ctx,
-        scope: asyncio.Timeout,
+        scope: Deadline,
     ) -> Answer:
         """Start the client's stream with ``first`` and copy the rest; cache it if asked to."""
         headers = self._response_headers(upstream, target, ctx)
@@ -288,7 +292,7 @@ class Relay:
         first: bytes,
         target: Target,
         ctx: Ctx,
-        scope: asyncio.Timeout,
+        scope: Deadline,
         recorder: StreamRecorder | None,
     ) -> None:
         """Copy the stream chunk by chunk; a stall, the total deadline or the upstream failing
@@ -316,7 +320,7 @@ class Relay:
             if usage is not None:
                 await self._pass_on(resp, usage.finish(), None, recorder)
         except asyncio.CancelledError:
-            # Swallowing the cancellation is how an asyncio.Timeout scope (and the watch) are told
+            # Swallowing the cancellation is how the deadline scope (and the watch) are told
             # we handled it; the client gets an error event. Anyone else's (the client went
             # away) goes on: nobody to tell.
             if watch.stalled:

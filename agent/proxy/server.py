@@ -364,7 +364,7 @@ class Proxy:
     async def _enter_gate(self, gate: ModelGate, plan: Plan, ctx: Ctx) -> Answer | None:
         """Wait for a local slot (bounded queue); a response if refused, None once admitted."""
         try:
-            async with asyncio.timeout_at(self.relay.loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
+            async with self.relay.deadlines.at(self.relay.loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
                 await gate.acquire()
         except QueueFull as e:
             self.metrics.rejected.labels("queue_full").inc()
