@@ -228,6 +228,6 @@ async def test_a_header_with_a_line_break_is_refused() -> None:
 
 
 def test_origins() -> None:
-    assert origin_of("http://10.0.0.1:8080") == ("http" == "https", "10.0.0.1", 8080, "10.0.0.1:8080")
-    assert origin_of("https://node-a") == (True, "node-a", 443, "node-a")
-    assert origin_of("http://[::1]:9000").host_header == "[::1]:9000"
+    assert origin_of("http://10.0.0.1:8080") == ("http" == "https", "10.0.0.1", 8080, b"10.0.0.1:8080")
+    assert origin_of("https://node-a") == (True, "node-a", 443, b"node-a")
+    assert origin_of("http://[::1]:9000").host_header == b"[::1]:9000"

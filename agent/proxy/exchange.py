@@ -7,8 +7,10 @@ request) and aiohttp's server (``add_proxy``: the in-process tests, bench/routin
 connection that aiohttp already serves because it began with an admin request).
 
 - :class:`Request`: ``method``, ``path``, ``path_qs``, ``headers`` (case-insensitive),
-  ``remote``, and ``read()``, the whole body, which raises :class:`BodyTooLarge` past
-  ``[proxy] max_body_bytes`` and :class:`BodyUnreadable` when its framing is broken.
+  ``raw_headers`` (the same as the parser gave them, valid UTF-8: what the relay passes on
+  without decoding and encoding them again), ``remote``, and ``read()``, the whole body,
+  which raises :class:`BodyTooLarge` past ``[proxy] max_body_bytes`` and
+  :class:`BodyUnreadable` when its framing is broken.
 - :class:`Sink`: a whole answer (``send``), or a stream (``start``, ``write``..., ``end``). A
   client that goes away cancels the task running the pipeline (the listener does it, as aiohttp's
   ``handler_cancellation`` did): that is the "client gone" signal, and it closes the upstream.
@@ -17,6 +19,7 @@ connection that aiohttp already serves because it began with an admin request).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from aiohttp import web
@@ -42,6 +45,8 @@ class Request(Protocol):
     def path_qs(self) -> str: ...
     @property
     def headers(self) -> Headers: ...
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
     @property
     def remote(self) -> str | None: ...
 
@@ -87,12 +92,12 @@ class Sink(Protocol):
 class AiohttpRequest:
     """An aiohttp ``Request`` as the pipeline's :class:`Request`."""
 
-    __slots__ = ("_request", "headers", "method", "path", "path_qs", "remote")
+    __slots__ = ("_request", "headers", "method", "path", "path_qs", "raw_headers", "remote")
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self.method, self.path, self.path_qs = request.method, request.path, request.path_qs
-        self.headers, self.remote = request.headers, request.remote
+        self.headers, self.raw_headers, self.remote = request.headers, request.raw_headers, request.remote
 
     async def read(self) -> bytes:
         try:

@@ -142,14 +142,24 @@ class FrontRequest:
         "models",
         "path",
         "path_qs",
+        "raw_headers",
         "remote",
         "size",
         "too_large",
     )
 
-    def __init__(self, conn: FrontProtocol, method: str, path: str, path_qs: str, headers: CIMultiDict[str]) -> None:
+    def __init__(
+        self,
+        conn: FrontProtocol,
+        method: str,
+        path: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        raw_headers: list[tuple[bytes, bytes]],
+    ) -> None:
         self._conn = conn
         self.method, self.path, self.path_qs, self.headers = method, path, path_qs, headers
+        self.raw_headers = raw_headers  # decoded above without an error: valid UTF-8
         self.remote = conn.remote
         self.models = method == "GET"
         self.anthropic = path in _ANTHROPIC
@@ -267,11 +277,11 @@ class FrontProtocol(asyncio.Protocol):
         "_window",
         "_write_paused",
         "front",
+        "heard",
         "loop",
         "proxy",
         "remote",
         "task",
-        "heard",
         "transport",
     )
 
@@ -480,7 +490,7 @@ class FrontProtocol(asyncio.Protocol):
         expect = headers.get("Expect")
         if expect is not None and expect.strip().lower() != "100-continue":
             return None
-        req = FrontRequest(self, method.decode(), path_b.decode(), path_qs, headers)
+        req = FrontRequest(self, method.decode(), path_b.decode(), path_qs, headers, raw)
         req.expect_continue = expect is not None
         length = headers.get("Content-Length")
         if length is not None and int(length) > self.proxy.cfg.max_body_bytes:
@@ -671,7 +681,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _head(self, status: int, headers: CIMultiDict[str], framing: bytes) -> bytes:
         parts = [_status_line(status)]
-        parts.extend(f"{k}: {v}\r\n".encode("utf-8", "surrogateescape") for k, v in headers.items())
+        parts.append("".join([f"{k}: {v}\r\n" for k, v in headers.items()]).encode("utf-8", "surrogateescape"))
         parts.append(framing)
         parts.append(_date.line())
         if self._closing or self._guard.draining or self.front.stopping or not self._keeps_alive():

@@ -60,7 +60,7 @@ class Origin(NamedTuple):
     tls: bool
     host: str
     port: int
-    host_header: str
+    host_header: bytes  # the Host header's value
 
 
 def origin_of(base_url: str) -> Origin:
@@ -70,7 +70,7 @@ def origin_of(base_url: str) -> Origin:
     host = u.hostname or ""
     default = (tls and port == 443) or (not tls and port == 80)
     shown = f"[{host}]" if ":" in host else host
-    return Origin(tls, host, port, shown if default else f"{shown}:{port}")
+    return Origin(tls, host, port, (shown if default else f"{shown}:{port}").encode("utf-8", "surrogateescape"))
 
 
 class _Connection(asyncio.Protocol):
@@ -210,6 +210,18 @@ class Response:
         self.status = conn.status
 
     @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The head's fields as the upstream sent them (names in their own case)."""
+        return self._conn.raw_headers
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first field called ``name`` (lower-case), without decoding the others."""
+        for n, v in self._conn.raw_headers:
+            if n.lower() == name:
+                return v
+        return None
+
+    @property
     def headers(self) -> CIMultiDict[str]:
         if self._headers is None:
             self._headers = CIMultiDict(
@@ -265,10 +277,20 @@ class UpstreamClient:
 
     async def post(self, base_url: str, path: str, headers: Iterable[tuple[str, str]], body: bytes) -> Response:
         """Send the request; the response once its head is here (ConnectError, Disconnected)."""
+        return await self.post_lines(base_url, path, header_lines(headers), body)
+
+    async def post_lines(self, base_url: str, path: str, lines: bytes, body: bytes) -> Response:
+        """``post`` with the headers already as lines (``Name: value\\r\\n`` each, no line
+        breaks inside: the caller's promise); Host and Content-Length are the client's."""
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = origin_of(base_url)
-        data = _request_head(origin, path, headers, len(body))
+        data = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+            path.encode("utf-8", "surrogateescape"),
+            origin.host_header,
+            len(body),
+            lines,
+        )
         while True:
             conn = self._pooled(origin) or await self._connect(origin)
             try:
@@ -342,11 +364,12 @@ class UpstreamClient:
             self._drop(origin)
 
 
-def _request_head(origin: Origin, path: str, headers: Iterable[tuple[str, str]], length: int) -> bytes:
-    lines = [f"POST {path} HTTP/1.1\r\nHost: {origin.host_header}\r\nContent-Length: {length}\r\n"]
+def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
+    """Headers as request lines; ValueError for a line break in a name or value, which would
+    split the request in two (header injection)."""
+    lines = []
     for name, value in headers:
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            raise ValueError(f"header {name!r} has a line break")  # never split a request in two
+            raise ValueError(f"header {name!r} has a line break")
         lines.append(f"{name}: {value}\r\n")
-    lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")

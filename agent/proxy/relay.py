@@ -29,7 +29,7 @@ from .cache import StreamRecorder
 from .context import HOP_BY_HOP, REQUEST_HOP_BY_HOP, Ctx, Failure
 from .degrade import DEGRADED_HEADER, DOWNGRADED_HEADER, FALLBACK_REQUEST_HEADER, Degrader
 from .exchange import Answer, Request, Sink
-from .httpclient import ConnectError, Disconnected, PayloadError, Response, UpstreamClient
+from .httpclient import ConnectError, Disconnected, PayloadError, Response, UpstreamClient, header_lines
 from .metrics import ProxyMetrics
 from .remote import HOPS_HEADER, RemoteTarget, hops_of
 from .stats import ProxyStats
@@ -42,6 +42,13 @@ CAPACITY = "capacity"  # its backend knows the request did not fit right now: co
 CUT_OFF = (PayloadError, Disconnected)
 
 Target = LocalUpstream | RemoteTarget
+# Request headers never passed on as the client sent them (lower-case, as bytes: the relay
+# compares raw header names): hop-by-hop ones, and those the relay sets itself.
+_NOT_PASSED = frozenset(n.encode() for n in REQUEST_HOP_BY_HOP | {REQUEST_ID_HEADER.lower(), "x-forwarded-for"})
+# Response headers not passed back: hop-by-hop ones, and Date and Server, which are ours.
+_NOT_RETURNED = frozenset(n.encode() for n in HOP_BY_HOP) | {b"date", b"server"}
+# Where this node checks keys, the client's key is ours: it goes no further.
+_NOT_PASSED_KEYED = _NOT_PASSED | {n.lower().encode() for n in CREDENTIAL_HEADERS}
 
 
 def counted(ctx: Ctx, target: Target) -> bool:
@@ -142,24 +149,25 @@ class Relay:
         finally:
             upstream_stats.in_flight -= 1
 
-    def _request_headers(self, request: Request, body: bytes, target: Target, ctx: Ctx) -> CIMultiDict[str]:
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_HOP_BY_HOP)
-        headers[REQUEST_ID_HEADER] = ctx.rid
-        headers["X-Forwarded-For"] = request.remote or ""
+    def _request_headers(self, request: Request, body: bytes, target: Target, ctx: Ctx) -> bytes:
+        """The header lines of the request to ``target``: the client's as the parser gave them
+        (bytes, never decoded and encoded again), less the hop-by-hop ones, the client's
+        credential where this node checks keys, and those the relay sets, which follow."""
         gate = self.gate
-        if gate is not None and gate.strips_credentials:
-            for name in CREDENTIAL_HEADERS:  # the client's key is ours: it goes no further
-                headers.popall(name, None)
-        remote = isinstance(target, RemoteTarget)
-        if remote:
+        skip = _NOT_PASSED_KEYED if gate is not None and gate.strips_credentials else _NOT_PASSED
+        ours = CIMultiDict(((REQUEST_ID_HEADER, ctx.rid), ("X-Forwarded-For", request.remote or "")))
+        if isinstance(target, RemoteTarget):
             hops = hops_of(request.headers.get(HOPS_HEADER)) + 1
-            headers[HOPS_HEADER] = str(hops)
+            ours[HOPS_HEADER] = str(hops)
             if ctx.downgraded is not None:
-                headers[FALLBACK_REQUEST_HEADER] = ctx.model or ""
+                ours[FALLBACK_REQUEST_HEADER] = ctx.model or ""
             if gate is not None:  # the next node trusts our signature instead of the client's key
-                headers.update(gate.forward_headers(request.path_qs, hops, body, ctx))
-        headers.update(target.upstream.headers)  # the instance's own API key, not the client's
-        return headers
+                ours.update(gate.forward_headers(request.path_qs, hops, body, ctx))
+        ours.update(target.upstream.headers)  # the instance's own API key, not the client's
+        if len(ours) > 2:
+            skip = skip | {name.lower().encode() for name in ours}
+        passed = b"".join([n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in skip])
+        return passed + header_lines(ours.items())
 
     def _first_byte_limit(self, ctx: Ctx, target: Target) -> float:
         limit = self.cfg.ttfb_timeout_s if ctx.stream else self.cfg.response_timeout_s
@@ -173,12 +181,12 @@ class Relay:
         what = f"no first chunk within {limit_s:g}s" if ctx.stream else f"no complete answer within {limit_s:g}s"
         return Failure("timeout", self.timeout_response(ctx, what), f"{target.name}: {what}")
 
-    async def _post(self, target: Target, path: str, body: bytes, headers: CIMultiDict[str]) -> Response:
+    async def _post(self, target: Target, path: str, body: bytes, headers: bytes) -> Response:
         """Send the request (httpclient.py retries a kept-alive connection the upstream closed
         as we reused it); refused, unreachable or closed before answering is a Failure."""
         assert self.client is not None
         try:
-            return await self.client.post(target.base_url, path, headers.items(), body)
+            return await self.client.post_lines(target.base_url, path, headers, body)
         except (ConnectError, Disconnected, PayloadError) as e:
             raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
 
@@ -195,7 +203,7 @@ class Relay:
         if upstream.status >= 400:
             return self._error_answer(upstream, await self._read(upstream, target), target, ctx)
         try:
-            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
                 # Hold the client's headers back until the first chunk is here: until then a
                 # dead upstream can still be retried elsewhere.
                 first = await upstream.content.readany()
@@ -240,9 +248,13 @@ class Relay:
         raise Failure("status_5xx", resp, f"{target.name}: HTTP {upstream.status}: {payload[:200]!r}")
 
     def _response_headers(self, upstream: Response, target: Target, ctx: Ctx) -> CIMultiDict[str]:
-        h = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP)
-        h.popall("Date", None)
-        h.popall("Server", None)
+        h = CIMultiDict(
+            [
+                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for n, v in upstream.raw_headers
+                if n.lower() not in _NOT_RETURNED
+            ]
+        )
         # Where it was served: another node's answer already names that node (and its instance,
         # unless that node's proxy answered itself: a refusal); a local instance's is ours to name.
         if isinstance(target, RemoteTarget):
