@@ -105,6 +105,13 @@ class Deadlines:
         self._armed: int | None = None  # the bucket the timer is set for
         self._firing = False
 
+    def now(self) -> float:
+        """The event loop's time (the loop is looked up once, not per call)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
+
     def at(self, when: float) -> Deadline:
         """A scope that expires at ``when`` (event-loop time)."""
         return Deadline(self, when)

@@ -1,5 +1,6 @@
-"""The proxy's access log (agent/proxy/accesslog.py): the lines of one event-loop turn go out in
-one write with one timestamp, look like structlog's, and are counted when a full disk drops them."""
+"""The proxy's access log (agent/proxy/accesslog.py): lines go out in batches, one write each,
+stamped once per event-loop turn; they look like structlog's, and are counted when a full disk
+drops them."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 import gpufleet.logsetup as logsetup
-from agent.proxy.accesslog import AccessLog
+from agent.proxy.accesslog import BATCH_LINES, AccessLog
 from gpufleet.logsetup import JsonSink, LineWriter
 
 
@@ -34,23 +36,27 @@ def sink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-un
     os.close(fd)
 
 
-async def test_one_write_per_loop_turn_with_one_timestamp(sink) -> None:  # type: ignore[no-untyped-def]
+async def test_batches_one_write_each_with_one_timestamp_per_turn(sink) -> None:  # type: ignore[no-untyped-def]
     writer, path = sink
     log = AccessLog()
     for i in range(5):
         log.record(request_id=f"r{i}", status=200, model="m", path=Path("/v1/x"))
-    assert writer.writes == 0  # nothing before the turn ends
-    await asyncio.sleep(0)
-    assert writer.writes == 1
-    log.record(request_id="r5", status=429)
-    await asyncio.sleep(0)
-    assert writer.writes == 2
+    await asyncio.sleep(0)  # the turn ends: nothing is written yet
+    log.record(request_id="r5", status=429)  # another turn, the same batch
+    assert writer.writes == 0
+    await wait_until(lambda: writer.writes == 1, timeout=5, what="the batch written after FLUSH_S")
     lines = path.read_bytes().splitlines()
     assert len(lines) == 6 and all(line.startswith(b"<6>{") for line in lines)
     docs = [json.loads(line[3:]) for line in lines]
     assert [d["request_id"] for d in docs] == [f"r{i}" for i in range(6)]
     assert docs[0]["event"] == "request" and docs[0]["level"] == "info" and docs[0]["path"] == "/v1/x"
     assert len({d["timestamp"] for d in docs[:5]}) == 1 and docs[0]["timestamp"].endswith("Z")
+    # A full batch goes out at once, without waiting for the timer.
+    for i in range(BATCH_LINES):
+        log.record(request_id=f"b{i}")
+    assert writer.writes == 2 and len(path.read_bytes().splitlines()) == 6 + BATCH_LINES
+    log.flush()  # nothing pending: no write
+    assert writer.writes == 2
 
 
 async def test_lines_a_full_disk_drops_are_counted(sink) -> None:  # type: ignore[no-untyped-def]

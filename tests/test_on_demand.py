@@ -165,7 +165,7 @@ async def test_held_requests_wake_when_an_instance_is_ready_and_the_queue_is_bou
     tracker = DemandTracker(lambda: {"m": M}, lambda: None)
     refused: list[str] = []
     cold = ColdStart(ups, tracker, refused.append)  # type: ignore[arg-type]
-    ctxs = [Ctx(f"r{i}", time.monotonic()) for i in range(3)]
+    ctxs = [Ctx(f"r{i}", time.monotonic(), ProxySection()) for i in range(3)]
     for c in ctxs:
         c.model = "m"
     held = [asyncio.create_task(cold.hold("m", c)) for c in ctxs[:2]]
@@ -190,12 +190,12 @@ async def test_held_requests_wake_when_an_instance_is_ready_and_the_queue_is_bou
 
 async def test_a_hold_past_cold_start_timeout_is_a_503() -> None:
     cold = ColdStart(_Upstreams(cold_start_timeout_s=0.05), DemandTracker(lambda: {"m": M}, lambda: None))  # type: ignore[arg-type]
-    ctx = Ctx("r", time.monotonic())
+    ctx = Ctx("r", time.monotonic(), ProxySection())
     ctx.model = "m"
     resp = await cold.hold("m", ctx)
     assert resp is not None and resp.status == 503 and b"within 0.05 s" in resp.body  # type: ignore[operator]
     # a model that is not on demand is never held
-    assert await cold.hold("other", Ctx("r2", time.monotonic())) is None
+    assert await cold.hold("other", Ctx("r2", time.monotonic(), ProxySection())) is None
 
 
 # --- end to end ------------------------------------------------------------------------------------

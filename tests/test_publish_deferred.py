@@ -6,8 +6,9 @@ WARMING and READY some 50 ms apart. WARMING is written; READY falls inside the 1
 ``publish_reason`` says "wait", and the publisher's loop then slept until the next keep-alive
 (``lease_ttl_s / 3``, 3.3 s by default) or the 30 s refresh: nothing woke it when the gap ended
 (now ``held_for`` says when). A request held on another node for that replica waited ~4 s
-longer than the replica took to become READY. Keep-alives and probes are production-like here (TTL 30 s, keep-alive every 10 s,
-probes every 5 s) so the delay shows; the test fleets' 1 s keep-alives and 0.5 s probes hide it.
+longer than the replica took to become READY. Keep-alives and probes are production-like here
+(TTL 30 s, keep-alive every 10 s, probes every 5 s) so the delay shows; the test fleets' 1 s
+keep-alives and 0.5 s probes hide it.
 """
 
 from __future__ import annotations

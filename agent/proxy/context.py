@@ -22,6 +22,7 @@ from .exchange import Answer, answer_of
 from .multipart import FormError, form_fields
 
 if TYPE_CHECKING:
+    from agent.config import ProxySection
     from agent.keys.usage import Usage
     from gpufleet.keyspace.records import ApiKeyRecord
 
@@ -170,6 +171,7 @@ class Ctx:
         "auth_headers",
         "billed",
         "cache_key",
+        "cfg",
         "counted",
         "degraded",
         "demand",
@@ -192,9 +194,10 @@ class Ctx:
         "usage",
     )
 
-    def __init__(self, rid: str, started: float) -> None:
+    def __init__(self, rid: str, started: float, cfg: ProxySection) -> None:
         self.rid = rid
         self.started = started
+        self.cfg = cfg  # [proxy] as the request began: one request sees one config, read once
         self.model: str | None = None
         self.model_label = UNKNOWN_MODEL_LABEL
         self.instance: str | None = None

@@ -25,9 +25,6 @@ class ProxyMetrics:
         # the proxy's CPU per request.
         self.done = _Requests()
         registry.register(self.done)
-        self.in_flight = Gauge(
-            "gpu_agent_proxy_in_flight_requests", "Requests being proxied.", ["model"], registry=registry
-        )
         self._upstream_series(registry)
         self._refusal_series(registry)
 
@@ -117,10 +114,12 @@ class _Histogram:
 
 
 class _Requests(Collector):
-    """gpu_agent_proxy_requests_total{model,code} and the duration and time-to-first-byte
-    histograms{model}: plain counters on the hot path, families at scrape time."""
+    """gpu_agent_proxy_in_flight_requests{model}, gpu_agent_proxy_requests_total{model,code} and
+    the duration and time-to-first-byte histograms{model}: plain counters on the hot path,
+    families at scrape time."""
 
     def __init__(self) -> None:
+        self.in_flight: dict[str, int] = {}  # by model: requests being proxied
         self.requests: dict[tuple[str, int], int] = {}
         self.duration: dict[str, _Histogram] = {}
         self.ttfb: dict[str, _Histogram] = {}
@@ -139,6 +138,10 @@ class _Requests(Collector):
             t.observe(ttfb_s)
 
     def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily("gpu_agent_proxy_in_flight_requests", "Requests being proxied.", labels=["model"])
+        for model, n in list(self.in_flight.items()):
+            in_flight.add_metric([model], n)
+        yield in_flight
         requests = CounterMetricFamily(
             "gpu_agent_proxy_requests", "Proxied requests by model and HTTP status.", labels=["model", "code"]
         )

@@ -101,9 +101,9 @@ class Relay:
     def loop_deadline(self, ctx: Ctx, phase_s: float | None = None) -> float:
         """Event-loop time at which the current phase must end: the phase's own limit, capped by
         the request's total deadline."""
-        end = ctx.loop_started + self.cfg.total_timeout_s
+        end = ctx.loop_started + ctx.cfg.total_timeout_s
         if phase_s is not None:
-            end = min(end, asyncio.get_running_loop().time() + phase_s)
+            end = min(end, self.deadlines.now() + phase_s)
         return end
 
     def timeout_response(self, ctx: Ctx, what: str) -> Answer:
@@ -170,14 +170,15 @@ class Relay:
         return passed + header_lines(ours.items())
 
     def _first_byte_limit(self, ctx: Ctx, target: Target) -> float:
-        limit = self.cfg.ttfb_timeout_s if ctx.stream else self.cfg.response_timeout_s
+        cfg = ctx.cfg
+        limit = cfg.ttfb_timeout_s if ctx.stream else cfg.response_timeout_s
         # Another node's proxy runs the same limit on its own instance and may retry once after
         # it: give it room for both, or we would give up just as its retry begins.
         return 2 * limit if isinstance(target, RemoteTarget) else limit
 
     def _timed_out(self, ctx: Ctx, target: Target, scope: Deadline, limit_s: float) -> Failure:
-        if scope.when() == ctx.loop_started + self.cfg.total_timeout_s:  # the total deadline
-            limit_s = self.cfg.total_timeout_s
+        if scope.when() == ctx.loop_started + ctx.cfg.total_timeout_s:  # the total deadline
+            limit_s = ctx.cfg.total_timeout_s
         what = f"no first chunk within {limit_s:g}s" if ctx.stream else f"no complete answer within {limit_s:g}s"
         return Failure("timeout", self.timeout_response(ctx, what), f"{target.name}: {what}")
 
@@ -314,7 +315,7 @@ class Relay:
         # slow to read is never taken for a stalled server) by one lazy timer per stream
         # (_IdleWatch): rescheduling the scope around every read and write was two timer handles
         # per event, a quarter of the proxy's CPU per event with 500 open streams.
-        idle_s = self.cfg.stream_idle_timeout_s
+        idle_s = ctx.cfg.stream_idle_timeout_s
         watch = _IdleWatch(idle_s)
         # The usage of a stream this node admitted under a key: read as it passes (the event
         # asked for on the client's behalf is taken out).

@@ -164,7 +164,7 @@ class Proxy:
         as it is relayed, a whole answer at the end). ``anthropic``: one of ANTHROPIC_ROUTES."""
         started = time.monotonic()
         rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-        ctx = Ctx(rid=rid, started=started)
+        ctx = Ctx(rid, started, self.cfg)
         try:
             answer = await self._forward(request, sink, ctx)
         except asyncio.CancelledError:
@@ -194,7 +194,7 @@ class Proxy:
                 body, head = fallback
                 await self._want(head.model)
                 serving, route = self._where(head.model)
-            plan = self._plan(request, body, head.model, serving, route)
+            plan = self._plan(request, body, head.model, serving, route, ctx)
             return await self._dispatch(request, sink, body, plan, ctx)
         except _Reply as r:
             return ctx.done(r.response)
@@ -324,14 +324,21 @@ class Proxy:
         return resp
 
     def _plan(
-        self, request: Request, body: bytes, model: str, serving: list[LocalUpstream], route: RouteRecord | None
+        self,
+        request: Request,
+        body: bytes,
+        model: str,
+        serving: list[LocalUpstream],
+        route: RouteRecord | None,
+        ctx: Ctx,
     ) -> Plan:
         plan = Plan(model=model, serving=serving, route=None)
-        if self.cfg.affinity_header:
-            plan.session = request.headers.get(self.cfg.affinity_header) or None
+        cfg = ctx.cfg
+        if cfg.affinity_header:
+            plan.session = request.headers.get(cfg.affinity_header) or None
         if route is not None and hops_of(request.headers.get(HOPS_HEADER)) < MAX_HOPS:
             plan.route = route
-        task_routes = self.cfg.task_routes
+        task_routes = cfg.task_routes
         plan.group = task_route_group(task_routes, model, classify_task(body)) if task_routes else None
         return plan
 
@@ -350,21 +357,21 @@ class Proxy:
         gate = self.gate(plan.model) if plan.serving else None
         if self._overflows(plan, gate):
             plan.deferred, plan.serving = plan.serving, []
-        in_flight = self.metrics.in_flight.labels(plan.model)
-        in_flight.inc()
+        in_flight = self.metrics.done.in_flight
+        in_flight[plan.model] = in_flight.get(plan.model, 0) + 1
         try:
             if plan.serving and gate is not None and (refused := await self._enter_gate(gate, plan, ctx)):
                 return refused
             return await self._attempts(request, sink, body, plan, ctx)
         finally:
-            in_flight.dec()
+            in_flight[plan.model] -= 1
             if plan.gate is not None:
                 plan.gate.release()
 
     async def _enter_gate(self, gate: ModelGate, plan: Plan, ctx: Ctx) -> Answer | None:
         """Wait for a local slot (bounded queue); a response if refused, None once admitted."""
         try:
-            async with self.relay.deadlines.at(self.relay.loop_deadline(ctx, self.cfg.ttfb_timeout_s)):
+            async with self.relay.deadlines.at(self.relay.loop_deadline(ctx, ctx.cfg.ttfb_timeout_s)):
                 await gate.acquire()
         except QueueFull as e:
             self.metrics.rejected.labels("queue_full").inc()
@@ -388,7 +395,7 @@ class Proxy:
     async def _attempts(self, request: Request, sink: Sink, body: bytes, plan: Plan, ctx: Ctx) -> Answer:
         """Attempt after attempt, each on an upstream not tried yet, until one answers or the
         request runs out of candidates, attempts or budget."""
-        retry_deadline = ctx.started + ctx.held + self.cfg.retry_budget_s
+        retry_deadline = ctx.started + ctx.held + ctx.cfg.retry_budget_s
         tried: set[str] = set()
         last: Failure | None = None
         timeouts = 0
@@ -523,7 +530,7 @@ class Proxy:
             self.key_gate.finish(ctx)
         duration = time.monotonic() - ctx.started
         self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
-        if self.cfg.access_log:
+        if ctx.cfg.access_log:
             self.access_log.record(
                 request_id=ctx.rid,
                 method=request.method,
