@@ -482,7 +482,7 @@ class _Inst:
 
 async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering() -> None:
     from agent.proxy.context import Failure
-    from agent.proxy.server import unless_instance_leaves
+    from agent.proxy.server import AbandonIfLeaves
 
     inst, finish, cancelled = _Inst(), asyncio.Event(), []
     answered = False
@@ -497,7 +497,8 @@ async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering
 
     async def run() -> str:
         try:
-            return await unless_instance_leaves(attempt(), inst, lambda: answered)
+            with AbandonIfLeaves(inst, lambda: answered):
+                return await attempt()
         finally:
             # Our own cancellation was taken back: the request's task goes on (to a retry).
             assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
@@ -511,7 +512,7 @@ async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering
 
     # Once it has answered (a stream under way), leaving changes nothing.
     answered = True
-    task = asyncio.ensure_future(unless_instance_leaves(attempt(), inst, lambda: answered))
+    task = asyncio.ensure_future(run())
     await asyncio.sleep(0)
     inst.leave()
     finish.set()
@@ -519,10 +520,15 @@ async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering
 
 
 async def test_a_client_leaving_as_the_instance_leaves_is_still_a_cancellation() -> None:
-    from agent.proxy.server import unless_instance_leaves
+    from agent.proxy.server import AbandonIfLeaves
 
     inst = _Inst()
-    task = asyncio.ensure_future(unless_instance_leaves(asyncio.Event().wait(), inst, lambda: False))
+
+    async def run() -> None:
+        with AbandonIfLeaves(inst, lambda: False):
+            await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(run())
     await asyncio.sleep(0)
     inst.leave()
     task.cancel()  # the client disconnected in the same loop turn: nobody to retry for

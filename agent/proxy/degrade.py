@@ -61,6 +61,9 @@ class Applied:
     body: bytes | None = None  # the request body rewritten for the fallback
 
 
+NOT_DEGRADED = Applied(0)  # the answer for most requests: one object, never changed
+
+
 class Degrader:
     def __init__(self, upstreams: Upstreams, stats: ProxyStats | None = None) -> None:
         self.upstreams = upstreams
@@ -93,7 +96,7 @@ class Degrader:
     def plan(self, request: Request, body: bytes, model: str, forwarded: bool) -> Applied:
         level = 0 if forwarded else self.level()
         if level == 0 or self._rng.random() < self.cfg.probe_share:
-            return Applied(0)
+            return NOT_DEGRADED
         if level >= 3:
             return Applied(3)
         # The caller is part of the key: two tenants asking the same question do not share answers.

@@ -76,6 +76,28 @@ def origin_of(base_url: str) -> Origin:
 class _Connection(asyncio.Protocol):
     """One upstream connection: parses responses, one at a time, into chunks for the reader."""
 
+    # Slots: one per open stream (issue 18's memory goal is per stream).
+    __slots__ = (
+        "_paused",
+        "_waiter",
+        "buffered",
+        "chunks",
+        "closed",
+        "complete",
+        "error",
+        "head",
+        "idle_since",
+        "in_use",
+        "keep_alive",
+        "loop",
+        "parser",
+        "raw_headers",
+        "reused",
+        "sized",
+        "status",
+        "transport",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None

@@ -142,8 +142,10 @@ class Relay:
         try:
             async with scope:
                 upstream = await self._post(target, request.path_qs, body, headers)
-                async with upstream:
+                try:
                     return await self._answer(sink, upstream, target, ctx, scope)
+                finally:
+                    upstream.release()
         except TimeoutError:
             raise self._timed_out(ctx, target, scope, limit_s) from None
         finally:

@@ -10,7 +10,7 @@ is never forwarded again (``X-GPUFleet-Hops``), so two nodes cannot bounce it be
 An attempt on another node that has not answered when the route marks that node DOWN is
 abandoned and retried elsewhere (``unless_node_leaves``): behind a silent partition (packets
 dropped, no reset) the connection would otherwise wait for the total deadline, 15 minutes.
-Local instances leaving rotation get the same treatment (server.py, ``unless_instance_leaves``).
+Local instances leaving rotation get the same treatment (server.py, ``AbandonIfLeaves``).
 """
 
 from __future__ import annotations

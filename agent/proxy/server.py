@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -60,7 +60,6 @@ log = structlog.get_logger("agent.proxy")
 GATEWAY_FAILURES = frozenset({"connect", "status_5xx", "timeout", "midstream"})
 # The client waited for an answer that never came: retried even past retry_budget_s.
 ABANDONED = frozenset({"node_down", "instance_down", "timeout"})
-T = TypeVar("T")
 
 
 class _Reply(Exception):
@@ -503,9 +502,10 @@ class Proxy:
     async def _try(self, request: Request, sink: Sink, body: bytes, target: Target, ctx: Ctx) -> Answer:
         """One attempt on one target (local or on another node), abandoned (Failure) if the
         target leaves before it has answered."""
-        attempt = self.relay.attempt(request, sink, body, target, ctx)
         if not isinstance(target, RemoteTarget):
-            return await unless_instance_leaves(attempt, target, lambda: ctx.ttfb is not None)
+            with AbandonIfLeaves(target, lambda: ctx.ttfb is not None):
+                return await self.relay.attempt(request, sink, body, target, ctx)
+        attempt = self.relay.attempt(request, sink, body, target, ctx)
         routes = self.upstreams.routes
         if routes is None:
             return await attempt
@@ -556,37 +556,45 @@ class Watched(Protocol):
     def unwatch(self, on_leave: Callable[[], None]) -> None: ...
 
 
-async def unless_instance_leaves(attempt: Coroutine[Any, Any, T], inst: Watched, answered: Callable[[], bool]) -> T:
-    """Run a local attempt; if its instance leaves rotation (a failed probe, an ejection)
-    before the attempt has answered, abandon it with Failure("instance_down"), which the
-    attempt loop retries elsewhere: a frozen server accepts connections and answers nothing.
+class AbandonIfLeaves:
+    """Around a local attempt: if its instance leaves rotation (a failed probe, an ejection)
+    before the attempt has answered, the attempt is abandoned with Failure("instance_down"),
+    which the attempt loop retries elsewhere: a frozen server accepts connections and answers
+    nothing.
 
     The attempt runs in this task, and leaving cancels the task: cheaper than a watcher task
-    per request. The cancellation lands at the attempt's current await, which is before its
-    first byte (``answered()`` was false when it was asked for), so nothing reaches the client.
+    per request, and a ``with`` block rather than a coroutine around the attempt (no frame per
+    request). The cancellation lands at the attempt's current await, which is before its first
+    byte (``answered()`` was false when it was asked for), so nothing reaches the client.
     ``uncancel`` tells our cancellation apart from the client's leaving at the same time."""
-    task = asyncio.current_task()
-    assert task is not None
-    abandoned = False
 
-    def on_leave() -> None:
-        nonlocal abandoned
-        if not abandoned and not answered():
-            abandoned = True
-            task.cancel()
+    __slots__ = ("_answered", "_inst", "_task", "abandoned")
 
-    inst.watch(on_leave)
-    try:
-        result = await attempt
-    except asyncio.CancelledError:
-        if abandoned and task.uncancel() == 0:
-            raise Failure("instance_down", None, f"{inst.name}: left rotation before it answered") from None
-        raise
-    finally:
-        inst.unwatch(on_leave)
-    if abandoned:
-        task.uncancel()  # the attempt swallowed it and answered after all
-    return result
+    def __init__(self, inst: Watched, answered: Callable[[], bool]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._inst = inst
+        self._answered = answered
+        self.abandoned = False
+
+    def _on_leave(self) -> None:
+        if not self.abandoned and not self._answered():
+            self.abandoned = True
+            self._task.cancel()
+
+    def __enter__(self) -> AbandonIfLeaves:
+        self._inst.watch(self._on_leave)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._inst.unwatch(self._on_leave)
+        if not self.abandoned:
+            return
+        if exc_type is not asyncio.CancelledError:
+            self._task.uncancel()  # the attempt swallowed it and ended after all
+        elif self._task.uncancel() == 0:
+            raise Failure("instance_down", None, f"{self._inst.name}: left rotation before it answered") from None
 
 
 PROXY_KEY = web.AppKey("proxy", Proxy)  # the app's proxy, for the front protocol (front.py)
