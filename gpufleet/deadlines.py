@@ -11,6 +11,10 @@ filed again when its old bucket comes due). A deadline fires at most ``RESOLUTIO
 A :class:`Deadline` behaves as ``asyncio.Timeout`` does (Python 3.11): when it expires inside its
 ``async with`` block the task is cancelled, and the block raises ``TimeoutError`` unless someone
 else cancelled the task too; ``when``, ``reschedule`` and ``expired`` mean the same.
+
+Anything else that must happen at a time moved often (a stream's idle limit, moved by every
+read) is a :class:`Timed` filed with :meth:`Deadlines.add`: when its bucket comes due it says
+whether it is done or when to look again, so moving it costs an attribute write.
 """
 
 from __future__ import annotations
@@ -36,18 +40,35 @@ class _State(enum.Enum):
     EXITED = "exited"
 
 
-class Deadline:
+_UNFILED = -1
+
+
+class Timed:
+    """Something filed with :class:`Deadlines`: ``_when`` is the time it is filed for."""
+
+    __slots__ = ("_bucket", "_when")
+
+    def __init__(self, when: float) -> None:
+        self._when = when
+        self._bucket = _UNFILED
+
+    def fire(self, now: float) -> float | None:
+        """Its bucket came due (``now`` is at or past ``_when`` as filed): act and return None,
+        or return the time to be looked at again (it was moved later meanwhile)."""
+        raise NotImplementedError
+
+
+class Deadline(Timed):
     """One ``async with`` scope that cancels its task at ``when`` (event-loop time)."""
 
-    __slots__ = ("_bucket", "_cancelling", "_owner", "_state", "_task", "_when")
+    __slots__ = ("_cancelling", "_owner", "_state", "_task")
 
     def __init__(self, owner: Deadlines, when: float) -> None:
+        super().__init__(when)
         self._owner = owner
-        self._when = when
         self._state = _State.CREATED
         self._task: asyncio.Task[object] | None = None
         self._cancelling = 0
-        self._bucket = 0
 
     def when(self) -> float:
         return self._when
@@ -72,13 +93,13 @@ class Deadline:
         self._task = task
         self._cancelling = task.cancelling()
         self._state = _State.ENTERED
-        self._owner._file(self)
+        self._owner.add(self)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._owner._unfile(self)
+        self._owner.remove(self)
         if self._state is _State.EXPIRING:
             self._state = _State.EXPIRED
             assert self._task is not None
@@ -87,10 +108,13 @@ class Deadline:
         else:
             self._state = _State.EXITED
 
-    def _expire(self) -> None:
+    def fire(self, now: float) -> float | None:
+        if self._when > now:
+            return self._when  # moved later meanwhile
         assert self._task is not None
         self._state = _State.EXPIRING
         self._task.cancel()
+        return None
 
 
 class Deadlines:
@@ -98,7 +122,7 @@ class Deadlines:
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._buckets: dict[int, set[Deadline]] = {}  # bucket -> deadlines filed there
+        self._buckets: dict[int, set[Timed]] = {}  # bucket -> what is filed there
         self._due: list[int] = []  # heap of the buckets in _queued
         self._queued: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -117,10 +141,19 @@ class Deadlines:
         return Deadline(self, when)
 
     def __len__(self) -> int:
-        """Deadlines filed (scopes entered and not left)."""
+        """Items filed (scopes entered and not left, and others added and not removed)."""
         return sum(len(members) for members in self._buckets.values())
 
-    def _file(self, d: Deadline) -> None:
+    def move(self, d: Timed, when: float) -> None:
+        """File ``d`` for ``when``: added if it is not filed, else moved (later: lazily)."""
+        d._when = when
+        if d._bucket == _UNFILED:
+            self.add(d)
+        else:
+            self._moved(d)
+
+    def add(self, d: Timed) -> None:
+        """File ``d`` for ``d._when``."""
         bucket = math.ceil(d._when / RESOLUTION_S)  # never before its time
         d._bucket = bucket
         members = self._buckets.get(bucket)
@@ -133,19 +166,31 @@ class Deadlines:
         if not self._firing and (self._armed is None or bucket < self._armed):
             self._arm(bucket)
 
-    def _unfile(self, d: Deadline) -> None:
-        members = self._buckets.get(d._bucket)
+    def remove(self, d: Timed) -> None:
+        """Take ``d`` out (it has not fired, or fired and asked to be looked at again)."""
+        bucket, d._bucket = d._bucket, _UNFILED
+        members = self._buckets.get(bucket)
         if members is not None:
             members.discard(d)
             if not members:
-                del self._buckets[d._bucket]  # its heap entry is skipped when it comes up
+                del self._buckets[bucket]  # its heap entry is skipped when it comes up
+                if not self._buckets and not self._firing:
+                    self._idle()
 
-    def _moved(self, d: Deadline) -> None:
+    def _idle(self) -> None:
+        """Nothing is filed: no timer, no heap (a quiet loop has nothing of ours to run)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._armed = None
+        self._due.clear()
+        self._queued.clear()
+
+    def _moved(self, d: Timed) -> None:
         # Later: it stays where it is, and is filed again when that bucket comes due (most
         # moves are later: a first byte's limit giving way to the whole request's).
         if math.ceil(d._when / RESOLUTION_S) < d._bucket:
-            self._unfile(d)
-            self._file(d)
+            self.remove(d)
+            self.add(d)
 
     def _arm(self, bucket: int) -> None:
         if self._loop is None:
@@ -165,10 +210,13 @@ class Deadlines:
                 bucket = heapq.heappop(self._due)
                 self._queued.discard(bucket)
                 for d in self._buckets.pop(bucket, ()):
-                    if d._when <= now:
-                        d._expire()
-                    else:
-                        self._file(d)  # moved later meanwhile
+                    if d._bucket != bucket:
+                        continue  # removed by the firing of another in this bucket
+                    d._bucket = _UNFILED  # fire may file it again itself
+                    again = d.fire(now)
+                    if again is not None and d._bucket == _UNFILED:
+                        d._when = max(again, now + RESOLUTION_S)  # never due again in this pass
+                        self.add(d)
         finally:
             self._firing = False
         while self._due and self._due[0] not in self._buckets:  # emptied since filed

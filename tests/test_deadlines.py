@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from gpufleet.deadlines import RESOLUTION_S, Deadlines
+from gpufleet.deadlines import RESOLUTION_S, Deadlines, Timed
 
 LATE = RESOLUTION_S + 0.5  # how late a deadline may fire on a loaded 2-core machine
 
@@ -140,3 +140,34 @@ def test_on_uvloop_whose_timers_count_whole_milliseconds() -> None:
     uvloop.run(test_many_deadlines_each_fires_once_in_order_on_one_timer())
     uvloop.run(test_someone_elses_cancel_is_not_turned_into_a_timeout())
     uvloop.run(test_moved_later_and_earlier())
+
+
+async def test_a_timed_item_moved_by_every_event_fires_only_when_the_events_stop() -> None:
+    """What a stream's idle watch does: each event moves its time later (an attribute write);
+    it fires once, ``idle`` after the last one; nothing stays filed or armed after."""
+    dl = Deadlines()
+    idle = 0.5
+    fired: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    class Idle(Timed):
+        __slots__ = ("last",)
+
+        def __init__(self) -> None:
+            self.last = dl.now()
+            super().__init__(self.last + idle)
+
+        def fire(self, now: float) -> float | None:
+            if now < self.last + idle:
+                return self.last + idle
+            fired.set_result(now - self.last)  # a second firing would raise here
+            return None
+
+    item = Idle()
+    dl.add(item)
+    for _ in range(5):  # an event every 20 ms: never idle for long
+        await asyncio.sleep(0.02)
+        item.last = dl.now()
+    assert not fired.done()
+    after = await asyncio.wait_for(fired, idle + 5)
+    assert idle - 0.002 <= after < idle + LATE
+    assert len(dl) == 0 and not dl._buckets

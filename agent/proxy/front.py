@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -52,6 +51,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gpufleet.deadlines import Timed
 from gpufleet.httpserver import OVERLOADED, REQUEST_TIMEOUT, ConnectionGuard, GuardedServer, Phase, safe_reason
 
 from .context import ANTHROPIC_ROUTES, ROUTES
@@ -215,6 +215,7 @@ class Front:
     ) -> None:
         self.proxy = proxy
         self.guard = guard
+        self.deadlines = proxy.relay.deadlines  # the connections' phase limits, on one loop timer
         self.handler = handler  # makes aiohttp's protocol for a connection handed over
         self.connections: set[FrontProtocol] = set()
         self.stopping = False
@@ -296,14 +297,14 @@ class FrontProtocol(asyncio.Protocol):
         self._counted = False
         self.heard = False  # the server has read bytes from it (see ConnectionGuard._victim)
         self._phase = Phase.HEAD
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: _PhaseTimer | None = None  # filed with the relay's Deadlines
         self._deadline: float | None = None  # when the current phase's limit runs out
         self._window = 0  # body bytes in the current body_timeout_s window
         # The request being parsed (from its head on), the one being answered, and those
         # pipelined behind it.
         self._parsing: FrontRequest | None = None
         self._current: FrontRequest | None = None
-        self._queue: deque[FrontRequest] = deque()
+        self._queue: list[FrontRequest] = []  # not a deque: 600 bytes per connection, rarely used
         self.task: asyncio.Task[None] | None = None
         # Head in progress.
         self._url = b""
@@ -644,7 +645,7 @@ class FrontProtocol(asyncio.Protocol):
             self._finish_connection()
             return
         if self._queue:
-            self._start(self._queue.popleft())
+            self._start(self._queue.pop(0))
             if not self._queue and not self._handover:
                 self._resume_reading()
             self._settle(answered=True)
@@ -805,31 +806,35 @@ class FrontProtocol(asyncio.Protocol):
             self._guard.waiting(self)  # type: ignore[arg-type]
         else:
             self._guard.busy(self)  # type: ignore[arg-type]
-        # One timer per connection, pushed back lazily: a phase moves the deadline, and a timer
-        # that fires before it is set again for it (not a new timer per phase, per request).
+        # One entry per connection on the shared Deadlines (no loop timer per connection),
+        # pushed back lazily: a phase moves the deadline, and an entry that comes due before it
+        # is filed again for it (not a new timer per phase, per request).
         if timeout is None:
             self._deadline = None
             return
-        deadline = self._deadline = self.loop.time() + timeout
+        deadlines = self.front.deadlines
+        deadline = self._deadline = deadlines.now() + timeout
         timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._on_timer)
+        if timer is None:
+            timer = self._timer = _PhaseTimer(self, deadline)
+        deadlines.move(timer, deadline)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
-            self._timer.cancel()
+            self.front.deadlines.remove(self._timer)
             self._timer = None
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _timer_due(self, now: float) -> float | None:
+        """The connection's entry came due: the phase's limit, or the time to look again."""
         deadline = self._deadline
         if deadline is None or not self._counted or self.transport is None:
-            return
-        if self.loop.time() + 0.001 < deadline:  # the deadline moved since this timer was set
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-            return
+            return None  # filed again by the next phase that has a limit
+        if now < deadline:  # the deadline moved since the entry was filed
+            return deadline
+        self._on_timeout()
+        return None
+
+    def _on_timeout(self) -> None:
         if self._phase is Phase.HEAD:
             self._guard.timed_out("header", self.remote)
             got = not self._between
@@ -851,6 +856,19 @@ class FrontProtocol(asyncio.Protocol):
             self.force_close()
         elif self._phase is Phase.IDLE:
             self.force_close()
+
+
+class _PhaseTimer(Timed):
+    """A connection's entry on the shared Deadlines (FrontProtocol._enter)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: FrontProtocol, when: float) -> None:
+        super().__init__(when)
+        self.conn = conn
+
+    def fire(self, now: float) -> float | None:
+        return self.conn._timer_due(now)
 
 
 def install_front(runner: web.AppRunner) -> Front | None:

@@ -112,7 +112,9 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.head: asyncio.Future[None] = self.loop.create_future()
-        self.chunks: deque[bytes] = deque()
+        # A list, not a deque: a deque is 600 bytes even when empty, one per open stream, and
+        # the reader takes each chunk soon after it came (one or two are ever waiting).
+        self.chunks: list[bytes] = []
         self.buffered = 0
         self.complete = False
         self.keep_alive = False
@@ -185,7 +187,7 @@ class _Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        chunk = self.chunks.popleft()
+        chunk = self.chunks.pop(0)
         self.buffered -= len(chunk)
         if self._paused and self.buffered < LOW_WATER and self.transport is not None:
             self._paused = False

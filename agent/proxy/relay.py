@@ -22,7 +22,7 @@ from agent.backends import Verdict
 from agent.config import ProxySection
 from agent.keys.gate import CREDENTIAL_HEADERS, KeyGate
 from agent.keys.usage import StreamUsage, Usage, usage_of_body
-from gpufleet.deadlines import Deadline, Deadlines
+from gpufleet.deadlines import Deadline, Deadlines, Timed
 from gpufleet.facts import INSTANCE_HEADER, NODE_HEADER, REQUEST_ID_HEADER
 
 from .cache import StreamRecorder
@@ -47,6 +47,7 @@ Target = LocalUpstream | RemoteTarget
 _NOT_PASSED = frozenset(n.encode() for n in REQUEST_HOP_BY_HOP | {REQUEST_ID_HEADER.lower(), "x-forwarded-for"})
 # Response headers not passed back: hop-by-hop ones, and Date and Server, which are ours.
 _NOT_RETURNED = frozenset(n.encode() for n in HOP_BY_HOP) | {b"date", b"server"}
+_NODE = NODE_HEADER.lower().encode()
 # Where this node checks keys, the client's key is ours: it goes no further.
 _NOT_PASSED_KEYED = _NOT_PASSED | {n.lower().encode() for n in CREDENTIAL_HEADERS}
 
@@ -250,29 +251,34 @@ class Relay:
             raise Failure(kind, resp, f"{target.name}: full, HTTP {upstream.status}", counted=judgement.counted)
         raise Failure("status_5xx", resp, f"{target.name}: HTTP {upstream.status}: {payload[:200]!r}")
 
-    def _response_headers(self, upstream: Response, target: Target, ctx: Ctx) -> CIMultiDict[str]:
-        h = CIMultiDict(
-            [
-                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                for n, v in upstream.raw_headers
-                if n.lower() not in _NOT_RETURNED
-            ]
-        )
+    def _response_headers(self, upstream: Response, target: Target, ctx: Ctx, stream: bool = False) -> CIMultiDict[str]:
+        """The client's headers: the upstream's, less hop-by-hop ones, with ours set (an open
+        stream holds them: built whole in one go, not grown a field at a time)."""
+        ours: list[tuple[str, str]] = []
         # Where it was served: another node's answer already names that node (and its instance,
         # unless that node's proxy answered itself: a refusal); a local instance's is ours to name.
         if isinstance(target, RemoteTarget):
-            if NODE_HEADER not in h:  # a node from before these headers: name where we sent it
-                h[NODE_HEADER], h[INSTANCE_HEADER] = target.node, target.instance
+            if upstream.header(_NODE) is None:  # a node from before these headers: name where we sent it
+                ours += ((NODE_HEADER, target.node), (INSTANCE_HEADER, target.instance))
         else:
-            h[NODE_HEADER] = self.upstreams.node_id
-            h[INSTANCE_HEADER] = target.name
-        h[REQUEST_ID_HEADER] = ctx.rid
+            ours += ((NODE_HEADER, self.upstreams.node_id), (INSTANCE_HEADER, target.name))
+        ours.append((REQUEST_ID_HEADER, ctx.rid))
         if ctx.auth_headers:  # x-ratelimit-* of the key this node admitted
-            h.update(ctx.auth_headers)
+            ours += ctx.auth_headers.items()
         if ctx.downgraded is not None:
-            h[DOWNGRADED_HEADER] = ctx.downgraded
-            h[DEGRADED_HEADER] = "fallback"
-        return h
+            ours += ((DOWNGRADED_HEADER, ctx.downgraded), (DEGRADED_HEADER, "fallback"))
+        if stream:
+            # X-Accel-Buffering: tells nginx in front of us not to buffer either.
+            ours += (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
+        replaced = {name.lower().encode() for name, _ in ours}
+        return CIMultiDict(
+            [
+                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for n, v in upstream.raw_headers
+                if (low := n.lower()) not in _NOT_RETURNED and low not in replaced
+            ]
+            + ours
+        )
 
     # --- streams ----------------------------------------------------------------------------------
 
@@ -286,9 +292,7 @@ class Relay:
         scope: Deadline,
     ) -> Answer:
         """Start the client's stream with ``first`` and copy the rest; cache it if asked to."""
-        headers = self._response_headers(upstream, target, ctx)
-        headers["Cache-Control"] = "no-cache"
-        headers["X-Accel-Buffering"] = "no"  # tells nginx in front of us not to buffer either
+        headers = self._response_headers(upstream, target, ctx, stream=True)
         resp = ctx.done(Answer(upstream.status, headers, sent=True))
         await sink.start(upstream.status, headers)  # goes out with the first chunk, in one write
         recorder = self.degrader.recorder() if ctx.cache_key is not None else None
@@ -314,19 +318,20 @@ class Relay:
         ends it with an error event (the client already has part of an answer)."""
         # The scope holds the total deadline; between chunks the upstream has
         # stream_idle_timeout_s to send the next one, counted only while we wait on it (a client
-        # slow to read is never taken for a stalled server) by one lazy timer per stream
+        # slow to read is never taken for a stalled server) by a watch on the shared Deadlines
         # (_IdleWatch): rescheduling the scope around every read and write was two timer handles
         # per event, a quarter of the proxy's CPU per event with 500 open streams.
         idle_s = ctx.cfg.stream_idle_timeout_s
-        watch = _IdleWatch(idle_s)
+        watch = _IdleWatch(self.deadlines, idle_s)
         # The usage of a stream this node admitted under a key: read as it passes (the event
         # asked for on the client's behalf is taken out).
         usage = StreamUsage(ctx.hide_usage, lambda u: self._stream_ends(ctx, u)) if ctx.key is not None else None
         read = upstream.content.readany
+        now = self.deadlines.now
         try:
             await self._pass_on(resp, first, usage, recorder)
             while True:
-                watch.reading_since = watch.loop.time()
+                watch.reading_since = now()
                 chunk = await read()
                 watch.reading_since = None
                 if not chunk:
@@ -395,32 +400,33 @@ class Relay:
         await resp.write(b"data: " + msgspec.json.encode(err) + b"\n\n")
 
 
-class _IdleWatch:
+class _IdleWatch(Timed):
     """A stream's idle limit: the task is cancelled (``stalled``) when a read of the upstream has
-    waited ``idle_s``. One timer per stream, set again when it fires early (the reads since moved
-    the moment it counts from), instead of a new timer around every read and write."""
+    waited ``idle_s``. Filed with the relay's Deadlines, where a read moving the moment it counts
+    from is an attribute write (no timer per stream, none around every read and write)."""
 
-    __slots__ = ("idle_s", "loop", "reading_since", "stalled", "task", "timer")
+    __slots__ = ("deadlines", "idle_s", "reading_since", "stalled", "task")
 
-    def __init__(self, idle_s: float) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, deadlines: Deadlines, idle_s: float) -> None:
         task = asyncio.current_task()
         assert task is not None
+        now = deadlines.now()
+        super().__init__(now + idle_s)
+        self.deadlines = deadlines
         self.task = task
         self.idle_s = idle_s
         self.reading_since: float | None = None  # None: writing to the client, not waiting on the upstream
         self.stalled = False
-        self.timer = self.loop.call_at(self.loop.time() + idle_s, self._check)
+        deadlines.add(self)
 
-    def _check(self) -> None:
+    def fire(self, now: float) -> float | None:
         since = self.reading_since
-        now = self.loop.time()
         due = now + self.idle_s if since is None else since + self.idle_s
-        if now + 0.001 < due:
-            self.timer = self.loop.call_at(due, self._check)
-            return
+        if now < due:
+            return due
         self.stalled = True
         self.task.cancel()
+        return None
 
     def stop(self) -> None:
-        self.timer.cancel()
+        self.deadlines.remove(self)
