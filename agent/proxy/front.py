@@ -702,7 +702,8 @@ class FrontProtocol(asyncio.Protocol):
         body = answer.body
         head = self._head(answer.status, answer.headers, b"Content-Length: %d\r\n" % len(body))
         self.write_raw(head + body if len(body) < 16384 else None, head, body)
-        await self._drained()
+        if self._write_paused:
+            await self._drained()
 
     async def start(self, status: int, headers: CIMultiDict[str]) -> None:
         self._pending_head = self._head(status, headers, _CHUNKED)
@@ -720,7 +721,8 @@ class FrontProtocol(asyncio.Protocol):
             transport.writelines((head, size, chunk, b"\r\n"))
         else:
             transport.writelines((size, chunk, b"\r\n"))
-        await self._drained()
+        if self._write_paused:
+            await self._drained()
 
     async def end(self) -> None:
         self._sent = True

@@ -224,7 +224,7 @@ class Response:
     Use as an async context manager (or call ``release``): its connection goes back to the pool
     only when the body was read to its end."""
 
-    __slots__ = ("_client", "_conn", "_headers", "_origin", "status")
+    __slots__ = ("_client", "_conn", "_headers", "_origin", "readany", "status")
 
     def __init__(self, client: UpstreamClient, origin: Origin, conn: _Connection) -> None:
         self._client = client
@@ -232,6 +232,9 @@ class Response:
         self._conn = conn
         self._headers: CIMultiDict[str] | None = None
         self.status = conn.status
+        # The next chunk as the upstream sent it, b"" at the end: the connection's own method,
+        # not a coroutine around it (one frame less per stream, one call less per event).
+        self.readany = conn.read_chunk
 
     @property
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
@@ -257,9 +260,6 @@ class Response:
     @property
     def content(self) -> Response:
         return self  # aiohttp's ``response.content.readany()`` reads the same
-
-    async def readany(self) -> bytes:
-        return await self._conn.read_chunk()
 
     async def read(self) -> bytes:
         parts = []

@@ -328,6 +328,8 @@ class Relay:
         usage = StreamUsage(ctx.hide_usage, lambda u: self._stream_ends(ctx, u)) if ctx.key is not None else None
         read = upstream.content.readany
         now = self.deadlines.now
+        plain = usage is None and recorder is None  # each chunk straight to the client
+        write = resp.write
         try:
             await self._pass_on(resp, first, usage, recorder)
             while True:
@@ -336,7 +338,11 @@ class Relay:
                 watch.reading_since = None
                 if not chunk:
                     break
-                await self._pass_on(resp, chunk, usage, recorder)  # one write per upstream chunk
+                # One write per upstream chunk.
+                if plain:
+                    await write(chunk)
+                else:
+                    await self._pass_on(resp, chunk, usage, recorder)
             if usage is not None:
                 await self._pass_on(resp, usage.finish(), None, recorder)
         except asyncio.CancelledError:

@@ -409,7 +409,10 @@ class Proxy:
             tried.add(target.name)
             ctx.instance = target.name
             try:
-                return await self._try(request, sink, body, target, ctx)
+                if isinstance(target, RemoteTarget):
+                    return await self._try_remote(request, sink, body, target, ctx)
+                with AbandonIfLeaves(target, lambda: ctx.ttfb is not None):  # inline: a frame less per stream
+                    return await self.relay.attempt(request, sink, body, target, ctx)
             except Failure as f:
                 last = f
                 self._failed(target, f, ctx)
@@ -499,12 +502,9 @@ class Proxy:
                 return sticky
         return self.picker.pick(ctx.model or "", ready, in_flight)
 
-    async def _try(self, request: Request, sink: Sink, body: bytes, target: Target, ctx: Ctx) -> Answer:
-        """One attempt on one target (local or on another node), abandoned (Failure) if the
-        target leaves before it has answered."""
-        if not isinstance(target, RemoteTarget):
-            with AbandonIfLeaves(target, lambda: ctx.ttfb is not None):
-                return await self.relay.attempt(request, sink, body, target, ctx)
+    async def _try_remote(self, request: Request, sink: Sink, body: bytes, target: RemoteTarget, ctx: Ctx) -> Answer:
+        """One attempt on another node, abandoned (Failure) if the route marks that node DOWN
+        before it has answered (a local attempt: AbandonIfLeaves, in _attempts)."""
         attempt = self.relay.attempt(request, sink, body, target, ctx)
         routes = self.upstreams.routes
         if routes is None:
