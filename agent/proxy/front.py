@@ -81,6 +81,8 @@ _SINGLETONS = frozenset(
         b"user-agent",
     }
 )
+# Headers that may make a request aiohttp's (screened in _data_path_request).
+_SCREENED = frozenset({b"content-encoding", b"transfer-encoding", b"expect"})
 # A head still incomplete past this many bytes is refused without waiting for more.
 MAX_HEAD_BYTES = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -473,24 +475,27 @@ class FrontProtocol(asyncio.Protocol):
         elif method != b"GET" or path_b != MODELS_PATH:
             return None
         raw = self._headers
-        names = {n.lower() for n, _ in raw}
+        lowered = [n.lower() for n, _ in raw]
+        names = set(lowered)
         if len(names) != len(raw):  # some header came more than once
-            singles = [n for n in (n.lower() for n, _ in raw) if n in _SINGLETONS]
+            singles = [n for n in lowered if n in _SINGLETONS]
             if len(singles) != len(set(singles)):
                 return None  # one that may come once came twice: aiohttp's 400
         try:
-            headers = CIMultiDict((n.decode(), v.decode()) for n, v in raw)
+            headers = CIMultiDict([(n.decode(), v.decode()) for n, v in raw])
             path_qs = url.decode()
         except UnicodeDecodeError:
             return None  # aiohttp's bad-input check answers it (400 invalid_header / path)
-        if "Content-Encoding" in headers and headers["Content-Encoding"].strip().lower() != "identity":
-            return None  # aiohttp decodes gzip and deflate, and refuses the rest with 415
-        te = headers.get("Transfer-Encoding")
-        if te is not None and te.strip().lower() != "chunked":
-            return None
-        expect = headers.get("Expect")
-        if expect is not None and expect.strip().lower() != "100-continue":
-            return None
+        expect = None
+        if not names.isdisjoint(_SCREENED):  # rare: most requests carry none of them
+            if "Content-Encoding" in headers and headers["Content-Encoding"].strip().lower() != "identity":
+                return None  # aiohttp decodes gzip and deflate, and refuses the rest with 415
+            te = headers.get("Transfer-Encoding")
+            if te is not None and te.strip().lower() != "chunked":
+                return None
+            expect = headers.get("Expect")
+            if expect is not None and expect.strip().lower() != "100-continue":
+                return None
         req = FrontRequest(self, method.decode(), path_b.decode(), path_qs, headers, raw)
         req.expect_continue = expect is not None
         length = headers.get("Content-Length")
