@@ -64,3 +64,17 @@ def test_stream_client_counts_every_event(sse: str) -> None:
 def test_wrk_gets_whole_seconds(sse: str, tmp_path: Path) -> None:
     r = load.wrk(sse, load.body("m"), 1.0, 4, 0, tmp_path)  # a float: wrk rejected "-d1.0s"
     assert r["wrk_exit"] == 0 and r["requests"] > 0 and r["non_2xx"] == 0, r
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_in_process_proxy_benchmark_runs(stream: bool) -> None:
+    """bench/proxy_inproc.py end to end, briefly: every answer a 200 (it exits otherwise), one
+    access-log line per proxied request, a cost per request reported."""
+    import json
+
+    argv = [sys.executable, str(BENCH / "proxy_inproc.py"), "--clients", "4", "--seconds", "0.2", "--blocks", "1"]
+    out = subprocess.run([*argv, *(["--stream"] if stream else [])], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["stream"] is stream and result["req_per_s_through_proxy"] > 0
+    assert result["proxy_us_per_request"] > 0 and result["log_lines"] > 0
