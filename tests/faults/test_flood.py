@@ -90,7 +90,10 @@ async def flood(port: int, sockets: int, until: float) -> int:
 
 async def normal_requests(agent: AgentProcess, until: float) -> list[tuple[int, float, int]]:
     """Chat completions on a fresh connection each (what a new client does), retried once on a
-    connection error or a 503 as the OpenAI SDK does: (status, seconds, attempts) per request."""
+    connection error or a 503 as the OpenAI SDK does, after its back-off: the answer's
+    Retry-After, else half a second (its initial delay): (status, seconds, attempts) per request.
+    A refusal at the cap comes while a burst of the flood's reconnects is being accepted; a retry
+    at once would land in the same burst."""
     import aiohttp
 
     out: list[tuple[int, float, int]] = []
@@ -99,13 +102,17 @@ async def normal_requests(agent: AgentProcess, until: float) -> list[tuple[int, 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), timeout=timeout) as http:
         while time.monotonic() < until:
             t0 = time.monotonic()
-            status, attempts = -1, 0
+            status, attempts, backoff = -1, 0, 0.5
             while attempts < 2 and status in (-1, 503):
+                if attempts:
+                    await asyncio.sleep(backoff)  # the client's back-off, not a wait for a condition
                 attempts += 1
+                backoff = 0.5
                 try:
                     async with http.post(agent.base + "/v1/chat/completions", json=body) as r:
                         await r.read()
                         status = r.status
+                        backoff = float(r.headers.get("Retry-After", backoff))
                 except (aiohttp.ClientError, TimeoutError) as e:
                     print("normal request failed:", repr(e))
             out.append((status, time.monotonic() - t0, attempts))
