@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -43,3 +43,34 @@ async def wait_shielded(aw: Awaitable[T], timeout: float) -> T:
     exit, a pump that drains its output)."""
     async with asyncio.timeout(timeout):
         return await asyncio.shield(aw)
+
+
+class Flag:
+    """Set once; those watching it are called then (no task waits on it). What an attempt
+    watches to be abandoned when its target goes away: a callback per attempt, where waiting
+    on an ``asyncio.Event`` took a task per attempt. A watcher added after it was set is called
+    at once."""
+
+    __slots__ = ("_set", "_watchers")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._watchers: set[Callable[[], None]] = set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        for watcher in list(self._watchers):
+            watcher()
+
+    def watch(self, on_set: Callable[[], None]) -> None:
+        self._watchers.add(on_set)
+        if self._set:
+            on_set()
+
+    def unwatch(self, on_set: Callable[[], None]) -> None:
+        self._watchers.discard(on_set)

@@ -3,10 +3,10 @@ fixed records, for in-process proxy tests and benchmarks that need "other nodes"
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 
 from gpufleet.keyspace.records import DegradationRecord, RouteRecord
+from gpufleet.tasks import Flag
 
 
 class StaticRoutes:
@@ -15,7 +15,7 @@ class StaticRoutes:
         self.drained = False
         self.degradation: DegradationRecord | None = None
         self.degradation_seen_at = 0.0
-        self._gone: dict[str, asyncio.Event] = {}
+        self._gone: dict[str, Flag] = {}
 
     @property
     def headers(self) -> Mapping[str, RouteRecord]:
@@ -27,6 +27,6 @@ class StaticRoutes:
     async def want(self, model: str) -> None:
         return None  # nothing to follow: every route is here
 
-    def node_gone(self, node: str) -> asyncio.Event:
+    def node_gone(self, node: str) -> Flag:
         """Set by a test to say that ``node`` went DOWN."""
-        return self._gone.setdefault(node, asyncio.Event())
+        return self._gone.setdefault(node, Flag())

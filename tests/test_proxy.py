@@ -482,7 +482,7 @@ class _Inst:
 
 async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering() -> None:
     from agent.proxy.context import Failure
-    from agent.proxy.server import AbandonIfLeaves
+    from agent.proxy.server import AbandonIfGone
 
     inst, finish, cancelled = _Inst(), asyncio.Event(), []
     answered = False
@@ -497,7 +497,7 @@ async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering
 
     async def run() -> str:
         try:
-            with AbandonIfLeaves(inst, lambda: answered):
+            with AbandonIfGone(inst, inst.name, "instance_down", lambda: answered):
                 return await attempt()
         finally:
             # Our own cancellation was taken back: the request's task goes on (to a retry).
@@ -520,12 +520,12 @@ async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering
 
 
 async def test_a_client_leaving_as_the_instance_leaves_is_still_a_cancellation() -> None:
-    from agent.proxy.server import AbandonIfLeaves
+    from agent.proxy.server import AbandonIfGone
 
     inst = _Inst()
 
     async def run() -> None:
-        with AbandonIfLeaves(inst, lambda: False):
+        with AbandonIfGone(inst, inst.name, "instance_down", lambda: False):
             await asyncio.Event().wait()
 
     task = asyncio.ensure_future(run())

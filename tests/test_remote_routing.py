@@ -111,9 +111,10 @@ async def test_an_attempt_is_abandoned_when_its_node_goes_down_unless_it_has_ans
     import asyncio
 
     from agent.proxy.context import Failure
-    from agent.proxy.remote import unless_node_leaves
+    from agent.proxy.server import AbandonIfGone
+    from gpufleet.tasks import Flag
 
-    gone, finish = asyncio.Event(), asyncio.Event()
+    finish = asyncio.Event()
     cancelled = []
 
     async def attempt() -> str:
@@ -124,16 +125,27 @@ async def test_an_attempt_is_abandoned_when_its_node_goes_down_unless_it_has_ans
             raise
         return "answer"
 
-    task = asyncio.ensure_future(unless_node_leaves(attempt(), gone, lambda: False, "n1/m"))
+    async def run(gone: Flag, answered: bool) -> str:
+        with AbandonIfGone(gone, "n1/m", "node_down", lambda: answered):
+            return await attempt()
+
+    gone = Flag()
+    task = asyncio.ensure_future(run(gone, False))
     await asyncio.sleep(0)
     gone.set()
     with pytest.raises(Failure) as e:
         await task
-    assert e.value.kind == "node_down" and cancelled == [True]
+    assert e.value.kind == "node_down" and "n1/m: its node went DOWN" in e.value.detail and cancelled == [True]
+
+    # A node already DOWN when the attempt begins: abandoned at its first wait.
+    cancelled.clear()
+    with pytest.raises(Failure):
+        await run(gone, False)
+    assert cancelled == [True]
 
     # Once something has reached the client (a stream under way), it runs to its end.
-    gone = asyncio.Event()
-    task = asyncio.ensure_future(unless_node_leaves(attempt(), gone, lambda: True, "n1/m"))
+    gone = Flag()
+    task = asyncio.ensure_future(run(gone, True))
     await asyncio.sleep(0)
     gone.set()
     await asyncio.sleep(0)

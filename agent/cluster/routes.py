@@ -35,7 +35,7 @@ from gpufleet.etcd import Change, Delete, EtcdClient, KeyMirror, Put, Snapshot
 from gpufleet.keyspace import Keyspace, decode_or_skip
 from gpufleet.keyspace.records import DegradationRecord, DrainRecord, RouteRecord, RouteSlice
 from gpufleet.routeslices import assemble, decode_slice
-from gpufleet.tasks import cancel_and_wait
+from gpufleet.tasks import Flag, cancel_and_wait
 
 from .subset import subset_window, usable, window_runs
 
@@ -157,7 +157,7 @@ class RouteTable:
         self._drain_key = keys.drain(node_id)
         self._drains = KeyMirror(etcd, keys.drains, on_change=self._on_drain)
         # node -> set when the node is DOWN in the routes or has left them (see node_gone)
-        self._gone: dict[str, asyncio.Event] = {}
+        self._gone: dict[str, Flag] = {}
         # Called with a model's name when its header or route changed (a cold start waits on it).
         self.on_route: Callable[[str], None] | None = None
         self.degradation: DegradationRecord | None = None
@@ -333,16 +333,16 @@ class RouteTable:
         if self.on_route is not None:
             self.on_route(model)
 
-    def node_gone(self, node: str) -> asyncio.Event:
+    def node_gone(self, node: str) -> Flag:
         """An event set once ``node`` is DOWN in the routes (its lease ran out) or has left them.
 
         The proxy abandons an attempt on that node that has not answered yet and retries it
         elsewhere: behind a silent partition nothing else would end it before the total deadline.
         """
-        ev = self._gone.get(node)
-        if ev is None:
-            ev = self._gone[node] = asyncio.Event()
-        return ev
+        flag = self._gone.get(node)
+        if flag is None:
+            flag = self._gone[node] = Flag()
+        return flag
 
     def _update_gone(self) -> None:
         if not self._gone:
@@ -358,9 +358,9 @@ class RouteTable:
             if node in down or node not in listed:
                 ev.set()
                 if node not in listed:
-                    del self._gone[node]  # waiters keep their reference; a later ask starts afresh
+                    del self._gone[node]  # watchers keep their reference; a later ask starts afresh
             elif ev.is_set():
-                self._gone[node] = asyncio.Event()  # back: new attempts wait on a fresh one
+                self._gone[node] = Flag()  # back: new attempts watch a fresh one
 
     def _on_header(self, change: Change) -> None:
         if isinstance(change, Snapshot):

@@ -8,27 +8,21 @@ smooth weighted round-robin by the coordinator's weights. A request that already
 is never forwarded again (``X-GPUFleet-Hops``), so two nodes cannot bounce it between them.
 
 An attempt on another node that has not answered when the route marks that node DOWN is
-abandoned and retried elsewhere (``unless_node_leaves``): behind a silent partition (packets
+abandoned and retried elsewhere (server.py, ``AbandonIfGone``): behind a silent partition (packets
 dropped, no reset) the connection would otherwise wait for the total deadline, 15 minutes.
-Local instances leaving rotation get the same treatment (server.py, ``AbandonIfLeaves``).
+Local instances leaving rotation get the same treatment.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 from agent.backends import Judgement, Upstream, judge_status
 from gpufleet.facts import HOPS_HEADER as HOPS_HEADER  # re-exported for the proxy
 from gpufleet.keyspace.records import RouteRecord
 
-from .context import Failure
 from .routing import LeastLoaded, SmoothWeighted
-
-T = TypeVar("T")
 
 MAX_HOPS = 1
 SUSPECT_S = 10.0  # an endpoint that just failed is tried last for this long
@@ -104,37 +98,3 @@ class RemotePicker:
         if balance == "round_robin":
             return self._rr.setdefault(model, SmoothWeighted()).pick(weighted)  # type: ignore[return-value]
         return self._ll.setdefault(model, LeastLoaded()).pick(weighted, load)
-
-
-async def unless_node_leaves(
-    attempt: Coroutine[Any, Any, T], gone: asyncio.Event, answered: Callable[[], bool], name: str
-) -> T:
-    """``unless_gone`` for another node: Failure("node_down") when the route marks it DOWN."""
-    return await unless_gone(
-        attempt,
-        gone,
-        answered,
-        lambda: Failure("node_down", None, f"{name}: its node went DOWN in the routes before it answered"),
-    )
-
-
-async def unless_gone(
-    attempt: Coroutine[Any, Any, T], gone: asyncio.Event, answered: Callable[[], bool], failure: Callable[[], Failure]
-) -> T:
-    """Run ``attempt``; if ``gone`` is set before it has answered anything (``answered()``), cancel
-    it and raise ``failure()``, which the attempt loop retries on another target. Once something
-    has been answered (a stream under way) the attempt runs to its end."""
-    task = asyncio.ensure_future(attempt)
-    waiter = asyncio.ensure_future(gone.wait())
-    try:
-        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and not answered():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Failure):
-                await task
-            raise failure()
-        return await task
-    finally:
-        waiter.cancel()
-        if not task.done():
-            task.cancel()  # we were cancelled (the client left): the attempt goes with us

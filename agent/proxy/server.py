@@ -15,6 +15,7 @@ its own (stats.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -49,7 +50,7 @@ from .exchange import AiohttpRequest, AiohttpSink, Answer, BodyTooLarge, BodyUnr
 from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
 from .relay import BUSY, CAPACITY, Relay, Target
-from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of, unless_node_leaves
+from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of
 from .routing import K, Picker, affine, classify_task, task_route_group
 from .stats import ProxyStats
 from .surface import labelled
@@ -409,9 +410,7 @@ class Proxy:
             tried.add(target.name)
             ctx.instance = target.name
             try:
-                if isinstance(target, RemoteTarget):
-                    return await self._try_remote(request, sink, body, target, ctx)
-                with AbandonIfLeaves(target, lambda: ctx.ttfb is not None):  # inline: a frame less per stream
+                with self._abandon_if_gone(target, ctx):  # inline: a frame less per stream
                     return await self.relay.attempt(request, sink, body, target, ctx)
             except Failure as f:
                 last = f
@@ -502,15 +501,16 @@ class Proxy:
                 return sticky
         return self.picker.pick(ctx.model or "", ready, in_flight)
 
-    async def _try_remote(self, request: Request, sink: Sink, body: bytes, target: RemoteTarget, ctx: Ctx) -> Answer:
-        """One attempt on another node, abandoned (Failure) if the route marks that node DOWN
-        before it has answered (a local attempt: AbandonIfLeaves, in _attempts)."""
-        attempt = self.relay.attempt(request, sink, body, target, ctx)
+    def _abandon_if_gone(self, target: Target, ctx: Ctx) -> contextlib.AbstractContextManager[object]:
+        """What ends an attempt on ``target`` early: its instance leaving rotation, or its node
+        going DOWN in the routes (none in standalone mode)."""
+        answered = lambda: ctx.ttfb is not None  # noqa: E731
+        if not isinstance(target, RemoteTarget):
+            return AbandonIfGone(target, target.name, "instance_down", answered)
         routes = self.upstreams.routes
         if routes is None:
-            return await attempt
-        gone = routes.node_gone(target.node)
-        return await unless_node_leaves(attempt, gone, lambda: ctx.ttfb is not None, target.name)
+            return contextlib.nullcontext()
+        return AbandonIfGone(routes.node_gone(target.node), target.name, "node_down", answered)
 
     def _failed(self, target: Target, f: Failure, ctx: Ctx) -> None:
         """Count a failed attempt, and report it to the target's health."""
@@ -549,32 +549,41 @@ class Proxy:
 
 
 class Watched(Protocol):
-    @property
-    def name(self) -> str: ...
+    """What an attempt watches: its instance's rotation, or its node's gone flag."""
 
     def watch(self, on_leave: Callable[[], None]) -> None: ...
     def unwatch(self, on_leave: Callable[[], None]) -> None: ...
 
 
-class AbandonIfLeaves:
-    """Around a local attempt: if its instance leaves rotation (a failed probe, an ejection)
-    before the attempt has answered, the attempt is abandoned with Failure("instance_down"),
-    which the attempt loop retries elsewhere: a frozen server accepts connections and answers
-    nothing.
+# Why an attempt was abandoned, by Failure kind: the detail's text, with the target's name.
+_LEFT = {
+    "instance_down": "{}: left rotation before it answered",
+    "node_down": "{}: its node went DOWN in the routes before it answered",
+}
 
-    The attempt runs in this task, and leaving cancels the task: cheaper than a watcher task
-    per request, and a ``with`` block rather than a coroutine around the attempt (no frame per
-    request). The cancellation lands at the attempt's current await, which is before its first
-    byte (``answered()`` was false when it was asked for), so nothing reaches the client.
-    ``uncancel`` tells our cancellation apart from the client's leaving at the same time."""
 
-    __slots__ = ("_answered", "_inst", "_task", "abandoned")
+class AbandonIfGone:
+    """Around an attempt: if its target goes away before the attempt has answered — a local
+    instance leaves rotation (a failed probe, an ejection), another node goes DOWN in the routes
+    (behind a silent partition nothing else would end the attempt before the total deadline) —
+    the attempt is abandoned with ``Failure(kind)``, which the attempt loop retries elsewhere.
 
-    def __init__(self, inst: Watched, answered: Callable[[], bool]) -> None:
+    The attempt runs in this task, and the target going away cancels the task: a callback per
+    attempt, not a watcher task (or two) per request, and a ``with`` block rather than a
+    coroutine around the attempt (no frame per request). The cancellation lands at the attempt's
+    current await, which is before its first byte (``answered()`` was false when it was asked
+    for), so nothing reaches the client. ``uncancel`` tells our cancellation apart from the
+    client's leaving at the same time. Once something has answered, the attempt runs to its end."""
+
+    __slots__ = ("_answered", "_kind", "_name", "_task", "_watched", "abandoned")
+
+    def __init__(self, watched: Watched, name: str, kind: str, answered: Callable[[], bool]) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._inst = inst
+        self._watched = watched
+        self._name = name
+        self._kind = kind  # a key of _LEFT
         self._answered = answered
         self.abandoned = False
 
@@ -583,18 +592,18 @@ class AbandonIfLeaves:
             self.abandoned = True
             self._task.cancel()
 
-    def __enter__(self) -> AbandonIfLeaves:
-        self._inst.watch(self._on_leave)
+    def __enter__(self) -> AbandonIfGone:
+        self._watched.watch(self._on_leave)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._inst.unwatch(self._on_leave)
+        self._watched.unwatch(self._on_leave)
         if not self.abandoned:
             return
         if exc_type is not asyncio.CancelledError:
             self._task.uncancel()  # the attempt swallowed it and ended after all
         elif self._task.uncancel() == 0:
-            raise Failure("instance_down", None, f"{self._inst.name}: left rotation before it answered") from None
+            raise Failure(self._kind, None, _LEFT[self._kind].format(self._name)) from None
 
 
 PROXY_KEY = web.AppKey("proxy", Proxy)  # the app's proxy, for the front protocol (front.py)

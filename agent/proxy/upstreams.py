@@ -14,7 +14,6 @@ asyncio Protocols) can sit on the same interface.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
 
@@ -22,6 +21,7 @@ from agent.backends import Judgement, Upstream
 from agent.config import DegradationSection, ProxySection
 from agent.supervisor.supervision_policy import InstanceState
 from gpufleet.keyspace.records import DegradationRecord, RouteRecord
+from gpufleet.tasks import Flag
 
 
 class LocalUpstream(Protocol):
@@ -88,7 +88,7 @@ class RouteView(Protocol):
         """Follow ``model``'s route if not yet, waiting (bounded) for it; marks it used."""
         ...
 
-    def node_gone(self, node: str) -> asyncio.Event:
+    def node_gone(self, node: str) -> Flag:
         """Set when ``node`` is DOWN in the routes or has left them."""
         ...
 
