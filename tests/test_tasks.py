@@ -98,3 +98,18 @@ def test_no_daemon_code_calls_asyncio_wait_for() -> None:
                 ):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, f"asyncio.wait_for loses cancellations on Python 3.11; use gpufleet.tasks: {found}"
+
+
+def test_a_flag_calls_its_watchers_once_and_late_ones_at_once() -> None:
+    from gpufleet.tasks import Flag
+
+    flag, calls = Flag(), []
+    flag.watch(lambda: calls.append("early"))
+    gone = lambda: calls.append("unwatched")  # noqa: E731
+    flag.watch(gone)
+    flag.unwatch(gone)
+    flag.set()
+    flag.set()  # once only
+    assert calls == ["early"] and flag.is_set()
+    flag.watch(lambda: calls.append("late"))
+    assert calls == ["early", "late"]
