@@ -11,6 +11,7 @@ is here for that reason. After the first byte a failure ends the stream with an 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 
@@ -45,9 +46,18 @@ Target = LocalUpstream | RemoteTarget
 # Request headers never passed on as the client sent them (lower-case, as bytes: the relay
 # compares raw header names): hop-by-hop ones, and those the relay sets itself.
 _NOT_PASSED = frozenset(n.encode() for n in REQUEST_HOP_BY_HOP | {REQUEST_ID_HEADER.lower(), "x-forwarded-for"})
+_OURS = b"%s: %%s\r\nX-Forwarded-For: %%s\r\n" % REQUEST_ID_HEADER.encode()
 # Response headers not passed back: hop-by-hop ones, and Date and Server, which are ours.
 _NOT_RETURNED = frozenset(n.encode() for n in HOP_BY_HOP) | {b"date", b"server"}
 _NODE = NODE_HEADER.lower().encode()
+
+
+@functools.lru_cache(maxsize=64)
+def _lowered(names: tuple[str, ...]) -> frozenset[bytes]:
+    """Header names as the relay compares raw ones (a handful of combinations recur)."""
+    return frozenset(name.lower().encode() for name in names)
+
+
 # Where this node checks keys, the client's key is ours: it goes no further.
 _NOT_PASSED_KEYED = _NOT_PASSED | {n.lower().encode() for n in CREDENTIAL_HEADERS}
 
@@ -158,6 +168,13 @@ class Relay:
         credential where this node checks keys, and those the relay sets, which follow."""
         gate = self.gate
         skip = _NOT_PASSED_KEYED if gate is not None and gate.strips_credentials else _NOT_PASSED
+        extra = target.upstream.headers
+        if not extra and not isinstance(target, RemoteTarget):
+            # Most requests: the client's headers, the request id and X-Forwarded-For. Neither
+            # value can hold a line break (the id came through the parser or was made here).
+            passed = [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in skip]
+            passed.append(_OURS % (ctx.rid.encode("utf-8", "surrogateescape"), (request.remote or "").encode()))
+            return b"".join(passed)
         ours = CIMultiDict(((REQUEST_ID_HEADER, ctx.rid), ("X-Forwarded-For", request.remote or "")))
         if isinstance(target, RemoteTarget):
             hops = hops_of(request.headers.get(HOPS_HEADER)) + 1
@@ -166,7 +183,7 @@ class Relay:
                 ours[FALLBACK_REQUEST_HEADER] = ctx.model or ""
             if gate is not None:  # the next node trusts our signature instead of the client's key
                 ours.update(gate.forward_headers(request.path_qs, hops, body, ctx))
-        ours.update(target.upstream.headers)  # the instance's own API key, not the client's
+        ours.update(extra)  # the instance's own API key, not the client's
         if len(ours) > 2:
             skip = skip | {name.lower().encode() for name in ours}
         passed = b"".join([n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in skip])
@@ -270,7 +287,7 @@ class Relay:
         if stream:
             # X-Accel-Buffering: tells nginx in front of us not to buffer either.
             ours += (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
-        replaced = {name.lower().encode() for name, _ in ours}
+        replaced = _lowered(tuple(name for name, _ in ours))
         return CIMultiDict(
             [
                 (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
