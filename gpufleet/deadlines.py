@@ -80,9 +80,10 @@ class Deadline(Timed):
         """Move the deadline (earlier or later) while its block runs."""
         if self._state is not _State.ENTERED and self._state is not _State.CREATED:
             raise RuntimeError(f"cannot reschedule a deadline that is {self._state.value}")
-        self._when = when
         if self._state is _State.ENTERED:
-            self._owner._moved(self)
+            self._owner.move(self, when)
+        else:
+            self._when = when
 
     async def __aenter__(self) -> Deadline:
         if self._state is not _State.CREATED:
@@ -149,8 +150,11 @@ class Deadlines:
         d._when = when
         if d._bucket == _UNFILED:
             self.add(d)
-        else:
-            self._moved(d)
+        # Later: it stays where it is, and is filed again when that bucket comes due (most
+        # moves are later: a first byte's limit giving way to the whole request's).
+        elif math.ceil(when / RESOLUTION_S) < d._bucket:
+            self.remove(d)
+            self.add(d)
 
     def add(self, d: Timed) -> None:
         """File ``d`` for ``d._when``."""
@@ -184,13 +188,6 @@ class Deadlines:
         self._timer = self._armed = None
         self._due.clear()
         self._queued.clear()
-
-    def _moved(self, d: Timed) -> None:
-        # Later: it stays where it is, and is filed again when that bucket comes due (most
-        # moves are later: a first byte's limit giving way to the whole request's).
-        if math.ceil(d._when / RESOLUTION_S) < d._bucket:
-            self.remove(d)
-            self.add(d)
 
     def _arm(self, bucket: int) -> None:
         if self._loop is None:

@@ -25,6 +25,7 @@ class ProxyMetrics:
         # the proxy's CPU per request.
         self.done = _Requests()
         registry.register(self.done)
+        self.in_flight = self.done.in_flight  # by model: requests being proxied
         self._upstream_series(registry)
         self._refusal_series(registry)
 

@@ -170,24 +170,24 @@ class Relay:
         skip = _NOT_PASSED_KEYED if gate is not None and gate.strips_credentials else _NOT_PASSED
         extra = target.upstream.headers
         if not extra and not isinstance(target, RemoteTarget):
-            # Most requests: the client's headers, the request id and X-Forwarded-For. Neither
-            # value can hold a line break (the id came through the parser or was made here).
-            passed = [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in skip]
-            passed.append(_OURS % (ctx.rid.encode("utf-8", "surrogateescape"), (request.remote or "").encode()))
-            return b"".join(passed)
-        ours = CIMultiDict(((REQUEST_ID_HEADER, ctx.rid), ("X-Forwarded-For", request.remote or "")))
-        if isinstance(target, RemoteTarget):
-            hops = hops_of(request.headers.get(HOPS_HEADER)) + 1
-            ours[HOPS_HEADER] = str(hops)
-            if ctx.downgraded is not None:
-                ours[FALLBACK_REQUEST_HEADER] = ctx.model or ""
-            if gate is not None:  # the next node trusts our signature instead of the client's key
-                ours.update(gate.forward_headers(request.path_qs, hops, body, ctx))
-        ours.update(extra)  # the instance's own API key, not the client's
-        if len(ours) > 2:
-            skip = skip | {name.lower().encode() for name in ours}
-        passed = b"".join([n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in skip])
-        return passed + header_lines(ours.items())
+            # Most requests: only the request id and X-Forwarded-For are ours. Neither value can
+            # hold a line break (the id came through the parser or was made here).
+            ours = _OURS % (ctx.rid.encode("utf-8", "surrogateescape"), (request.remote or "").encode())
+        else:
+            set_here = CIMultiDict(((REQUEST_ID_HEADER, ctx.rid), ("X-Forwarded-For", request.remote or "")))
+            if isinstance(target, RemoteTarget):
+                hops = hops_of(request.headers.get(HOPS_HEADER)) + 1
+                set_here[HOPS_HEADER] = str(hops)
+                if ctx.downgraded is not None:
+                    set_here[FALLBACK_REQUEST_HEADER] = ctx.model or ""
+                if gate is not None:  # the next node trusts our signature instead of the client's key
+                    set_here.update(gate.forward_headers(request.path_qs, hops, body, ctx))
+            set_here.update(extra)  # the instance's own API key, not the client's
+            skip = skip | _lowered(tuple(set_here))
+            ours = header_lines(set_here.items())
+        passed = [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in skip]
+        passed.append(ours)
+        return b"".join(passed)
 
     def _first_byte_limit(self, ctx: Ctx, target: Target) -> float:
         cfg = ctx.cfg

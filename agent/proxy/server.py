@@ -357,7 +357,7 @@ class Proxy:
         gate = self.gate(plan.model) if plan.serving else None
         if self._overflows(plan, gate):
             plan.deferred, plan.serving = plan.serving, []
-        in_flight = self.metrics.done.in_flight
+        in_flight = self.metrics.in_flight
         in_flight[plan.model] = in_flight.get(plan.model, 0) + 1
         try:
             if plan.serving and gate is not None and (refused := await self._enter_gate(gate, plan, ctx)):
