@@ -27,6 +27,9 @@ class StaticRoutes:
     async def want(self, model: str) -> None:
         return None  # nothing to follow: every route is here
 
+    def want_now(self, model: str) -> bool:
+        return True
+
     def node_gone(self, node: str) -> Flag:
         """Set by a test to say that ``node`` went DOWN."""
         return self._gone.setdefault(node, Flag())

@@ -366,6 +366,19 @@ async def test_a_bug_in_the_pipeline_is_a_json_500_or_a_cut_stream_never_a_mixed
         await sink.write(b"data: 1\n\n")
         raise RuntimeError("a bug")
 
+    def broken_now(request: Any, body: bytes, sink: Any, *, anthropic: bool = False) -> bool:
+        raise RuntimeError("a bug")
+
+    # In the fast lane (fastlane.py), which runs in the protocol's callbacks.
+    p.proxy.forward_now = broken_now
+    for _ in range(2):  # the connection survives nothing, the listener does
+        reader, writer = await p.connect()
+        writer.write(post(CHAT, BODY))
+        status, headers, body = await response(reader)
+        assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+        assert headers["connection"] == "close" and await reader.read() == b""
+    # In the coroutine pipeline.
+    p.proxy.forward_now = lambda *_, **__: False
     p.proxy.forward = broken
     reader, writer = await p.connect()
     writer.write(post(CHAT, BODY))

@@ -482,7 +482,7 @@ class _Inst:
 
 async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering() -> None:
     from agent.proxy.context import Failure
-    from agent.proxy.server import AbandonIfGone
+    from agent.proxy.dispatch import AbandonIfGone
 
     inst, finish, cancelled = _Inst(), asyncio.Event(), []
     answered = False
@@ -520,7 +520,7 @@ async def test_an_attempt_is_abandoned_when_its_instance_leaves_before_answering
 
 
 async def test_a_client_leaving_as_the_instance_leaves_is_still_a_cancellation() -> None:
-    from agent.proxy.server import AbandonIfGone
+    from agent.proxy.dispatch import AbandonIfGone
 
     inst = _Inst()
 

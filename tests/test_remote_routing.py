@@ -111,7 +111,7 @@ async def test_an_attempt_is_abandoned_when_its_node_goes_down_unless_it_has_ans
     import asyncio
 
     from agent.proxy.context import Failure
-    from agent.proxy.server import AbandonIfGone
+    from agent.proxy.dispatch import AbandonIfGone
     from gpufleet.tasks import Flag
 
     finish = asyncio.Event()

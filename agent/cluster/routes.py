@@ -200,6 +200,19 @@ class RouteTable:
                 async with asyncio.timeout(self._settings().route_fetch_timeout_s):
                     await w.assembled.wait()
 
+    def want_now(self, model: str) -> bool:
+        """``want`` when it would not wait: True (marked used); False, nothing done."""
+        if not self._headers.ready.is_set():
+            return False
+        header = self.headers.get(model)
+        if header is None or not header.slices:
+            return True
+        w = self._watches.get(model)
+        if w is None or model not in self.routes:
+            return False
+        w.used = time.monotonic()
+        return True
+
     def followed(self) -> set[str]:
         """Models whose slices are followed now."""
         return set(self._watches)

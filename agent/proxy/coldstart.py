@@ -92,10 +92,7 @@ class ColdStart:
         None: go on (served now, or not an on-demand model); else the 503 to answer. Not
         ``wait``: a request another node forwarded here, which that node holds if it must (it
         saw a READY endpoint here; a wait here would only hide that it is gone)."""
-        if not self.demand.begin(model):
-            return None
-        ctx.demand = model  # the proxy calls end() when the request is over
-        if not wait or self.ready(model):
+        if not self.note(model, ctx) or not wait or self.ready(model):
             return None
         cfg = self.cfg
         q = self._queues.get(model) or self._queues.setdefault(model, _Queue())
@@ -125,6 +122,17 @@ class ColdStart:
         if routes is not None:
             await routes.want(model)  # its route slices exist now: follow them
         return None
+
+    def would_hold(self, model: str, wait: bool = True) -> bool:
+        """Would ``hold`` wait (an on-demand model that no replica serves yet)? Changes nothing."""
+        return wait and self.demand.on_demand(model) is not None and not self.ready(model)
+
+    def note(self, model: str, ctx: Ctx) -> bool:
+        """Note the request's demand for ``model`` (``end`` ends it): True if on demand."""
+        if not self.demand.begin(model):
+            return False
+        ctx.demand = model  # the proxy calls end() when the request is over
+        return True
 
     def end(self, ctx: Ctx) -> None:
         if ctx.demand is not None:

@@ -19,7 +19,7 @@ connection that aiohttp already serves because it began with an admin request).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from aiohttp import web
@@ -53,6 +53,14 @@ class Request(Protocol):
     async def read(self) -> bytes: ...
 
 
+class Cancellable(Protocol):
+    """What answers a request, as the listener cancels it when the client leaves: a task, or
+    the fast lane's request (fastlane.py)."""
+
+    def cancel(self) -> object: ...
+    def done(self) -> bool: ...
+
+
 class Answer:
     """A whole answer (status, headers, body), or, with ``sent``, a stream already written
     through the sink (status and headers kept for the access log and the caller)."""
@@ -84,6 +92,19 @@ class Sink(Protocol):
 
     async def end(self) -> None:
         """The stream's end."""
+
+
+class NowSink(Sink, Protocol):
+    """A :class:`Sink` that also serves the fast lane (fastlane.py): the front protocol."""
+
+    def answering(self, request: Cancellable) -> None:
+        """``request`` answers the current request by callbacks (a client leaving cancels it)."""
+
+    def send_now(self, answer: Answer) -> None:
+        """The whole answer, written at once; then the connection goes on to its next request."""
+
+    def carry_on(self, work: Awaitable[object]) -> None:
+        """The rest of the current request in a task: ``work`` answers it."""
 
 
 # --- the aiohttp side ------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -55,7 +55,7 @@ from gpufleet.deadlines import Timed
 from gpufleet.httpserver import OVERLOADED, REQUEST_TIMEOUT, ConnectionGuard, GuardedServer, Phase, safe_reason
 
 from .context import ANTHROPIC_ROUTES, ROUTES
-from .exchange import Answer, BodyTooLarge, BodyUnreadable
+from .exchange import Answer, BodyTooLarge, BodyUnreadable, Cancellable
 from .server import PROXY_KEY, Proxy
 
 log = structlog.get_logger("agent.proxy.front")
@@ -120,6 +120,14 @@ def _status_line(status: int) -> bytes:
 
 def _error_body(message: str, code: str, type_: str = "invalid_request_error") -> bytes:
     return msgspec.json.encode({"error": {"message": message, "type": type_, "code": code}})
+
+
+def _internal_error() -> Answer:
+    return Answer(
+        500,
+        CIMultiDict({"Content-Type": "application/json"}),
+        _error_body("internal error", "internal_error", "server_error"),
+    )
 
 
 class _HandOver(Exception):
@@ -192,6 +200,13 @@ class FrontRequest:
         chunks = self._chunks
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def body_now(self) -> bytes | None:
+        """The whole body if it is here and acceptable (None: ``read`` waits for it, or raises)."""
+        if not self.complete or self.too_large or self.broken is not None:
+            return None
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def add(self, data: bytes, limit: int) -> None:
         if self.too_large:
             return
@@ -221,6 +236,7 @@ class Front:
         self.handler = handler  # makes aiohttp's protocol for a connection handed over
         self.connections: set[FrontProtocol] = set()
         self.stopping = False
+        self._ended: asyncio.Future[None] | None = None  # shutdown waits on it
         self.handed_over = 0  # connections given to aiohttp (tests and metrics read it)
 
     def __call__(self) -> FrontProtocol:
@@ -234,15 +250,31 @@ class Front:
 
     async def shutdown(self, timeout: float | None) -> None:
         """Wait up to ``timeout`` for the requests in progress, then cancel what is left."""
-        tasks = [c.task for c in self.connections if c.task is not None]
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while busy := [c.task for c in self.connections if c.task is not None and not c.task.done()]:
+            left = None if end is None else end - loop.time()
+            if left is not None and left <= 0:
+                break
+            # A request answered by callbacks (fastlane.py) has no task to wait on: its end
+            # (FrontProtocol._next) sets this.
+            ended = self._ended = loop.create_future()
+            await asyncio.wait(
+                [*(t for t in busy if isinstance(t, asyncio.Task)), ended],
+                timeout=left,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        tasks = [t for t in busy if isinstance(t, asyncio.Task)]
+        for t in busy:
+            t.cancel()
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(tasks, timeout=5)
         for conn in list(self.connections):
             conn.force_close()
+
+    def request_ended(self) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -250,6 +282,7 @@ class FrontProtocol(asyncio.Protocol):
 
     # Slots: thousands of open streams each hold one (issue 18's goal is <= 16 KB per stream).
     __slots__ = (
+        "_after_drain",
         "_between",
         "_between_at_read",
         "_close_answer",
@@ -275,6 +308,7 @@ class FrontProtocol(asyncio.Protocol):
         "_reading_paused",
         "_sent",
         "_timer",
+        "_unstarted",
         "_unusual",
         "_url",
         "_window",
@@ -307,7 +341,10 @@ class FrontProtocol(asyncio.Protocol):
         self._parsing: FrontRequest | None = None
         self._current: FrontRequest | None = None
         self._queue: list[FrontRequest] = []  # not a deque: 600 bytes per connection, rarely used
-        self.task: asyncio.Task[None] | None = None
+        self._unstarted = False  # the current request is not answered yet: launched after the read
+        # What answers the current request: a task, or the fast lane's request (fastlane.py).
+        self.task: Cancellable | None = None
+        self._after_drain: FrontRequest | None = None  # answered; the next waits for the client to read
         # Head in progress.
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -353,6 +390,7 @@ class FrontProtocol(asyncio.Protocol):
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the client left: its upstream request goes with it
         self._wake_writer()
+        self.front.request_ended()
         for req in (self._parsing, *self._queue):
             if req is not None and not req.complete:
                 req.broken = "the client closed the connection"
@@ -404,6 +442,7 @@ class FrontProtocol(asyncio.Protocol):
         self._data = data
         self._between_at_read = self._between
         self._completed_in_read = False
+        error = None
         try:
             self._parser.feed_data(data)
         except _HandOver:
@@ -411,9 +450,14 @@ class FrontProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             pass  # an upgrade head: marked for aiohttp in on_headers_complete
         except httptools.HttpParserError as e:
-            if not self._handover:
-                self._parse_error(e)
-                return
+            error = e
+        if self._unstarted:  # after the parser: its body may have come in the same read
+            self._unstarted = False
+            assert self._current is not None
+            self._launch(self._current)
+        if error is not None and not self._handover:
+            self._parse_error(error)
+            return
         if self._handover:
             self._try_hand_over()
         elif self._in_head and self._head_bytes > MAX_HEAD_BYTES:
@@ -456,7 +500,8 @@ class FrontProtocol(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive()
         self._parsing = req
         if self._current is None:
-            self._start(req)
+            self._current = req
+            self._unstarted = True  # launched once the parser is done with this read
         else:
             self._queue.append(req)
             self._pause_reading()  # pipelined: one at a time
@@ -594,18 +639,36 @@ class FrontProtocol(asyncio.Protocol):
 
     # --- answering --------------------------------------------------------------------------------
 
-    def _start(self, req: FrontRequest) -> None:
-        self._current = req
-        self.task = self.loop.create_task(self._serve(req))
-
-    async def _serve(self, req: FrontRequest) -> None:
+    def _launch(self, req: FrontRequest) -> None:
+        """Answer ``req`` (the current request): in the fast lane if its body is here and the
+        proxy takes it (fastlane.py), else in a task."""
         proxy = self.proxy
+        if req.models:
+            self.task = self.loop.create_task(self._serve(req, self._models(req)))
+            return
+        body = req.body_now()
         try:
-            if req.models:
-                answer = await proxy.models(req)
-                await self.send(answer)
-            else:
-                await proxy.forward(req, self, anthropic=req.anthropic)
+            if body is not None and proxy.forward_now(req, body, self, anthropic=req.anthropic):
+                return
+        except Exception as e:  # one request's bug must not take the connection's others down
+            self._crashed(req, e)
+            return
+        self.task = self.loop.create_task(self._serve(req, proxy.forward(req, self, anthropic=req.anthropic)))
+
+    async def _models(self, req: FrontRequest) -> None:
+        await self.send(await self.proxy.models(req))
+
+    def _crashed(self, req: FrontRequest, e: BaseException) -> None:
+        log.error("unhandled error serving a proxy request", path=req.path, error=repr(e), exc_info=e)
+        self._closing = True
+        self._pending_head = None
+        if not self._sent and self.transport is not None:  # nothing of an answer out yet
+            self._write_answer(_internal_error())
+        self._next(req)
+
+    async def _serve(self, req: FrontRequest, work: Awaitable[object]) -> None:
+        try:
+            await work
         except asyncio.CancelledError:
             self._closing = True
             if self.transport is not None and self._current is req:
@@ -616,13 +679,7 @@ class FrontProtocol(asyncio.Protocol):
             self._closing = True
             self._pending_head = None
             if not self._sent and self.transport is not None:  # nothing of an answer out yet
-                await self.send(
-                    Answer(
-                        500,
-                        CIMultiDict({"Content-Type": "application/json"}),
-                        _error_body("internal error", "internal_error", "server_error"),
-                    )
-                )
+                await self.send(_internal_error())
         finally:
             self._next(req)
 
@@ -630,6 +687,7 @@ class FrontProtocol(asyncio.Protocol):
         """The answer to ``done`` is out: the next pipelined request, a handover, or idle."""
         self.task = None
         self._current = None
+        self.front.request_ended()
         self._pending_head = None
         self._sent = False
         if not done.keep_alive or not done.complete or done.too_large:
@@ -650,9 +708,10 @@ class FrontProtocol(asyncio.Protocol):
             self._finish_connection()
             return
         if self._queue:
-            self._start(self._queue.pop(0))
+            self._current = req = self._queue.pop(0)
             if not self._queue and not self._handover:
                 self._resume_reading()
+            self._launch(req)
             self._settle(answered=True)
             return
         if self._handover:
@@ -703,12 +762,34 @@ class FrontProtocol(asyncio.Protocol):
     # The Sink interface (agent/proxy/exchange.py), for the current request.
 
     async def send(self, answer: Answer) -> None:
+        self._write_answer(answer)
+        if self._write_paused:
+            await self._drained()
+
+    def _write_answer(self, answer: Answer) -> None:
         self._sent = True
         body = answer.body
         head = self._head(answer.status, answer.headers, b"Content-Length: %d\r\n" % len(body))
         self.write_raw(head + body if len(body) < 16384 else None, head, body)
-        if self._write_paused:
-            await self._drained()
+
+    # The fast lane's (NowSink, agent/proxy/exchange.py).
+
+    def answering(self, request: Cancellable) -> None:
+        self.task = request
+
+    def send_now(self, answer: Answer) -> None:
+        req = self._current
+        assert req is not None
+        self._write_answer(answer)
+        if self._write_paused and self.transport is not None:
+            self._after_drain = req  # the next request once the client reads (resume_writing)
+        else:
+            self._next(req)
+
+    def carry_on(self, work: Awaitable[object]) -> None:
+        req = self._current
+        assert req is not None
+        self.task = self.loop.create_task(self._serve(req, work))
 
     async def start(self, status: int, headers: CIMultiDict[str]) -> None:
         self._pending_head = self._head(status, headers, _CHUNKED)
@@ -751,6 +832,9 @@ class FrontProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._wake_writer()
+        req, self._after_drain = self._after_drain, None
+        if req is not None:
+            self._next(req)
 
     def _wake_writer(self) -> None:
         if self._drain is not None and not self._drain.done():

@@ -16,7 +16,11 @@ object per request). This client does what the relay needs and nothing else:
 - back-pressure: reading from the upstream pauses while more than ``HIGH_WATER`` bytes wait for
   a slow client, and resumes below ``LOW_WATER``;
 - a response not read to its end (a client gone, a timeout) closes its connection: a half-read
-  connection is never reused.
+  connection is never reused;
+- two ways to wait for the answer: a coroutine (``post_lines``, then ``readany``/``read``), or,
+  on a pooled connection, callbacks (``post_now``): the connection tells a :class:`Listener`
+  when the head is here, when the body is complete and when it failed, with no future or task
+  per request (the proxy's fast lane, fastlane.py).
 
 Timeouts are the caller's (the relay runs one scope per attempt); only connecting has its own
 limit. Errors: :class:`ConnectError` (nothing was sent), :class:`Disconnected` (closed before
@@ -30,7 +34,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -56,6 +60,13 @@ class PayloadError(UpstreamError):
     """The response body was cut off or malformed."""
 
 
+class Listener(Protocol):
+    def upstream_changed(self) -> None:
+        """The response's head arrived, its body completed, or the connection failed: read
+        ``Response.progress``. Called after the parser has taken the whole read, never from
+        inside it."""
+
+
 class Origin(NamedTuple):
     tls: bool
     host: str
@@ -78,6 +89,7 @@ class _Connection(asyncio.Protocol):
 
     # Slots: one per open stream (issue 18's memory goal is per stream).
     __slots__ = (
+        "_changed",
         "_paused",
         "_waiter",
         "buffered",
@@ -85,10 +97,11 @@ class _Connection(asyncio.Protocol):
         "closed",
         "complete",
         "error",
-        "head",
+        "headed",
         "idle_since",
         "in_use",
         "keep_alive",
+        "listener",
         "loop",
         "parser",
         "raw_headers",
@@ -108,10 +121,13 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.new_response()
 
-    def new_response(self) -> None:
+    def new_response(self, listener: Listener | None = None) -> None:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future[None] = self.loop.create_future()
+        self.headed = False  # the response head is here
+        # Told of the head, the end and a failure (post_now); None: a coroutine waits instead.
+        self.listener = listener
+        self._changed = False  # something the listener must hear of happened in this read
         # A list, not a deque: a deque is 600 bytes even when empty, one per open stream, and
         # the reader takes each chunk soon after it came (one or two are ever waiting).
         self.chunks: list[bytes] = []
@@ -136,18 +152,27 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(PayloadError(f"malformed response: {e}"))
+        # The listener hears after the parser is done with the read: what it does next (answer
+        # the client, put this connection back, send the next request on it) must not happen
+        # inside one of the parser's callbacks.
+        if self._changed:
+            self._changed = False
+            if self.listener is not None:
+                self.listener.upstream_changed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.head.done():
-            self.head.set_exception(Disconnected(f"closed before the response head{_why(exc)}"))
-            self.head.exception()  # retrieved: nobody may be waiting any more
+        if not self.headed:
+            if self.error is None:
+                self.error = Disconnected(f"closed before the response head{_why(exc)}")
         elif not self.complete and self.error is None:
             if self.sized:
                 self.error = PayloadError(f"closed before the end of the body{_why(exc)}")
             else:
                 self.complete = True  # a body "until close" ends here
         self._wake()
+        if self.listener is not None and self.in_use:
+            self.listener.upstream_changed()
 
     # --- httptools callbacks ----------------------------------------------------------------------
 
@@ -158,8 +183,9 @@ class _Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         self.sized = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.raw_headers)
-        if not self.head.done():
-            self.head.set_result(None)
+        self.headed = True
+        self._changed = True
+        self._wake()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -171,9 +197,24 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self._changed = True
         self._wake()
 
     # --- the reader's side ------------------------------------------------------------------------
+
+    async def wait_head(self) -> None:
+        """Until the response head is here; the connection's error if it failed first."""
+        while not self.headed:
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+
+    async def _wait(self) -> None:
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     async def read_chunk(self) -> bytes:
         """The next chunk as the upstream sent it; b"" at the end of the body."""
@@ -182,11 +223,7 @@ class _Connection(asyncio.Protocol):
                 raise self.error
             if self.complete:
                 return b""
-            self._waiter = self.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait()
         chunk = self.chunks.pop(0)
         self.buffered -= len(chunk)
         if self._paused and self.buffered < LOW_WATER and self.transport is not None:
@@ -204,8 +241,7 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: UpstreamError) -> None:
         self.error = error
-        if not self.head.done():
-            self.head.set_exception(error)
+        self._changed = True
         self.close()
         self._wake()
 
@@ -261,6 +297,38 @@ class Response:
     def content(self) -> Response:
         return self  # aiohttp's ``response.content.readany()`` reads the same
 
+    def progress(self) -> bool:
+        """With a listener (``post_now``): False while the answer is not whole, True once its
+        body is complete; raises the connection's error (Disconnected before the head,
+        PayloadError after it). ``status`` is set once the head is here (``headed``)."""
+        conn = self._conn
+        if conn.error is not None:
+            raise conn.error
+        if conn.headed and not self.status:
+            self.status = conn.status
+        return conn.complete
+
+    @property
+    def headed(self) -> bool:
+        return self._conn.headed
+
+    @property
+    def reused(self) -> bool:
+        """Sent on a kept-alive connection (one the upstream may have closed as we reused it)."""
+        return self._conn.reused
+
+    def body_now(self) -> bytes:
+        """The whole body, once ``progress()`` said it is complete."""
+        chunks = self._conn.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._conn.buffered = 0
+        return body
+
+    def detach(self) -> None:
+        """No listener any more: a coroutine reads the rest (``readany``)."""
+        self._conn.listener = None
+
     async def read(self) -> bytes:
         parts = []
         while chunk := await self._conn.read_chunk():
@@ -270,6 +338,7 @@ class Response:
     def release(self) -> None:
         conn = self._conn
         conn.in_use = False
+        conn.listener = None
         if conn.reusable():
             self._client.put_back(self._origin, conn)
         else:
@@ -306,15 +375,8 @@ class UpstreamClient:
     async def post_lines(self, base_url: str, path: str, lines: bytes, body: bytes) -> Response:
         """``post`` with the headers already as lines (``Name: value\\r\\n`` each, no line
         breaks inside: the caller's promise); Host and Content-Length are the client's."""
-        origin = self._origins.get(base_url)
-        if origin is None:
-            origin = self._origins[base_url] = origin_of(base_url)
-        data = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
-            path.encode("utf-8", "surrogateescape"),
-            origin.host_header,
-            len(body),
-            lines,
-        )
+        origin = self._origin(base_url)
+        data = _request_head(origin, path, lines, body)
         while True:
             conn = self._pooled(origin) or await self._connect(origin)
             try:
@@ -326,13 +388,36 @@ class UpstreamClient:
                 # nothing was answered on it; a new connection, not a pooled one, comes next.
                 self._drop(origin)
 
+    def post_now(self, base_url: str, path: str, lines: bytes, body: bytes, listener: Listener) -> Response | None:
+        """``post_lines`` without waiting, on a kept-alive connection: the request is written
+        and ``listener`` is told of its answer (``Response.progress``). None, with nothing
+        sent, when no idle connection is pooled for ``base_url`` (then ``post_lines``
+        connects). A pooled connection the upstream closes as we reuse it fails with
+        Disconnected (``Response.reused``): the caller retries it on a new one."""
+        origin = self._origin(base_url)
+        conn = self._pooled(origin)
+        if conn is None:
+            return None
+        conn.new_response(listener)
+        conn.in_use = True
+        assert conn.transport is not None
+        head = _request_head(origin, path, lines, body)
+        conn.transport.writelines((head, body) if body else (head,))
+        return Response(self, origin, conn)
+
+    def _origin(self, base_url: str) -> Origin:
+        origin = self._origins.get(base_url)
+        if origin is None:
+            origin = self._origins[base_url] = origin_of(base_url)
+        return origin
+
     async def _exchange(self, origin: Origin, conn: _Connection, head: bytes, body: bytes) -> Response:
         conn.new_response()
         conn.in_use = True
         assert conn.transport is not None
         try:
             conn.transport.writelines((head, body) if body else (head,))
-            await conn.head
+            await conn.wait_head()
         except BaseException:
             conn.in_use = False
             conn.close()  # an answer we stopped waiting for must not reach the next request
@@ -349,6 +434,11 @@ class UpstreamClient:
                 return conn
             conn.close()
         return None
+
+    def drop_idle(self, base_url: str) -> None:
+        """Close the idle connections to ``base_url``: one was found closed as it was reused,
+        and the others are as old (the upstream restarted, or its idle timeout passed)."""
+        self._drop(self._origin(base_url))
 
     def _drop(self, origin: Origin) -> None:
         for conn in self._idle.pop(origin, ()):
@@ -386,6 +476,15 @@ class UpstreamClient:
     async def close(self) -> None:
         for origin in list(self._idle):
             self._drop(origin)
+
+
+def _request_head(origin: Origin, path: str, lines: bytes, body: bytes) -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+        path.encode("utf-8", "surrogateescape"),
+        origin.host_header,
+        len(body),
+        lines,
+    )
 
 
 def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:

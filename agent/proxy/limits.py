@@ -25,9 +25,15 @@ class ModelGate:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """A slot now if one is free and nobody queues for it; False: ``acquire`` must wait."""
         if self.active < self.max_concurrency and not self._waiters:
             self.active += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         if len(self._waiters) >= self.max_queue:
             raise QueueFull(f"{self.active} requests running and {len(self._waiters)} queued")

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import structlog
@@ -138,31 +139,57 @@ class Relay:
     async def attempt(self, request: Request, sink: Sink, body: bytes, target: Target, ctx: Ctx) -> Answer:
         """Send the request to ``target`` and relay its answer. Raises Failure while nothing has
         reached the client."""
-        headers = self._request_headers(request, body, target, ctx)
+        headers = self.request_headers(request, body, target, ctx)
+        limit_s = self.first_byte_limit(ctx, target)
+        when = self.loop_deadline(ctx, limit_s)
+        self.attempt_begins(target, ctx)
+        return await self.carry_on(
+            sink, target, ctx, when, limit_s, lambda: self.post(target, request.path_qs, body, headers)
+        )
+
+    def attempt_begins(self, target: Target, ctx: Ctx) -> None:
+        """Count an attempt on ``target`` (its in-flight count until ``attempt_ends``)."""
         upstream_stats = self.stats.upstream(target.name)
         upstream_stats.in_flight += 1
         upstream_stats.requests += 1
         if counted(ctx, target):
             self.stats.counters.attempts += 1
-        # One timeout scope per attempt. A stream must show its first body chunk (the first
-        # token: servers send headers at once) within ttfb_timeout_s; a non-streaming answer
-        # (headers come with the whole answer) within response_timeout_s. Then the scope moves
-        # out to the total deadline.
-        limit_s = self._first_byte_limit(ctx, target)
-        scope = self.deadlines.at(self.loop_deadline(ctx, limit_s))
+
+    def attempt_ends(self, target: Target) -> None:
+        self.stats.upstream(target.name).in_flight -= 1
+
+    async def carry_on(
+        self,
+        sink: Sink,
+        target: Target,
+        ctx: Ctx,
+        when: float,
+        limit_s: float,
+        upstream: Response | Callable[[], Awaitable[Response]],
+    ) -> Answer:
+        """An attempt counted by ``attempt_begins``, from its request being sent (``upstream``
+        sends it) or from its answer's head (``upstream`` is the answer: the fast lane began the
+        attempt, fastlane.py), to its end; ``when``: its first-byte deadline.
+
+        One timeout scope per attempt. A stream must show its first body chunk (the first token:
+        servers send headers at once) within ttfb_timeout_s; a non-streaming answer (headers
+        come with the whole answer) within response_timeout_s. Then the scope moves out to the
+        total deadline."""
+        scope = self.deadlines.at(when)
         try:
             async with scope:
-                upstream = await self._post(target, request.path_qs, body, headers)
+                if not isinstance(upstream, Response):
+                    upstream = await upstream()
                 try:
                     return await self._answer(sink, upstream, target, ctx, scope)
                 finally:
                     upstream.release()
         except TimeoutError:
-            raise self._timed_out(ctx, target, scope, limit_s) from None
+            raise self.timed_out(ctx, target, scope.when(), limit_s) from None
         finally:
-            upstream_stats.in_flight -= 1
+            self.attempt_ends(target)
 
-    def _request_headers(self, request: Request, body: bytes, target: Target, ctx: Ctx) -> bytes:
+    def request_headers(self, request: Request, body: bytes, target: Target, ctx: Ctx) -> bytes:
         """The header lines of the request to ``target``: the client's as the parser gave them
         (bytes, never decoded and encoded again), less the hop-by-hop ones, the client's
         credential where this node checks keys, and those the relay sets, which follow."""
@@ -189,27 +216,28 @@ class Relay:
         passed.append(ours)
         return b"".join(passed)
 
-    def _first_byte_limit(self, ctx: Ctx, target: Target) -> float:
+    def first_byte_limit(self, ctx: Ctx, target: Target) -> float:
         cfg = ctx.cfg
         limit = cfg.ttfb_timeout_s if ctx.stream else cfg.response_timeout_s
         # Another node's proxy runs the same limit on its own instance and may retry once after
         # it: give it room for both, or we would give up just as its retry begins.
         return 2 * limit if isinstance(target, RemoteTarget) else limit
 
-    def _timed_out(self, ctx: Ctx, target: Target, scope: Deadline, limit_s: float) -> Failure:
-        if scope.when() == ctx.loop_started + ctx.cfg.total_timeout_s:  # the total deadline
+    def timed_out(self, ctx: Ctx, target: Target, when: float, limit_s: float) -> Failure:
+        """The Failure of an attempt whose deadline ``when`` (first byte, or total) passed."""
+        if when == ctx.loop_started + ctx.cfg.total_timeout_s:  # the total deadline
             limit_s = ctx.cfg.total_timeout_s
         what = f"no first chunk within {limit_s:g}s" if ctx.stream else f"no complete answer within {limit_s:g}s"
         return Failure("timeout", self.timeout_response(ctx, what), f"{target.name}: {what}")
 
-    async def _post(self, target: Target, path: str, body: bytes, headers: bytes) -> Response:
+    async def post(self, target: Target, path: str, body: bytes, headers: bytes) -> Response:
         """Send the request (httpclient.py retries a kept-alive connection the upstream closed
         as we reused it); refused, unreachable or closed before answering is a Failure."""
         assert self.client is not None
         try:
             return await self.client.post_lines(target.base_url, path, headers, body)
         except (ConnectError, Disconnected, PayloadError) as e:
-            raise Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}") from None
+            raise connect_failure(target, e) from None
 
     async def _answer(
         self,
@@ -224,7 +252,7 @@ class Relay:
         if upstream.status >= 400:
             return self._error_answer(upstream, await self._read(upstream, target), target, ctx)
         try:
-            if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
+            if is_stream(upstream):
                 # Hold the client's headers back until the first chunk is here: until then a
                 # dead upstream can still be retried elsewhere.
                 first = await upstream.content.readany()
@@ -236,7 +264,14 @@ class Relay:
             scope.reschedule(self.loop_deadline(ctx))  # its headers are here: answering
             payload = await upstream.read()
         except CUT_OFF as e:
-            raise Failure("midstream", None, f"{target.name}: answer cut off: {e}") from None
+            raise cut_off(target, e) from None
+        return self.whole_answer(upstream, payload, target, ctx)
+
+    def whole_answer(self, upstream: Response, payload: bytes, target: Target, ctx: Ctx) -> Answer:
+        """The client's answer to a non-streaming success, or to an error status (which may
+        instead raise the Failure to retry)."""
+        if upstream.status >= 400:
+            return self._error_answer(upstream, payload, target, ctx)
         self.first_byte(target, ctx)
         if ctx.key is not None:
             ctx.usage = usage_of_body(payload)
@@ -249,7 +284,7 @@ class Relay:
         try:
             return await upstream.read()
         except CUT_OFF as e:
-            raise Failure("midstream", None, f"{target.name}: answer cut off: {e}") from None
+            raise cut_off(target, e) from None
 
     def _error_answer(self, upstream: Response, payload: bytes, target: Target, ctx: Ctx) -> Answer:
         """An error status: the client's answer if the request was at fault (nothing counted,
@@ -421,6 +456,20 @@ class Relay:
         self.metrics.upstream_errors.labels(ctx.model, target.name, kind).inc()
         err = {"error": {"message": message, "type": "server_error", "code": "upstream_stream_error"}}
         await resp.write(b"data: " + msgspec.json.encode(err) + b"\n\n")
+
+
+def is_stream(upstream: Response) -> bool:
+    """An SSE answer: relayed as it comes, its head held back until its first chunk."""
+    return (upstream.header(b"content-type") or b"").startswith(b"text/event-stream")
+
+
+def connect_failure(target: Target, e: Exception) -> Failure:
+    """Refused, unreachable, or closed before answering: nothing was answered."""
+    return Failure("connect", None, f"{target.name}: {type(e).__name__}: {e}")
+
+
+def cut_off(target: Target, e: Exception) -> Failure:
+    return Failure("midstream", None, f"{target.name}: answer cut off: {e}")
 
 
 class _IdleWatch(Timed):

@@ -8,7 +8,7 @@ smooth weighted round-robin by the coordinator's weights. A request that already
 is never forwarded again (``X-GPUFleet-Hops``), so two nodes cannot bounce it between them.
 
 An attempt on another node that has not answered when the route marks that node DOWN is
-abandoned and retried elsewhere (server.py, ``AbandonIfGone``): behind a silent partition (packets
+abandoned and retried elsewhere (dispatch.py, ``AbandonIfGone``): behind a silent partition (packets
 dropped, no reset) the connection would otherwise wait for the total deadline, 15 minutes.
 Local instances leaving rotation get the same treatment.
 """

@@ -1,25 +1,23 @@
-"""The OpenAI-compatible proxy on the agent's port: which upstream serves a request, and retries.
+"""The OpenAI-compatible proxy on the agent's port: one request, step by step.
 
-A request is read and its ``model`` and ``stream`` decoded (nothing else), degradation applied
-(degrade.py), then sent to an instance of the model: local ones in rotation first, then other
-nodes by the route table (remote.py). A failure before the first response byte (connect error,
-5xx, 429, no first byte within its limit, the instance leaving rotation) is retried on another
-instance within a bounded number of attempts and time; after the first byte nothing is retried
-(the client has part of an answer). One attempt, and the bytes of its answer, are relay.py's.
-Gateway failures on a local instance are reported back through the ``Upstreams`` interface
-(upstreams.py), which is all the proxy knows of the rest of the agent: they feed the instance's
-passive health (outlier ejection, supervisor/supervision_policy.py). The proxy's counters are
-its own (stats.py).
+A request is read and its ``model`` and ``stream`` decoded (nothing else), its key checked, its
+route and cold start waited for, degradation applied (degrade.py), then dispatched (dispatch.py)
+to an instance of the model: local ones in rotation first, then other nodes by the route table
+(remote.py), retried before the first response byte. ``Upstreams`` (upstreams.py) is all the
+proxy knows of the rest of the agent. The proxy's counters are its own (stats.py).
+
+Two ways through the same steps: ``forward``, a coroutine (a task per request), and
+``forward_now``, the fast lane (fastlane.py): for a request whose body is here and that nothing
+before its first attempt makes wait, the steps run at once and the attempt by callbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -38,7 +36,6 @@ from .context import (
     ROUTES,
     UNKNOWN_MODEL_LABEL,
     Ctx,
-    Failure,
     Head,
     Plan,
     new_request_id,
@@ -46,21 +43,28 @@ from .context import (
     retry_later,
 )
 from .degrade import FALLBACK_REQUEST_HEADER, Degrader
-from .exchange import AiohttpRequest, AiohttpSink, Answer, BodyTooLarge, BodyUnreadable, Request, Sink, answer_of
-from .limits import ModelGate, QueueFull
+from .dispatch import Dispatcher
+from .exchange import (
+    AiohttpRequest,
+    AiohttpSink,
+    Answer,
+    BodyTooLarge,
+    BodyUnreadable,
+    NowSink,
+    Request,
+    Sink,
+    answer_of,
+)
+from .fastlane import FastRequest
 from .metrics import ProxyMetrics
-from .relay import BUSY, CAPACITY, Relay, Target
-from .remote import HOPS_HEADER, MAX_HOPS, RemotePicker, RemoteTarget, hops_of
-from .routing import K, Picker, affine, classify_task, task_route_group
+from .relay import Relay
+from .remote import HOPS_HEADER, MAX_HOPS, hops_of
+from .routing import classify_task, task_route_group
 from .stats import ProxyStats
 from .surface import labelled
 from .upstreams import LocalUpstream, Upstreams
 
 log = structlog.get_logger("agent.proxy")
-# Failures that say the instance is not serving (Envoy's "gateway failures"): passive health.
-GATEWAY_FAILURES = frozenset({"connect", "status_5xx", "timeout", "midstream"})
-# The client waited for an answer that never came: retried even past retry_budget_s.
-ABANDONED = frozenset({"node_down", "instance_down", "timeout"})
 
 
 class _Reply(Exception):
@@ -88,14 +92,12 @@ class Proxy:
         self.key_gate = key_gate  # API keys (agent/keys/gate.py); None: every request is let through
         self.metrics = metrics
         self.stats = stats if stats is not None else ProxyStats()
-        self.picker = Picker()
-        self.remote = RemotePicker(upstreams.node_id)
         self.degrader = Degrader(upstreams, self.stats)
         self.relay = Relay(upstreams, self.stats, metrics, self.degrader, key_gate, peer_ssl)
-        self.gates: dict[str, ModelGate] = {}
+        self.dispatcher = Dispatcher(upstreams, self.relay, self.stats, metrics)
         self.access_log = AccessLog()
         metrics.degradation_level.set_function(self.degrader.level)
-        metrics.watch_state(self.stats, lambda: self.degrader.cache, self._queued)
+        metrics.watch_state(self.stats, lambda: self.degrader.cache, self.dispatcher.queued)
 
     @property
     def cfg(self) -> ProxySection:
@@ -107,19 +109,6 @@ class Proxy:
     async def close(self) -> None:
         self.access_log.flush()
         await self.relay.close()
-
-    def _queued(self) -> dict[str, int]:
-        """Requests waiting per model with a concurrency limit (0 before its first request)."""
-        return {m: g.queued if (g := self.gates.get(m)) is not None else 0 for m in self.cfg.limits}
-
-    def gate(self, model: str) -> ModelGate | None:
-        limit = self.cfg.limits.get(model)
-        if limit is None:
-            return None
-        g = self.gates.get(model)
-        if g is None or (g.max_concurrency, g.max_queue) != (limit.max_concurrency, limit.max_queue):
-            g = self.gates[model] = ModelGate(limit.max_concurrency, limit.max_queue)
-        return g
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -162,21 +151,74 @@ class Proxy:
     async def forward(self, request: Request, sink: Sink, *, anthropic: bool = False) -> Answer:
         """Serve one request of a proxied route; the answer goes out through ``sink`` (a stream
         as it is relayed, a whole answer at the end). ``anthropic``: one of ANTHROPIC_ROUTES."""
-        started = time.monotonic()
-        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
-        ctx = Ctx(rid, started, self.cfg)
+        ctx = self._new_ctx(request)
+        return await self.run(request, sink, ctx, self._forward(request, sink, ctx), anthropic)
+
+    async def run(self, request: Request, sink: Sink, ctx: Ctx, work: Awaitable[Answer], anthropic: bool) -> Answer:
+        """``work`` (the pipeline, or what the fast lane left of it) to the request's answer,
+        sent through ``sink`` unless a stream sent it; accounted however it ends."""
         try:
-            answer = await self._forward(request, sink, ctx)
+            answer = await work
         except asyncio.CancelledError:
             ctx.status = 499  # client went away (nginx's code); upstream was cancelled with us
             raise
         finally:
-            if self.cold_start is not None:
-                self.cold_start.end(ctx)  # its model was wanted while it lasted
-            self._account(request, ctx)
+            self.finish(request, ctx)
         if not answer.sent:  # a stream's headers went out with the relayed answer's
-            await sink.send(labelled(answer, self.upstreams.node_id, anthropic=anthropic))
+            await sink.send(self.labelled(answer, anthropic))
         return answer
+
+    def finish(self, request: Request, ctx: Ctx) -> None:
+        """The request is over (its answer is about to go out): its demand ends, and it is
+        counted and logged."""
+        if self.cold_start is not None:
+            self.cold_start.end(ctx)  # its model was wanted while it lasted
+        self._account(request, ctx)
+
+    def labelled(self, answer: Answer, anthropic: bool) -> Answer:
+        return labelled(answer, self.upstreams.node_id, anthropic=anthropic)
+
+    def _new_ctx(self, request: Request) -> Ctx:
+        return Ctx(request.headers.get(REQUEST_ID_HEADER) or new_request_id(), time.monotonic(), self.cfg)
+
+    # --- the fast lane ------------------------------------------------------------------------
+
+    def forward_now(self, request: Request, body: bytes, sink: NowSink, *, anthropic: bool = False) -> bool:
+        """Serve a request whose whole ``body`` is here without a task, when no step before its
+        first attempt has to wait (fastlane.py). True once taken: answered (``sink.send_now``),
+        under way by callbacks (``sink.answering``), or carried on in a task (``sink.carry_on``).
+        False: nothing was done; ``forward`` serves it (in a task)."""
+        head = parse_head(body, request.path, request.headers.get("Content-Type", ""))
+        if not isinstance(head, Head) or head.stream or self._must_wait(request, head.model):
+            return False  # a refusal of the body, a stream, a wait: the coroutine pipeline
+        ctx = self._new_ctx(request)
+        ctx.model, ctx.stream = head.model, head.stream
+        try:
+            body = self._authorize(request, body, head, ctx)
+            self._entered(request, ctx)
+            if self.cold_start is not None:  # _must_wait: it would not hold the request
+                self.cold_start.note(head.model, ctx)
+            serving, route = self._known(head.model, ctx)
+            plan = self._plan(request, body, head.model, serving, route, ctx)
+        except _Reply as r:
+            answer = ctx.done(r.response)
+            self.finish(request, ctx)
+            sink.send_now(self.labelled(answer, anthropic))
+            return True
+        FastRequest(self, request, sink, body, plan, ctx, anthropic).start()
+        return True
+
+    def _must_wait(self, request: Request, model: str) -> bool:
+        """Would a step before the attempts wait or change the request: the route not followed
+        yet, a cold start to hold it, degradation (its cache may answer, or a fallback serve)?
+        Looks only: the steps are ``_forward``'s."""
+        routes = self.upstreams.routes
+        if routes is not None and not routes.want_now(model):
+            return True
+        forwarded = HOPS_HEADER in request.headers
+        if self.cold_start is not None and self.cold_start.would_hold(model, wait=not forwarded):
+            return True
+        return not forwarded and self.degrader.level() != 0
 
     # --- one request, step by step ------------------------------------------------------------
 
@@ -195,7 +237,7 @@ class Proxy:
                 await self._want(head.model)
                 serving, route = self._where(head.model)
             plan = self._plan(request, body, head.model, serving, route, ctx)
-            return await self._dispatch(request, sink, body, plan, ctx)
+            return await self.dispatcher.dispatch(request, sink, body, plan, ctx)
         except _Reply as r:
             return ctx.done(r.response)
 
@@ -342,189 +384,6 @@ class Proxy:
         plan.group = task_route_group(task_routes, model, classify_task(body)) if task_routes else None
         return plan
 
-    def _overflows(self, plan: Plan, gate: ModelGate | None) -> bool:
-        """Should the local instances wait until no other node can take the request? When
-        remote capacity exists: a drained node sends new work away, and a saturated model
-        overflows to other nodes instead of queueing here."""
-        if plan.route is None or not self.remote.candidates(plan.route, self.upstreams.gpu_classes(), set()):
-            return False
-        routes = self.upstreams.routes
-        drained = routes is not None and routes.drained
-        return drained or (gate is not None and gate.active >= gate.max_concurrency)
-
-    async def _dispatch(self, request: Request, sink: Sink, body: bytes, plan: Plan, ctx: Ctx) -> Answer:
-        """Through the model's concurrency gate (local instances only) to the attempts."""
-        gate = self.gate(plan.model) if plan.serving else None
-        if self._overflows(plan, gate):
-            plan.deferred, plan.serving = plan.serving, []
-        in_flight = self.metrics.in_flight
-        in_flight[plan.model] = in_flight.get(plan.model, 0) + 1
-        try:
-            if plan.serving and gate is not None and (refused := await self._enter_gate(gate, plan, ctx)):
-                return refused
-            return await self._attempts(request, sink, body, plan, ctx)
-        finally:
-            in_flight[plan.model] -= 1
-            if plan.gate is not None:
-                plan.gate.release()
-
-    async def _enter_gate(self, gate: ModelGate, plan: Plan, ctx: Ctx) -> Answer | None:
-        """Wait for a local slot (bounded queue); a response if refused, None once admitted."""
-        try:
-            async with self.relay.deadlines.at(self.relay.loop_deadline(ctx, ctx.cfg.ttfb_timeout_s)):
-                await gate.acquire()
-        except QueueFull as e:
-            self.metrics.rejected.labels("queue_full").inc()
-            return ctx.done(
-                retry_later(
-                    429,
-                    f"too many requests for {ctx.model}: {e}",
-                    "rate_limit_error",
-                    "queue_full",
-                    ctx.rid,
-                    self.cfg.retry_after_s,
-                )
-            )
-        except TimeoutError:
-            return ctx.done(self.relay.timeout_response(ctx, "waiting for a free slot"))
-        plan.gate = gate
-        return None
-
-    # --- attempts -----------------------------------------------------------------------------
-
-    async def _attempts(self, request: Request, sink: Sink, body: bytes, plan: Plan, ctx: Ctx) -> Answer:
-        """Attempt after attempt, each on an upstream not tried yet, until one answers or the
-        request runs out of candidates, attempts or budget."""
-        retry_deadline = ctx.started + ctx.held + ctx.cfg.retry_budget_s
-        tried: set[str] = set()
-        last: Failure | None = None
-        timeouts = 0
-        while True:
-            target = self._next_target(plan, tried, ctx)
-            if target is None and plan.deferred:
-                if refused := await self._serve_deferred(plan, ctx):
-                    return refused
-                continue
-            if target is None:
-                return ctx.done(self._unavailable(plan, last, ctx))
-            tried.add(target.name)
-            ctx.instance = target.name
-            try:
-                with self._abandon_if_gone(target, ctx):  # inline: a frame less per stream
-                    return await self.relay.attempt(request, sink, body, target, ctx)
-            except Failure as f:
-                last = f
-                self._failed(target, f, ctx)
-                timeouts += f.kind == "timeout"
-                if self._out_of_retries(f, len(tried), timeouts, retry_deadline):
-                    return ctx.done(self._given_up(f, ctx))
-                ctx.retries += 1
-                self.metrics.retries.labels(ctx.model).inc()
-
-    async def _serve_deferred(self, plan: Plan, ctx: Ctx) -> Answer | None:
-        """No other node could take it: the local instances set aside serve after all."""
-        plan.serving, plan.deferred = plan.deferred, []
-        gate = self.gate(plan.model)
-        return await self._enter_gate(gate, plan, ctx) if gate is not None else None
-
-    def _out_of_retries(self, f: Failure, attempts: int, timeouts: int, retry_deadline: float) -> bool:
-        # Timeouts and targets that left under an attempt are retried even past the budget:
-        # the client has waited for an answer that never came. A second timeout is not: a
-        # request slow on two instances is likely slow itself (a huge prompt), and a third try
-        # would only burn another prefill.
-        over_budget = time.monotonic() >= retry_deadline and f.kind not in ABANDONED
-        return attempts >= self.cfg.max_attempts or over_budget or timeouts > 1
-
-    def _given_up(self, f: Failure, ctx: Ctx) -> Answer | web.Response:
-        if f.response is not None:
-            return f.response
-        return error_response(
-            502, f"upstream failed: {f.detail}", "server_error", "upstream_error", {REQUEST_ID_HEADER: ctx.rid}
-        )
-
-    def _unavailable(self, plan: Plan, last: Failure | None, ctx: Ctx) -> Answer | web.Response:
-        """Nothing (more) to try: the last failure's answer, else 503."""
-        if last is not None and last.response is not None:
-            return last.response
-        states = ", ".join(f"{i.name} {i.state.value}" for i in plan.serving) or "no local instance"
-        remote = " and no eligible remote endpoint" if plan.route is not None else ""
-        return retry_later(
-            503,
-            f"no instance of {ctx.model} is ready ({states}){remote}",
-            "service_unavailable",
-            "model_not_ready",
-            ctx.rid,
-            self.cfg.retry_after_s,
-        )
-
-    def _next_target(self, plan: Plan, tried: set[str], ctx: Ctx) -> Target | None:
-        """Local instances in rotation first (least in-flight); then other nodes by route
-        weight; then local READY ones whose last probe failed (a slow probe answer, or a server
-        about to be restarted: better than a 503 while nothing else can serve)."""
-        local = self._pick_local(plan, tried, ctx, suspect_ok=False)
-        if local is not None:
-            return local
-        if plan.route is not None:
-            candidates = self.remote.candidates(plan.route, self.upstreams.gpu_classes(), tried)
-            if (remote := self._pick_remote(plan, candidates, ctx)) is not None:
-                return remote
-        return self._pick_local(plan, tried, ctx, suspect_ok=True)
-
-    def _pick_remote(self, plan: Plan, candidates: list[tuple[RemoteTarget, int]], ctx: Ctx) -> RemoteTarget | None:
-        in_flight = self.stats.in_flight
-        if plan.session is not None and candidates:
-            sticky = self._sticky(plan.session, candidates, lambda t: in_flight(t.name))
-            if sticky is not None:
-                return sticky
-        return self.remote.pick(ctx.model or "", candidates, lambda t: in_flight(t.name), self.cfg.remote_balance)
-
-    def _sticky(self, session: str, keys: Sequence[tuple[K, int]], load: Callable[[K], int]) -> K | None:
-        """The session's target, unless it has affinity_max_extra more in flight than the
-        least busy one (then the request goes by load, and the session sticks again later)."""
-        target = affine(session, keys, lambda k: k.name)  # type: ignore[attr-defined]
-        if target is None:
-            return None
-        least = min(load(k) for k, _ in keys)
-        return target if load(target) <= least + self.cfg.affinity_max_extra else None
-
-    def _pick_local(self, plan: Plan, tried: set[str], ctx: Ctx, *, suspect_ok: bool) -> LocalUpstream | None:
-        in_flight = self.stats.in_flight
-        ready = [
-            i for i in plan.serving if i.name not in tried and i.routable(in_flight(i.name), suspect_ok=suspect_ok)
-        ]
-        if plan.group is not None:
-            grouped = [i for i in ready if i.name in plan.group]
-            ready = grouped if grouped or not self.cfg.task_route_fallback else ready
-        if plan.session is not None and len(ready) > 1:
-            sticky = self._sticky(plan.session, [(i, 1) for i in ready], lambda i: in_flight(i.name))
-            if sticky is not None:
-                return sticky
-        return self.picker.pick(ctx.model or "", ready, in_flight)
-
-    def _abandon_if_gone(self, target: Target, ctx: Ctx) -> contextlib.AbstractContextManager[object]:
-        """What ends an attempt on ``target`` early: its instance leaving rotation, or its node
-        going DOWN in the routes (none in standalone mode)."""
-        answered = lambda: ctx.ttfb is not None  # noqa: E731
-        if not isinstance(target, RemoteTarget):
-            return AbandonIfGone(target, target.name, "instance_down", answered)
-        routes = self.upstreams.routes
-        if routes is None:
-            return contextlib.nullcontext()
-        return AbandonIfGone(routes.node_gone(target.node), target.name, "node_down", answered)
-
-    def _failed(self, target: Target, f: Failure, ctx: Ctx) -> None:
-        """Count a failed attempt, and report it to the target's health."""
-        if f.counted:
-            self.relay.count_error(target, ctx)
-        self.metrics.upstream_errors.labels(ctx.model, target.name, f.kind).inc()
-        log.warning("upstream attempt failed", request_id=ctx.rid, instance=target.name, kind=f.kind, detail=f.detail)
-        if f.kind not in (BUSY, CAPACITY):
-            target.request_probe()  # active health: look at it now / steer away from it
-        if f.kind not in GATEWAY_FAILURES or isinstance(target, RemoteTarget):
-            return
-        if target.report_failure(f.detail, f.kind == "status_5xx"):
-            self.metrics.ejections.labels(ctx.model, target.name).inc()
-
     def _account(self, request: Request, ctx: Ctx) -> None:
         if self.key_gate is not None:
             self.key_gate.finish(ctx)
@@ -546,64 +405,6 @@ class Proxy:
                 **({"stream_error": True} if ctx.stream_error else {}),
                 **({"degraded": ctx.degraded} if ctx.degraded else {}),
             )
-
-
-class Watched(Protocol):
-    """What an attempt watches: its instance's rotation, or its node's gone flag."""
-
-    def watch(self, on_leave: Callable[[], None]) -> None: ...
-    def unwatch(self, on_leave: Callable[[], None]) -> None: ...
-
-
-# Why an attempt was abandoned, by Failure kind: the detail's text, with the target's name.
-_LEFT = {
-    "instance_down": "{}: left rotation before it answered",
-    "node_down": "{}: its node went DOWN in the routes before it answered",
-}
-
-
-class AbandonIfGone:
-    """Around an attempt: if its target goes away before the attempt has answered — a local
-    instance leaves rotation (a failed probe, an ejection), another node goes DOWN in the routes
-    (behind a silent partition nothing else would end the attempt before the total deadline) —
-    the attempt is abandoned with ``Failure(kind)``, which the attempt loop retries elsewhere.
-
-    The attempt runs in this task, and the target going away cancels the task: a callback per
-    attempt, not a watcher task (or two) per request, and a ``with`` block rather than a
-    coroutine around the attempt (no frame per request). The cancellation lands at the attempt's
-    current await, which is before its first byte (``answered()`` was false when it was asked
-    for), so nothing reaches the client. ``uncancel`` tells our cancellation apart from the
-    client's leaving at the same time. Once something has answered, the attempt runs to its end."""
-
-    __slots__ = ("_answered", "_kind", "_name", "_task", "_watched", "abandoned")
-
-    def __init__(self, watched: Watched, name: str, kind: str, answered: Callable[[], bool]) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._watched = watched
-        self._name = name
-        self._kind = kind  # a key of _LEFT
-        self._answered = answered
-        self.abandoned = False
-
-    def _on_leave(self) -> None:
-        if not self.abandoned and not self._answered():
-            self.abandoned = True
-            self._task.cancel()
-
-    def __enter__(self) -> AbandonIfGone:
-        self._watched.watch(self._on_leave)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._watched.unwatch(self._on_leave)
-        if not self.abandoned:
-            return
-        if exc_type is not asyncio.CancelledError:
-            self._task.uncancel()  # the attempt swallowed it and ended after all
-        elif self._task.uncancel() == 0:
-            raise Failure(self._kind, None, _LEFT[self._kind].format(self._name)) from None
 
 
 PROXY_KEY = web.AppKey("proxy", Proxy)  # the app's proxy, for the front protocol (front.py)

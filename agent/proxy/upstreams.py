@@ -88,6 +88,11 @@ class RouteView(Protocol):
         """Follow ``model``'s route if not yet, waiting (bounded) for it; marks it used."""
         ...
 
+    def want_now(self, model: str) -> bool:
+        """``want`` when it would not wait (the route is followed and here, or has nothing to
+        follow): True, and marked used. False: nothing done, ``want`` must wait."""
+        ...
+
     def node_gone(self, node: str) -> Flag:
         """Set when ``node`` is DOWN in the routes or has left them."""
         ...
