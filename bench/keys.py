@@ -369,6 +369,7 @@ async def gate_in_process(keys_file: Path, secret: str, tmp: Path, n: int, repea
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: the JSON only
 
+    from agent.config import ProxySection
     from agent.keys.config import AuthSection
     from agent.keys.gate import KeyGate
     from agent.keys.source import FileKeySource
@@ -395,7 +396,7 @@ async def gate_in_process(keys_file: Path, secret: str, tmp: Path, n: int, repea
             gate.journal.open()
 
     def plain(gate: KeyGate) -> None:
-        ctx = Ctx("rid", 0.0)
+        ctx = Ctx("rid", 0.0, ProxySection(), 0.0)
         ctx.model = ctx.model_label = MODEL
         gate.admit(request, plain_bytes, head_plain, 0, ctx)
         if ctx.key is not None:
@@ -404,7 +405,7 @@ async def gate_in_process(keys_file: Path, secret: str, tmp: Path, n: int, repea
         gate.finish(ctx)
 
     def stream(gate: KeyGate) -> None:
-        ctx = Ctx("rid", 0.0)
+        ctx = Ctx("rid", 0.0, ProxySection(), 0.0)
         ctx.model = ctx.model_label = MODEL
         gate.admit(request, stream_bytes, head_stream, 0, ctx)
         ctx.status = 200

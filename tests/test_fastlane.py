@@ -305,3 +305,66 @@ async def test_a_stop_waits_for_a_lane_request_in_progress(
     assert status == 200 and json.loads(body) == {"done": True} and headers["connection"] == "close"
     await stopping
     assert lanes.fast == 1
+
+
+class _Transport:
+    """Enough of a transport to drive a FrontProtocol by hand, within one turn of the loop."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writelines(self, data: Any) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_client_leaving_in_the_turn_its_request_is_carried_on_leaks_no_slot(
+    port: Any, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane takes the request (its in-flight count, and then a wait for the gate, are
+    taken before the task that carries it on begins), and the client's connection is lost in
+    the same turn. The task still begins, so its cleanup runs: nothing stays counted, and the
+    gate's slot is not lost."""
+    release = asyncio.Event()
+    handler, mode = switchable(ok("a"))
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"served_by": "a"})
+
+    limits = {"m": ModelLimit(max_concurrency=1, max_queue=4)}
+    p = await port(FakeUpstreams([FakeInstance("a", await serve(handler))], limits=limits))
+    await warm(p)
+    mode["then"] = slow
+    lanes = Lanes(p, monkeypatch)
+    first = asyncio.ensure_future(ask(p, rid="holds-the-slot"))
+    await wait_until(lambda: lanes.fast == 1, timeout=10, what="the first request in the lane")
+    conn = p.front()
+    conn.connection_made(_Transport())
+    conn.data_received(post(CHAT, BODY))  # taken by the lane, carried on: the gate is full
+    assert lanes.fast == 2 and isinstance(conn.task, asyncio.Task)
+    conn.connection_lost(ConnectionResetError())  # in the same turn, before the task began
+    release.set()
+    assert (await first)[0] == 200
+    mode["then"] = None
+    assert (await asyncio.wait_for(ask(p, rid="after"), 10))[0] == 200  # the slot is free
+    await wait_until(lambda: in_flight_is_zero(p, "a"), timeout=10, what="nothing in flight")
+    assert p.proxy.dispatcher.queued().get("m") == 0
+    assert p.proxy.metrics.done.requests[("m", 499)] == 1  # and the request was logged

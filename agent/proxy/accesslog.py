@@ -40,13 +40,16 @@ class AccessLog:
         self._stamp = ""
         self._stamped = False  # in this turn of the event loop
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once (a getpid(2) per call)
 
     def record(self, **fields: Any) -> None:
         sink = json_sink()
         if sink is None:
             access.info("request", **fields)
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         if not self._stamped:
             self._stamp, self._stamped = _iso_now(), True
             loop.call_soon(self._turn_ended)

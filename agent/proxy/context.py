@@ -194,7 +194,7 @@ class Ctx:
         "usage",
     )
 
-    def __init__(self, rid: str, started: float, cfg: ProxySection) -> None:
+    def __init__(self, rid: str, started: float, cfg: ProxySection, loop_now: float | None = None) -> None:
         self.rid = rid
         self.started = started
         self.cfg = cfg  # [proxy] as the request began: one request sees one config, read once
@@ -225,7 +225,9 @@ class Ctx:
         self.hide_usage = False
         self.usage: Usage | None = None
         self.billed = False  # counted and journalled (KeyGate.bill), which happens once
-        self.loop_started = asyncio.get_running_loop().time()
+        # The event loop's time as it began (``loop_now``: the caller's cached reading; looking
+        # the loop up costs a getpid(2) per request).
+        self.loop_started = asyncio.get_running_loop().time() if loop_now is None else loop_now
 
     def done(self, resp: web.Response | Answer) -> Answer:
         """The request's answer, as the pipeline returns it; its status for the access log."""

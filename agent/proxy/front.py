@@ -387,8 +387,16 @@ class FrontProtocol(asyncio.Protocol):
         self._release()
         self.front.connections.discard(self)
         self.transport = None
-        if self.task is not None and not self.task.done():
-            self.task.cancel()  # the client left: its upstream request goes with it
+        task = self.task
+        if task is not None and not task.done():  # the client left: its upstream request goes with it
+            if isinstance(task, asyncio.Task):
+                # A turn later: a task made in this turn (the fast lane carrying a request on,
+                # fastlane.py) begins first, so its ``finally`` blocks (the gate's slot, the
+                # in-flight count, the access log) run. Cancelled before its first step, a
+                # coroutine runs none of them.
+                self.loop.call_soon(task.cancel)
+            else:
+                task.cancel()
         self._wake_writer()
         self.front.request_ended()
         for req in (self._parsing, *self._queue):

@@ -42,6 +42,7 @@ from multidict import CIMultiDict
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})  # a body's end is known
 
 
 class UpstreamError(Exception):
@@ -178,14 +179,16 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
+        if not self.sized and name.lower() in _FRAMING:
+            self.sized = True
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
-        self.sized = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.raw_headers)
         self.headed = True
         self._changed = True
-        self._wake()
+        if self._waiter is not None:  # a coroutine reads (none in the fast lane)
+            self._wake()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -193,12 +196,14 @@ class _Connection(asyncio.Protocol):
         if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
         self._changed = True
-        self._wake()
+        if self._waiter is not None:
+            self._wake()
 
     # --- the reader's side ------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -148,11 +148,13 @@ class Proxy:
             ]
         return {"object": "list", "data": data}
 
-    async def forward(self, request: Request, sink: Sink, *, anthropic: bool = False) -> Answer:
-        """Serve one request of a proxied route; the answer goes out through ``sink`` (a stream
-        as it is relayed, a whole answer at the end). ``anthropic``: one of ANTHROPIC_ROUTES."""
+    def forward(self, request: Request, sink: Sink, *, anthropic: bool = False) -> Coroutine[Any, Any, Answer]:
+        """Serve one request of a proxied route (await it); the answer goes out through ``sink``
+        (a stream as it is relayed, a whole answer at the end). ``anthropic``: one of
+        ANTHROPIC_ROUTES. Not a coroutine itself: ``run``'s, without a frame around it that
+        every event of a stream would pass through."""
         ctx = self._new_ctx(request)
-        return await self.run(request, sink, ctx, self._forward(request, sink, ctx), anthropic)
+        return self.run(request, sink, ctx, self._forward(request, sink, ctx), anthropic)
 
     async def run(self, request: Request, sink: Sink, ctx: Ctx, work: Awaitable[Answer], anthropic: bool) -> Answer:
         """``work`` (the pipeline, or what the fast lane left of it) to the request's answer,
@@ -179,7 +181,8 @@ class Proxy:
         return labelled(answer, self.upstreams.node_id, anthropic=anthropic)
 
     def _new_ctx(self, request: Request) -> Ctx:
-        return Ctx(request.headers.get(REQUEST_ID_HEADER) or new_request_id(), time.monotonic(), self.cfg)
+        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        return Ctx(rid, time.monotonic(), self.cfg, self.relay.deadlines.now())
 
     # --- the fast lane ------------------------------------------------------------------------
 
