@@ -2,7 +2,7 @@
 every way it leaves the lane for the coroutine pipeline with nothing lost.
 
 Each test warms the instances' connection pools first (the lane takes only pooled connections),
-then checks that the request under test began in the lane (``Proxy.forward``, the coroutine
+then checks that the request under test began in the lane (``Proxy._forward``, the coroutine
 pipeline's entry, was not called for it) and what the client saw.
 """
 
@@ -32,7 +32,7 @@ class Lanes:
     def __init__(self, p: Port, monkeypatch: pytest.MonkeyPatch) -> None:
         self.fast = 0
         self.slow = 0
-        forward, start = p.proxy.forward, FastRequest.start
+        forward, start = p.proxy._forward, FastRequest.start
 
         async def counted_forward(*args: Any, **kwargs: Any) -> Any:
             self.slow += 1
@@ -42,7 +42,7 @@ class Lanes:
             self.fast += 1
             start(fast)
 
-        monkeypatch.setattr(p.proxy, "forward", counted_forward)
+        monkeypatch.setattr(p.proxy, "_forward", counted_forward)
         monkeypatch.setattr(FastRequest, "start", counted_start)
 
 

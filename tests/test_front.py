@@ -358,15 +358,15 @@ async def test_a_stop_lets_requests_in_progress_finish(port: Any, serve: Any) ->
 async def test_a_bug_in_the_pipeline_is_a_json_500_or_a_cut_stream_never_a_mixed_answer(port: Any, serve: Any) -> None:
     p = await port(FakeUpstreams([FakeInstance("a", await serve(ok("a")))]))
 
-    async def broken(request: Any, sink: Any, *, anthropic: bool = False) -> None:
+    async def broken(request: Any, sink: Any, ctx: Any, parsed: Any = None) -> None:
         raise RuntimeError("a bug")
 
-    async def broken_mid_stream(request: Any, sink: Any, *, anthropic: bool = False) -> None:
+    async def broken_mid_stream(request: Any, sink: Any, ctx: Any, parsed: Any = None) -> None:
         await sink.start(200, CIMultiDict({"Content-Type": "text/event-stream"}))
         await sink.write(b"data: 1\n\n")
         raise RuntimeError("a bug")
 
-    def broken_now(request: Any, body: bytes, sink: Any, *, anthropic: bool = False) -> bool:
+    def broken_now(request: Any, body: bytes, sink: Any, *, anthropic: bool = False) -> None:
         raise RuntimeError("a bug")
 
     # In the fast lane (fastlane.py), which runs in the protocol's callbacks.
@@ -377,17 +377,17 @@ async def test_a_bug_in_the_pipeline_is_a_json_500_or_a_cut_stream_never_a_mixed
         status, headers, body = await response(reader)
         assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
         assert headers["connection"] == "close" and await reader.read() == b""
-    # In the coroutine pipeline.
-    p.proxy.forward_now = lambda *_, **__: False
-    p.proxy.forward = broken
+    # In the coroutine pipeline (a stream goes there).
+    del p.proxy.forward_now
+    p.proxy._forward = broken
     reader, writer = await p.connect()
-    writer.write(post(CHAT, BODY))
+    writer.write(post(CHAT, STREAM_BODY))
     status, headers, body = await response(reader)
     assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
     assert headers["connection"] == "close" and await reader.read() == b""
-    p.proxy.forward = broken_mid_stream
+    p.proxy._forward = broken_mid_stream
     reader, writer = await p.connect()
-    writer.write(post(CHAT, BODY))
+    writer.write(post(CHAT, STREAM_BODY))
     with pytest.raises(asyncio.IncompleteReadError):  # the stream is cut: no terminating chunk
         await response(reader)
 

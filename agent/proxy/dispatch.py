@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -94,9 +94,11 @@ class Dispatcher:
         drained = routes is not None and routes.drained
         return drained or (gate is not None and gate.active >= gate.max_concurrency)
 
-    async def dispatch(self, request: Request, sink: Sink, body: bytes, plan: Plan, ctx: Ctx) -> Answer:
-        """Through the model's concurrency gate (local instances only) to the attempts."""
-        return await self.gated(request, sink, body, plan, ctx, self.enter(plan), Tries(ctx))
+    def dispatch(self, request: Request, sink: Sink, body: bytes, plan: Plan, ctx: Ctx) -> Coroutine[Any, Any, Answer]:
+        """Through the model's concurrency gate (local instances only) to the attempts (await it
+        at once: the request is in flight from this call; ``gated``'s coroutine, no frame
+        around it)."""
+        return self.gated(request, sink, body, plan, ctx, self.enter(plan), Tries(ctx))
 
     def enter(self, plan: Plan) -> ModelGate | None:
         """The request is in flight for ``plan.model`` until ``leave``; the gate it must pass

@@ -46,7 +46,7 @@ from .context import Ctx, Failure, Plan
 from .dispatch import Tries, Watched, gone_failure
 from .exchange import Answer, NowSink, Request
 from .httpclient import Disconnected, Response, UpstreamError
-from .relay import Target, connect_failure, cut_off, is_stream
+from .relay import Outgoing, Target, connect_failure, cut_off, is_stream
 
 if TYPE_CHECKING:
     from .server import Proxy
@@ -202,12 +202,8 @@ class FastRequest(Timed):
         relay = self.proxy.relay
         if not upstream.headed and isinstance(e, Disconnected) and upstream.reused and relay.client is not None:
             relay.client.drop_idle(target.base_url)  # its pool is as stale: post_lines connects anew
-            path, body, headers = self.request.path_qs, self.body, self.headers
-            self._resume(
-                lambda: relay.carry_on(
-                    self.sink, target, self.ctx, when, self.limit_s, lambda: relay.post(target, path, body, headers)
-                )
-            )
+            outgoing = Outgoing(self.request.path_qs, self.body, self.headers)
+            self._resume(lambda: relay.carry_on(self.sink, target, self.ctx, when, self.limit_s, outgoing))
             return
         relay.attempt_ends(target)
         self._resume(connect_failure(target, e) if not upstream.headed else cut_off(target, e))

@@ -648,20 +648,20 @@ class FrontProtocol(asyncio.Protocol):
     # --- answering --------------------------------------------------------------------------------
 
     def _launch(self, req: FrontRequest) -> None:
-        """Answer ``req`` (the current request): in the fast lane if its body is here and the
-        proxy takes it (fastlane.py), else in a task."""
+        """Answer ``req`` (the current request): by ``forward_now`` if its body is here (the
+        fast lane, fastlane.py, or a task it starts), else in a task that reads it."""
         proxy = self.proxy
         if req.models:
             self.task = self.loop.create_task(self._serve(req, self._models(req)))
             return
         body = req.body_now()
+        if body is None:  # still coming (or refused): the pipeline reads it
+            self.task = self.loop.create_task(self._serve(req, proxy.forward(req, self, anthropic=req.anthropic)))
+            return
         try:
-            if body is not None and proxy.forward_now(req, body, self, anthropic=req.anthropic):
-                return
+            proxy.forward_now(req, body, self, anthropic=req.anthropic)
         except Exception as e:  # one request's bug must not take the connection's others down
             self._crashed(req, e)
-            return
-        self.task = self.loop.create_task(self._serve(req, proxy.forward(req, self, anthropic=req.anthropic)))
 
     async def _models(self, req: FrontRequest) -> None:
         await self.send(await self.proxy.models(req))

@@ -186,17 +186,17 @@ class Proxy:
 
     # --- the fast lane ------------------------------------------------------------------------
 
-    def forward_now(self, request: Request, body: bytes, sink: NowSink, *, anthropic: bool = False) -> bool:
-        """Serve a request whose whole ``body`` is here without a task, when no step before its
-        first attempt has to wait (fastlane.py). True once taken: answered (``sink.send_now``),
-        under way by callbacks (``sink.answering``), or carried on in a task (``sink.carry_on``).
-        False: nothing was done; ``forward`` serves it (in a task)."""
-        head = parse_head(body, request.path, request.headers.get("Content-Type", ""))
-        if not isinstance(head, Head) or head.stream or self._must_wait(request, head.model):
-            return False  # a refusal of the body, a stream, a wait: the coroutine pipeline
+    def forward_now(self, request: Request, body: bytes, sink: NowSink, *, anthropic: bool = False) -> None:
+        """Serve a request whose whole ``body`` is here: answered at once (``sink.send_now``), or
+        under way by callbacks (``sink.answering``: the fast lane, fastlane.py) when no step
+        before its first attempt has to wait and it is not a stream; else the coroutine pipeline
+        in a task (``sink.carry_on``), its body already parsed."""
         ctx = self._new_ctx(request)
-        ctx.model, ctx.stream = head.model, head.stream
         try:
+            head = self._parsed(request, body, ctx)
+            if head.stream or self._must_wait(request, head.model):
+                sink.carry_on(self.run(request, sink, ctx, self._forward(request, sink, ctx, (body, head)), anthropic))
+                return
             body = self._authorize(request, body, head, ctx)
             self._entered(request, ctx)
             if self.cold_start is not None:  # _must_wait: it would not hold the request
@@ -207,9 +207,8 @@ class Proxy:
             answer = ctx.done(r.response)
             self.finish(request, ctx)
             sink.send_now(self.labelled(answer, anthropic))
-            return True
+            return
         FastRequest(self, request, sink, body, plan, ctx, anthropic).start()
-        return True
 
     def _must_wait(self, request: Request, model: str) -> bool:
         """Would a step before the attempts wait or change the request: the route not followed
@@ -225,9 +224,12 @@ class Proxy:
 
     # --- one request, step by step ------------------------------------------------------------
 
-    async def _forward(self, request: Request, sink: Sink, ctx: Ctx) -> Answer:
+    async def _forward(
+        self, request: Request, sink: Sink, ctx: Ctx, parsed: tuple[bytes, Head] | None = None
+    ) -> Answer:
+        """The pipeline, step by step (``parsed``: the body and its head, already read)."""
         try:
-            body, head = await self._read_head(request, ctx)
+            body, head = parsed if parsed is not None else await self._read_head(request, ctx)
             body = self._authorize(request, body, head, ctx)
             forwarded = self._entered(request, ctx)
             await self._want(head.model)
@@ -270,13 +272,17 @@ class Proxy:
                     {REQUEST_ID_HEADER: ctx.rid},
                 )
             ) from None
+        return body, self._parsed(request, body, ctx)
+
+    def _parsed(self, request: Request, body: bytes, ctx: Ctx) -> Head:
+        """The ``model`` and ``stream`` the body asks for; 400 if it is not a request."""
         head = parse_head(body, request.path, request.headers.get("Content-Type", ""))
         if not isinstance(head, Head):
             self.metrics.rejected.labels("bad_request").inc()
             head.headers[REQUEST_ID_HEADER] = ctx.rid
             raise _Reply(head)
         ctx.model, ctx.stream = head.model, head.stream
-        return body, head
+        return head
 
     def _authorize(self, request: Request, body: bytes, head: Head, ctx: Ctx) -> bytes:
         """The key check (401/403/429/503 end the request); the body to send on."""
