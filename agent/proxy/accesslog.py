@@ -43,9 +43,13 @@ class AccessLog:
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up once (a getpid(2) per call)
 
     def record(self, **fields: Any) -> None:
+        self.write({"event": "request", **fields})
+
+    def write(self, line: dict[str, Any]) -> None:
+        """``record``, its fields given as the line's dict (``event`` first), which this takes."""
         sink = json_sink()
         if sink is None:
-            access.info("request", **fields)
+            access.info(line.pop("event"), **line)
             return
         loop = self._loop
         if loop is None:
@@ -54,9 +58,9 @@ class AccessLog:
             self._stamp, self._stamped = _iso_now(), True
             loop.call_soon(self._turn_ended)
         self._sink = sink
-        fields["level"] = "info"
-        fields["timestamp"] = self._stamp
-        self._pending.append(sink.dumps({"event": "request", **fields}))
+        line["level"] = "info"
+        line["timestamp"] = self._stamp
+        self._pending.append(sink.dumps(line))
         if len(self._pending) >= BATCH_LINES:
             self.flush()
         elif self._timer is None:

@@ -57,7 +57,7 @@ class AgentUpstreams:
         return self._routes()
 
     def local(self, model: str) -> list[LocalUpstream]:
-        return [i for i in self._supervisor.instances.values() if i.cfg.client_model == model]
+        return self._supervisor.of_model(model)  # type: ignore[return-value]
 
     def ready_models(self) -> list[ServedModel]:
         seen: dict[str, ServedModel] = {}

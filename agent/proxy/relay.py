@@ -60,6 +60,12 @@ def _lowered(names: tuple[str, ...]) -> frozenset[bytes]:
     return frozenset(name.lower().encode() for name in names)
 
 
+@functools.lru_cache(maxsize=64)
+def _not_returned(names: tuple[str, ...]) -> frozenset[bytes]:
+    """An answer's headers not passed back when the relay sets ``names``: one set to test."""
+    return _NOT_RETURNED | _lowered(names)
+
+
 # Where this node checks keys, the client's key is ours: it goes no further.
 _NOT_PASSED_KEYED = _NOT_PASSED | {n.lower().encode() for n in CREDENTIAL_HEADERS}
 
@@ -325,12 +331,12 @@ class Relay:
         if stream:
             # X-Accel-Buffering: tells nginx in front of us not to buffer either.
             ours += (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
-        replaced = _lowered(tuple(name for name, _ in ours))
+        skip = _not_returned(tuple([name for name, _ in ours]))
         return CIMultiDict(
             [
                 (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
                 for n, v in upstream.raw_headers
-                if (low := n.lower()) not in _NOT_RETURNED and low not in replaced
+                if n.lower() not in skip
             ]
             + ours
         )

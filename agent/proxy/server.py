@@ -399,21 +399,26 @@ class Proxy:
         duration = time.monotonic() - ctx.started
         self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if ctx.cfg.access_log:
-            self.access_log.record(
-                request_id=ctx.rid,
-                method=request.method,
-                path=request.path,
-                model=ctx.model,
-                instance=ctx.instance,
-                status=ctx.status,
-                stream=ctx.stream,
-                ttfb_ms=None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
-                duration_ms=round(duration * 1000, 2),
-                retries=ctx.retries,
-                **({"key": ctx.key_name} if ctx.key_name else {}),
-                **({"stream_error": True} if ctx.stream_error else {}),
-                **({"degraded": ctx.degraded} if ctx.degraded else {}),
-            )
+            line = {
+                "event": "request",
+                "request_id": ctx.rid,
+                "method": request.method,
+                "path": request.path,
+                "model": ctx.model,
+                "instance": ctx.instance,
+                "status": ctx.status,
+                "stream": ctx.stream,
+                "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
+                "duration_ms": round(duration * 1000, 2),
+                "retries": ctx.retries,
+            }
+            if ctx.key_name:
+                line["key"] = ctx.key_name
+            if ctx.stream_error:
+                line["stream_error"] = True
+            if ctx.degraded:
+                line["degraded"] = ctx.degraded
+            self.access_log.write(line)
 
 
 PROXY_KEY = web.AppKey("proxy", Proxy)  # the app's proxy, for the front protocol (front.py)

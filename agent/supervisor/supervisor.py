@@ -77,6 +77,9 @@ class Supervisor:
         self._adopting: set[str] = set()  # names that had a server to adopt at start
         self._settled = asyncio.Event()  # an instance changed state (adopted_settled waits on it)
         self.instances: dict[str, Instance] = {}
+        # The same instances by the model name clients ask for, in the same order: the proxy
+        # looks a model's up on every request (``of_model``).
+        self._by_model: dict[str, list[Instance]] = {}
         self.gpus: list[GpuRecord] = []
         self.smoother = UtilizationSmoother(cfg.gpu.utilization_smoothing)
         self.last_tick: float | None = None
@@ -216,7 +219,13 @@ class Supervisor:
     def _start_instances(self, built: list[Instance]) -> None:
         for inst in built:
             self.instances[inst.name] = inst
+            self._by_model.setdefault(inst.cfg.client_model, []).append(inst)
             inst.start_task()
+
+    def of_model(self, model: str) -> list[Instance]:
+        """The instances serving ``model`` (the name clients ask for), whatever their state: a
+        new list, the caller's to keep."""
+        return list(self._by_model.get(model, ()))
 
     async def _apply(self, plan: InstancePlan, built: list[Instance]) -> None:
         """Stop what the plan stops, then start what it built. Nothing in here refuses: what
@@ -331,6 +340,10 @@ class Supervisor:
     async def _remove(self, gone: list[Instance]) -> None:
         for inst in gone:
             del self.instances[inst.name]
+            same = self._by_model[inst.cfg.client_model]
+            same.remove(inst)
+            if not same:
+                del self._by_model[inst.cfg.client_model]
         # One instance that fails to stop cleanly must not keep the others (or the new ones) from
         # their turn: a plan, once applied, is applied whole.
         results = await asyncio.gather(*(i.shutdown() for i in gone), return_exceptions=True)
