@@ -368,3 +368,51 @@ async def test_a_client_leaving_in_the_turn_its_request_is_carried_on_leaks_no_s
     await wait_until(lambda: in_flight_is_zero(p, "a"), timeout=10, what="nothing in flight")
     assert p.proxy.dispatcher.queued().get("m") == 0
     assert p.proxy.metrics.done.requests[("m", 499)] == 1  # and the request was logged
+
+
+async def test_a_lane_answer_passes_the_upstream_header_lines_as_they_came(
+    port: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer's header lines are the upstream's bytes (its names' case, a value that is not
+    UTF-8), less the hop-by-hop ones and those the proxy sets, with ours after them."""
+    answer = b'{"ok": true}'
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Mixed-Case: a\xe9b\r\n"
+        b"Server: upstream\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nKeep-Alive: timeout=5\r\n"
+        b"X-Gpufleet-Instance: spoofed\r\nContent-Length: %d\r\n\r\n" % len(answer)
+    )
+
+    async def serve_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(len(BODY))
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(head + answer)
+
+    server = await asyncio.start_server(serve_forever, "127.0.0.1", 0)
+    try:
+        a = FakeInstance("a", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        p = await port(FakeUpstreams([a]))
+
+        async def exchange() -> bytes:
+            reader, writer = await p.connect()
+            writer.write(post(CHAT, BODY, f"{REQUEST_ID_HEADER}: lines\r\n"))
+            raw = await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(len(answer)) == answer
+            writer.close()
+            return raw
+
+        await exchange()  # pools a connection
+        lanes = Lanes(p, monkeypatch)
+        raw = await exchange()
+        assert lanes.fast == 1
+        lines = raw.split(b"\r\n")
+        assert b"X-Mixed-Case: a\xe9b" in lines  # byte for byte
+        names = [line.split(b":", 1)[0].lower() for line in lines[1:] if line]
+        assert names.count(b"date") == 1 and b"server" not in names and b"keep-alive" not in names
+        assert b"X-Gpufleet-Instance: a" in lines and b"X-Gpufleet-Instance: spoofed" not in lines
+        assert f"{REQUEST_ID_HEADER}: lines".encode() in lines and b"X-Gpufleet-Node: here" in lines
+    finally:
+        server.close()

@@ -63,12 +63,36 @@ class Cancellable(Protocol):
 
 class Answer:
     """A whole answer (status, headers, body), or, with ``sent``, a stream already written
-    through the sink (status and headers kept for the access log and the caller)."""
+    through the sink (status and headers kept for the access log and the caller).
 
-    __slots__ = ("body", "headers", "sent", "status")
+    An answer relayed whole carries its headers as the header lines to send (``lines``: the
+    upstream's as its parser gave them, and ours), which the front protocol writes as they are;
+    ``headers`` decodes them only when something asks (a rewrite, the degradation cache,
+    aiohttp's listener), and from then on the decoded headers are the answer's."""
 
-    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes = b"", *, sent: bool = False) -> None:
-        self.status, self.headers, self.body, self.sent = status, headers, body, sent
+    __slots__ = ("_headers", "body", "lines", "sent", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDict[str] | None,
+        body: bytes = b"",
+        *,
+        sent: bool = False,
+        lines: bytes | None = None,
+    ) -> None:
+        self.status, self._headers, self.body, self.sent, self.lines = status, headers, body, sent, lines
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDict(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, _, value in (line.partition(b": ") for line in (self.lines or b"").split(b"\r\n") if line)
+            )
+            self.lines = None
+        return headers
 
 
 def answer_of(resp: web.Response | Answer) -> Answer:

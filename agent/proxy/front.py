@@ -752,9 +752,13 @@ class FrontProtocol(asyncio.Protocol):
         self._resume_reading()
         self.loop.call_later(1.0, self.force_close)
 
-    def _head(self, status: int, headers: CIMultiDict[str], framing: bytes) -> bytes:
+    def _head(self, status: int, headers: CIMultiDict[str] | bytes, framing: bytes) -> bytes:
+        """An answer's head; ``headers`` as a dict, or as header lines ready to send."""
         parts = [_status_line(status)]
-        parts.append("".join([f"{k}: {v}\r\n" for k, v in headers.items()]).encode("utf-8", "surrogateescape"))
+        if isinstance(headers, bytes):
+            parts.append(headers)
+        else:
+            parts.append("".join([f"{k}: {v}\r\n" for k, v in headers.items()]).encode("utf-8", "surrogateescape"))
         parts.append(framing)
         parts.append(_date.line())
         if self._closing or self._guard.draining or self.front.stopping or not self._keeps_alive():
@@ -777,7 +781,9 @@ class FrontProtocol(asyncio.Protocol):
     def _write_answer(self, answer: Answer) -> None:
         self._sent = True
         body = answer.body
-        head = self._head(answer.status, answer.headers, b"Content-Length: %d\r\n" % len(body))
+        lines = answer.lines
+        framing = b"Content-Length: %d\r\n" % len(body)
+        head = self._head(answer.status, lines if lines is not None else answer.headers, framing)
         self.write_raw(head + body if len(body) < 16384 else None, head, body)
 
     # The fast lane's (NowSink, agent/proxy/exchange.py).

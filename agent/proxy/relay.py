@@ -284,10 +284,16 @@ class Relay:
         self.first_byte(target, ctx)
         if ctx.key is not None:
             ctx.usage = usage_of_body(payload)
-        headers = self._response_headers(upstream, target, ctx)
+        ours = self._ours(upstream, target, ctx)
+        skip = _not_returned(tuple([name for name, _ in ours]))
+        # The header lines as the upstream sent them (never decoded), less those not returned,
+        # and ours: what the client gets, written as it is (Answer.lines).
+        passed = [n + b": " + v + b"\r\n" for n, v in upstream.raw_headers if n.lower() not in skip]
+        passed.append(header_lines(ours))
+        answer = Answer(upstream.status, None, payload, lines=b"".join(passed))
         if ctx.cache_key is not None and upstream.status == 200:
-            self.degrader.store(ctx.cache_key, upstream.status, headers, payload)
-        return ctx.done(Answer(upstream.status, headers, payload))
+            self.degrader.store(ctx.cache_key, upstream.status, answer.headers, payload)
+        return ctx.done(answer)
 
     async def _read(self, upstream: Response, target: Target) -> bytes:
         try:
@@ -315,6 +321,20 @@ class Relay:
     def _response_headers(self, upstream: Response, target: Target, ctx: Ctx, stream: bool = False) -> CIMultiDict[str]:
         """The client's headers: the upstream's, less hop-by-hop ones, with ours set (an open
         stream holds them: built whole in one go, not grown a field at a time)."""
+        ours = self._ours(upstream, target, ctx, stream)
+        skip = _not_returned(tuple([name for name, _ in ours]))
+        return CIMultiDict(
+            [
+                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for n, v in upstream.raw_headers
+                if n.lower() not in skip
+            ]
+            + ours
+        )
+
+    def _ours(self, upstream: Response, target: Target, ctx: Ctx, stream: bool = False) -> list[tuple[str, str]]:
+        """The headers the relay sets on an answer (none holds a line break: names and ids of
+        ours, and a request id the parser let through)."""
         ours: list[tuple[str, str]] = []
         # Where it was served: another node's answer already names that node (and its instance,
         # unless that node's proxy answered itself: a refusal); a local instance's is ours to name.
@@ -331,15 +351,7 @@ class Relay:
         if stream:
             # X-Accel-Buffering: tells nginx in front of us not to buffer either.
             ours += (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
-        skip = _not_returned(tuple([name for name, _ in ours]))
-        return CIMultiDict(
-            [
-                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                for n, v in upstream.raw_headers
-                if n.lower() not in skip
-            ]
-            + ours
-        )
+        return ours
 
     # --- streams ----------------------------------------------------------------------------------
 

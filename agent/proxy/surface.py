@@ -49,7 +49,8 @@ class _ErrorBody(msgspec.Struct):
 def labelled(answer: Answer, node_id: str, *, anthropic: bool = False) -> Answer:
     """An answer the proxy made or relayed whole, with this node's name on it (a relayed one
     already names its node), and on Anthropic's routes its errors in Anthropic's shape."""
-    answer.headers.setdefault(NODE_HEADER, node_id)
+    if answer.lines is None:  # relayed header lines always name the node (relay.py's _ours)
+        answer.headers.setdefault(NODE_HEADER, node_id)
     if anthropic and answer.status >= 400:
         as_anthropic(answer)
     return answer
