@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
+import msgspec
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -93,6 +94,12 @@ class Answer:
             )
             self.lines = None
         return headers
+
+
+def internal_error() -> Answer:
+    """The JSON 500 of a bug in the pipeline (the listener's, or a fast-lane callback's)."""
+    error = {"message": "internal error", "type": "server_error", "code": "internal_error"}
+    return Answer(500, CIMultiDict({"Content-Type": "application/json"}), msgspec.json.encode({"error": error}))
 
 
 def answer_of(resp: web.Response | Answer) -> Answer:

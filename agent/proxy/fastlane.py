@@ -36,15 +36,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import msgspec
 import structlog
-from multidict import CIMultiDict
 
 from gpufleet.deadlines import Timed
 
 from .context import Ctx, Failure, Plan
 from .dispatch import Tries, Watched, gone_failure
-from .exchange import Answer, NowSink, Request
+from .exchange import Answer, NowSink, Request, internal_error
 from .httpclient import Disconnected, Response, UpstreamError
 from .relay import Outgoing, Target, connect_failure, cut_off, is_stream
 
@@ -52,9 +50,6 @@ if TYPE_CHECKING:
     from .server import Proxy
 
 log = structlog.get_logger("agent.proxy")
-_INTERNAL_ERROR = msgspec.json.encode(
-    {"error": {"message": "internal error", "type": "server_error", "code": "internal_error"}}
-)
 
 
 class FastRequest(Timed):
@@ -66,7 +61,6 @@ class FastRequest(Timed):
         "body",
         "ctx",
         "gone_kind",
-        "headed",
         "headers",
         "limit_s",
         "over",
@@ -96,7 +90,6 @@ class FastRequest(Timed):
         self.target: Target | None = None
         self.headers = b""
         self.limit_s = 0.0
-        self.headed = False  # the answer's head is here (its deadline moved to the total one)
         self.watched: Watched | None = None
         self.gone_kind = ""
         self.over = False  # answered, cancelled, or carried on in a task
@@ -167,11 +160,9 @@ class FastRequest(Timed):
                 return
             if upstream.status < 400 and is_stream(upstream):
                 self._relay_stream(upstream)
-            elif not complete:
-                if not self.headed:  # answering: from now on only the total deadline applies
-                    self.headed = True
-                    relay = self.proxy.relay
-                    relay.deadlines.move(self, relay.loop_deadline(self.ctx))
+            elif not complete:  # the head, once: answering, only the total deadline applies now
+                relay = self.proxy.relay
+                relay.deadlines.move(self, relay.loop_deadline(self.ctx))
             else:
                 self._whole(upstream)
         except Exception as e:  # one request's bug must not be lost in the upstream's callback
@@ -223,25 +214,23 @@ class FastRequest(Timed):
         """The attempt's deadline (Deadlines calls it): a Failure to retry, as a timeout."""
         if self._when > now:
             return self._when  # moved later meanwhile
-        upstream, target = self.upstream, self.target
-        if upstream is None or target is None:
-            return None
-        try:
-            when = self._when
-            self._abandon()
-            self._resume(self.proxy.relay.timed_out(self.ctx, target, when, self.limit_s))
-        except Exception as e:
-            self._crashed(e)
+        target = self.target
+        if self.upstream is not None and target is not None:
+            self._abandoned(self.proxy.relay.timed_out(self.ctx, target, self._when, self.limit_s))
         return None
 
     def _gone(self) -> None:
         """Its instance left rotation, or its node went DOWN, before it answered."""
         target = self.target
-        if self.upstream is None or target is None or self.ctx.ttfb is not None:
-            return
+        if self.upstream is not None and target is not None and self.ctx.ttfb is None:
+            self._abandoned(gone_failure(self.gone_kind, target.name))
+
+    def _abandoned(self, failure: Failure) -> None:
+        """The attempt ends unanswered (its connection closes); the attempt loop takes the
+        ``failure`` on."""
         try:
             self._abandon()
-            self._resume(gone_failure(self.gone_kind, target.name))
+            self._resume(failure)
         except Exception as e:
             self._crashed(e)
 
@@ -292,4 +281,4 @@ class FastRequest(Timed):
             return
         self._abandon()
         self.ctx.status = 500
-        self._answered(Answer(500, CIMultiDict({"Content-Type": "application/json"}), _INTERNAL_ERROR))
+        self._answered(internal_error())

@@ -55,7 +55,7 @@ from gpufleet.deadlines import Timed
 from gpufleet.httpserver import OVERLOADED, REQUEST_TIMEOUT, ConnectionGuard, GuardedServer, Phase, safe_reason
 
 from .context import ANTHROPIC_ROUTES, ROUTES
-from .exchange import Answer, BodyTooLarge, BodyUnreadable, Cancellable
+from .exchange import Answer, BodyTooLarge, BodyUnreadable, Cancellable, internal_error
 from .server import PROXY_KEY, Proxy
 
 log = structlog.get_logger("agent.proxy.front")
@@ -120,14 +120,6 @@ def _status_line(status: int) -> bytes:
 
 def _error_body(message: str, code: str, type_: str = "invalid_request_error") -> bytes:
     return msgspec.json.encode({"error": {"message": message, "type": type_, "code": code}})
-
-
-def _internal_error() -> Answer:
-    return Answer(
-        500,
-        CIMultiDict({"Content-Type": "application/json"}),
-        _error_body("internal error", "internal_error", "server_error"),
-    )
 
 
 class _HandOver(Exception):
@@ -197,13 +189,15 @@ class FrontRequest:
             raise BodyTooLarge
         if self.broken is not None:
             raise BodyUnreadable(self.broken)
-        chunks = self._chunks
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return self._joined()
 
     def body_now(self) -> bytes | None:
         """The whole body if it is here and acceptable (None: ``read`` waits for it, or raises)."""
         if not self.complete or self.too_large or self.broken is not None:
             return None
+        return self._joined()
+
+    def _joined(self) -> bytes:
         chunks = self._chunks
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -660,19 +654,22 @@ class FrontProtocol(asyncio.Protocol):
             return
         try:
             proxy.forward_now(req, body, self, anthropic=req.anthropic)
-        except Exception as e:  # one request's bug must not take the connection's others down
+        except Exception as e:
             self._crashed(req, e)
+            self._next(req)
 
     async def _models(self, req: FrontRequest) -> None:
         await self.send(await self.proxy.models(req))
 
     def _crashed(self, req: FrontRequest, e: BaseException) -> None:
+        """A bug serving ``req``: one request's bug must not take the connection's others (or
+        the listener) down. A JSON 500 if nothing of an answer is out yet; the connection
+        closes after it (written before the close, which flushes it)."""
         log.error("unhandled error serving a proxy request", path=req.path, error=repr(e), exc_info=e)
         self._closing = True
         self._pending_head = None
-        if not self._sent and self.transport is not None:  # nothing of an answer out yet
-            self._write_answer(_internal_error())
-        self._next(req)
+        if not self._sent and self.transport is not None:
+            self._write_answer(internal_error())
 
     async def _serve(self, req: FrontRequest, work: Awaitable[object]) -> None:
         try:
@@ -682,12 +679,8 @@ class FrontProtocol(asyncio.Protocol):
             if self.transport is not None and self._current is req:
                 raise  # stopping: the runner cancelled what outlived its grace
             return
-        except Exception as e:  # one request's bug must not take the connection's others down
-            log.error("unhandled error serving a proxy request", path=req.path, error=repr(e), exc_info=e)
-            self._closing = True
-            self._pending_head = None
-            if not self._sent and self.transport is not None:  # nothing of an answer out yet
-                await self.send(_internal_error())
+        except Exception as e:
+            self._crashed(req, e)
         finally:
             self._next(req)
 

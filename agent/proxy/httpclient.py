@@ -205,6 +205,13 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None:
             self._wake()
 
+    def send(self, head: bytes, body: bytes, listener: Listener | None = None) -> None:
+        """Send a request, head and body in one write; its answer is parsed from here on."""
+        self.new_response(listener)
+        self.in_use = True
+        assert self.transport is not None
+        self.transport.writelines((head, body) if body else (head,))
+
     # --- the reader's side ------------------------------------------------------------------------
 
     async def wait_head(self) -> None:
@@ -403,11 +410,7 @@ class UpstreamClient:
         conn = self._pooled(origin)
         if conn is None:
             return None
-        conn.new_response(listener)
-        conn.in_use = True
-        assert conn.transport is not None
-        head = _request_head(origin, path, lines, body)
-        conn.transport.writelines((head, body) if body else (head,))
+        conn.send(_request_head(origin, path, lines, body), body, listener)
         return Response(self, origin, conn)
 
     def _origin(self, base_url: str) -> Origin:
@@ -417,11 +420,8 @@ class UpstreamClient:
         return origin
 
     async def _exchange(self, origin: Origin, conn: _Connection, head: bytes, body: bytes) -> Response:
-        conn.new_response()
-        conn.in_use = True
-        assert conn.transport is not None
         try:
-            conn.transport.writelines((head, body) if body else (head,))
+            conn.send(head, body)
             await conn.wait_head()
         except BaseException:
             conn.in_use = False
