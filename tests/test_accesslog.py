@@ -13,7 +13,7 @@ import pytest
 from helpers import wait_until
 
 import gpufleet.logsetup as logsetup
-from agent.proxy.accesslog import BATCH_LINES, AccessLog
+from agent.proxy.accesslog import BATCH_LINES, AccessLine, AccessLog
 from gpufleet.logsetup import JsonSink, LineWriter
 
 
@@ -25,6 +25,13 @@ class CountingWriter(LineWriter):
     def _write_all(self, data: bytes) -> None:
         self.writes += 1
         super()._write_all(data)
+
+
+def line(rid: str, status: int = 200, **optional: object) -> AccessLine:
+    fields: dict[str, object] = {"method": "POST", "path": "/v1/x", "model": "m", "instance": "i0", "stream": False}
+    return AccessLine(
+        event="request", request_id=rid, status=status, ttfb_ms=None, duration_ms=1.5, retries=0, **fields, **optional
+    )
 
 
 @pytest.fixture
@@ -40,20 +47,27 @@ async def test_batches_one_write_each_with_one_timestamp_per_turn(sink) -> None:
     writer, path = sink
     log = AccessLog()
     for i in range(5):
-        log.record(request_id=f"r{i}", status=200, model="m", path=Path("/v1/x"))
+        log.write(line(f"r{i}", key="team-a") if i == 1 else line(f"r{i}"))
     await asyncio.sleep(0)  # the turn ends: nothing is written yet
-    log.record(request_id="r5", status=429)  # another turn, the same batch
+    log.write(line("r5", 429, stream_error=True, degraded="cache"))  # another turn, the same batch
     assert writer.writes == 0
     await wait_until(lambda: writer.writes == 1, timeout=5, what="the batch written after FLUSH_S")
     lines = path.read_bytes().splitlines()
     assert len(lines) == 6 and all(line.startswith(b"<6>{") for line in lines)
     docs = [json.loads(line[3:]) for line in lines]
     assert [d["request_id"] for d in docs] == [f"r{i}" for i in range(6)]
-    assert docs[0]["event"] == "request" and docs[0]["level"] == "info" and docs[0]["path"] == "/v1/x"
+    assert list(docs[0]) == [
+        "event", "request_id", "method", "path", "model", "instance", "status", "stream", "ttfb_ms",
+        "duration_ms", "retries", "level", "timestamp",
+    ]  # fmt: skip
+    assert docs[0]["event"] == "request" and docs[0]["level"] == "info" and docs[0]["ttfb_ms"] is None
+    # What applies only to some requests is written only for them.
+    assert docs[1]["key"] == "team-a" and "stream_error" not in docs[1] and "degraded" not in docs[1]
+    assert docs[5]["stream_error"] is True and docs[5]["degraded"] == "cache" and docs[5]["status"] == 429
     assert len({d["timestamp"] for d in docs[:5]}) == 1 and docs[0]["timestamp"].endswith("Z")
     # A full batch goes out at once, without waiting for the timer.
     for i in range(BATCH_LINES):
-        log.record(request_id=f"b{i}")
+        log.write(line(f"b{i}"))
     assert writer.writes == 2 and len(path.read_bytes().splitlines()) == 6 + BATCH_LINES
     log.flush()  # nothing pending: no write
     assert writer.writes == 2
@@ -65,7 +79,7 @@ async def test_lines_a_full_disk_drops_are_counted(sink) -> None:  # type: ignor
     writer.fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
     log = AccessLog()
     for i in range(3):
-        log.record(request_id=f"r{i}")
+        log.write(line(f"r{i}"))
     log.flush()
     assert writer.dropped_lines == 3
 
@@ -79,5 +93,7 @@ async def test_without_json_logs_lines_go_through_structlog(monkeypatch: pytest.
             seen.append((event, fields))
 
     monkeypatch.setattr("agent.proxy.accesslog.access", Logger())
-    AccessLog().record(request_id="x", status=200)
-    assert seen == [("request", {"request_id": "x", "status": 200})]
+    AccessLog().write(line("x", key="team-a"))
+    fields = {"request_id": "x", "method": "POST", "path": "/v1/x", "model": "m", "instance": "i0", "status": 200}
+    fields |= {"stream": False, "ttfb_ms": None, "duration_ms": 1.5, "retries": 0, "key": "team-a"}
+    assert seen == [("request", fields)]

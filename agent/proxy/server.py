@@ -29,7 +29,7 @@ from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
 from gpufleet.routeslices import has_ready
 
-from .accesslog import AccessLog
+from .accesslog import AccessLine, AccessLog
 from .coldstart import ColdStart
 from .context import (
     ANTHROPIC_ROUTES,
@@ -399,26 +399,24 @@ class Proxy:
         duration = time.monotonic() - ctx.started
         self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if ctx.cfg.access_log:
-            line = {
-                "event": "request",
-                "request_id": ctx.rid,
-                "method": request.method,
-                "path": request.path,
-                "model": ctx.model,
-                "instance": ctx.instance,
-                "status": ctx.status,
-                "stream": ctx.stream,
-                "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
-                "duration_ms": round(duration * 1000, 2),
-                "retries": ctx.retries,
-            }
-            if ctx.key_name:
-                line["key"] = ctx.key_name
-            if ctx.stream_error:
-                line["stream_error"] = True
-            if ctx.degraded:
-                line["degraded"] = ctx.degraded
-            self.access_log.write(line)
+            self.access_log.write(
+                AccessLine(
+                    event="request",
+                    request_id=ctx.rid,
+                    method=request.method,
+                    path=request.path,
+                    model=ctx.model,
+                    instance=ctx.instance,
+                    status=ctx.status,
+                    stream=ctx.stream,
+                    ttfb_ms=None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
+                    duration_ms=round(duration * 1000, 2),
+                    retries=ctx.retries,
+                    key=ctx.key_name or None,
+                    stream_error=ctx.stream_error,
+                    degraded=ctx.degraded or None,
+                )
+            )
 
 
 PROXY_KEY = web.AppKey("proxy", Proxy)  # the app's proxy, for the front protocol (front.py)
