@@ -13,7 +13,7 @@ import pytest
 from helpers import wait_until
 
 import gpufleet.logsetup as logsetup
-from agent.proxy.accesslog import BATCH_LINES, AccessLine, AccessLog
+from agent.proxy.accesslog import BATCH_LINES, AccessEntry, AccessLog
 from gpufleet.logsetup import JsonSink, LineWriter
 
 
@@ -27,11 +27,8 @@ class CountingWriter(LineWriter):
         super()._write_all(data)
 
 
-def line(rid: str, status: int = 200, **optional: object) -> AccessLine:
-    fields: dict[str, object] = {"method": "POST", "path": "/v1/x", "model": "m", "instance": "i0", "stream": False}
-    return AccessLine(
-        event="request", request_id=rid, status=status, ttfb_ms=None, duration_ms=1.5, retries=0, **fields, **optional
-    )
+def line(rid: str, status: int = 200, **optional: object) -> AccessEntry:
+    return AccessEntry(rid, "POST", "/v1/x", "m", "i0", status, False, None, 0.0015, 0, **optional)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -71,6 +68,11 @@ async def test_batches_one_write_each_with_one_timestamp_per_turn(sink) -> None:
     assert writer.writes == 2 and len(path.read_bytes().splitlines()) == 6 + BATCH_LINES
     log.flush()  # nothing pending: no write
     assert writer.writes == 2
+    # A line after a full batch in the same turn is stamped as the batch's lines were.
+    log.write(line("after"))
+    log.flush()
+    docs = [json.loads(line[3:]) for line in path.read_bytes().splitlines()]
+    assert docs[-1]["request_id"] == "after" and docs[-1]["timestamp"] == docs[-2]["timestamp"]
 
 
 async def test_lines_a_full_disk_drops_are_counted(sink) -> None:  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ from gpufleet.httperrors import error_response, json_response
 from gpufleet.keyspace.records import RouteRecord
 from gpufleet.routeslices import has_ready
 
-from .accesslog import AccessLine, AccessLog
+from .accesslog import AccessEntry, AccessLog
 from .coldstart import ColdStart
 from .context import (
     ANTHROPIC_ROUTES,
@@ -400,22 +400,10 @@ class Proxy:
         self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if ctx.cfg.access_log:
             self.access_log.write(
-                AccessLine(
-                    event="request",
-                    request_id=ctx.rid,
-                    method=request.method,
-                    path=request.path,
-                    model=ctx.model,
-                    instance=ctx.instance,
-                    status=ctx.status,
-                    stream=ctx.stream,
-                    ttfb_ms=None if ctx.ttfb is None else round(ctx.ttfb * 1000, 2),
-                    duration_ms=round(duration * 1000, 2),
-                    retries=ctx.retries,
-                    key=ctx.key_name or None,
-                    stream_error=ctx.stream_error,
-                    degraded=ctx.degraded or None,
-                )
+                AccessEntry(
+                    ctx.rid, request.method, request.path, ctx.model, ctx.instance, ctx.status, ctx.stream,
+                    ctx.ttfb, duration, ctx.retries, ctx.key_name, ctx.stream_error, ctx.degraded,
+                )  # fmt: skip
             )
 
 
