@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""What the proxy's features cost when written flat: a bare relay, then the same relay with the
+data path's per-request work added one feature at a time, each level measured as
+bench/proxy_inproc.py measures the agent's proxy (one process, one core, CPU per request
+through the relay less that of a direct request, as a multiple of a direct request).
+
+The levels add, in order: the request head's fields (URL, headers, keep-alive), the body's
+``model`` parsed, the upstream request's head rebuilt (hop-by-hop headers dropped, a request
+id and X-Forwarded-For set), an instance picked by least in-flight under a concurrency gate,
+the attempt's deadline on the shared Deadlines, the answer's head rebuilt (the upstream's
+header lines less hop-by-hop ones, ours and Date added), the metrics and the access-log line
+(noted per request and done in batches, as the proxy does), and the connection's idle timer and
+idle list. Each is the least a relay with that feature
+does per request, in plain Python on the library's own pieces (gpufleet/deadlines.py, the
+proxy's metrics and access log): the gap between the last level and the agent's proxy is what
+its structure costs (objects per request, layers, the paths it keeps for what must wait).
+
+It relays only the common case (a whole JSON request, a whole answer): it is a measure, not a
+proxy.
+
+    .venv/bin/python bench/proxy_floor.py [--levels 0,8] [--seconds 2] [--blocks 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import httptools
+import msgspec
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import proxy_inproc as harness  # noqa: E402  (bench/ is this script's directory)
+
+from agent.proxy.accesslog import AccessEntry, AccessLog  # noqa: E402
+from agent.proxy.context import REQUEST_ID_HEADER, Head, new_request_id  # noqa: E402
+from agent.proxy.metrics import _Requests  # noqa: E402
+from gpufleet.deadlines import Deadlines, Timed  # noqa: E402
+from gpufleet.logsetup import configure_logging  # noqa: E402
+
+LEVELS = (
+    "bare relay",
+    "+ request head's fields",
+    "+ body's model parsed",
+    "+ upstream head rebuilt",
+    "+ instance picked under a gate",
+    "+ attempt deadline",
+    "+ answer head rebuilt",
+    "+ metrics and access log",
+    "+ connection idle timer",
+)
+HOP_BY_HOP = frozenset(
+    n.encode()
+    for n in (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+        REQUEST_ID_HEADER.lower(),
+        "x-forwarded-for",
+    )
+)
+ANSWER_SKIP = frozenset(n.encode() for n in ("connection", "keep-alive", "transfer-encoding", "content-length", "date"))
+OURS = b"%s: %%s\r\nX-Forwarded-For: %%s\r\n" % REQUEST_ID_HEADER.encode()
+decode_head = msgspec.json.Decoder(Head).decode
+
+
+class Relay:
+    """The shared state: the level, the instances' pools and counts, the gate, the timers."""
+
+    def __init__(self, level: int, base_urls: list[tuple[str, int]]) -> None:
+        self.level = level
+        self.pools: dict[str, list[Up]] = {f"i{n}": [] for n in range(len(base_urls))}
+        self.in_flight = dict.fromkeys(self.pools, 0)
+        self.gate_free = 1024
+        self.deadlines = Deadlines()
+        self.metrics = _Requests()
+        self.access = AccessLog()
+        self.idle: OrderedDict[Front, float] = OrderedDict()
+
+
+class Up(asyncio.Protocol):
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay, self.name = relay, name
+        self.parser = httptools.HttpResponseParser(self)
+        self.raw: list[bytes] = []
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.front: Front | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay.level < 6:
+            self.raw.append(data)
+        self.parser.feed_data(data)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.relay.level >= 6:
+            self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        if self.relay.level >= 6:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        front, self.front = self.front, None
+        assert front is not None
+        relay = self.relay
+        relay.pools[self.name].append(self)
+        if relay.level < 6:
+            data = b"".join(self.raw)
+            self.raw = []
+            front.answered(self, data)
+            return
+        status = self.parser.get_status_code()
+        passed = [n + b": " + v + b"\r\n" for n, v in self.headers if n.lower() not in ANSWER_SKIP]
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.headers, self.body = [], []
+        head = b"HTTP/1.1 %d OK\r\n%sX-Gpufleet-Instance: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+            status,
+            b"".join(passed),
+            self.name.encode(),
+            len(body),
+            front.date(),
+        )
+        front.answered(self, head + body, status)
+
+
+class Attempt(Timed):
+    __slots__ = ("front",)
+
+    def __init__(self, front: Front, when: float) -> None:
+        super().__init__(when)
+        self.front = front
+
+    def fire(self, now: float) -> float | None:
+        return None if self._when <= now else self._when
+
+
+class IdleTimer(Timed):
+    __slots__ = ("front",)
+
+    def __init__(self, front: Front, when: float) -> None:
+        super().__init__(when)
+        self.front = front
+
+    def fire(self, now: float) -> float | None:
+        return None if self._when <= now else self._when
+
+
+class Front(asyncio.Protocol):
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.parser = httptools.HttpRequestParser(self)
+        self.raw: list[bytes] = []
+        self.body: list[bytes] = []
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.url = b""
+        self.keep_alive = True
+        self.rid = ""
+        self.model = ""
+        self.started = 0.0
+        self.attempt: Attempt | None = None
+        self.timer: IdleTimer | None = None
+        self._second, self._date = -1, b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay.level < 1:
+            self.raw.append(data)
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        relay = self.relay
+        level = relay.level
+        if level < 1:
+            data = b"".join(self.raw)
+            self.raw, self.body = [], []
+            up = relay.pools["i0"].pop()
+            up.front = self
+            up.transport.write(data)
+            return
+        self.started = time.monotonic()
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        headers, url = self.headers, self.url
+        self.body, self.headers, self.url = [], [], b""
+        if level >= 2:
+            self.model = decode_head(body).model
+        name = "i0"
+        if level >= 4:
+            relay.gate_free -= 1
+            in_flight = relay.in_flight
+            name = min(in_flight, key=in_flight.__getitem__)
+            in_flight[name] += 1
+        if level >= 3:
+            rid = b""
+            passed = []
+            for n, v in headers:
+                low = n.lower()
+                if low == b"x-request-id":
+                    rid = v
+                elif low not in HOP_BY_HOP:
+                    passed.append(n + b": " + v + b"\r\n")
+            self.rid = rid.decode() if rid else new_request_id()
+            passed.append(OURS % (self.rid.encode(), b"127.0.0.1"))
+            lines = b"".join(passed)
+        else:
+            lines = b"".join([n + b": " + v + b"\r\n" for n, v in headers if n.lower() not in (b"host", b"content-length")])
+        head = b"POST %s HTTP/1.1\r\nHost: backend\r\nContent-Length: %d\r\n%s\r\n" % (url, len(body), lines)
+        up = relay.pools[name].pop()
+        up.front = self
+        up.transport.write(head + body)
+        if level >= 5:
+            deadlines = relay.deadlines
+            self.attempt = attempt = Attempt(self, deadlines.now() + 60.0)
+            deadlines.add(attempt)
+        if level >= 8:
+            relay.idle.pop(self, None)
+
+    def answered(self, up: Up, data: bytes, status: int = 200) -> None:
+        relay = self.relay
+        level = relay.level
+        if level >= 5 and self.attempt is not None:
+            relay.deadlines.remove(self.attempt)
+            self.attempt = None
+        if level >= 4:
+            relay.in_flight[up.name] -= 1
+            relay.gate_free += 1
+        self.transport.write(data)
+        if level >= 7:
+            duration = time.monotonic() - self.started
+            relay.metrics.note(self.model, status, duration, duration)
+            relay.access.write(
+                AccessEntry(
+                    self.rid, "POST", "/v1/chat/completions", self.model, up.name, status, False, duration, duration, 0
+                )
+            )
+        if level >= 8:
+            deadlines = relay.deadlines
+            when = deadlines.now() + 75.0
+            relay.idle[self] = time.monotonic()
+            if self.timer is None:
+                self.timer = IdleTimer(self, when)
+            deadlines.move(self.timer, when)
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._date = b"Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode() + b"\r\n"
+        return self._date
+
+
+async def measure(level: int, args: argparse.Namespace) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    backends = [await loop.create_server(harness.Backend, "127.0.0.1", 0) for _ in range(2)]
+    ports = [("127.0.0.1", b.sockets[0].getsockname()[1]) for b in backends]
+    relay = Relay(level, ports)
+    for n, (host, port) in enumerate(ports):
+        for _ in range(args.clients + 8):
+            _, up = await loop.create_connection(lambda n=n: Up(relay, f"i{n}"), host, port)
+            relay.pools[f"i{n}"].append(up)
+    front = await loop.create_server(lambda: Front(relay), "127.0.0.1", 0, backlog=4096)
+    pport = front.sockets[0].getsockname()[1]
+    bport = ports[0][1]
+    await harness.block(pport, args.clients, 0.5, False)
+    direct, proxied = [], []
+    for _ in range(args.blocks):
+        n, cpu, _ = await harness.block(bport, args.clients, args.seconds, False)
+        direct.append(cpu / n)
+        n, cpu, _ = await harness.block(pport, args.clients, args.seconds, False)
+        proxied.append(cpu / n)
+    relay.access.flush()
+    front.close()
+    for b in backends:
+        b.close()
+    per_request = statistics.median([p - d for p, d in zip(proxied, direct, strict=True)])
+    return {
+        "level": level,
+        "what": LEVELS[level],
+        "relay_us_per_request": round(1e6 * per_request, 1),
+        "direct_us_per_request": round(1e6 * statistics.median(direct), 1),
+        "relay_cost_in_direct_requests": round(per_request / statistics.median(direct), 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levels", default=f"0,{len(LEVELS) - 1}", help="first,last level (inclusive)")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--blocks", type=int, default=5)
+    ap.add_argument("--cpu", type=int, default=0)
+    args = ap.parse_args()
+    first, last = (int(x) for x in args.levels.split(","))
+    os.sched_setaffinity(0, {args.cpu})
+    log = tempfile.NamedTemporaryFile(prefix="proxy-floor-log-")
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)  # JSON logs to a file, as in production (the access log's writes)
+    configure_logging("json", "info")
+    results = [uvloop.run(measure(level, args)) for level in range(first, last + 1)]
+    os.dup2(saved, 2)
+    for r in results:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
