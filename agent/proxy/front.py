@@ -227,6 +227,7 @@ class Front:
         self.proxy = proxy
         self.guard = guard
         self.deadlines = proxy.relay.deadlines  # the connections' phase limits, on one loop timer
+        self.outbox = proxy.relay.outbox  # answers written at the end of the turn
         self.handler = handler  # makes aiohttp's protocol for a connection handed over
         self.connections: set[FrontProtocol] = set()
         self.stopping = False
@@ -288,11 +289,13 @@ class FrontProtocol(asyncio.Protocol):
         "_deadline",
         "_drain",
         "_guard",
+        "_held",
         "_handover",
         "_head_bytes",
         "_headers",
         "_in_head",
         "_lingering",
+        "_outbox",
         "_parser",
         "_parsing",
         "_pending_head",
@@ -360,6 +363,8 @@ class FrontProtocol(asyncio.Protocol):
         self._pending_head: bytes | None = None
         self._sent = False  # bytes of the current request's answer went out
         self._write_paused = False
+        self._outbox = front.outbox
+        self._held: list[bytes] = []  # written at the end of this turn (gpufleet/outbox.py)
         self._drain: asyncio.Future[None] | None = None
         self._reading_paused = False
 
@@ -631,6 +636,7 @@ class FrontProtocol(asyncio.Protocol):
         self._release()
         self.front.connections.discard(self)
         self.front.handed_over += 1
+        self.write_held()  # our answers before aiohttp's
         handler = self.front.handler()
         transport.set_protocol(handler)
         self.transport = None
@@ -722,6 +728,7 @@ class FrontProtocol(asyncio.Protocol):
         self._settle(answered=True)
 
     def _finish_connection(self) -> None:
+        self.write_held()  # the last answer, before the close
         if self._close_answer is not None:
             self._close_with(self._close_answer)
         elif self.transport is not None:
@@ -732,6 +739,7 @@ class FrontProtocol(asyncio.Protocol):
         (the client reads the answer, then EOF) and what the client still sends is read and
         dropped for up to a second. Closing a socket with unread bytes sends a reset, which can
         reach the client before it has read the answer (a slow client still sending its head)."""
+        self.write_held()  # what it answered before
         transport = self.transport
         if transport is None:
             return
@@ -788,6 +796,8 @@ class FrontProtocol(asyncio.Protocol):
         req = self._current
         assert req is not None
         self._write_answer(answer)
+        if self._queue:
+            self.write_held()  # a pipelined request is next: it waits if the client reads slowly
         if self._write_paused and self.transport is not None:
             self._after_drain = req  # the next request once the client reads (resume_writing)
         else:
@@ -808,6 +818,8 @@ class FrontProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return  # the client left: the task's cancellation follows
         self._sent = True
+        if self._held:
+            self.write_held()  # before this chunk
         size = b"%x\r\n" % len(chunk)
         head, self._pending_head = self._pending_head, None
         if head is not None:
@@ -823,13 +835,30 @@ class FrontProtocol(asyncio.Protocol):
         self.write_raw(head + _LAST_CHUNK if head is not None else _LAST_CHUNK)
 
     def write_raw(self, data: bytes | None, *parts: bytes) -> None:
+        """Write ``data`` (or ``parts``) at the end of this turn (gpufleet/outbox.py)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        held = self._held
+        if not held:
+            self._outbox.hold(self)
         if data is not None:
-            transport.write(data)
+            held.append(data)
         else:
-            transport.writelines(parts)
+            held += parts
+
+    def write_held(self) -> None:
+        held = self._held
+        if not held:
+            return
+        self._held = []
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client left, or the connection was closed under it
+        if len(held) == 1:
+            transport.write(held[0])
+        else:
+            transport.writelines(held)
 
     # --- back-pressure -----------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
+from gpufleet.outbox import Outbox
+
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})  # a body's end is known
@@ -99,11 +101,13 @@ class _Connection(asyncio.Protocol):
         "complete",
         "error",
         "headed",
+        "held",
         "idle_since",
         "in_use",
         "keep_alive",
         "listener",
         "loop",
+        "outbox",
         "parser",
         "raw_headers",
         "reused",
@@ -112,8 +116,10 @@ class _Connection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: Outbox | None = None) -> None:
         self.loop = loop
+        self.outbox = outbox  # None: a request is written at once
+        self.held = b""  # a request written at the end of this turn (gpufleet/outbox.py)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -206,11 +212,21 @@ class _Connection(asyncio.Protocol):
             self._wake()
 
     def send(self, head: bytes, body: bytes, listener: Listener | None = None) -> None:
-        """Send a request, head and body in one write; its answer is parsed from here on."""
+        """Send a request, head and body in one write (at the end of the turn, with an
+        outbox); its answer is parsed from here on."""
         self.new_response(listener)
         self.in_use = True
         assert self.transport is not None
-        self.transport.writelines((head, body) if body else (head,))
+        if self.outbox is None:
+            self.transport.writelines((head, body) if body else (head,))
+            return
+        self.held = head + body
+        self.outbox.hold(self)
+
+    def write_held(self) -> None:
+        held, self.held = self.held, b""
+        if held and not self.closed and self.transport is not None:
+            self.transport.write(held)
 
     # --- the reader's side ------------------------------------------------------------------------
 
@@ -248,6 +264,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self.held = b""  # a request given up before it was written
         if self.transport is not None:
             self.transport.close()
 
@@ -370,6 +387,7 @@ class UpstreamClient:
         connect_timeout_s: Callable[[], float] = lambda: 5.0,
         max_idle: Callable[[], int] = lambda: 64,
         idle_timeout_s: float = 30.0,
+        outbox: Outbox | None = None,
     ) -> None:
         # https upstreams are verified with this (True: the system's trust store); never False.
         default = ssl_context if isinstance(ssl_context, ssl.SSLContext) else None
@@ -377,6 +395,7 @@ class UpstreamClient:
         self._connect_timeout_s = connect_timeout_s  # read live: a reload applies at once
         self._max_idle = max_idle
         self.idle_timeout_s = idle_timeout_s
+        self._outbox = outbox  # requests written at the end of the turn (None: at once)
         self._idle: dict[Origin, deque[_Connection]] = {}
         self._origins: dict[str, Origin] = {}
 
@@ -454,7 +473,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(self._connect_timeout_s()):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop),
+                    lambda: _Connection(loop, self._outbox),
                     origin.host,
                     origin.port,
                     ssl=self._ssl if origin.tls else None,

@@ -26,6 +26,7 @@ from agent.config import ProxySection
 from agent.keys.gate import CREDENTIAL_HEADERS, KeyGate
 from agent.keys.usage import StreamUsage, Usage, usage_of_body
 from gpufleet.deadlines import Deadline, Deadlines, Timed
+from gpufleet.outbox import Outbox
 from gpufleet.facts import INSTANCE_HEADER, NODE_HEADER, REQUEST_ID_HEADER
 
 from .cache import StreamRecorder
@@ -99,6 +100,8 @@ class Relay:
         # Every request's time limits on one loop timer (gpufleet/deadlines.py), not three
         # timers made and cancelled per request by asyncio.timeout_at.
         self.deadlines = Deadlines()
+        # Writes to clients and upstreams, made together at the end of each turn (gpufleet/outbox.py).
+        self.outbox = Outbox()
 
     @property
     def cfg(self) -> ProxySection:
@@ -109,6 +112,7 @@ class Relay:
             self.peer_ssl,
             connect_timeout_s=lambda: self.cfg.connect_timeout_s,
             max_idle=lambda: self.cfg.upstream_keepalive,
+            outbox=self.outbox,
         )
 
     async def close(self) -> None:
