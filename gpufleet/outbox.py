@@ -1,12 +1,17 @@
 """Writes held to the end of the event loop's turn, then made one after the other.
 
-A proxy at saturation reads many sockets in one turn of the loop. Writing each answer (and each
-request upstream) as it is made runs the kernel's network path between every two requests'
-Python work: each evicts the other from the CPU's caches. Holding the writes to the end of the
-turn runs the Python work of every request read in the turn together, then the system calls
-together. Same system calls, same bytes; measured in bench/proxy.py (one core, canned backend)
-the agent's proxy went from 158 to 105 µs of CPU per request (docs/benchmarks.md, issue 18).
-An answer leaves at most one turn later: microseconds, as the turn's reads are already done.
+A proxy at saturation reads many sockets in each turn of the loop. uvloop writes at once (a
+send(2) inside ``transport.write``), so each answer went out as it was made, and woke its peer,
+in the middle of the turn's Python work. Holding the writes to the end of the turn makes them
+together, after the turn's reads are all done: while they are held more requests come in, and
+the next turn has more of them to do in one go, with one epoll wake-up for many. Same system
+calls, same bytes. Measured in bench/proxy.py (one core, canned backend), the agent's proxy went
+from 158 to 100 µs of CPU per request, 6,344 to 9,974 req/s (docs/benchmarks.md, issue 18).
+
+The price is latency: a write waits for the turn's other work. At one request at a time the
+added latency was about 0.07 ms (two writes per request). Holding only while the loop is busy
+(the last turn had several writes) was tried and lost most of the gain: holding is what makes
+the turns busy, so a loop that does not hold stays at a write or two per turn.
 
 A writer (a protocol) keeps the bytes it holds; the outbox keeps the writers that hold some
 and, at the end of the turn, has each write them (``write_held``). A writer that must write at
@@ -39,17 +44,17 @@ class Outbox:
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up once (a getpid(2) per call)
 
     def hold(self, writer: Holder) -> None:
-        """``writer`` began holding bytes in this turn (once a turn: it calls this when what it
-        held was empty)."""
+        """``writer`` holds bytes to write at the end of this turn (it calls this for its first
+        bytes of the turn, then holds the others too)."""
         writers = self._writers
         writers.append(writer)
         if len(writers) == 1:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._write)
+            loop.call_soon(self._turn_ended)
 
-    def _write(self) -> None:
+    def _turn_ended(self) -> None:
         writers, self._writers = self._writers, []
         for writer in writers:
             try:

@@ -31,7 +31,7 @@ async def test_holders_write_at_the_end_of_the_turn_in_order() -> None:
     assert written == []  # nothing during the turn
     await asyncio.sleep(0)
     assert written == ["a", "b"]  # each once, in order, past the one that failed
-    outbox.hold(Holder("c", written))  # a later turn: scheduled again
+    outbox.hold(Holder("c", written))  # a later turn: its own end
     await asyncio.sleep(0)
     assert written == ["a", "b", "c"]
 

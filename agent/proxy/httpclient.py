@@ -220,7 +220,7 @@ class _Connection(asyncio.Protocol):
         if self.outbox is None:
             self.transport.writelines((head, body) if body else (head,))
             return
-        self.held = head + body
+        self.held = head + body  # one request at a time: its answer comes in a later turn
         self.outbox.hold(self)
 
     def write_held(self) -> None:
