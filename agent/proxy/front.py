@@ -786,6 +786,8 @@ class FrontProtocol(asyncio.Protocol):
         framing = b"Content-Length: %d\r\n" % len(body)
         head = self._head(answer.status, lines if lines is not None else answer.headers, framing)
         self.write_raw(head + body if len(body) < 16384 else None, head, body)
+        if self._queue:
+            self.write_held()  # a pipelined request is next: it waits if the client reads slowly
 
     # The fast lane's (NowSink, agent/proxy/exchange.py).
 
@@ -796,8 +798,6 @@ class FrontProtocol(asyncio.Protocol):
         req = self._current
         assert req is not None
         self._write_answer(answer)
-        if self._queue:
-            self.write_held()  # a pipelined request is next: it waits if the client reads slowly
         if self._write_paused and self.transport is not None:
             self._after_drain = req  # the next request once the client reads (resume_writing)
         else:
