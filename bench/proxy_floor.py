@@ -46,6 +46,7 @@ from agent.proxy.context import REQUEST_ID_HEADER, Head, new_request_id  # noqa:
 from agent.proxy.metrics import _Requests  # noqa: E402
 from gpufleet.deadlines import Deadlines, Timed  # noqa: E402
 from gpufleet.logsetup import configure_logging  # noqa: E402
+from gpufleet.outbox import Outbox  # noqa: E402
 
 LEVELS = (
     "bare relay",
@@ -57,6 +58,7 @@ LEVELS = (
     "+ answer head rebuilt",
     "+ metrics and access log",
     "+ connection idle timer",
+    "+ writes held to the end of the turn",
 )
 HOP_BY_HOP = frozenset(
     n.encode()
@@ -91,11 +93,34 @@ class Relay:
         self.metrics = _Requests()
         self.access = AccessLog()
         self.idle: OrderedDict[Front, float] = OrderedDict()
+        self.outbox = Outbox()
 
 
-class Up(asyncio.Protocol):
+class Writer:
+    """A connection's writes: at once, or (level 9) held to the end of the turn."""
+
+    relay: Relay
+    transport: asyncio.Transport
+    held: list[bytes]
+
+    def send(self, data: bytes) -> None:
+        if self.relay.level < 9:
+            self.transport.write(data)
+            return
+        if not self.held:
+            self.relay.outbox.hold(self)
+        self.held.append(data)
+
+    def write_held(self) -> None:
+        held, self.held = self.held, []
+        if not self.transport.is_closing():
+            self.transport.writelines(held)
+
+
+class Up(Writer, asyncio.Protocol):
     def __init__(self, relay: Relay, name: str) -> None:
         self.relay, self.name = relay, name
+        self.held = []
         self.parser = httptools.HttpResponseParser(self)
         self.raw: list[bytes] = []
         self.headers: list[tuple[bytes, bytes]] = []
@@ -164,9 +189,10 @@ class IdleTimer(Timed):
         return None if self._when <= now else self._when
 
 
-class Front(asyncio.Protocol):
+class Front(Writer, asyncio.Protocol):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.held = []
         self.parser = httptools.HttpRequestParser(self)
         self.raw: list[bytes] = []
         self.body: list[bytes] = []
@@ -239,7 +265,7 @@ class Front(asyncio.Protocol):
         head = b"POST %s HTTP/1.1\r\nHost: backend\r\nContent-Length: %d\r\n%s\r\n" % (url, len(body), lines)
         up = relay.pools[name].pop()
         up.front = self
-        up.transport.write(head + body)
+        up.send(head + body)
         if level >= 5:
             deadlines = relay.deadlines
             self.attempt = attempt = Attempt(self, deadlines.now() + 60.0)
@@ -256,7 +282,7 @@ class Front(asyncio.Protocol):
         if level >= 4:
             relay.in_flight[up.name] -= 1
             relay.gate_free += 1
-        self.transport.write(data)
+        self.send(data)
         if level >= 7:
             duration = time.monotonic() - self.started
             relay.metrics.note(self.model, status, duration, duration)

@@ -9,7 +9,8 @@ calls, same bytes. Measured in bench/proxy.py (one core, canned backend), the ag
 from 158 to 100 µs of CPU per request, 6,344 to 9,974 req/s (docs/benchmarks.md, issue 18).
 
 The price is latency: a write waits for the turn's other work. At one request at a time the
-added latency was about 0.07 ms (two writes per request). Holding only while the loop is busy
+added latency measured 0.07 ms in one pair of runs (two writes per request) and was lost in the
+noise in another (docs/benchmarks.md, "Issue 18, step 5"). Holding only while the loop is busy
 (the last turn had several writes) was tried and lost most of the gain: holding is what makes
 the turns busy, so a loop that does not hold stays at a write or two per turn.
 
