@@ -420,6 +420,7 @@ class FrontProtocol(asyncio.Protocol):
         self.force_close()
 
     def force_close(self) -> None:
+        self.write_held()  # an answer made in this turn still goes (close flushes what is written)
         if self.transport is not None:
             self.transport.close()
 

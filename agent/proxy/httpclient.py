@@ -225,8 +225,9 @@ class _Connection(asyncio.Protocol):
 
     def write_held(self) -> None:
         held, self.held = self.held, b""
-        if held and not self.closed and self.transport is not None:
-            self.transport.write(held)
+        transport = self.transport
+        if held and not self.closed and transport is not None and not transport.is_closing():
+            transport.write(held)
 
     # --- the reader's side ------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from agent.config import ProxySection
 from agent.keys.gate import CREDENTIAL_HEADERS, KeyGate
 from agent.keys.usage import StreamUsage, Usage, usage_of_body
 from gpufleet.deadlines import Deadline, Deadlines, Timed
-from gpufleet.outbox import Outbox
 from gpufleet.facts import INSTANCE_HEADER, NODE_HEADER, REQUEST_ID_HEADER
+from gpufleet.outbox import Outbox
 
 from .cache import StreamRecorder
 from .context import HOP_BY_HOP, REQUEST_HOP_BY_HOP, Ctx, Failure
