@@ -167,18 +167,10 @@ class Up(Writer, asyncio.Protocol):
         front.answered(self, head + body, status)
 
 
-class Attempt(Timed):
-    __slots__ = ("front",)
+class Limit(Timed):
+    """An attempt's deadline, or a connection's idle limit: filed and moved as the proxy's are
+    (the relay measures their filing; what they would do when due is not measured)."""
 
-    def __init__(self, front: Front, when: float) -> None:
-        super().__init__(when)
-        self.front = front
-
-    def fire(self, now: float) -> float | None:
-        return None if self._when <= now else self._when
-
-
-class IdleTimer(Timed):
     __slots__ = ("front",)
 
     def __init__(self, front: Front, when: float) -> None:
@@ -202,8 +194,8 @@ class Front(Writer, asyncio.Protocol):
         self.rid = ""
         self.model = ""
         self.started = 0.0
-        self.attempt: Attempt | None = None
-        self.timer: IdleTimer | None = None
+        self.attempt: Limit | None = None
+        self.timer: Limit | None = None
         self._second, self._date = -1, b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -268,7 +260,7 @@ class Front(Writer, asyncio.Protocol):
         up.send(head + body)
         if level >= 5:
             deadlines = relay.deadlines
-            self.attempt = attempt = Attempt(self, deadlines.now() + 60.0)
+            self.attempt = attempt = Limit(self, deadlines.now() + 60.0)
             deadlines.add(attempt)
         if level >= 8:
             relay.idle.pop(self, None)
@@ -296,7 +288,7 @@ class Front(Writer, asyncio.Protocol):
             when = deadlines.now() + 75.0
             relay.idle[self] = time.monotonic()
             if self.timer is None:
-                self.timer = IdleTimer(self, when)
+                self.timer = Limit(self, when)
             deadlines.move(self.timer, when)
 
     def date(self) -> bytes:
@@ -319,7 +311,7 @@ async def measure(level: int, args: argparse.Namespace) -> dict[str, object]:
     front = await loop.create_server(lambda: Front(relay), "127.0.0.1", 0, backlog=4096)
     pport = front.sockets[0].getsockname()[1]
     bport = ports[0][1]
-    await harness.block(pport, args.clients, 0.5, False)
+    await harness.block(pport, args.clients, min(0.5, args.seconds), False)  # warm-up: pools, caches
     direct, proxied = [], []
     for _ in range(args.blocks):
         n, cpu, _ = await harness.block(bport, args.clients, args.seconds, False)

@@ -78,3 +78,16 @@ def test_the_in_process_proxy_benchmark_runs(stream: bool) -> None:
     result = json.loads(out.stdout)
     assert result["stream"] is stream and result["req_per_s_through_proxy"] > 0
     assert result["proxy_us_per_request"] > 0 and result["log_lines"] > 0
+
+
+def test_the_flat_relay_ladder_runs() -> None:
+    """bench/proxy_floor.py end to end, briefly: every level relays (the clients exit on any
+    answer but a 200) and reports its cost."""
+    import json
+
+    argv = [sys.executable, str(BENCH / "proxy_floor.py"), "--clients", "4", "--seconds", "0.1", "--blocks", "1"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["level"] for r in results] == list(range(10))
+    assert all(r["direct_us_per_request"] > 0 for r in results)
