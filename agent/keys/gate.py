@@ -43,6 +43,7 @@ from .usage import Usage, ask_for_usage, encode_request
 
 if TYPE_CHECKING:
     from agent.proxy.context import Ctx, Head
+    from agent.proxy.exchange import Request
 
     from .journal import UsageJournal
     from .source import KeySource
@@ -150,14 +151,14 @@ class KeyGate:
 
     # --- before routing -----------------------------------------------------------------------
 
-    def listing(self, request: web.Request) -> ApiKeyRecord | None:
+    def listing(self, request: Request) -> ApiKeyRecord | None:
         """``GET /v1/models``: the key must be valid (any model); its model list narrows the
         answer. None: no key needed (open mode)."""
         if not self.keys_required:
             return None
         return self._checked_key(request, None, request.headers.get(REQUEST_ID_HEADER, ""), time.time())
 
-    def _checked_key(self, request: web.Request, model: str | None, rid: str, now: float) -> ApiKeyRecord:
+    def _checked_key(self, request: Request, model: str | None, rid: str, now: float) -> ApiKeyRecord:
         """The key the request presents, valid for ``model`` (any, when None); ``Refusal``
         (401/403, or 503 before any key set is known) otherwise."""
         index = self._index(rid)
@@ -184,7 +185,7 @@ class KeyGate:
             )
         return index
 
-    def admit(self, request: web.Request, body: bytes, head: Head, hops: int, ctx: Ctx) -> bytes:
+    def admit(self, request: Request, body: bytes, head: Head, hops: int, ctx: Ctx) -> bytes:
         """The body to forward (asking for usage where needed), or ``Refusal`` with the answer
         when the request may not go on. ``hops``: the forwards so far, as the proxy reads them."""
         if HOPS_HEADER in request.headers:
@@ -208,7 +209,7 @@ class KeyGate:
         ctx.key, ctx.key_name, ctx.auth_headers = key, key.name, dict(admission.headers)
         return self._asking_for_usage(request, body, head, ctx)
 
-    def _refuse_key(self, request: web.Request, denial: Denial, message: str, rid: str) -> None:
+    def _refuse_key(self, request: Request, denial: Denial, message: str, rid: str) -> None:
         self.metrics.refused.labels(denial.name.lower()).inc()
         log.info(
             "request refused by the key check", reason=denial.name.lower(), path=request.path, remote=request.remote
@@ -219,7 +220,7 @@ class KeyGate:
             headers["WWW-Authenticate"] = 'Bearer realm="gpufleet"'
         raise Refusal(error_response(denial.status, message, kind, denial.code, headers))
 
-    def _admit_forwarded(self, request: web.Request, body: bytes, hops: int, ctx: Ctx) -> None:
+    def _admit_forwarded(self, request: Request, body: bytes, hops: int, ctx: Ctx) -> None:
         """A request with a hop header: another node's forward, signed, or refused."""
         if not self.keys_required and not self.hop_secrets:
             return  # an open cluster: a hop header only guards against loops
@@ -251,7 +252,7 @@ class KeyGate:
             )
         ctx.key_name = request.headers.get(KEY_NAME_HEADER) or None
 
-    def _asking_for_usage(self, request: web.Request, body: bytes, head: Head, ctx: Ctx) -> bytes:
+    def _asking_for_usage(self, request: Request, body: bytes, head: Head, ctx: Ctx) -> bytes:
         """A stream is asked for its usage on the client's behalf (and the extra event hidden)."""
         if not head.stream or request.path not in _USAGE_OPTION_ROUTES:
             return body

@@ -107,7 +107,8 @@ class _Histogram:
         self.sum += value
 
     def family_buckets(self) -> list[tuple[str, float]]:
-        out, total = [], 0
+        out: list[tuple[str, float]] = []
+        total = 0
         for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             total += n
             out.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
