@@ -264,8 +264,7 @@ class _Connection(asyncio.Protocol):
         return self.complete and self.keep_alive and self.error is None and not self.closed
 
     def close(self) -> None:
-        self.closed = True
-        self.held = b""  # a request given up before it was written
+        self.closed = True  # a request held and not yet written never is (write_held)
         if self.transport is not None:
             self.transport.close()
 

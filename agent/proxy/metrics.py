@@ -82,7 +82,8 @@ class ProxyMetrics:
         """gpu_agent_proxy_instance_ejected, read at scrape time from (model, instance, ejected)."""
         self.registry.register(_Ejected(snapshot))
 
-    def observe(self, model: str, code: int, duration_s: float, ttfb_s: float | None) -> None:
+    def note(self, model: str, code: int, duration_s: float, ttfb_s: float | None) -> None:
+        """A request ended: counted with the next batch (``_Requests.fold``)."""
         self.done.note(model, code, duration_s, ttfb_s)
 
 

@@ -288,8 +288,7 @@ class Relay:
         self.first_byte(target, ctx)
         if ctx.key is not None:
             ctx.usage = usage_of_body(payload)
-        ours = self._ours(upstream, target, ctx)
-        skip = _not_returned(tuple([name for name, _ in ours]))
+        ours, skip = self._ours(upstream, target, ctx)
         # The header lines as the upstream sent them (never decoded), less those not returned,
         # and ours: what the client gets, written as it is (Answer.lines).
         passed = [n + b": " + v + b"\r\n" for n, v in upstream.raw_headers if n.lower() not in skip]
@@ -325,8 +324,7 @@ class Relay:
     def _response_headers(self, upstream: Response, target: Target, ctx: Ctx, stream: bool = False) -> CIMultiDict[str]:
         """The client's headers: the upstream's, less hop-by-hop ones, with ours set (an open
         stream holds them: built whole in one go, not grown a field at a time)."""
-        ours = self._ours(upstream, target, ctx, stream)
-        skip = _not_returned(tuple([name for name, _ in ours]))
+        ours, skip = self._ours(upstream, target, ctx, stream)
         return CIMultiDict(
             [
                 (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
@@ -336,9 +334,12 @@ class Relay:
             + ours
         )
 
-    def _ours(self, upstream: Response, target: Target, ctx: Ctx, stream: bool = False) -> list[tuple[str, str]]:
+    def _ours(
+        self, upstream: Response, target: Target, ctx: Ctx, stream: bool = False
+    ) -> tuple[list[tuple[str, str]], frozenset[bytes]]:
         """The headers the relay sets on an answer (none holds a line break: names and ids of
-        ours, and a request id the parser let through)."""
+        ours, and a request id the parser let through), and the upstream's header names not
+        returned with them (lower-case bytes: hop-by-hop ones and those ours replace)."""
         ours: list[tuple[str, str]] = []
         # Where it was served: another node's answer already names that node (and its instance,
         # unless that node's proxy answered itself: a refusal); a local instance's is ours to name.
@@ -355,7 +356,7 @@ class Relay:
         if stream:
             # X-Accel-Buffering: tells nginx in front of us not to buffer either.
             ours += (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
-        return ours
+        return ours, _not_returned(tuple([name for name, _ in ours]))
 
     # --- streams ----------------------------------------------------------------------------------
 

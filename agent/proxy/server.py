@@ -397,7 +397,7 @@ class Proxy:
         if self.key_gate is not None:
             self.key_gate.finish(ctx)
         duration = time.monotonic() - ctx.started
-        self.metrics.observe(ctx.model_label, ctx.status, duration, ctx.ttfb)
+        self.metrics.note(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if ctx.cfg.access_log:
             self.access_log.write(
                 AccessEntry(
