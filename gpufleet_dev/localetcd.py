@@ -13,6 +13,7 @@ Used by the tests (tests/etcd_fixtures.py wraps it in fixtures), the demo and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -238,6 +239,29 @@ class EtcdCluster:
                 return m
         return None
 
+    async def lead_elsewhere(self, member: EtcdMember, timeout: float = 15.0) -> EtcdMember:
+        """Until a running member other than ``member`` is the raft leader (handing leadership over
+        with etcd's MoveLeader when ``member`` holds it); returns the leader.
+
+        A fault meant for a follower must hit a follower: which member leads after an election is
+        chance, and freezing the leader is another fault: etcd releases without PR 16822 (Debian
+        bookworm's 3.4.23 among them) revoke every lease when a frozen leader resumes, etcd issue
+        15247."""
+
+        async def elsewhere() -> EtcdMember | None:
+            leader = await self.raft_leader()
+            if leader is not member:
+                return leader  # None while an election runs: asked again
+            target = next(m for m in self.members if m is not member and m.running())
+            async with self.client(endpoints=[target.client_url], timeout=1.0) as c:
+                target_id = (await c.status(endpoint=target.client_url)).member_id
+            with contextlib.suppress(FleetError):  # raced with an election: asked again
+                self.admin("/v3/maintenance/transfer-leadership", {"targetID": str(target_id)}, member=member)
+            return None
+
+        leader: EtcdMember = await wait_until(elsewhere, timeout=timeout, what=f"raft leadership off {member.name}")
+        return leader
+
     @property
     def initial_cluster(self) -> str:
         return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
@@ -320,9 +344,12 @@ class EtcdCluster:
 
     # --- admin over the raw gateway (our client only has the data-plane API) -----------------
 
-    def admin(self, path: str, body: dict[str, Any], token: str | None = None) -> dict[str, Any]:
-        """POST to the first running member's gateway; raises with etcd's error text."""
-        member = next(m for m in self.members if m.running())
+    def admin(
+        self, path: str, body: dict[str, Any], token: str | None = None, member: EtcdMember | None = None
+    ) -> dict[str, Any]:
+        """POST to ``member``'s gateway (default: the first running member's); raises with etcd's
+        error text."""
+        member = member or next(m for m in self.members if m.running())
         req = urllib.request.Request(
             member.client_url + path,
             data=json.dumps(body).encode(),

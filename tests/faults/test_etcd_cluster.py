@@ -1,8 +1,10 @@
 """Faults inside a 3-member etcd cluster, with two coordinators and two agents attached to it.
 
 What users must see:
-- the etcd leader killed, and later a member frozen with SIGSTOP: every client moves to a
+- the etcd leader killed, and later a follower frozen with SIGSTOP: every client moves to a
   member that answers, no node leaves the routes, the coordinator leader keeps its term;
+- the raft leader frozen past every lease: no node leaves the routes and every request is
+  answered, even where etcd revokes every lease when the member resumes (its issue 15247);
 - quorum lost (two of three members killed): the coordinator leader steps down and nobody
   leads, so no decision is taken on a view that cannot be checked; the agents keep answering
   requests with what they have; when the members return, one coordinator leads again and every
@@ -77,6 +79,8 @@ async def test_etcd_leader_killed_then_a_member_frozen_no_spurious_failover(etcd
             for fault, member in (("kill", leader), ("sigstop", f1)):
                 users = [p for p in logs if endpoint_in_use(p) == member.client_url]
                 assert users, f"nobody attached to {member.name}: the fault would prove nothing"
+                if fault == "sigstop":
+                    await etcd3.lead_elsewhere(member)  # a follower frozen: see lead_elsewhere
                 t0 = time.monotonic()
                 member.kill() if fault == "kill" else member.sigstop()
                 # Held until every client of the member has moved on, and for two lease TTLs: had
@@ -150,5 +154,46 @@ async def test_quorum_lost_decisions_freeze_data_plane_serves_and_recovery_fails
         for a in agents:
             assert {i["name"]: i["pid"] for i in agent_status(a.base)["instances"]} == pids[a.base]
             assert "Traceback" not in a.log_path.read_text()
+    finally:
+        stop_all(*agents, c2, c1)
+
+
+async def test_etcd_raft_leader_frozen_past_the_leases_no_failover(etcd3: EtcdCluster, tmp_path: Path) -> None:
+    """Every client on the raft leader, frozen for two lease TTLs, then resumed. etcd releases
+    without PR 16822 (Debian's 3.4.23 among them) may then revoke every lease (etcd issue 15247):
+    the coordinator's term can end, but no node may leave the routes and no request may fail."""
+    leader = await etcd3.raft_leader()
+    assert leader is not None
+    first = ordered(etcd3, leader)
+    c1 = CoordinatorProcess(tmp_path, "c1", first, CLUSTER).start()
+    c2: CoordinatorProcess | None = None
+    agents = []
+    try:
+        c1.wait_ready_sync()
+        await wait_until(lambda: c1.status()["is_leader"], timeout=20, what="c1 leads")
+        c2 = CoordinatorProcess(tmp_path, "c2", first, CLUSTER).start().wait_ready_sync()
+        agents = [cluster_agent(tmp_path / n, n, first) for n in ("a", "b")]
+        for node in ("a", "b"):
+            await wait_until(lambda n=node: eq(endpoint_state(etcd3, n), "READY"), timeout=30, what=f"{node} READY")
+        assert await etcd3.raft_leader() is leader, "the raft leader moved: the fault would prove nothing"
+
+        async with Recorder(etcd3) as seen:
+            t0 = time.monotonic()
+            leader.sigstop()
+            answered = 0
+            while time.monotonic() - t0 < 2 * LEASE_TTL_S:  # every lease has run out on the frozen member
+                for a in agents:
+                    assert chat(a.base)[0] == 200
+                    answered += 1
+                assert not (c1.status()["is_leader"] and c2.status()["is_leader"])
+            assert answered >= 2
+            leader.sigcont()
+            await leader.wait_healthy()
+            await wait_until(lambda: leader_view(c1, c2) == {"a": "READY", "b": "READY"}, timeout=30, what="view")
+            for a in agents:
+                assert chat(a.base)[0] == 200
+        assert seen.states == {"a": ["READY"], "b": ["READY"]}, seen.states
+        assert not (c1.status()["is_leader"] and c2.status()["is_leader"])
+        assert set(await node_leases(etcd3)) == {KEYS.node("a"), KEYS.node("b")}
     finally:
         stop_all(*agents, c2, c1)
