@@ -39,14 +39,14 @@ import msgspec
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import proxy_inproc as harness  # noqa: E402  (bench/ is this script's directory)
+import proxy_inproc as harness
 
-from agent.proxy.accesslog import AccessEntry, AccessLog  # noqa: E402
-from agent.proxy.context import REQUEST_ID_HEADER, Head, new_request_id  # noqa: E402
-from agent.proxy.metrics import _Requests  # noqa: E402
-from gpufleet.deadlines import Deadlines, Timed  # noqa: E402
-from gpufleet.logsetup import configure_logging  # noqa: E402
-from gpufleet.outbox import Outbox  # noqa: E402
+from agent.proxy.accesslog import AccessEntry, AccessLog
+from agent.proxy.context import REQUEST_ID_HEADER, Head, new_request_id
+from agent.proxy.metrics import _Requests
+from gpufleet.deadlines import Deadlines, Timed
+from gpufleet.logsetup import configure_logging
+from gpufleet.outbox import Outbox
 
 LEVELS = (
     "bare relay",
@@ -253,7 +253,8 @@ class Front(Writer, asyncio.Protocol):
             passed.append(OURS % (self.rid.encode(), b"127.0.0.1"))
             lines = b"".join(passed)
         else:
-            lines = b"".join([n + b": " + v + b"\r\n" for n, v in headers if n.lower() not in (b"host", b"content-length")])
+            kept = [n + b": " + v + b"\r\n" for n, v in headers if n.lower() not in (b"host", b"content-length")]
+            lines = b"".join(kept)
         head = b"POST %s HTTP/1.1\r\nHost: backend\r\nContent-Length: %d\r\n%s\r\n" % (url, len(body), lines)
         up = relay.pools[name].pop()
         up.front = self

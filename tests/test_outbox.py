@@ -50,7 +50,7 @@ async def test_an_upstream_request_is_written_at_the_end_of_the_turn_or_not_at_a
             writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    url = "http://127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     client = UpstreamClient(outbox=Outbox())
     try:
         async with await client.post_lines(url, "/one", b"", b"first") as resp:
