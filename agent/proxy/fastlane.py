@@ -26,9 +26,13 @@ there is one implementation of each rule:
   on a new connection, as ``post_lines`` does;
 - the answer is an SSE stream: a coroutine relays it from its head.
 
-Streaming requests (``"stream": true``) are not taken: a coroutine relays their answer chunk by
-chunk anyway. A client that leaves cancels the FastRequest (the front calls ``cancel``, as it
-cancels a task): its upstream connection closes, which makes vLLM abort the generation.
+Streaming requests (``"stream": true``) begin here too: their request goes out by callbacks, and a
+coroutine relays the answer from its head (a stream is relayed chunk by chunk, with back-pressure
+and its error events, in one place: relay.py). That takes the coroutine pipeline off a stream's
+way to its first event (measured: about 0.05 ms of its overhead at c=1).
+
+A client that leaves cancels the FastRequest (the front calls ``cancel``, as it cancels a task):
+its upstream connection closes, which makes vLLM abort the generation.
 """
 
 from __future__ import annotations

@@ -189,12 +189,12 @@ class Proxy:
     def forward_now(self, request: Request, body: bytes, sink: NowSink, *, anthropic: bool = False) -> None:
         """Serve a request whose whole ``body`` is here: answered at once (``sink.send_now``), or
         under way by callbacks (``sink.answering``: the fast lane, fastlane.py) when no step
-        before its first attempt has to wait and it is not a stream; else the coroutine pipeline
-        in a task (``sink.carry_on``), its body already parsed."""
+        before its first attempt has to wait (a stream too, relayed from its answer's head); else
+        the coroutine pipeline in a task (``sink.carry_on``), its body already parsed."""
         ctx = self._new_ctx(request)
         try:
             head = self._parsed(request, body, ctx)
-            if head.stream or self._must_wait(request, head.model):
+            if self._must_wait(request, head.model):
                 sink.carry_on(self.run(request, sink, ctx, self._forward(request, sink, ctx, (body, head)), anthropic))
                 return
             body = self._authorize(request, body, head, ctx)
@@ -399,12 +399,12 @@ class Proxy:
         duration = time.monotonic() - ctx.started
         self.metrics.note(ctx.model_label, ctx.status, duration, ctx.ttfb)
         if ctx.cfg.access_log:
-            self.access_log.write(
-                AccessEntry(
-                    ctx.rid, request.method, request.path, ctx.model, ctx.instance, ctx.status, ctx.stream,
-                    ctx.ttfb, duration, ctx.retries, ctx.key_name, ctx.stream_error, ctx.degraded,
-                )  # fmt: skip
-            )
+            # Positional: the entry is made once per request (see accesslog.py).
+            entry = AccessEntry(
+                ctx.rid, request.method, request.path, ctx.model, ctx.instance, ctx.status, ctx.stream,
+                ctx.ttfb, duration, ctx.retries, ctx.key_name, ctx.stream_error, ctx.degraded,
+            )  # fmt: skip
+            self.access_log.write(entry)
 
 
 PROXY_KEY = web.AppKey("proxy", Proxy)  # the app's proxy, for the front protocol (front.py)
