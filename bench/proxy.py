@@ -312,6 +312,11 @@ def main() -> None:
     )
     ap.add_argument("--ramp", type=float, default=1.0, help="seconds to open each 1,000 streams")
     ap.add_argument("--client-procs", type=int, default=2, help="stream client processes (all on --load-cpu)")
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only the c=1 latencies and SSE first-event overheads (minutes less; for A/B runs of a latency change)",
+    )
     ap.add_argument("--proxy-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1)
     args = ap.parse_args()
@@ -386,11 +391,11 @@ def main() -> None:
             result["sse_first_event"] = sse_first_event(targets, max(50, args.requests // 4), 3)
             result["sse_first_event_after_1s_idle"] = sse_first_event(targets, 3 if args.quick else 15, 3, idle=True)
             result["max_rps"] = {}
-            for n, t in targets.items():
+            for n, t in [] if args.latency_only else targets.items():
                 result["max_rps"][n] = max_rps(t, args, tmp)
                 settle(t.procs["canned"])
             direct_lines = result["sse_first_event"]["direct"]["data_lines_per_stream"]
-            for i, n in enumerate(int(x) for x in args.streams.split(",") if x):
+            for i, n in enumerate(int(x) for x in ("" if args.latency_only else args.streams).split(",") if x):
                 backend, rate = ("sse", args.rate) if i == 0 else ("sse-slow", args.slow_rate)
                 res = {}
                 for name, t in targets.items():

@@ -28,8 +28,8 @@ there is one implementation of each rule:
 
 Streaming requests (``"stream": true``) begin here too: their request goes out by callbacks, and a
 coroutine relays the answer from its head (a stream is relayed chunk by chunk, with back-pressure
-and its error events, in one place: relay.py). That takes the coroutine pipeline off a stream's
-way to its first event (measured: about 0.05 ms of its overhead at c=1).
+and its error events, in one place: relay.py). One rule for every request whose steps do not
+wait; the first event's latency did not change measurably (docs/benchmarks.md, step 6).
 
 A client that leaves cancels the FastRequest (the front calls ``cancel``, as it cancels a task):
 its upstream connection closes, which makes vLLM abort the generation.
