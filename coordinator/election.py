@@ -3,8 +3,9 @@
 - Campaign: one transaction creates ``/leader`` under our lease *only if absent*
   (``create_revision == 0``) and records the term's **epoch** in it and in ``/epoch``.
 - Lead: renew the lease every ``retry_period_s``. If no renewal succeeded for
-  ``renew_deadline_s`` (< TTL), stop acting as leader *before* the lease can expire and someone
-  else take over. Also step down if the key goes away or stops being ours.
+  ``renew_deadline_s`` (< TTL, counted from when the renewal that succeeded was *sent*: etcd
+  restarts the TTL somewhere before its answer), stop acting as leader *before* the lease can
+  expire and someone else take over. Also step down if the key goes away or stops being ours.
 - Fence: every write the leader makes is a transaction guarded by "``/leader`` still exists with
   my create revision and my lease" (:meth:`guarded_txn`); a deposed leader that wakes from a
   freeze cannot write, whatever it believes.
@@ -195,6 +196,10 @@ class Election:
                 await self.etcd.lease_revoke(lease, timeout=2.0)
 
     async def _campaign(self) -> bool:
+        # The lease's TTL runs from some moment between this request and its answer; counting the
+        # renew deadline from before it was sent is the safe end (a slow campaign, or a slow
+        # renewal below, must not stretch the time we believe we lead past the lease).
+        asked_at = self.clock()
         lease = await self.etcd.lease_grant(self.ttl)
         last = await self.etcd.range(self.keys.epoch)
         last_kv = last.kvs[0] if last.kvs else None
@@ -220,7 +225,7 @@ class Election:
         self._key_revision = res.revision  # the put created the key: its create revision is this txn's
         self.epoch = epoch
         self._saw_epoch(epoch)
-        self._renewed_at = self.clock()
+        self._renewed_at = asked_at
         self.elected_at = time.time()
         self.leader, self.leader_epoch = self.me, self.epoch
         self.transitions += 1
@@ -235,10 +240,11 @@ class Election:
         try:
             while self.epoch is not None:
                 try:
+                    asked_at = self.clock()  # the renewal counts from here (see _campaign)
                     ttl = await self.etcd.lease_keepalive_once(self.lease_id or 0, timeout=self.retry_period)
                     if ttl <= 0:
                         raise EtcdLeaseNotFound("lease expired")
-                    self._renewed_at = self.clock()
+                    self._renewed_at = asked_at
                 except EtcdLeaseNotFound:
                     self._step_down("lease expired")
                     break

@@ -9,6 +9,7 @@ fast: agent lease 3 s, coordinator lease 3 s / renew deadline 2 s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -287,6 +289,53 @@ async def test_guarded_write_of_a_deposed_leader_is_rejected(fleet: Fleet) -> No
         assert not a.is_leader and a.guard_rejections == 1
         kv = await etcd.get(keys.route("x"))
         assert kv is not None and kv.value == b"from-a-1"
+
+
+async def test_leadership_counts_from_when_the_lease_was_asked_for_not_answered(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd starts a lease's TTL somewhere between the request and its answer: a campaign or a
+    renewal that took long must not stretch the time a leader believes it leads past its lease.
+    In-process, on a clock the test moves: each slow call takes 1.5 s of it."""
+    keys = Keyspace("asked")
+    now = [100.0]
+    async with fleet.client() as etcd:
+        e = Election(etcd, keys, "a", "http://a", ttl=5, renew_deadline=2, retry_period=0.05, clock=lambda: now[0])
+        txn, keepalive = etcd.txn, etcd.lease_keepalive_once
+        renewed, held = asyncio.Event(), asyncio.Event()
+
+        async def slow_txn(*args: Any, **kwargs: Any) -> Any:
+            now[0] += 1.5
+            return await txn(*args, **kwargs)
+
+        async def slow_keepalive(*args: Any, **kwargs: Any) -> int:
+            if renewed.is_set():  # the second renewal never ends: the test reads the clock meanwhile
+                held.set()
+                await asyncio.Event().wait()
+            now[0] += 1.5
+            ttl = await keepalive(*args, **kwargs)
+            renewed.set()
+            return ttl
+
+        monkeypatch.setattr(etcd, "txn", slow_txn)
+        monkeypatch.setattr(etcd, "lease_keepalive_once", slow_keepalive)
+        assert await e._campaign()  # the lease was asked for at 100, the key written at 101.5
+        now[0] = 102.1
+        assert not e.is_leader  # 2 s after the lease was asked for, not after the campaign ended
+        now[0] = 101.9
+        assert e.is_leader
+        leading = asyncio.create_task(e._lead())
+        try:
+            await asyncio.wait_for(held.wait(), 10)  # renewed: asked at 101.9, answered at 103.4
+            now[0] = 103.95
+            assert not e.is_leader  # 2.05 s after the renewal was asked for
+            now[0] = 103.85
+            assert e.is_leader
+        finally:
+            leading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leading
+            await e.resign()
 
 
 async def test_leader_sigkill_standby_leads_within_ttl_plus_2s(fleet: Fleet) -> None:
