@@ -244,9 +244,9 @@ class EtcdCluster:
         with etcd's MoveLeader when ``member`` holds it); returns the leader.
 
         A fault meant for a follower must hit a follower: which member leads after an election is
-        chance, and freezing the leader is another fault: etcd releases without PR 16822 (Debian
-        bookworm's 3.4.23 among them) revoke every lease when a frozen leader resumes, etcd issue
-        15247."""
+        chance, and freezing the leader is another fault: a frozen leader that resumes may revoke
+        every lease (etcd issue 15247; Debian bookworm's 3.4.23 has it in full, PR 16822
+        mitigates it)."""
 
         async def elsewhere() -> EtcdMember | None:
             leader = await self.raft_leader()

@@ -159,8 +159,8 @@ async def test_quorum_lost_decisions_freeze_data_plane_serves_and_recovery_fails
 
 
 async def test_etcd_raft_leader_frozen_past_the_leases_no_failover(etcd3: EtcdCluster, tmp_path: Path) -> None:
-    """Every client on the raft leader, frozen for two lease TTLs, then resumed. etcd releases
-    without PR 16822 (Debian's 3.4.23 among them) may then revoke every lease (etcd issue 15247):
+    """Every client on the raft leader, frozen for two lease TTLs, then resumed. etcd may then
+    revoke every lease (its issue 15247: Debian's 3.4.23 has it in full, PR 16822 mitigates it):
     the coordinator's term can end, but no node may leave the routes and no request may fail."""
     leader = await etcd3.raft_leader()
     assert leader is not None
