@@ -29,6 +29,10 @@ import structlog
 
 log = structlog.get_logger("gpufleet.outbox")
 
+# A head and a body shorter than this are held as one buffer (a small copy, one write); a longer
+# body is held as it is, beside its head (a request or answer of megabytes is not copied).
+JOIN_BELOW = 16384
+
 
 class Holder(Protocol):
     def write_held(self) -> None:

@@ -53,6 +53,7 @@ from multidict import CIMultiDict
 
 from gpufleet.deadlines import Timed
 from gpufleet.httpserver import OVERLOADED, REQUEST_TIMEOUT, ConnectionGuard, GuardedServer, Phase, safe_reason
+from gpufleet.outbox import JOIN_BELOW
 
 from .context import ANTHROPIC_ROUTES, ROUTES
 from .exchange import Answer, BodyTooLarge, BodyUnreadable, Cancellable, internal_error
@@ -786,7 +787,7 @@ class FrontProtocol(asyncio.Protocol):
         lines = answer.lines
         framing = b"Content-Length: %d\r\n" % len(body)
         head = self._head(answer.status, lines if lines is not None else answer.headers, framing)
-        self.write_raw(head + body if len(body) < 16384 else None, head, body)
+        self.write_raw(head + body if len(body) < JOIN_BELOW else None, head, body)
         if self._queue:
             self.write_held()  # a pipelined request is next: it waits if the client reads slowly
 

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
-from gpufleet.outbox import Outbox
+from gpufleet.outbox import JOIN_BELOW, Outbox
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -119,7 +119,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, outbox: Outbox | None = None) -> None:
         self.loop = loop
         self.outbox = outbox  # None: a request is written at once
-        self.held = b""  # a request written at the end of this turn (gpufleet/outbox.py)
+        self.held: tuple[bytes, ...] = ()  # a request written at the end of this turn (gpufleet/outbox.py)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -220,14 +220,19 @@ class _Connection(asyncio.Protocol):
         if self.outbox is None:
             self.transport.writelines((head, body) if body else (head,))
             return
-        self.held = head + body  # one request at a time: its answer comes in a later turn
+        # One request at a time: its answer comes in a later turn.
+        self.held = (head + body,) if len(body) < JOIN_BELOW else (head, body)
         self.outbox.hold(self)
 
     def write_held(self) -> None:
-        held, self.held = self.held, b""
+        held, self.held = self.held, ()
         transport = self.transport
-        if held and not self.closed and transport is not None and not transport.is_closing():
-            transport.write(held)
+        if not held or self.closed or transport is None or transport.is_closing():
+            return
+        if len(held) == 1:
+            transport.write(held[0])
+        else:
+            transport.writelines(held)
 
     # --- the reader's side ------------------------------------------------------------------------
 
