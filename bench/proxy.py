@@ -58,7 +58,7 @@ from proxy_targets import (
     start_agent,
 )
 
-ALL = ("direct", "gpu-agent", "nginx", "vllm-router", "litellm")
+ALL = ("direct", "gpu-agent", "floor", "nginx", "vllm-router", "litellm")
 
 
 def ms(x: float) -> float:
@@ -100,7 +100,7 @@ def settle(procs: list[int], limit: float = 60.0) -> float:
 
 def smoke(t: Target) -> None:
     """One answer per backend through the target, before anything is measured."""
-    for b in BACKENDS:
+    for b in t.urls:
         stream = b.startswith("sse")
         raw = load.request(t.urls[b], load.body(b, stream=stream, max_tokens=2 if stream else 1))
         c = load.BlockingClient(t.urls[b])
@@ -115,7 +115,11 @@ def smoke(t: Target) -> None:
 
 
 def latency_c1(targets: dict[str, Target], backend: str, n: int) -> dict:
-    raw = {k: (t.urls[backend], load.request(t.urls[backend], load.body(backend))) for k, t in targets.items()}
+    raw = {
+        k: (t.urls[backend], load.request(t.urls[backend], load.body(backend)))
+        for k, t in targets.items()
+        if backend in t.urls
+    }
     load.interleaved(raw, min(200, n))  # warm connections, caches and the peers' lazy paths
     res = load.interleaved(raw, n)
     base = res.get("direct")
@@ -138,6 +142,7 @@ def sse_first_event(targets: dict[str, Target], n: int, events: int, idle: bool 
     raw = {
         k: (t.urls["sse"], load.request(t.urls["sse"], load.body("sse", stream=True, max_tokens=events)))
         for k, t in targets.items()
+        if "sse" in t.urls  # not the floor relay: it relays whole answers only
     }
     if idle:
         res = load.interleaved(raw, n, block=1, pause=1.0 / len(raw))
@@ -399,6 +404,8 @@ def main() -> None:
                 backend, rate = ("sse", args.rate) if i == 0 else ("sse-slow", args.slow_rate)
                 res = {}
                 for name, t in targets.items():
+                    if backend not in t.urls:
+                        continue
                     # a proxy that re-frames events (LiteLLM) delivers its own count per stream:
                     # expect what it delivered at c=1, not the backend's count
                     lines = result["sse_first_event"].get(name, {}).get("data_lines_per_stream", [])

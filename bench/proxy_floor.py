@@ -16,9 +16,12 @@ proxy's metrics and access log): the gap between the last level and the agent's 
 its structure costs (objects per request, layers, the paths it keeps for what must wait).
 
 It relays only the common case (a whole JSON request, a whole answer): it is a measure, not a
-proxy.
+proxy. ``serve`` runs one level as a server, bench/proxy.py's ``floor`` target: what a relay
+with these features written flat does in the peers' harness, next to them (the ceiling a Python
+proxy on this machine can reach with them).
 
     .venv/bin/python bench/proxy_floor.py [--levels 0,8] [--seconds 2] [--blocks 5]
+    .venv/bin/python bench/proxy_floor.py serve [--level 9] PORT=http://HOST:PORT ...
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class Relay:
 
     def __init__(self, level: int, base_urls: list[tuple[str, int]]) -> None:
         self.level = level
+        self.addresses = {f"i{n}": address for n, address in enumerate(base_urls)}
         self.pools: dict[str, list[Up]] = {f"i{n}": [] for n in range(len(base_urls))}
         self.in_flight = dict.fromkeys(self.pools, 0)
         self.gate_free = 1024
@@ -94,6 +98,28 @@ class Relay:
         self.access = AccessLog()
         self.idle: OrderedDict[Front, float] = OrderedDict()
         self.outbox = Outbox()
+
+    def send(self, name: str, front: Front, data: bytes) -> None:
+        """``data`` to instance ``name`` on a pooled connection, or (serve mode: a pool ran dry,
+        a backend closed its idle connections) on a new one."""
+        pool = self.pools[name]
+        if pool:
+            up = pool.pop()
+            up.front = front
+            up.send(data)
+            return
+
+        async def connect() -> None:
+            host, port = self.addresses[name]
+            try:
+                _, up = await asyncio.get_running_loop().create_connection(lambda: Up(self, name), host, port)
+            except OSError:
+                front.transport.close()
+                return
+            up.front = front
+            up.send(data)
+
+        asyncio.get_running_loop().create_task(connect())
 
 
 class Writer:
@@ -129,6 +155,13 @@ class Up(Writer, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pool = self.relay.pools[self.name]
+        if self in pool:
+            pool.remove(self)
+        if self.front is not None:  # its answer will not come: the client's connection closes
+            self.front.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.relay.level < 6:
@@ -201,6 +234,12 @@ class Front(Writer, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.idle.pop(self, None)
+        for limit in (self.attempt, self.timer):
+            if limit is not None:
+                self.relay.deadlines.remove(limit)
+
     def data_received(self, data: bytes) -> None:
         if self.relay.level < 1:
             self.raw.append(data)
@@ -224,9 +263,7 @@ class Front(Writer, asyncio.Protocol):
         if level < 1:
             data = b"".join(self.raw)
             self.raw, self.body = [], []
-            up = relay.pools["i0"].pop()
-            up.front = self
-            up.transport.write(data)
+            relay.send("i0", self, data)
             return
         self.started = time.monotonic()
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
@@ -256,9 +293,7 @@ class Front(Writer, asyncio.Protocol):
             kept = [n + b": " + v + b"\r\n" for n, v in headers if n.lower() not in (b"host", b"content-length")]
             lines = b"".join(kept)
         head = b"POST %s HTTP/1.1\r\nHost: backend\r\nContent-Length: %d\r\n%s\r\n" % (url, len(body), lines)
-        up = relay.pools[name].pop()
-        up.front = self
-        up.send(head + body)
+        relay.send(name, self, head + body)
         if level >= 5:
             deadlines = relay.deadlines
             self.attempt = attempt = Limit(self, deadlines.now() + 60.0)
@@ -333,7 +368,27 @@ async def measure(level: int, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+async def serve(level: int, routes: list[str]) -> None:
+    """The relay at ``level`` as a server, for bench/proxy.py's ``floor`` target: each route
+    ``PORT=http://HOST:PORT`` listens on 127.0.0.1:PORT and relays to that backend."""
+    loop = asyncio.get_running_loop()
+    for route in routes:
+        port, _, url = route.partition("=")
+        host, _, backend_port = url.removeprefix("http://").partition(":")
+        relay = Relay(level, [(host, int(backend_port))])
+        await loop.create_server(lambda relay=relay: Front(relay), "127.0.0.1", int(port), backlog=4096)
+    await asyncio.Event().wait()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["serve"]:
+        sp = argparse.ArgumentParser(prog="proxy_floor.py serve", description=serve.__doc__)
+        sp.add_argument("--level", type=int, default=len(LEVELS) - 1)
+        sp.add_argument("routes", nargs="+", metavar="PORT=http://HOST:PORT")
+        sargs = sp.parse_args(sys.argv[2:])
+        configure_logging("json", "info")  # the access log to stderr, as the agent's (bench/proxy.py keeps it)
+        uvloop.run(serve(sargs.level, sargs.routes))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--levels", default=f"0,{len(LEVELS) - 1}", help="first,last level (inclusive)")
     ap.add_argument("--clients", type=int, default=32)

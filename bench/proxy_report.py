@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-ORDER = ("direct", "gpu-agent", "nginx", "vllm-router", "litellm")
+ORDER = ("direct", "gpu-agent", "floor", "nginx", "vllm-router", "litellm")
+NA = "n/a"  # a target that does not run the test (the floor relay relays no streams)
 
 
 def fmt(v, unit: str = "") -> str:
@@ -20,6 +21,17 @@ def fmt(v, unit: str = "") -> str:
     elif isinstance(v, int):
         v = f"{v:,}"
     return f"{v}{unit}"
+
+
+def per_target(section: dict, names: list[str], show) -> list[str]:
+    """One cell per target: ``show`` of its row in ``section``, or n/a where it did not run."""
+    return [show(section[n], n) if n in section else NA for n in names]
+
+
+def shares(rates: dict, of: str) -> str:
+    """``of``'s rate as a share of vllm-router's and nginx's."""
+    a = rates.get(of)
+    return ", ".join(f"{a / rates[p]:.2f}× {p}" if a and rates.get(p) else f"— × {p}" for p in ("vllm-router", "nginx"))
 
 
 def table(r: dict) -> str:
@@ -35,29 +47,26 @@ def table(r: dict) -> str:
     rows: list[tuple[str, list[str], str, str]] = []
     rps = r["max_rps"]
     rows.append(("max req/s, canned backend (wrk, keep-alive)", [fmt(rps[n].get("rps")) for n in names], "", ""))
-    a = rps.get("gpu-agent", {}).get("rps")
-    ratios = []
-    for peer in ("vllm-router", "nginx"):
-        p = rps.get(peer, {}).get("rps")
-        ratios.append(f"{a / p:.2f}× {peer}" if a and p else f"— × {peer}")
+    rates = {n: rps[n].get("rps") for n in names}
     rows.append(
-        ("gpu-agent's req/s as a share of", ["" for _ in names], "≥ 2× vllm-router, ≥ 0.4× nginx", verdict("req/s"))
+        ("req/s as a share of", ["" for _ in names], "gpu-agent: ≥ 2× vllm-router, ≥ 0.4× nginx", verdict("req/s"))
     )
-    rows[-1][1][names.index("gpu-agent")] = ", ".join(ratios) if "gpu-agent" in names else ""
+    for n in ("gpu-agent", "floor"):
+        if n in names:
+            rows[-1][1][names.index(n)] = shares(rates, n)
     rows.append(("proxy CPU per request", [fmt(rps[n].get("cpu_us_per_request"), " µs") for n in names], "", ""))
     per_core = {n: 1e6 / rps[n]["cpu_us_per_request"] for n in names if rps[n].get("cpu_us_per_request")}
     rows.append(("req/s one core could serve (1 / CPU per request)", [fmt(per_core.get(n)) for n in names], "", ""))
-    a = per_core.get("gpu-agent")
-    ratios = [f"{a / per_core[p]:.2f}× {p}" if a and per_core.get(p) else f"— × {p}" for p in ("vllm-router", "nginx")]
-    rows.append(("gpu-agent's CPU-derived req/s as a share of", ["" for _ in names], "", ""))
-    if "gpu-agent" in names:
-        rows[-1][1][names.index("gpu-agent")] = ", ".join(ratios)
+    rows.append(("CPU-derived req/s as a share of", ["" for _ in names], "", ""))
+    for n in ("gpu-agent", "floor"):
+        if n in names:
+            rows[-1][1][names.index(n)] = shares(per_core, n)
     for b, label in (("sim", "simulated vLLM"), ("canned", "canned")):
         lat = r["latency_c1"][b]
         rows.append(
             (
                 f"c=1 p50 / p99, {label} backend",
-                [f"{fmt(lat[n].get('p50_ms'))} / {fmt(lat[n].get('p99_ms'))} ms" for n in names],
+                per_target(lat, names, lambda x, _: f"{fmt(x.get('p50_ms'))} / {fmt(x.get('p99_ms'))} ms"),
                 "",
                 "",
             )
@@ -65,12 +74,13 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"c=1 **added** p50 / p99, {label} backend",
-                [
-                    "—"
-                    if n == "direct"
-                    else f"{fmt(lat[n].get('added_p50_ms'))} / {fmt(lat[n].get('added_p99_ms'))} ms"
-                    for n in names
-                ],
+                per_target(
+                    lat,
+                    names,
+                    lambda x, n: (
+                        "—" if n == "direct" else f"{fmt(x.get('added_p50_ms'))} / {fmt(x.get('added_p99_ms'))} ms"
+                    ),
+                ),
                 "p50 within 0.1 ms of nginx's",
                 verdict(f"c=1 added p50 within 0.1 ms of nginx's ({b}"),
             )
@@ -79,15 +89,18 @@ def table(r: dict) -> str:
     rows.append(
         (
             "SSE first event p50 / p99 (overhead)",
-            [
-                f"{fmt(sse[n].get('first_event_p50_ms'))} / {fmt(sse[n].get('first_event_p99_ms'))} ms"
-                + (
-                    ""
-                    if n == "direct"
-                    else f" (+{fmt(sse[n].get('overhead_p50_ms'))} / +{fmt(sse[n].get('overhead_p99_ms'))})"
-                )
-                for n in names
-            ],
+            per_target(
+                sse,
+                names,
+                lambda x, n: (
+                    f"{fmt(x.get('first_event_p50_ms'))} / {fmt(x.get('first_event_p99_ms'))} ms"
+                    + (
+                        ""
+                        if n == "direct"
+                        else f" (+{fmt(x.get('overhead_p50_ms'))} / +{fmt(x.get('overhead_p99_ms'))})"
+                    )
+                ),
+            ),
             "overhead p50 ≤ 0.5 ms",
             verdict("SSE first-event"),
         )
@@ -97,11 +110,14 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"SSE first event after 1 s idle, p50 (overhead), n={idle['direct']['n']}",
-                [
-                    f"{fmt(idle[n].get('first_event_p50_ms'))} ms"
-                    + ("" if n == "direct" else f" (+{fmt(idle[n].get('overhead_p50_ms'))})")
-                    for n in names
-                ],
+                per_target(
+                    idle,
+                    names,
+                    lambda x, n: (
+                        f"{fmt(x.get('first_event_p50_ms'))} ms"
+                        + ("" if n == "direct" else f" (+{fmt(x.get('overhead_p50_ms'))})")
+                    ),
+                ),
                 "",
                 "",
             )
@@ -114,10 +130,13 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"{head}: events delivered",
-                [
-                    f"{fmt(s[n]['events'])} / {fmt(s[n]['events_expected'])}" + ("" if s[n]["all_delivered"] else " ✘")
-                    for n in names
-                ],
+                per_target(
+                    s,
+                    names,
+                    lambda x, _: (
+                        f"{fmt(x['events'])} / {fmt(x['events_expected'])}" + ("" if x["all_delivered"] else " ✘")
+                    ),
+                ),
                 "all" if i == 0 else "all (sustained)",
                 verdict(f"{n_streams:,} streams: every") if i == 0 else verdict(f"{n_streams:,} streams on one core"),
             )
@@ -125,11 +144,14 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"{head}: inter-event gap p99 (added)",
-                [
-                    f"{fmt(s[n].get('gap_p99_ms'))} ms"
-                    + ("" if n == "direct" else f" ({fmt(s[n].get('added_gap_p99_ms'))})")
-                    for n in names
-                ],
+                per_target(
+                    s,
+                    names,
+                    lambda x, n: (
+                        f"{fmt(x.get('gap_p99_ms'))} ms"
+                        + ("" if n == "direct" else f" ({fmt(x.get('added_gap_p99_ms'))})")
+                    ),
+                ),
                 "added ≤ 10 ms" if i == 0 else "",
                 verdict(f"{n_streams:,} streams: added") if i == 0 else "",
             )
@@ -137,7 +159,7 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"{head}: events that came in one read with the one before",
-                [f"{s[n].get('gaps_zero_share', 0):.1%}" for n in names],
+                per_target(s, names, lambda x, _: f"{x.get('gaps_zero_share', 0):.1%}"),
                 "",
                 "",
             )
@@ -145,7 +167,7 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"{head}: first event p99",
-                [f"{fmt(s[n].get('first_event_p99_ms'))} ms" for n in names],
+                per_target(s, names, lambda x, _: f"{fmt(x.get('first_event_p99_ms'))} ms"),
                 "",
                 "",
             )
@@ -153,7 +175,7 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"{head}: listen-queue overflows",
-                [fmt(s[n]["listen_overflows"]) for n in names],
+                per_target(s, names, lambda x, _: fmt(x["listen_overflows"])),
                 "0" if i == 0 else "",
                 verdict(f"{n_streams:,} streams: no listen") if i == 0 else "",
             )
@@ -161,7 +183,7 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"{head}: RSS per open stream",
-                [fmt(s[n].get("rss_kb_per_stream"), " KB") for n in names],
+                per_target(s, names, lambda x, _: fmt(x.get("rss_kb_per_stream"), " KB")),
                 "≤ 16 KB" if i == 0 else "",
                 verdict(f"{n_streams:,} streams: <= 16") if i == 0 else "",
             )
@@ -169,13 +191,15 @@ def table(r: dict) -> str:
         rows.append(
             (
                 f"{head}: proxy CPU per event; load core busy",
-                [f"{fmt(s[n].get('cpu_us_per_event'), ' µs')}; {s[n]['load_core_busy']:.0%}" for n in names],
+                per_target(
+                    s, names, lambda x, _: f"{fmt(x.get('cpu_us_per_event'), ' µs')}; {x['load_core_busy']:.0%}"
+                ),
                 "",
                 "",
             )
         )
-        errs = [fmt(s[n]["errors"]) for n in names]
-        if any(e != "0" for e in errs):
+        errs = per_target(s, names, lambda x, _: fmt(x["errors"]))
+        if any(e not in ("0", NA) for e in errs):
             rows.append((f"{head}: client-side errors", errs, "", ""))
     out = ["| | " + " | ".join(names) + " | goal (gpu-agent) | gpu-agent |", "|---" * (len(names) + 3) + "|"]
     for label, cells, goal, met in rows:

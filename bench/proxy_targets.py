@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,4 +378,24 @@ def start_litellm(tmp: Path, cpu: int, direct: dict[str, str]) -> Target:
     )
 
 
-STARTERS = {"nginx": start_nginx, "vllm-router": start_vllm_router, "litellm": start_litellm}
+def start_floor(tmp: Path, cpu: int, direct: dict[str, str]) -> Target:
+    """bench/proxy_floor.py's flat relay with every level's features, as a server: not a proxy
+    (whole JSON requests and answers only: the ``sim`` and ``canned`` backends), the ceiling a
+    Python relay with the data path's features reaches in this harness."""
+    backends = [b for b in ("sim", "canned") if b in direct]
+    ports = {b: free_port() for b in backends}
+    argv = [sys.executable, str(HERE / "proxy_floor.py"), "serve", *(f"{ports[b]}={direct[b]}" for b in backends)]
+    floor = Command("floor", argv, tmp / "floor.log", cpu)
+    floor.start()
+    for p in ports.values():
+        wait_port(p, floor, 30)
+    return Target(
+        "floor",
+        {b: f"http://127.0.0.1:{p}" for b, p in ports.items()},
+        {b: [floor.pid] for b in backends},
+        version="bench/proxy_floor.py level 9",
+        daemons=[floor],
+    )
+
+
+STARTERS = {"floor": start_floor, "nginx": start_nginx, "vllm-router": start_vllm_router, "litellm": start_litellm}
