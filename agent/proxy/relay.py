@@ -67,6 +67,10 @@ def _not_returned(names: tuple[str, ...]) -> frozenset[bytes]:
     return _NOT_RETURNED | _lowered(names)
 
 
+# A local instance's answer: the headers _ours sets on it, when it sets no others.
+_NOT_RETURNED_LOCAL = _not_returned((NODE_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER))
+_RID_LINE = b"%s: %%s\r\n" % REQUEST_ID_HEADER.encode()
+
 # Where this node checks keys, the client's key is ours: it goes no further.
 _NOT_PASSED_KEYED = _NOT_PASSED | {n.lower().encode() for n in CREDENTIAL_HEADERS}
 
@@ -102,6 +106,7 @@ class Relay:
         self.deadlines = Deadlines()
         # Writes to clients and upstreams, made together at the end of each turn (gpufleet/outbox.py).
         self.outbox = Outbox()
+        self._served: dict[str, bytes] = {}  # instance -> its _served_here lines
 
     @property
     def cfg(self) -> ProxySection:
@@ -288,11 +293,16 @@ class Relay:
         self.first_byte(target, ctx)
         if ctx.key is not None:
             ctx.usage = usage_of_body(payload)
-        ours, skip = self._ours(upstream, target, ctx)
+        if ctx.auth_headers or ctx.downgraded is not None or isinstance(target, RemoteTarget):
+            ours, skip = self._ours(upstream, target, ctx)
+            lines = header_lines(ours)
+        else:  # most answers: only where it was served and the request id are ours (as _ours sets them)
+            skip = _NOT_RETURNED_LOCAL
+            lines = self._served_here(target.name) + _RID_LINE % ctx.rid.encode("utf-8", "surrogateescape")
         # The header lines as the upstream sent them (never decoded), less those not returned,
         # and ours: what the client gets, written as it is (Answer.lines).
         passed = [n + b": " + v + b"\r\n" for n, v in upstream.raw_headers if n.lower() not in skip]
-        passed.append(header_lines(ours))
+        passed.append(lines)
         answer = Answer(upstream.status, None, payload, lines=b"".join(passed))
         if ctx.cache_key is not None and upstream.status == 200:
             self.degrader.store(ctx.cache_key, upstream.status, answer.headers, payload)
@@ -333,6 +343,15 @@ class Relay:
             ]
             + ours
         )
+
+    def _served_here(self, instance: str) -> bytes:
+        """The header lines naming this node and its ``instance`` (made once per instance)."""
+        lines = self._served.get(instance)
+        if lines is None:
+            lines = self._served[instance] = header_lines(
+                ((NODE_HEADER, self.upstreams.node_id), (INSTANCE_HEADER, instance))
+            )
+        return lines
 
     def _ours(
         self, upstream: Response, target: Target, ctx: Ctx, stream: bool = False

@@ -33,6 +33,7 @@ from .accesslog import AccessEntry, AccessLog
 from .coldstart import ColdStart
 from .context import (
     ANTHROPIC_ROUTES,
+    FORM_ROUTES,
     ROUTES,
     UNKNOWN_MODEL_LABEL,
     Ctx,
@@ -276,7 +277,9 @@ class Proxy:
 
     def _parsed(self, request: Request, body: bytes, ctx: Ctx) -> Head:
         """The ``model`` and ``stream`` the body asks for; 400 if it is not a request."""
-        head = parse_head(body, request.path, request.headers.get("Content-Type", ""))
+        path = request.path
+        content_type = request.headers.get("Content-Type", "") if path in FORM_ROUTES else ""  # a form's boundary
+        head = parse_head(body, path, content_type)
         if not isinstance(head, Head):
             self.metrics.rejected.labels("bad_request").inc()
             head.headers[REQUEST_ID_HEADER] = ctx.rid
