@@ -44,10 +44,14 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import proxy_inproc as harness
 
+from agent.config import ProxySection
 from agent.proxy.accesslog import AccessEntry, AccessLog
-from agent.proxy.context import REQUEST_ID_HEADER, Head, new_request_id
+from agent.proxy.context import REQUEST_ID_HEADER, Ctx, Head, new_request_id
 from agent.proxy.metrics import _Requests
+from agent.proxy.stats import ProxyStats
 from gpufleet.deadlines import Deadlines, Timed
+from gpufleet.facts import INSTANCE_HEADER, NODE_HEADER
+from gpufleet.httpserver import ApiSection, ConnectionGuard
 from gpufleet.logsetup import configure_logging
 from gpufleet.outbox import Outbox
 
@@ -62,6 +66,7 @@ LEVELS = (
     "+ metrics and access log",
     "+ connection idle timer",
     "+ writes held to the end of the turn",
+    "+ the agent's other per-request steps, as they pass in the common case",
 )
 HOP_BY_HOP = frozenset(
     n.encode()
@@ -98,6 +103,19 @@ class Relay:
         self.access = AccessLog()
         self.idle: OrderedDict[Front, float] = OrderedDict()
         self.outbox = Outbox()
+        # Level 10: the agent's own pieces for the steps it takes per request. In the common
+        # case (standalone, no keys, no degradation, no limits) they are looked at and pass.
+        self.cfg = ProxySection()
+        self.stats = ProxyStats()
+        self.guard = ConnectionGuard(ApiSection(), 1_000_000)
+        self.instances = {name: harness.Instance(f"http://{h}:{p}") for name, (h, p) in self.addresses.items()}
+        self.served = {
+            name: b"%s: bench\r\n%s: %s\r\n" % (NODE_HEADER.encode(), INSTANCE_HEADER.encode(), name.encode())
+            for name in self.pools
+        }
+        self.routes = self.cold_start = self.key_gate = None
+        self.degrade_level = 0
+        self.in_flight_by_model: dict[str, int] = {}
 
     def send(self, name: str, front: Front, data: bytes) -> None:
         """``data`` to instance ``name`` on a pooled connection, or (serve mode: a pool ran dry,
@@ -190,10 +208,14 @@ class Up(Writer, asyncio.Protocol):
         passed = [n + b": " + v + b"\r\n" for n, v in self.headers if n.lower() not in ANSWER_SKIP]
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.headers, self.body = [], []
-        head = b"HTTP/1.1 %d OK\r\n%sX-Gpufleet-Instance: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+        if relay.level >= 10:
+            ours = relay.served[self.name] + b"%s: %s\r\n" % (REQUEST_ID_HEADER.encode(), front.rid.encode())
+        else:
+            ours = b"X-Gpufleet-Instance: %s\r\n" % self.name.encode()
+        head = b"HTTP/1.1 %d OK\r\n%s%sContent-Length: %d\r\n%s\r\n" % (
             status,
             b"".join(passed),
-            self.name.encode(),
+            ours,
             len(body),
             front.date(),
         )
@@ -229,6 +251,7 @@ class Front(Writer, asyncio.Protocol):
         self.started = 0.0
         self.attempt: Limit | None = None
         self.timer: Limit | None = None
+        self.ctx: Ctx | None = None  # level 10
         self._second, self._date = -1, b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -292,6 +315,8 @@ class Front(Writer, asyncio.Protocol):
         else:
             kept = [n + b": " + v + b"\r\n" for n, v in headers if n.lower() not in (b"host", b"content-length")]
             lines = b"".join(kept)
+        if level >= 10:
+            name = self.steps(relay, headers, name)
         head = b"POST %s HTTP/1.1\r\nHost: backend\r\nContent-Length: %d\r\n%s\r\n" % (url, len(body), lines)
         relay.send(name, self, head + body)
         if level >= 5:
@@ -301,9 +326,55 @@ class Front(Writer, asyncio.Protocol):
         if level >= 8:
             relay.idle.pop(self, None)
 
+    def steps(self, relay: Relay, headers: list[tuple[bytes, bytes]], name: str) -> str:
+        """Level 10: what the agent does per request beyond the levels below, each as the agent
+        does it on its own objects, and as it passes in the common case; the instance to use."""
+        relay.guard.busy(self)  # type: ignore[arg-type]
+        cfg = relay.cfg
+        ctx = self.ctx = Ctx(self.rid, self.started, cfg, relay.deadlines.now())
+        ctx.model, ctx.stream = self.model, False
+        forwarded = any(n.lower() == b"x-gpufleet-hops" for n, _ in headers)
+        if relay.key_gate is not None or relay.routes is not None or relay.cold_start is not None:
+            raise RuntimeError("the floor relays the common case only")
+        if not forwarded and relay.degrade_level != 0:
+            raise RuntimeError("the floor relays the common case only")
+        relay.stats.counters.requests += 1
+        ctx.model_label = self.model
+        if cfg.limits.get(self.model) is not None or cfg.affinity_header or cfg.task_routes:
+            raise RuntimeError("the floor relays the common case only")
+        by_model = relay.in_flight_by_model
+        by_model[self.model] = by_model.get(self.model, 0) + 1
+        stats = relay.stats
+        ready = [i for n, i in relay.instances.items() if n == name and i.routable(stats.in_flight(n))]
+        if not ready:
+            raise RuntimeError("the floor's instance is always ready")
+        upstream = stats.upstream(name)
+        upstream.in_flight += 1
+        upstream.requests += 1
+        stats.counters.attempts += 1
+        ctx.instance = name
+        ready[0].watch(self.gone)
+        return name
+
+    def gone(self) -> None:
+        """Level 10: the instance left rotation (never, here)."""
+
     def answered(self, up: Up, data: bytes, status: int = 200) -> None:
         relay = self.relay
         level = relay.level
+        if level >= 10:
+            ctx = self.ctx
+            assert ctx is not None
+            instance = relay.instances[up.name]
+            instance.unwatch(self.gone)
+            relay.stats.upstream(up.name).in_flight -= 1
+            if status >= 400:
+                raise RuntimeError("the floor relays successes only")
+            ctx.ttfb = time.monotonic() - ctx.started
+            instance.report_success()
+            ctx.status = status
+            relay.in_flight_by_model[self.model] -= 1
+            relay.guard.waiting(self)  # type: ignore[arg-type]
         if level >= 5 and self.attempt is not None:
             relay.deadlines.remove(self.attempt)
             self.attempt = None

@@ -89,5 +89,29 @@ def test_the_flat_relay_ladder_runs() -> None:
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     results = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["level"] for r in results] == list(range(10))
+    assert [r["level"] for r in results] == list(range(11))
     assert all(r["direct_us_per_request"] > 0 for r in results)
+
+
+def test_the_flat_relay_serves_whole_answers(sse: str) -> None:
+    """``proxy_floor.py serve`` (bench/proxy.py's ``floor`` target) relays whole answers at its
+    last level, on kept-alive connections; its pool starts empty, so the first requests of two
+    clients open upstream connections and the later ones reuse them."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(BENCH / "proxy_floor.py"), "serve", f"{port}={sse}"])
+    try:
+        wait_for(lambda: _open(port), 20, "the floor relay listening")
+        url = f"http://127.0.0.1:{port}"
+        clients = [load.BlockingClient(url) for _ in range(2)]
+        try:
+            for _ in range(3):
+                for c in clients:
+                    status, _, _, events = c.send(load.request(url, load.body("m")))
+                    assert (status, events) == (200, 0)
+        finally:
+            for c in clients:
+                c.close()
+        assert proc.poll() is None  # no request made it fail
+    finally:
+        proc.terminate()
+        proc.wait(10)
