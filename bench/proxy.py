@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Proxy vs peers, one core each: direct, gpu-agent, nginx, vllm-router and LiteLLM in one run.
+"""Proxy vs peers, one core each: direct, gpu-agent, nginx, vllm-router and LiteLLM in one run,
+and the floor: bench/proxy_floor.py's flat relay doing the agent's per-request steps, the ceiling
+a Python relay reaches here (whole answers only: no SSE or stream tests).
 
 Every proxy runs pinned to one core (``--proxy-cpu``, all its threads: started under
 ``taskset``), the backends and the load generators on the other (``--load-cpu``). All targets
@@ -23,7 +25,7 @@ installed or started is reported under ``unavailable`` and the rest still run.
 
 Setup (Debian): apt-get install -y nginx-light wrk; PyPI reachable for the peers. Run:
 
-    .venv/bin/python bench/proxy.py [--quick] [--targets direct,gpu-agent,nginx,vllm-router,litellm]
+    .venv/bin/python bench/proxy.py [--quick] [--targets direct,gpu-agent,floor,nginx,vllm-router,litellm]
 
 Prints one JSON document; docs/benchmarks.md ("Proxy vs peers, one core each") records a run.
 """
