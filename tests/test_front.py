@@ -379,7 +379,7 @@ async def test_a_bug_in_the_pipeline_is_a_json_500_or_a_cut_stream_never_a_mixed
         assert headers["connection"] == "close" and await reader.read() == b""
     # In the coroutine pipeline (where a request goes that some step makes wait).
     del p.proxy.forward_now
-    p.proxy._must_wait = lambda request, model: True
+    p.proxy._must_wait = lambda model, forwarded: True
     p.proxy._forward = broken
     reader, writer = await p.connect()
     writer.write(post(CHAT, STREAM_BODY))

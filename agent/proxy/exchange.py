@@ -7,6 +7,8 @@ request) and aiohttp's server (``add_proxy``: the in-process tests, bench/routin
 connection that aiohttp already serves because it began with an admin request).
 
 - :class:`Request`: ``method``, ``path``, ``path_qs``, ``headers`` (case-insensitive),
+  ``header(name)`` (one field, without ``headers`` being made: the front protocol makes them
+  only when asked, and the common case asks for three fields, most often absent),
   ``raw_headers`` (the same as the parser gave them, valid UTF-8: what the relay passes on
   without decoding and encoding them again), ``remote``, and ``read()``, the whole body,
   which raises :class:`BodyTooLarge` past ``[proxy] max_body_bytes`` and
@@ -50,6 +52,10 @@ class Request(Protocol):
     def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
     @property
     def remote(self) -> str | None: ...
+
+    def header(self, name: str) -> str | None:
+        """The first field called ``name`` (in any case); None when there is none."""
+        ...
 
     async def read(self) -> bytes: ...
 
@@ -150,6 +156,9 @@ class AiohttpRequest:
         self._request = request
         self.method, self.path, self.path_qs = request.method, request.path, request.path_qs
         self.headers, self.raw_headers, self.remote = request.headers, request.raw_headers, request.remote
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
 
     async def read(self) -> bytes:
         try:

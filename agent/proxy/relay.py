@@ -221,7 +221,7 @@ class Relay:
         else:
             set_here = CIMultiDict(((REQUEST_ID_HEADER, ctx.rid), ("X-Forwarded-For", request.remote or "")))
             if isinstance(target, RemoteTarget):
-                hops = hops_of(request.headers.get(HOPS_HEADER)) + 1
+                hops = hops_of(request.header(HOPS_HEADER)) + 1
                 set_here[HOPS_HEADER] = str(hops)
                 if ctx.downgraded is not None:
                     set_here[FALLBACK_REQUEST_HEADER] = ctx.model or ""

@@ -182,7 +182,7 @@ class Proxy:
         return labelled(answer, self.upstreams.node_id, anthropic=anthropic)
 
     def _new_ctx(self, request: Request) -> Ctx:
-        rid = request.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        rid = request.header(REQUEST_ID_HEADER) or new_request_id()
         return Ctx(rid, time.monotonic(), self.cfg, self.relay.deadlines.now())
 
     # --- the fast lane ------------------------------------------------------------------------
@@ -195,11 +195,12 @@ class Proxy:
         ctx = self._new_ctx(request)
         try:
             head = self._parsed(request, body, ctx)
-            if self._must_wait(request, head.model):
+            forwarded = request.header(HOPS_HEADER) is not None
+            if self._must_wait(head.model, forwarded):
                 sink.carry_on(self.run(request, sink, ctx, self._forward(request, sink, ctx, (body, head)), anthropic))
                 return
             body = self._authorize(request, body, head, ctx)
-            self._entered(request, ctx)
+            self._entered(request, forwarded, ctx)
             if self.cold_start is not None:  # _must_wait: it would not hold the request
                 self.cold_start.note(head.model, ctx)
             serving, route = self._known(head.model, ctx)
@@ -211,14 +212,13 @@ class Proxy:
             return
         FastRequest(self, request, sink, body, plan, ctx, anthropic).start()
 
-    def _must_wait(self, request: Request, model: str) -> bool:
+    def _must_wait(self, model: str, forwarded: bool) -> bool:
         """Would a step before the attempts wait or change the request: the route not followed
         yet, a cold start to hold it, degradation (its cache may answer, or a fallback serve)?
         Looks only: the steps are ``_forward``'s."""
         routes = self.upstreams.routes
         if routes is not None and not routes.want_now(model):
             return True
-        forwarded = HOPS_HEADER in request.headers
         if self.cold_start is not None and self.cold_start.would_hold(model, wait=not forwarded):
             return True
         return not forwarded and self.degrader.level() != 0
@@ -232,7 +232,8 @@ class Proxy:
         try:
             body, head = parsed if parsed is not None else await self._read_head(request, ctx)
             body = self._authorize(request, body, head, ctx)
-            forwarded = self._entered(request, ctx)
+            forwarded = request.header(HOPS_HEADER) is not None  # another node sent it
+            self._entered(request, forwarded, ctx)
             await self._want(head.model)
             if self.cold_start is not None:
                 if (held := await self.cold_start.hold(head.model, ctx, wait=not forwarded)) is not None:
@@ -278,7 +279,7 @@ class Proxy:
     def _parsed(self, request: Request, body: bytes, ctx: Ctx) -> Head:
         """The ``model`` and ``stream`` the body asks for; 400 if it is not a request."""
         path = request.path
-        content_type = request.headers.get("Content-Type", "") if path in FORM_ROUTES else ""  # a form's boundary
+        content_type = (request.header("Content-Type") or "") if path in FORM_ROUTES else ""  # a form's boundary
         head = parse_head(body, path, content_type)
         if not isinstance(head, Head):
             self.metrics.rejected.labels("bad_request").inc()
@@ -292,19 +293,17 @@ class Proxy:
         if self.key_gate is None:
             return body
         try:
-            return self.key_gate.admit(request, body, head, hops_of(request.headers.get(HOPS_HEADER)), ctx)
+            return self.key_gate.admit(request, body, head, hops_of(request.header(HOPS_HEADER)), ctx)
         except Refusal as r:
             raise _Reply(r.response) from None
 
-    def _entered(self, request: Request, ctx: Ctx) -> bool:
-        """Count a request entering the cluster here; True when another node forwarded it (it
+    def _entered(self, request: Request, forwarded: bool, ctx: Ctx) -> None:
+        """Count a request entering the cluster here, unless another node ``forwarded`` it (it
         was counted there, and attempts for a fallback there are not counted here either)."""
-        if HOPS_HEADER not in request.headers:
+        if not forwarded:
             self.stats.counters.requests += 1
-            return False
-        if FALLBACK_REQUEST_HEADER in request.headers:
+        elif request.header(FALLBACK_REQUEST_HEADER) is not None:
             ctx.counted = False
-        return True
 
     async def _want(self, model: str) -> None:
         """Have the model's route followed (the first request for it waits for one etcd list)."""
@@ -389,8 +388,8 @@ class Proxy:
         plan = Plan(model=model, serving=serving, route=None)
         cfg = ctx.cfg
         if cfg.affinity_header:
-            plan.session = request.headers.get(cfg.affinity_header) or None
-        if route is not None and hops_of(request.headers.get(HOPS_HEADER)) < MAX_HOPS:
+            plan.session = request.header(cfg.affinity_header) or None
+        if route is not None and hops_of(request.header(HOPS_HEADER)) < MAX_HOPS:
             plan.route = route
         task_routes = cfg.task_routes
         plan.group = task_route_group(task_routes, model, classify_task(body)) if task_routes else None
