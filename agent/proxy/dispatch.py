@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 import structlog
@@ -246,7 +247,7 @@ class Dispatcher:
             self.cfg.retry_after_s,
         )
 
-    def next_target(self, plan: Plan, tried: set[str], ctx: Ctx) -> Target | None:
+    def next_target(self, plan: Plan, tried: AbstractSet[str], ctx: Ctx) -> Target | None:
         """Local instances in rotation first (least in-flight); then other nodes by route
         weight; then local READY ones whose last probe failed (a slow probe answer, or a server
         about to be restarted: better than a 503 while nothing else can serve)."""
@@ -276,7 +277,7 @@ class Dispatcher:
         least = min(load(k) for k, _ in keys)
         return target if load(target) <= least + self.cfg.affinity_max_extra else None
 
-    def _pick_local(self, plan: Plan, tried: set[str], ctx: Ctx, *, suspect_ok: bool) -> LocalUpstream | None:
+    def _pick_local(self, plan: Plan, tried: AbstractSet[str], ctx: Ctx, *, suspect_ok: bool) -> LocalUpstream | None:
         in_flight = self.stats.in_flight
         ready = [
             i for i in plan.serving if i.name not in tried and i.routable(in_flight(i.name), suspect_ok=suspect_ok)

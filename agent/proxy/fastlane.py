@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .server import Proxy
 
 log = structlog.get_logger("agent.proxy")
+_NONE_TRIED: frozenset[str] = frozenset()  # the lane's first attempt: nothing tried yet
 
 
 class FastRequest(Timed):
@@ -73,7 +74,6 @@ class FastRequest(Timed):
         "request",
         "sink",
         "target",
-        "tries",
         "upstream",
         "watched",
     )
@@ -89,7 +89,6 @@ class FastRequest(Timed):
         self.plan = plan
         self.ctx = ctx
         self.anthropic = anthropic
-        self.tries = Tries(ctx)
         self.upstream: Response | None = None
         self.target: Target | None = None
         self.headers = b""
@@ -117,20 +116,19 @@ class FastRequest(Timed):
 
     def start(self) -> None:
         """Through the gate to the first attempt, by callbacks if it can start now."""
-        proxy, plan, ctx, tries = self.proxy, self.plan, self.ctx, self.tries
+        proxy, plan, ctx = self.proxy, self.plan, self.ctx
         dispatcher = proxy.dispatcher
         gate = dispatcher.enter(plan)
         if gate is not None and not gate.try_acquire():
-            self._carry_on(dispatcher.gated(self.request, self.sink, self.body, plan, ctx, gate, tries))
+            self._carry_on(dispatcher.gated(self.request, self.sink, self.body, plan, ctx, gate, self._tries()))
             return
         plan.gate = gate
-        target = dispatcher.next_target(plan, tries.tried, ctx)
+        target = dispatcher.next_target(plan, _NONE_TRIED, ctx)
         relay = proxy.relay
         if target is None or relay.client is None:
             # Nothing ready here now: the loop serves deferred instances, or answers 503.
-            self._carry_on(dispatcher.gated(self.request, self.sink, self.body, plan, ctx, None, tries))
+            self._carry_on(dispatcher.gated(self.request, self.sink, self.body, plan, ctx, None, self._tries()))
             return
-        tries.tried.add(target.name)
         ctx.instance = target.name
         self.target = target
         self.headers = relay.request_headers(self.request, self.body, target, ctx)
@@ -270,8 +268,16 @@ class FastRequest(Timed):
         assert target is not None
         dispatcher = self.proxy.dispatcher
         self._carry_on(
-            dispatcher.resume(self.request, self.sink, self.body, self.plan, self.ctx, self.tries, target, outcome)
+            dispatcher.resume(self.request, self.sink, self.body, self.plan, self.ctx, self._tries(), target, outcome)
         )
+
+    def _tries(self) -> Tries:
+        """The attempt loop's state as it takes over: the lane's one target tried, if any (most
+        requests never need one: it is made here, not per request)."""
+        tries = Tries(self.ctx)
+        if self.target is not None:
+            tries.tried.add(self.target.name)
+        return tries
 
     def _carry_on(self, work: Awaitable[Answer]) -> None:
         self.over = True

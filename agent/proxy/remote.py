@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 from agent.backends import Judgement, Upstream, judge_status
 from gpufleet.facts import HOPS_HEADER as HOPS_HEADER  # re-exported for the proxy
@@ -69,7 +70,9 @@ class RemotePicker:
         self._rr: dict[str, SmoothWeighted] = {}
         self._ll: dict[str, LeastLoaded] = {}
 
-    def candidates(self, route: RouteRecord, own_classes: set[str], tried: set[str]) -> list[tuple[RemoteTarget, int]]:
+    def candidates(
+        self, route: RouteRecord, own_classes: set[str], tried: AbstractSet[str]
+    ) -> list[tuple[RemoteTarget, int]]:
         eps = [e for e in route.endpoints if e.state == "READY" and e.weight > 0 and e.node != self.node_id]
         preferred = own_classes & {e.gpu_class for e in route.endpoints}
         if preferred:
