@@ -155,6 +155,7 @@ class FrontRequest:
         "complete",
         "expect_continue",
         "keep_alive",
+        "limit",
         "lowered",
         "method",
         "models",
@@ -174,6 +175,7 @@ class FrontRequest:
         path_qs: str,
         raw_headers: list[tuple[bytes, bytes]],
         lowered: list[bytes],
+        limit: int,
     ) -> None:
         self._conn = conn
         self.method, self.path, self.path_qs = method, path, path_qs
@@ -185,6 +187,7 @@ class FrontRequest:
         self.anthropic = path in _ANTHROPIC
         self._chunks: list[bytes] = []
         self.size = 0
+        self.limit = limit  # [proxy] max_body_bytes as the request began: a reload does not move it
         self.complete = False
         self.too_large = False
         self.broken: str | None = None  # the body's framing broke (the parser's reason)
@@ -238,11 +241,11 @@ class FrontRequest:
         chunks = self._chunks
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def add(self, data: bytes, limit: int) -> None:
+    def add(self, data: bytes) -> None:
         if self.too_large:
             return
         self.size += len(data)
-        if self.size > limit:
+        if self.size > self.limit:
             self.too_large = True
             self._chunks = []
             self.wake()
@@ -579,7 +582,8 @@ class FrontProtocol(asyncio.Protocol):
                     v.decode()
         except UnicodeDecodeError:
             return None  # aiohttp's bad-input check answers it (400 invalid_header / path)
-        req = FrontRequest(self, method.decode(), path_b.decode(), path_qs, raw, lowered)
+        limit = self.proxy.cfg.max_body_bytes
+        req = FrontRequest(self, method.decode(), path_b.decode(), path_qs, raw, lowered, limit)
         if not names.isdisjoint(_SCREENED):  # rare: most requests carry none of them
             headers = req.headers
             if "Content-Encoding" in headers and headers["Content-Encoding"].strip().lower() != "identity":
@@ -591,14 +595,14 @@ class FrontProtocol(asyncio.Protocol):
             if expect is not None and expect.strip().lower() != "100-continue":
                 return None
             req.expect_continue = expect is not None
-        if b"content-length" in names and int(raw[lowered.index(b"content-length")][1]) > self.proxy.cfg.max_body_bytes:
+        if b"content-length" in names and int(raw[lowered.index(b"content-length")][1]) > limit:
             req.too_large = True
         return req
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing
         if req is not None:
-            req.add(body, self.proxy.cfg.max_body_bytes)
+            req.add(body)
 
     def on_message_complete(self) -> None:
         self._between = True
