@@ -357,7 +357,7 @@ def main() -> None:
             ["git", "status", "--short", "--", "agent", "gpufleet"],
             capture_output=True,
             text=True,
-            cwd=Path(__file__).parent,
+            cwd=Path(__file__).parent.parent,  # the paths are the checkout's, not bench/'s
         ).stdout.split("\n")[:-1],
         "machine": machine(),
         "cpus": {"proxy": args.proxy_cpu, "backends_and_load": args.load_cpu},

@@ -156,13 +156,13 @@ class KeyGate:
         answer. None: no key needed (open mode)."""
         if not self.keys_required:
             return None
-        return self._checked_key(request, None, request.headers.get(REQUEST_ID_HEADER, ""), time.time())
+        return self._checked_key(request, None, (request.header(REQUEST_ID_HEADER) or ""), time.time())
 
     def _checked_key(self, request: Request, model: str | None, rid: str, now: float) -> ApiKeyRecord:
         """The key the request presents, valid for ``model`` (any, when None); ``Refusal``
         (401/403, or 503 before any key set is known) otherwise."""
         index = self._index(rid)
-        presented = presented_key(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+        presented = presented_key(request.header("Authorization"), request.header("x-api-key"))
         verdict = index.check(presented, model, now)
         if verdict.denial is not None:
             self._refuse_key(request, verdict.denial, verdict.message, rid)
@@ -188,7 +188,7 @@ class KeyGate:
     def admit(self, request: Request, body: bytes, head: Head, hops: int, ctx: Ctx) -> bytes:
         """The body to forward (asking for usage where needed), or ``Refusal`` with the answer
         when the request may not go on. ``hops``: the forwards so far, as the proxy reads them."""
-        if HOPS_HEADER in request.headers:
+        if request.header(HOPS_HEADER) is not None:
             self._admit_forwarded(request, body, hops, ctx)
             return body
         if not self.keys_required:
@@ -227,12 +227,12 @@ class KeyGate:
         problem = (
             verify(
                 self.hop_secrets,
-                request.headers.get(HOP_AUTH_HEADER),
+                request.header(HOP_AUTH_HEADER),
                 request.method,
                 request.path_qs,
                 hops,
                 body_digest(body),
-                request.headers.get(KEY_NAME_HEADER, ""),
+                request.header(KEY_NAME_HEADER) or "",
                 time.time(),
             )
             if self.hop_secrets
@@ -250,7 +250,7 @@ class KeyGate:
                     {REQUEST_ID_HEADER: ctx.rid},
                 )
             )
-        ctx.key_name = request.headers.get(KEY_NAME_HEADER) or None
+        ctx.key_name = request.header(KEY_NAME_HEADER) or None
 
     def _asking_for_usage(self, request: Request, body: bytes, head: Head, ctx: Ctx) -> bytes:
         """A stream is asked for its usage on the client's behalf (and the extra event hidden)."""

@@ -100,7 +100,7 @@ class Degrader:
         if level >= 3:
             return Applied(3)
         # The caller is part of the key: two tenants asking the same question do not share answers.
-        caller = hashlib.sha256(request.headers.get("Authorization", "").encode()).hexdigest()[:16]
+        caller = hashlib.sha256((request.header("Authorization") or "").encode()).hexdigest()[:16]
         applied = Applied(level, cache_key(f"{request.path}\0{caller}", body) if len(body) <= 1 << 20 else None)
         if level >= 2 and (fallback := self._fallback(model)) is not None:
             rewritten = _with_model(body, fallback)
