@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prometheus_client import CollectorRegistry
 
 from agent.backends import Judgement, Upstream, judge_status
-from agent.config import DegradationSection, ProxySection
+from agent.config import AuthSection, DegradationSection, ProxySection
+from agent.keys.gate import KeyGate
 from agent.proxy import Proxy
 from agent.proxy.front import Front
 from agent.proxy.metrics import ProxyMetrics
@@ -157,14 +158,28 @@ class Instance:
 
 
 class Node:
-    """The agent as the proxy sees it (agent/proxy/upstreams.py): one instance, standalone."""
+    """The agent as the proxy sees it (agent/proxy/upstreams.py): one instance, standalone. Its
+    config and routes are read through getters, as the agent's adapter reads them (a reload
+    replaces the config): the proxy pays for those reads here as it does in the agent."""
 
     def __init__(self, instance: Instance) -> None:
         self.instances = [instance]
-        self.routes = None
         self.node_id = "bench"
-        self.proxy_cfg = ProxySection()
-        self.degradation_cfg = DegradationSection()
+        proxy, degradation = ProxySection(), DegradationSection()
+        self._cfg = lambda: (proxy, degradation)
+        self._routes = lambda: None
+
+    @property
+    def proxy_cfg(self) -> ProxySection:
+        return self._cfg()[0]
+
+    @property
+    def degradation_cfg(self) -> DegradationSection:
+        return self._cfg()[1]
+
+    @property
+    def routes(self) -> None:
+        return self._routes()
 
     def local(self, model: str) -> list[LocalUpstream]:
         return [i for i in self.instances if i.model == model]  # type: ignore[misc]
@@ -207,7 +222,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     backend = await loop.create_server(Backend, "127.0.0.1", 0)
     bport = backend.sockets[0].getsockname()[1]
-    proxy = Proxy(Node(Instance(f"http://127.0.0.1:{bport}")), ProxyMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    registry = CollectorRegistry()
+    # The key gate, as the agent always has one (open mode here: no [auth] keys, a loopback listener).
+    auth = AuthSection()  # one object until a reload, as the agent's config holds it
+    gate = KeyGate(lambda: auth, "127.0.0.1", "bench", lambda: None, lambda: 1, registry)
+    proxy = Proxy(Node(Instance(f"http://127.0.0.1:{bport}")), ProxyMetrics(registry), key_gate=gate)  # type: ignore[arg-type]
     await proxy.start()
 
     def no_handover() -> asyncio.Protocol:
