@@ -21,7 +21,7 @@ with these features written flat does in the peers' harness, next to them (the c
 proxy on this machine can reach with them).
 
     .venv/bin/python bench/proxy_floor.py [--levels 0,8] [--seconds 2] [--blocks 5]
-    .venv/bin/python bench/proxy_floor.py serve [--level 9] PORT=http://HOST:PORT ...
+    .venv/bin/python bench/proxy_floor.py serve [--level 10] PORT=http://HOST:PORT ...
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Relay:
     def __init__(self, level: int, base_urls: list[tuple[str, int]]) -> None:
         self.level = level
         self.addresses = {f"i{n}": address for n, address in enumerate(base_urls)}
-        self.pools: dict[str, list[Up]] = {f"i{n}": [] for n in range(len(base_urls))}
+        self.pools: dict[str, list[Up]] = {name: [] for name in self.addresses}
         self.in_flight = dict.fromkeys(self.pools, 0)
         self.gate_free = 1024
         self.deadlines = Deadlines()

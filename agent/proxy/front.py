@@ -207,13 +207,18 @@ class FrontRequest:
         """The first field called ``name`` (in any case), without making ``headers``."""
         if self._headers is not None:
             return self._headers.get(name)
-        lowered = self.lowered
         low = _lowered_names.get(name)
         if low is None:
             low = _lowered_names[name] = name.lower().encode("utf-8", "surrogateescape")
+        value = self.raw_value(low)
+        return None if value is None else value.decode()
+
+    def raw_value(self, low: bytes) -> bytes | None:
+        """The first field called ``low`` (a lower-case name), as the parser gave it."""
+        lowered = self.lowered
         if low not in lowered:  # most lookups: a field the client did not send
             return None
-        return self.raw_headers[lowered.index(low)][1].decode()
+        return self.raw_headers[lowered.index(low)][1]
 
     async def read(self) -> bytes:
         if not self.complete and not self.too_large and self.broken is None:
@@ -595,7 +600,8 @@ class FrontProtocol(asyncio.Protocol):
             if expect is not None and expect.strip().lower() != "100-continue":
                 return None
             req.expect_continue = expect is not None
-        if b"content-length" in names and int(raw[lowered.index(b"content-length")][1]) > limit:
+        length = req.raw_value(b"content-length")
+        if length is not None and int(length) > limit:
             req.too_large = True
         return req
 
