@@ -20,7 +20,7 @@ proxy. ``serve`` runs one level as a server, bench/proxy.py's ``floor`` target: 
 with these features written flat does in the peers' harness, next to them (the ceiling a Python
 proxy on this machine can reach with them).
 
-    .venv/bin/python bench/proxy_floor.py [--levels 0,8] [--seconds 2] [--blocks 5]
+    .venv/bin/python bench/proxy_floor.py [--levels 0,8] [--seconds 2] [--blocks 5] [--directions]
     .venv/bin/python bench/proxy_floor.py serve [--level 10] PORT=http://HOST:PORT ...
 """
 
@@ -43,6 +43,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import proxy_inproc as harness
+from _common import Directions
 
 from agent.config import ProxySection
 from agent.proxy.accesslog import AccessEntry, AccessLog
@@ -466,7 +467,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--cpu", type=int, default=0)
+    ap.add_argument("--directions", action="store_true", help="time each side's data_received (_common.Directions)")
     args = ap.parse_args()
+    directions = Directions(client=Front, upstream=Up) if args.directions else None
     first, last = (int(x) for x in args.levels.split(","))
     os.sched_setaffinity(0, {args.cpu})
     log = tempfile.NamedTemporaryFile(prefix="proxy-floor-log-")
@@ -475,6 +478,8 @@ def main() -> None:
     configure_logging("json", "info")
     results = [uvloop.run(measure(level, args)) for level in range(first, last + 1)]
     os.dup2(saved, 2)
+    if directions is not None:  # over all the levels run
+        results[-1]["us_per_call_in_data_received"] = directions.report()
     for r in results:
         print(json.dumps(r))
 

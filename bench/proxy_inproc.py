@@ -14,7 +14,7 @@ access log on), metrics on. With separate processes on two cores (bench/proxy_pr
 figure moves ±15 % between runs on this VM; here both halves of each comparison share the
 process and the moment.
 
-    .venv/bin/python bench/proxy_inproc.py [--clients 32] [--seconds 2] [--blocks 5] [--stream]
+    .venv/bin/python bench/proxy_inproc.py [--clients 32] [--seconds 2] [--blocks 5] [--stream] [--directions]
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ import httptools
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import Directions
 from prometheus_client import CollectorRegistry
 
 from agent.backends import Judgement, Upstream, judge_status
 from agent.config import AuthSection, DegradationSection, ProxySection
 from agent.keys.gate import KeyGate
 from agent.proxy import Proxy
-from agent.proxy.front import Front
+from agent.proxy.front import Front, FrontProtocol
+from agent.proxy.httpclient import _Connection
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.upstreams import LocalUpstream, ServedModel
 from agent.supervisor.supervision_policy import InstanceState
@@ -257,6 +259,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         # The VM's speed drifts by ±15 % between runs and moves both alike: this ratio does not.
         "proxy_cost_in_direct_requests": round(statistics.median(per_request) / statistics.median(direct), 2),
         "req_per_s_through_proxy": round(statistics.median(rates)),
+        # Which build of the data path ran (bench/proxy_compiled.py runs this on a compiled copy).
+        "compiled": Front.__module__ in sys.modules and not sys.modules[Front.__module__].__file__.endswith(".py"),
     }
 
 
@@ -268,7 +272,9 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true", help="SSE answers (4 events) instead of JSON")
     ap.add_argument("--cpu", type=int, default=0, help="the core to pin this process to")
     ap.add_argument("--profile", type=Path, help="write a cProfile of the whole run here")
+    ap.add_argument("--directions", action="store_true", help="time each side's data_received (_common.Directions)")
     args = ap.parse_args()
+    directions = Directions(client=FrontProtocol, upstream=_Connection) if args.directions else None
     os.sched_setaffinity(0, {args.cpu})
     with tempfile.NamedTemporaryFile(prefix="proxy-inproc-", suffix=".log") as log:
         saved = os.dup(2)
@@ -286,6 +292,8 @@ def main() -> None:
         finally:
             os.dup2(saved, 2)
         result["log_lines"] = sum(1 for _ in open(log.name, "rb"))
+    if directions is not None:
+        result["us_per_call_in_data_received"] = directions.report()
     print(json.dumps(result))
 
 

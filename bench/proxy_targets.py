@@ -29,6 +29,8 @@ BACKENDS = ("sim", "canned", "sse", "sse-slow")  # model names: the agent's inst
 PEERS = {  # name: (version, pip requirement). litellm 1.108+ needs `litellm-proxy`, not on PyPI
     "vllm-router": ("0.1.17", "vllm-router=={v}"),
     "litellm": ("1.106.12", "litellm[proxy]=={v}"),
+    # Not a peer: the compiler bench/proxy_compiled.py builds the agent's data path with.
+    "cython": ("3.1.8", "cython=={v}"),
 }
 CACHE = Path(os.environ.get("GPUFLEET_BENCH_CACHE", Path.home() / ".cache" / "gpufleet-bench"))
 HERE = Path(__file__).resolve().parent

@@ -1051,8 +1051,9 @@ def install_front(runner: web.AppRunner) -> Front | None:
     """Put the front before aiohttp on every listener ``runner`` serves (its sites are made
     after this: a new socket, the socket handed over by the previous agent, TLS or not). None
     when the app has no proxy, or the runner is not a guarded one."""
-    server = runner.server
-    if not isinstance(server, GuardedServer) or runner.app is None or (proxy := runner.app.get(PROXY_KEY)) is None:
+    server, app = runner.server, runner.app
+    proxy = app.get(PROXY_KEY) if app is not None else None
+    if not isinstance(server, GuardedServer) or proxy is None:
         return None
     front = server.front = Front(proxy, server.guard, server.handler)
     return front
