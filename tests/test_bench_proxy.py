@@ -115,3 +115,28 @@ def test_the_flat_relay_serves_whole_answers(sse: str) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_directions_time_each_protocols_data_received_and_keep_what_it_does() -> None:
+    """bench/_common.Directions wraps a protocol class's ``data_received``: each call still does
+    what it did (and raises what it raised), and is counted under its side's name."""
+    import _common
+
+    class Side:
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+
+        def data_received(self, data: bytes) -> None:
+            if data == b"bad":
+                raise ValueError(data)
+            self.got.append(data)
+
+    directions = _common.Directions(client=Side)
+    side = Side()
+    side.data_received(b"one")
+    side.data_received(b"two")
+    with pytest.raises(ValueError):
+        side.data_received(b"bad")
+    assert side.got == [b"one", b"two"]
+    assert directions.calls == {"client": 3}
+    assert set(directions.report()) == {"client"} and directions.report()["client"] >= 0
