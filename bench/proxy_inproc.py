@@ -15,6 +15,7 @@ figure moves ±15 % between runs on this VM; here both halves of each comparison
 process and the moment.
 
     .venv/bin/python bench/proxy_inproc.py [--clients 32] [--seconds 2] [--blocks 5] [--stream] [--directions]
+        [--route-nodes N]
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.upstreams import LocalUpstream, ServedModel
 from agent.supervisor.supervision_policy import InstanceState
 from gpufleet.httpserver import ApiSection, ConnectionGuard
+from gpufleet.keyspace.records import RouteEndpoint, RouteRecord
 from gpufleet.logsetup import configure_logging
+from gpufleet.tasks import Flag
 
 MODEL = "canned"
 ANSWER = json.dumps(
@@ -159,17 +162,50 @@ class Instance:
         return False
 
 
-class Node:
-    """The agent as the proxy sees it (agent/proxy/upstreams.py): one instance, standalone. Its
-    config and routes are read through getters, as the agent's adapter reads them (a reload
-    replaces the config): the proxy pays for those reads here as it does in the agent."""
+class Routes:
+    """The cluster's route table as the proxy reads it (agent/proxy/upstreams.py's RouteView),
+    with one followed route: ``MODEL`` on this node and on ``others`` other nodes, all READY
+    and of this node's GPU class, as a model served across a fleet is."""
 
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, others: int) -> None:
+        endpoints = [
+            RouteEndpoint(node=node, address=address, instance=f"{node}-0", gpu_class="A100", weight=100, state="READY")
+            for node, address in [("bench", "http://127.0.0.1:1")]
+            + [(f"node-{n:04d}", f"http://10.0.{n // 250}.{n % 250 + 1}:8080") for n in range(others)]
+        ]
+        route = RouteRecord(model=MODEL, epoch=1, updated_at=0.0, endpoints=endpoints)
+        self.routes = self.headers = {MODEL: route}
+        self.drained = False
+        self.degradation = None
+        self.degradation_seen_at = 0.0
+        self._gone: dict[str, Flag] = {}
+
+    def route(self, model: str) -> RouteRecord | None:
+        return self.routes.get(model)
+
+    async def want(self, model: str) -> None:
+        pass
+
+    def want_now(self, model: str) -> bool:
+        return True
+
+    def node_gone(self, node: str) -> Flag:
+        return self._gone.setdefault(node, Flag())
+
+
+class Node:
+    """The agent as the proxy sees it (agent/proxy/upstreams.py): one instance, standalone, or
+    in a cluster whose route lists ``other_nodes`` more. Its config and routes are read through
+    getters, as the agent's adapter reads them (a reload replaces the config): the proxy pays for
+    those reads here as it does in the agent."""
+
+    def __init__(self, instance: Instance, other_nodes: int | None = None) -> None:
         self.instances = [instance]
         self.node_id = "bench"
         proxy, degradation = ProxySection(), DegradationSection()
         self._cfg = lambda: (proxy, degradation)
-        self._routes = lambda: None
+        routes = Routes(other_nodes) if other_nodes is not None else None
+        self._routes = lambda: routes
 
     @property
     def proxy_cfg(self) -> ProxySection:
@@ -180,7 +216,7 @@ class Node:
         return self._cfg()[1]
 
     @property
-    def routes(self) -> None:
+    def routes(self) -> Routes | None:
         return self._routes()
 
     def local(self, model: str) -> list[LocalUpstream]:
@@ -228,7 +264,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     # The key gate, as the agent always has one (open mode here: no [auth] keys, a loopback listener).
     auth = AuthSection()  # one object until a reload, as the agent's config holds it
     gate = KeyGate(lambda: auth, "127.0.0.1", "bench", lambda: None, lambda: 1, registry)
-    proxy = Proxy(Node(Instance(f"http://127.0.0.1:{bport}")), ProxyMetrics(registry), key_gate=gate)  # type: ignore[arg-type]
+    node = Node(Instance(f"http://127.0.0.1:{bport}"), args.route_nodes)
+    proxy = Proxy(node, ProxyMetrics(registry), key_gate=gate)  # type: ignore[arg-type]
     await proxy.start()
 
     def no_handover() -> asyncio.Protocol:
@@ -260,6 +297,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "proxy_cost_in_direct_requests": round(statistics.median(per_request) / statistics.median(direct), 2),
         "req_per_s_through_proxy": round(statistics.median(rates)),
         # Which build of the data path ran (bench/proxy_compiled.py runs this on a compiled copy).
+        "route_nodes": args.route_nodes,
         "compiled": Front.__module__ in sys.modules and not sys.modules[Front.__module__].__file__.endswith(".py"),
     }
 
@@ -272,6 +310,9 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true", help="SSE answers (4 events) instead of JSON")
     ap.add_argument("--cpu", type=int, default=0, help="the core to pin this process to")
     ap.add_argument("--profile", type=Path, help="write a cProfile of the whole run here")
+    ap.add_argument(
+        "--route-nodes", type=int, help="cluster mode: the model's route also lists this many other nodes (0 and up)"
+    )
     ap.add_argument("--directions", action="store_true", help="time each side's data_received (_common.Directions)")
     args = ap.parse_args()
     directions = Directions(client=FrontProtocol, upstream=_Connection) if args.directions else None
