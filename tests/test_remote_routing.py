@@ -152,3 +152,22 @@ async def test_an_attempt_is_abandoned_when_its_node_goes_down_unless_it_has_ans
     assert not task.done()
     finish.set()
     assert await task == "answer"
+
+
+def test_eligible_targets_are_worked_out_once_per_route_record() -> None:
+    """Every request asks (a route may list the whole fleet): the answer is kept per route
+    record and this node's classes, and a new record or other classes are looked at afresh,
+    keeping each target's own state (a suspect one stays suspect)."""
+    picker = RemotePicker("x")
+    r = route(ep("a", "A100", 100), ep("b", "A100", 100), ep("h", "H100", 300))
+    first = picker.eligible(r, {"A100"})
+    assert [t.node for t, _ in first] == ["a", "b"]
+    assert picker.eligible(r, {"A100"}) is first
+    a = first[0][0]
+    a.request_probe()
+    changed = route(ep("a", "A100", 100), ep("b", "A100", 0, "DOWN"), ep("h", "H100", 300))
+    after = picker.eligible(changed, {"A100"})
+    assert [(t.node, w) for t, w in after] == [("a", 100)]
+    assert after[0][0] is a and a.suspect_until > 0  # the same target, still suspect
+    assert [t.node for t, _ in picker.eligible(changed, {"H100"})] == ["h"]
+    assert [t.node for t, _ in picker.candidates(changed, {"A100"}, set())] == ["a"]  # suspect, but the only one

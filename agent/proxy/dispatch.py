@@ -88,12 +88,15 @@ class Dispatcher:
     def _overflows(self, plan: Plan, gate: ModelGate | None) -> bool:
         """Should the local instances wait until no other node can take the request? When
         remote capacity exists: a drained node sends new work away, and a saturated model
-        overflows to other nodes instead of queueing here."""
-        if plan.route is None or not self.remote.candidates(plan.route, self.upstreams.gpu_classes(), set()):
+        overflows to other nodes instead of queueing here. Asked for every request: whether
+        another node could take it is looked at last, only for a node drained or saturated."""
+        if plan.route is None:
             return False
         routes = self.upstreams.routes
         drained = routes is not None and routes.drained
-        return drained or (gate is not None and gate.active >= gate.max_concurrency)
+        if not drained and (gate is None or gate.active < gate.max_concurrency):
+            return False
+        return bool(self.remote.eligible(plan.route, self.upstreams.gpu_classes()))
 
     def dispatch(self, request: Request, sink: Sink, body: bytes, plan: Plan, ctx: Ctx) -> Coroutine[Any, Any, Answer]:
         """Through the model's concurrency gate (local instances only) to the attempts (await it

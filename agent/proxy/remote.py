@@ -69,10 +69,28 @@ class RemotePicker:
         self._targets: dict[tuple[str, str], RemoteTarget] = {}
         self._rr: dict[str, SmoothWeighted] = {}
         self._ll: dict[str, LeastLoaded] = {}
+        # model -> (its route, this node's GPU classes, the targets they make eligible): worked
+        # out once per route record, not per request. A route lists up to every node of the
+        # fleet, and records are replaced when they change, never altered (routes.py).
+        self._eligible: dict[str, tuple[RouteRecord, frozenset[str], list[tuple[RemoteTarget, int]]]] = {}
 
     def candidates(
         self, route: RouteRecord, own_classes: set[str], tried: AbstractSet[str]
     ) -> list[tuple[RemoteTarget, int]]:
+        """The eligible targets not ``tried``, with their weights: those not suspect, or all of
+        them when every one is."""
+        out = [(t, w) for t, w in self.eligible(route, own_classes) if t.name not in tried]
+        now = time.monotonic()
+        healthy = [(t, w) for t, w in out if t.suspect_until <= now]
+        return healthy or out
+
+    def eligible(self, route: RouteRecord, own_classes: set[str]) -> list[tuple[RemoteTarget, int]]:
+        """The route's READY endpoints with a weight on other nodes, of this node's GPU classes
+        where the route has any (or of every class, if none is READY and the route allows it),
+        as targets with their weights. Shared: not to be changed."""
+        known = self._eligible.get(route.model)
+        if known is not None and known[0] is route and known[1] == own_classes:
+            return known[2]
         eps = [e for e in route.endpoints if e.state == "READY" and e.weight > 0 and e.node != self.node_id]
         preferred = own_classes & {e.gpu_class for e in route.endpoints}
         if preferred:
@@ -83,11 +101,9 @@ class RemotePicker:
             t = self._targets.get((e.node, e.instance))
             if t is None or t.base_url != e.address.rstrip("/"):
                 t = self._targets[(e.node, e.instance)] = RemoteTarget(e.node, e.instance, e.address)
-            if t.name not in tried:
-                out.append((t, e.weight))
-        now = time.monotonic()
-        healthy = [(t, w) for t, w in out if t.suspect_until <= now]
-        return healthy or out
+            out.append((t, e.weight))
+        self._eligible[route.model] = (route, frozenset(own_classes), out)
+        return out
 
     def pick(
         self,
