@@ -15,7 +15,7 @@ figure moves ±15 % between runs on this VM; here both halves of each comparison
 process and the moment.
 
     .venv/bin/python bench/proxy_inproc.py [--clients 32] [--seconds 2] [--blocks 5] [--stream] [--directions]
-        [--route-nodes N]
+        [--route-nodes N [--forward]]
 """
 
 from __future__ import annotations
@@ -165,13 +165,15 @@ class Instance:
 class Routes:
     """The cluster's route table as the proxy reads it (agent/proxy/upstreams.py's RouteView),
     with one followed route: ``MODEL`` on this node and on ``others`` other nodes, all READY
-    and of this node's GPU class, as a model served across a fleet is."""
+    and of this node's GPU class, as a model served across a fleet is. ``forward_to``: the other
+    nodes' address (the canned backend stands in for their agents); else unreachable ones,
+    never used while this node serves the model itself."""
 
-    def __init__(self, others: int) -> None:
+    def __init__(self, others: int, forward_to: str | None = None) -> None:
         endpoints = [
             RouteEndpoint(node=node, address=address, instance=f"{node}-0", gpu_class="A100", weight=100, state="READY")
             for node, address in [("bench", "http://127.0.0.1:1")]
-            + [(f"node-{n:04d}", f"http://10.0.{n // 250}.{n % 250 + 1}:8080") for n in range(others)]
+            + [(f"node-{n:04d}", forward_to or f"http://10.0.{n // 250}.{n % 250 + 1}:8080") for n in range(others)]
         ]
         route = RouteRecord(model=MODEL, epoch=1, updated_at=0.0, endpoints=endpoints)
         self.routes = self.headers = {MODEL: route}
@@ -199,12 +201,12 @@ class Node:
     getters, as the agent's adapter reads them (a reload replaces the config): the proxy pays for
     those reads here as it does in the agent."""
 
-    def __init__(self, instance: Instance, other_nodes: int | None = None) -> None:
-        self.instances = [instance]
+    def __init__(self, instance: Instance, other_nodes: int | None = None, forward: bool = False) -> None:
+        self.instances = [] if forward else [instance]
         self.node_id = "bench"
         proxy, degradation = ProxySection(), DegradationSection()
         self._cfg = lambda: (proxy, degradation)
-        routes = Routes(other_nodes) if other_nodes is not None else None
+        routes = Routes(other_nodes, instance.base_url if forward else None) if other_nodes is not None else None
         self._routes = lambda: routes
 
     @property
@@ -264,7 +266,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     # The key gate, as the agent always has one (open mode here: no [auth] keys, a loopback listener).
     auth = AuthSection()  # one object until a reload, as the agent's config holds it
     gate = KeyGate(lambda: auth, "127.0.0.1", "bench", lambda: None, lambda: 1, registry)
-    node = Node(Instance(f"http://127.0.0.1:{bport}"), args.route_nodes)
+    if args.forward and not args.route_nodes:
+        raise SystemExit("--forward needs --route-nodes 1 or more")
+    node = Node(Instance(f"http://127.0.0.1:{bport}"), args.route_nodes, args.forward)
     proxy = Proxy(node, ProxyMetrics(registry), key_gate=gate)  # type: ignore[arg-type]
     await proxy.start()
 
@@ -298,6 +302,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "req_per_s_through_proxy": round(statistics.median(rates)),
         # Which build of the data path ran (bench/proxy_compiled.py runs this on a compiled copy).
         "route_nodes": args.route_nodes,
+        "forward": args.forward,
         "compiled": Front.__module__ in sys.modules and not sys.modules[Front.__module__].__file__.endswith(".py"),
     }
 
@@ -312,6 +317,9 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, help="write a cProfile of the whole run here")
     ap.add_argument(
         "--route-nodes", type=int, help="cluster mode: the model's route also lists this many other nodes (0 and up)"
+    )
+    ap.add_argument(
+        "--forward", action="store_true", help="with --route-nodes: no local instance, each request forwarded"
     )
     ap.add_argument("--directions", action="store_true", help="time each side's data_received (_common.Directions)")
     args = ap.parse_args()
