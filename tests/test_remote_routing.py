@@ -171,3 +171,54 @@ def test_eligible_targets_are_worked_out_once_per_route_record() -> None:
     assert after[0][0] is a and a.suspect_until > 0  # the same target, still suspect
     assert [t.node for t, _ in picker.eligible(changed, {"H100"})] == ["h"]
     assert [t.node for t, _ in picker.candidates(changed, {"A100"}, set())] == ["a"]  # suspect, but the only one
+
+
+class _ReferenceSmoothWeighted:
+    """nginx's algorithm as first written here: a pass of dict updates per pick (the oracle)."""
+
+    def __init__(self) -> None:
+        self.current: dict[object, float] = {}
+
+    def pick(self, weighted: list[tuple[object, int]]) -> object | None:
+        if not weighted:
+            return None
+        total, best, best_cur, live = 0, None, float("-inf"), set()
+        for key, weight in weighted:
+            live.add(key)
+            cur = self.current.get(key, 0.0) + weight
+            self.current[key] = cur
+            total += weight
+            if cur > best_cur:
+                best, best_cur = key, cur
+        self.current[best] -= total
+        if len(self.current) > 2 * len(live):
+            self.current = {k: v for k, v in self.current.items() if k in live}
+        return best
+
+
+def test_smooth_weighted_picks_as_nginx_does_on_lists_kept_and_changed() -> None:
+    """The pick keeps each list's currents in its order (a route's eligible list, passed again
+    and again); it must pick exactly what the algorithm picks, also as lists change: keys
+    leaving and coming back, weights moving, a list filtered for one pick (a retry)."""
+    rng = random.Random(7)
+    fast, oracle = SmoothWeighted(), _ReferenceSmoothWeighted()
+    keys = [f"n{i}" for i in range(40)]
+    for _ in range(60):
+        chosen = rng.sample(keys, rng.randint(1, len(keys)))
+        weighted = [(k, rng.choice([1, 3, 100, 190, 330])) for k in chosen]
+        for _ in range(rng.randint(1, 40)):
+            if rng.random() < 0.1:  # a filtered copy for one pick, then the list again
+                copy = [kw for kw in weighted if rng.random() < 0.7] or weighted[:1]
+                assert fast.pick(copy) == oracle.pick(copy)
+            assert fast.pick(weighted) == oracle.pick(weighted)
+
+
+def test_least_loaded_second_choice_is_drawn_in_proportion_to_the_other_weights() -> None:
+    """The second choice never is the first, and falls to each other key by its weight, also
+    when the first holds nearly all of it (its redraws run out and the others are drawn from)."""
+    ll = LeastLoaded(random.Random(3))
+    keys = [("a", 6), ("b", 3), ("c", 1)]
+    seconds = Counter(ll._second(keys, 0)[0] for _ in range(6000))
+    assert set(seconds) == {"b", "c"} and 0.70 < seconds["b"] / 6000 < 0.80  # 3/4
+    heavy = [("a", 10_000), ("b", 1), ("c", 1)]
+    assert Counter(ll._second(heavy, 0)[0] for _ in range(200)).keys() == {"b", "c"}

@@ -29,17 +29,28 @@ MAX_HOPS = 1
 SUSPECT_S = 10.0  # an endpoint that just failed is tried last for this long
 
 
+class Suspicion:
+    """Until when any target of one picker stays suspect: while none is, no pick has to look
+    at each target to leave the suspect ones out."""
+
+    __slots__ = ("until",)
+
+    def __init__(self) -> None:
+        self.until = 0.0
+
+
 class RemoteTarget:
     """A remote endpoint, with the attributes the proxy's attempt loop uses on a local instance
     (its counters are in the proxy's stats, under ``name``)."""
 
-    __slots__ = ("instance", "name", "node", "suspect_until", "upstream")
+    __slots__ = ("instance", "name", "node", "suspect_until", "suspicion", "upstream")
 
-    def __init__(self, node: str, instance: str, address: str) -> None:
+    def __init__(self, node: str, instance: str, address: str, suspicion: Suspicion | None = None) -> None:
         self.node, self.instance = node, instance
         self.name = f"{node}/{instance}"
         self.upstream = Upstream(address.rstrip("/"))
         self.suspect_until = 0.0
+        self.suspicion = suspicion if suspicion is not None else Suspicion()
 
     @property
     def base_url(self) -> str:
@@ -54,6 +65,7 @@ class RemoteTarget:
         # Passive health for a node we do not supervise: steer away until the coordinator's
         # route (or time) says otherwise.
         self.suspect_until = time.monotonic() + SUSPECT_S
+        self.suspicion.until = max(self.suspicion.until, self.suspect_until)
 
 
 def hops_of(value: str | None) -> int:
@@ -73,14 +85,19 @@ class RemotePicker:
         # out once per route record, not per request. A route lists up to every node of the
         # fleet, and records are replaced when they change, never altered (routes.py).
         self._eligible: dict[str, tuple[RouteRecord, frozenset[str], list[tuple[RemoteTarget, int]]]] = {}
+        self._suspicion = Suspicion()  # of every target made here
 
     def candidates(
         self, route: RouteRecord, own_classes: set[str], tried: AbstractSet[str]
     ) -> list[tuple[RemoteTarget, int]]:
         """The eligible targets not ``tried``, with their weights: those not suspect, or all of
-        them when every one is."""
-        out = [(t, w) for t, w in self.eligible(route, own_classes) if t.name not in tried]
+        them when every one is. Most calls leave none out: they get the eligible list itself
+        (shared, not to be changed), which the pickers know again (routing.SmoothWeighted)."""
+        eligible = self.eligible(route, own_classes)
         now = time.monotonic()
+        if not tried and now >= self._suspicion.until:
+            return eligible
+        out = [(t, w) for t, w in eligible if t.name not in tried]
         healthy = [(t, w) for t, w in out if t.suspect_until <= now]
         return healthy or out
 
@@ -100,7 +117,7 @@ class RemotePicker:
         for e in eps:
             t = self._targets.get((e.node, e.instance))
             if t is None or t.base_url != e.address.rstrip("/"):
-                t = self._targets[(e.node, e.instance)] = RemoteTarget(e.node, e.instance, e.address)
+                t = self._targets[(e.node, e.instance)] = RemoteTarget(e.node, e.instance, e.address, self._suspicion)
             out.append((t, e.weight))
         self._eligible[route.model] = (route, frozenset(own_classes), out)
         return out
@@ -114,6 +131,14 @@ class RemotePicker:
     ) -> RemoteTarget | None:
         """By the route's weights (``round_robin``), corrected by ``load``: requests this proxy
         has in flight there (``least_loaded``, routing.LeastLoaded)."""
+        # Made once per model (setdefault would make one per call: a Random seeded from
+        # os.urandom per request).
         if balance == "round_robin":
-            return self._rr.setdefault(model, SmoothWeighted()).pick(weighted)  # type: ignore[return-value]
-        return self._ll.setdefault(model, LeastLoaded()).pick(weighted, load)
+            rr = self._rr.get(model)
+            if rr is None:
+                rr = self._rr[model] = SmoothWeighted()
+            return rr.pick(weighted)  # type: ignore[return-value]
+        ll = self._ll.get(model)
+        if ll is None:
+            ll = self._ll[model] = LeastLoaded()
+        return ll.pick(weighted, load)

@@ -9,8 +9,11 @@ not block image requests (the OpenClaw multi-instance setup, docs/sources.md).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import operator
 import random
+from bisect import bisect_right
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Literal, Protocol, TypeVar
 
@@ -94,29 +97,48 @@ class Picker:
 class SmoothWeighted:
     """nginx's smooth weighted round-robin: over any window, each key is picked in proportion
     to its weight, and picks of one key are spread out rather than bunched (5,1,1 gives
-    a a b a c a a, not a a a a a b c)."""
+    a a b a c a a, not a a a a a b c).
+
+    A route lists up to every node of the fleet, and most calls pass the same list again (a
+    route's eligible targets, remote.py): for that list the keys' currents are kept in its order
+    and a pick is two loops in C (add the weights, find the first largest), not a Python loop of
+    dict updates per key. Another list takes the currents of its keys over (``_adopt``)."""
 
     def __init__(self) -> None:
-        self._current: dict[object, float] = {}
+        self._current: dict[object, float] = {}  # every key's current, as of the last _adopt
+        self._list: Sequence[tuple[object, int]] | None = None  # the list picked from last
+        self._weights: list[int] = []
+        self._cur: list[float] = []  # its keys' currents, in its order
+        self._total = 0
 
     def pick(self, weighted: Sequence[tuple[object, int]]) -> object | None:
+        i = self.pick_index(weighted)
+        return None if i is None else weighted[i][0]
+
+    def pick_index(self, weighted: Sequence[tuple[object, int]]) -> int | None:
+        """The position in ``weighted`` of the key picked (None: the list is empty)."""
         if not weighted:
             return None
-        total = 0
-        best: object | None = None
-        best_cur = float("-inf")
-        live = set()
-        for key, weight in weighted:
-            live.add(key)
-            cur = self._current.get(key, 0.0) + weight
-            self._current[key] = cur
-            total += weight
-            if cur > best_cur:
-                best, best_cur = key, cur
-        self._current[best] -= total
-        if len(self._current) > 2 * len(live):  # forget endpoints that left the route
-            self._current = {k: v for k, v in self._current.items() if k in live}
+        if weighted is not self._list:
+            self._adopt(weighted)
+        cur = self._cur = list(map(operator.add, self._cur, self._weights))
+        best = cur.index(max(cur))  # the first of the largest
+        cur[best] -= self._total
         return best
+
+    def _adopt(self, weighted: Sequence[tuple[object, int]]) -> None:
+        current = self._current
+        if self._list is not None:
+            current.update(zip([key for key, _ in self._list], self._cur, strict=True))
+        live = {key for key, _ in weighted}
+        for key in live:
+            current.setdefault(key, 0.0)  # a new key counts toward the rule below, as a pick adds it
+        if len(current) > 2 * len(live):  # forget endpoints that left the route
+            self._current = current = {k: v for k, v in current.items() if k in live}
+        self._list = weighted
+        self._weights = [weight for _, weight in weighted]
+        self._total = sum(self._weights)
+        self._cur = [current.get(key, 0.0) for key, _ in weighted]
 
 
 class LeastLoaded:
@@ -131,22 +153,44 @@ class LeastLoaded:
     with a round-robin rather than a random first draw.
     """
 
+    # Second draws that may land on the first choice before the others are drawn from directly
+    # (one in most picks; more only when the first choice holds most of the weight).
+    _REDRAWS = 8
+
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rr = SmoothWeighted()
         self._rng = rng or random.Random()
+        self._cum_of: Sequence[tuple[object, int]] | None = None  # the list _cum was made for
+        self._cum: list[int] = []
 
     def pick(self, weighted: Sequence[tuple[K, int]], load: Callable[[K], int]) -> K | None:
-        first = self._rr.pick(weighted)
-        if first is None or len(weighted) == 1:
-            return first  # type: ignore[return-value]
-        others = [(k, w) for k, w in weighted if k is not first]
-        second = self._rng.choices([k for k, _ in others], [w for _, w in others])[0]
-        w_first = next(w for k, w in weighted if k is first)
-        w_second = next(w for k, w in others if k is second)
+        i = self._rr.pick_index(weighted)
+        if i is None:
+            return None
+        first, w_first = weighted[i]
+        if len(weighted) == 1:
+            return first
+        second, w_second = self._second(weighted, i)
         # load/weight compared without a division: a lighter second choice takes the request.
-        if load(second) * w_first < load(first) * w_second:  # type: ignore[arg-type]
+        if load(second) * w_first < load(first) * w_second:
             return second
-        return first  # type: ignore[return-value]
+        return first
+
+    def _second(self, weighted: Sequence[tuple[K, int]], first: int) -> tuple[K, int]:
+        """A key other than the one at ``first``, drawn in proportion to weight: a draw over the
+        whole list (bisect over its cumulative weights, kept while the list is the same), again
+        if it names the first choice. The same distribution as drawing from the others alone,
+        without a pass over them per pick."""
+        if weighted is not self._cum_of:
+            self._cum_of, self._cum = weighted, list(itertools.accumulate(w for _, w in weighted))
+        cum, draw = self._cum, self._rng.random
+        total = cum[-1]
+        for _ in range(self._REDRAWS):
+            j = bisect_right(cum, draw() * total, 0, len(cum) - 1)
+            if j != first:
+                return weighted[j]
+        others = [kw for j, kw in enumerate(weighted) if j != first]
+        return self._rng.choices(others, [w for _, w in others])[0]
 
 
 def affine(session: str, keys: Sequence[tuple[K, int]], name: Callable[[K], str]) -> K | None:
