@@ -192,7 +192,10 @@ class Routes:
         return True
 
     def node_gone(self, node: str) -> Flag:
-        return self._gone.setdefault(node, Flag())
+        flag = self._gone.get(node)  # as RouteTable's: one Flag per node, not one per call
+        if flag is None:
+            flag = self._gone[node] = Flag()
+        return flag
 
 
 class Node:
