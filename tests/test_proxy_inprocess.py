@@ -23,7 +23,7 @@ from agent.proxy import Proxy, add_proxy
 from agent.proxy.metrics import ProxyMetrics
 from agent.proxy.upstreams import LocalUpstream, ServedModel
 from agent.supervisor.supervision_policy import InstanceState
-from gpufleet.facts import HOPS_HEADER, REQUEST_ID_HEADER
+from gpufleet.facts import HOPS_HEADER, INSTANCE_HEADER, NODE_HEADER, REQUEST_ID_HEADER
 from gpufleet.keyspace.records import RouteEndpoint, RouteRecord
 from gpufleet_dev.staticroutes import StaticRoutes
 
@@ -360,6 +360,41 @@ async def test_forwarded_to_another_node_once_and_never_back(proxy_client: Any, 
     assert r.status == 503 and (await r.json())["error"]["message"] == "no instance of m is ready (no local instance)"
     # Attempts on other nodes are not this node's to count (each node counts its own instances).
     assert client.proxy.stats.counters.attempts == 0 and client.proxy.stats.upstreams["there/x"].requests == 1
+
+
+async def test_a_forward_carries_our_headers_and_its_answer_keeps_the_serving_nodes_names(
+    proxy_client: Any, serve: Any
+) -> None:
+    """What the other node gets: the client's headers (its Authorization too, in open mode: it
+    may be that node's key), our request id, X-Forwarded-For and hop count in place of any the
+    client sent. What the client gets back: the serving node's names as it set them (or where
+    we sent it, from a node that set none), and our request id."""
+    seen: list[dict[str, list[str]]] = []
+
+    def other(names: bool) -> Handler:
+        async def handle(request: web.Request) -> web.Response:
+            seen.append({k.lower(): request.headers.getall(k) for k in request.headers})
+            named = {NODE_HEADER: "far", INSTANCE_HEADER: "far-0"} if names else {}
+            return web.json_response({"ok": True}, headers={REQUEST_ID_HEADER: "theirs", **named})
+
+        return handle
+
+    for names in (True, False):
+        ep = RouteEndpoint(
+            node="there", instance="x", address=await serve(other(names)), gpu_class="A100", weight=1, state="READY"
+        )
+        routes = FakeRoutes({"m": RouteRecord(model="m", epoch=1, updated_at=1.0, endpoints=[ep])})
+        client = await proxy_client(FakeUpstreams([], routes))
+        sent = {"Authorization": "Bearer node-key", "X-Custom": "kept", REQUEST_ID_HEADER: "rid-1"}
+        r = await client.post(CHAT, json=chat(), headers={**sent, "X-Forwarded-For": "1.2.3.4"})
+        assert r.status == 200
+        got = seen.pop()
+        assert got["authorization"] == ["Bearer node-key"] and got["x-custom"] == ["kept"]
+        assert got[REQUEST_ID_HEADER.lower()] == ["rid-1"] and got[HOPS_HEADER.lower()] == ["1"]
+        assert got["x-forwarded-for"] == ["127.0.0.1"]  # ours: the client's own is not passed on
+        assert r.headers.getall(REQUEST_ID_HEADER) == ["rid-1"]
+        assert r.headers.getall(NODE_HEADER) == (["far"] if names else ["there"])
+        assert r.headers.getall(INSTANCE_HEADER) == (["far-0"] if names else ["x"])
 
 
 async def test_a_failing_node_falls_back_to_a_local_instance_set_aside(proxy_client: Any, serve: Any) -> None:

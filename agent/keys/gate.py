@@ -270,11 +270,16 @@ class KeyGate:
     def forward_headers(self, path_qs: str, hops: int, body: bytes, ctx: Ctx) -> dict[str, str]:
         """What replaces the client's credential on a forward to another node: the signature
         (nothing without a hop secret). A model server gets its instance's own key instead."""
-        if not self.hop_secrets:
+        if not self.signs_forwards:
             return {}
         key_name = ctx.key_name or ""
         signature = sign(self.hop_secrets[0], "POST", path_qs, hops, int(time.time()), body_digest(body), key_name)
         return {HOP_AUTH_HEADER: signature, KEY_NAME_HEADER: key_name} if key_name else {HOP_AUTH_HEADER: signature}
+
+    @property
+    def signs_forwards(self) -> bool:
+        """A forward to another node carries our signature (``forward_headers``): with a hop secret."""
+        return bool(self.hop_secrets)
 
     @property
     def strips_credentials(self) -> bool:

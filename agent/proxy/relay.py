@@ -69,10 +69,16 @@ def _not_returned(names: tuple[str, ...]) -> frozenset[bytes]:
 
 # A local instance's answer: the headers _ours sets on it, when it sets no others.
 _NOT_RETURNED_LOCAL = _not_returned((NODE_HEADER, INSTANCE_HEADER, REQUEST_ID_HEADER))
+# Another node's answer that names its node: only the request id is ours.
+_NOT_RETURNED_RID = _not_returned((REQUEST_ID_HEADER,))
 _RID_LINE = b"%s: %%s\r\n" % REQUEST_ID_HEADER.encode()
 
 # Where this node checks keys, the client's key is ours: it goes no further.
 _NOT_PASSED_KEYED = _NOT_PASSED | {n.lower().encode() for n in CREDENTIAL_HEADERS}
+# A forward with nothing to sign: the hop count follows ours, the client's (if any) is replaced.
+_OURS_HOPS = _OURS + b"%s: %%d\r\n" % HOPS_HEADER.encode()
+_NOT_PASSED_HOPS = _NOT_PASSED | {HOPS_HEADER.lower().encode()}
+_NOT_PASSED_KEYED_HOPS = _NOT_PASSED_KEYED | {HOPS_HEADER.lower().encode()}
 
 
 def counted(ctx: Ctx, target: Target) -> bool:
@@ -212,15 +218,22 @@ class Relay:
         (bytes, never decoded and encoded again), less the hop-by-hop ones, the client's
         credential where this node checks keys, and those the relay sets, which follow."""
         gate = self.gate
-        skip = _NOT_PASSED_KEYED if gate is not None and gate.strips_credentials else _NOT_PASSED
+        strips = gate is not None and gate.strips_credentials
+        skip = _NOT_PASSED_KEYED if strips else _NOT_PASSED
         extra = target.upstream.headers
-        if not extra and not isinstance(target, RemoteTarget):
+        remote = isinstance(target, RemoteTarget)
+        if not extra and not remote:
             # Most requests: only the request id and X-Forwarded-For are ours. Neither value can
             # hold a line break (the id came through the parser or was made here).
             ours = _OURS % (ctx.rid.encode("utf-8", "surrogateescape"), (request.remote or "").encode())
+        elif not extra and ctx.downgraded is None and (gate is None or not gate.signs_forwards):
+            # A forward with nothing to sign (a gateway's every request): the hop count is ours too.
+            skip = _NOT_PASSED_KEYED_HOPS if strips else _NOT_PASSED_HOPS
+            hops = hops_of(request.header(HOPS_HEADER)) + 1
+            ours = _OURS_HOPS % (ctx.rid.encode("utf-8", "surrogateescape"), (request.remote or "").encode(), hops)
         else:
             set_here = CIMultiDict(((REQUEST_ID_HEADER, ctx.rid), ("X-Forwarded-For", request.remote or "")))
-            if isinstance(target, RemoteTarget):
+            if remote:
                 hops = hops_of(request.header(HOPS_HEADER)) + 1
                 set_here[HOPS_HEADER] = str(hops)
                 if ctx.downgraded is not None:
@@ -293,9 +306,13 @@ class Relay:
         self.first_byte(target, ctx)
         if ctx.key is not None:
             ctx.usage = usage_of_body(payload)
-        if ctx.auth_headers or ctx.downgraded is not None or isinstance(target, RemoteTarget):
+        remote = isinstance(target, RemoteTarget)
+        if ctx.auth_headers or ctx.downgraded is not None or (remote and upstream.header(_NODE) is None):
             ours, skip = self._ours(upstream, target, ctx)
             lines = header_lines(ours)
+        elif remote:  # another node's answer names where it was served: only the request id is ours
+            skip = _NOT_RETURNED_RID
+            lines = _RID_LINE % ctx.rid.encode("utf-8", "surrogateescape")
         else:  # most answers: only where it was served and the request id are ours (as _ours sets them)
             skip = _NOT_RETURNED_LOCAL
             lines = self._served_here(target.name) + _RID_LINE % ctx.rid.encode("utf-8", "surrogateescape")
