@@ -15,7 +15,7 @@ figure moves ±15 % between runs on this VM; here both halves of each comparison
 process and the moment.
 
     .venv/bin/python bench/proxy_inproc.py [--clients 32] [--seconds 2] [--blocks 5] [--stream] [--directions]
-        [--route-nodes N [--forward]]
+        [--route-nodes N [--forward]] [--affinity]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from gpufleet.logsetup import configure_logging
 from gpufleet.tasks import Flag
 
 MODEL = "canned"
+AFFINITY_HEADER = "X-Session-ID"  # --affinity: [proxy] affinity_header, sent with every request
 ANSWER = json.dumps(
     {
         "id": "chatcmpl-1",
@@ -204,10 +205,12 @@ class Node:
     getters, as the agent's adapter reads them (a reload replaces the config): the proxy pays for
     those reads here as it does in the agent."""
 
-    def __init__(self, instance: Instance, other_nodes: int | None = None, forward: bool = False) -> None:
+    def __init__(
+        self, instance: Instance, other_nodes: int | None = None, forward: bool = False, affinity: bool = False
+    ) -> None:
         self.instances = [] if forward else [instance]
         self.node_id = "bench"
-        proxy, degradation = ProxySection(), DegradationSection()
+        proxy, degradation = ProxySection(affinity_header=AFFINITY_HEADER if affinity else ""), DegradationSection()
         self._cfg = lambda: (proxy, degradation)
         routes = Routes(other_nodes, instance.base_url if forward else None) if other_nodes is not None else None
         self._routes = lambda: routes
@@ -237,21 +240,21 @@ class Node:
         return None
 
 
-def request(port: int, stream: bool) -> bytes:
+def request(port: int, stream: bool, extra: bytes = b"") -> bytes:
     body = json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1, "stream": stream}
     ).encode()
     return (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-        b"Accept: */*\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body)
+        b"Accept: */*\r\n%sContent-Length: %d\r\n\r\n%s" % (port, extra, len(body), body)
     )
 
 
-async def block(port: int, clients: int, seconds: float, stream: bool) -> tuple[int, float, float]:
+async def block(port: int, clients: int, seconds: float, stream: bool, extra: bytes = b"") -> tuple[int, float, float]:
     """Requests answered, CPU seconds and wall seconds of ``clients`` clients for ``seconds``."""
     loop = asyncio.get_running_loop()
     end = time.monotonic() + seconds
-    raw = request(port, stream)
+    raw = request(port, stream, extra)
     cpu0, t0 = time.process_time(), time.monotonic()
     conns = [
         (await loop.create_connection(lambda: Client(raw, lambda: time.monotonic() >= end), "127.0.0.1", port))[1]
@@ -271,7 +274,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     gate = KeyGate(lambda: auth, "127.0.0.1", "bench", lambda: None, lambda: 1, registry)
     if args.forward and not args.route_nodes:
         raise SystemExit("--forward needs --route-nodes 1 or more")
-    node = Node(Instance(f"http://127.0.0.1:{bport}"), args.route_nodes, args.forward)
+    node = Node(Instance(f"http://127.0.0.1:{bport}"), args.route_nodes, args.forward, args.affinity)
     proxy = Proxy(node, ProxyMetrics(registry), key_gate=gate)  # type: ignore[arg-type]
     await proxy.start()
 
@@ -282,12 +285,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         Front(proxy, ConnectionGuard(ApiSection(), 1_000_000), no_handover), "127.0.0.1", 0, backlog=4096
     )
     pport = front.sockets[0].getsockname()[1]
-    await block(pport, args.clients, 0.5, args.stream)  # warm-up: pools, caches
+    extra = b"%s: bench-session\r\n" % AFFINITY_HEADER.encode() if args.affinity else b""
+    await block(pport, args.clients, 0.5, args.stream, extra)  # warm-up: pools, caches
     direct, proxied, rates = [], [], []
     for _ in range(args.blocks):
-        n, cpu, _ = await block(bport, args.clients, args.seconds, args.stream)
+        n, cpu, _ = await block(bport, args.clients, args.seconds, args.stream, extra)
         direct.append(cpu / n)
-        n, cpu, wall = await block(pport, args.clients, args.seconds, args.stream)
+        n, cpu, wall = await block(pport, args.clients, args.seconds, args.stream, extra)
         proxied.append(cpu / n)
         rates.append(n / wall)
     await proxy.close()
@@ -306,6 +310,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         # Which build of the data path ran (bench/proxy_compiled.py runs this on a compiled copy).
         "route_nodes": args.route_nodes,
         "forward": args.forward,
+        "affinity": args.affinity,
         "compiled": Front.__module__ in sys.modules and not sys.modules[Front.__module__].__file__.endswith(".py"),
     }
 
@@ -323,6 +328,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--forward", action="store_true", help="with --route-nodes: no local instance, each request forwarded"
+    )
+    ap.add_argument(
+        "--affinity", action="store_true", help=f"[proxy] affinity_header: each request has {AFFINITY_HEADER}"
     )
     ap.add_argument("--directions", action="store_true", help="time each side's data_received (_common.Directions)")
     args = ap.parse_args()
