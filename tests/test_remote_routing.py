@@ -222,3 +222,26 @@ def test_least_loaded_second_choice_is_drawn_in_proportion_to_the_other_weights(
     assert set(seconds) == {"b", "c"} and 0.70 < seconds["b"] / 6000 < 0.80  # 3/4
     heavy = [("a", 10_000), ("b", 1), ("c", 1)]
     assert Counter(ll._second(heavy, 0)[0] for _ in range(200)).keys() == {"b", "c"}
+
+
+def test_a_sessions_home_is_hashed_once_per_candidate_list_and_few_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendezvous hashing hashes every candidate: a session's home among one list (the route's
+    eligible list, the same object until the route changes) is remembered, for a bounded
+    number of sessions; another list is hashed afresh."""
+    import agent.proxy.remote as remote
+
+    monkeypatch.setattr(remote, "HOMES_KEPT", 3)
+    picker = RemotePicker("x")
+    r = route(ep("a", "A100", 1), ep("b", "A100", 1), ep("c", "A100", 1))
+    eligible = picker.candidates(r, {"A100"}, set())
+    homes = {s: picker.home(s, eligible) for s in ("s1", "s2", "s3")}
+    assert all(h is affine(s, eligible, lambda t: t.name) for s, h in homes.items())
+    hashed: list[str] = []
+    monkeypatch.setattr(remote, "affine", lambda s, keys, name: hashed.append(s) or affine(s, keys, name))
+    assert picker.home("s1", eligible) is homes["s1"] and hashed == []  # remembered
+    without_c = picker.candidates(r, {"A100"}, {eligible[2][0].name})  # a retry's list
+    picker.home("s1", without_c)
+    picker.home("s4", eligible)  # a fourth session: the oldest remembered one goes
+    assert hashed == ["s1", "s4"]
+    picker.home("s2", eligible)
+    assert hashed == ["s1", "s4", "s2"]

@@ -266,19 +266,24 @@ class Dispatcher:
     def _pick_remote(self, plan: Plan, candidates: list[tuple[RemoteTarget, int]], ctx: Ctx) -> RemoteTarget | None:
         in_flight = self.stats.in_flight
         if plan.session is not None and candidates:
-            sticky = self._sticky(plan.session, candidates, lambda t: in_flight(t.name))
+            home = self.remote.home(plan.session, candidates)
+            sticky = self._sticky(home, candidates, lambda t: in_flight(t.name))
             if sticky is not None:
                 return sticky
         return self.remote.pick(ctx.model or "", candidates, lambda t: in_flight(t.name), self.cfg.remote_balance)
 
-    def _sticky(self, session: str, keys: Sequence[tuple[K, int]], load: Callable[[K], int]) -> K | None:
-        """The session's target, unless it has affinity_max_extra more in flight than the
-        least busy one (then the request goes by load, and the session sticks again later)."""
-        target = affine(session, keys, lambda k: k.name)  # type: ignore[attr-defined]
-        if target is None:
+    def _sticky(self, home: K | None, keys: Sequence[tuple[K, int]], load: Callable[[K], int]) -> K | None:
+        """The session's ``home`` among ``keys``, unless it has affinity_max_extra more in flight
+        than the least busy one (then the request goes by load, and the session sticks again
+        later). Most homes are within that margin of none in flight, which no key is below: the
+        others' loads are looked at only when not."""
+        if home is None:
             return None
+        extra, mine = self.cfg.affinity_max_extra, load(home)
+        if mine <= extra:
+            return home
         least = min(load(k) for k, _ in keys)
-        return target if load(target) <= least + self.cfg.affinity_max_extra else None
+        return home if mine <= least + extra else None
 
     def _pick_local(self, plan: Plan, tried: AbstractSet[str], ctx: Ctx, *, suspect_ok: bool) -> LocalUpstream | None:
         in_flight = self.stats.in_flight
@@ -289,7 +294,8 @@ class Dispatcher:
             grouped = [i for i in ready if i.name in plan.group]
             ready = grouped if grouped or not self.cfg.task_route_fallback else ready
         if plan.session is not None and len(ready) > 1:
-            sticky = self._sticky(plan.session, [(i, 1) for i in ready], lambda i: in_flight(i.name))
+            keys = [(i, 1) for i in ready]
+            sticky = self._sticky(affine(plan.session, keys, _name), keys, lambda i: in_flight(i.name))
             if sticky is not None:
                 return sticky
         return self.picker.pick(ctx.model or "", ready, in_flight)
@@ -336,6 +342,10 @@ _LEFT = {
     "instance_down": "{}: left rotation before it answered",
     "node_down": "{}: its node went DOWN in the routes before it answered",
 }
+
+
+def _name(candidate: LocalUpstream) -> str:
+    return candidate.name
 
 
 def gone_failure(kind: str, name: str) -> Failure:

@@ -23,9 +23,10 @@ from agent.backends import Judgement, Upstream, judge_status
 from gpufleet.facts import HOPS_HEADER as HOPS_HEADER  # re-exported for the proxy
 from gpufleet.keyspace.records import RouteRecord
 
-from .routing import LeastLoaded, SmoothWeighted
+from .routing import LeastLoaded, SmoothWeighted, affine
 
 MAX_HOPS = 1
+HOMES_KEPT = 4096  # sessions whose home on another node is remembered (RemotePicker.home)
 SUSPECT_S = 10.0  # an endpoint that just failed is tried last for this long
 
 
@@ -68,6 +69,10 @@ class RemoteTarget:
         self.suspicion.until = max(self.suspicion.until, self.suspect_until)
 
 
+def _name(target: RemoteTarget) -> str:
+    return target.name
+
+
 def hops_of(value: str | None) -> int:
     try:
         return max(0, int(value or 0))
@@ -86,6 +91,10 @@ class RemotePicker:
         # fleet, and records are replaced when they change, never altered (routes.py).
         self._eligible: dict[str, tuple[RouteRecord, frozenset[str], list[tuple[RemoteTarget, int]]]] = {}
         self._suspicion = Suspicion()  # of every target made here
+        # session -> (the candidate list, its home there): rendezvous hashing hashes every
+        # candidate, so a session's home is worked out once per list (the eligible list is the
+        # same object until the route changes), for the most recent sessions.
+        self._homes: dict[str, tuple[list[tuple[RemoteTarget, int]], RemoteTarget | None]] = {}
 
     def candidates(
         self, route: RouteRecord, own_classes: set[str], tried: AbstractSet[str]
@@ -121,6 +130,19 @@ class RemotePicker:
             out.append((t, e.weight))
         self._eligible[route.model] = (route, frozenset(own_classes), out)
         return out
+
+    def home(self, session: str, candidates: list[tuple[RemoteTarget, int]]) -> RemoteTarget | None:
+        """The candidate ``session`` sticks to (routing.affine), remembered for this list."""
+        known = self._homes.get(session)
+        if known is not None and known[0] is candidates:
+            return known[1]
+        target = affine(session, candidates, _name)
+        homes = self._homes
+        homes.pop(session, None)
+        if len(homes) >= HOMES_KEPT:
+            del homes[next(iter(homes))]  # the session that went longest without a new home
+        homes[session] = (candidates, target)
+        return target
 
     def pick(
         self,
