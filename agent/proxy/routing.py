@@ -102,7 +102,8 @@ class SmoothWeighted:
     A route lists up to every node of the fleet, and most calls pass the same list again (a
     route's eligible targets, remote.py): for that list the keys' currents are kept in its order
     and a pick is two loops in C (add the weights, find the first largest), not a Python loop of
-    dict updates per key. Another list takes the currents of its keys over (``_adopt``)."""
+    dict updates per key. Another list takes the currents of its keys over (``_adopt``). A list
+    passed again is taken to be unchanged: callers pass a new list, or one nobody changes."""
 
     def __init__(self) -> None:
         self._current: dict[object, float] = {}  # every key's current, as of the last _adopt
