@@ -15,7 +15,7 @@ figure moves ±15 % between runs on this VM; here both halves of each comparison
 process and the moment.
 
     .venv/bin/python bench/proxy_inproc.py [--clients 32] [--seconds 2] [--blocks 5] [--stream] [--directions]
-        [--route-nodes N [--forward]] [--affinity]
+        [--route-nodes N [--forward [--dead-nodes K]]] [--affinity]
 """
 
 from __future__ import annotations
@@ -170,11 +170,16 @@ class Routes:
     nodes' address (the canned backend stands in for their agents); else unreachable ones,
     never used while this node serves the model itself."""
 
-    def __init__(self, others: int, forward_to: str | None = None) -> None:
+    def __init__(self, others: int, forward_to: str | None = None, dead: int = 0) -> None:
+        def where(n: int) -> str:
+            if n < dead:  # listed READY, but refuses connections (a node that just died)
+                return "http://127.0.0.1:1"
+            return forward_to or f"http://10.0.{n // 250}.{n % 250 + 1}:8080"
+
+        nodes = [("bench", "http://127.0.0.1:1")] + [(f"node-{n:04d}", where(n)) for n in range(others)]
         endpoints = [
             RouteEndpoint(node=node, address=address, instance=f"{node}-0", gpu_class="A100", weight=100, state="READY")
-            for node, address in [("bench", "http://127.0.0.1:1")]
-            + [(f"node-{n:04d}", forward_to or f"http://10.0.{n // 250}.{n % 250 + 1}:8080") for n in range(others)]
+            for node, address in nodes
         ]
         route = RouteRecord(model=MODEL, epoch=1, updated_at=0.0, endpoints=endpoints)
         self.routes = self.headers = {MODEL: route}
@@ -206,13 +211,18 @@ class Node:
     those reads here as it does in the agent."""
 
     def __init__(
-        self, instance: Instance, other_nodes: int | None = None, forward: bool = False, affinity: bool = False
+        self,
+        instance: Instance,
+        other_nodes: int | None = None,
+        forward: bool = False,
+        affinity: bool = False,
+        dead: int = 0,
     ) -> None:
         self.instances = [] if forward else [instance]
         self.node_id = "bench"
         proxy, degradation = ProxySection(affinity_header=AFFINITY_HEADER if affinity else ""), DegradationSection()
         self._cfg = lambda: (proxy, degradation)
-        routes = Routes(other_nodes, instance.base_url if forward else None) if other_nodes is not None else None
+        routes = Routes(other_nodes, instance.base_url if forward else None, dead) if other_nodes is not None else None
         self._routes = lambda: routes
 
     @property
@@ -274,7 +284,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     gate = KeyGate(lambda: auth, "127.0.0.1", "bench", lambda: None, lambda: 1, registry)
     if args.forward and not args.route_nodes:
         raise SystemExit("--forward needs --route-nodes 1 or more")
-    node = Node(Instance(f"http://127.0.0.1:{bport}"), args.route_nodes, args.forward, args.affinity)
+    node = Node(Instance(f"http://127.0.0.1:{bport}"), args.route_nodes, args.forward, args.affinity, args.dead_nodes)
     proxy = Proxy(node, ProxyMetrics(registry), key_gate=gate)  # type: ignore[arg-type]
     await proxy.start()
 
@@ -311,6 +321,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "route_nodes": args.route_nodes,
         "forward": args.forward,
         "affinity": args.affinity,
+        "dead_nodes": args.dead_nodes,
         "compiled": Front.__module__ in sys.modules and not sys.modules[Front.__module__].__file__.endswith(".py"),
     }
 
@@ -332,6 +343,7 @@ def main() -> None:
     ap.add_argument(
         "--affinity", action="store_true", help=f"[proxy] affinity_header: each request has {AFFINITY_HEADER}"
     )
+    ap.add_argument("--dead-nodes", type=int, default=0, help="with --forward: this many of them refuse connections")
     ap.add_argument("--directions", action="store_true", help="time each side's data_received (_common.Directions)")
     args = ap.parse_args()
     directions = Directions(client=FrontProtocol, upstream=_Connection) if args.directions else None
