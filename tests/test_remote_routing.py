@@ -245,3 +245,27 @@ def test_a_sessions_home_is_hashed_once_per_candidate_list_and_few_are_kept(monk
     assert hashed == ["s1", "s4"]
     picker.home("s2", eligible)
     assert hashed == ["s1", "s4", "s2"]
+
+
+def test_the_list_without_suspects_is_made_again_only_when_suspicion_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a large fleet some node has nearly always failed lately: the candidates without it are
+    one list, kept until another target fails or a suspect's time is up."""
+    import agent.proxy.remote as remote
+
+    clock = [1000.0]
+    monkeypatch.setattr(remote.time, "monotonic", lambda: clock[0])
+    picker = RemotePicker("x")
+    r = route(ep("a", "A100", 1), ep("b", "A100", 1), ep("c", "A100", 1))
+    eligible = picker.candidates(r, {"A100"}, set())
+    a, b, _ = (t for t, _ in eligible)
+    a.request_probe()  # suspect until 1010
+    first = picker.candidates(r, {"A100"}, set())
+    assert [t.node for t, _ in first] == ["b", "c"]
+    clock[0] += 5
+    assert picker.candidates(r, {"A100"}, set()) is first  # nothing changed: the same list
+    b.request_probe()  # suspect until 1015
+    assert [t.node for t, _ in picker.candidates(r, {"A100"}, set())] == ["c"]
+    clock[0] = 1010.0  # a's time is up
+    assert [t.node for t, _ in picker.candidates(r, {"A100"}, set())] == ["a", "c"]
+    clock[0] = 1015.0  # and b's: nothing is suspect, the eligible list itself
+    assert picker.candidates(r, {"A100"}, set()) is eligible

@@ -15,6 +15,7 @@ Local instances leaving rotation get the same treatment.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
@@ -31,13 +32,15 @@ SUSPECT_S = 10.0  # an endpoint that just failed is tried last for this long
 
 
 class Suspicion:
-    """Until when any target of one picker stays suspect: while none is, no pick has to look
-    at each target to leave the suspect ones out."""
+    """Until when any target of one picker stays suspect, and how many times one became so:
+    while none is, no pick looks at each target to leave the suspect ones out, and while no
+    new one is and none has recovered, the list without them is the one made last."""
 
-    __slots__ = ("until",)
+    __slots__ = ("times", "until")
 
     def __init__(self) -> None:
         self.until = 0.0
+        self.times = 0
 
 
 class RemoteTarget:
@@ -67,6 +70,7 @@ class RemoteTarget:
         # route (or time) says otherwise.
         self.suspect_until = time.monotonic() + SUSPECT_S
         self.suspicion.until = max(self.suspicion.until, self.suspect_until)
+        self.suspicion.times += 1
 
 
 def _name(target: RemoteTarget) -> str:
@@ -91,6 +95,9 @@ class RemotePicker:
         # fleet, and records are replaced when they change, never altered (routes.py).
         self._eligible: dict[str, tuple[RouteRecord, frozenset[str], list[tuple[RemoteTarget, int]]]] = {}
         self._suspicion = Suspicion()  # of every target made here
+        # model -> (its eligible list, Suspicion.times, when the next suspect recovers, the list
+        # without the suspect): in a large fleet some node has nearly always failed lately.
+        self._healthy: dict[str, tuple[list[tuple[RemoteTarget, int]], int, float, list[tuple[RemoteTarget, int]]]] = {}
         # session -> (the candidate list, its home there): rendezvous hashing hashes every
         # candidate, so a session's home is worked out once per list (the eligible list is the
         # same object until the route changes), for the most recent sessions.
@@ -104,11 +111,24 @@ class RemotePicker:
         (shared, not to be changed), which the pickers know again (routing.SmoothWeighted)."""
         eligible = self.eligible(route, own_classes)
         now = time.monotonic()
-        if not tried and now >= self._suspicion.until:
-            return eligible
+        if not tried:
+            return eligible if now >= self._suspicion.until else self._without_suspects(route.model, eligible, now)
         out = [(t, w) for t, w in eligible if t.name not in tried]
         healthy = [(t, w) for t, w in out if t.suspect_until <= now]
         return healthy or out
+
+    def _without_suspects(
+        self, model: str, eligible: list[tuple[RemoteTarget, int]], now: float
+    ) -> list[tuple[RemoteTarget, int]]:
+        """``eligible`` less its suspect targets (all of it, when every one is), made again only
+        when a target became suspect or the next one recovers: the same list object meanwhile."""
+        known = self._healthy.get(model)
+        if known is not None and known[0] is eligible and known[1] == self._suspicion.times and now < known[2]:
+            return known[3]
+        healthy = [(t, w) for t, w in eligible if t.suspect_until <= now]
+        recovers = min((t.suspect_until for t, _ in eligible if t.suspect_until > now), default=math.inf)
+        self._healthy[model] = (eligible, self._suspicion.times, recovers, healthy or eligible)
+        return healthy or eligible
 
     def eligible(self, route: RouteRecord, own_classes: set[str]) -> list[tuple[RemoteTarget, int]]:
         """The route's READY endpoints with a weight on other nodes, of this node's GPU classes
