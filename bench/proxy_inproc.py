@@ -322,7 +322,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "forward": args.forward,
         "affinity": args.affinity,
         "dead_nodes": args.dead_nodes,
-        "compiled": Front.__module__ in sys.modules and not sys.modules[Front.__module__].__file__.endswith(".py"),
+        "compiled": not str(sys.modules[Front.__module__].__file__).endswith(".py"),
     }
 
 

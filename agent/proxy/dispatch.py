@@ -34,7 +34,7 @@ from .limits import ModelGate, QueueFull
 from .metrics import ProxyMetrics
 from .relay import BUSY, CAPACITY, Relay, Target
 from .remote import RemotePicker, RemoteTarget
-from .routing import K, Picker, affine
+from .routing import K, Picker, affine, name_of
 from .stats import ProxyStats
 from .upstreams import LocalUpstream, Upstreams
 
@@ -295,7 +295,7 @@ class Dispatcher:
             ready = grouped if grouped or not self.cfg.task_route_fallback else ready
         if plan.session is not None and len(ready) > 1:
             keys = [(i, 1) for i in ready]
-            sticky = self._sticky(affine(plan.session, keys, _name), keys, lambda i: in_flight(i.name))
+            sticky = self._sticky(affine(plan.session, keys, name_of), keys, lambda i: in_flight(i.name))
             if sticky is not None:
                 return sticky
         return self.picker.pick(ctx.model or "", ready, in_flight)
@@ -342,10 +342,6 @@ _LEFT = {
     "instance_down": "{}: left rotation before it answered",
     "node_down": "{}: its node went DOWN in the routes before it answered",
 }
-
-
-def _name(candidate: LocalUpstream) -> str:
-    return candidate.name
 
 
 def gone_failure(kind: str, name: str) -> Failure:

@@ -24,7 +24,7 @@ from agent.backends import Judgement, Upstream, judge_status
 from gpufleet.facts import HOPS_HEADER as HOPS_HEADER  # re-exported for the proxy
 from gpufleet.keyspace.records import RouteRecord
 
-from .routing import LeastLoaded, SmoothWeighted, affine
+from .routing import LeastLoaded, SmoothWeighted, affine, name_of
 
 MAX_HOPS = 1
 HOMES_KEPT = 4096  # sessions whose home on another node is remembered (RemotePicker.home)
@@ -49,12 +49,12 @@ class RemoteTarget:
 
     __slots__ = ("instance", "name", "node", "suspect_until", "suspicion", "upstream")
 
-    def __init__(self, node: str, instance: str, address: str, suspicion: Suspicion | None = None) -> None:
+    def __init__(self, node: str, instance: str, address: str, suspicion: Suspicion) -> None:
         self.node, self.instance = node, instance
         self.name = f"{node}/{instance}"
         self.upstream = Upstream(address.rstrip("/"))
         self.suspect_until = 0.0
-        self.suspicion = suspicion if suspicion is not None else Suspicion()
+        self.suspicion = suspicion  # its picker's, shared by all its targets
 
     @property
     def base_url(self) -> str:
@@ -73,8 +73,9 @@ class RemoteTarget:
         self.suspicion.times += 1
 
 
-def _name(target: RemoteTarget) -> str:
-    return target.name
+def _unsuspected(weighted: list[tuple[RemoteTarget, int]], now: float) -> list[tuple[RemoteTarget, int]]:
+    """Those not suspect at ``now``; all of them when every one is (still better than none)."""
+    return [(t, w) for t, w in weighted if t.suspect_until <= now] or weighted
 
 
 def hops_of(value: str | None) -> int:
@@ -113,9 +114,7 @@ class RemotePicker:
         now = time.monotonic()
         if not tried:
             return eligible if now >= self._suspicion.until else self._without_suspects(route.model, eligible, now)
-        out = [(t, w) for t, w in eligible if t.name not in tried]
-        healthy = [(t, w) for t, w in out if t.suspect_until <= now]
-        return healthy or out
+        return _unsuspected([(t, w) for t, w in eligible if t.name not in tried], now)
 
     def _without_suspects(
         self, model: str, eligible: list[tuple[RemoteTarget, int]], now: float
@@ -125,10 +124,10 @@ class RemotePicker:
         known = self._healthy.get(model)
         if known is not None and known[0] is eligible and known[1] == self._suspicion.times and now < known[2]:
             return known[3]
-        healthy = [(t, w) for t, w in eligible if t.suspect_until <= now]
+        healthy = _unsuspected(eligible, now)
         recovers = min((t.suspect_until for t, _ in eligible if t.suspect_until > now), default=math.inf)
-        self._healthy[model] = (eligible, self._suspicion.times, recovers, healthy or eligible)
-        return healthy or eligible
+        self._healthy[model] = (eligible, self._suspicion.times, recovers, healthy)
+        return healthy
 
     def eligible(self, route: RouteRecord, own_classes: set[str]) -> list[tuple[RemoteTarget, int]]:
         """The route's READY endpoints with a weight on other nodes, of this node's GPU classes
@@ -156,7 +155,7 @@ class RemotePicker:
         known = self._homes.get(session)
         if known is not None and known[0] is candidates:
             return known[1]
-        target = affine(session, candidates, _name)
+        target = affine(session, candidates, name_of)
         homes = self._homes
         homes.pop(session, None)
         if len(homes) >= HOMES_KEPT:

@@ -30,6 +30,13 @@ class Candidate(Protocol):
 
 
 C = TypeVar("C", bound=Candidate)
+
+
+def name_of(candidate: Candidate) -> str:
+    """A candidate's name (what rendezvous hashing hashes, ``affine``)."""
+    return candidate.name
+
+
 K = TypeVar("K", bound=Hashable)
 
 
