@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The modules a proxied request runs through (bench/proxy_inproc.py's profile), compiled as they are.
 MODULES = [
     "agent/proxy/front.py",
+    "agent/proxy/frontrequest.py",
+    "agent/proxy/frontanswer.py",
+    "agent/proxy/frontphases.py",
     "agent/proxy/server.py",
     "agent/proxy/fastlane.py",
     "agent/proxy/dispatch.py",

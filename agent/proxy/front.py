@@ -35,38 +35,37 @@ asks for the body. A client that goes away cancels the request's task, which clo
 connection (vLLM then aborts the generation). A slow reader: ``write`` waits while the
 transport's buffer is over its high-water mark, the relay stops reading its upstream, and the
 upstream client pauses that socket (httpclient.py).
+
+A connection is one object, :class:`FrontProtocol`, in three modules: this one reads (the parser's
+callbacks, the handover, launching each request and choosing what comes after its answer);
+frontanswer.py answers (the Sink, the answer's head, the held writes, back-pressure);
+frontphases.py keeps the phase and its limit. The request itself is frontrequest.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 from typing import Any
 
 import httptools
 import msgspec
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
-from gpufleet.deadlines import Timed
-from gpufleet.httpserver import OVERLOADED, REQUEST_TIMEOUT, ConnectionGuard, GuardedServer, Phase, safe_reason
-from gpufleet.outbox import JOIN_BELOW
+from gpufleet.httpserver import OVERLOADED, ConnectionGuard, GuardedServer, safe_reason
 
-from .context import ANTHROPIC_ROUTES, ROUTES
-from .exchange import Answer, BodyTooLarge, BodyUnreadable, Cancellable, internal_error
+from .context import ROUTES
+from .exchange import Cancellable, internal_error
+from .frontanswer import CLOSE, Answering, status_line
+from .frontphases import BODY, HEAD, IDLE, Phases, PhaseTimer
+from .frontrequest import FrontRequest
 from .server import PROXY_KEY, Proxy
 
 log = structlog.get_logger("agent.proxy.front")
-# Phase's members as module globals: an Enum member looked up on its class costs about 80 ns
-# more than a global (Python 3.11), and a connection changes phase twice per request.
-_HEAD, _BODY, _BUSY, _IDLE = Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE
 
 MODELS_PATH = b"/v1/models"
 _POST_PATHS = frozenset(p.encode() for p in ROUTES)
-_ANTHROPIC = frozenset(ANTHROPIC_ROUTES)
 # aiohttp's limits: a request past them is handed to aiohttp, which refuses it as before.
 MAX_LINE = 8190
 MAX_HEADERS = 100
@@ -89,37 +88,7 @@ _SINGLETONS = frozenset(
 _SCREENED = frozenset({b"content-encoding", b"transfer-encoding", b"expect"})
 # A head still incomplete past this many bytes is refused without waiting for more.
 MAX_HEAD_BYTES = 64 * 1024
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_S = 10.0  # at most this long reading the rest of a refused body (aiohttp's lingering_time)
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
-_CHUNKED = b"Transfer-Encoding: chunked\r\n"
-_CLOSE = b"Connection: close\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-
-
-class _Date:
-    """The ``Date`` header line, formatted once a second, not per answer."""
-
-    __slots__ = ("_line", "_second")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._line = b""
-
-    def line(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._line = b"Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode() + b"\r\n"
-        return self._line
-
-
-_date = _Date()
-
-
-def _status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    return line if line is not None else f"HTTP/1.1 {status} Status\r\n".encode()
 
 
 def _error_body(message: str, code: str, type_: str = "invalid_request_error") -> bytes:
@@ -128,138 +97,6 @@ def _error_body(message: str, code: str, type_: str = "invalid_request_error") -
 
 class _HandOver(Exception):
     """Raised in a parser callback to stop the parser at a head that goes to aiohttp."""
-
-
-# Header names as FrontRequest.header looks them up among the parser's: the pipeline's few
-# names (its constants, [proxy] affinity_header), each lowered once.
-_lowered_names: dict[str, bytes] = {}
-
-
-class FrontRequest:
-    """One request of the data path: the pipeline's :class:`~agent.proxy.exchange.Request`.
-
-    Its fields stay as the parser gave them (``raw_headers``, with their names in lower case in
-    ``lowered``): ``headers`` is made the first time something asks for it (the key gate, the
-    degradation cache's key, a rare header), and ``header`` answers the common case's few
-    questions without it. Making a case-insensitive dict of every request's fields cost about
-    6 % of the proxy's CPU per request (bench/proxy_inproc.py)."""
-
-    __slots__ = (
-        "_chunks",
-        "_conn",
-        "_continued",
-        "_headers",
-        "_waiter",
-        "anthropic",
-        "broken",
-        "complete",
-        "expect_continue",
-        "keep_alive",
-        "limit",
-        "lowered",
-        "method",
-        "models",
-        "path",
-        "path_qs",
-        "raw_headers",
-        "remote",
-        "size",
-        "too_large",
-    )
-
-    def __init__(
-        self,
-        conn: FrontProtocol,
-        method: str,
-        path: str,
-        path_qs: str,
-        raw_headers: list[tuple[bytes, bytes]],
-        lowered: list[bytes],
-        limit: int,
-    ) -> None:
-        self._conn = conn
-        self.method, self.path, self.path_qs = method, path, path_qs
-        self.raw_headers = raw_headers  # checked by the front: valid UTF-8
-        self.lowered = lowered  # the names of raw_headers in lower case, in the same order
-        self._headers: CIMultiDict[str] | None = None
-        self.remote = conn.remote
-        self.models = method == "GET"
-        self.anthropic = path in _ANTHROPIC
-        self._chunks: list[bytes] = []
-        self.size = 0
-        self.limit = limit  # [proxy] max_body_bytes as the request began: a reload does not move it
-        self.complete = False
-        self.too_large = False
-        self.broken: str | None = None  # the body's framing broke (the parser's reason)
-        self.expect_continue = False
-        self._continued = False
-        self.keep_alive = True
-        self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        headers = self._headers
-        if headers is None:
-            headers = self._headers = CIMultiDict([(n.decode(), v.decode()) for n, v in self.raw_headers])
-        return headers
-
-    def header(self, name: str) -> str | None:
-        """The first field called ``name`` (in any case), without making ``headers``."""
-        if self._headers is not None:
-            return self._headers.get(name)
-        low = _lowered_names.get(name)
-        if low is None:
-            low = _lowered_names[name] = name.lower().encode("utf-8", "surrogateescape")
-        value = self.raw_value(low)
-        return None if value is None else value.decode()
-
-    def raw_value(self, low: bytes) -> bytes | None:
-        """The first field called ``low`` (a lower-case name), as the parser gave it."""
-        lowered = self.lowered
-        if low not in lowered:  # most lookups: a field the client did not send
-            return None
-        return self.raw_headers[lowered.index(low)][1]
-
-    async def read(self) -> bytes:
-        if not self.complete and not self.too_large and self.broken is None:
-            if self.expect_continue and not self._continued:
-                self._continued = True
-                self._conn.write_raw(CONTINUE)
-            self._waiter = self._conn.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if self.too_large:
-            raise BodyTooLarge
-        if self.broken is not None:
-            raise BodyUnreadable(self.broken)
-        return self._joined()
-
-    def body_now(self) -> bytes | None:
-        """The whole body if it is here and acceptable (None: ``read`` waits for it, or raises)."""
-        if not self.complete or self.too_large or self.broken is not None:
-            return None
-        return self._joined()
-
-    def _joined(self) -> bytes:
-        chunks = self._chunks
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def add(self, data: bytes) -> None:
-        if self.too_large:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.too_large = True
-            self._chunks = []
-            self.wake()
-            return
-        self._chunks.append(data)
-
-    def wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
 
 class Front:
@@ -317,7 +154,7 @@ class Front:
             self._ended.set_result(None)
 
 
-class FrontProtocol(asyncio.Protocol):
+class FrontProtocol(Answering, Phases, asyncio.Protocol):
     """One client connection on the agent's port (see the module docstring)."""
 
     # Slots: thousands of open streams each hold one (issue 18's goal is <= 16 KB per stream).
@@ -374,8 +211,8 @@ class FrontProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._counted = False
         self.heard = False  # the server has read bytes from it (see ConnectionGuard._victim)
-        self._phase = _HEAD
-        self._timer: _PhaseTimer | None = None  # filed with the relay's Deadlines
+        self._phase = HEAD
+        self._timer: PhaseTimer | None = None  # filed with the relay's Deadlines
         self._deadline: float | None = None  # when the current phase's limit runs out
         self._window = 0  # body bytes in the current body_timeout_s window
         # The request being parsed (from its head on), the one being answered, and those
@@ -425,7 +262,7 @@ class FrontProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else None
         self.front.connections.add(self)
-        self._enter(_HEAD)
+        self._enter(HEAD)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()
@@ -458,7 +295,7 @@ class FrontProtocol(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._phase is _IDLE
+        return self._phase is IDLE
 
     def evict(self) -> None:
         self._release()
@@ -484,7 +321,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         if self._closing and self._close_answer is not None:
             return
-        if self._phase is _BODY:
+        if self._phase is BODY:
             self._window += len(data)
         if self._between:  # this read begins the next message: its bytes are known from here
             self._raw = [data]
@@ -658,9 +495,9 @@ class FrontProtocol(asyncio.Protocol):
             )
         body = _error_body(message, code)
         self._close_answer = (
-            _status_line(400)
+            status_line(400)
             + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
-            + _CLOSE
+            + CLOSE
             + b"\r\n"
             + body
         )
@@ -757,7 +594,7 @@ class FrontProtocol(asyncio.Protocol):
             # aiohttp's lingering). The body timer bounds a slow one, LINGER_S a long one.
             self._lingering = True
             self._resume_reading()
-            self._enter(_BODY)
+            self._enter(BODY)
             self._window = 0
             self.loop.call_later(LINGER_S, self.force_close)
             return
@@ -803,139 +640,6 @@ class FrontProtocol(asyncio.Protocol):
         self._resume_reading()
         self.loop.call_later(1.0, self.force_close)
 
-    def _head(self, status: int, headers: CIMultiDict[str] | bytes, framing: bytes) -> bytes:
-        """An answer's head; ``headers`` as a dict, or as header lines ready to send."""
-        parts = [_status_line(status)]
-        if isinstance(headers, bytes):
-            parts.append(headers)
-        else:
-            parts.append("".join([f"{k}: {v}\r\n" for k, v in headers.items()]).encode("utf-8", "surrogateescape"))
-        parts.append(framing)
-        parts.append(_date.line())
-        if self._closing or self._guard.draining or self.front.stopping or not self._keeps_alive():
-            parts.append(_CLOSE)
-            self._closing = True
-        parts.append(b"\r\n")
-        return b"".join(parts)
-
-    def _keeps_alive(self) -> bool:
-        req = self._current
-        return req is None or (req.keep_alive and req.complete and not req.too_large)
-
-    # The Sink interface (agent/proxy/exchange.py), for the current request.
-
-    async def send(self, answer: Answer) -> None:
-        self._write_answer(answer)
-        if self._write_paused:
-            await self._drained()
-
-    def _write_answer(self, answer: Answer) -> None:
-        self._sent = True
-        body = answer.body
-        lines = answer.lines
-        framing = b"Content-Length: %d\r\n" % len(body)
-        head = self._head(answer.status, lines if lines is not None else answer.headers, framing)
-        self.write_raw(head + body if len(body) < JOIN_BELOW else None, head, body)
-        if self._queue:
-            self.write_held()  # a pipelined request is next: it waits if the client reads slowly
-
-    # The fast lane's (NowSink, agent/proxy/exchange.py).
-
-    def answering(self, request: Cancellable) -> None:
-        self.task = request
-
-    def send_now(self, answer: Answer) -> None:
-        req = self._current
-        assert req is not None
-        self._write_answer(answer)
-        if self._write_paused and self.transport is not None:
-            self._after_drain = req  # the next request once the client reads (resume_writing)
-        else:
-            self._next(req)
-
-    def carry_on(self, work: Awaitable[object]) -> None:
-        req = self._current
-        assert req is not None
-        self.task = self.loop.create_task(self._serve(req, work))
-
-    async def start(self, status: int, headers: CIMultiDict[str]) -> None:
-        self._pending_head = self._head(status, headers, _CHUNKED)
-
-    async def write(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return  # the client left: the task's cancellation follows
-        self._sent = True
-        if self._held:
-            self.write_held()  # before this chunk
-        size = b"%x\r\n" % len(chunk)
-        head, self._pending_head = self._pending_head, None
-        if head is not None:
-            transport.writelines((head, size, chunk, b"\r\n"))
-        else:
-            transport.writelines((size, chunk, b"\r\n"))
-        if self._write_paused:
-            await self._drained()
-
-    async def end(self) -> None:
-        self._sent = True
-        head, self._pending_head = self._pending_head, None
-        self.write_raw(head + _LAST_CHUNK if head is not None else _LAST_CHUNK)
-
-    def write_raw(self, data: bytes | None, *parts: bytes) -> None:
-        """Write ``data`` (or ``parts``) at the end of this turn (gpufleet/outbox.py)."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        held = self._held
-        if not held:
-            self._outbox.hold(self)
-        if data is not None:
-            held.append(data)
-        else:
-            held += parts
-
-    def write_held(self) -> None:
-        held = self._held
-        if not held:
-            return
-        self._held = []
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return  # the client left, or the connection was closed under it
-        if len(held) == 1:
-            transport.write(held[0])
-        else:
-            transport.writelines(held)
-
-    # --- back-pressure -----------------------------------------------------------------------------
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._wake_writer()
-        req, self._after_drain = self._after_drain, None
-        if req is not None:
-            self._next(req)
-
-    def _wake_writer(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-        self._drain = None
-
-    async def _drained(self) -> None:
-        """Wait while the client reads slower than the answer comes (the transport's buffer is
-        over its high-water mark)."""
-        if not self._write_paused or self.transport is None:
-            return
-        if self._drain is None:
-            self._drain = self.loop.create_future()
-        await self._drain
-
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
@@ -945,106 +649,6 @@ class FrontProtocol(asyncio.Protocol):
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-
-    # --- phases and their timer (gpufleet/httpserver.py's, for this protocol) ------------------------
-
-    def _settle(self, answered: bool = False) -> None:
-        """The phase after a read, or after an answer: a request that came whole in one read
-        goes from idle to busy without a head or body timer."""
-        if self._lingering:
-            return
-        if self.task is not None:  # answering; the body of the request answered may still come
-            req = self._parsing
-            phase = _BODY if req is not None and req is self._current else _BUSY
-        elif not self._between:  # part of a head is here
-            phase = _HEAD
-        elif answered:
-            phase = _IDLE
-        else:
-            return  # a read of nothing but the blank lines between requests
-        if phase is not self._phase:
-            self._window = 0
-            self._enter(phase)
-
-    def _enter(self, phase: Phase) -> None:
-        self._phase = phase
-        if not self._counted:
-            return
-        guard = self._guard
-        if phase is _BUSY:  # answering: no limit of the connection's own, and not evictable
-            guard.busy(self)  # type: ignore[arg-type]
-            self._deadline = None
-            return
-        limits = guard.limits
-        if phase is _IDLE:
-            timeout = limits.keepalive_timeout_s
-            guard.waiting(self)  # type: ignore[arg-type]
-        elif phase is _HEAD:
-            timeout = limits.header_timeout_s
-            guard.waiting(self)  # type: ignore[arg-type]
-        else:
-            timeout = limits.body_timeout_s
-            guard.busy(self)  # type: ignore[arg-type]
-        # One entry per connection on the shared Deadlines (no loop timer per connection),
-        # pushed back lazily: a phase moves the deadline, and an entry that comes due before it
-        # is filed again for it (not a new timer per phase, per request).
-        deadlines = self.front.deadlines
-        deadline = self._deadline = deadlines.now() + timeout
-        timer = self._timer
-        if timer is None:
-            timer = self._timer = _PhaseTimer(self, deadline)
-        deadlines.move(timer, deadline)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self.front.deadlines.remove(self._timer)
-            self._timer = None
-
-    def _timer_due(self, now: float) -> float | None:
-        """The connection's entry came due: the phase's limit, or the time to look again."""
-        deadline = self._deadline
-        if deadline is None or not self._counted or self.transport is None:
-            return None  # filed again by the next phase that has a limit
-        if now < deadline:  # the deadline moved since the entry was filed
-            return deadline
-        self._on_timeout()
-        return None
-
-    def _on_timeout(self) -> None:
-        if self._phase is _HEAD:
-            self._guard.timed_out("header", self.remote)
-            got = not self._between
-            if got and self.task is None:
-                self._close_with(REQUEST_TIMEOUT)
-                return
-            self.force_close()
-        elif self._phase is _BODY:
-            limits = self._guard.limits
-            if self._reading_paused or self._window >= max(1, limits.body_min_rate * limits.body_timeout_s):
-                self._window = 0
-                self._enter(_BODY)
-                return
-            self._guard.timed_out("body", self.remote)
-            if self._pending_head is None and self.task is not None and self._current is self._parsing:
-                # The handler waits for this body: its answer is the timeout.
-                self._close_with(REQUEST_TIMEOUT)
-                return
-            self.force_close()
-        elif self._phase is _IDLE:
-            self.force_close()
-
-
-class _PhaseTimer(Timed):
-    """A connection's entry on the shared Deadlines (FrontProtocol._enter)."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: FrontProtocol, when: float) -> None:
-        super().__init__(when)
-        self.conn = conn
-
-    def fire(self, now: float) -> float | None:
-        return self.conn._timer_due(now)
 
 
 def install_front(runner: web.AppRunner) -> Front | None:
