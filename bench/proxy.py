@@ -16,7 +16,8 @@ reach the same backend processes, which gpu-agent supervises as its instances:
 
 Measured per target, as ratios against direct (no proxy) and each other from the same run: max
 req/s (wrk, keep-alive, non-streaming POST) and proxy CPU per request (process CPU seconds from
-/proc over requests); c=1 added latency p50/p99; SSE first-event overhead; N concurrent streams:
+/proc over requests); c=1 added latency p50/p99 (``--idle-gaps``: also with each connection idle
+before each request); SSE first-event overhead; N concurrent streams:
 events delivered (counted), added inter-event gap p99, listen-queue overflows
 (TcpExtListenOverflows delta), RSS per open stream, load-core busy share (is the client or the
 backend the bottleneck? direct tells). The peers are installed on first use into
@@ -26,6 +27,7 @@ installed or started is reported under ``unavailable`` and the rest still run.
 Setup (Debian): apt-get install -y nginx-light wrk; PyPI reachable for the peers. Run:
 
     .venv/bin/python bench/proxy.py [--quick] [--targets direct,gpu-agent,floor,nginx,vllm-router,litellm]
+        [--latency-only] [--idle-gaps 5,50,200]
 
 Prints one JSON document; docs/benchmarks.md ("Proxy vs peers, one core each") records a run.
 """
@@ -116,14 +118,16 @@ def smoke(t: Target) -> None:
             raise Unavailable(f"{t.name}: {b}: HTTP {status}, {events} data: lines")
 
 
-def latency_c1(targets: dict[str, Target], backend: str, n: int) -> dict:
+def latency_c1(targets: dict[str, Target], backend: str, n: int, gap: float = 0.0) -> dict:
+    """c=1 requests, each answer whole; ``gap``: seconds each target's connection is idle before
+    each request (in blocks of ten per target), as a lone client's requests come."""
     raw = {
         k: (t.urls[backend], load.request(t.urls[backend], load.body(backend)))
         for k, t in targets.items()
         if backend in t.urls
     }
     load.interleaved(raw, min(200, n))  # warm connections, caches and the peers' lazy paths
-    res = load.interleaved(raw, n)
+    res = load.interleaved(raw, n, block=10, pause=gap) if gap else load.interleaved(raw, n)
     base = res.get("direct")
     out = {}
     for name, r in res.items():
@@ -324,6 +328,12 @@ def main() -> None:
         action="store_true",
         help="only the c=1 latencies and SSE first-event overheads (minutes less; for A/B runs of a latency change)",
     )
+    ap.add_argument(
+        "--idle-gaps",
+        default="",
+        help="also c=1 on the canned backend with each connection idle this many ms before each request "
+        "(comma-separated, e.g. 5,50,200): what a lone client's request costs once caches are cold",
+    )
     ap.add_argument("--proxy-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1)
     args = ap.parse_args()
@@ -395,6 +405,10 @@ def main() -> None:
             result["backends_may_run_on_cpus"] = affinity(backend_pids)
             result["unavailable"] = unavailable
             result["latency_c1"] = {b: latency_c1(targets, b, args.requests) for b in ("sim", "canned")}
+            result["latency_c1_after_idle"] = {
+                f"{gap:g}ms": latency_c1(targets, "canned", max(30, min(args.requests, round(8_000 / gap))), gap / 1000)
+                for gap in (float(x) for x in args.idle_gaps.split(",") if x)
+            }
             result["sse_first_event"] = sse_first_event(targets, max(50, args.requests // 4), 3)
             result["sse_first_event_after_1s_idle"] = sse_first_event(targets, 3 if args.quick else 15, 3, idle=True)
             result["max_rps"] = {}
