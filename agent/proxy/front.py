@@ -103,9 +103,7 @@ class Front:
     """The protocol factory of the agent's port (gpufleet/httpserver.py's ``GuardedServer.front``)
     and the set of its connections, for the runner's graceful stop."""
 
-    def __init__(
-        self, proxy: Proxy, guard: ConnectionGuard, handler: Callable[[], asyncio.Protocol], *, keep_alive: bool = True
-    ) -> None:
+    def __init__(self, proxy: Proxy, guard: ConnectionGuard, handler: Callable[[], asyncio.Protocol]) -> None:
         self.proxy = proxy
         self.guard = guard
         self.deadlines = proxy.relay.deadlines  # the connections' phase limits, on one loop timer
