@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -346,6 +347,12 @@ def main() -> None:
     for k, (full, quick) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, quick if args.quick else full)
+    try:
+        gaps = [float(x) for x in args.idle_gaps.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--idle-gaps: {args.idle_gaps!r} is not a comma-separated list of milliseconds")
+    if any(not (gap > 0 and math.isfinite(gap)) for gap in gaps):
+        ap.error(f"--idle-gaps: {args.idle_gaps!r}: each gap must be a number of milliseconds above 0")
     selected = [t.strip() for t in args.targets.split(",") if t.strip()]
     if bad := [t for t in selected if t not in ALL]:
         ap.error(f"--targets: unknown {bad}; choose from {','.join(ALL)}")
@@ -407,7 +414,7 @@ def main() -> None:
             result["latency_c1"] = {b: latency_c1(targets, b, args.requests) for b in ("sim", "canned")}
             result["latency_c1_after_idle"] = {
                 f"{gap:g}ms": latency_c1(targets, "canned", max(30, min(args.requests, round(8_000 / gap))), gap / 1000)
-                for gap in (float(x) for x in args.idle_gaps.split(",") if x)
+                for gap in gaps
             }
             result["sse_first_event"] = sse_first_event(targets, max(50, args.requests // 4), 3)
             result["sse_first_event_after_1s_idle"] = sse_first_event(targets, 3 if args.quick else 15, 3, idle=True)

@@ -140,3 +140,15 @@ def test_directions_time_each_protocols_data_received_and_keep_what_it_does() ->
     assert side.got == [b"one", b"two"]
     assert directions.calls == {"client": 3}
     assert set(directions.report()) == {"client"} and directions.report()["client"] >= 0
+
+
+@pytest.mark.parametrize("gaps", ["0", "5,-1", "abc", "nan"])
+def test_idle_gaps_that_are_not_waits_are_refused_before_anything_starts(gaps: str) -> None:
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "proxy.py"), "--latency-only", "--idle-gaps", gaps],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "--idle-gaps" in r.stderr and "Traceback" not in r.stderr
